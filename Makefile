@@ -1,0 +1,42 @@
+# logbroker: every target creates .venv on first use, so a fresh machine needs only Python 3.11.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+SEEDS ?= 200
+START ?= 0
+
+.PHONY: install run test test-slow lint proto bench sim clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/logbroker dev --data-dir ./data --base-port 9092
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(BIN)/ruff check logbroker client tests benchmarks
+	$(BIN)/mypy logbroker client/logbroker_client benchmarks
+
+proto: $(STAMP)
+	$(BIN)/python -m logbroker_client.proto_gen
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.suite
+
+sim: $(STAMP)
+	$(BIN)/python -m tests.raft.sim.run --seeds $(SEEDS) --start $(START)
+
+clean:
+	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache
