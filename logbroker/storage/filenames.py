@@ -1,0 +1,70 @@
+"""Every file and directory name the storage engine uses, and how to parse them back."""
+
+from __future__ import annotations
+
+LOG_SUFFIX = ".log"
+INDEX_SUFFIX = ".index"
+TIME_INDEX_SUFFIX = ".timeindex"
+SEGMENT_SUFFIXES = (LOG_SUFFIX, INDEX_SUFFIX, TIME_INDEX_SUFFIX)
+
+# Written by a clean close(); its presence lets open() trust the indexes and skip recovery.
+CLEAN_SHUTDOWN_FILE = ".clean_shutdown"
+# Holds the offset below which every byte has been fsynced; recovery starts at its segment.
+RECOVERY_CHECKPOINT_FILE = "recovery-point.checkpoint"
+# Suffix of a file being written that is renamed into place once complete; leftovers are garbage.
+TEMP_SUFFIX = ".tmp"
+# Suffix of a compacted copy of a segment before it replaces the original.
+CLEANED_SUFFIX = ".cleaned"
+
+OFFSET_DIGITS = 20
+
+
+def _segment_file_name(base_offset: int, suffix: str) -> str:
+    if base_offset < 0:
+        raise ValueError(f"segment base offset must be >= 0, got {base_offset}")
+    return f"{base_offset:0{OFFSET_DIGITS}d}{suffix}"
+
+
+def log_file_name(base_offset: int) -> str:
+    return _segment_file_name(base_offset, LOG_SUFFIX)
+
+
+def index_file_name(base_offset: int) -> str:
+    return _segment_file_name(base_offset, INDEX_SUFFIX)
+
+
+def time_index_file_name(base_offset: int) -> str:
+    return _segment_file_name(base_offset, TIME_INDEX_SUFFIX)
+
+
+def parse_segment_file_name(name: str) -> tuple[int, str] | None:
+    """(base offset, suffix) for a segment file name such as 00000000000000000042.log; None otherwise."""
+    for suffix in SEGMENT_SUFFIXES:
+        if name.endswith(suffix):
+            stem = name[: -len(suffix)]
+            if len(stem) == OFFSET_DIGITS and stem.isdigit() and stem.isascii():
+                return int(stem), suffix
+            return None
+    return None
+
+
+def validate_topic_name(topic: str) -> None:
+    """Topic names become directory names, so they must be safe path components."""
+    if not topic or topic in (".", "..") or "/" in topic or "\\" in topic or "\x00" in topic:
+        raise ValueError(f"invalid topic name {topic!r}: it must be a non-empty name without '/', '\\' or NUL")
+
+
+def partition_dir_name(topic: str, partition: int) -> str:
+    validate_topic_name(topic)
+    if partition < 0:
+        raise ValueError(f"invalid partition {partition} of topic {topic!r}: partitions are numbered from 0")
+    return f"{topic}-{partition}"
+
+
+def parse_partition_dir_name(name: str) -> tuple[str, int]:
+    """Split '<topic>-<partition>' at the last '-', since topic names may contain '-'."""
+    topic, sep, number = name.rpartition("-")
+    if not sep or not topic or not number.isdigit() or not number.isascii():
+        raise ValueError(f"{name!r} is not a partition directory name; expected '<topic>-<partition>'")
+    validate_topic_name(topic)
+    return topic, int(number)

@@ -1,0 +1,628 @@
+"""PartitionLog: one partition's log, a directory of segments.
+
+Threading: one owning thread appends, reads, truncates and applies retention. flush() alone may also run
+in one background thread at the same time (group commit). Every change to the segment list and to the
+durable offset happens under self._lock, and flush() holds it while it fsyncs, so a flush never sees a
+segment closed under it. The segment list is copy-on-write, so the owner's appends and reads never take
+the lock (rolling a segment does, and may wait for a running fsync).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import shutil
+import struct
+import threading
+import time
+from bisect import bisect_right
+from pathlib import Path
+from typing import NamedTuple
+
+from logbroker_client.records import HEADER_SIZE, LOG_OVERHEAD
+
+from logbroker.storage import filenames
+from logbroker.storage.config import LogConfig
+from logbroker.storage.errors import (
+    InvalidAppendError,
+    LogClosedError,
+    LogDirectoryError,
+    OffsetOutOfRangeError,
+    RecordTooLargeError,
+    StorageFullError,
+)
+from logbroker.storage.files import fsync_dir, write_file_atomically
+from logbroker.storage.recovery import RecoveryReport, recover_segment
+from logbroker.storage.segment import BatchInfo, LogSegment, LogSegmentBrokenError
+
+logger = logging.getLogger("logbroker.storage")
+
+# Header fields the leader needs per batch: batchLength, lastOffsetDelta, maxTimestamp.
+_LEADER_FIELDS = struct.Struct(">8xi11xi8xq")
+# And a follower: baseOffset, batchLength, partitionLeaderEpoch, lastOffsetDelta, maxTimestamp.
+_REPLICA_FIELDS = struct.Struct(">qii7xi8xq")
+# baseOffset and partitionLeaderEpoch lie outside the CRC, so stamping them in place keeps the batch valid.
+_BASE_OFFSET = struct.Struct(">q")
+_EPOCH = struct.Struct(">i")
+_EPOCH_POSITION = 12
+
+CHECKPOINT_VERSION = 1
+
+
+class AppendResult(NamedTuple):
+    base_offset: int
+    last_offset: int
+    max_timestamp: int  # largest batch maxTimestamp among the appended batches
+    position_in_log: int  # byte position of the first appended batch inside its segment's .log file
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class PartitionLog:
+    def __init__(self, directory: Path, config: LogConfig, topic: str, partition: int) -> None:
+        """Use PartitionLog.open(); this only sets up an empty, unloaded object."""
+        self.directory = directory
+        self.config = config
+        self.topic = topic
+        self.partition = partition
+        self.name = f"{topic}-{partition}"
+        self._lock = threading.Lock()
+        self._bases: list[int] = []
+        self._segments: list[LogSegment] = []
+        self._next_offset = 0
+        self._durable_offset = 0
+        self._closed = False
+        self._broken: str | None = None
+
+    # =========================================================================================== opening
+
+    @classmethod
+    def open(cls, directory: Path, config: LogConfig, topic: str, partition: int) -> PartitionLog:
+        """Load the partition in directory (created if missing), recovering whatever a crash left behind."""
+        log = cls(Path(directory), config, topic, partition)
+        try:
+            log.directory.mkdir(parents=True, exist_ok=True)
+            log._load()
+        except OSError as exc:
+            log._close_files()
+            raise log._io_error(f"opening {log.directory}", exc) from exc
+        return log
+
+    def _load(self) -> None:
+        started = time.monotonic()
+        marker = self.directory / filenames.CLEAN_SHUTDOWN_FILE
+        clean = marker.exists()
+        checkpoint = None if clean else self._read_checkpoint()
+        self._remove_stray_files()
+        segments, recovered = self._load_segments(self._segment_bases(), clean, checkpoint)
+        if not segments:
+            segments = [LogSegment.create(self.directory, 0, self.config.index_interval_bytes, wall_clock_ms())]
+            fsync_dir(self.directory)
+        self._set_segments(segments)
+        self._next_offset = segments[-1].next_offset
+        for segment in recovered:
+            segment.flush()  # what recovery kept is now durable, so the checkpoint may cover it
+        self._durable_offset = self._next_offset
+        self._write_checkpoint(durable=True)
+        if clean:
+            # The log is open for writing again: a crash from now on must not skip recovery.
+            marker.unlink()
+            fsync_dir(self.directory)
+        if recovered:
+            logger.info(
+                "%s: loaded %d segments (%d recovered) in %.0f ms; offsets %d..%d",
+                self.name, len(segments), len(recovered), (time.monotonic() - started) * 1000,
+                self.log_start_offset, self._next_offset,
+            )
+
+    def _segment_bases(self) -> list[int]:
+        bases = []
+        for path in self.directory.iterdir():
+            parsed = filenames.parse_segment_file_name(path.name)
+            if parsed is not None and parsed[1] == filenames.LOG_SUFFIX:
+                bases.append(parsed[0])
+        return sorted(bases)
+
+    def _remove_stray_files(self) -> None:
+        """Temp files of an interrupted write, and indexes whose .log is gone, are garbage."""
+        logs = set()
+        indexes = []
+        for path in self.directory.iterdir():
+            if path.name.endswith((filenames.TEMP_SUFFIX, filenames.CLEANED_SUFFIX)):
+                path.unlink()
+                continue
+            parsed = filenames.parse_segment_file_name(path.name)
+            if parsed is None:
+                continue
+            if parsed[1] == filenames.LOG_SUFFIX:
+                logs.add(parsed[0])
+            else:
+                indexes.append((parsed[0], path))
+        for base, path in indexes:
+            if base not in logs:
+                path.unlink()
+
+    def _load_segments(
+        self, bases: list[int], clean: bool, checkpoint: int | None
+    ) -> tuple[list[LogSegment], list[LogSegment]]:
+        """Open every segment, trusting or recovering each; stop at (and delete from) the first break."""
+        segments: list[LogSegment] = []
+        recovered: list[LogSegment] = []
+        interval = self.config.index_interval_bytes
+        for i, base in enumerate(bases):
+            later = bases[i + 1:]
+            segment = LogSegment.open_existing(self.directory, base, interval)
+            if segments and not self._continues(segments[-1], base):
+                segment.close()
+                self._drop_segments([base, *later], f"segment {filenames.log_file_name(base)} does not continue "
+                                    f"the log, which ends at offset {segments[-1].next_offset}")
+                break
+            # A segment may hold offsets at or past the checkpoint (i.e. not known to be fsynced) unless the
+            # next segment starts at or before the checkpoint.
+            trusted = clean or (checkpoint is not None and bool(later) and later[0] <= checkpoint)
+            problem = segment.load_trusted() if trusted else "not covered by the recovery checkpoint"
+            if problem is not None:
+                if trusted:
+                    logger.warning("%s: rebuilding the indexes of %s: %s", self.name, segment.log_path.name, problem)
+                report = recover_segment(segment, base, allow_gaps=self.config.compacted)
+                recovered.append(segment)
+                self._log_recovery(report)
+                if report.truncated and later:
+                    segments.append(segment)
+                    self._drop_segments(later, f"segment {report.file_name} was truncated by recovery")
+                    break
+            segments.append(segment)
+        return segments, recovered
+
+    def _continues(self, previous: LogSegment, base: int) -> bool:
+        if self.config.compacted:
+            return previous.next_offset <= base
+        return previous.next_offset == base
+
+    def _drop_segments(self, bases: list[int], why: str) -> None:
+        for base in bases:
+            for name in (filenames.log_file_name(base), filenames.index_file_name(base),
+                         filenames.time_index_file_name(base)):
+                (self.directory / name).unlink(missing_ok=True)
+        logger.error(
+            "%s: %s; deleted %d later segment(s) from %s on, since the log must stay contiguous",
+            self.name, why, len(bases), filenames.log_file_name(bases[0]),
+        )
+
+    def _log_recovery(self, report: RecoveryReport) -> None:
+        if report.truncated:
+            logger.error("%s", report.describe(self.name))
+        else:
+            logger.info("%s", report.describe(self.name))
+
+    # =========================================================================================== checkpoint
+
+    def _read_checkpoint(self) -> int | None:
+        """The offset below which everything was fsynced, or None (recover every segment)."""
+        path = self.directory / filenames.RECOVERY_CHECKPOINT_FILE
+        try:
+            text = path.read_text(encoding="ascii")
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            logger.warning("%s: ignoring unreadable %s (%s); recovering every segment", self.name, path.name, exc)
+            return None
+        lines = text.split("\n")
+        if len(lines) == 3 and lines[0] == str(CHECKPOINT_VERSION) and lines[1].isdigit() and lines[2] == "":
+            return int(lines[1])
+        logger.warning("%s: ignoring malformed %s; recovering every segment", self.name, path.name)
+        return None
+
+    def _write_checkpoint(self, durable: bool) -> None:
+        """Persist the durable offset. On the flush path it is not fsynced itself: losing it only means
+        recovering more, and it is written after the data it covers was fsynced."""
+        data = f"{CHECKPOINT_VERSION}\n{self._durable_offset}\n".encode("ascii")
+        write_file_atomically(self.directory / filenames.RECOVERY_CHECKPOINT_FILE, data, durable)
+
+    # =========================================================================================== state
+
+    def _set_segments(self, segments: list[LogSegment]) -> None:
+        # Replace, never mutate, so a reader holding the old lists keeps a consistent view.
+        self._segments = list(segments)
+        self._bases = [segment.base_offset for segment in segments]
+
+    @property
+    def log_start_offset(self) -> int:
+        return self._segments[0].base_offset
+
+    @property
+    def log_end_offset(self) -> int:
+        """The next offset to be assigned."""
+        return self._next_offset
+
+    @property
+    def durable_offset(self) -> int:
+        """Every offset below this one has been fsynced."""
+        return self._durable_offset
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(segment.size_bytes for segment in self._segments)
+
+    @property
+    def segment_count(self) -> int:
+        return len(self._segments)
+
+    @property
+    def segments(self) -> list[LogSegment]:
+        """A snapshot of the segments, oldest first (for metrics and tests; do not modify them)."""
+        return list(self._segments)
+
+    def update_config(self, config: LogConfig) -> None:
+        """New retention, roll and flush settings apply from the next call on."""
+        self.config = config
+
+    # =========================================================================================== append
+
+    def append(self, batches: bytearray, leader_epoch: int, now_ms: int) -> AppendResult:
+        """Append validated batches as the leader: stamp consecutive offsets and the epoch in place, then
+        write them. O(1) Python work per batch; records are never decoded."""
+        self._check_writable()
+        first = self._next_offset
+        infos, next_offset, max_timestamp = self._stamp(batches, first, leader_epoch)
+        return self._write(batches, infos, next_offset, max_timestamp, leader_epoch, now_ms)
+
+    def append_replicated(self, batches: bytes | bytearray, now_ms: int | None = None) -> AppendResult:
+        """Append batches copied from the leader, keeping their offsets and epochs; they must continue
+        exactly at the log end (truncate_to the divergence point first)."""
+        self._check_writable()
+        infos, next_offset, max_timestamp, last_epoch = self._check_replicated(batches)
+        return self._write(batches, infos, next_offset, max_timestamp, last_epoch,
+                           wall_clock_ms() if now_ms is None else now_ms)
+
+    def _stamp(self, buf: bytearray, offset: int, epoch: int) -> tuple[list[BatchInfo], int, int]:
+        infos: list[BatchInfo] = []
+        max_timestamp = -1
+        limit = self.config.max_message_bytes
+        position = 0
+        end = len(buf)
+        while position < end:
+            length, last_delta, batch_max_timestamp = self._unpack(_LEADER_FIELDS, buf, position)
+            size = self._batch_size(length, last_delta, position, end)
+            if size > limit:
+                raise RecordTooLargeError(
+                    f"{self.name}: a batch of {size} bytes exceeds max.message.bytes={limit}; "
+                    f"send smaller batches or raise max.message.bytes for the topic"
+                )
+            _BASE_OFFSET.pack_into(buf, position, offset)
+            _EPOCH.pack_into(buf, position + _EPOCH_POSITION, epoch)
+            infos.append(BatchInfo(position, offset, offset + last_delta, batch_max_timestamp, size))
+            max_timestamp = max(max_timestamp, batch_max_timestamp)
+            offset += last_delta + 1
+            position += size
+        self._require_batches(infos)
+        return infos, offset, max_timestamp
+
+    def _check_replicated(self, buf: bytes | bytearray) -> tuple[list[BatchInfo], int, int, int]:
+        infos: list[BatchInfo] = []
+        max_timestamp = -1
+        epoch = -1
+        expected = self._next_offset
+        position = 0
+        end = len(buf)
+        while position < end:
+            base, length, epoch, last_delta, batch_max_timestamp = self._unpack(_REPLICA_FIELDS, buf, position)
+            size = self._batch_size(length, last_delta, position, end)
+            if base != expected:
+                raise InvalidAppendError(
+                    f"{self.name}: replicated batch at byte {position} has baseOffset {base}, but the log "
+                    f"continues at {expected}; truncate_to() the divergence point before appending"
+                )
+            infos.append(BatchInfo(position, base, base + last_delta, batch_max_timestamp, size))
+            max_timestamp = max(max_timestamp, batch_max_timestamp)
+            expected = base + last_delta + 1
+            position += size
+        self._require_batches(infos)
+        return infos, expected, max_timestamp, epoch
+
+    def _unpack(self, fields: struct.Struct, buf: bytes | bytearray, position: int) -> tuple:
+        if len(buf) - position < HEADER_SIZE:
+            raise InvalidAppendError(
+                f"{self.name}: {len(buf) - position} trailing bytes at byte {position} are not a whole batch "
+                f"header; append only whole, validated batches"
+            )
+        return fields.unpack_from(buf, position)
+
+    def _batch_size(self, length: int, last_delta: int, position: int, end: int) -> int:
+        size = length + LOG_OVERHEAD
+        if size < HEADER_SIZE or position + size > end or last_delta < 0:
+            raise InvalidAppendError(
+                f"{self.name}: the batch at byte {position} claims {size} bytes and lastOffsetDelta "
+                f"{last_delta}, which does not fit the {end} bytes given; append only whole, validated batches"
+            )
+        return size
+
+    def _require_batches(self, infos: list[BatchInfo]) -> None:
+        if not infos:
+            raise InvalidAppendError(f"{self.name}: nothing to append; pass at least one batch")
+
+    def _write(
+        self, buf: bytes | bytearray, infos: list[BatchInfo], next_offset: int, max_timestamp: int,
+        last_epoch: int, now_ms: int,
+    ) -> AppendResult:
+        first = infos[0].base_offset
+        segment = self._segments[-1]
+        if self._should_roll(segment, len(buf), next_offset - 1, now_ms):
+            segment = self._roll(now_ms)
+        assert segment.next_offset == first == self._next_offset, "appends must continue at the log end"
+        size_before = segment.size_bytes
+        try:
+            position = segment.append(buf, infos, last_epoch, now_ms)
+        except LogSegmentBrokenError as exc:
+            self._broken = str(exc)
+            raise self._io_error(f"appending to {segment.log_path.name}", exc) from exc
+        except OSError as exc:
+            raise self._io_error(f"appending to {segment.log_path.name}", exc, unchanged=True) from exc
+        assert segment.size_bytes == size_before + len(buf) and segment.next_offset == next_offset
+        self._next_offset = next_offset  # last: a flusher thread must never see an offset before its bytes
+        return AppendResult(first, next_offset - 1, max_timestamp, position)
+
+    def _should_roll(self, segment: LogSegment, size: int, last_offset: int, now_ms: int) -> bool:
+        if segment.is_empty:
+            return False
+        if segment.size_bytes + size > self.config.segment_bytes or not segment.fits(size, last_offset):
+            return True
+        base_ms = segment.rolling_base_ms
+        return base_ms is not None and now_ms - base_ms >= self.config.segment_ms
+
+    def _roll(self, now_ms: int) -> LogSegment:
+        """Seal (fsync) the active segment and start a new one at the log end."""
+        with self._lock:
+            old = self._segments[-1]
+            try:
+                old.seal()
+                new = LogSegment.create(self.directory, self._next_offset, self.config.index_interval_bytes, now_ms)
+            except OSError as exc:
+                raise self._io_error(f"rolling a new segment after {old.log_path.name}", exc, unchanged=True) from exc
+            try:
+                fsync_dir(self.directory)
+            except OSError as exc:
+                new.delete()
+                raise self._io_error(f"creating {new.log_path.name}", exc) from exc
+            self._set_segments([*self._segments, new])
+        logger.debug("%s: rolled segment %s at offset %d", self.name, new.log_path.name, new.base_offset)
+        return new
+
+    # =========================================================================================== read
+
+    def read(self, offset: int, max_bytes: int, max_offset: int | None = None) -> bytes:
+        """Whole batches from the one holding offset: at most max_bytes (but at least one batch), none whose
+        last offset >= max_offset (the high watermark). offset == log end gives b""."""
+        end = self._next_offset
+        bases, segments = self._bases, self._segments
+        self._check_range(offset, segments[0].base_offset, end)
+        if offset == end or (max_offset is not None and offset >= max_offset):
+            return b""
+        i = bisect_right(bases, offset) - 1
+        parts: list[bytes] = []
+        remaining = max_bytes
+        while i < len(segments):
+            data, at_end = segments[i].read_slice(offset, remaining, max_offset, min_one=not parts)
+            if data:
+                parts.append(data)
+                remaining -= len(data)
+            i += 1
+            if not at_end or remaining <= 0 or i == len(segments):
+                break
+            offset = segments[i].base_offset
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _check_range(self, offset: int, start: int, end: int) -> None:
+        if offset < start or offset > end:
+            raise OffsetOutOfRangeError(offset, start, end, self.name)
+
+    def offset_for_timestamp(self, timestamp_ms: int) -> int | None:
+        """Base offset of the first batch whose maxTimestamp >= timestamp_ms; None when there is none."""
+        for segment in self._segments:
+            if segment.max_timestamp >= timestamp_ms:
+                found = segment.find_offset_for_timestamp(timestamp_ms)
+                if found is not None:
+                    return max(found, self.log_start_offset)
+        return None
+
+    def last_epoch(self) -> int:
+        """partitionLeaderEpoch of the last batch; -1 for an empty log."""
+        for segment in reversed(self._segments):
+            if not segment.is_empty:
+                return segment.last_epoch
+        return -1
+
+    def epoch_at(self, offset: int) -> int:
+        """partitionLeaderEpoch of the batch holding offset (read from its header)."""
+        segments = self._segments
+        end = self._next_offset
+        if offset < segments[0].base_offset or offset >= end:
+            raise OffsetOutOfRangeError(offset, segments[0].base_offset, end, self.name)
+        for segment in segments[bisect_right(self._bases, offset) - 1:]:
+            found = segment.find_batch(offset)
+            if found is not None:
+                return found[1].leader_epoch
+        raise OffsetOutOfRangeError(offset, segments[0].base_offset, end, self.name)
+
+    # =========================================================================================== flush
+
+    def flush(self) -> int:
+        """fsync everything appended before this call and persist the recovery checkpoint; return the
+        durable offset. May run in one background thread while the owner keeps appending."""
+        with self._lock:
+            if self._closed:
+                return self._durable_offset
+            target = self._next_offset  # read first: every byte below it is already written
+            try:
+                for segment in self._segments:
+                    segment.flush()
+                if target > self._durable_offset:
+                    self._durable_offset = target
+                    self._write_checkpoint(durable=False)
+            except OSError as exc:
+                raise self._io_error("flushing", exc) from exc
+            return self._durable_offset
+
+    # =========================================================================================== truncation
+
+    def truncate_to(self, offset: int) -> int:
+        """Drop every batch holding an offset >= offset (for Raft followers); return the new log end, which
+        is lower than offset when offset falls inside a batch."""
+        self._check_writable()
+        with self._lock:
+            if offset >= self._next_offset:
+                return self._next_offset
+            keep = [segment for segment in self._segments if segment.base_offset < offset]
+            if not keep:
+                self._reset_locked(offset)
+                return self._next_offset
+            try:
+                for segment in self._segments[len(keep):]:
+                    segment.delete()
+                removed = keep[-1].truncate_to(offset)
+                self._set_segments(keep)
+                self._next_offset = keep[-1].next_offset
+                self._durable_offset = min(self._durable_offset, self._next_offset)
+                keep[-1].flush()
+                fsync_dir(self.directory)
+                self._write_checkpoint(durable=True)
+            except OSError as exc:
+                self._broken = f"truncation failed: {exc}"
+                raise self._io_error(f"truncating to offset {offset}", exc) from exc
+        logger.info("%s: truncated to offset %d (%d bytes removed from the last segment)",
+                    self.name, self._next_offset, removed)
+        return self._next_offset
+
+    def reset_to(self, start_offset: int) -> None:
+        """Delete every segment and start empty at start_offset."""
+        self._check_writable()
+        if start_offset < 0:
+            raise ValueError(f"{self.name}: cannot reset to negative offset {start_offset}")
+        with self._lock:
+            self._reset_locked(start_offset)
+        logger.info("%s: reset, the log is now empty at offset %d", self.name, start_offset)
+
+    def _reset_locked(self, start_offset: int) -> None:
+        try:
+            for segment in self._segments:
+                segment.delete()
+            segment = LogSegment.create(
+                self.directory, start_offset, self.config.index_interval_bytes, wall_clock_ms()
+            )
+            self._set_segments([segment])
+            self._next_offset = start_offset
+            self._durable_offset = start_offset
+            fsync_dir(self.directory)
+            self._write_checkpoint(durable=True)
+        except OSError as exc:
+            self._broken = f"reset failed: {exc}"
+            raise self._io_error(f"resetting to offset {start_offset}", exc) from exc
+
+    # =========================================================================================== retention
+
+    def apply_retention(self, now_ms: int, max_offset: int | None = None) -> int:
+        """Delete whole old segments by retention.ms and retention.bytes (never the active one, and none
+        holding offsets >= max_offset when given, e.g. the high watermark); return how many."""
+        self._check_writable()
+        with self._lock:
+            segments = self._segments
+            count = self._expired_prefix(segments, now_ms, max_offset)
+            if not count:
+                return 0
+            doomed, kept = segments[:count], segments[count:]
+            self._set_segments(kept)
+            try:
+                for segment in doomed:
+                    segment.delete()
+                fsync_dir(self.directory)
+            except OSError as exc:
+                raise self._io_error("deleting expired segments", exc) from exc
+        logger.info("%s: retention deleted %d segment(s); log start offset is now %d",
+                    self.name, count, self.log_start_offset)
+        return count
+
+    def _expired_prefix(self, segments: list[LogSegment], now_ms: int, max_offset: int | None) -> int:
+        closed = segments[:-1]
+        if max_offset is not None:
+            closed = [segment for segment in closed if segment.next_offset <= max_offset]
+        config = self.config
+        count = 0
+        if config.retention_ms >= 0:
+            cutoff = now_ms - config.retention_ms
+            while count < len(closed) and closed[count].retention_timestamp_ms < cutoff:
+                count += 1
+        if config.retention_bytes >= 0:
+            # Like Kafka: delete the oldest segments while what remains is still at least retention.bytes.
+            excess = sum(segment.size_bytes for segment in segments[count:]) - config.retention_bytes
+            while count < len(closed) and excess - closed[count].size_bytes >= 0:
+                excess -= closed[count].size_bytes
+                count += 1
+        return count
+
+    # =========================================================================================== closing
+
+    def close(self) -> None:
+        """Flush, record a clean shutdown (the next open skips recovery) and close the files."""
+        if self._closed:
+            return
+        try:
+            if self._broken is None:
+                with self._lock:
+                    self._segments[-1].seal()
+                    for segment in self._segments:
+                        segment.flush()
+                    self._durable_offset = self._next_offset
+                    self._write_checkpoint(durable=True)
+                    write_file_atomically(self.directory / filenames.CLEAN_SHUTDOWN_FILE, b"", durable=True)
+        except OSError as exc:
+            raise self._io_error("closing", exc) from exc
+        finally:
+            self._close_files()
+
+    def delete(self) -> None:
+        """Close the files and remove the partition directory."""
+        self._close_files()
+        try:
+            shutil.rmtree(self.directory)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise self._io_error(f"deleting {self.directory}", exc) from exc
+
+    def _close_files(self) -> None:
+        with self._lock:
+            self._closed = True
+            for segment in self._segments:
+                segment.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # =========================================================================================== errors
+
+    def _check_writable(self) -> None:
+        if self._closed:
+            raise LogClosedError(f"{self.name}: the log is closed; reopen it with PartitionLog.open")
+        if self._broken is not None:
+            raise LogDirectoryError(
+                f"{self.name}: the log refuses writes after an I/O failure ({self._broken}); "
+                f"close and reopen it so recovery can repair it"
+            )
+
+    def _io_error(self, action: str, exc: OSError, unchanged: bool = False) -> LogDirectoryError:
+        outcome = "; the log is unchanged" if unchanged else ""
+        if exc.errno == errno.ENOSPC:
+            return StorageFullError(
+                f"{self.name}: disk full while {action} in {self.directory}{outcome}. "
+                f"Free space on that disk (or lower retention.bytes / retention.ms) and retry"
+            )
+        return LogDirectoryError(
+            f"{self.name}: I/O error while {action} in {self.directory}: {exc}. "
+            f"Check the disk and permissions; the broker may need to move this partition elsewhere"
+        )
+
+    def __repr__(self) -> str:
+        return f"PartitionLog({self.name}, offsets {self.log_start_offset}..{self._next_offset})"
