@@ -61,10 +61,14 @@ def partition_dir_name(topic: str, partition: int) -> str:
     return f"{topic}-{partition}"
 
 
-def parse_partition_dir_name(name: str) -> tuple[str, int]:
-    """Split '<topic>-<partition>' at the last '-', since topic names may contain '-'."""
+def parse_partition_dir_name(name: str) -> tuple[str, int] | None:
+    """(topic, partition) from '<topic>-<partition>', split at the last '-' since topic names may contain
+    '-'; None when name is not a partition directory (so a data-dir scan can skip it)."""
     topic, sep, number = name.rpartition("-")
     if not sep or not topic or not number.isdigit() or not number.isascii():
-        raise ValueError(f"{name!r} is not a partition directory name; expected '<topic>-<partition>'")
-    validate_topic_name(topic)
+        return None
+    try:
+        validate_topic_name(topic)
+    except ValueError:
+        return None
     return topic, int(number)
