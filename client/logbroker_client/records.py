@@ -105,8 +105,10 @@ class BatchHeader(NamedTuple):
 
 
 class Record(NamedTuple):
-    """One decoded record. Offsets and timestamps are absolute."""
+    """One decoded record (the consumer's ConsumerRecord). Offsets and timestamps are absolute."""
 
+    topic: str
+    partition: int
     offset: int
     timestamp: int
     key: bytes | None
@@ -411,18 +413,34 @@ def batch_records_bytes(buf: bytes | memoryview, pos: int, header: BatchHeader) 
     raise CorruptBatchError(f"unsupported compression codec {codec}")
 
 
-def decode_records(buf: bytes | memoryview, pos: int, header: BatchHeader) -> list[Record]:
-    """All records of the batch at pos, with absolute offsets and timestamps."""
+def decode_records(
+    buf: bytes | memoryview,
+    pos: int,
+    header: BatchHeader,
+    topic: str = "",
+    partition: int = -1,
+    min_offset: int = 0,
+    out: list[Record] | None = None,
+) -> list[Record]:
+    """Records of the batch at pos with offset >= min_offset, appended to out (or a new list)."""
     data = batch_records_bytes(buf, pos, header)
     if isinstance(data, memoryview):
         data = data.tobytes()
-    return _decode_record_block(data, header.base_offset, header.base_timestamp, header.records_count)
+    if out is None:
+        out = []
+    _decode_record_block(data, header, topic, partition, min_offset, out)
+    return out
 
 
-def _decode_record_block(data: bytes, base_offset: int, base_timestamp: int, count: int) -> list[Record]:
-    out: list[Record] = []
+def _decode_record_block(
+    data: bytes, header: BatchHeader, topic: str, partition: int, min_offset: int, out: list[Record]
+) -> None:
     append = out.append
+    base_offset = header.base_offset
+    base_timestamp = header.base_timestamp
+    count = header.records_count
     pos = 0
+    new = tuple.__new__
     make = Record
     varint = decode_varint
     try:
@@ -477,10 +495,11 @@ def _decode_record_block(data: bytes, base_offset: int, base_timestamp: int, cou
             if end > len(data):
                 raise CorruptBatchError("record extends past the end of its batch")
             pos = end
-            append(make(base_offset + off_delta, base_timestamp + ts_delta, key, value, headers))
+            offset = base_offset + off_delta
+            if offset >= min_offset:
+                append(new(make, (topic, partition, offset, base_timestamp + ts_delta, key, value, headers)))
     except IndexError:
         raise CorruptBatchError("record ends before its declared length") from None
-    return out
 
 
 def _decode_headers(data: bytes, pos: int) -> list[tuple[str, bytes | None]]:

@@ -1,0 +1,426 @@
+"""asyncio clients: AsyncProducer, AsyncConsumer and AsyncAdmin over grpc.aio.
+
+They share the codec, the partitioners, the metadata cache and the error classes with the
+synchronous clients; only the waiting differs. Use them inside a running event loop:
+
+    async with AsyncProducer(acks="all") as producer:
+        meta = await producer.send_and_wait("orders", b"...", key=b"user-42")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import grpc
+
+from logbroker_client import records as rec
+from logbroker_client.admin import raise_topic_errors, topic_description
+from logbroker_client.connection import DEFAULT_REQUEST_TIMEOUT_MS, AsyncConnection, translate_rpc_error
+from logbroker_client.consumer import DEFAULT_FETCH_MAX_WAIT_MS, DEFAULT_MAX_PARTITION_FETCH_BYTES, RESETS
+from logbroker_client.errors import LogbrokerError, OffsetOutOfRangeError, RecordTooLargeError, error_for
+from logbroker_client.metadata import MetadataCache
+from logbroker_client.partitioner import StickyPartitioner, partition_for_key
+from logbroker_client.producer import ACKS, DEFAULT_BATCH_SIZE, DEFAULT_LINGER_MS, DEFAULT_MAX_REQUEST_BYTES
+from logbroker_client.proto import logbroker_pb2 as pb
+from logbroker_client.types import ConsumerRecord, OffsetAndTimestamp, RecordMetadata, TopicDescription, TopicPartition
+
+
+class AsyncMetadata(MetadataCache):
+    def __init__(self, bootstrap: str | Sequence[str] | None, request_timeout_ms: int) -> None:
+        super().__init__(bootstrap, request_timeout_ms)
+        self._connections: dict[str, AsyncConnection] = {}
+
+    def connection(self, address: str) -> AsyncConnection:
+        conn = self._connections.get(address)
+        if conn is None:
+            conn = self._connections[address] = AsyncConnection(address)
+        return conn
+
+    async def call(self, method: str, request: Any, address: str | None = None, admin: bool = False) -> Any:
+        """Call a broker: the given one, else each known address in turn until one answers."""
+        last: grpc.RpcError | None = None
+        for candidate in [address] if address else self.addresses():
+            conn = self.connection(candidate)
+            stub = conn.admin if admin else conn.broker
+            try:
+                return await getattr(stub, method)(request, timeout=self.request_timeout_s)
+            except grpc.RpcError as exc:
+                last = exc
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:  # type: ignore[attr-defined]
+                    break
+        assert last is not None
+        raise translate_rpc_error(last, candidate) from None
+
+    async def refresh(self, topics: Sequence[str] = ()) -> pb.MetadataResponse:
+        response: pb.MetadataResponse = await self.call("Metadata", pb.MetadataRequest(topics=list(topics)))
+        self.apply(response)
+        return response
+
+    async def partitions_for(self, topic: str) -> int:
+        count = self.cached_count(topic)
+        if count is None:
+            self.check_topic(await self.refresh([topic]), topic)
+            count = self.cached_count(topic)
+            if count is None:
+                raise LogbrokerError(f"broker returned no metadata for topic {topic!r}")
+        return count
+
+    async def leader(self, topic: str, partition: int) -> str:
+        await self.partitions_for(topic)
+        return self.leader_address(topic, partition) or self.addresses()[0]
+
+    async def close(self) -> None:
+        for conn in self._connections.values():
+            await conn.close()
+        self._connections.clear()
+
+
+# ------------------------------------------------------------------------------------------ admin
+
+class AsyncAdmin:
+    def __init__(self, bootstrap: str | Sequence[str] | None = None,
+                 request_timeout_ms: int = DEFAULT_REQUEST_TIMEOUT_MS) -> None:
+        self._metadata = AsyncMetadata(bootstrap, request_timeout_ms)
+
+    async def create_topic(self, name: str, partitions: int = 1, replication_factor: int = 1,
+                           configs: Mapping[str, str] | None = None) -> None:
+        topic = pb.NewTopic(name=name, partitions=partitions, replication_factor=replication_factor,
+                            configs=dict(configs or {}))
+        response = await self._metadata.call("CreateTopics", pb.CreateTopicsRequest(topics=[topic]), admin=True)
+        raise_topic_errors(response.results)
+
+    async def delete_topic(self, name: str) -> None:
+        response = await self._metadata.call("DeleteTopics", pb.DeleteTopicsRequest(names=[name]), admin=True)
+        raise_topic_errors(response.results)
+
+    async def list_topics(self) -> list[str]:
+        response = await self._metadata.call("DescribeTopics", pb.DescribeTopicsRequest(), admin=True)
+        return sorted(t.name for t in response.topics)
+
+    async def describe_topics(self, names: Sequence[str] = ()) -> list[TopicDescription]:
+        response = await self._metadata.call("DescribeTopics", pb.DescribeTopicsRequest(names=list(names)), admin=True)
+        for described in response.topics:
+            if described.error_code:
+                raise error_for(described.error_code, described.error_message, described.name)
+        return [topic_description(t) for t in response.topics]
+
+    async def close(self) -> None:
+        await self._metadata.close()
+
+    async def __aenter__(self) -> AsyncAdmin:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+# --------------------------------------------------------------------------------------- producer
+
+class _AsyncBatch:
+    __slots__ = ("topic", "partition", "builder", "timestamps", "done", "created")
+
+    def __init__(self, topic: str, partition: int, compression: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.topic = topic
+        self.partition = partition
+        self.builder = rec.BatchBuilder(compression)
+        self.timestamps: list[int] = []
+        self.done: asyncio.Future[int] = loop.create_future()  # resolves to the base offset
+        self.created = loop.time()
+
+
+class AsyncRecordFuture:
+    """Awaitable: `await future` gives the record's RecordMetadata."""
+
+    __slots__ = ("_batch", "_index")
+
+    def __init__(self, batch: _AsyncBatch, index: int) -> None:
+        self._batch = batch
+        self._index = index
+
+    def done(self) -> bool:
+        return self._batch.done.done()
+
+    async def _result(self) -> RecordMetadata:
+        batch = self._batch
+        base = await asyncio.shield(batch.done)
+        offset = base + self._index if base >= 0 else -1
+        return RecordMetadata(batch.topic, batch.partition, offset, batch.timestamps[self._index])
+
+    def __await__(self) -> Any:
+        return self._result().__await__()
+
+
+class AsyncProducer:
+    def __init__(
+        self,
+        bootstrap: str | Sequence[str] | None = None,
+        *,
+        acks: str | int = "all",
+        linger_ms: float = DEFAULT_LINGER_MS,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        compression: str = "none",
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        request_timeout_ms: int = DEFAULT_REQUEST_TIMEOUT_MS,
+    ) -> None:
+        if acks not in ACKS:
+            raise ValueError(f"acks must be 'all', 1 or 0, got {acks!r}")
+        if compression not in rec.COMPRESSION_CODECS:
+            raise ValueError(f"compression must be one of {sorted(rec.COMPRESSION_CODECS)}, got {compression!r}")
+        self.acks = ACKS[acks]
+        self._linger_s = linger_ms / 1000
+        self._batch_size = batch_size
+        self._compression = rec.COMPRESSION_CODECS[compression]
+        self._max_request_bytes = max_request_bytes
+        self._timeout_ms = request_timeout_ms
+        self._metadata = AsyncMetadata(bootstrap, request_timeout_ms)
+        self._sticky = StickyPartitioner()
+        self._open: dict[tuple[str, int], _AsyncBatch] = {}
+        self._queues: dict[tuple[str, int], deque[_AsyncBatch]] = {}
+        self._senders: dict[tuple[str, int], asyncio.Task[None]] = {}
+        self._linger_tasks: dict[tuple[str, int], asyncio.TimerHandle] = {}
+
+    async def send(
+        self,
+        topic: str,
+        value: bytes | str | None = None,
+        key: bytes | str | None = None,
+        headers: Sequence[tuple[str, bytes | None]] | None = None,
+        partition: int | None = None,
+        timestamp_ms: int | None = None,
+    ) -> AsyncRecordFuture:
+        """Queue a record; await the returned future for its RecordMetadata."""
+        if isinstance(value, str):
+            value = value.encode()
+        if isinstance(key, str):
+            key = key.encode()
+        count = await self._metadata.partitions_for(topic)
+        if partition is None:
+            partition = self._sticky.partition(topic, count) if key is None else partition_for_key(key, count)
+        elif not 0 <= partition < count:
+            raise error_for(pb.ErrorCode.UNKNOWN_TOPIC_OR_PARTITION,
+                            f"topic {topic!r} has partitions 0..{count - 1}; partition {partition} does not exist",
+                            topic, partition)
+        timestamp_ms = time.time_ns() // 1_000_000 if timestamp_ms is None else timestamp_ms
+        slot = (topic, partition)
+        batch = self._open.get(slot)
+        loop = asyncio.get_running_loop()
+        if batch is None:
+            batch = self._open[slot] = _AsyncBatch(topic, partition, self._compression, loop)
+            self._linger_tasks[slot] = loop.call_later(self._linger_s, self._seal, slot)
+        index = batch.builder.append(timestamp_ms, key, value, headers or ())
+        batch.timestamps.append(timestamp_ms)
+        if index == 0 and batch.builder.size_bytes > self._max_request_bytes:
+            raise RecordTooLargeError(
+                f"record of {batch.builder.size_bytes} bytes exceeds max_request_bytes={self._max_request_bytes}",
+                topic, partition)
+        if batch.builder.size_bytes >= self._batch_size:
+            self._seal(slot)
+        return AsyncRecordFuture(batch, index)
+
+    async def send_and_wait(self, topic: str, value: bytes | str | None = None, **kwargs: Any) -> RecordMetadata:
+        return await (await self.send(topic, value, **kwargs))
+
+    def _seal(self, slot: tuple[str, int]) -> None:
+        batch = self._open.pop(slot, None)
+        timer = self._linger_tasks.pop(slot, None)
+        if timer is not None:
+            timer.cancel()
+        if batch is None:
+            return
+        self._queues.setdefault(slot, deque()).append(batch)
+        self._sticky.on_batch_sealed(slot[0], slot[1], self._metadata.cached_count(slot[0]) or 1)
+        if slot not in self._senders:
+            self._senders[slot] = asyncio.get_running_loop().create_task(self._drain(slot))
+
+    async def _drain(self, slot: tuple[str, int]) -> None:
+        """One sender per partition: its batches go out one request at a time, in order."""
+        queue = self._queues[slot]
+        try:
+            while queue:
+                batches = [queue.popleft()]
+                size = batches[0].builder.size_bytes
+                while queue and size + queue[0].builder.size_bytes <= self._max_request_bytes:
+                    size += queue[0].builder.size_bytes
+                    batches.append(queue.popleft())
+                await self._send_batches(slot, batches)
+        finally:
+            del self._senders[slot]
+
+    async def _send_batches(self, slot: tuple[str, int], batches: list[_AsyncBatch]) -> None:
+        data = b"".join(b.builder.build() for b in batches)
+        request = pb.ProduceRequest(acks=self.acks, timeout_ms=self._timeout_ms,
+                                    partitions=[pb.PartitionRecords(topic=slot[0], partition=slot[1], records=data)])
+        try:
+            response = await self._metadata.call("Produce", request, await self._metadata.leader(*slot))
+            result = response.results[0]
+            if result.error_code:
+                raise error_for(result.error_code, result.error_message, *slot)
+        except LogbrokerError as exc:
+            for batch in batches:
+                batch.done.set_exception(exc)
+                batch.done.exception()  # marks it retrieved: the caller may never await this record
+            return
+        offset = result.base_offset if self.acks != 0 else -1
+        for batch in batches:
+            batch.done.set_result(offset)
+            if offset >= 0:
+                offset += batch.builder.count
+
+    async def flush(self) -> None:
+        for slot in list(self._open):
+            self._seal(slot)
+        while self._senders:
+            await asyncio.gather(*self._senders.values(), return_exceptions=True)
+
+    async def close(self) -> None:
+        await self.flush()
+        await self._metadata.close()
+
+    async def __aenter__(self) -> AsyncProducer:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+# --------------------------------------------------------------------------------------- consumer
+
+class AsyncConsumer:
+    """assign / seek / poll over asyncio; one fetch per poll to each partition leader."""
+
+    def __init__(
+        self,
+        bootstrap: str | Sequence[str] | None = None,
+        *,
+        auto_offset_reset: str = "latest",
+        fetch_max_wait_ms: int = DEFAULT_FETCH_MAX_WAIT_MS,
+        max_partition_fetch_bytes: int = DEFAULT_MAX_PARTITION_FETCH_BYTES,
+        request_timeout_ms: int = DEFAULT_REQUEST_TIMEOUT_MS,
+    ) -> None:
+        if auto_offset_reset not in RESETS:
+            raise ValueError(f"auto_offset_reset must be one of {sorted(RESETS)}, got {auto_offset_reset!r}")
+        self._reset = RESETS[auto_offset_reset]
+        self._max_wait_ms = fetch_max_wait_ms
+        self._partition_max_bytes = max_partition_fetch_bytes
+        self._metadata = AsyncMetadata(bootstrap, request_timeout_ms)
+        self._positions: dict[TopicPartition, int | None] = {}
+
+    async def assign(self, partitions: Iterable[TopicPartition]) -> None:
+        assigned: dict[TopicPartition, int | None] = {}
+        for tp in (TopicPartition(*p) for p in partitions):
+            await self._metadata.leader(tp.topic, tp.partition)  # validates topic and partition
+            assigned[tp] = self._positions.get(tp)
+        self._positions = assigned
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self._positions)
+
+    def seek(self, partition: TopicPartition, offset: int) -> None:
+        tp = self._assigned(partition)
+        if offset < 0:
+            raise ValueError(f"offset must be >= 0, got {offset}")
+        self._positions[tp] = offset
+
+    def _assigned(self, partition: TopicPartition) -> TopicPartition:
+        tp = TopicPartition(*partition)
+        if tp not in self._positions:
+            raise LogbrokerError(f"{tp.topic}-{tp.partition} is not assigned to this consumer; assign() it first")
+        return tp
+
+    async def seek_to_beginning(self, *partitions: TopicPartition) -> None:
+        await self._seek_to(-2, partitions)
+
+    async def seek_to_end(self, *partitions: TopicPartition) -> None:
+        await self._seek_to(-1, partitions)
+
+    async def _seek_to(self, which: int, partitions: Sequence[TopicPartition]) -> None:
+        found = await self._list({self._assigned(p): which for p in partitions or list(self._positions)})
+        for tp, (offset, _) in found.items():
+            self._positions[tp] = offset
+
+    async def position(self, partition: TopicPartition) -> int:
+        tp = self._assigned(partition)
+        position = self._positions[tp]
+        if position is None:
+            await self._reset_positions([tp])
+            position = self._positions[tp]
+        assert position is not None
+        return position
+
+    async def offsets_for_times(
+        self, timestamps: Mapping[TopicPartition, int]
+    ) -> dict[TopicPartition, OffsetAndTimestamp | None]:
+        found = await self._list({TopicPartition(*tp): ts for tp, ts in timestamps.items()})
+        return {tp: (OffsetAndTimestamp(o, t) if o >= 0 else None) for tp, (o, t) in found.items()}
+
+    async def _list(self, queries: Mapping[TopicPartition, int]) -> dict[TopicPartition, tuple[int, int]]:
+        out = {}
+        for tp, ts in queries.items():
+            request = pb.ListOffsetsRequest(
+                partitions=[pb.ListOffsetsPartition(topic=tp.topic, partition=tp.partition, timestamp_ms=ts)])
+            response = await self._metadata.call("ListOffsets", request, await self._metadata.leader(*tp))
+            result = response.results[0]
+            if result.error_code:
+                raise error_for(result.error_code, result.error_message, tp.topic, tp.partition)
+            out[tp] = (result.offset, result.timestamp_ms)
+        return out
+
+    async def _reset_positions(self, tps: Sequence[TopicPartition]) -> None:
+        if self._reset is None:
+            raise OffsetOutOfRangeError(f"no position for {list(tps)} and auto_offset_reset='none'; seek() first")
+        for tp, (offset, _) in (await self._list({tp: self._reset for tp in tps})).items():
+            self._positions[tp] = offset
+
+    async def poll(self, timeout: float = 1.0) -> list[ConsumerRecord]:
+        """Records from every assigned partition; waits up to timeout for the first to arrive."""
+        missing = [tp for tp, pos in self._positions.items() if pos is None]
+        if missing:
+            await self._reset_positions(missing)
+        by_leader: dict[str, list[pb.FetchPartition]] = {}
+        for tp, position in self._positions.items():
+            by_leader.setdefault(await self._metadata.leader(*tp), []).append(pb.FetchPartition(
+                topic=tp.topic, partition=tp.partition, fetch_offset=position or 0,
+                partition_max_bytes=self._partition_max_bytes))
+        wait_ms = int(min(timeout * 1000, self._max_wait_ms))
+        responses = await asyncio.gather(*(
+            self._metadata.call("Fetch", pb.FetchRequest(max_wait_ms=wait_ms, min_bytes=1, partitions=parts), leader)
+            for leader, parts in by_leader.items()
+        ))
+        records: list[ConsumerRecord] = []
+        for response in responses:
+            for result in response.results:
+                await self._absorb(result, records)
+        return records
+
+    async def _absorb(self, result: pb.PartitionFetchResult, out: list[ConsumerRecord]) -> None:
+        tp = TopicPartition(result.topic, result.partition)
+        if result.error_code:
+            error = error_for(result.error_code, result.error_message, tp.topic, tp.partition)
+            if isinstance(error, OffsetOutOfRangeError) and self._reset is not None:
+                await self._reset_positions([tp])
+                return
+            raise error
+        start = self._positions.get(tp)
+        if start is None or not result.records:
+            return
+        data = result.records
+        for pos, header in rec.iter_batch_headers(data):
+            last = header.base_offset + header.last_offset_delta
+            if last < start:
+                continue
+            if not header.attributes & rec.CONTROL_FLAG:
+                rec.decode_records(data, pos, header, tp.topic, tp.partition, start, out)
+            self._positions[tp] = last + 1
+
+    async def close(self) -> None:
+        await self._metadata.close()
+
+    async def __aenter__(self) -> AsyncConsumer:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,108 @@
+"""Client-side errors: one class per broker error code, each with the broker's own message."""
+
+from __future__ import annotations
+
+from logbroker_client.proto import logbroker_pb2 as pb
+
+
+class LogbrokerError(Exception):
+    """Base of every error this client raises."""
+
+    retriable = False
+
+
+class BrokerUnavailableError(LogbrokerError):
+    retriable = True
+
+
+class RequestTimedOutError(LogbrokerError):
+    retriable = True
+
+
+class BrokerResponseError(LogbrokerError):
+    """The broker answered with an error code for a topic or partition."""
+
+    code: int = pb.ErrorCode.INVALID_REQUEST
+
+    def __init__(self, message: str, topic: str | None = None, partition: int | None = None) -> None:
+        super().__init__(message)
+        self.topic = topic
+        self.partition = partition
+
+
+class UnknownTopicOrPartitionError(BrokerResponseError):
+    code = pb.ErrorCode.UNKNOWN_TOPIC_OR_PARTITION
+
+
+class NotLeaderError(BrokerResponseError):
+    code = pb.ErrorCode.NOT_LEADER
+    retriable = True
+
+
+class LeaderNotAvailableError(BrokerResponseError):
+    code = pb.ErrorCode.LEADER_NOT_AVAILABLE
+    retriable = True
+
+
+class OffsetOutOfRangeError(BrokerResponseError):
+    code = pb.ErrorCode.OFFSET_OUT_OF_RANGE
+
+
+class CorruptBatchError(BrokerResponseError):
+    code = pb.ErrorCode.CORRUPT_BATCH
+
+
+class RecordTooLargeError(BrokerResponseError):
+    code = pb.ErrorCode.RECORD_TOO_LARGE
+
+
+class NotEnoughReplicasError(BrokerResponseError):
+    code = pb.ErrorCode.NOT_ENOUGH_REPLICAS
+    retriable = True
+
+
+class InvalidTopicError(BrokerResponseError):
+    code = pb.ErrorCode.INVALID_TOPIC
+
+
+class TopicAlreadyExistsError(BrokerResponseError):
+    code = pb.ErrorCode.TOPIC_ALREADY_EXISTS
+
+
+class InvalidConfigError(BrokerResponseError):
+    code = pb.ErrorCode.INVALID_CONFIG
+
+
+class InvalidPartitionsError(BrokerResponseError):
+    code = pb.ErrorCode.INVALID_PARTITIONS
+
+
+class InvalidReplicationFactorError(BrokerResponseError):
+    code = pb.ErrorCode.INVALID_REPLICATION_FACTOR
+
+
+class StorageError(BrokerResponseError):
+    code = pb.ErrorCode.STORAGE_ERROR
+
+
+class InvalidRequestError(BrokerResponseError):
+    code = pb.ErrorCode.INVALID_REQUEST
+
+
+_BY_CODE: dict[int, type[BrokerResponseError]] = {
+    cls.code: cls
+    for cls in (
+        UnknownTopicOrPartitionError, NotLeaderError, LeaderNotAvailableError, OffsetOutOfRangeError,
+        CorruptBatchError, RecordTooLargeError, NotEnoughReplicasError, InvalidTopicError,
+        TopicAlreadyExistsError, InvalidConfigError, InvalidPartitionsError, InvalidReplicationFactorError,
+        StorageError, InvalidRequestError,
+    )
+}
+
+
+def error_for(code: int, message: str, topic: str | None = None, partition: int | None = None) -> LogbrokerError:
+    if code == pb.ErrorCode.REQUEST_TIMED_OUT:
+        return RequestTimedOutError(message)
+    cls = _BY_CODE.get(code, BrokerResponseError)
+    name = pb.ErrorCode.Name(code) if code in pb.ErrorCode.values() else str(code)
+    return cls(message or name, topic, partition)

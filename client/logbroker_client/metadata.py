@@ -1,0 +1,127 @@
+"""Cluster metadata as a client sees it: brokers, topics, partition leaders, and connections to them."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import grpc
+
+from logbroker_client.connection import (
+    DEFAULT_REQUEST_TIMEOUT_MS,
+    Connection,
+    parse_bootstrap,
+    translate_rpc_error,
+)
+from logbroker_client.errors import BrokerUnavailableError, LogbrokerError, error_for
+from logbroker_client.proto import logbroker_pb2 as pb
+
+
+class MetadataCache:
+    """Brokers and partition leaders from the last Metadata answer (shared by sync and async clients)."""
+
+    def __init__(self, bootstrap: str | Sequence[str] | None, request_timeout_ms: int) -> None:
+        self.bootstrap = parse_bootstrap(bootstrap)
+        self.request_timeout_s = request_timeout_ms / 1000
+        self._lock = threading.Lock()
+        self._brokers: dict[int, str] = {}
+        self._partitions: dict[str, list[pb.PartitionMetadata]] = {}
+
+    def addresses(self) -> list[str]:
+        """Known brokers first, then bootstrap addresses."""
+        return list(dict.fromkeys([*self._brokers.values(), *self.bootstrap]))
+
+    def apply(self, response: pb.MetadataResponse) -> None:
+        with self._lock:
+            self._brokers = {b.node_id: f"{b.host}:{b.port}" for b in response.brokers}
+            for topic in response.topics:
+                if topic.error_code:
+                    self._partitions.pop(topic.name, None)
+                else:
+                    self._partitions[topic.name] = sorted(topic.partitions, key=lambda p: p.partition)
+
+    def cached_count(self, topic: str) -> int | None:
+        parts = self._partitions.get(topic)
+        return None if parts is None else len(parts)
+
+    @staticmethod
+    def check_topic(response: pb.MetadataResponse, topic: str) -> None:
+        for t in response.topics:
+            if t.name == topic and t.error_code:
+                raise error_for(t.error_code, t.error_message, topic)
+
+    def leader_address(self, topic: str, partition: int) -> str | None:
+        parts = self._partitions[topic]
+        if not 0 <= partition < len(parts):
+            raise error_for(
+                pb.ErrorCode.UNKNOWN_TOPIC_OR_PARTITION,
+                f"topic {topic!r} has partitions 0..{len(parts) - 1}; partition {partition} does not exist",
+                topic, partition,
+            )
+        return self._brokers.get(parts[partition].leader_id)
+
+    def invalidate(self, topic: str) -> None:
+        with self._lock:
+            self._partitions.pop(topic, None)
+
+
+class ClusterMetadata(MetadataCache):
+    """Thread-safe: the producer's sender thread and the caller's thread both ask for leaders."""
+
+    def __init__(self, bootstrap: str | Sequence[str] | None, request_timeout_ms: int = DEFAULT_REQUEST_TIMEOUT_MS):
+        super().__init__(bootstrap, request_timeout_ms)
+        self._connections: dict[str, Connection] = {}
+
+    def connection(self, address: str) -> Connection:
+        with self._lock:
+            conn = self._connections.get(address)
+            if conn is None:
+                conn = self._connections[address] = Connection(address)
+            return conn
+
+    def any_connection(self) -> Connection:
+        """The first broker that answers, known brokers before bootstrap addresses."""
+        addresses = self.addresses()
+        return self.connection(addresses[0]) if len(addresses) == 1 else self._first_reachable(addresses)
+
+    def _first_reachable(self, addresses: list[str]) -> Connection:
+        for address in addresses:
+            conn = self.connection(address)
+            try:
+                grpc.channel_ready_future(conn.channel).result(timeout=min(self.request_timeout_s, 2.0))
+                return conn
+            except grpc.FutureTimeoutError:
+                continue
+        raise BrokerUnavailableError(f"no broker answers at {', '.join(addresses)}; is the cluster running?")
+
+    def refresh(self, topics: Sequence[str] = ()) -> pb.MetadataResponse:
+        conn = self.any_connection()
+        try:
+            response: pb.MetadataResponse = conn.broker.Metadata(
+                pb.MetadataRequest(topics=list(topics)), timeout=self.request_timeout_s
+            )
+        except grpc.RpcError as exc:
+            raise translate_rpc_error(exc, conn.address) from None
+        self.apply(response)
+        return response
+
+    def partitions_for(self, topic: str) -> int:
+        """Number of partitions; raises UnknownTopicOrPartitionError with the broker's message."""
+        count = self.cached_count(topic)
+        if count is None:
+            self.check_topic(self.refresh([topic]), topic)
+            count = self.cached_count(topic)
+            if count is None:
+                raise LogbrokerError(f"broker returned no metadata for topic {topic!r}")
+        return count
+
+    def leader_connection(self, topic: str, partition: int) -> Connection:
+        self.partitions_for(topic)
+        address = self.leader_address(topic, partition)
+        return self.any_connection() if address is None else self.connection(address)
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._connections.values():
+                conn.close()
+            self._connections.clear()

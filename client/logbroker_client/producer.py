@@ -1,0 +1,370 @@
+"""Producer: batches records per partition and sends them from a background thread.
+
+The caller's thread does the per-record work: pick a partition, append the encoded record to the
+partition's open batch, return a RecordFuture. A RecordFuture is two slots (its batch, its index);
+the batch owns the one Event, the result and the callbacks, so a record costs no lock or condition
+of its own. The sender thread seals batches when full or when `linger_ms` passes, builds the bytes
+(header, CRC, zstd), and keeps at most one request in flight per partition so batches of a
+partition land in the order they were sent, retries included.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+
+from logbroker_client import records as rec
+from logbroker_client.connection import DEFAULT_REQUEST_TIMEOUT_MS, translate_rpc_error
+from logbroker_client.errors import LogbrokerError, RecordTooLargeError, RequestTimedOutError, error_for
+from logbroker_client.metadata import ClusterMetadata
+from logbroker_client.partitioner import RoundRobinPartitioner, StickyPartitioner, partition_for_key
+from logbroker_client.proto import logbroker_pb2 as pb
+from logbroker_client.types import RecordMetadata
+
+log = logging.getLogger("logbroker_client.producer")
+
+DEFAULT_LINGER_MS = 5
+DEFAULT_BATCH_SIZE = 1 << 20
+DEFAULT_MAX_REQUEST_BYTES = 16 << 20
+DEFAULT_BUFFER_MEMORY = 64 << 20
+DEFAULT_DELIVERY_TIMEOUT_MS = 120_000
+DEFAULT_MAX_BLOCK_MS = 60_000
+RETRY_BACKOFF_MS = 100
+ACKS = {"all": -1, "-1": -1, -1: -1, "1": 1, 1: 1, "0": 0, 0: 0}
+
+Headers = Sequence[tuple[str, bytes | None]]
+
+
+class ProducerBatch:
+    """Records for one partition, sent and acknowledged together."""
+
+    __slots__ = ("topic", "partition", "builder", "created", "timestamps", "data", "base_offset",
+                 "error", "event", "callbacks", "attempts")
+
+    def __init__(self, topic: str, partition: int, compression: int, created: float) -> None:
+        self.topic = topic
+        self.partition = partition
+        self.builder = rec.BatchBuilder(compression)
+        self.created = created
+        self.timestamps: list[int] = []
+        self.data: bytes | None = None
+        self.base_offset = -1
+        self.error: BaseException | None = None
+        self.event = threading.Event()
+        self.callbacks: list[tuple[RecordFuture, Callable[[RecordFuture], Any]]] = []
+        self.attempts = 0
+
+    def complete(self, base_offset: int, error: BaseException | None) -> None:
+        self.base_offset = base_offset
+        self.error = error
+        self.event.set()
+        for future, callback in self.callbacks:
+            try:
+                callback(future)
+            except Exception:
+                log.exception("a record's done-callback raised; the producer carries on")
+        self.callbacks = []
+
+
+class RecordFuture:
+    """A concurrent.futures-style future for one record: result() gives its RecordMetadata."""
+
+    __slots__ = ("_batch", "_index")
+
+    def __init__(self, batch: ProducerBatch, index: int) -> None:
+        self._batch = batch
+        self._index = index
+
+    def done(self) -> bool:
+        return self._batch.event.is_set()
+
+    def result(self, timeout: float | None = None) -> RecordMetadata:
+        batch = self._batch
+        if not batch.event.wait(timeout):
+            raise TimeoutError(f"record to {batch.topic}-{batch.partition} not acknowledged within {timeout}s")
+        if batch.error is not None:
+            raise batch.error
+        offset = batch.base_offset + self._index if batch.base_offset >= 0 else -1
+        return RecordMetadata(batch.topic, batch.partition, offset, batch.timestamps[self._index])
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        if not self._batch.event.wait(timeout):
+            raise TimeoutError("record not acknowledged in time")
+        return self._batch.error
+
+    def add_done_callback(self, fn: Callable[[RecordFuture], Any]) -> None:
+        batch = self._batch
+        batch.callbacks.append((self, fn))
+        # The batch may have completed between the append and now; run it here if it was missed.
+        if batch.event.is_set() and (self, fn) in batch.callbacks:
+            batch.callbacks.remove((self, fn))
+            fn(self)
+
+
+class Producer:
+    def __init__(
+        self,
+        bootstrap: str | Sequence[str] | None = None,
+        *,
+        acks: str | int = "all",
+        linger_ms: float = DEFAULT_LINGER_MS,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        compression: str = "none",
+        partitioner: str = "sticky",
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        buffer_memory: int = DEFAULT_BUFFER_MEMORY,
+        request_timeout_ms: int = DEFAULT_REQUEST_TIMEOUT_MS,
+        delivery_timeout_ms: int = DEFAULT_DELIVERY_TIMEOUT_MS,
+        max_block_ms: int = DEFAULT_MAX_BLOCK_MS,
+    ) -> None:
+        if acks not in ACKS:
+            raise ValueError(f"acks must be 'all', 1 or 0, got {acks!r}")
+        if compression not in rec.COMPRESSION_CODECS:
+            raise ValueError(f"compression must be one of {sorted(rec.COMPRESSION_CODECS)}, got {compression!r}")
+        if partitioner not in ("sticky", "round_robin"):
+            raise ValueError(f"partitioner must be 'sticky' or 'round_robin', got {partitioner!r}")
+        self.acks = ACKS[acks]
+        self._linger_s = linger_ms / 1000
+        self._batch_size = batch_size
+        self._compression = rec.COMPRESSION_CODECS[compression]
+        self._max_request_bytes = max_request_bytes
+        self._buffer_memory = buffer_memory
+        self._request_timeout_s = request_timeout_ms / 1000
+        self._delivery_timeout_s = delivery_timeout_ms / 1000
+        self._max_block_s = max_block_ms / 1000
+        self._metadata = ClusterMetadata(bootstrap, request_timeout_ms)
+        self._null_key_partitioner = StickyPartitioner() if partitioner == "sticky" else RoundRobinPartitioner()
+        self._partition_counts: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._space = threading.Condition(self._lock)
+        self._wakeup = threading.Event()
+        self._open: dict[tuple[str, int], ProducerBatch] = {}
+        self._ready: dict[tuple[str, int], deque[ProducerBatch]] = {}
+        self._in_flight: set[tuple[str, int]] = set()
+        self._buffered_bytes = 0
+        self._unfinished = 0
+        self._idle = threading.Condition(threading.Lock())
+        self._closed = False
+        self._sender = threading.Thread(target=self._run_sender, name="logbroker-producer", daemon=True)
+        self._sender.start()
+
+    # ------------------------------------------------------------------------------ caller side
+
+    def send(
+        self,
+        topic: str,
+        value: bytes | str | None = None,
+        key: bytes | str | None = None,
+        headers: Headers | None = None,
+        partition: int | None = None,
+        timestamp_ms: int | None = None,
+    ) -> RecordFuture:
+        """Queue a record; the future resolves to its RecordMetadata once the broker acknowledges it."""
+        if self._closed:
+            raise LogbrokerError("send() on a closed producer")
+        if value.__class__ is str:
+            value = value.encode()  # type: ignore[union-attr]
+        if key.__class__ is str:
+            key = key.encode()  # type: ignore[union-attr]
+        count = self._partition_counts.get(topic)
+        if count is None:
+            count = self._partition_counts[topic] = self._metadata.partitions_for(topic)
+        if partition is None:
+            if key is None:
+                partition = self._null_key_partitioner.partition(topic, count)
+            else:
+                partition = partition_for_key(key, count)  # type: ignore[arg-type]
+        elif not 0 <= partition < count:
+            raise error_for(pb.ErrorCode.UNKNOWN_TOPIC_OR_PARTITION,
+                            f"topic {topic!r} has partitions 0..{count - 1}; partition {partition} does not exist",
+                            topic, partition)
+        if timestamp_ms is None:
+            timestamp_ms = time.time_ns() // 1_000_000
+        if self._buffered_bytes >= self._buffer_memory:
+            self._wait_for_space()
+        slot = (topic, partition)
+        with self._lock:
+            batch = self._open.get(slot)
+            if batch is None:
+                batch = self._open[slot] = ProducerBatch(topic, partition, self._compression, time.monotonic())
+                self._unfinished += 1
+            builder = batch.builder
+            before = builder.size_bytes
+            index = builder.append(timestamp_ms, key, value, headers or ())  # type: ignore[arg-type]
+            batch.timestamps.append(timestamp_ms)
+            self._buffered_bytes += builder.size_bytes - before
+            if builder.size_bytes >= self._batch_size:
+                self._seal(slot, batch)
+                self._wakeup.set()
+        if index == 0 and builder.size_bytes > self._max_request_bytes:
+            raise RecordTooLargeError(
+                f"record of {builder.size_bytes} bytes exceeds max_request_bytes={self._max_request_bytes}",
+                topic, partition)
+        return RecordFuture(batch, index)
+
+    def _wait_for_space(self) -> None:
+        self._wakeup.set()
+        deadline = time.monotonic() + self._max_block_s
+        with self._space:
+            while self._buffered_bytes >= self._buffer_memory:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise RequestTimedOutError(
+                        f"producer buffer full ({self._buffered_bytes} bytes) for {self._max_block_s}s; "
+                        "the brokers are not keeping up or are unreachable")
+                self._space.wait(remaining)
+
+    def _seal(self, slot: tuple[str, int], batch: ProducerBatch) -> None:
+        """Move an open batch to the partition's send queue (caller holds the lock)."""
+        del self._open[slot]
+        self._ready.setdefault(slot, deque()).append(batch)
+        self._null_key_partitioner.on_batch_sealed(slot[0], slot[1], self._partition_counts.get(slot[0], 1))
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Send everything queued and wait until every record is acknowledged (or has failed)."""
+        with self._lock:
+            for slot, batch in list(self._open.items()):
+                self._seal(slot, batch)
+        self._wakeup.set()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._idle:
+            while self._unfinished:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"flush: {self._unfinished} batch(es) still unacknowledged after {timeout}s")
+                self._idle.wait(remaining if remaining is not None else 1.0)
+
+    def close(self, timeout: float | None = None) -> None:
+        if self._closed:
+            return
+        try:
+            self.flush(timeout)
+        finally:
+            self._closed = True
+            self._wakeup.set()
+            self._sender.join(timeout=5)
+            self._metadata.close()
+
+    def __enter__(self) -> Producer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------------ sender side
+
+    def _run_sender(self) -> None:
+        while not self._closed or self._open or any(self._ready.values()):
+            wait_s = self._seal_lingering()
+            self._dispatch_ready()
+            self._wakeup.wait(wait_s)
+            self._wakeup.clear()
+
+    def _seal_lingering(self) -> float:
+        """Seal batches older than linger_ms; return how long until the next one is due."""
+        now = time.monotonic()
+        next_due = 0.05
+        with self._lock:
+            for slot, batch in list(self._open.items()):
+                due = batch.created + self._linger_s - now
+                if due <= 0:
+                    self._seal(slot, batch)
+                else:
+                    next_due = min(next_due, due)
+        return next_due
+
+    def _dispatch_ready(self) -> None:
+        with self._lock:
+            slots = [s for s, q in self._ready.items() if q and s not in self._in_flight]
+            taken = {}
+            for slot in slots:
+                queue = self._ready[slot]
+                picked = [queue.popleft()]
+                size = picked[0].builder.size_bytes
+                while queue and size + queue[0].builder.size_bytes <= self._max_request_bytes:
+                    size += queue[0].builder.size_bytes
+                    picked.append(queue.popleft())
+                taken[slot] = picked
+                self._in_flight.add(slot)
+        for slot, batches in taken.items():
+            self._send(slot, batches)
+
+    def _send(self, slot: tuple[str, int], batches: list[ProducerBatch]) -> None:
+        for batch in batches:
+            if batch.data is None:
+                batch.data = batch.builder.build()
+            batch.attempts += 1
+        request = pb.ProduceRequest(acks=self.acks, timeout_ms=int(self._request_timeout_s * 1000), partitions=[
+            pb.PartitionRecords(topic=slot[0], partition=slot[1], records=b"".join(b.data for b in batches))  # type: ignore[misc]
+        ])
+        try:
+            conn = self._metadata.leader_connection(*slot)
+        except LogbrokerError as exc:
+            self._on_result(slot, batches, None, exc)
+            return
+        call = conn.broker.Produce.future(request, timeout=self._request_timeout_s)
+        if self.acks == 0:  # nobody waits for an answer, but close() must wait for the bytes to leave
+            self._complete(batches, -1, None)
+            call.add_done_callback(lambda f: self._release(slot, batches))
+            return
+        call.add_done_callback(lambda f: self._on_call_done(slot, batches, f, conn.address))
+
+    def _on_call_done(self, slot: tuple[str, int], batches: list[ProducerBatch], call: Any, address: str) -> None:
+        try:
+            response = call.result()
+        except grpc.RpcError as exc:
+            self._on_result(slot, batches, None, translate_rpc_error(exc, address))
+            return
+        except Exception as exc:
+            self._on_result(slot, batches, None, LogbrokerError(f"produce to {address} failed: {exc}"))
+            return
+        self._on_result(slot, batches, response.results[0], None)
+
+    def _on_result(self, slot: tuple[str, int], batches: list[ProducerBatch],
+                   result: pb.PartitionProduceResult | None, error: LogbrokerError | None) -> None:
+        if result is not None and result.error_code:
+            error = error_for(result.error_code, result.error_message, *slot)
+        if error is not None and error.retriable and self._may_retry(batches):
+            log.info("%s-%d: %s; retrying in %d ms", slot[0], slot[1], error, RETRY_BACKOFF_MS)
+            self._metadata.invalidate(slot[0])
+            time.sleep(RETRY_BACKOFF_MS / 1000)
+            with self._lock:
+                self._ready.setdefault(slot, deque()).extendleft(reversed(batches))
+                self._in_flight.discard(slot)
+            self._wakeup.set()
+            return
+        self._complete(batches, result.base_offset if result is not None and error is None else -1, error)
+        self._release(slot, batches)
+
+    @staticmethod
+    def _complete(batches: list[ProducerBatch], next_offset: int, error: BaseException | None) -> None:
+        for batch in batches:
+            count = batch.builder.count
+            batch.complete(next_offset, error)
+            if next_offset >= 0:
+                next_offset += count
+
+    def _release(self, slot: tuple[str, int], batches: list[ProducerBatch]) -> None:
+        """The partition may send again; the batches' memory is free."""
+        freed = 0
+        for batch in batches:
+            freed += batch.builder.size_bytes
+            batch.builder = None  # type: ignore[assignment]  # the record bytes can go now
+            batch.data = None
+        with self._lock:
+            self._in_flight.discard(slot)
+            self._buffered_bytes -= freed
+            self._unfinished -= len(batches)
+            self._space.notify_all()
+        with self._idle:
+            self._idle.notify_all()
+        self._wakeup.set()
+
+    def _may_retry(self, batches: list[ProducerBatch]) -> bool:
+        return not self._closed and time.monotonic() - batches[0].created < self._delivery_timeout_s

@@ -1,0 +1,1 @@
+"""Generated gRPC stubs for logbroker.v1 (see proto_gen.py)."""

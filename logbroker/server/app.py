@@ -1,0 +1,92 @@
+"""Wiring: the broker core, its gRPC services, health and reflection, and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from logbroker_client.proto import logbroker_pb2 as pb
+from logbroker_client.proto import logbroker_pb2_grpc as pb_grpc
+
+from logbroker.server.broker import Broker
+from logbroker.server.config import BrokerConfig
+from logbroker.server.service import AdminService, BrokerService
+
+log = logging.getLogger("logbroker.server")
+
+SERVICE_NAMES = [
+    pb.DESCRIPTOR.services_by_name["Broker"].full_name,
+    pb.DESCRIPTOR.services_by_name["Admin"].full_name,
+]
+
+
+def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+class BrokerServer:
+    def __init__(self, config: BrokerConfig) -> None:
+        self.config = config
+        self.broker = Broker(config)
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self._maintenance: asyncio.Task[None] | None = None
+        self.port = config.port
+
+    async def start(self) -> None:
+        self.broker.open()
+        server = grpc.aio.server(options=grpc_options(self.config.max_request_bytes + 1024 * 1024))
+        pb_grpc.add_BrokerServicer_to_server(BrokerService(self.broker), server)
+        pb_grpc.add_AdminServicer_to_server(AdminService(self.broker), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection([*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        try:
+            self.port = server.add_insecure_port(self.config.listen)
+        except RuntimeError as exc:
+            raise OSError(f"cannot listen on {self.config.listen}: {exc} (is another broker using the port?)") from None
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.config.listen}: the address is in use or not local")
+        await server.start()
+        self._server = server
+        for name in ["", *SERVICE_NAMES]:
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._maintenance = asyncio.get_running_loop().create_task(self.broker.run_maintenance())
+        log.info("broker %d serving on %s:%d (data in %s)",
+                 self.config.node_id, self.config.host, self.port, self.config.data_dir)
+
+    async def stop(self) -> None:
+        """Stop taking requests, let in-flight ones finish, then close every log cleanly."""
+        log.info("broker %d shutting down", self.config.node_id)
+        await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(self.config.shutdown_grace_ms / 1000)
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._maintenance
+        await self.broker.close()
+
+    async def wait(self) -> None:
+        assert self._server is not None
+        await self._server.wait_for_termination()
+
+
+async def serve(config: BrokerConfig) -> None:
+    """Run one broker until SIGTERM or SIGINT."""
+    server = BrokerServer(config)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop()

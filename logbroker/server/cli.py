@@ -1,0 +1,119 @@
+"""The `logbroker` command: `serve` runs one broker, `dev` runs a local cluster of broker processes."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from logbroker.server.config import BrokerConfigError, load_config
+
+DEV_BROKERS = 1
+DEV_BASE_PORT = 9092
+DEV_HOST = "127.0.0.1"
+STOP_TIMEOUT_S = 15.0
+
+
+def _install_event_loop_policy() -> None:
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from logbroker.server.app import serve
+
+    try:
+        config = load_config(args.config, {
+            "data_dir": args.data_dir, "listen": args.listen, "node_id": args.node_id,
+        })
+    except BrokerConfigError as exc:
+        print(f"logbroker: {exc}", file=sys.stderr)
+        return 2
+    _install_event_loop_policy()
+    try:
+        asyncio.run(serve(config))
+    except OSError as exc:
+        logging.getLogger("logbroker").error("%s", exc)
+        return 1
+    return 0
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    """Start `--brokers` broker processes on consecutive ports; Ctrl-C or SIGTERM stops them all."""
+    if args.brokers != 1:
+        print("logbroker dev: only --brokers 1 is supported until replication lands", file=sys.stderr)
+        return 2
+    data_dir = Path(args.data_dir).resolve()
+    procs = []
+    for node_id in range(1, args.brokers + 1):
+        port = args.base_port + node_id - 1
+        cmd = [sys.executable, "-m", "logbroker.server.cli", "serve", "--node-id", str(node_id),
+               "--data-dir", str(data_dir / f"broker-{node_id}"), "--listen", f"{DEV_HOST}:{port}"]
+        procs.append(subprocess.Popen(cmd))
+        print(f"broker {node_id}: {DEV_HOST}:{port}, data in {data_dir / f'broker-{node_id}'}", flush=True)
+    print(f"export LOGBROKER_BOOTSTRAP={DEV_HOST}:{args.base_port}   # Ctrl-C stops the cluster", flush=True)
+    stopping = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    while not stopping and all(p.poll() is None for p in procs):
+        time.sleep(0.2)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    for proc in procs:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    failed = [p for p in procs if p.returncode not in (0, -signal.SIGTERM)]
+    return 1 if failed and not stopping else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="logbroker", description="logbroker: a Kafka-style log broker")
+    parser.add_argument("--log-level", default=os.environ.get("LOGBROKER_LOG_LEVEL", "info"))
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run one broker")
+    serve.add_argument("--config", type=Path, help="TOML file; flags win over it")
+    serve.add_argument("--data-dir", type=Path)
+    serve.add_argument("--listen", help="HOST:PORT for clients (default 127.0.0.1:9092)")
+    serve.add_argument("--node-id", type=int)
+    serve.set_defaults(func=cmd_serve)
+    dev = sub.add_parser("dev", help="run a local cluster of broker processes until Ctrl-C")
+    dev.add_argument("--brokers", type=int, default=DEV_BROKERS)
+    dev.add_argument("--data-dir", default="./data")
+    dev.add_argument("--base-port", type=int, default=DEV_BASE_PORT)
+    dev.set_defaults(func=cmd_dev)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.log_level)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Brokers for tests: in-process (a thread with its own event loop) or a real subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from logbroker.server.app import BrokerServer
+from logbroker.server.config import BrokerConfig
+
+STARTUP_TIMEOUT_S = 30.0
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.02) -> None:
+    """Poll a condition until it holds; fail with `what` after the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def is_serving(address: str) -> bool:
+    with grpc.insecure_channel(address) as channel:
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=0.5)
+        except grpc.RpcError:
+            return False
+        return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+class InProcessBroker:
+    """A broker on its own event loop thread: fast to start, and tests can reach its internals."""
+
+    def __init__(self, data_dir: Path, log_defaults: dict[str, str] | None = None, **settings: object) -> None:
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.config = BrokerConfig(data_dir=data_dir, listen=self.address, log_defaults=log_defaults or {},
+                                   **settings)  # type: ignore[arg-type]
+        self.loop = asyncio.new_event_loop()
+        self.server: BrokerServer | None = None
+        self._thread = threading.Thread(target=self.loop.run_forever, name="test-broker", daemon=True)
+
+    def start(self) -> InProcessBroker:
+        self._thread.start()
+        self.server = BrokerServer(self.config)
+        self.run(self.server.start())
+        return self
+
+    def run(self, coro: object, timeout_s: float = 30.0) -> object:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)  # type: ignore[arg-type]
+
+    def call(self, fn: Callable[[], object]) -> object:
+        async def wrapper() -> object:
+            return fn()
+        return self.run(wrapper())
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.run(self.server.stop())
+            self.server = None
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        self.loop.close()
+
+
+class BrokerProcess:
+    """`logbroker serve` as a subprocess, for crash tests (SIGKILL, SIGTERM)."""
+
+    def __init__(self, data_dir: Path, port: int | None = None, extra_args: list[str] | None = None) -> None:
+        self.data_dir = data_dir
+        self.port = port or free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.extra_args = extra_args or []
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = data_dir.parent / f"broker-{self.port}.log"
+
+    def start(self) -> BrokerProcess:
+        cmd = [sys.executable, "-m", "logbroker.server.cli", "serve", "--data-dir", str(self.data_dir),
+               "--listen", self.address, *self.extra_args]
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+        with open(self.log_path, "ab") as log_file:
+            self.proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+        wait_until(lambda: self._exited_early() or is_serving(self.address), STARTUP_TIMEOUT_S,
+                   f"broker on {self.address} to serve")
+        if self._exited_early():
+            raise AssertionError(f"broker exited at start-up:\n{self.log_path.read_text()}")
+        return self
+
+    def _exited_early(self) -> bool:
+        return self.proc is not None and self.proc.poll() is not None
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def terminate(self, timeout_s: float = 20.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout_s)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
