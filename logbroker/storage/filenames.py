@@ -11,6 +11,9 @@ SEGMENT_SUFFIXES = (LOG_SUFFIX, INDEX_SUFFIX, TIME_INDEX_SUFFIX)
 CLEAN_SHUTDOWN_FILE = ".clean_shutdown"
 # Holds the offset below which every byte has been fsynced; recovery starts at its segment.
 RECOVERY_CHECKPOINT_FILE = "recovery-point.checkpoint"
+# Present once compaction has rewritten a segment: offset gaps between batches are then legitimate, even if
+# cleanup.policy is later changed back to delete, so recovery must not treat them as corruption.
+COMPACTED_MARKER_FILE = ".compacted"
 # Suffix of a file being written that is renamed into place once complete; leftovers are garbage.
 TEMP_SUFFIX = ".tmp"
 # Suffix of a compacted copy of a segment before it replaces the original.

@@ -22,6 +22,7 @@ from typing import NamedTuple
 from logbroker_client.records import HEADER_SIZE, LOG_OVERHEAD
 
 from logbroker.storage import filenames
+from logbroker.storage.compaction import compact_segment, latest_offsets
 from logbroker.storage.config import LogConfig
 from logbroker.storage.errors import (
     InvalidAppendError,
@@ -47,6 +48,12 @@ _EPOCH = struct.Struct(">i")
 _EPOCH_POSITION = 12
 
 CHECKPOINT_VERSION = 1
+
+
+class CompactionResult(NamedTuple):
+    segments_rewritten: int
+    records_removed: int
+    bytes_removed: int
 
 
 class AppendResult(NamedTuple):
@@ -166,7 +173,7 @@ class PartitionLog:
             if problem is not None:
                 if trusted:
                     logger.warning("%s: rebuilding the indexes of %s: %s", self.name, segment.log_path.name, problem)
-                report = recover_segment(segment, base, allow_gaps=self.config.compacted)
+                report = recover_segment(segment, base, allow_gaps=self._allows_gaps())
                 recovered.append(segment)
                 self._log_recovery(report)
                 if report.truncated and later:
@@ -176,8 +183,11 @@ class PartitionLog:
             segments.append(segment)
         return segments, recovered
 
+    def _allows_gaps(self) -> bool:
+        return self.config.compacted or (self.directory / filenames.COMPACTED_MARKER_FILE).exists()
+
     def _continues(self, previous: LogSegment, base: int) -> bool:
-        if self.config.compacted:
+        if self._allows_gaps():
             return previous.next_offset <= base
         return previous.next_offset == base
 
@@ -524,8 +534,11 @@ class PartitionLog:
 
     def apply_retention(self, now_ms: int, max_offset: int | None = None) -> int:
         """Delete whole old segments by retention.ms and retention.bytes (never the active one, and none
-        holding offsets >= max_offset when given, e.g. the high watermark); return how many."""
+        holding offsets >= max_offset when given, e.g. the high watermark); return how many. As in Kafka,
+        a compacted log (cleanup.policy=compact) is not subject to retention."""
         self._check_writable()
+        if self.config.compacted:
+            return 0
         with self._lock:
             segments = self._segments
             count = self._expired_prefix(segments, now_ms, max_offset)
@@ -560,6 +573,62 @@ class PartitionLog:
                 excess -= closed[count].size_bytes
                 count += 1
         return count
+
+    # =========================================================================================== compaction
+
+    def compact(self) -> CompactionResult:
+        """Rewrite closed segments keeping only the last record per key (cleanup.policy=compact only).
+
+        Run it from the owning thread; it decodes records, so keep it off the hot path."""
+        self._check_writable()
+        closed = self._segments[:-1]
+        if not self.config.compacted or not closed:
+            return CompactionResult(0, 0, 0)
+        latest = latest_offsets(segment.pread(0, segment.size_bytes) for segment in closed)
+        rewritten = removed = bytes_removed = 0
+        for segment in closed:
+            rewrite = compact_segment(segment.pread(0, segment.size_bytes), latest)
+            if not rewrite.records_removed:
+                continue
+            bytes_removed += segment.size_bytes - len(rewrite.data)
+            removed += rewrite.records_removed
+            rewritten += 1
+            self._replace_segment(segment, rewrite.data)
+        if rewritten:
+            logger.info("%s: compaction rewrote %d segment(s), removing %d superseded records (%d bytes)",
+                        self.name, rewritten, removed, bytes_removed)
+        return CompactionResult(rewritten, removed, bytes_removed)
+
+    def _replace_segment(self, old: LogSegment, data: bytes) -> None:
+        """Swap a segment's .log for a compacted copy; a crash at any point leaves the old or the new one."""
+        directory = self.directory
+        cleaned = directory / (old.log_path.name + filenames.CLEANED_SUFFIX)
+        marker = directory / filenames.COMPACTED_MARKER_FILE
+        try:
+            write_file_atomically(cleaned, data, durable=True)  # complete and fsynced before the swap
+            if not marker.exists():
+                write_file_atomically(marker, b"", durable=True)
+        except OSError as exc:
+            cleaned.unlink(missing_ok=True)
+            raise self._io_error(f"compacting {old.log_path.name}", exc, unchanged=True) from exc
+        try:
+            with self._lock:
+                old.close()
+                # Indexes go first, so a crash can never pair the new .log with the old indexes.
+                old.offset_index.path.unlink(missing_ok=True)
+                old.time_index.path.unlink(missing_ok=True)
+                fsync_dir(directory)
+                cleaned.replace(old.log_path)
+                fsync_dir(directory)
+                new = LogSegment.open_existing(directory, old.base_offset, self.config.index_interval_bytes)
+                report = recover_segment(new, old.base_offset, allow_gaps=True)
+                if report.truncated:
+                    logger.error("%s", report.describe(self.name))
+                new.flush()
+                self._set_segments([new if segment is old else segment for segment in self._segments])
+        except OSError as exc:
+            self._broken = f"compaction failed: {exc}"
+            raise self._io_error(f"compacting {old.log_path.name}", exc) from exc
 
     # =========================================================================================== closing
 
