@@ -157,6 +157,18 @@ class PartitionLog:
         """Open every segment, trusting or recovering each; stop at (and delete from) the first break."""
         segments: list[LogSegment] = []
         recovered: list[LogSegment] = []
+        try:
+            self._load_each(bases, clean, checkpoint, segments, recovered)
+        except BaseException:
+            for segment in segments:
+                segment.close()
+            raise
+        return segments, recovered
+
+    def _load_each(
+        self, bases: list[int], clean: bool, checkpoint: int | None,
+        segments: list[LogSegment], recovered: list[LogSegment],
+    ) -> None:
         interval = self.config.index_interval_bytes
         for i, base in enumerate(bases):
             later = bases[i + 1:]
@@ -181,7 +193,6 @@ class PartitionLog:
                     self._drop_segments(later, f"segment {report.file_name} was truncated by recovery")
                     break
             segments.append(segment)
-        return segments, recovered
 
     def _allows_gaps(self) -> bool:
         return self.config.compacted or (self.directory / filenames.COMPACTED_MARKER_FILE).exists()

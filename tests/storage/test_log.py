@@ -13,6 +13,7 @@ from logbroker.storage import filenames
 from logbroker.storage.errors import (
     InvalidAppendError,
     LogClosedError,
+    LogDirectoryError,
     OffsetOutOfRangeError,
     RecordTooLargeError,
     StorageFullError,
@@ -426,6 +427,12 @@ def test_enospc_while_writing_the_index_rolls_back_the_log(log_dir: Path, monkey
     assert log.segments[0].offset_index.entries == 1
     assert os.path.getsize(log_dir / "00000000000000000000.index") == 8
     assert append(log, make_batch(1)) == 2
+
+
+def test_open_on_an_unusable_directory_names_the_partition(tmp_path: Path) -> None:
+    (tmp_path / "orders-3").write_bytes(b"not a directory")
+    with pytest.raises(LogDirectoryError, match="orders-3: I/O error while opening"):
+        open_log(tmp_path / "orders-3")
 
 
 def test_delete_removes_the_directory(log_dir: Path) -> None:
