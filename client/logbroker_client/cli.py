@@ -1,0 +1,530 @@
+"""`lb`: the command-line client (topics, cluster, produce from stdin, consume to stdout).
+
+Every failure the user can act on ends as one line on stderr, `lb: <message>`, and exit status 1;
+argparse usage errors exit with 2. The messages are the client's and the broker's own, which are
+written for operators, so the CLI passes them through rather than rewording them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import string
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, TextIO
+
+from logbroker_client.errors import LogbrokerError, RecordTooLargeError
+from logbroker_client.progress import Progress, human_bytes
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+TEMPLATE_FIELDS = ("topic", "partition", "offset", "timestamp", "time", "key", "value", "headers")
+FIELD_LIST = " ".join("{" + name + "}" for name in TEMPLATE_FIELDS)
+POLL_SLICE_S = 1.0  # poll in slices so the idle timeout and Ctrl-C are noticed promptly
+
+
+class UsageError(Exception):
+    """A combination of arguments argparse cannot express (reported like argparse's own errors)."""
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], out: TextIO) -> None:
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    for row in [list(headers), *cells]:
+        out.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n")
+
+
+def parse_config_pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"config {text!r} is not KEY=VALUE (for example retention.ms=86400000)")
+    return key.strip(), value.strip()
+
+
+def parse_timestamp(text: str) -> int:
+    """Milliseconds since the epoch from ISO 8601 (naive means UTC) or from a plain integer of ms."""
+    value = text.strip()
+    if value.isdigit():
+        return int(value)
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither an ISO 8601 time (like 2026-11-24T10:00:00Z) nor milliseconds since the epoch"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    ms = (moment - EPOCH) // timedelta(milliseconds=1)
+    if ms < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is before 1970-01-01; no record can be that old")
+    return ms
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+# -------------------------------------------------------------------------------------- topics
+
+
+def cmd_topic_create(args: argparse.Namespace) -> int:
+    from logbroker_client.admin import Admin
+
+    with Admin(args.bootstrap) as admin:
+        # 0 leaves the choice to the broker's defaults (the wire's "unset").
+        admin.create_topic(args.name, partitions=args.partitions or 0,
+                           replication_factor=args.replication_factor or 0, configs=dict(args.config))
+    details = []
+    if args.partitions:
+        details.append(f"{args.partitions} partition(s)")
+    if args.replication_factor:
+        details.append(f"replication factor {args.replication_factor}")
+    print(f"created topic {args.name}" + (f" ({', '.join(details)})" if details else ""))
+    return EXIT_OK
+
+
+def cmd_topic_list(args: argparse.Namespace) -> int:
+    from logbroker_client.admin import Admin
+
+    with Admin(args.bootstrap) as admin:
+        for name in admin.list_topics():
+            print(name)
+    return EXIT_OK
+
+
+def cmd_topic_describe(args: argparse.Namespace) -> int:
+    from logbroker_client.admin import Admin
+
+    with Admin(args.bootstrap) as admin:
+        topics = admin.describe_topics(args.names)
+    out = sys.stdout
+    for i, topic in enumerate(sorted(topics, key=lambda t: t.name)):
+        if i:
+            out.write("\n")
+        out.write(f"topic {topic.name}: {len(topic.partitions)} partition(s), "
+                  f"replication factor {topic.replication_factor}\n")
+        rows = [(p.partition, p.leader_id if p.leader_id >= 0 else "none", ",".join(map(str, p.replicas)),
+                 ",".join(map(str, p.isr)), p.log_start_offset, p.high_watermark, human_bytes(p.size_bytes))
+                for p in topic.partitions]
+        print_table(("PARTITION", "LEADER", "REPLICAS", "ISR", "LOG START", "HIGH WATERMARK", "SIZE"), rows, out)
+        if topic.configs:
+            out.write("configs:\n")
+            for key in sorted(topic.configs):
+                out.write(f"  {key} = {topic.configs[key]}\n")
+    return EXIT_OK
+
+
+def cmd_topic_delete(args: argparse.Namespace) -> int:
+    from logbroker_client.admin import Admin
+
+    with Admin(args.bootstrap) as admin:
+        admin.delete_topic(args.name)
+    print(f"deleted topic {args.name}")
+    return EXIT_OK
+
+
+def cmd_cluster_describe(args: argparse.Namespace) -> int:
+    from logbroker_client.admin import Admin
+
+    with Admin(args.bootstrap) as admin:
+        metadata = admin.describe_cluster()
+    if metadata.cluster_id:
+        print(f"cluster {metadata.cluster_id}")
+    rows = [(b.node_id, f"{b.host}:{b.port}", "*" if b.node_id == metadata.controller_id else "")
+            for b in sorted(metadata.brokers, key=lambda b: b.node_id)]
+    print_table(("NODE ID", "ADDRESS", "CONTROLLER"), rows, sys.stdout)
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------- produce
+
+
+def stdin_lines() -> Iterator[bytes]:
+    """Lines of stdin as bytes, without their line ending (values need not be UTF-8)."""
+    raw = getattr(sys.stdin, "buffer", None)
+    lines: Iterator[bytes] = iter(raw) if raw is not None else (line.encode() for line in sys.stdin)
+    for line in lines:
+        if line.endswith(b"\n"):
+            line = line[:-2] if line.endswith(b"\r\n") else line[:-1]
+        yield line
+
+
+def split_key(line: bytes, separator: bytes | None) -> tuple[bytes | None, bytes]:
+    if separator is None:
+        return None, line
+    key, sep, value = line.partition(separator)
+    return (key, value) if sep else (None, line)
+
+
+class ProduceTally:
+    """Acknowledgements and failures, counted from futures as they complete (no locks, no callbacks)."""
+
+    def __init__(self) -> None:
+        self.pending: deque[Any] = deque()
+        self.acked = 0
+        self.failed = 0
+        self.errors: dict[str, int] = {}
+        self.offsets: dict[int, tuple[int, int]] = {}  # partition -> (first, last)
+
+    def add(self, future: Any) -> None:
+        self.pending.append(future)
+        # Settle what has finished at the front, so memory stays bounded by what is in flight.
+        while self.pending and self.pending[0].done():
+            self._settle(self.pending.popleft())
+
+    def fail(self, error: BaseException) -> None:
+        self.failed += 1
+        message = one_line(error)
+        self.errors[message] = self.errors.get(message, 0) + 1
+
+    def settle_all(self) -> None:
+        while self.pending:
+            future = self.pending.popleft()
+            if future.done():
+                self._settle(future)
+            else:
+                self.fail(LogbrokerError("not acknowledged before the producer stopped"))
+
+    def _settle(self, future: Any) -> None:
+        error = future.exception(0)
+        if error is not None:
+            self.fail(error)
+            return
+        self.acked += 1
+        meta = future.result(0)
+        if meta.offset >= 0:
+            first, last = self.offsets.get(meta.partition, (meta.offset, meta.offset))
+            self.offsets[meta.partition] = (min(first, meta.offset), max(last, meta.offset))
+        else:
+            self.offsets.setdefault(meta.partition, (-1, -1))
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    from logbroker_client.producer import Producer
+
+    separator = None
+    if args.key_separator is not None:
+        if not args.key_separator:
+            raise UsageError("--key-separator must not be empty")
+        separator = args.key_separator.encode()
+    tally = ProduceTally()
+    progress = Progress("produce", unit="records")
+    started = time.monotonic()
+    interrupted = False
+    producer = Producer(args.bootstrap, acks=args.acks, compression=args.compression,
+                        linger_ms=args.linger_ms, batch_size=args.batch_size)
+    try:
+        try:
+            for line in stdin_lines():
+                key, value = split_key(line, separator)
+                try:
+                    tally.add(producer.send(args.topic, value=value, key=key, partition=args.partition))
+                except RecordTooLargeError as exc:  # this record only; the rest can still go
+                    tally.fail(exc)
+                progress.update(1, len(line))
+        except KeyboardInterrupt:
+            interrupted = True  # stop reading, but deliver (and report) what was already sent
+        producer.flush()
+    finally:
+        producer.close()
+        progress.close()
+    tally.settle_all()
+    report_produce(tally, progress.nbytes, time.monotonic() - started, args.acks)
+    if tally.failed:
+        worst = max(tally.errors.items(), key=lambda item: item[1])
+        print(f"lb: {tally.failed} of {tally.acked + tally.failed} record(s) failed; "
+              f"{worst[1]} with: {worst[0]}", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_INTERRUPTED if interrupted else EXIT_OK
+
+
+def report_produce(tally: ProduceTally, nbytes: int, seconds: float, acks: str) -> None:
+    sent = tally.acked + tally.failed
+    rate = sent / seconds if seconds > 0 else 0.0
+    if acks == "0":
+        where = "offsets unknown with --acks 0"
+    else:
+        where = ", ".join(f"{p}:{first}..{last}" for p, (first, last) in sorted(tally.offsets.items()))
+        where = f"offsets {where}" if where else "no offsets"
+    failed = f", {tally.failed} failed" if tally.failed else ""
+    print(f"produced {tally.acked} record(s){failed}, {human_bytes(nbytes)} in {seconds:.2f}s "
+          f"({rate:,.0f} records/s) to {len(tally.offsets)} partition(s); {where}")
+
+
+# ------------------------------------------------------------------------------------- consume
+
+
+def decode_escapes(text: str) -> str:
+    """Let a shell-quoted template say \\t and \\n (and \\\\ for a backslash)."""
+    return re.sub(r"\\([tn\\])", lambda m: {"t": "\t", "n": "\n", "\\": "\\"}[m.group(1)], text)
+
+
+def check_template(template: str) -> str:
+    template = decode_escapes(template)
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as exc:
+        raise UsageError(f"--format {template!r}: {exc}") from None
+    for name in names:
+        base = re.split(r"[.\[]", name, maxsplit=1)[0]
+        if base not in TEMPLATE_FIELDS:
+            raise UsageError(f"--format: unknown field {{{name}}}; the fields are {FIELD_LIST}")
+    try:
+        template.format_map(sample_fields())
+    except (ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:
+        raise UsageError(f"--format {template!r}: {exc}") from None
+    return template
+
+
+def sample_fields() -> dict[str, object]:
+    return {"topic": "t", "partition": 0, "offset": 0, "timestamp": 0, "time": "1970-01-01T00:00:00.000Z",
+            "key": "", "value": "", "headers": ""}
+
+
+def text(data: bytes | None) -> str:
+    return "" if data is None else data.decode("utf-8", errors="replace")
+
+
+def record_fields(record: Any) -> dict[str, object]:
+    moment = EPOCH + timedelta(milliseconds=record.timestamp)
+    return {
+        "topic": record.topic, "partition": record.partition, "offset": record.offset,
+        "timestamp": record.timestamp, "time": moment.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "key": text(record.key), "value": text(record.value),
+        "headers": ",".join(f"{k}={text(v)}" for k, v in (record.headers or ())),
+    }
+
+
+def renderer(template: str | None) -> Callable[[Any], str]:
+    if template is None:
+        return lambda record: text(record.value)
+    return lambda record: template.format_map(record_fields(record))
+
+
+def start_positions(consumer: Any, tps: list[Any], args: argparse.Namespace) -> None:
+    """Seek every partition: an offset, the beginning, a time, or (by default) the end."""
+    if args.offset is not None:
+        consumer.seek(tps[0], args.offset)
+    elif args.from_beginning:
+        consumer.seek_to_beginning(*tps)
+    elif args.from_timestamp is not None:
+        found = consumer.offsets_for_times({tp: args.from_timestamp for tp in tps})
+        at_end = [tp for tp in tps if found.get(tp) is None]
+        for tp in tps:
+            if found.get(tp) is not None:
+                consumer.seek(tp, found[tp].offset)
+        if at_end:  # nothing at or after that time yet: wait for new records
+            consumer.seek_to_end(*at_end)
+    else:
+        consumer.seek_to_end(*tps)
+
+
+def cmd_consume(args: argparse.Namespace) -> int:
+    from logbroker_client.admin import Admin
+    from logbroker_client.consumer import Consumer
+    from logbroker_client.types import TopicPartition
+
+    if args.offset is not None and args.partition is None:
+        raise UsageError("--offset needs --partition (an offset means something in one partition only)")
+    render = renderer(None if args.format is None else check_template(args.format))
+    if args.partition is not None:
+        tps = [TopicPartition(args.topic, args.partition)]
+    else:
+        with Admin(args.bootstrap) as admin:
+            described = admin.describe_topics([args.topic])[0]
+        tps = [TopicPartition(args.topic, p.partition) for p in described.partitions]
+    # auto_offset_reset="none": a requested offset that does not exist is an error with the broker's
+    # message (the valid range), not a silent jump to somewhere else.
+    with Consumer(args.bootstrap, auto_offset_reset="none") as consumer:
+        consumer.assign(tps)
+        start_positions(consumer, tps, args)
+        count, seconds = consume_loop(consumer, render, args.max_messages, args.timeout_ms)
+    print(f"consumed {count} record(s) from {len(tps)} partition(s) in {seconds:.2f}s", file=sys.stderr)
+    return EXIT_OK
+
+
+def consume_loop(consumer: Any, render: Callable[[Any], str], max_messages: int | None,
+                 timeout_ms: int | None) -> tuple[int, float]:
+    """Print records until max_messages, an idle timeout, or Ctrl-C; returns (count, seconds)."""
+    started = last_record = time.monotonic()
+    idle_s = None if timeout_ms is None else timeout_ms / 1000
+    count = 0
+    out = sys.stdout
+    try:
+        while max_messages is None or count < max_messages:
+            wait = POLL_SLICE_S
+            if idle_s is not None:
+                wait = min(wait, last_record + idle_s - time.monotonic())
+                if wait <= 0:
+                    break
+            limit = None if max_messages is None else max_messages - count
+            records = consumer.poll(timeout=wait, max_records=limit)
+            if records:
+                last_record = time.monotonic()
+                out.write("".join(render(r) + "\n" for r in records))
+                out.flush()  # a pipe reader (grep, jq) sees records as they arrive
+                count += len(records)
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how a tail ends: not an error
+    return count, time.monotonic() - started
+
+
+# -------------------------------------------------------------------------------------- parser
+
+
+def bootstrap_parent() -> argparse.ArgumentParser:
+    # SUPPRESS on the subcommands keeps `lb --bootstrap X topic list` from being reset by the
+    # subcommand's own default; both spellings work.
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--bootstrap", default=argparse.SUPPRESS, metavar="HOST:PORT[,HOST:PORT]",
+                        help="brokers to contact first (default: $LOGBROKER_BOOTSTRAP, else 127.0.0.1:9092)")
+    return parent
+
+
+def add_topic_commands(sub: Any, parent: argparse.ArgumentParser) -> None:
+    topic = sub.add_parser("topic", help="create, list, describe and delete topics")
+    topic_sub = topic.add_subparsers(dest="topic_command", required=True, metavar="COMMAND")
+    create = topic_sub.add_parser("create", parents=[parent], help="create a topic")
+    create.add_argument("name")
+    create.add_argument("--partitions", type=positive_int, help="number of partitions (default: the broker's)")
+    create.add_argument("--replication-factor", type=positive_int, help="copies of each partition")
+    create.add_argument("--config", type=parse_config_pair, action="append", default=[], metavar="KEY=VALUE",
+                        help="a topic setting such as retention.ms=86400000 (repeatable)")
+    create.set_defaults(func=cmd_topic_create, parser=create)
+    listing = topic_sub.add_parser("list", parents=[parent], help="list topic names")
+    listing.set_defaults(func=cmd_topic_list, parser=listing)
+    describe = topic_sub.add_parser("describe", parents=[parent], help="partitions, leaders, offsets, configs")
+    describe.add_argument("names", nargs="*", metavar="NAME", help="topics to describe (default: all)")
+    describe.set_defaults(func=cmd_topic_describe, parser=describe)
+    delete = topic_sub.add_parser("delete", parents=[parent], help="delete a topic and its data")
+    delete.add_argument("name")
+    delete.set_defaults(func=cmd_topic_delete, parser=delete)
+
+
+def add_cluster_commands(sub: Any, parent: argparse.ArgumentParser) -> None:
+    cluster = sub.add_parser("cluster", help="inspect the cluster")
+    cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True, metavar="COMMAND")
+    describe = cluster_sub.add_parser("describe", parents=[parent], help="brokers and the controller")
+    describe.set_defaults(func=cmd_cluster_describe, parser=describe)
+
+
+def add_produce_command(sub: Any, parent: argparse.ArgumentParser) -> None:
+    produce = sub.add_parser("produce", parents=[parent], help="send one record per line of stdin",
+                             description="Send one record per line of stdin (the line ending is not sent).")
+    produce.add_argument("topic")
+    produce.add_argument("--key-separator", metavar="SEP",
+                         help="split each line at the first SEP into key and value (lines without it: null key)")
+    produce.add_argument("--partition", type=non_negative_int, help="send every record to this partition")
+    produce.add_argument("--acks", choices=("all", "1", "0"), default="all",
+                         help="all: after replication (default); 1: after the leader's write; 0: do not wait")
+    produce.add_argument("--compression", choices=("none", "zstd"), default="none")
+    produce.add_argument("--linger-ms", type=non_negative_int, default=5,
+                         help="wait up to this long to fill a batch (default 5)")
+    # 1,000,000 rather than the producer's 1 MiB: batches may overshoot batch_size by a record, and
+    # 1 MiB plus a record exceeds the broker's default max.message.bytes (1 MiB + 12).
+    produce.add_argument("--batch-size", type=positive_int, default=1_000_000,
+                         help="bytes per batch (default 1,000,000)")
+    produce.set_defaults(func=cmd_produce, parser=produce)
+
+
+def add_consume_command(sub: Any, parent: argparse.ArgumentParser) -> None:
+    consume = sub.add_parser(
+        "consume", parents=[parent], help="print records to stdout",
+        description="Print records, by default new ones (from the end) of every partition, until Ctrl-C.")
+    consume.add_argument("topic")
+    consume.add_argument("--partition", type=non_negative_int, help="read this partition only")
+    start = consume.add_mutually_exclusive_group()
+    start.add_argument("--offset", type=non_negative_int, help="start at this offset (needs --partition)")
+    start.add_argument("--from-beginning", action="store_true", help="start at the oldest record")
+    start.add_argument("--from-timestamp", type=parse_timestamp, metavar="TIME",
+                       help="start at the first record at or after TIME: ISO 8601 (naive = UTC) or epoch ms")
+    consume.add_argument("--max-messages", type=positive_int, metavar="N", help="stop after N records")
+    consume.add_argument("--timeout-ms", type=non_negative_int, metavar="T",
+                         help="stop when no record arrives for T ms")
+    consume.add_argument("--format", metavar="TEMPLATE",
+                         help="for example '{partition}:{offset} {key}={value}'; fields: "
+                              + FIELD_LIST + " (default: {value})")
+    consume.set_defaults(func=cmd_consume, parser=consume)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lb", description="logbroker command-line client")
+    parser.add_argument("--bootstrap", default=None, metavar="HOST:PORT[,HOST:PORT]",
+                        help="brokers to contact first (default: $LOGBROKER_BOOTSTRAP, else 127.0.0.1:9092)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parent = bootstrap_parent()
+    add_topic_commands(sub, parent)
+    add_cluster_commands(sub, parent)
+    add_produce_command(sub, parent)
+    add_consume_command(sub, parent)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # usage errors and --help; returning keeps main() callable in-process
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    try:
+        return int(args.func(args))
+    except UsageError as exc:
+        sub = args.parser  # the command that ran, so the usage line is that command's
+        sub.print_usage(sys.stderr)
+        print(f"{sub.prog}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except LogbrokerError as exc:
+        print(f"lb: {one_line(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("lb: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`lb consume ... | head`); that ends the output, it is not an error.
+        silence_stdout()
+        return EXIT_OK
+
+
+def silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail on the broken pipe."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())
