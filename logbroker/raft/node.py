@@ -550,6 +550,10 @@ class RaftNode:
     def _commit_to(self, offset: int) -> None:
         if offset > self.commit_offset:
             check(offset <= self.log.last_offset, f"committing {offset} beyond the log end")
+            check(
+                offset == self.log.last_offset or self.log.entry_start(offset + 1) == offset + 1,
+                f"commit offset {offset} falls inside an entry",
+            )
             self.commit_offset = offset
 
     # ================================================================================ log writes
