@@ -138,18 +138,23 @@ class Harness:
     def campaign(self, node_id: int) -> None:
         """Make ``node_id`` time out (without ticking the others) and run the election to completion."""
         node = self.node(node_id)
+        before = (node.role, node.term)
         for _ in range(3 * ELECTION_TICKS):
             node.tick()
-            if node.role is not Role.FOLLOWER:
+            if (node.role, node.term) != before:
                 break
         self.stabilize()
 
-    def elect(self, node_id: int) -> RaftNode:
-        self.campaign(node_id)
+    def elect(self, node_id: int, attempts: int = 1) -> RaftNode:
+        """Make ``node_id`` campaign (again after a loss, up to ``attempts`` times) until it leads."""
         node = self.node(node_id)
-        assert node.role is Role.LEADER, f"node {node_id} did not win: {node.role}"
-        self.stabilize()
-        return node
+        for _ in range(attempts):
+            self.campaign(node_id)
+            node = self.node(node_id)
+            if node.role is Role.LEADER:
+                self.stabilize()
+                return node
+        raise AssertionError(f"node {node_id} did not win: {node.role}")
 
     def leaders(self) -> list[int]:
         return [i for i, r in self.replicas.items() if r.up and r.node.role is Role.LEADER]

@@ -1,0 +1,303 @@
+"""The classic Raft traps, each played out step by step on a small cluster."""
+
+from __future__ import annotations
+
+import pytest
+
+from logbroker.raft.errors import MembershipChangeError, ProposalDroppedError
+from logbroker.raft.membership import ChangeKind, Membership, MembershipChange
+from logbroker.raft.node import RaftNode
+from logbroker.raft.types import Message, MessageType, Role
+from tests.raft.harness import ELECTION_TICKS, Harness
+from tests.raft.sim.mutants import CommitPreviousTermByCounting
+
+
+def appends_from(node: int, offset: int):  # type: ignore[no-untyped-def]
+    """A drop filter: appends from ``node`` that carry ``offset``."""
+    return lambda m: (
+        m.type is MessageType.APPEND
+        and m.from_node == node
+        and any(e.base_offset <= offset <= e.last_offset for e in m.entries)
+    )
+
+
+@pytest.mark.parametrize("node_class", [RaftNode, CommitPreviousTermByCounting], ids=["raft", "mutant"])
+def test_figure_8_a_leader_never_commits_an_entry_of_an_earlier_term_by_counting_replicas(
+    node_class: type[RaftNode],
+) -> None:
+    # The paper's Figure 8, on five nodes, without pre-vote and check-quorum as in the paper.
+    h = Harness([1, 2, 3, 4, 5], node_class=node_class, pre_vote=False, check_quorum=False, max_msg_bytes=20)
+    h.elect(1)
+    # (a) Node 1 replicates X at offset 1 to node 2 only, then crashes.
+    h.drop = lambda m: (
+        {m.from_node, m.to_node} & {1} != set() and {m.from_node, m.to_node} & {3, 4, 5} != set()
+    )
+    x = h.propose(1, b"X")
+    h.stabilize()
+    assert h.node(2).log.term_at(1) == x.term
+    h.crash(1)
+    # (b) Node 5 wins with votes from 3 and 4, appends its NOOP at offset 1, and crashes before sending it.
+    h.drop = lambda m: m.type is MessageType.APPEND and m.from_node == 5
+    h.elect(5)
+    h.crash(5)
+    # (c) Node 1 restarts, wins again, and gets X (but not its new NOOP at offset 2) onto node 3.
+    h.restart(1)
+    probes_to_3: list[Message] = []
+
+    def only_x_reaches_3(m: Message) -> bool:
+        if 4 in (m.from_node, m.to_node) or 5 in (m.from_node, m.to_node):
+            return True
+        if appends_from(1, 2)(m) and m.to_node == 3:
+            probes_to_3.append(m)
+            return len(probes_to_3) > 1  # the first probe is rejected anyway: 3 lacks offset 1
+        return False
+
+    h.drop = only_x_reaches_3
+    leader = h.elect(1, attempts=3)
+    h.tick_all(2)
+    assert [h.node(n).log.term_at(1) for n in (1, 2, 3)] == [x.term] * 3
+    committed_x = leader.commit_offset >= 1
+    if node_class is not RaftNode:
+        # The mutant calls X committed, yet nodes 3, 4 and 5 would elect node 5, whose log lacks X.
+        assert committed_x
+        assert h.node(5).log.term_at(1) != x.term and h.node(5).log.last_term > h.node(3).log.last_term
+        return
+    # (d) Node 1 crashes; node 5 (whose last term is later) wins and overwrites offset 1 everywhere.
+    h.crash(1)
+    h.restart(5)
+    h.drop = lambda m: False
+    h.elect(5, attempts=3)
+    h.tick_all(2)
+    assert [h.node(n).log.term_at(1) for n in (2, 3, 4, 5)] == [h.node(5).log.term_at(1)] * 4
+    assert h.node(5).log.term_at(1) != x.term  # X is gone...
+    assert not committed_x  # ...but it had never been reported committed, so nothing committed was lost
+
+
+def test_a_stale_leader_coming_back_steps_down_and_its_uncommitted_entries_are_replaced() -> None:
+    h = Harness([1, 2, 3])
+    old = h.elect(1)
+    h.isolated = {1}
+    stale = [old.propose(f"stale{i}".encode(), 1) for i in range(3)]
+    h.tick_all(3 * ELECTION_TICKS)
+    assert old.role is Role.FOLLOWER  # check-quorum: it stepped down on its own
+    (new_id,) = h.leaders()
+    fresh = h.propose(new_id, b"fresh")
+    h.isolated = set()
+    h.tick_all(3)
+    assert h.log_of(1) == h.log_of(new_id)
+    assert all(h.node(1).log.term_at(e.last_offset) != e.term for e in stale)
+    assert h.node(1).commit_offset >= fresh.last_offset
+
+
+def test_a_stale_leader_that_still_believes_it_leads_learns_the_new_term_from_any_follower() -> None:
+    h = Harness([1, 2, 3], check_quorum=False)
+    old = h.elect(1)
+    h.isolated = {1}
+    h.tick_all(3 * ELECTION_TICKS)
+    assert old.role is Role.LEADER  # without check-quorum it never noticed
+    (new_id,) = [n for n in h.leaders() if n != 1]
+    h.isolated = set()
+    h.tick(1)  # its next heartbeat is answered in the new term
+    h.stabilize()
+    assert old.role is Role.FOLLOWER and old.term == h.node(new_id).term
+    assert h.leaders() == [new_id]
+
+
+def test_a_follower_with_a_longer_divergent_log_is_brought_back_in_line() -> None:
+    h = Harness([1, 2, 3, 4, 5])
+    h.elect(1)
+    h.drop = lambda m: m.type is MessageType.APPEND and m.to_node != 2  # only 2 sees the next entries
+    for i in range(6):
+        h.propose(1, f"only-on-1-and-2-{i}".encode())  # 2 of 5 replicas: never committed
+    h.stabilize()
+    h.crash(1)
+    h.drop = lambda m: 2 in (m.from_node, m.to_node)  # 2 is away while 3, 4 and 5 elect a leader
+    h.tick_all(3 * ELECTION_TICKS)
+    (leader_id,) = h.leaders()
+    h.propose(leader_id, b"new-term")
+    h.stabilize()
+    assert h.node(2).log.last_offset > h.node(leader_id).log.last_offset  # longer, but of an older term
+    h.drop = lambda m: False
+    h.restart(1)
+    h.tick_all(3)
+    assert h.log_of(2) == h.log_of(leader_id) == h.log_of(1)
+    assert all(payload != b"only-on-1-and-2-0" for _, _, payload in h.log_of(2))
+
+
+def test_pre_vote_stops_a_rejoining_partitioned_node_from_disrupting_the_leader() -> None:
+    h = Harness([1, 2, 3])
+    leader = h.elect(1)
+    term = leader.term
+    h.isolated = {3}
+    h.tick_all(10 * ELECTION_TICKS)
+    assert h.node(3).term == term  # pre-votes that nobody answers never raise the term
+    h.isolated = set()
+    h.tick_all(2 * ELECTION_TICKS)
+    assert leader.role is Role.LEADER and leader.term == term
+    assert h.node(3).leader_id == 1
+
+
+def test_without_pre_vote_the_same_rejoining_node_does_depose_the_leader() -> None:
+    h = Harness([1, 2, 3], pre_vote=False, check_quorum=False)
+    leader = h.elect(1)
+    term = leader.term
+    h.isolated = {3}
+    h.tick_all(10 * ELECTION_TICKS)
+    assert h.node(3).term > term + 3
+    h.isolated = set()
+    h.tick_all(1)
+    assert leader.term > term  # the contrast that motivates pre-vote
+
+
+def test_a_node_in_a_leaders_lease_ignores_a_vote_request_from_a_higher_term() -> None:
+    h = Harness([1, 2, 3])
+    h.elect(1)
+    follower = h.node(2)
+    follower.step(Message(MessageType.VOTE, 3, 2, follower.term + 1, last_log_offset=99, last_log_term=99))
+    assert follower.term == h.node(1).term and follower.vote != 3
+    ready = follower.ready()
+    assert ready is None or not [m for m in ready.messages if m.type is MessageType.VOTE_RESP]
+
+
+def test_check_quorum_steps_down_a_leader_that_cannot_hear_a_majority() -> None:
+    h = Harness([1, 2, 3])
+    leader = h.elect(1)
+    h.isolated = {1}
+    for _ in range(2 * ELECTION_TICKS):
+        h.tick(1)
+    assert leader.role is Role.FOLLOWER
+    with pytest.raises(Exception, match="not the leader"):
+        leader.propose(b"x", 1)
+
+
+def test_leadership_transfer_waits_for_the_target_to_catch_up_then_hands_over() -> None:
+    h = Harness([1, 2, 3])
+    leader = h.elect(1)
+    h.isolated = {3}
+    for i in range(5):
+        h.propose(1, f"e{i}".encode())
+    h.stabilize()
+    leader.transfer_leadership(3)
+    h.process(1)
+    assert not h.sent(MessageType.TIMEOUT_NOW)  # 3 is behind: catch it up first
+    with pytest.raises(ProposalDroppedError):
+        leader.propose(b"during transfer", 1)
+    h.isolated = set()
+    h.tick_all(2)
+    assert h.leaders() == [3]
+    assert h.node(3).term == leader.term and leader.role is Role.FOLLOWER
+    assert h.log_of(3)[: len(h.log_of(1))] == h.log_of(1)
+
+
+def test_a_transfer_that_cannot_complete_is_abandoned_after_an_election_timeout() -> None:
+    h = Harness([1, 2, 3])
+    leader = h.elect(1)
+    h.isolated = {3}
+    leader.transfer_leadership(3)
+    h.tick_all(ELECTION_TICKS + 1)
+    assert leader.is_leader and leader.lead_transferee is None
+    h.propose(1, b"accepted again")
+
+
+def test_a_learner_receives_entries_but_does_not_vote_and_is_promoted_once_caught_up() -> None:
+    h = Harness([1, 2, 3])
+    leader = h.elect(1)
+    h.propose(1, b"before")
+    h.stabilize()
+    h.add_node(4, Membership.of([1, 2, 3]))
+    h.isolated = {4}
+    change = leader.propose_membership_change(MembershipChange(ChangeKind.ADD_LEARNER, 4))
+    h.stabilize()
+    assert leader.membership.learners == {4}
+    with pytest.raises(MembershipChangeError, match="not caught up"):
+        leader.propose_membership_change(MembershipChange(ChangeKind.PROMOTE_LEARNER, 4))
+    h.isolated = set()
+    h.tick_all(2)
+    learner = h.node(4)
+    assert h.log_of(4) == h.log_of(1) and learner.membership.learners == {4}
+    for _ in range(3 * ELECTION_TICKS):
+        learner.tick()
+    assert learner.role is Role.FOLLOWER  # learners never campaign
+    # With two voters away, the learner's copy does not make a quorum.
+    h.isolated = {2, 3}
+    entry = h.propose(1, b"needs a voter")
+    h.deliver_once()
+    assert learner.log.term_at(entry.last_offset) == entry.term and leader.commit_offset < entry.last_offset
+    h.isolated = set()
+    h.tick_all(1)
+    promotion = leader.propose_membership_change(MembershipChange(ChangeKind.PROMOTE_LEARNER, 4))
+    h.tick_all(2)
+    assert promotion.last_offset > change.last_offset
+    assert all(h.node(n).membership.voters == {1, 2, 3, 4} for n in (1, 2, 3, 4))
+
+
+def test_membership_changes_go_one_at_a_time_and_never_remove_the_leader() -> None:
+    h = Harness([1, 2, 3])
+    leader = h.elect(1)
+    h.isolated = {2, 3}
+    leader.propose_membership_change(MembershipChange(ChangeKind.ADD_LEARNER, 4))
+    with pytest.raises(MembershipChangeError, match="not committed"):
+        leader.propose_membership_change(MembershipChange(ChangeKind.REMOVE_NODE, 3))
+    h.isolated = set()
+    h.tick_all(1)
+    with pytest.raises(MembershipChangeError, match="transfer leadership"):
+        leader.propose_membership_change(MembershipChange(ChangeKind.REMOVE_NODE, 1))
+    leader.propose_membership_change(MembershipChange(ChangeKind.REMOVE_NODE, 3))
+    assert leader.membership.voters == {1, 2}  # in force as soon as it is appended
+    h.tick_all(1)
+    assert h.node(2).membership.voters == {1, 2}
+
+
+def test_a_truncated_config_entry_rolls_the_membership_back() -> None:
+    h = Harness([1, 2, 3])
+    h.elect(1)
+    h.isolated = {1}
+    h.node(1).propose_membership_change(MembershipChange(ChangeKind.ADD_LEARNER, 4))
+    h.process(1)
+    assert h.node(1).membership.learners == {4}
+    h.tick_all(3 * ELECTION_TICKS)
+    h.isolated = set()
+    h.tick_all(3)
+    assert h.node(1).membership == Membership.of([1, 2, 3])
+
+
+def test_a_restarted_node_recovers_its_membership_from_config_entries_in_its_log() -> None:
+    h = Harness([1, 2, 3])
+    leader = h.elect(1)
+    leader.propose_membership_change(MembershipChange(ChangeKind.ADD_LEARNER, 5))
+    h.tick_all(1)
+    h.crash(2)
+    assert h.restart(2).membership.learners == {5}
+
+
+def test_a_follower_behind_the_leaders_log_start_is_reset_to_it_after_retention() -> None:
+    h = Harness([1, 2, 3])
+    leader = h.elect(1)
+    h.isolated = {3}
+    for i in range(8):
+        h.propose(1, f"r{i}".encode(), record_count=3)
+    h.stabilize()
+    # Retention deletes everything below offset 13 on the leader.
+    storage = h.replicas[1].storage
+    storage.delete_before(13, leader.membership_at(12))
+    assert leader.log.first_offset == 13
+    resets = []
+    h.drop = lambda m: resets.append(m) is not None if m.type is MessageType.RESET_LOG else False
+    h.isolated = set()
+    h.tick_all(3)
+    assert [(m.log_start_offset, m.prev_term) for m in resets] == [(13, leader.term)]
+    follower = h.node(3)
+    assert follower.log.first_offset == 13 and h.replicas[3].storage.first_offset == 13
+    assert h.log_of(3) == h.log_of(1)
+    assert follower.commit_offset == leader.commit_offset
+    # It survives a restart from its reset log.
+    h.crash(3)
+    assert h.restart(3).log.first_offset == 13
+
+
+def test_a_single_voter_commits_as_soon_as_its_write_is_durable() -> None:
+    h = Harness([1])
+    leader = h.elect(1)
+    entry = h.propose(1, b"alone", record_count=10)
+    assert leader.commit_offset == entry.last_offset == 10
+    assert h.replicas[1].applied[-1] == entry
