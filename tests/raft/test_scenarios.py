@@ -282,7 +282,12 @@ def test_a_follower_behind_the_leaders_log_start_is_reset_to_it_after_retention(
     storage.delete_before(13, leader.membership_at(12))
     assert leader.log.first_offset == 13
     resets = []
-    h.drop = lambda m: resets.append(m) is not None if m.type is MessageType.RESET_LOG else False
+    def record_resets(m: Message) -> bool:
+        if m.type is MessageType.RESET_LOG:
+            resets.append(m)
+        return False
+
+    h.drop = record_resets
     h.isolated = set()
     h.tick_all(3)
     assert [(m.log_start_offset, m.prev_term) for m in resets] == [(13, leader.term)]
