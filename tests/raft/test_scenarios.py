@@ -282,6 +282,7 @@ def test_a_follower_behind_the_leaders_log_start_is_reset_to_it_after_retention(
     storage.delete_before(13, leader.membership_at(12))
     assert leader.log.first_offset == 13
     resets = []
+
     def record_resets(m: Message) -> bool:
         if m.type is MessageType.RESET_LOG:
             resets.append(m)
