@@ -36,6 +36,7 @@ DEFAULT_BUFFER_MEMORY = 64 << 20
 DEFAULT_DELIVERY_TIMEOUT_MS = 120_000
 DEFAULT_MAX_BLOCK_MS = 60_000
 RETRY_BACKOFF_MS = 100
+RECORD_OVERHEAD_BYTES = 21  # length, attributes, timestamp and offset deltas, key and value lengths
 ACKS = {"all": -1, "-1": -1, -1: -1, "1": 1, 1: 1, "0": 0, 0: 0}
 
 Headers = Sequence[tuple[str, bytes | None]]
@@ -189,8 +190,16 @@ class Producer:
         if self._buffered_bytes >= self._buffer_memory:
             self._wait_for_space()
         slot = (topic, partition)
+        # An upper bound on the encoded record: a batch never grows past batch_size by taking it.
+        record_bytes = RECORD_OVERHEAD_BYTES + (len(value) if value else 0) + (len(key) if key else 0)
+        if headers:
+            record_bytes += sum(len(k) + len(v or b"") + 10 for k, v in headers)
         with self._lock:
             batch = self._open.get(slot)
+            if batch is not None and batch.builder.size_bytes + record_bytes > self._batch_size:
+                self._seal(slot, batch)
+                self._wakeup.set()
+                batch = None
             if batch is None:
                 batch = self._open[slot] = ProducerBatch(topic, partition, self._compression, time.monotonic())
                 self._unfinished += 1
@@ -339,6 +348,9 @@ class Producer:
                 self._in_flight.discard(slot)
             self._wakeup.set()
             return
+        if error is not None:
+            log.warning("%s-%d: %d record(s) failed: %s", slot[0], slot[1],
+                        sum(b.builder.count for b in batches), error)
         self._complete(batches, result.base_offset if result is not None and error is None else -1, error)
         self._release(slot, batches)
 

@@ -42,7 +42,8 @@ def produce(stub: pb_grpc.BrokerStub, records: bytes, topic: str = "t", partitio
 
 
 def high_watermark(stub: pb_grpc.BrokerStub, partition: int = 0) -> int:
-    request = pb.ListOffsetsRequest(partitions=[pb.ListOffsetsPartition(topic="t", partition=partition, timestamp_ms=-1)])
+    query = pb.ListOffsetsPartition(topic="t", partition=partition, timestamp_ms=-1)
+    request = pb.ListOffsetsRequest(partitions=[query])
     return stub.ListOffsets(request, timeout=10).results[0].offset
 
 
