@@ -51,6 +51,76 @@ class LeaderHint(_message.Message):
     leader_address: str
     def __init__(self, leader_id: _Optional[int] = ..., leader_address: _Optional[str] = ...) -> None: ...
 
+class RaftEnvelope(_message.Message):
+    __slots__ = ("from_node", "to_node", "messages")
+    FROM_NODE_FIELD_NUMBER: _ClassVar[int]
+    TO_NODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    from_node: int
+    to_node: int
+    messages: _containers.RepeatedCompositeFieldContainer[RaftMessage]
+    def __init__(self, from_node: _Optional[int] = ..., to_node: _Optional[int] = ..., messages: _Optional[_Iterable[_Union[RaftMessage, _Mapping]]] = ...) -> None: ...
+
+class RaftStreamClosed(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RaftEntry(_message.Message):
+    __slots__ = ("base_offset", "last_offset", "term", "kind", "payload")
+    BASE_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LAST_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    base_offset: int
+    last_offset: int
+    term: int
+    kind: int
+    payload: bytes
+    def __init__(self, base_offset: _Optional[int] = ..., last_offset: _Optional[int] = ..., term: _Optional[int] = ..., kind: _Optional[int] = ..., payload: _Optional[bytes] = ...) -> None: ...
+
+class RaftMessage(_message.Message):
+    __slots__ = ("group", "type", "from_node", "to_node", "term", "prev_last_offset", "prev_term", "entries", "commit_offset", "match_offset", "reject", "reject_hint_offset", "reject_hint_term", "last_log_offset", "last_log_term", "leadership_transfer", "log_start_offset", "membership", "has_membership")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    FROM_NODE_FIELD_NUMBER: _ClassVar[int]
+    TO_NODE_FIELD_NUMBER: _ClassVar[int]
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    PREV_LAST_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    PREV_TERM_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    MATCH_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    REJECT_FIELD_NUMBER: _ClassVar[int]
+    REJECT_HINT_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    REJECT_HINT_TERM_FIELD_NUMBER: _ClassVar[int]
+    LAST_LOG_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LAST_LOG_TERM_FIELD_NUMBER: _ClassVar[int]
+    LEADERSHIP_TRANSFER_FIELD_NUMBER: _ClassVar[int]
+    LOG_START_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    MEMBERSHIP_FIELD_NUMBER: _ClassVar[int]
+    HAS_MEMBERSHIP_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    type: int
+    from_node: int
+    to_node: int
+    term: int
+    prev_last_offset: int
+    prev_term: int
+    entries: _containers.RepeatedCompositeFieldContainer[RaftEntry]
+    commit_offset: int
+    match_offset: int
+    reject: bool
+    reject_hint_offset: int
+    reject_hint_term: int
+    last_log_offset: int
+    last_log_term: int
+    leadership_transfer: bool
+    log_start_offset: int
+    membership: bytes
+    has_membership: bool
+    def __init__(self, group: _Optional[str] = ..., type: _Optional[int] = ..., from_node: _Optional[int] = ..., to_node: _Optional[int] = ..., term: _Optional[int] = ..., prev_last_offset: _Optional[int] = ..., prev_term: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[RaftEntry, _Mapping]]] = ..., commit_offset: _Optional[int] = ..., match_offset: _Optional[int] = ..., reject: _Optional[bool] = ..., reject_hint_offset: _Optional[int] = ..., reject_hint_term: _Optional[int] = ..., last_log_offset: _Optional[int] = ..., last_log_term: _Optional[int] = ..., leadership_transfer: _Optional[bool] = ..., log_start_offset: _Optional[int] = ..., membership: _Optional[bytes] = ..., has_membership: _Optional[bool] = ...) -> None: ...
+
 class ProduceRequest(_message.Message):
     __slots__ = ("acks", "timeout_ms", "partitions")
     ACKS_FIELD_NUMBER: _ClassVar[int]

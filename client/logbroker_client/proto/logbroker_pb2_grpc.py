@@ -383,3 +383,84 @@ class Admin:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class RaftStub:
+    """Broker-to-broker Raft traffic. Each broker opens one Exchange stream to each peer and sends its
+    messages for every Raft group (partitions and the controller) on it, batched into envelopes, so a
+    thousand partitions share one stream and their heartbeats travel together.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Exchange = channel.stream_unary(
+                '/logbroker.v1.Raft/Exchange',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.RaftEnvelope.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.RaftStreamClosed.FromString,
+                _registered_method=True)
+
+
+class RaftServicer:
+    """Broker-to-broker Raft traffic. Each broker opens one Exchange stream to each peer and sends its
+    messages for every Raft group (partitions and the controller) on it, batched into envelopes, so a
+    thousand partitions share one stream and their heartbeats travel together.
+    """
+
+    def Exchange(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_RaftServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Exchange': grpc.stream_unary_rpc_method_handler(
+                    servicer.Exchange,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.RaftEnvelope.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.RaftStreamClosed.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'logbroker.v1.Raft', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('logbroker.v1.Raft', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Raft:
+    """Broker-to-broker Raft traffic. Each broker opens one Exchange stream to each peer and sends its
+    messages for every Raft group (partitions and the controller) on it, batched into envelopes, so a
+    thousand partitions share one stream and their heartbeats travel together.
+    """
+
+    @staticmethod
+    def Exchange(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/logbroker.v1.Raft/Exchange',
+            logbroker_dot_v1_dot_logbroker__pb2.RaftEnvelope.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.RaftStreamClosed.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
