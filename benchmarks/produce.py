@@ -21,9 +21,7 @@ from logbroker_client.progress import Progress
 from benchmarks.common import add_connection_args, emit, ensure_topic, payloads, percentiles_ms, rounded, run_main
 
 PROGRESS_EVERY = 1024  # records between progress updates: update() reads the clock
-# The producer seals a batch only after it passes batch_size, so a 1 MiB batch_size can build batches
-# just over the broker's default max.message.bytes (1 MiB + 12) and have them rejected; stay below it.
-DEFAULT_BATCH_SIZE = 1_000_000
+DEFAULT_BATCH_SIZE = 1 << 20  # the producer's default
 
 Outcome = tuple[float, list[float], int, int]  # seconds, latency samples, failed samples, records sent
 

@@ -8,6 +8,7 @@ written for operators, so the CLI passes them through rather than rewording them
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 import string
 import sys
@@ -27,7 +28,8 @@ EXIT_INTERRUPTED = 130
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 TEMPLATE_FIELDS = ("topic", "partition", "offset", "timestamp", "time", "key", "value", "headers")
 FIELD_LIST = " ".join("{" + name + "}" for name in TEMPLATE_FIELDS)
-POLL_SLICE_S = 1.0  # poll in slices so the idle timeout and Ctrl-C are noticed promptly
+POLL_SLICE_S = 1.0
+_log_handler: logging.Handler | None = None  # poll in slices so the idle timeout and Ctrl-C are noticed promptly
 
 
 class UsageError(Exception):
@@ -450,10 +452,7 @@ def add_produce_command(sub: Any, parent: argparse.ArgumentParser) -> None:
     produce.add_argument("--compression", choices=("none", "zstd"), default="none")
     produce.add_argument("--linger-ms", type=non_negative_int, default=5,
                          help="wait up to this long to fill a batch (default 5)")
-    # 1,000,000 rather than the producer's 1 MiB: batches may overshoot batch_size by a record, and
-    # 1 MiB plus a record exceeds the broker's default max.message.bytes (1 MiB + 12).
-    produce.add_argument("--batch-size", type=positive_int, default=1_000_000,
-                         help="bytes per batch (default 1,000,000)")
+    produce.add_argument("--batch-size", type=positive_int, default=1 << 20, help="bytes per batch (default 1 MiB)")
     produce.set_defaults(func=cmd_produce, parser=produce)
 
 
@@ -481,6 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lb", description="logbroker command-line client")
     parser.add_argument("--bootstrap", default=None, metavar="HOST:PORT[,HOST:PORT]",
                         help="brokers to contact first (default: $LOGBROKER_BOOTSTRAP, else 127.0.0.1:9092)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log the client's retries and warnings")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parent = bootstrap_parent()
     add_topic_commands(sub, parent)
@@ -496,6 +496,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # usage errors and --help; returning keeps main() callable in-process
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    configure_logging(args.verbose)
     try:
         return int(args.func(args))
     except UsageError as exc:
@@ -513,6 +514,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader went away (`lb consume ... | head`); that ends the output, it is not an error.
         silence_stdout()
         return EXIT_OK
+
+
+def configure_logging(verbose: bool) -> None:
+    """The client logs failures it also reports to the caller; the CLI reports them itself, once, so
+    without --verbose only errors the CLI cannot see (a crashing callback) get through."""
+    global _log_handler
+    logger = logging.getLogger("logbroker_client")
+    if _log_handler is not None:  # main() may run many times in one process (tests): bind today's stderr
+        logger.removeHandler(_log_handler)
+    _log_handler = logging.StreamHandler(sys.stderr)
+    _log_handler.setFormatter(logging.Formatter("lb: %(name)s: %(message)s"))
+    logger.addHandler(_log_handler)
+    logger.setLevel(logging.INFO if verbose else logging.ERROR)
 
 
 def silence_stdout() -> None:

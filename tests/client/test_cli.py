@@ -205,6 +205,10 @@ def test_failed_records_are_counted_and_exit_non_zero(capsys: pytest.CaptureFixt
     assert code == 1
     assert "produced 0 record(s), 1 failed" in out
     assert err.startswith("lb: 1 of 1 record(s) failed") and "max.message.bytes" in err
+    assert err.count("\n") == 1  # the client's own warning is not repeated without --verbose
+    feed_stdin(monkeypatch, "x" * 1000 + "\n")
+    code, _, err = run(capsys, "--verbose", "produce", "small", "--bootstrap", bootstrap)
+    assert code == 1 and "lb: logbroker_client.producer: small-0: 1 record(s) failed" in err
 
 
 def test_unknown_topic_is_one_error_line_and_exit_1(capsys: pytest.CaptureFixture[str], bootstrap: str,
