@@ -13,6 +13,7 @@ import argparse
 import time
 from typing import Any
 
+from logbroker_client.consumer import DEFAULT_MAX_PARTITION_FETCH_BYTES
 from logbroker_client.errors import LogbrokerError
 from logbroker_client.progress import Progress
 
@@ -30,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prepare", action="store_true",
                         help="create the topic if missing and produce records until it holds --records")
     parser.add_argument("--fetch-max-bytes", type=int, default=50 << 20)
-    parser.add_argument("--max-partition-fetch-bytes", type=int, default=8 << 20)
+    parser.add_argument("--max-partition-fetch-bytes", type=int, default=DEFAULT_MAX_PARTITION_FETCH_BYTES)
     parser.add_argument("--fetch-max-wait-ms", type=int, default=500)
     args = parser.parse_args(argv)
     if args.records < 1:

@@ -46,7 +46,7 @@ class ProducerBatch:
     """Records for one partition, sent and acknowledged together."""
 
     __slots__ = ("topic", "partition", "builder", "created", "timestamps", "data", "base_offset",
-                 "error", "event", "callbacks", "attempts")
+                 "error", "event", "callbacks", "attempts", "callback_lock")
 
     def __init__(self, topic: str, partition: int, compression: int, created: float) -> None:
         self.topic = topic
@@ -59,18 +59,17 @@ class ProducerBatch:
         self.error: BaseException | None = None
         self.event = threading.Event()
         self.callbacks: list[tuple[RecordFuture, Callable[[RecordFuture], Any]]] = []
+        self.callback_lock = threading.Lock()
         self.attempts = 0
 
     def complete(self, base_offset: int, error: BaseException | None) -> None:
         self.base_offset = base_offset
         self.error = error
-        self.event.set()
-        for future, callback in self.callbacks:
-            try:
-                callback(future)
-            except Exception:
-                log.exception("a record's done-callback raised; the producer carries on")
-        self.callbacks = []
+        with self.callback_lock:  # a callback added from now on runs at once in add_done_callback
+            self.event.set()
+            callbacks, self.callbacks = self.callbacks, []
+        for future, callback in callbacks:
+            run_callback(callback, future)
 
 
 class RecordFuture:
@@ -101,11 +100,18 @@ class RecordFuture:
 
     def add_done_callback(self, fn: Callable[[RecordFuture], Any]) -> None:
         batch = self._batch
-        batch.callbacks.append((self, fn))
-        # The batch may have completed between the append and now; run it here if it was missed.
-        if batch.event.is_set() and (self, fn) in batch.callbacks:
-            batch.callbacks.remove((self, fn))
-            fn(self)
+        with batch.callback_lock:
+            if not batch.event.is_set():
+                batch.callbacks.append((self, fn))
+                return
+        run_callback(fn, self)
+
+
+def run_callback(fn: Callable[[RecordFuture], Any], future: RecordFuture) -> None:
+    try:
+        fn(future)
+    except Exception:
+        log.exception("a record's done-callback raised; the producer carries on")
 
 
 class Producer:
@@ -189,6 +195,10 @@ class Producer:
             timestamp_ms = time.time_ns() // 1_000_000
         if self._buffered_bytes >= self._buffer_memory:
             self._wait_for_space()
+        if value is not None and len(value) + (len(key) if key else 0) > self._max_request_bytes:
+            raise RecordTooLargeError(
+                f"record of {len(value) + (len(key) if key else 0)} bytes exceeds max_request_bytes="
+                f"{self._max_request_bytes}; nothing was sent", topic, partition)
         slot = (topic, partition)
         # An upper bound on the encoded record: a batch never grows past batch_size by taking it.
         record_bytes = RECORD_OVERHEAD_BYTES + (len(value) if value else 0) + (len(key) if key else 0)
@@ -203,6 +213,7 @@ class Producer:
             if batch is None:
                 batch = self._open[slot] = ProducerBatch(topic, partition, self._compression, time.monotonic())
                 self._unfinished += 1
+                self._wakeup.set()  # once per batch: the sender must start this batch's linger clock
             builder = batch.builder
             before = builder.size_bytes
             index = builder.append(timestamp_ms, key, value, headers or ())  # type: ignore[arg-type]
@@ -211,10 +222,6 @@ class Producer:
             if builder.size_bytes >= self._batch_size:
                 self._seal(slot, batch)
                 self._wakeup.set()
-        if index == 0 and builder.size_bytes > self._max_request_bytes:
-            raise RecordTooLargeError(
-                f"record of {builder.size_bytes} bytes exceeds max_request_bytes={self._max_request_bytes}",
-                topic, partition)
         return RecordFuture(batch, index)
 
     def _wait_for_space(self) -> None:

@@ -218,8 +218,8 @@ class Broker:
         hw = partition.high_watermark
         try:
             data = b"" if offset == hw else partition.log.read(offset, max_bytes, max_offset=hw)
-        except OffsetOutOfRangeError as exc:
-            raise errors.OffsetOutOfRange(f"{partition.name}: {exc}") from None
+        except OffsetOutOfRangeError as exc:  # the storage message already names the partition
+            raise errors.OffsetOutOfRange(str(exc)) from None
         if offset > hw:
             raise errors.OffsetOutOfRange(
                 f"{partition.name}: offset {offset} is past the high watermark {hw}; "
