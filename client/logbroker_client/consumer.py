@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 
@@ -33,6 +33,15 @@ DEFAULT_FETCH_MAX_BYTES = 50 << 20
 DEFAULT_MAX_PARTITION_FETCH_BYTES = 1 << 20  # Kafka's default; larger answers measured slower
 DEFAULT_MAX_POLL_RECORDS = 100_000
 RESETS = {"earliest": EARLIEST, "latest": LATEST, "none": None}
+RETRY_BACKOFF_S = 0.05
+
+
+class _Chunk(NamedTuple):
+    """Fetched records of one partition, and the offset after the last batch they came in."""
+
+    tp: TopicPartition
+    records: list[ConsumerRecord]
+    next_offset: int
 
 
 class _Fetch:
@@ -76,7 +85,7 @@ class Consumer:
         self._fetch_offsets: dict[TopicPartition, int] = {}  # next offset to fetch
         self._generations: dict[TopicPartition, int] = {}  # bumped by seek: stale fetches are dropped
         self._paused: set[TopicPartition] = set()
-        self._buffer: deque[list[ConsumerRecord]] = deque()
+        self._buffer: deque[_Chunk] = deque()
         self._in_flight: list[_Fetch] = []
         self._closed = False
 
@@ -123,9 +132,7 @@ class Consumer:
         self._drop_buffered(lambda other: other == tp)
 
     def _drop_buffered(self, drop: Any) -> None:
-        self._buffer = deque(
-            chunk for chunk in self._buffer if not drop(TopicPartition(chunk[0].topic, chunk[0].partition))
-        )
+        self._buffer = deque(chunk for chunk in self._buffer if not drop(chunk.tp))
 
     def seek_to_beginning(self, *partitions: TopicPartition) -> None:
         tps = [self._require_assigned(tp) for tp in partitions] or list(self._assigned)
@@ -162,6 +169,19 @@ class Consumer:
         return {tp: (OffsetAndTimestamp(o, t) if o >= 0 else None) for tp, (o, t) in found.items()}
 
     def _list_offsets(self, queries: Mapping[TopicPartition, int]) -> dict[TopicPartition, tuple[int, int]]:
+        """ListOffsets at each partition's leader, retrying while leadership moves (up to the request timeout)."""
+        deadline = time.monotonic() + self._timeout_s
+        while True:
+            try:
+                return self._list_offsets_once(queries)
+            except LogbrokerError as exc:
+                if not exc.retriable or time.monotonic() > deadline:
+                    raise
+                for tp in queries:
+                    self._metadata.invalidate(tp.topic)
+                time.sleep(RETRY_BACKOFF_S)
+
+    def _list_offsets_once(self, queries: Mapping[TopicPartition, int]) -> dict[TopicPartition, tuple[int, int]]:
         by_leader: dict[str, list[pb.ListOffsetsPartition]] = {}
         for tp, ts in queries.items():
             conn = self._metadata.leader_connection(tp.topic, tp.partition)
@@ -227,28 +247,30 @@ class Consumer:
 
     def _take_buffered(self, limit: int) -> list[ConsumerRecord]:
         out: list[ConsumerRecord] = []
-        held: list[list[ConsumerRecord]] = []  # chunks of paused partitions, and a partly taken one
+        held: list[_Chunk] = []  # chunks of paused partitions, and a partly taken one
         positions = self._positions
         while self._buffer and len(out) < limit:
             chunk = self._buffer.popleft()
-            first = chunk[0]
-            tp = TopicPartition(first.topic, first.partition)
-            if tp in self._paused:
+            if chunk.tp in self._paused:
                 held.append(chunk)
                 continue
             room = limit - len(out)
-            if len(chunk) > room:
-                held.append(chunk[room:])
-                chunk = chunk[:room]
-            out.extend(chunk)
-            positions[tp] = chunk[-1].offset + 1
+            records = chunk.records
+            if len(records) > room:
+                held.append(_Chunk(chunk.tp, records[room:], chunk.next_offset))
+                out.extend(records[:room])
+                positions[chunk.tp] = records[room - 1].offset + 1
+            else:
+                out.extend(records)
+                # Past any control batches that followed the last record, too.
+                positions[chunk.tp] = chunk.next_offset
         self._buffer.extendleft(reversed(held))
         return out
 
     def _prefetch(self) -> None:
         """Send a fetch for every partition that has none in flight and nothing buffered."""
         busy = {tp for fetch in self._in_flight for tp in fetch.offsets}
-        buffered = {TopicPartition(c[0].topic, c[0].partition) for c in self._buffer}
+        buffered = {chunk.tp for chunk in self._buffer}
         by_leader: dict[str, dict[TopicPartition, int]] = {}
         for tp in self._assigned:
             if tp in busy or tp in buffered or tp in self._paused or tp not in self._fetch_offsets:
@@ -307,10 +329,8 @@ class Consumer:
             next_offset = header.base_offset + header.last_offset_delta + 1
         self._fetch_offsets[tp] = next_offset
         if records:
-            self._buffer.append(records)
-        elif tp in self._positions and self._positions[tp] < next_offset and not any(
-            c[0].topic == tp.topic and c[0].partition == tp.partition for c in self._buffer
-        ):
+            self._buffer.append(_Chunk(tp, records, next_offset))
+        elif self._positions.get(tp, next_offset) < next_offset and not any(c.tp == tp for c in self._buffer):
             self._positions[tp] = next_offset  # only control batches: step over them
 
     def _on_fetch_error(self, tp: TopicPartition, result: pb.PartitionFetchResult) -> None:

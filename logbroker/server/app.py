@@ -22,6 +22,7 @@ log = logging.getLogger("logbroker.server")
 SERVICE_NAMES = [
     pb.DESCRIPTOR.services_by_name["Broker"].full_name,
     pb.DESCRIPTOR.services_by_name["Admin"].full_name,
+    pb.DESCRIPTOR.services_by_name["Raft"].full_name,
 ]
 
 
@@ -43,11 +44,13 @@ class BrokerServer:
         self.port = config.port
 
     async def start(self) -> None:
-        self.broker.open()
         server = grpc.aio.server(options=grpc_options(self.config.max_request_bytes + 1024 * 1024))
         pb_grpc.add_BrokerServicer_to_server(BrokerService(self.broker), server)
         pb_grpc.add_AdminServicer_to_server(AdminService(self.broker), server)
+        pb_grpc.add_RaftServicer_to_server(self.broker.transport.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        # The servicer answers SERVING for "" by default; not until the cluster metadata has a leader.
+        await self._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         reflection.enable_server_reflection([*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
         try:
             self.port = server.add_insecure_port(self.config.listen)
@@ -57,15 +60,26 @@ class BrokerServer:
             raise OSError(f"cannot listen on {self.config.listen}: the address is in use or not local")
         await server.start()
         self._server = server
-        for name in ["", *SERVICE_NAMES]:
-            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        self._maintenance = asyncio.get_running_loop().create_task(self.broker.run_maintenance())
+        await self.broker.open()
+        self._maintenance = asyncio.get_running_loop().create_task(self._serve_when_ready())
         log.info("broker %d serving on %s:%d (data in %s)",
                  self.config.node_id, self.config.host, self.port, self.config.data_dir)
+
+    async def _serve_when_ready(self) -> None:
+        """Report SERVING once the cluster metadata has a leader (a majority of brokers is up), then maintain."""
+        controller = self.broker.controller
+        assert controller is not None
+        while controller.leader_id is None:
+            await asyncio.sleep(self.config.raft_tick_ms / 1000)
+        for name in [*SERVICE_NAMES, ""]:  # the overall status last: it is what start-up waits on
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("broker %d: controller leader is broker %d; serving", self.config.node_id, controller.leader_id)
+        await self.broker.run_maintenance()
 
     async def stop(self) -> None:
         """Stop taking requests, let in-flight ones finish, then close every log cleanly."""
         log.info("broker %d shutting down", self.config.node_id)
+        await self.broker.hand_over_leadership()
         await self._health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(self.config.shutdown_grace_ms / 1000)

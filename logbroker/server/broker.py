@@ -1,8 +1,9 @@
-"""The broker's core, free of gRPC: topics, partitions, produce, fetch, offsets.
+"""The broker's core, free of gRPC: the controller, partition replicas, produce, fetch, offsets.
 
-The gRPC layer (service.py) turns requests into calls here and exceptions into error codes. Keeping
-this layer transport-free lets the cluster work replace the single-broker topic catalogue with the
-controller without touching the wire code.
+Every partition is a Raft group over its replicas and the partition log is the Raft log; the cluster
+metadata (topics, configs, replica assignments) is one more Raft group, the controller, over every
+broker named in --peers. A single broker is a cluster of one: the same code path, with groups of one
+voter. The gRPC layer (service.py) turns requests into calls here and exceptions into error codes.
 """
 
 from __future__ import annotations
@@ -10,17 +11,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shutil
+import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from logbroker_client import records as rec
 
-from logbroker.cluster.topic_store import MAX_PARTITIONS, TopicNameError, TopicSpec, TopicStore, check_topic_name
+from logbroker.cluster.metadata import (
+    CONTROLLER_GROUP,
+    ClusterState,
+    TopicMetadata,
+    decode_command,
+    encode_command,
+    place_replicas,
+)
+from logbroker.cluster.raft_storage import ReplicaStateFile
+from logbroker.cluster.replica import NotLeaderNow, Replica
+from logbroker.cluster.topic_names import MAX_PARTITIONS, TopicNameError, check_topic_name
+from logbroker.cluster.transport import RaftTransport
+from logbroker.raft.errors import NotLeaderError, ProposalDroppedError
+from logbroker.raft.membership import Membership
+from logbroker.raft.types import Entry, EntryKind, Message, RaftConfig
 from logbroker.server import errors
 from logbroker.server.config import BrokerConfig
-from logbroker.server.partition import Partition, now_ms
 from logbroker.storage import filenames
 from logbroker.storage.config import InvalidConfigError, LogConfig
 from logbroker.storage.errors import OffsetOutOfRangeError, StorageError
@@ -30,6 +45,13 @@ log = logging.getLogger("logbroker.broker")
 
 EARLIEST_TIMESTAMP = -2
 LATEST_TIMESTAMP = -1
+RAFT_STATE_DIR = "__raft"
+CONTROLLER_DIR = "__controller-0"
+SHUTDOWN_TRANSFER_TIMEOUT_S = 3.0
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
 
 
 @dataclass
@@ -49,163 +71,309 @@ class FetchResult:
 class Broker:
     def __init__(self, config: BrokerConfig) -> None:
         self.config = config
+        self.node_id = config.node_id
+        self.peers = config.peer_addresses()
         self.data_dir = Path(config.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        (self.data_dir / RAFT_STATE_DIR).mkdir(exist_ok=True)
         self._executor = ThreadPoolExecutor(max_workers=config.flush_threads, thread_name_prefix="flush")
-        self._topics = TopicStore(self.data_dir)
-        self._partitions: dict[tuple[str, int], Partition] = {}
-        self._data_arrived = asyncio.Event()
         self._log_defaults = LogConfig.from_mapping(config.log_defaults)
+        self.cluster = ClusterState()
+        self.transport = RaftTransport(self.node_id, self.peers, self._on_raft_messages)
+        self._replicas: dict[str, Replica] = {}  # group name -> replica, the controller included
+        self._partitions: dict[tuple[str, int], Replica] = {}
+        self.controller: Replica | None = None
+        self._data_arrived = asyncio.Event()
+        self._ticker: asyncio.Task[None] | None = None
+
+    def raft_config(self) -> RaftConfig:
+        return RaftConfig(node_id=self.node_id, election_timeout_ticks=self.config.raft_election_ticks,
+                          heartbeat_timeout_ticks=self.config.raft_heartbeat_ticks)
 
     # ------------------------------------------------------------------------------- lifecycle
 
-    def open(self) -> None:
-        """Open every partition of every known topic (recovering logs that were not closed cleanly)."""
-        known = set()
-        for spec in self._topics.all():
-            log_config = self._log_config(spec.configs)
-            for index in range(spec.partitions):
-                self._open_partition(spec.name, index, log_config)
-                known.add(filenames.partition_dir_name(spec.name, index))
-        self._remove_orphans(known)
-        log.info("broker %d opened %d topic(s), %d partition(s) under %s",
-                 self.config.node_id, len(self._topics.all()), len(self._partitions), self.data_dir)
+    async def open(self) -> None:
+        """Open the controller log; its committed commands re-create every local replica as they apply."""
+        plog = PartitionLog.open(self.data_dir / CONTROLLER_DIR, LogConfig(), CONTROLLER_GROUP, 0)
+        voters = Membership.of(self.peers)
+        self.controller = self._add_replica(CONTROLLER_GROUP, plog, voters, self._apply_controller, controller=True)
+        self.controller.start()  # re-applies the committed prefix of the metadata log before any election
+        await self.transport.start()
+        self._ticker = asyncio.get_running_loop().create_task(self._tick_forever())
+        log.info("broker %d up: peers %s, data under %s", self.node_id, self.peers, self.data_dir)
 
-    def _remove_orphans(self, known: set[str]) -> None:
-        # A crash between removing a topic from the catalogue and deleting its files leaves these.
-        for path in self.data_dir.iterdir():
-            if path.is_dir() and path.name not in known and filenames.parse_partition_dir_name(path.name):
-                log.warning("removing %s: no topic in the catalogue owns it (an interrupted delete)", path)
-                shutil.rmtree(path, ignore_errors=True)
+    def _add_replica(self, group: str, plog: PartitionLog, membership: Membership,
+                     on_commit: Callable[[Replica, Sequence[Entry]], None], controller: bool = False) -> Replica:
+        state_file = ReplicaStateFile(self.data_dir / RAFT_STATE_DIR / f"{group}.json")
+        replica = Replica(group, plog, state_file, membership, self.raft_config(), self.transport, self._executor,
+                          on_commit, self._on_leader_change, applied_offset=-1 if controller else None,
+                          persist_commit=controller)
+        self._replicas[group] = replica
+        return replica
+
+    async def _tick_forever(self) -> None:
+        # One timer for every group on this broker, not one per partition.
+        interval_s = self.config.raft_tick_ms / 1000
+        while True:
+            await asyncio.sleep(interval_s)
+            for replica in list(self._replicas.values()):
+                if not replica.closed:
+                    replica.tick()
+
+    def _on_raft_messages(self, items: list[tuple[str, Message]]) -> None:
+        for group, message in items:
+            replica = self._replicas.get(group)
+            if replica is not None and not replica.closed:
+                replica.step(message)
+
+    def _on_leader_change(self, replica: Replica) -> None:
+        self._wake_fetchers()
+
+    async def hand_over_leadership(self) -> None:
+        """Graceful shutdown: move every group this broker leads to another voter, then wait briefly."""
+        led = [r for r in self._replicas.values() if r.is_leader and len(r.node.membership.voters) > 1]
+        for replica in led:
+            target = next((v for v in sorted(replica.node.membership.voters) if v != self.node_id), None)
+            if target is not None:
+                with contextlib.suppress(Exception):
+                    replica.transfer_leadership(target)
+        deadline = time.monotonic() + SHUTDOWN_TRANSFER_TIMEOUT_S
+        while any(r.is_leader for r in led) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        still = [r.group for r in led if r.is_leader]
+        if still:
+            log.warning("leadership of %s not handed over in time; followers will elect after a timeout", still)
+        elif led:
+            log.info("handed leadership of %d group(s) to other brokers", len(led))
 
     async def close(self) -> None:
-        for partition in list(self._partitions.values()):
-            await partition.close()
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+        await self.transport.stop()
+        for replica in list(self._replicas.values()):
+            replica.close()
+        self._replicas.clear()
         self._partitions.clear()
         self._executor.shutdown(wait=True)
-        log.info("broker %d closed every partition cleanly", self.config.node_id)
+        log.info("broker %d closed every partition cleanly", self.node_id)
 
-    def _log_config(self, overrides: dict[str, str]) -> LogConfig:
-        return LogConfig.from_mapping({**self._log_defaults.to_mapping(), **overrides})
+    # ------------------------------------------------------------------------- controller
 
-    def _open_partition(self, topic: str, index: int, log_config: LogConfig) -> Partition:
-        directory = self.data_dir / filenames.partition_dir_name(topic, index)
-        plog = PartitionLog.open(directory, log_config, topic, index)
-        partition = Partition(
-            topic, index, plog, self._executor, self._wake_fetchers, flush_always=log_config.flush == "always"
-        )
-        self._partitions[(topic, index)] = partition
-        return partition
+    def _apply_controller(self, replica: Replica, entries: Sequence[Entry]) -> None:
+        for entry in entries:
+            if entry.kind is not EntryKind.DATA:
+                continue
+            event = self.cluster.apply(decode_command(entry.payload))
+            if event is None:
+                continue
+            kind, name = event
+            if kind == "created":
+                self._start_topic(self.cluster.topics[name])
+            else:
+                self._stop_topic(name)
+        self._wake_fetchers()
+
+    def _start_topic(self, topic: TopicMetadata) -> None:
+        log_config = self._log_config(topic.configs)
+        for index, replicas in enumerate(topic.assignment):
+            if self.node_id not in replicas:
+                continue
+            group = filenames.partition_dir_name(topic.name, index)
+            plog = PartitionLog.open(self.data_dir / group, log_config, topic.name, index)
+            replica = self._add_replica(group, plog, Membership.of(replicas), self._on_partition_commit)
+            self._partitions[(topic.name, index)] = replica
+
+    def _stop_topic(self, name: str) -> None:
+        for (topic, index), replica in list(self._partitions.items()):
+            if topic != name:
+                continue
+            del self._partitions[(topic, index)]
+            del self._replicas[replica.group]
+            replica.close()
+            replica.log.delete()
+            (self.data_dir / RAFT_STATE_DIR / f"{replica.group}.json").unlink(missing_ok=True)
+        log.info("deleted topic %s and its local replicas", name)
+
+    def _on_partition_commit(self, replica: Replica, entries: Sequence[Entry]) -> None:
+        self._wake_fetchers()
+
+    async def controller_leader_address(self, timeout_s: float) -> str | None:
+        """Where CreateTopics and DeleteTopics must go; None when this broker is the controller leader.
+
+        Right after start-up no leader may be elected yet; wait for one rather than fail at once."""
+        assert self.controller is not None
+        deadline = time.monotonic() + timeout_s
+        while self.controller.leader_id is None and time.monotonic() < deadline:
+            await asyncio.sleep(self.config.raft_tick_ms / 1000)
+        if self.controller.is_leader:
+            return None
+        leader = self.controller.leader_id
+        if leader is None:
+            raise errors.LeaderNotAvailable(
+                f"no controller leader elected within {timeout_s:.0f}s; is a majority of {sorted(self.peers)} up?")
+        return self.peers[leader]
+
+    async def wait_for_leaders(self, name: str, timeout_s: float) -> None:
+        """After a create: wait until every partition this broker hosts has elected a leader."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            hosted = [r for (topic, _), r in self._partitions.items() if topic == name]
+            if all(r.leader_id is not None for r in hosted):
+                return
+            await asyncio.sleep(self.config.raft_tick_ms / 1000)
+
+    async def _propose_command(self, command: dict, timeout_s: float) -> None:  # type: ignore[type-arg]
+        assert self.controller is not None
+        try:
+            entries = self.controller.propose([encode_command(command, now_ms())])
+        except (NotLeaderError, ProposalDroppedError):
+            raise errors.LeaderNotAvailable("the controller leader changed; retry") from None
+        try:
+            await asyncio.wait_for(self.controller.wait_committed(entries[-1].last_offset), timeout_s)
+        except TimeoutError:
+            raise errors.RequestTimedOut(
+                f"the controller did not commit within {timeout_s:.0f}s; is a majority of brokers up?") from None
 
     # ---------------------------------------------------------------------------------- topics
 
-    def create_topic(self, name: str, partitions: int, replication_factor: int,
-                     configs: dict[str, str], validate_only: bool = False) -> None:
+    async def create_topic(self, name: str, partitions: int, replication_factor: int,
+                           configs: dict[str, str], validate_only: bool = False, timeout_s: float = 30.0) -> None:
         try:
             check_topic_name(name)
         except TopicNameError as exc:
             raise errors.InvalidTopic(str(exc)) from None
-        if name in self._topics:
+        if name in self.cluster.topics:
             raise errors.TopicAlreadyExists(f"topic {name!r} already exists")
-        if partitions == -1:
-            partitions = self.config.default_partitions
-        if replication_factor == -1:
-            replication_factor = self.config.default_replication_factor
+        partitions = self.config.default_partitions if partitions == -1 else partitions
+        replication_factor = self.config.default_replication_factor if replication_factor == -1 else replication_factor
         if not 1 <= partitions <= MAX_PARTITIONS:
             raise errors.InvalidPartitions(f"partitions must be between 1 and {MAX_PARTITIONS}, got {partitions}")
-        if replication_factor != 1:
+        if not 1 <= replication_factor <= len(self.peers):
             raise errors.InvalidReplicationFactor(
-                f"replication factor {replication_factor} needs {replication_factor} brokers; this cluster has 1"
-            )
+                f"replication factor {replication_factor} needs that many brokers; this cluster has {len(self.peers)}")
         try:
-            log_config = self._log_config(configs)
+            self._log_config(configs)
         except InvalidConfigError as exc:
             raise errors.InvalidConfig(f"topic {name!r}: {exc}") from None
         if validate_only:
             return
-        self._topics.add(TopicSpec(name, partitions, replication_factor, dict(configs)))
-        for index in range(partitions):
-            self._open_partition(name, index, log_config)
-        log.info("created topic %s with %d partition(s), configs %s", name, partitions, configs or "{}")
+        assignment = place_replicas(list(self.peers), partitions, replication_factor, salt=hash(name) & 0xFFFF)
+        await self._propose_command({"op": "create_topic", "name": name, "partitions": partitions,
+                                     "replication_factor": replication_factor, "configs": dict(configs),
+                                     "assignment": assignment}, timeout_s)
+        await self.wait_for_leaders(name, timeout_s)
+        log.info("created topic %s: %d partition(s), replication factor %d", name, partitions, replication_factor)
 
-    async def delete_topic(self, name: str) -> None:
-        spec = self._require_topic(name)
-        self._topics.remove(name)
-        for index in range(spec.partitions):
-            partition = self._partitions.pop((name, index))
-            await partition.close()
-            partition.log.delete()
-        self._wake_fetchers()
-        log.info("deleted topic %s and its %d partition(s)", name, spec.partitions)
+    async def delete_topic(self, name: str, timeout_s: float = 30.0) -> None:
+        self._require_topic(name)
+        await self._propose_command({"op": "delete_topic", "name": name}, timeout_s)
 
-    def topics(self) -> list[TopicSpec]:
-        return self._topics.all()
+    def topics(self) -> list[TopicMetadata]:
+        return sorted(self.cluster.topics.values(), key=lambda t: t.name)
 
-    def topic(self, name: str) -> TopicSpec:
+    def topic(self, name: str) -> TopicMetadata:
         return self._require_topic(name)
 
     def effective_configs(self, name: str) -> dict[str, str]:
-        """The topic's log settings: broker defaults overlaid with the topic's own."""
         return self._log_config(self._require_topic(name).configs).to_mapping()
 
-    def _require_topic(self, name: str) -> TopicSpec:
-        spec = self._topics.get(name)
-        if spec is None:
-            raise errors.UnknownTopicOrPartition(
-                f"topic {name!r} does not exist; create it with `lb topic create {name} --partitions N`"
-            )
-        return spec
+    def _log_config(self, overrides: dict[str, str]) -> LogConfig:
+        return LogConfig.from_mapping({**self._log_defaults.to_mapping(), **overrides})
 
-    def partition(self, topic: str, index: int) -> Partition:
-        partition = self._partitions.get((topic, index))
-        if partition is None:
-            spec = self._require_topic(topic)
+    def _require_topic(self, name: str) -> TopicMetadata:
+        topic = self.cluster.topics.get(name)
+        if topic is None:
             raise errors.UnknownTopicOrPartition(
-                f"topic {topic!r} has partitions 0..{spec.partitions - 1}; partition {index} does not exist"
-            )
-        return partition
+                f"topic {name!r} does not exist; create it with `lb topic create {name} --partitions N`")
+        return topic
+
+    def replica(self, topic: str, index: int) -> Replica | None:
+        """The local replica, or None if this broker holds none (UnknownTopicOrPartition if none exists)."""
+        spec = self._require_topic(topic)
+        if not 0 <= index < spec.partitions:
+            raise errors.UnknownTopicOrPartition(
+                f"topic {topic!r} has partitions 0..{spec.partitions - 1}; partition {index} does not exist")
+        return self._partitions.get((topic, index))
+
+    def leader_replica(self, topic: str, index: int) -> Replica:
+        replica = self.replica(topic, index)
+        if replica is not None and replica.is_leader and not replica.closed:
+            return replica
+        if replica is None:  # no local replica: point at one that has it; it knows the leader
+            hint = self.cluster.topics[topic].assignment[index][0]
+            raise errors.NotLeader(f"{topic}-{index}: broker {self.node_id} holds no replica; ask broker {hint}",
+                                   leader_id=hint, leader_address=self.peers.get(hint, ""))
+        leader = replica.leader_id
+        address = self.peers.get(leader, "") if leader is not None else ""
+        if leader is None or not address:
+            raise errors.NotLeader(f"{topic}-{index}: no leader is elected yet; retry shortly")
+        raise errors.NotLeader(f"{topic}-{index}: broker {self.node_id} is not the leader; broker {leader} at "
+                               f"{address} is", leader_id=leader, leader_address=address)
 
     # --------------------------------------------------------------------------------- produce
 
-    async def produce(self, topic: str, index: int, records: bytes, acks: int) -> ProduceResult:
-        partition = self.partition(topic, index)
-        batches = self._validated(partition, records)
+    async def produce(self, topic: str, index: int, records: bytes, acks: int, timeout_s: float) -> ProduceResult:
+        replica = self.leader_replica(topic, index)
+        payloads = self._validated(replica, records)
         try:
-            result = await partition.append(batches, wait_durable=acks != 0)
-        except StorageError as exc:
-            raise errors.StorageFailure(f"{partition.name}: {exc}") from None
-        except OSError as exc:
-            raise errors.StorageFailure(f"{partition.name}: write failed: {exc}") from None
-        return ProduceResult(result.base_offset, now_ms(), partition.log.log_start_offset)
+            entries = replica.propose(payloads)
+        except (NotLeaderError, ProposalDroppedError):
+            raise errors.NotLeader(f"{replica.group}: leadership is moving; retry", leader_id=-1) from None
+        last = entries[-1].last_offset
+        if acks != 0:
+            waiter = replica.wait_committed(last) if acks == -1 else replica.wait_durable(last)
+            await self._await_write(replica, waiter, acks, timeout_s)
+        return ProduceResult(entries[0].base_offset, now_ms(), replica.log.log_start_offset)
 
-    def _validated(self, partition: Partition, records: bytes) -> bytearray:
-        """Check every batch of the request (O(1) Python per batch); nothing is written on any failure."""
+    @staticmethod
+    async def _await_write(replica: Replica, waiter: asyncio.Future[None], acks: int, timeout_s: float) -> None:
+        try:
+            await asyncio.wait_for(waiter, timeout_s)
+        except TimeoutError:
+            if acks == -1:
+                raise errors.NotEnoughReplicas(
+                    f"{replica.group}: not committed by a majority of {sorted(replica.node.membership.voters)} "
+                    f"within {timeout_s:.1f}s; the write may still commit later") from None
+            raise errors.RequestTimedOut(f"{replica.group}: write not durable within {timeout_s:.1f}s") from None
+        except NotLeaderNow as exc:
+            raise errors.NotLeader(str(exc), leader_id=exc.leader_id or -1) from None
+        except (StorageError, OSError) as exc:
+            raise errors.StorageFailure(f"{replica.group}: write failed: {exc}") from None
+        except RuntimeError as exc:
+            raise errors.StorageFailure(str(exc)) from None
+
+    def _validated(self, replica: Replica, records: bytes) -> list[tuple[bytes, int]]:
+        """Check every batch (O(1) Python per batch); nothing is proposed if any batch fails."""
         if not records:
-            raise errors.CorruptBatch(f"{partition.name}: the request carries no record batch")
-        limit = partition.log.config.max_message_bytes
+            raise errors.CorruptBatch(f"{replica.group}: the request carries no record batch")
+        limit = replica.log.config.max_message_bytes
+        payloads = []
         pos = 0
         end = len(records)
+        view = memoryview(records)
         while pos < end:
             try:
                 header = rec.validate_batch(records, pos, end)
             except rec.CorruptBatchError as exc:
                 raise errors.CorruptBatch(
-                    f"{partition.name}: batch at byte {pos} of the request rejected: {exc}; nothing was written"
+                    f"{replica.group}: batch at byte {pos} of the request rejected: {exc}; nothing was written"
                 ) from None
             if header.size > limit:
                 raise errors.RecordTooLarge(
-                    f"{partition.name}: batch of {header.size} bytes exceeds max.message.bytes={limit}; "
-                    "send smaller batches or raise the topic's max.message.bytes"
-                )
+                    f"{replica.group}: batch of {header.size} bytes exceeds max.message.bytes={limit}; "
+                    "send smaller batches or raise the topic's max.message.bytes")
             if header.attributes & rec.CONTROL_FLAG:
-                raise errors.CorruptBatch(f"{partition.name}: clients may not write control batches")
+                raise errors.CorruptBatch(f"{replica.group}: clients may not write control batches")
             codec = header.attributes & rec.COMPRESSION_MASK
             if codec not in (rec.COMPRESSION_NONE, rec.COMPRESSION_ZSTD):
                 raise errors.CorruptBatch(
-                    f"{partition.name}: compression codec {codec} is not supported; use none (0) or zstd (4)"
-                )
+                    f"{replica.group}: compression codec {codec} is not supported; use none (0) or zstd (4)")
+            payloads.append((bytes(view[pos:pos + header.size]) if pos or header.size != end else records,
+                             header.records_count))
             pos += header.size
-        return bytearray(records)
+        return payloads
 
     # ----------------------------------------------------------------------------------- fetch
 
@@ -214,21 +382,21 @@ class Broker:
         self._data_arrived = asyncio.Event()
 
     def read(self, topic: str, index: int, offset: int, max_bytes: int) -> FetchResult:
-        partition = self.partition(topic, index)
-        hw = partition.high_watermark
-        try:
-            data = b"" if offset == hw else partition.log.read(offset, max_bytes, max_offset=hw)
-        except OffsetOutOfRangeError as exc:  # the storage message already names the partition
-            raise errors.OffsetOutOfRange(str(exc)) from None
-        if offset > hw:
+        replica = self.leader_replica(topic, index)
+        hw = replica.high_watermark
+        start = replica.log.log_start_offset
+        if offset > hw or offset < start:
             raise errors.OffsetOutOfRange(
-                f"{partition.name}: offset {offset} is past the high watermark {hw}; "
-                f"valid offsets are {partition.log.log_start_offset}..{hw}"
-            )
-        return FetchResult(data, hw, partition.log.log_start_offset)
+                f"{replica.group}: offset {offset} is out of range; valid offsets are {start}..{hw} "
+                "(log start..high watermark); seek to an offset in that range")
+        try:
+            data = b"" if offset == hw else replica.log.read(offset, max_bytes, max_offset=hw)
+        except OffsetOutOfRangeError as exc:
+            raise errors.OffsetOutOfRange(str(exc)) from None
+        return FetchResult(data, hw, start)
 
     async def wait_for_data(self, timeout_s: float) -> None:
-        """Sleep until any partition's high watermark moves, or the timeout passes."""
+        """Sleep until any partition's high watermark or leadership moves, or the timeout passes."""
         event = self._data_arrived
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout_s)
@@ -237,56 +405,63 @@ class Broker:
 
     def list_offset(self, topic: str, index: int, timestamp_ms: int) -> tuple[int, int]:
         """(offset, timestamp) for earliest (-2), latest (-1) or the first record at or after a time."""
-        partition = self.partition(topic, index)
+        replica = self.leader_replica(topic, index)
         if timestamp_ms == EARLIEST_TIMESTAMP:
-            return partition.log.log_start_offset, -1
+            return replica.log.log_start_offset, -1
         if timestamp_ms == LATEST_TIMESTAMP:
-            return partition.high_watermark, -1
+            return replica.high_watermark, -1
         if timestamp_ms < 0:
             raise errors.InvalidRequest(f"timestamp {timestamp_ms} is neither -1 (latest), -2 (earliest) nor >= 0")
-        batch_offset = partition.log.offset_for_timestamp(timestamp_ms)
-        if batch_offset is None or batch_offset >= partition.high_watermark:
+        batch_offset = replica.log.offset_for_timestamp(timestamp_ms)
+        if batch_offset is None or batch_offset >= replica.high_watermark:
             return -1, -1
-        return self._first_record_at_or_after(partition, batch_offset, timestamp_ms)
+        return self._first_record_at_or_after(replica, batch_offset, timestamp_ms)
 
     @staticmethod
-    def _first_record_at_or_after(partition: Partition, batch_offset: int, timestamp_ms: int) -> tuple[int, int]:
-        # The time index finds the first batch whose maxTimestamp reaches the target; decoding that one
-        # batch (off the hot path) finds the exact record, as Kafka does.
-        data = partition.log.read(batch_offset, 1, max_offset=partition.high_watermark)
-        for pos, header in rec.iter_batch_headers(data):
-            if header.is_control or header.max_timestamp < timestamp_ms:
-                continue
-            for record in rec.decode_records(data, pos, header):
-                if record.offset >= batch_offset and record.timestamp >= timestamp_ms:
-                    return record.offset, record.timestamp
+    def _first_record_at_or_after(replica: Replica, batch_offset: int, timestamp_ms: int) -> tuple[int, int]:
+        # The time index finds the first batch whose maxTimestamp reaches the target; decoding the batches
+        # from there (off the hot path) finds the exact record, as Kafka does.
+        offset = batch_offset
+        while offset < replica.high_watermark:
+            data = replica.log.read(offset, 64 * 1024, max_offset=replica.high_watermark)
+            if not data:
+                break
+            for pos, header in rec.iter_batch_headers(data):
+                offset = header.base_offset + header.last_offset_delta + 1
+                if header.is_control or header.max_timestamp < timestamp_ms:
+                    continue
+                for record in rec.decode_records(data, pos, header):
+                    if record.offset >= batch_offset and record.timestamp >= timestamp_ms:
+                        return record.offset, record.timestamp
         return -1, -1
+
+    # ------------------------------------------------------------------------------- describe
+
+    def in_sync_replicas(self, replica: Replica | None, assignment: list[int]) -> list[int]:
+        """The leader's view: replicas whose log reaches the high watermark; others see the assignment."""
+        if replica is None or not replica.is_leader:
+            return list(assignment)
+        caught_up = [self.node_id]
+        for node in assignment:
+            progress = replica.node.progress(node) if node != self.node_id else None
+            if progress is not None and progress.match_offset >= replica.high_watermark - 1:
+                caught_up.append(node)
+        return sorted(caught_up)
 
     # ---------------------------------------------------------------------------- maintenance
 
     async def run_maintenance(self) -> None:
-        """Retention and interval flushes, forever (cancelled at shutdown)."""
-        loop = asyncio.get_running_loop()
-        interval_flush_ms = min(
-            [p.log.config.flush_interval_ms for p in self._partitions.values() if p.log.config.flush != "always"]
-            or [1000]
-        )
-        next_retention = 0.0
+        """Retention, forever (cancelled at shutdown)."""
         while True:
-            await asyncio.sleep(min(interval_flush_ms, self.config.retention_check_interval_ms) / 1000)
-            for partition in list(self._partitions.values()):
-                if partition.log.config.flush != "always":
-                    await loop.run_in_executor(self._executor, partition.flush_now)
-            if loop.time() >= next_retention:
-                next_retention = loop.time() + self.config.retention_check_interval_ms / 1000
-                self.apply_retention()
+            await asyncio.sleep(self.config.retention_check_interval_ms / 1000)
+            self.apply_retention()
 
     def apply_retention(self) -> int:
         deleted = 0
-        for partition in list(self._partitions.values()):
-            count = partition.log.apply_retention(now_ms())
+        for replica in list(self._partitions.values()):
+            count = replica.log.apply_retention(now_ms(), max_offset=replica.high_watermark)
             if count:
                 log.info("%s: retention deleted %d segment(s); log now starts at offset %d",
-                         partition.name, count, partition.log.log_start_offset)
+                         replica.group, count, replica.log.log_start_offset)
             deleted += count
         return deleted

@@ -12,9 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-from logbroker.server.config import BrokerConfigError, load_config
+from logbroker.server.config import BrokerConfigError, load_config, parse_peers
 
-DEV_BROKERS = 1
+DEV_BROKERS = 3
 DEV_BASE_PORT = 9092
 DEV_HOST = "127.0.0.1"
 STOP_TIMEOUT_S = 15.0
@@ -41,6 +41,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config, {
             "data_dir": args.data_dir, "listen": args.listen, "node_id": args.node_id,
+            "peers": parse_peers(args.peers) if args.peers else None,
+            "raft_tick_ms": args.raft_tick_ms,
         })
     except BrokerConfigError as exc:
         print(f"logbroker: {exc}", file=sys.stderr)
@@ -56,18 +58,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_dev(args: argparse.Namespace) -> int:
     """Start `--brokers` broker processes on consecutive ports; Ctrl-C or SIGTERM stops them all."""
-    if args.brokers != 1:
-        print("logbroker dev: only --brokers 1 is supported until replication lands", file=sys.stderr)
+    if args.brokers < 1:
+        print("logbroker dev: --brokers must be at least 1", file=sys.stderr)
         return 2
     data_dir = Path(args.data_dir).resolve()
+    peers = ",".join(f"{n}={DEV_HOST}:{args.base_port + n - 1}" for n in range(1, args.brokers + 1))
     procs = []
     for node_id in range(1, args.brokers + 1):
         port = args.base_port + node_id - 1
         cmd = [sys.executable, "-m", "logbroker.server.cli", "serve", "--node-id", str(node_id),
-               "--data-dir", str(data_dir / f"broker-{node_id}"), "--listen", f"{DEV_HOST}:{port}"]
+               "--data-dir", str(data_dir / f"broker-{node_id}"), "--listen", f"{DEV_HOST}:{port}",
+               "--peers", peers]
         procs.append(subprocess.Popen(cmd))
         print(f"broker {node_id}: {DEV_HOST}:{port}, data in {data_dir / f'broker-{node_id}'}", flush=True)
-    print(f"export LOGBROKER_BOOTSTRAP={DEV_HOST}:{args.base_port}   # Ctrl-C stops the cluster", flush=True)
+    bootstrap = ",".join(f"{DEV_HOST}:{args.base_port + n}" for n in range(args.brokers))
+    print(f"export LOGBROKER_BOOTSTRAP={bootstrap}   # Ctrl-C stops the cluster", flush=True)
     stopping = False
 
     def stop(signum: int, frame: object) -> None:
@@ -100,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", type=Path)
     serve.add_argument("--listen", help="HOST:PORT for clients (default 127.0.0.1:9092)")
     serve.add_argument("--node-id", type=int)
+    serve.add_argument("--peers", help="every broker of the cluster, this one included: 1=HOST:PORT,2=HOST:PORT,...")
+    serve.add_argument("--raft-tick-ms", type=int, help="Raft tick (default 100 ms; elections after 10-20 ticks)")
     serve.set_defaults(func=cmd_serve)
     dev = sub.add_parser("dev", help="run a local cluster of broker processes until Ctrl-C")
     dev.add_argument("--brokers", type=int, default=DEV_BROKERS)

@@ -16,6 +16,11 @@ DEFAULT_MAX_FETCH_WAIT_MS = 30_000
 DEFAULT_RETENTION_CHECK_INTERVAL_MS = 60_000
 DEFAULT_SHUTDOWN_GRACE_MS = 5_000
 DEFAULT_FLUSH_THREADS = 4
+# One tick drives every Raft group on the broker. A follower waits 10-20 ticks without a heartbeat
+# before it campaigns, so the defaults give elections after 1-2 s of silence.
+DEFAULT_RAFT_TICK_MS = 100
+DEFAULT_RAFT_ELECTION_TICKS = 10
+DEFAULT_RAFT_HEARTBEAT_TICKS = 2
 
 
 class BrokerConfigError(ValueError):
@@ -34,6 +39,11 @@ class BrokerConfig:
     retention_check_interval_ms: int = DEFAULT_RETENTION_CHECK_INTERVAL_MS
     shutdown_grace_ms: int = DEFAULT_SHUTDOWN_GRACE_MS
     flush_threads: int = DEFAULT_FLUSH_THREADS
+    # The brokers of the cluster, node id -> HOST:PORT, this one included; empty means a cluster of one.
+    peers: dict[int, str] = field(default_factory=dict)
+    raft_tick_ms: int = DEFAULT_RAFT_TICK_MS
+    raft_election_ticks: int = DEFAULT_RAFT_ELECTION_TICKS
+    raft_heartbeat_ticks: int = DEFAULT_RAFT_HEARTBEAT_TICKS
     # Defaults for every topic's log, in Kafka's key spelling ("segment.bytes", "flush", ...).
     log_defaults: dict[str, str] = field(default_factory=dict)
 
@@ -45,8 +55,19 @@ class BrokerConfig:
     def port(self) -> int:
         return split_host_port(self.listen)[1]
 
+    def peer_addresses(self) -> dict[int, str]:
+        return dict(self.peers) if self.peers else {self.node_id: self.listen}
+
     def validate(self) -> BrokerConfig:
         split_host_port(self.listen)
+        for address in self.peers.values():
+            split_host_port(address)
+        if self.peers and self.node_id not in self.peers:
+            raise BrokerConfigError(
+                f"node id {self.node_id} is not among the peers {sorted(self.peers)}; "
+                "--peers must list every broker, this one included")
+        if self.raft_election_ticks <= self.raft_heartbeat_ticks:
+            raise BrokerConfigError("raft_election_ticks must exceed raft_heartbeat_ticks")
         for name in ("default_partitions", "default_replication_factor", "max_request_bytes", "flush_threads"):
             if getattr(self, name) < 1:
                 raise BrokerConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -58,6 +79,18 @@ def split_host_port(address: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise BrokerConfigError(f"address {address!r} is not HOST:PORT (for example 127.0.0.1:9092)")
     return host, int(port)
+
+
+def parse_peers(text: str) -> dict[int, str]:
+    """'1=host:port,2=host:port' -> {1: 'host:port', 2: 'host:port'}."""
+    peers: dict[int, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        node, sep, address = item.partition("=")
+        if not sep or not node.strip().isdigit():
+            raise BrokerConfigError(f"peer {item!r} is not ID=HOST:PORT (for example 1=127.0.0.1:9092)")
+        split_host_port(address.strip())
+        peers[int(node)] = address.strip()
+    return peers
 
 
 def load_config(path: Path | None, overrides: dict[str, Any]) -> BrokerConfig:
@@ -76,6 +109,10 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> BrokerConfig:
     if unknown:
         raise BrokerConfigError(f"config file {path}: unknown setting(s) {', '.join(unknown)}; known: {sorted(known)}")
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if isinstance(values.get("peers"), str):
+        values["peers"] = parse_peers(values["peers"])
+    elif isinstance(values.get("peers"), dict):
+        values["peers"] = {int(k): str(v) for k, v in values["peers"].items()}
     if "data_dir" in values:
         values["data_dir"] = Path(values["data_dir"])
     values["log_defaults"] = {str(k): str(v) for k, v in {**log_table, **values.get("log_defaults", {})}.items()}

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from logbroker_client.proto import logbroker_pb2 as pb
 
 
 class BrokerError(Exception):
-    code: int = pb.ErrorCode.INVALID_REQUEST
+    code: Any = pb.ErrorCode.INVALID_REQUEST
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -55,3 +57,24 @@ class StorageFailure(BrokerError):
 
 class InvalidRequest(BrokerError):
     code = pb.ErrorCode.INVALID_REQUEST
+
+
+class NotLeader(BrokerError):
+    code = pb.ErrorCode.NOT_LEADER
+
+    def __init__(self, message: str, leader_id: int = -1, leader_address: str = "") -> None:
+        super().__init__(message)
+        self.leader_id = leader_id
+        self.leader_address = leader_address
+
+
+class LeaderNotAvailable(BrokerError):
+    code = pb.ErrorCode.LEADER_NOT_AVAILABLE
+
+
+class NotEnoughReplicas(BrokerError):
+    code = pb.ErrorCode.NOT_ENOUGH_REPLICAS
+
+
+class RequestTimedOut(BrokerError):
+    code = pb.ErrorCode.REQUEST_TIMED_OUT

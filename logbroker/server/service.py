@@ -23,6 +23,8 @@ log = logging.getLogger("logbroker.service")
 DEFAULT_FETCH_MAX_BYTES = 50 * 1024 * 1024
 DEFAULT_PARTITION_FETCH_MAX_BYTES = 1024 * 1024
 VALID_ACKS = (-1, 0, 1)
+DEFAULT_PRODUCE_TIMEOUT_MS = 30_000
+FORWARD_TIMEOUT_S = 30.0
 
 
 def _error(exc: Exception, where: str) -> tuple[Any, str]:
@@ -32,6 +34,14 @@ def _error(exc: Exception, where: str) -> tuple[Any, str]:
     return pb.ErrorCode.STORAGE_ERROR, f"{where}: internal error {type(exc).__name__}: {exc}; see the broker log"
 
 
+def _fill_error(result: Any, exc: Exception, where: str) -> None:
+    """Set error_code and error_message, and the leader hint on NOT_LEADER."""
+    result.error_code, result.error_message = _error(exc, where)
+    if isinstance(exc, errors.NotLeader):
+        result.leader.leader_id = exc.leader_id
+        result.leader.leader_address = exc.leader_address
+
+
 class BrokerService(pb_grpc.BrokerServicer):
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
@@ -39,15 +49,16 @@ class BrokerService(pb_grpc.BrokerServicer):
     async def Produce(self, request: pb.ProduceRequest, context: grpc.aio.ServicerContext) -> pb.ProduceResponse:
         if request.acks not in VALID_ACKS:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"acks must be -1 (all), 0 or 1, got {request.acks}")
-        results = await asyncio.gather(*(self._produce_one(p, request.acks) for p in request.partitions))
+        timeout_s = (request.timeout_ms or DEFAULT_PRODUCE_TIMEOUT_MS) / 1000
+        results = await asyncio.gather(*(self._produce_one(p, request.acks, timeout_s) for p in request.partitions))
         return pb.ProduceResponse(results=results)
 
-    async def _produce_one(self, part: pb.PartitionRecords, acks: int) -> pb.PartitionProduceResult:
+    async def _produce_one(self, part: pb.PartitionRecords, acks: int, timeout_s: float) -> pb.PartitionProduceResult:
         result = pb.PartitionProduceResult(topic=part.topic, partition=part.partition)
         try:
-            produced = await self.broker.produce(part.topic, part.partition, part.records, acks)
+            produced = await self.broker.produce(part.topic, part.partition, part.records, acks, timeout_s)
         except Exception as exc:
-            result.error_code, result.error_message = _error(exc, f"{part.topic}-{part.partition}")
+            _fill_error(result, exc, f"{part.topic}-{part.partition}")
             return result
         result.base_offset = produced.base_offset
         result.log_append_time_ms = produced.log_append_time_ms
@@ -77,7 +88,7 @@ class BrokerService(pb_grpc.BrokerServicer):
                 fetched = self.broker.read(part.topic, part.partition, part.fetch_offset,
                                            max(1, min(limit, budget - total)) if total else limit)
             except Exception as exc:
-                result.error_code, result.error_message = _error(exc, f"{part.topic}-{part.partition}")
+                _fill_error(result, exc, f"{part.topic}-{part.partition}")
             else:
                 if total and total + len(fetched.records) > budget:
                     fetched.records = b""
@@ -99,48 +110,69 @@ class BrokerService(pb_grpc.BrokerServicer):
                     part.topic, part.partition, part.timestamp_ms
                 )
             except Exception as exc:
-                result.error_code, result.error_message = _error(exc, f"{part.topic}-{part.partition}")
+                _fill_error(result, exc, f"{part.topic}-{part.partition}")
             results.append(result)
         return pb.ListOffsetsResponse(results=results)
 
     async def Metadata(self, request: pb.MetadataRequest, context: grpc.aio.ServicerContext) -> pb.MetadataResponse:
-        config = self.broker.config
-        response = pb.MetadataResponse(
-            brokers=[pb.BrokerInfo(node_id=config.node_id, host=config.host, port=config.port)],
-            controller_id=config.node_id,
-            cluster_id=f"logbroker-{config.node_id}",
-        )
-        names = list(request.topics) or [t.name for t in self.broker.topics()]
-        for name in names:
+        broker = self.broker
+        controller = broker.controller.leader_id if broker.controller is not None else None
+        response = pb.MetadataResponse(controller_id=controller if controller is not None else -1,
+                                       cluster_id="logbroker")
+        for node_id, address in sorted(broker.peers.items()):
+            host, _, port = address.rpartition(":")
+            response.brokers.add(node_id=node_id, host=host, port=int(port))
+        for name in list(request.topics) or [t.name for t in broker.topics()]:
             topic = response.topics.add(name=name)
             try:
-                spec = self.broker.topic(name)
+                spec = broker.topic(name)
             except Exception as exc:
                 topic.error_code, topic.error_message = _error(exc, name)
                 continue
-            for index in range(spec.partitions):
-                partition = self.broker.partition(name, index)
+            for index, assignment in enumerate(spec.assignment):
+                replica = broker.replica(name, index)
+                leader = replica.leader_id if replica is not None else None
                 topic.partitions.add(
-                    partition=index, leader_id=config.node_id, leader_epoch=partition.leader_epoch,
-                    replicas=[config.node_id], isr=[config.node_id],
+                    partition=index, leader_id=leader if leader is not None else -1,
+                    leader_epoch=replica.term if replica is not None else -1,
+                    replicas=assignment, isr=broker.in_sync_replicas(replica, assignment),
+                    error_code=pb.ErrorCode.NONE if leader is not None else pb.ErrorCode.LEADER_NOT_AVAILABLE,
                 )
         return response
 
 
 class AdminService(pb_grpc.AdminServicer):
+    """Topic changes go through the controller; a broker that does not lead it forwards the request."""
+
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
+
+    async def _forward(self, method: str, request: Any) -> Any | None:
+        """The controller leader's answer, or None when this broker is the leader."""
+        address = await self.broker.controller_leader_address(FORWARD_TIMEOUT_S)
+        if address is None:
+            return None
+        async with grpc.aio.insecure_channel(address) as channel:
+            return await getattr(pb_grpc.AdminStub(channel), method)(request, timeout=FORWARD_TIMEOUT_S)
 
     async def CreateTopics(
         self, request: pb.CreateTopicsRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateTopicsResponse:
+        try:
+            forwarded = await self._forward("CreateTopics", request)
+        except errors.BrokerError as exc:
+            return pb.CreateTopicsResponse(results=[
+                pb.TopicResult(name=t.name, error_code=exc.code, error_message=exc.message) for t in request.topics])
+        if forwarded is not None:
+            return forwarded  # type: ignore[no-any-return]
+        timeout_s = (request.timeout_ms or DEFAULT_PRODUCE_TIMEOUT_MS) / 1000
         results = []
         for topic in request.topics:
             result = pb.TopicResult(name=topic.name)
             try:
-                self.broker.create_topic(
+                await self.broker.create_topic(
                     topic.name, topic.partitions or -1, topic.replication_factor or -1, dict(topic.configs),
-                    validate_only=request.validate_only,
+                    validate_only=request.validate_only, timeout_s=timeout_s,
                 )
             except Exception as exc:
                 result.error_code, result.error_message = _error(exc, topic.name)
@@ -150,6 +182,13 @@ class AdminService(pb_grpc.AdminServicer):
     async def DeleteTopics(
         self, request: pb.DeleteTopicsRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteTopicsResponse:
+        try:
+            forwarded = await self._forward("DeleteTopics", request)
+        except errors.BrokerError as exc:
+            return pb.DeleteTopicsResponse(results=[
+                pb.TopicResult(name=n, error_code=exc.code, error_message=exc.message) for n in request.names])
+        if forwarded is not None:
+            return forwarded  # type: ignore[no-any-return]
         results = []
         for name in request.names:
             result = pb.TopicResult(name=name)
@@ -163,22 +202,25 @@ class AdminService(pb_grpc.AdminServicer):
     async def DescribeTopics(
         self, request: pb.DescribeTopicsRequest, context: grpc.aio.ServicerContext
     ) -> pb.DescribeTopicsResponse:
-        node_id = self.broker.config.node_id
+        broker = self.broker
         response = pb.DescribeTopicsResponse()
-        for name in list(request.names) or [t.name for t in self.broker.topics()]:
+        for name in list(request.names) or [t.name for t in broker.topics()]:
             described = response.topics.add(name=name)
             try:
-                spec = self.broker.topic(name)
+                spec = broker.topic(name)
             except Exception as exc:
                 described.error_code, described.error_message = _error(exc, name)
                 continue
             described.replication_factor = spec.replication_factor
-            described.configs.update(self.broker.effective_configs(name))
-            for index in range(spec.partitions):
-                partition = self.broker.partition(name, index)
-                described.partitions.add(
-                    partition=index, leader_id=node_id, replicas=[node_id], isr=[node_id],
-                    log_start_offset=partition.log.log_start_offset, high_watermark=partition.high_watermark,
-                    size_bytes=partition.log.size_bytes, leader_epoch=partition.leader_epoch,
-                )
+            described.configs.update(broker.effective_configs(name))
+            for index, assignment in enumerate(spec.assignment):
+                replica = broker.replica(name, index)
+                part = described.partitions.add(partition=index, replicas=assignment, leader_id=-1,
+                                                isr=broker.in_sync_replicas(replica, assignment))
+                if replica is not None:
+                    part.leader_id = replica.leader_id if replica.leader_id is not None else -1
+                    part.leader_epoch = replica.term
+                    part.log_start_offset = replica.log.log_start_offset
+                    part.high_watermark = replica.high_watermark
+                    part.size_bytes = replica.log.size_bytes
         return response

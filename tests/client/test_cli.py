@@ -126,7 +126,8 @@ def test_topic_create_list_describe_delete(capsys: pytest.CaptureFixture[str], b
     lines = out.splitlines()
     assert code == 0 and lines[0] == "topic orders: 3 partition(s), replication factor 1"
     assert lines[1].split() == ["PARTITION", "LEADER", "REPLICAS", "ISR", "LOG", "START", "HIGH", "WATERMARK", "SIZE"]
-    assert [line.split()[:6] for line in lines[2:5]] == [[str(p), "1", "1", "1", "0", "0"] for p in range(3)]
+    # Each partition's leader wrote one no-op control batch when it was elected: the high watermark is 1.
+    assert [line.split()[:6] for line in lines[2:5]] == [[str(p), "1", "1", "1", "0", "1"] for p in range(3)]
     assert "  retention.ms = 3600000" in lines
 
     code, out, err = run(capsys, "topic", "delete", "audit", "--bootstrap", bootstrap)
@@ -153,12 +154,13 @@ def test_produce_keyed_lines_then_consume_from_an_offset(capsys: pytest.CaptureF
     code, out, err = run(capsys, "produce", "events", "--partition", "1", "--key-separator", ":",
                          "--acks", "all", "--bootstrap", bootstrap)
     assert code == 0, err
-    assert "produced 11 record(s)" in out and "to 1 partition(s)" in out and "offsets 1:0..10" in out
+    # Offset 0 holds the partition leader's no-op control batch, so the records take offsets 1..11.
+    assert "produced 11 record(s)" in out and "to 1 partition(s)" in out and "offsets 1:1..11" in out
 
-    code, out, err = run(capsys, "consume", "events", "--partition", "1", "--offset", "4", "--timeout-ms", "1000",
+    code, out, err = run(capsys, "consume", "events", "--partition", "1", "--offset", "5", "--timeout-ms", "1000",
                          "--format", "{partition}/{offset} [{key}] {value}", "--bootstrap", bootstrap)
     assert code == 0
-    expected = [f"1/{i} [user-{i}] value {i}:with colon" for i in range(4, 10)] + ["1/10 [] no key here"]
+    expected = [f"1/{i + 1} [user-{i}] value {i}:with colon" for i in range(4, 10)] + ["1/11 [] no key here"]
     assert out.splitlines() == expected
     assert "consumed 7 record(s) from 1 partition(s)" in err
 
@@ -227,7 +229,7 @@ def test_offset_out_of_range_shows_the_valid_range(capsys: pytest.CaptureFixture
     code, out, err = run(capsys, "consume", "empty", "--partition", "0", "--offset", "7", "--timeout-ms", "2000",
                          "--bootstrap", bootstrap)
     assert code == 1 and out == ""
-    assert err.startswith("lb: ") and "valid offsets are 0..0" in err and err.count("\n") == 1
+    assert err.startswith("lb: ") and "valid offsets are 0..1" in err and err.count("\n") == 1
 
 
 def test_invalid_topic_name_is_rejected_with_the_rule(capsys: pytest.CaptureFixture[str], bootstrap: str) -> None:

@@ -30,6 +30,12 @@ def stub(bootstrap: str) -> Iterator[pb_grpc.BrokerStub]:
         yield pb_grpc.BrokerStub(channel)
 
 
+@pytest.fixture
+def start(stub: pb_grpc.BrokerStub) -> int:
+    """Where partition 0's first record lands: a new leader's no-op control batch comes first."""
+    return high_watermark(stub)
+
+
 def good_batch(n: int = 3, size: int = 10) -> bytes:
     return rec.build_batch([(1000 + i, None, b"x" * size, []) for i in range(n)])
 
@@ -47,11 +53,11 @@ def high_watermark(stub: pb_grpc.BrokerStub, partition: int = 0) -> int:
     return stub.ListOffsets(request, timeout=10).results[0].offset
 
 
-def test_a_good_batch_is_accepted_and_offsets_assigned(stub: pb_grpc.BrokerStub) -> None:
-    assert produce(stub, good_batch()).error_code == pb.ErrorCode.NONE
+def test_a_good_batch_is_accepted_and_offsets_assigned(stub: pb_grpc.BrokerStub, start: int) -> None:
+    assert produce(stub, good_batch()).base_offset == start
     result = produce(stub, good_batch(2) + good_batch(4))
-    assert (result.error_code, result.base_offset) == (pb.ErrorCode.NONE, 3)
-    assert high_watermark(stub) == 9
+    assert (result.error_code, result.base_offset) == (pb.ErrorCode.NONE, start + 3)
+    assert high_watermark(stub) == start + 9
 
 
 def _flip_crc_covered_byte(batch: bytes) -> bytes:
@@ -80,13 +86,15 @@ def _bad_count(batch: bytes) -> bytes:
     (lambda b: b + b[:20], "truncated"),
     (_bad_count, "recordsCount"),
 ])
-def test_a_damaged_batch_is_rejected_and_nothing_is_written(stub: pb_grpc.BrokerStub, damage, message: str) -> None:
+def test_a_damaged_batch_is_rejected_and_nothing_is_written(
+    stub: pb_grpc.BrokerStub, start: int, damage, message: str
+) -> None:
     produce(stub, good_batch())
     result = produce(stub, good_batch() + damage(good_batch()))  # a good batch first: all or nothing
     assert result.error_code == pb.ErrorCode.CORRUPT_BATCH
     assert message in result.error_message and "t-0" in result.error_message
-    assert high_watermark(stub) == 3
-    assert produce(stub, good_batch()).base_offset == 3
+    assert high_watermark(stub) == start + 3
+    assert produce(stub, good_batch()).base_offset == start + 3
 
 
 def test_a_request_without_records_is_rejected(stub: pb_grpc.BrokerStub) -> None:
@@ -94,17 +102,17 @@ def test_a_request_without_records_is_rejected(stub: pb_grpc.BrokerStub) -> None
     assert result.error_code == pb.ErrorCode.CORRUPT_BATCH and "no record batch" in result.error_message
 
 
-def test_control_batches_from_clients_are_refused(stub: pb_grpc.BrokerStub) -> None:
+def test_control_batches_from_clients_are_refused(stub: pb_grpc.BrokerStub, start: int) -> None:
     result = produce(stub, rec.build_control_batch(0, 0, 1000))
     assert result.error_code == pb.ErrorCode.CORRUPT_BATCH
-    assert high_watermark(stub) == 0
+    assert high_watermark(stub) == start
 
 
-def test_an_oversized_batch_is_rejected_with_the_limit_named(stub: pb_grpc.BrokerStub) -> None:
+def test_an_oversized_batch_is_rejected_with_the_limit_named(stub: pb_grpc.BrokerStub, start: int) -> None:
     result = produce(stub, good_batch(1, size=20_000))
     assert result.error_code == pb.ErrorCode.RECORD_TOO_LARGE
     assert "max.message.bytes=10000" in result.error_message
-    assert high_watermark(stub) == 0
+    assert high_watermark(stub) == start
 
 
 def test_unknown_topic_and_partition_are_per_partition_errors(stub: pb_grpc.BrokerStub) -> None:
@@ -118,22 +126,22 @@ def test_unknown_topic_and_partition_are_per_partition_errors(stub: pb_grpc.Brok
     assert bad_partition.error_code == pb.ErrorCode.UNKNOWN_TOPIC_OR_PARTITION
     assert "partitions 0..1" in bad_partition.error_message
     assert fine.error_code == pb.ErrorCode.NONE
-    assert high_watermark(stub, 1) == 3
+    assert high_watermark(stub, 1) == fine.base_offset + 3
 
 
-def test_fetching_outside_the_log_is_offset_out_of_range(stub: pb_grpc.BrokerStub) -> None:
+def test_fetching_outside_the_log_is_offset_out_of_range(stub: pb_grpc.BrokerStub, start: int) -> None:
     produce(stub, good_batch())
     request = pb.FetchRequest(max_wait_ms=0, partitions=[pb.FetchPartition(topic="t", partition=0, fetch_offset=50)])
     result = stub.Fetch(request, timeout=10).results[0]
     assert result.error_code == pb.ErrorCode.OFFSET_OUT_OF_RANGE
-    assert "0..3" in result.error_message
+    assert f"0..{start + 3}" in result.error_message
 
 
-def test_invalid_acks_fail_the_whole_request(stub: pb_grpc.BrokerStub) -> None:
+def test_invalid_acks_fail_the_whole_request(stub: pb_grpc.BrokerStub, start: int) -> None:
     with pytest.raises(grpc.RpcError) as caught:
         produce(stub, good_batch(), acks=5)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert high_watermark(stub) == 0
+    assert high_watermark(stub) == start
 
 
 @pytest.mark.parametrize("name", ["", "has space", "a/b", "..", "x" * 250])

@@ -84,8 +84,9 @@ def test_sigkill_mid_produce_keeps_every_acknowledged_record(tmp_path: Path) -> 
         log = read_everything(restarted.address)
     finally:
         assert restarted.terminate() == 0
-    for partition, records in log.items():
-        assert [r.offset for r in records] == list(range(len(records))), f"gap or reorder in partition {partition}"
+    for partition, records in log.items():  # control batches (leader no-ops) take offsets between records
+        offsets = [r.offset for r in records]
+        assert offsets == sorted(set(offsets)), f"duplicate or reordered offsets in partition {partition}"
     stored = {(r.partition, r.offset): r.value for records in log.values() for r in records}
     missing = {v: where for v, where in acked.items() if stored.get(where) != v}
     assert not missing, f"{len(missing)} acknowledged records lost or moved, e.g. {list(missing.items())[:3]}"

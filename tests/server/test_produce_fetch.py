@@ -30,10 +30,11 @@ def test_records_come_back_at_their_acknowledged_offsets(bootstrap: str) -> None
         futures = [producer.send("orders", value=b"v%d" % i, key=b"k", headers=[("h", b"x")]) for i in range(500)]
         producer.flush()
     metas = [f.result(timeout=5) for f in futures]
-    assert [m.offset for m in metas] == list(range(500))
-    records = consume_all(bootstrap, TopicPartition("orders", 0), 0, 500)
+    first = metas[0].offset
+    assert [m.offset for m in metas] == list(range(first, first + 500))
+    records = consume_all(bootstrap, TopicPartition("orders", 0), 0, 500)  # from 0: the leader's no-op is skipped
     assert [(r.offset, r.value, r.key, r.headers) for r in records] == [
-        (i, b"v%d" % i, b"k", [("h", b"x")]) for i in range(500)
+        (first + i, b"v%d" % i, b"k", [("h", b"x")]) for i in range(500)
     ]
     assert [r.timestamp for r in records] == [m.timestamp for m in metas]
 
@@ -41,10 +42,12 @@ def test_records_come_back_at_their_acknowledged_offsets(bootstrap: str) -> None
 def test_consuming_from_an_offset_returns_exactly_the_records_from_there_on(bootstrap: str) -> None:
     Admin(bootstrap).create_topic("replay", partitions=1)
     with Producer(bootstrap, acks=1, batch_size=2000) as producer:  # many small batches
-        for i in range(300):
+        first = producer.send("replay", value=b"0")
+        for i in range(1, 300):
             producer.send("replay", value=b"%d" % i)
-    records = consume_all(bootstrap, TopicPartition("replay", 0), 137, 300 - 137)
-    assert [r.offset for r in records] == list(range(137, 300))
+    start = first.result(timeout=5).offset
+    records = consume_all(bootstrap, TopicPartition("replay", 0), start + 137, 300 - 137)
+    assert [r.offset for r in records] == list(range(start + 137, start + 300))
     assert [r.value for r in records] == [b"%d" % i for i in range(137, 300)]
 
 
@@ -61,35 +64,36 @@ def test_offsets_for_times_finds_the_first_record_at_or_after_the_time(bootstrap
     Admin(bootstrap).create_topic("timed", partitions=1)
     base = 1_700_000_000_000
     with Producer(bootstrap, acks=1, batch_size=500) as producer:
-        for i in range(100):
-            producer.send("timed", value=b"%d" % i, timestamp_ms=base + i * 10)
+        futures = [producer.send("timed", value=b"%d" % i, timestamp_ms=base + i * 10) for i in range(100)]
+    first = futures[0].result(timeout=5).offset
     tp = TopicPartition("timed", 0)
     with Consumer(bootstrap) as consumer:
         consumer.assign([tp])
         found = consumer.offsets_for_times({tp: base + 555})
         assert found[tp] is not None
-        assert (found[tp].offset, found[tp].timestamp) == (56, base + 560)
+        assert (found[tp].offset, found[tp].timestamp) == (first + 56, base + 560)
         assert consumer.offsets_for_times({tp: base + 10_000})[tp] is None
-        assert consumer.offsets_for_times({tp: 0})[tp].offset == 0
+        assert consumer.offsets_for_times({tp: 0})[tp].offset == first
 
 
 def test_seek_to_beginning_and_end_and_position(bootstrap: str) -> None:
     Admin(bootstrap).create_topic("ends", partitions=1)
     with Producer(bootstrap, acks=1) as producer:
-        for i in range(10):
-            producer.send("ends", value=b"%d" % i)
+        futures = [producer.send("ends", value=b"%d" % i) for i in range(10)]
+    last = futures[-1].result(timeout=5).offset
     tp = TopicPartition("ends", 0)
     with Consumer(bootstrap) as consumer:
         consumer.assign([tp])
         consumer.seek_to_end(tp)
-        assert consumer.position(tp) == 10
+        assert consumer.position(tp) == last + 1
         assert consumer.poll(timeout=0.05) == []
         consumer.seek_to_beginning(tp)
         assert consumer.position(tp) == 0
         got = []
         while len(got) < 10:
             got.extend(consumer.poll(timeout=1.0))
-        assert consumer.position(tp) == 10
+        assert [r.value for r in got] == [b"%d" % i for i in range(10)]
+        assert consumer.position(tp) == last + 1
 
 
 def test_a_waiting_fetch_returns_as_soon_as_a_record_arrives(bootstrap: str) -> None:
@@ -116,9 +120,9 @@ def test_acks_and_compression_settings_all_deliver(bootstrap: str, compression: 
             futures = [producer.send("settings", value=b"%s-%d" % (str(acks).encode(), i), partition=1)
                        for i in range(50)]
         offsets = [f.result(timeout=5).offset for f in futures]
-        assert offsets == ([-1] * 50 if acks == 0 else sorted(offsets))
+        assert offsets == ([-1] * 50 if acks == 0 else list(range(offsets[0], offsets[0] + 50)))
     records = consume_all(bootstrap, TopicPartition("settings", 1), 0, 150)
-    assert [r.offset for r in records] == list(range(150))
+    assert [r.value for r in records] == [b"%s-%d" % (str(a).encode(), i) for a in ("all", 1, 0) for i in range(50)]
 
 
 def test_sending_to_an_unknown_topic_names_it(bootstrap: str) -> None:
@@ -137,7 +141,7 @@ def test_records_survive_a_clean_restart(tmp_path) -> None:
     try:
         described = Admin(second.address).describe_topics(["durable"])[0]
         assert described.configs["retention.ms"] == "86400000"
-        assert [p.high_watermark for p in described.partitions] == [50, 50]
+        assert all(p.high_watermark > 50 for p in described.partitions)  # 50 records after no-op batches
         records = consume_all(second.address, TopicPartition("durable", 1), 0, 50)
         assert [r.value for r in records] == [b"%d" % i for i in range(1, 100, 2)]
     finally:

@@ -20,6 +20,7 @@ from logbroker.server.app import BrokerServer
 from logbroker.server.config import BrokerConfig
 
 STARTUP_TIMEOUT_S = 30.0
+TEST_RAFT_TICK_MS = 10  # elections within 100-200 ms keep tests quick
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -53,6 +54,7 @@ class InProcessBroker:
     def __init__(self, data_dir: Path, log_defaults: dict[str, str] | None = None, **settings: object) -> None:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
+        settings.setdefault("raft_tick_ms", TEST_RAFT_TICK_MS)
         self.config = BrokerConfig(data_dir=data_dir, listen=self.address, log_defaults=log_defaults or {},
                                    **settings)  # type: ignore[arg-type]
         self.loop = asyncio.new_event_loop()
@@ -63,6 +65,7 @@ class InProcessBroker:
         self._thread.start()
         self.server = BrokerServer(self.config)
         self.run(self.server.start())
+        wait_until(lambda: is_serving(self.address), STARTUP_TIMEOUT_S, f"broker on {self.address} to serve")
         return self
 
     def run(self, coro: object, timeout_s: float = 30.0) -> object:
@@ -95,7 +98,7 @@ class BrokerProcess:
 
     def start(self) -> BrokerProcess:
         cmd = [sys.executable, "-m", "logbroker.server.cli", "serve", "--data-dir", str(self.data_dir),
-               "--listen", self.address, *self.extra_args]
+               "--listen", self.address, "--raft-tick-ms", str(TEST_RAFT_TICK_MS), *self.extra_args]
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
         with open(self.log_path, "ab") as log_file:
             self.proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)

@@ -1,0 +1,247 @@
+"""The Raft runtime for one group: drives a pure RaftNode with the partition log as its Raft log.
+
+The node is pure; this class does its I/O, following the Ready contract (docs/raft.md):
+1. persist: reset / truncate / append on the event loop thread (os.write is quick), then one fsync of
+   the log and, when term or vote changed, of the state file, in the thread pool;
+2. send the Ready's messages through the transport;
+3. apply committed entries (advance the high watermark, or the controller's state machine);
+4. advance().
+Ready batches are handled one at a time, so proposals that arrive during an fsync share the next one:
+that is group commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import replace
+from typing import Protocol
+
+from logbroker.cluster.raft_storage import PartitionLogStorage, ReplicaState, ReplicaStateFile, entry_to_batch
+from logbroker.raft.membership import Membership
+from logbroker.raft.node import RaftNode
+from logbroker.raft.types import Entry, Message, RaftConfig, Ready, Role
+from logbroker.storage.log import PartitionLog
+
+log = logging.getLogger("logbroker.replica")
+
+
+class MessageSender(Protocol):
+    def send_many(self, items: Sequence[tuple[str, Message]]) -> None: ...
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Replica:
+    def __init__(
+        self,
+        group: str,
+        plog: PartitionLog,
+        state_file: ReplicaStateFile,
+        membership: Membership,
+        raft_config: RaftConfig,
+        transport: MessageSender,
+        executor: Executor,
+        on_commit: Callable[[Replica, Sequence[Entry]], None],
+        on_leader_change: Callable[[Replica], None] = lambda replica: None,
+        applied_offset: int | None = None,
+        persist_commit: bool = False,
+    ) -> None:
+        self.group = group
+        self.node_id = raft_config.node_id
+        self.log = plog
+        self._state_file = state_file
+        self.state = state_file.load(membership)
+        self._storage = PartitionLogStorage(plog, self.state)
+        self.node = RaftNode(raft_config, self._storage, random.Random(hash((group, self.node_id))),
+                             self.state.membership, self.state.hard_state, applied_offset)
+        self._transport = transport
+        self._executor = executor
+        self._on_commit = on_commit
+        self._on_leader_change = on_leader_change
+        self._busy = False
+        # The controller persists its commit offset with every change, so a restart re-applies the whole
+        # committed metadata at once; partitions persist it only with term and vote (their HW recovers
+        # from the leader within a heartbeat, and an fsync per commit would halve their throughput).
+        self._persist_commit = persist_commit
+        self.closed = False
+        self.high_watermark = max(self.state.commit_offset + 1, plog.log_start_offset)
+        self.durable_offset = plog.log_end_offset
+        self._commit_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._durable_waiters: list[tuple[int, asyncio.Future[None]]] = []
+
+    # ------------------------------------------------------------------------------------ inputs
+
+    @property
+    def is_leader(self) -> bool:
+        return self.node.role is Role.LEADER
+
+    @property
+    def leader_id(self) -> int | None:
+        return self.node.leader_id
+
+    @property
+    def term(self) -> int:
+        return int(self.node.term)
+
+    def start(self) -> None:
+        """Hand out what the node has ready at once (on restart: committed entries to re-apply)."""
+        self._kick()
+
+    def tick(self) -> None:
+        self.node.tick()
+        self._kick()
+
+    def step(self, message: Message) -> None:
+        self.node.step(message)
+        self._kick()
+
+    def propose(self, payloads: Sequence[tuple[bytes, int]]) -> list[Entry]:
+        """Propose (batch bytes, record count) pairs; raises the core's NotLeaderError on a follower."""
+        entries = [self.node.propose(payload, count) for payload, count in payloads]
+        self._kick()
+        return entries
+
+    def wait_committed(self, last_offset: int) -> asyncio.Future[None]:
+        return self._waiter(self._commit_waiters, last_offset, self.high_watermark)
+
+    def wait_durable(self, last_offset: int) -> asyncio.Future[None]:
+        return self._waiter(self._durable_waiters, last_offset, self.durable_offset)
+
+    @staticmethod
+    def _waiter(waiters: list[tuple[int, asyncio.Future[None]]], last_offset: int,
+                reached: int) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if last_offset < reached:
+            future.set_result(None)
+        else:
+            waiters.append((last_offset, future))
+        return future
+
+    # ------------------------------------------------------------------------------- ready loop
+
+    def _kick(self) -> None:
+        if not self._busy and not self.closed and self.node.has_ready():
+            self._busy = True
+            asyncio.get_running_loop().create_task(self._drain_ready())
+
+    async def _drain_ready(self) -> None:
+        try:
+            while not self.closed:
+                ready = self.node.ready()
+                if ready is None:
+                    return
+                await self._handle(ready)
+        except Exception:
+            log.exception("%s: the Raft runtime failed; this replica stops until the broker restarts", self.group)
+            self.closed = True
+            self._fail_waiters(RuntimeError(f"{self.group}: replica failed; see the broker log"))
+        finally:
+            self._busy = False
+            if not self.closed and self.node.has_ready():
+                self._kick()
+
+    async def _handle(self, ready: Ready) -> None:
+        if ready.must_persist:
+            await self._persist(ready)
+        if ready.messages:
+            self._transport.send_many([(self.group, m) for m in ready.messages])
+        if ready.entries:
+            last = ready.entries[-1]
+            self.node.persisted(last.last_offset, last.term)
+        if ready.committed_entries:
+            self._apply(ready.committed_entries)
+        self.node.advance(ready)
+        if ready.leader_change is not None:
+            change = ready.leader_change
+            log.info("%s: %s in term %d (leader %s)", self.group, change.role.value, change.term, change.leader_id)
+            if change.role is not Role.LEADER:
+                self._fail_waiters(NotLeaderNow(self.group, change.leader_id))
+            self._on_leader_change(self)
+
+    async def _persist(self, ready: Ready) -> None:
+        state_changed = False
+        if ready.reset_log is not None:
+            reset = ready.reset_log
+            self.log.reset_to(reset.start_offset)
+            self.state.start_prev_term = reset.prev_term
+            self.state.voters = tuple(sorted(reset.membership.voters))
+            self.state.learners = tuple(sorted(reset.membership.learners))
+            self.high_watermark = max(self.high_watermark, reset.start_offset)
+            state_changed = True
+        if ready.truncate_from is not None:
+            self.log.truncate_to(ready.truncate_from)
+        if ready.entries:
+            timestamp_ms = now_ms()
+            data = bytearray().join(entry_to_batch(e, timestamp_ms) for e in ready.entries)
+            self.log.append_replicated(data, timestamp_ms)
+        hard = ready.hard_state
+        if hard is not None and (hard.term != self.state.term or hard.vote != self.state.vote):
+            self.state.term, self.state.vote = hard.term, hard.vote
+            state_changed = True
+        if hard is not None:
+            if self._persist_commit and hard.commit_offset != self.state.commit_offset:
+                state_changed = True
+            self.state.commit_offset = hard.commit_offset
+        snapshot = replace(self.state) if state_changed else None
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._fsync, snapshot)
+        self.durable_offset = self.log.log_end_offset
+        self._release(self._durable_waiters, self.durable_offset)
+
+    def _fsync(self, state: ReplicaState | None) -> None:
+        self.log.flush()
+        if state is not None:  # term and vote must be durable before any message that depends on them
+            self._state_file.save(state)
+
+    def _apply(self, entries: Sequence[Entry]) -> None:
+        self.high_watermark = max(self.high_watermark, entries[-1].last_offset + 1)
+        self._release(self._commit_waiters, self.high_watermark)
+        self._on_commit(self, entries)
+
+    @staticmethod
+    def _release(waiters: list[tuple[int, asyncio.Future[None]]], reached: int) -> None:
+        keep = []
+        for offset, future in waiters:
+            if offset < reached:
+                if not future.done():
+                    future.set_result(None)
+            else:
+                keep.append((offset, future))
+        waiters[:] = keep
+
+    def _fail_waiters(self, exc: Exception) -> None:
+        for waiters in (self._commit_waiters, self._durable_waiters):
+            for _, future in waiters:
+                if not future.done():
+                    future.set_exception(exc)
+                    future.exception()  # retrieved: a produce may have timed out and gone already
+            waiters.clear()
+
+    # -------------------------------------------------------------------------------- lifecycle
+
+    def transfer_leadership(self, to_node: int) -> None:
+        self.node.transfer_leadership(to_node)
+        self._kick()
+
+    def save_state(self) -> None:
+        self._state_file.save(self.state)
+
+    def close(self) -> None:
+        self.closed = True
+        self._fail_waiters(RuntimeError(f"{self.group}: replica closed"))
+        self.save_state()
+        self.log.close()
+
+
+class NotLeaderNow(Exception):
+    """Leadership was lost while a produce waited; the client should retry at the new leader."""
+
+    def __init__(self, group: str, leader_id: int | None) -> None:
+        super().__init__(f"{group}: leadership moved to {leader_id} before the write was committed")
+        self.leader_id = leader_id
