@@ -379,10 +379,10 @@ def iter_batch_headers(buf: ByteSource) -> Iterator[tuple[int, BatchHeader]]:
         pos += size
 
 
-def stamp_batch(batch: bytearray, base_offset: int, leader_epoch: int) -> None:
-    """Write baseOffset and partitionLeaderEpoch in place; both lie outside the CRC."""
-    struct.pack_into(">q", batch, 0, base_offset)
-    _EPOCH.pack_into(batch, 12, leader_epoch)
+def stamp_batch(batch: bytearray, base_offset: int, leader_epoch: int, pos: int = 0) -> None:
+    """Write baseOffset and partitionLeaderEpoch of the batch at pos in place; both lie outside the CRC."""
+    struct.pack_into(">q", batch, pos, base_offset)
+    _EPOCH.pack_into(batch, pos + 12, leader_epoch)
 
 
 def stamp_offsets_in_stream(buf: bytearray, base_offset: int, leader_epoch: int) -> int:

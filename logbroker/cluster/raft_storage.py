@@ -28,16 +28,24 @@ CONTROL_KEY_CONFIG = struct.pack(">hh", 0, 101)
 _CONTROL_KINDS = {CONTROL_KEY_NOOP: EntryKind.NOOP, CONTROL_KEY_CONFIG: EntryKind.CONFIG}
 
 
-def entry_to_batch(entry: Entry, timestamp_ms: int) -> bytearray:
-    """The bytes to append for an entry: its batch with offsets and epoch stamped."""
-    if entry.kind is EntryKind.DATA:
-        batch = bytearray(entry.payload)
-        rec.stamp_batch(batch, entry.base_offset, entry.term)
-        return batch
+def entries_to_batches(entries: Sequence[Entry], timestamp_ms: int) -> bytearray:
+    """The bytes to append for entries: their batches with offsets and epoch stamped, copied once."""
+    out = bytearray()
+    for entry in entries:
+        pos = len(out)
+        if entry.kind is EntryKind.DATA:
+            out += entry.payload
+            rec.stamp_batch(out, entry.base_offset, entry.term, pos)
+        else:
+            out += control_batch(entry, timestamp_ms)
+    return out
+
+
+def control_batch(entry: Entry, timestamp_ms: int) -> bytes:
     key = CONTROL_KEY_NOOP if entry.kind is EntryKind.NOOP else CONTROL_KEY_CONFIG
     builder = rec.BatchBuilder()
     builder.append(timestamp_ms, key, entry.payload if entry.kind is EntryKind.CONFIG else None)
-    return bytearray(builder.build(entry.base_offset, entry.term, attributes_extra=rec.CONTROL_FLAG))
+    return builder.build(entry.base_offset, entry.term, attributes_extra=rec.CONTROL_FLAG)
 
 
 def batch_to_entry(data: bytes | memoryview, pos: int, header: rec.BatchHeader) -> Entry:
@@ -105,12 +113,27 @@ class ReplicaStateFile:
             os.close(fd)
 
 
+RECENT_ENTRIES = 128  # entries just appended, kept so that commit and replication need not read them back
+
+
 class PartitionLogStorage:
-    """logbroker.raft's LogStorage Protocol over a PartitionLog."""
+    """logbroker.raft's LogStorage Protocol over a PartitionLog, with the newest entries kept in memory."""
 
     def __init__(self, plog: PartitionLog, state: ReplicaState) -> None:
         self.plog = plog
         self.state = state
+        self._recent: dict[int, Entry] = {}  # base offset -> entry, oldest first
+
+    def remember(self, entries: Sequence[Entry]) -> None:
+        recent = self._recent
+        for entry in entries:
+            recent[entry.base_offset] = entry
+        while len(recent) > RECENT_ENTRIES:
+            del recent[next(iter(recent))]
+
+    def forget_from(self, offset: int) -> None:
+        """After a truncation or reset: entries at or past offset are gone from the log."""
+        self._recent = {base: e for base, e in self._recent.items() if e.last_offset < offset}
 
     @property
     def first_offset(self) -> int:
@@ -131,5 +154,15 @@ class PartitionLogStorage:
     def entries(self, from_offset: int, max_bytes: int) -> Sequence[Entry]:
         if from_offset >= self.plog.log_end_offset:
             return []
+        entry = self._recent.get(from_offset)
+        if entry is not None:
+            out = [entry]
+            size = entry.size_bytes
+            while (entry := self._recent.get(entry.last_offset + 1)) is not None:
+                if size + entry.size_bytes > max_bytes:
+                    break
+                out.append(entry)
+                size += entry.size_bytes
+            return out
         data = self.plog.read(from_offset, max(max_bytes, 1))
         return [batch_to_entry(data, pos, header) for pos, header in rec.iter_batch_headers(data)]

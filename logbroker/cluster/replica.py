@@ -21,7 +21,7 @@ from concurrent.futures import Executor
 from dataclasses import replace
 from typing import Protocol
 
-from logbroker.cluster.raft_storage import PartitionLogStorage, ReplicaState, ReplicaStateFile, entry_to_batch
+from logbroker.cluster.raft_storage import PartitionLogStorage, ReplicaState, ReplicaStateFile, entries_to_batches
 from logbroker.raft.membership import Membership
 from logbroker.raft.node import RaftNode
 from logbroker.raft.types import Entry, Message, RaftConfig, Ready, Role
@@ -170,6 +170,7 @@ class Replica:
         if ready.reset_log is not None:
             reset = ready.reset_log
             self.log.reset_to(reset.start_offset)
+            self._storage.forget_from(-1)
             self.state.start_prev_term = reset.prev_term
             self.state.voters = tuple(sorted(reset.membership.voters))
             self.state.learners = tuple(sorted(reset.membership.learners))
@@ -177,10 +178,12 @@ class Replica:
             state_changed = True
         if ready.truncate_from is not None:
             self.log.truncate_to(ready.truncate_from)
+            self._storage.forget_from(ready.truncate_from)
         if ready.entries:
             timestamp_ms = now_ms()
-            data = bytearray().join(entry_to_batch(e, timestamp_ms) for e in ready.entries)
+            data = entries_to_batches(ready.entries, timestamp_ms)
             self.log.append_replicated(data, timestamp_ms)
+            self._storage.remember(ready.entries)
         hard = ready.hard_state
         if hard is not None and (hard.term != self.state.term or hard.vote != self.state.vote):
             self.state.term, self.state.vote = hard.term, hard.vote

@@ -14,7 +14,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterator, Sequence
 
-from logbroker.raft.errors import check
+from logbroker.raft.errors import RaftInternalError, check
 from logbroker.raft.membership import Membership
 from logbroker.raft.storage import LogStorage
 from logbroker.raft.types import Entry, ResetLog
@@ -145,8 +145,10 @@ class RaftLog:
         last_term = self.term_at(self.last_offset)
         assert last_term is not None
         for entry in entries:
-            check(entry.base_offset == expected, f"entry {entry} does not start at offset {expected}")
-            check(entry.term >= last_term, f"entry {entry} has a lower term than the one before it")
+            if entry.base_offset != expected:
+                raise RaftInternalError(f"entry {entry} does not start at offset {expected}")
+            if entry.term < last_term:
+                raise RaftInternalError(f"entry {entry} has a lower term than the one before it")
             expected = entry.last_offset + 1
             last_term = entry.term
         self._unstable.extend(entries)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from logbroker.raft.errors import check
+from logbroker.raft.errors import RaftInternalError, check
 from logbroker.raft.membership import Membership
 
 DEFAULT_ELECTION_TICKS = 10
@@ -41,8 +41,15 @@ class Entry:
     payload: bytes = b""
 
     def __post_init__(self) -> None:
-        check(self.last_offset >= self.base_offset, f"entry covers no offsets: {self}")
-        check(self.term > NO_TERM, f"entry without a term: {self}")
+        # Plain ifs, not check(): an f-string argument would be formatted for every entry on the hot path.
+        if self.last_offset < self.base_offset:
+            raise RaftInternalError(f"entry covers no offsets: {self}")
+        if self.term <= NO_TERM:
+            raise RaftInternalError(f"entry without a term: {self}")
+
+    def __repr__(self) -> str:  # never the payload: it is a whole record batch
+        return (f"Entry({self.base_offset}..{self.last_offset} t{self.term} {self.kind.value} "
+                f"{len(self.payload)}B)")
 
     @property
     def record_count(self) -> int:
