@@ -11,6 +11,7 @@ partition land in the order they were sent, retries included.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections import deque
@@ -129,6 +130,7 @@ class Producer:
         request_timeout_ms: int = DEFAULT_REQUEST_TIMEOUT_MS,
         delivery_timeout_ms: int = DEFAULT_DELIVERY_TIMEOUT_MS,
         max_block_ms: int = DEFAULT_MAX_BLOCK_MS,
+        enable_idempotence: bool = True,
     ) -> None:
         if acks not in ACKS:
             raise ValueError(f"acks must be 'all', 1 or 0, got {acks!r}")
@@ -137,6 +139,11 @@ class Producer:
         if partitioner not in ("sticky", "round_robin"):
             raise ValueError(f"partitioner must be 'sticky' or 'round_robin', got {partitioner!r}")
         self.acks = ACKS[acks]
+        # Idempotence: a random 62-bit producer id (no broker round trip to allocate one) and a sequence
+        # per partition let the leader recognise a batch retried after a lost answer and not store it twice.
+        self._idempotent = enable_idempotence
+        self._producer_id = random.getrandbits(62)
+        self._sequences: dict[tuple[str, int], int] = {}
         self._linger_s = linger_ms / 1000
         self._batch_size = batch_size
         self._compression = rec.COMPRESSION_CODECS[compression]
@@ -314,7 +321,7 @@ class Producer:
     def _send(self, slot: tuple[str, int], batches: list[ProducerBatch]) -> None:
         for batch in batches:
             if batch.data is None:
-                batch.data = batch.builder.build()
+                batch.data = self._build(slot, batch)
             batch.attempts += 1
         request = pb.ProduceRequest(acks=self.acks, timeout_ms=int(self._request_timeout_s * 1000), partitions=[
             pb.PartitionRecords(topic=slot[0], partition=slot[1], records=b"".join(b.data for b in batches))  # type: ignore[misc]
@@ -330,6 +337,14 @@ class Producer:
             call.add_done_callback(lambda f: self._release(slot, batches))
             return
         call.add_done_callback(lambda f: self._on_call_done(slot, batches, f, conn.address))
+
+    def _build(self, slot: tuple[str, int], batch: ProducerBatch) -> bytes:
+        """Seal the bytes once; a retry resends them unchanged, sequence included, so the broker can dedupe."""
+        if not self._idempotent:
+            return batch.builder.build()
+        sequence = self._sequences.get(slot, 0)
+        self._sequences[slot] = (sequence + batch.builder.count) & 0x7FFFFFFF
+        return batch.builder.build(producer_id=self._producer_id, producer_epoch=0, base_sequence=sequence)
 
     def _on_call_done(self, slot: tuple[str, int], batches: list[ProducerBatch], call: Any, address: str) -> None:
         try:
@@ -358,11 +373,16 @@ class Producer:
         if error is not None:
             log.warning("%s-%d: %d record(s) failed: %s", slot[0], slot[1],
                         sum(b.builder.count for b in batches), error)
-        self._complete(batches, result.base_offset if result is not None and error is None else -1, error)
+        if result is not None and error is None and len(result.batch_base_offsets) == len(batches):
+            for batch, base_offset in zip(batches, result.batch_base_offsets, strict=True):
+                batch.complete(base_offset, None)
+        else:
+            self._complete(batches, result.base_offset if result is not None and error is None else -1, error)
         self._release(slot, batches)
 
     @staticmethod
     def _complete(batches: list[ProducerBatch], next_offset: int, error: BaseException | None) -> None:
+        """Batches of one request are stored contiguously from next_offset (brokers without batch offsets)."""
         for batch in batches:
             count = batch.builder.count
             batch.complete(next_offset, error)

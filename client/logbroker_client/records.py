@@ -264,7 +264,9 @@ class BatchBuilder:
         body = b"".join((b"\x00", ts, _VARINTS[offset_delta], k, key, v, value, b"\x00"))
         return _VARINTS[len(body)] + body
 
-    def build(self, base_offset: int = 0, leader_epoch: int = -1, attributes_extra: int = 0) -> bytes:
+    def build(self, base_offset: int = 0, leader_epoch: int = -1, attributes_extra: int = 0,
+              producer_id: int = NO_PRODUCER_ID, producer_epoch: int = NO_PRODUCER_EPOCH,
+              base_sequence: int = NO_SEQUENCE) -> bytes:
         if not self.count:
             raise ValueError("cannot build an empty batch")
         return build_batch_from_records(
@@ -276,6 +278,9 @@ class BatchBuilder:
             base_offset=base_offset,
             leader_epoch=leader_epoch,
             attributes_extra=attributes_extra,
+            producer_id=producer_id,
+            producer_epoch=producer_epoch,
+            base_sequence=base_sequence,
         )
 
 

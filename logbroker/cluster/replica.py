@@ -15,19 +15,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import struct
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import replace
 from typing import Protocol
 
+from logbroker_client import records as rec
+
+from logbroker.cluster.producer_state import ProducerStateTable
 from logbroker.cluster.raft_storage import PartitionLogStorage, ReplicaState, ReplicaStateFile, entries_to_batches
 from logbroker.raft.membership import Membership
 from logbroker.raft.node import RaftNode
-from logbroker.raft.types import Entry, Message, RaftConfig, Ready, Role
+from logbroker.raft.types import Entry, EntryKind, Message, RaftConfig, Ready, Role
 from logbroker.storage.log import PartitionLog
 
 log = logging.getLogger("logbroker.replica")
+
+# producerId i64, producerEpoch i16, baseSequence i32, recordsCount i32 at byte 43 of a batch header
+PRODUCER_FIELDS = struct.Struct(">qhii")
+PRODUCER_FIELDS_POSITION = 43
+PRODUCER_STATE_SCAN_OFFSETS = 200_000  # how far back start-up looks for producer sequences
+PRODUCER_STATE_SCAN_BYTES = 4 << 20
 
 
 class MessageSender(Protocol):
@@ -71,6 +81,8 @@ class Replica:
         # from the leader within a heartbeat, and an fsync per commit would halve their throughput).
         self._persist_commit = persist_commit
         self.closed = False
+        self.producers = ProducerStateTable()
+        self._rebuild_producer_state()
         self.high_watermark = max(self.state.commit_offset + 1, plog.log_start_offset)
         self.durable_offset = plog.log_end_offset
         self._commit_waiters: list[tuple[int, asyncio.Future[None]]] = []
@@ -104,9 +116,30 @@ class Replica:
 
     def propose(self, payloads: Sequence[tuple[bytes, int]]) -> list[Entry]:
         """Propose (batch bytes, record count) pairs; raises the core's NotLeaderError on a follower."""
-        entries = [self.node.propose(payload, count) for payload, count in payloads]
+        entries = []
+        for payload, count in payloads:
+            entry = self.node.propose(payload, count)
+            # Recorded now, not only once persisted, so a quick retry of this batch is recognised too.
+            self._record_producer(payload, entry.base_offset, entry.last_offset)
+            entries.append(entry)
         self._kick()
         return entries
+
+    def _record_producer(self, batch: bytes | memoryview, base_offset: int, last_offset: int) -> None:
+        producer_id, _, base_sequence, count = PRODUCER_FIELDS.unpack_from(batch, PRODUCER_FIELDS_POSITION)
+        self.producers.record(producer_id, base_sequence, count, base_offset, last_offset)
+
+    def _rebuild_producer_state(self) -> None:
+        """Re-learn recent producer sequences from the log's tail (headers only)."""
+        offset = max(self.log.log_start_offset, self.log.log_end_offset - PRODUCER_STATE_SCAN_OFFSETS)
+        while offset < self.log.log_end_offset:
+            data = self.log.read(offset, PRODUCER_STATE_SCAN_BYTES)
+            if not data:
+                break
+            for pos, header in rec.iter_batch_headers(data):
+                offset = header.base_offset + header.last_offset_delta + 1
+                if not header.attributes & rec.CONTROL_FLAG:
+                    self._record_producer(data[pos:pos + rec.HEADER_SIZE], header.base_offset, offset - 1)
 
     def wait_committed(self, last_offset: int) -> asyncio.Future[None]:
         return self._waiter(self._commit_waiters, last_offset, self.high_watermark)
@@ -171,6 +204,7 @@ class Replica:
             reset = ready.reset_log
             self.log.reset_to(reset.start_offset)
             self._storage.forget_from(-1)
+            self.producers.clear()
             self.state.start_prev_term = reset.prev_term
             self.state.voters = tuple(sorted(reset.membership.voters))
             self.state.learners = tuple(sorted(reset.membership.learners))
@@ -179,11 +213,15 @@ class Replica:
         if ready.truncate_from is not None:
             self.log.truncate_to(ready.truncate_from)
             self._storage.forget_from(ready.truncate_from)
+            self.producers.truncate(ready.truncate_from)
         if ready.entries:
             timestamp_ms = now_ms()
             data = entries_to_batches(ready.entries, timestamp_ms)
             self.log.append_replicated(data, timestamp_ms)
             self._storage.remember(ready.entries)
+            for entry in ready.entries:
+                if entry.kind is EntryKind.DATA:
+                    self._record_producer(entry.payload, entry.base_offset, entry.last_offset)
         hard = ready.hard_state
         if hard is not None and (hard.term != self.state.term or hard.vote != self.state.vote):
             self.state.term, self.state.vote = hard.term, hard.vote

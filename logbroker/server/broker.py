@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import struct
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +49,9 @@ LATEST_TIMESTAMP = -1
 RAFT_STATE_DIR = "__raft"
 CONTROLLER_DIR = "__controller-0"
 SHUTDOWN_TRANSFER_TIMEOUT_S = 3.0
+# producerId i64, producerEpoch i16, baseSequence i32, recordsCount i32 at byte 43 of a batch header
+PRODUCER_KEY = struct.Struct(">qxxi")
+PRODUCER_KEY_POSITION = 43
 
 
 def now_ms() -> int:
@@ -59,6 +63,7 @@ class ProduceResult:
     base_offset: int
     log_append_time_ms: int
     log_start_offset: int
+    batch_base_offsets: list[int]
 
 
 @dataclass
@@ -317,15 +322,43 @@ class Broker:
     async def produce(self, topic: str, index: int, records: bytes, acks: int, timeout_s: float) -> ProduceResult:
         replica = self.leader_replica(topic, index)
         payloads = self._validated(replica, records)
+        base_offsets, last_offset = self._propose_new_batches(replica, payloads)
+        if acks != 0:
+            waiter = replica.wait_committed(last_offset) if acks == -1 else replica.wait_durable(last_offset)
+            await self._await_write(replica, waiter, acks, timeout_s)
+        return ProduceResult(base_offsets[0], now_ms(), replica.log.log_start_offset, base_offsets)
+
+    @staticmethod
+    def _propose_new_batches(replica: Replica, payloads: list[tuple[bytes, int]]) -> tuple[list[int], int]:
+        """Propose the batches not stored yet; return every batch's base offset and the last offset to await.
+
+        A batch an idempotent producer retries after a lost answer is answered with its first copy's offset."""
+        verdicts = []
+        for payload, count in payloads:
+            producer_id, base_sequence = PRODUCER_KEY.unpack_from(payload, PRODUCER_KEY_POSITION)
+            verdicts.append(replica.producers.check(producer_id, base_sequence, count))
+        for verdict in verdicts:
+            if verdict.already_written_unknown_offset:
+                raise errors.DuplicateSequence(
+                    f"{replica.group}: a retried batch was stored too long ago to find its offset; "
+                    "it is not written again")
+        fresh = [payload for payload, verdict in zip(payloads, verdicts, strict=True) if verdict.duplicate_of is None]
         try:
-            entries = replica.propose(payloads)
+            entries = iter(replica.propose(fresh)) if fresh else iter(())
         except (NotLeaderError, ProposalDroppedError):
             raise errors.NotLeader(f"{replica.group}: leadership is moving; retry", leader_id=-1) from None
-        last = entries[-1].last_offset
-        if acks != 0:
-            waiter = replica.wait_committed(last) if acks == -1 else replica.wait_durable(last)
-            await self._await_write(replica, waiter, acks, timeout_s)
-        return ProduceResult(entries[0].base_offset, now_ms(), replica.log.log_start_offset)
+        base_offsets = []
+        last_offset = -1
+        for verdict in verdicts:
+            stored = verdict.duplicate_of
+            if stored is None:
+                entry = next(entries)
+                base_offsets.append(entry.base_offset)
+                last_offset = max(last_offset, entry.last_offset)
+            else:
+                base_offsets.append(stored.base_offset)
+                last_offset = max(last_offset, stored.last_offset)
+        return base_offsets, last_offset
 
     @staticmethod
     async def _await_write(replica: Replica, waiter: asyncio.Future[None], acks: int, timeout_s: float) -> None:

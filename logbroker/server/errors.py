@@ -78,3 +78,7 @@ class NotEnoughReplicas(BrokerError):
 
 class RequestTimedOut(BrokerError):
     code = pb.ErrorCode.REQUEST_TIMED_OUT
+
+
+class DuplicateSequence(BrokerError):
+    code = pb.ErrorCode.INVALID_REQUEST

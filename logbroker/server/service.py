@@ -61,6 +61,7 @@ class BrokerService(pb_grpc.BrokerServicer):
             _fill_error(result, exc, f"{part.topic}-{part.partition}")
             return result
         result.base_offset = produced.base_offset
+        result.batch_base_offsets.extend(produced.batch_base_offsets)
         result.log_append_time_ms = produced.log_append_time_ms
         result.log_start_offset = produced.log_start_offset
         return result

@@ -1,0 +1,88 @@
+"""Idempotent producers: recognise a retried batch and answer with the offset it was stored at.
+
+A producer stamps each batch with its producerId and a per-partition baseSequence. A retry after a
+lost answer (a leader killed between commit and reply) carries the same pair; without this table it
+would be stored twice. The table is derived from the log: every replica records the batches it
+appends, so a follower that becomes leader already knows what its log holds, and a truncation forgets
+what it removes. It is rebuilt from the log's tail at start-up.
+
+Only the last few batches of each producer are kept (Kafka keeps five): a producer never has more in
+flight, because it sends one request per partition at a time.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from typing import NamedTuple
+
+BATCHES_PER_PRODUCER = 5
+MAX_PRODUCERS = 10_000
+
+
+class StoredBatch(NamedTuple):
+    base_sequence: int
+    last_sequence: int
+    base_offset: int
+    last_offset: int
+
+
+class SequenceVerdict(NamedTuple):
+    """What to do with an incoming batch: append it, or answer with where its earlier copy lives."""
+
+    duplicate_of: StoredBatch | None
+    already_written_unknown_offset: bool = False
+
+
+APPEND = SequenceVerdict(None)
+
+
+class ProducerStateTable:
+    def __init__(self, max_producers: int = MAX_PRODUCERS) -> None:
+        self._producers: OrderedDict[int, deque[StoredBatch]] = OrderedDict()
+        self._max_producers = max_producers
+
+    def __len__(self) -> int:
+        return len(self._producers)
+
+    def check(self, producer_id: int, base_sequence: int, record_count: int) -> SequenceVerdict:
+        """Is this batch new? O(1): at most BATCHES_PER_PRODUCER comparisons."""
+        if producer_id < 0 or base_sequence < 0:
+            return APPEND  # not an idempotent producer
+        batches = self._producers.get(producer_id)
+        if not batches:
+            return APPEND
+        for stored in batches:
+            if stored.base_sequence == base_sequence and stored.last_sequence == base_sequence + record_count - 1:
+                return SequenceVerdict(stored)
+        if base_sequence <= batches[-1].last_sequence:
+            # Older than the batches kept: written long ago, but we no longer know where.
+            return SequenceVerdict(None, already_written_unknown_offset=True)
+        return APPEND
+
+    def record(self, producer_id: int, base_sequence: int, record_count: int, base_offset: int,
+               last_offset: int) -> None:
+        if producer_id < 0 or base_sequence < 0:
+            return
+        batches = self._producers.get(producer_id)
+        if batches is None:
+            batches = self._producers[producer_id] = deque(maxlen=BATCHES_PER_PRODUCER)
+            if len(self._producers) > self._max_producers:
+                self._producers.popitem(last=False)  # the producer heard from least recently
+        else:
+            self._producers.move_to_end(producer_id)
+        if batches and batches[-1].base_sequence == base_sequence:
+            return  # the leader records at propose time and again when it persists
+        batches.append(StoredBatch(base_sequence, base_sequence + record_count - 1, base_offset, last_offset))
+
+    def truncate(self, offset: int) -> None:
+        """Forget batches at or past offset (the log was cut there)."""
+        for producer_id in list(self._producers):
+            kept = deque((b for b in self._producers[producer_id] if b.last_offset < offset),
+                         maxlen=BATCHES_PER_PRODUCER)
+            if kept:
+                self._producers[producer_id] = kept
+            else:
+                del self._producers[producer_id]
+
+    def clear(self) -> None:
+        self._producers.clear()
