@@ -292,7 +292,7 @@ class Consumer:
         self._in_flight.append(_Fetch(call, conn.address, offsets, generations))
 
     def _complete_one_fetch(self, timeout: float) -> bool:
-        """Wait for the oldest fetch in flight and buffer its records; False if it did not finish."""
+        """Wait for the oldest fetch in flight and buffer its records; False if it did not finish in time."""
         if not self._in_flight:
             return False
         fetch = self._in_flight[0]
@@ -302,7 +302,15 @@ class Consumer:
             return False
         except grpc.RpcError as exc:
             self._in_flight.pop(0)
-            raise translate_rpc_error(exc, fetch.address) from None
+            error = translate_rpc_error(exc, fetch.address)
+            if not error.retriable:
+                raise error from None
+            # The leader went away: find the new one on the next poll round.
+            self._metadata.mark_unreachable(fetch.address)
+            for tp in fetch.offsets:
+                self._metadata.invalidate(tp.topic)
+            time.sleep(min(RETRY_BACKOFF_S, timeout))
+            return True  # handled: poll() goes round again while its timeout lasts
         self._in_flight.pop(0)
         for result in response.results:
             self._absorb(fetch, result)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 
 import grpc
@@ -16,6 +17,9 @@ from logbroker_client.connection import (
 from logbroker_client.errors import BrokerUnavailableError, LogbrokerError, error_for
 from logbroker_client.proto import logbroker_pb2 as pb
 
+UNREACHABLE_PENALTY_S = 2.0
+METADATA_TIMEOUT_S = 2.0
+
 
 class MetadataCache:
     """Brokers and partition leaders from the last Metadata answer (shared by sync and async clients)."""
@@ -26,10 +30,17 @@ class MetadataCache:
         self._lock = threading.Lock()
         self._brokers: dict[int, str] = {}
         self._partitions: dict[str, list[pb.PartitionMetadata]] = {}
+        self._unreachable_until: dict[str, float] = {}
 
     def addresses(self) -> list[str]:
-        """Known brokers first, then bootstrap addresses."""
-        return list(dict.fromkeys([*self._brokers.values(), *self.bootstrap]))
+        """Known brokers first, then bootstrap addresses; any that just failed go last."""
+        candidates = list(dict.fromkeys([*self._brokers.values(), *self.bootstrap]))
+        now = time.monotonic()
+        return sorted(candidates, key=lambda address: self._unreachable_until.get(address, 0.0) > now)
+
+    def mark_unreachable(self, address: str) -> None:
+        """A call to address failed to connect: ask the others first for a while."""
+        self._unreachable_until[address] = time.monotonic() + UNREACHABLE_PENALTY_S
 
     def apply(self, response: pb.MetadataResponse) -> None:
         with self._lock:
@@ -80,30 +91,28 @@ class ClusterMetadata(MetadataCache):
             return conn
 
     def any_connection(self) -> Connection:
-        """The first broker that answers, known brokers before bootstrap addresses."""
-        addresses = self.addresses()
-        return self.connection(addresses[0]) if len(addresses) == 1 else self._first_reachable(addresses)
-
-    def _first_reachable(self, addresses: list[str]) -> Connection:
-        for address in addresses:
-            conn = self.connection(address)
-            try:
-                grpc.channel_ready_future(conn.channel).result(timeout=min(self.request_timeout_s, 2.0))
-                return conn
-            except grpc.FutureTimeoutError:
-                continue
-        raise BrokerUnavailableError(f"no broker answers at {', '.join(addresses)}; is the cluster running?")
+        """A connection to the broker most likely to answer (one that has not just failed)."""
+        return self.connection(self.addresses()[0])
 
     def refresh(self, topics: Sequence[str] = ()) -> pb.MetadataResponse:
-        conn = self.any_connection()
-        try:
-            response: pb.MetadataResponse = conn.broker.Metadata(
-                pb.MetadataRequest(topics=list(topics)), timeout=self.request_timeout_s
-            )
-        except grpc.RpcError as exc:
-            raise translate_rpc_error(exc, conn.address) from None
-        self.apply(response)
-        return response
+        """Ask each broker in turn until one answers; a dead or paused one costs at most a short timeout."""
+        error: LogbrokerError | None = None
+        for address in self.addresses():
+            conn = self.connection(address)
+            try:
+                response: pb.MetadataResponse = conn.broker.Metadata(
+                    pb.MetadataRequest(topics=list(topics)), timeout=min(self.request_timeout_s, METADATA_TIMEOUT_S)
+                )
+            except grpc.RpcError as exc:
+                error = translate_rpc_error(exc, address)
+                if not error.retriable:
+                    raise error from None
+                self.mark_unreachable(address)
+                continue
+            self.apply(response)
+            return response
+        raise BrokerUnavailableError(f"no broker answers at {', '.join(self.addresses())}; is the cluster running? "
+                                     f"(last error: {error})")
 
     def partitions_for(self, topic: str) -> int:
         """Number of partitions; raises UnknownTopicOrPartitionError with the broker's message."""

@@ -22,7 +22,13 @@ import grpc
 
 from logbroker_client import records as rec
 from logbroker_client.connection import DEFAULT_REQUEST_TIMEOUT_MS, translate_rpc_error
-from logbroker_client.errors import LogbrokerError, RecordTooLargeError, RequestTimedOutError, error_for
+from logbroker_client.errors import (
+    BrokerUnavailableError,
+    LogbrokerError,
+    RecordTooLargeError,
+    RequestTimedOutError,
+    error_for,
+)
 from logbroker_client.metadata import ClusterMetadata
 from logbroker_client.partitioner import RoundRobinPartitioner, StickyPartitioner, partition_for_key
 from logbroker_client.proto import logbroker_pb2 as pb
@@ -350,7 +356,10 @@ class Producer:
         try:
             response = call.result()
         except grpc.RpcError as exc:
-            self._on_result(slot, batches, None, translate_rpc_error(exc, address))
+            error = translate_rpc_error(exc, address)
+            if isinstance(error, BrokerUnavailableError):
+                self._metadata.mark_unreachable(address)
+            self._on_result(slot, batches, None, error)
             return
         except Exception as exc:
             self._on_result(slot, batches, None, LogbrokerError(f"produce to {address} failed: {exc}"))
