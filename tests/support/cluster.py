@@ -1,0 +1,321 @@
+"""A cluster of real broker processes on 127.0.0.1, for fault tests: kill, pause, cut off, restart.
+
+``BrokerCluster(tmp_path, size=3, raft_tick_ms=20)`` starts ``size`` ``logbroker serve`` subprocesses,
+each a voter of the controller group, with node ids 1..size. Each broker listens for clients on its own
+real port (``cluster.bootstrap`` lists them). With ``proxied=True`` the brokers reach each other only
+through ``FaultProxy`` instances, one per ordered pair (i -> j), so a test can cut any link, or every link
+of one broker (``isolate``), without touching the processes.
+
+Caveat of the proxied set-up: a broker has one address per peer (``--peers``) and advertises exactly those
+addresses in Metadata and NOT_LEADER hints, so clients that follow those hints also go through broker i's
+proxies. Cutting a broker off therefore also cuts the clients that were sent to it by another broker, which
+is what a real partition does too.
+
+The cluster writes each broker's stdout/stderr to ``<root>/broker-<id>.log``; ``log_tails()`` gives the
+end of each, and the ``cluster`` fixture of the tests prints them when a test fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+from logbroker_client import Admin
+from logbroker_client.errors import LogbrokerError
+from logbroker_client.types import PartitionInfo
+
+from tests.support.brokers import REPO_ROOT, STARTUP_TIMEOUT_S, BrokerProcess, free_port, is_serving, wait_until
+from tests.support.proxy import FaultProxy
+
+HOST = "127.0.0.1"
+STOP_TIMEOUT_S = 20.0
+DESCRIBE_TIMEOUT_MS = 1500
+LOG_TAIL_LINES = 40
+
+
+class ClusterBroker(BrokerProcess):
+    """One broker of a cluster: BrokerProcess plus a node id, a peers map and pause/resume.
+
+    ``launch()`` starts the process without waiting: with three voters, no broker reports SERVING until
+    a majority runs, so the cluster starts every process first and waits for health afterwards.
+    """
+
+    def __init__(self, node_id: int, root: Path, port: int, raft_tick_ms: int, log_level: str = "info") -> None:
+        super().__init__(root / f"broker-{node_id}", port=port)
+        self.node_id = node_id
+        self.raft_tick_ms = raft_tick_ms
+        self.log_level = log_level
+        self.peers: dict[int, str] = {}
+        self.log_path = root / f"broker-{node_id}.log"
+        self.paused = False
+        self.extra_args: list[str] = []
+
+    def command(self) -> list[str]:
+        peers = ",".join(f"{node}={address}" for node, address in sorted(self.peers.items()))
+        return [sys.executable, "-m", "logbroker.server.cli", "--log-level", self.log_level, "serve",
+                "--node-id", str(self.node_id), "--data-dir", str(self.data_dir), "--listen", self.address,
+                "--peers", peers, "--raft-tick-ms", str(self.raft_tick_ms), *self.extra_args]
+
+    def launch(self) -> None:
+        assert not self.running, f"broker {self.node_id} is already running"
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+        with open(self.log_path, "ab") as log_file:
+            log_file.write(f"---- start {time.strftime('%H:%M:%S')}: {' '.join(self.command())}\n".encode())
+            log_file.flush()
+            self.proc = subprocess.Popen(self.command(), stdout=log_file, stderr=subprocess.STDOUT, env=env)
+        self.paused = False
+
+    def start(self) -> ClusterBroker:
+        self.launch()
+        self.wait_serving()
+        return self
+
+    def wait_serving(self, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+        wait_until(lambda: self._exited_early() or is_serving(self.address), timeout_s,
+                   f"broker {self.node_id} on {self.address} to serve")
+        if self._exited_early():
+            raise AssertionError(f"broker {self.node_id} exited at start-up:\n{self.log_text()[-4000:]}")
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def pause(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+        self.paused = True
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+        self.paused = False
+
+    def kill(self) -> None:
+        if self.paused:
+            self.resume()
+        super().kill()
+
+    def terminate(self, timeout_s: float = STOP_TIMEOUT_S) -> int:
+        if self.paused:
+            self.resume()
+        return super().terminate(timeout_s)
+
+    def stop(self) -> None:
+        """Whatever state it is in: continue it if paused, SIGKILL it, reap it."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.send_signal(signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(10)
+        self.paused = False
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+
+class BrokerCluster:
+    def __init__(self, root: Path, size: int = 3, raft_tick_ms: int = 20, proxied: bool = False,
+                 log_level: str = "info") -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.size = size
+        self.raft_tick_ms = raft_tick_ms
+        self.brokers: dict[int, ClusterBroker] = {
+            node: ClusterBroker(node, self.root, free_port(), raft_tick_ms, log_level) for node in range(1, size + 1)
+        }
+        self.proxies: dict[tuple[int, int], FaultProxy] = {}
+        for node, broker in self.brokers.items():
+            for peer, other in self.brokers.items():
+                if peer == node:
+                    broker.peers[peer] = broker.address
+                elif proxied:
+                    proxy = FaultProxy(free_port(), other.port, name=f"proxy {node}->{peer}")
+                    self.proxies[(node, peer)] = proxy
+                    broker.peers[peer] = proxy.address
+                else:
+                    broker.peers[peer] = other.address
+
+    # ------------------------------------------------------------------------------ lifecycle
+
+    @property
+    def bootstrap(self) -> str:
+        return ",".join(b.address for b in self.brokers.values())
+
+    def bootstrap_of(self, *nodes: int) -> str:
+        return ",".join(self.brokers[n].address for n in nodes)
+
+    def address(self, node: int) -> str:
+        return self.brokers[node].address
+
+    def start(self) -> BrokerCluster:
+        for proxy in self.proxies.values():
+            proxy.start()
+        for broker in self.brokers.values():
+            broker.launch()
+        self.wait_serving()
+        return self
+
+    def wait_serving(self, *nodes: int, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+        for node in nodes or tuple(self.brokers):
+            self.brokers[node].wait_serving(timeout_s)
+
+    def kill(self, node: int) -> None:
+        self.brokers[node].kill()
+
+    def pause(self, node: int) -> None:
+        self.brokers[node].pause()
+
+    def resume(self, node: int) -> None:
+        self.brokers[node].resume()
+
+    def terminate(self, node: int, timeout_s: float = STOP_TIMEOUT_S) -> int:
+        return self.brokers[node].terminate(timeout_s)
+
+    def restart(self, node: int, wait: bool = True) -> None:
+        """Start a stopped broker again on the same port with the same data directory."""
+        broker = self.brokers[node]
+        broker.stop()
+        broker.launch()
+        if wait:
+            broker.wait_serving()
+
+    def stop_all(self) -> None:
+        for broker in self.brokers.values():
+            broker.stop()
+        for proxy in self.proxies.values():
+            proxy.close()
+
+    def __enter__(self) -> BrokerCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_all()
+
+    def live(self) -> list[int]:
+        """Nodes whose process runs and is not paused."""
+        return [n for n, b in self.brokers.items() if b.running and not b.paused]
+
+    # -------------------------------------------------------------------------- network faults
+
+    def cut_link(self, from_node: int, to_node: int, blackhole: bool = False) -> None:
+        self.proxies[(from_node, to_node)].cut(blackhole)
+
+    def isolate(self, node: int, blackhole: bool = False) -> None:
+        """Cut every link to and from `node` (needs proxied=True)."""
+        assert self.proxies, "isolate() needs BrokerCluster(..., proxied=True)"
+        for (a, b), proxy in self.proxies.items():
+            if node in (a, b):
+                proxy.cut(blackhole)
+
+    def heal(self) -> None:
+        for proxy in self.proxies.values():
+            proxy.heal()
+
+    # ------------------------------------------------------------------------------ metadata
+
+    def describe(self, node: int, topic: str) -> list[PartitionInfo] | None:
+        """The partitions of `topic` as broker `node` sees them (its own replicas' view), None if it fails."""
+        try:
+            with Admin(self.brokers[node].address, request_timeout_ms=DESCRIBE_TIMEOUT_MS) as admin:
+                return admin.describe_topics([topic])[0].partitions
+        except LogbrokerError:
+            return None
+
+    def partition_view(self, node: int, topic: str, partition: int) -> PartitionInfo | None:
+        parts = self.describe(node, topic)
+        return parts[partition] if parts is not None and partition < len(parts) else None
+
+    def views(self, topic: str, partition: int, nodes: list[int] | None = None) -> dict[int, PartitionInfo]:
+        out = {}
+        for node in nodes if nodes is not None else self.live():
+            view = self.partition_view(node, topic, partition)
+            if view is not None:
+                out[node] = view
+        return out
+
+    def current_leader(self, topic: str, partition: int) -> int | None:
+        """The leader that the live brokers agree on, if a majority of all brokers agree and it is live."""
+        views = self.views(topic, partition)
+        votes: dict[int, int] = {}
+        for view in views.values():
+            if view.leader_id > 0:
+                votes[view.leader_id] = votes.get(view.leader_id, 0) + 1
+        for leader, count in votes.items():
+            leader_view = views.get(leader)
+            if count > self.size // 2 and leader_view is not None and leader_view.leader_id == leader:
+                return leader
+        return None
+
+    def leader_of(self, topic: str, partition: int, timeout_s: float = 20.0, exclude: tuple[int, ...] = ()) -> int:
+        """Wait until a majority agrees on a live leader (not in `exclude`) and return its node id."""
+        found: list[int] = []
+
+        def agreed() -> bool:
+            leader = self.current_leader(topic, partition)
+            if leader is None or leader in exclude:
+                return False
+            found.append(leader)
+            return True
+
+        wait_until(agreed, timeout_s, f"a leader of {topic}-{partition} (not in {exclude})", interval_s=0.05)
+        return found[-1]
+
+    def wait_caught_up(self, topic: str, partition: int, nodes: list[int] | None = None,
+                       timeout_s: float = 30.0) -> dict[int, PartitionInfo]:
+        """Wait until every given (default: every) broker holds the leader's high watermark and knows the leader."""
+        nodes = nodes if nodes is not None else list(self.brokers)
+        last: dict[int, PartitionInfo] = {}
+
+        def caught_up() -> bool:
+            last.clear()
+            leader = self.current_leader(topic, partition)
+            if leader is None:
+                return False
+            last.update(self.views(topic, partition, sorted({*nodes, leader})))
+            if leader not in last or any(n not in last for n in nodes):
+                return False
+            hw = last[leader].high_watermark
+            return all(last[n].high_watermark == hw and last[n].leader_id == leader for n in nodes)
+
+        try:
+            wait_until(caught_up, timeout_s, f"brokers {nodes} to catch up on {topic}-{partition}", interval_s=0.1)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; last views: {last}") from None
+        return dict(last)
+
+    # ---------------------------------------------------------------------------------- logs
+
+    def log_tails(self, lines: int = LOG_TAIL_LINES) -> str:
+        parts = []
+        for node, broker in self.brokers.items():
+            state = "running" if broker.running else f"exited {broker.proc.returncode}" if broker.proc else "never run"
+            parts.append(f"===== broker {node} ({broker.address}, {state}, pid "
+                         f"{broker.proc.pid if broker.proc else '-'}) {broker.log_path}\n{broker.log_tail(lines)}")
+        return "\n".join(parts)
+
+    def pids(self) -> Mapping[int, int]:
+        return {n: b.pid for n, b in self.brokers.items() if b.running}
+
+
+@contextlib.contextmanager
+def running_cluster(root: Path, **kwargs: object) -> Iterator[BrokerCluster]:
+    """A started cluster, always stopped afterwards (also when starting it fails half-way)."""
+    cluster = BrokerCluster(root, **kwargs)  # type: ignore[arg-type]
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop_all()
