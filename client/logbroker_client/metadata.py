@@ -111,6 +111,8 @@ class ClusterMetadata(MetadataCache):
                 continue
             self.apply(response)
             return response
+        if error is not None and len(self.addresses()) == 1:
+            raise error
         raise BrokerUnavailableError(f"no broker answers at {', '.join(self.addresses())}; is the cluster running? "
                                      f"(last error: {error})")
 

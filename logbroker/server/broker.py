@@ -225,7 +225,9 @@ class Broker:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             hosted = [r for (topic, _), r in self._partitions.items() if topic == name]
-            if all(r.leader_id is not None for r in hosted):
+            # A leader is ready once its no-op entry is committed: the high watermark then reaches the log end.
+            if all(r.leader_id is not None and (not r.is_leader or r.high_watermark >= r.log.log_end_offset)
+                   for r in hosted):
                 return
             await asyncio.sleep(self.config.raft_tick_ms / 1000)
 
