@@ -226,7 +226,7 @@ class Broker:
         while time.monotonic() < deadline:
             hosted = [r for (topic, _), r in self._partitions.items() if topic == name]
             # A leader is ready once its no-op entry is committed: the high watermark then reaches the log end.
-            if all(r.leader_id is not None and (not r.is_leader or r.high_watermark >= r.log.log_end_offset)
+            if all(r.leader_id is not None and (not r.is_leader or r.node.commit_offset >= r.node.log.last_offset)
                    for r in hosted):
                 return
             await asyncio.sleep(self.config.raft_tick_ms / 1000)

@@ -12,7 +12,7 @@ from logbroker_client import records as rec
 from logbroker_client.proto import logbroker_pb2 as pb
 from logbroker_client.proto import logbroker_pb2_grpc as pb_grpc
 
-from tests.support.brokers import InProcessBroker
+from tests.support.brokers import InProcessBroker, wait_until
 
 
 def batch(values: list[bytes], producer_id: int = -1, sequence: int = -1) -> bytes:
@@ -24,11 +24,18 @@ def batch(values: list[bytes], producer_id: int = -1, sequence: int = -1) -> byt
 
 
 def produce(stub: pb_grpc.BrokerStub, *batches: bytes) -> pb.PartitionProduceResult:
+    """Produce, retrying NOT_LEADER while a restarted broker elects itself (as clients do)."""
     request = pb.ProduceRequest(acks=-1, partitions=[
         pb.PartitionRecords(topic="idem", partition=0, records=b"".join(batches))])
-    result = stub.Produce(request, timeout=10).results[0]
-    assert result.error_code == pb.ErrorCode.NONE, result.error_message
-    return result
+    answers: list[pb.PartitionProduceResult] = []
+
+    def accepted() -> bool:
+        answers.append(stub.Produce(request, timeout=10).results[0])
+        return answers[-1].error_code != pb.ErrorCode.NOT_LEADER
+
+    wait_until(accepted, 10, "a partition leader to accept the batch")
+    assert answers[-1].error_code == pb.ErrorCode.NONE, answers[-1].error_message
+    return answers[-1]
 
 
 def stored_values(address: str) -> list[bytes | None]:
