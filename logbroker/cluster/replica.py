@@ -38,6 +38,7 @@ PRODUCER_FIELDS = struct.Struct(">qhii")
 PRODUCER_FIELDS_POSITION = 43
 PRODUCER_STATE_SCAN_OFFSETS = 200_000  # how far back start-up looks for producer sequences
 PRODUCER_STATE_SCAN_BYTES = 4 << 20
+QUIESCE_AFTER_TICKS = 4
 
 
 class MessageSender(Protocol):
@@ -76,6 +77,9 @@ class Replica:
         self._on_commit = on_commit
         self._on_leader_change = on_leader_change
         self._busy = False
+        self.quiet = False  # an idle group neither ticks nor heartbeats; any message or proposal wakes it
+        self.preferred_leader: int | None = None
+        self._idle_ticks = 0
         # The controller persists its commit offset with every change, so a restart re-applies the whole
         # committed metadata at once; partitions persist it only with term and vote (their HW recovers
         # from the leader within a heartbeat, and an fsync per commit would halve their throughput).
@@ -107,15 +111,56 @@ class Replica:
         self._kick()
 
     def tick(self) -> None:
+        self._idle_ticks += 1
         self.node.tick()
         self._kick()
 
     def step(self, message: Message) -> None:
+        if self.quiet or self.node.role is not Role.LEADER:
+            # A leader's own heartbeat answers must not keep it awake; anything else does.
+            self.quiet = False
+            self._idle_ticks = 0
         self.node.step(message)
         self._kick()
 
+    def wake(self, fast_forward_ticks: int = 0) -> None:
+        """Leave quiescence. fast_forward_ticks > 0 when the leader's broker died: count its silence now."""
+        self.quiet = False
+        self._idle_ticks = 0
+        for _ in range(fast_forward_ticks):
+            self.node.tick()
+        self._kick()
+
+    def campaign_now(self) -> None:
+        """Start an election at once (a new group's preferred leader), instead of after a random timeout."""
+        for _ in range(2 * self.node.config.election_timeout_ticks):
+            if self.node.role is not Role.FOLLOWER or self.node.leader_id is not None:
+                break
+            self.node.tick()
+        self._kick()
+
+    def maybe_quiesce(self, is_alive: Callable[[int], bool]) -> None:
+        """Go quiet when nothing is left to do: a leader whose log is committed on every replica and that
+        has had no proposal for a while, or a follower whose leader's broker is alive but silent."""
+        if self._idle_ticks < QUIESCE_AFTER_TICKS or self._busy or self.node.has_ready():
+            return
+        node = self.node
+        if node.role is Role.LEADER:
+            last = node.log.last_offset
+            if node.commit_offset != last or self._commit_waiters or self._durable_waiters:
+                return
+            for member in node.membership.members:
+                progress = node.progress(member) if member != self.node_id else None
+                if member != self.node_id and (progress is None or progress.match_offset != last):
+                    return
+            self.quiet = True
+        elif node.role is Role.FOLLOWER and node.leader_id is not None and is_alive(node.leader_id):
+            self.quiet = True
+
     def propose(self, payloads: Sequence[tuple[bytes, int]]) -> list[Entry]:
         """Propose (batch bytes, record count) pairs; raises the core's NotLeaderError on a follower."""
+        self.quiet = False
+        self._idle_ticks = 0
         entries = []
         for payload, count in payloads:
             entry = self.node.propose(payload, count)
@@ -193,7 +238,10 @@ class Replica:
         self.node.advance(ready)
         if ready.leader_change is not None:
             change = ready.leader_change
-            log.info("%s: %s in term %d (leader %s)", self.group, change.role.value, change.term, change.leader_id)
+            # Leadership at INFO; the steps of an election at DEBUG (a thousand groups elect at once).
+            level = logging.INFO if change.role is Role.LEADER else logging.DEBUG
+            log.log(level, "%s: %s in term %d (leader %s)", self.group, change.role.value, change.term,
+                    change.leader_id)
             if change.role is not Role.LEADER:
                 self._fail_waiters(NotLeaderNow(self.group, change.leader_id))
             self._on_leader_change(self)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from logbroker_client import records as rec
 
+from logbroker.cluster.liveness import Liveness
 from logbroker.cluster.metadata import (
     CONTROLLER_GROUP,
     ClusterState,
@@ -85,6 +86,7 @@ class Broker:
         self._log_defaults = LogConfig.from_mapping(config.log_defaults)
         self.cluster = ClusterState()
         self.transport = RaftTransport(self.node_id, self.peers, self._on_raft_messages)
+        self.liveness = Liveness(self.node_id, list(self.peers), config.liveness_timeout_ticks)
         self._replicas: dict[str, Replica] = {}  # group name -> replica, the controller included
         self._partitions: dict[tuple[str, int], Replica] = {}
         self.controller: Replica | None = None
@@ -117,16 +119,35 @@ class Broker:
         return replica
 
     async def _tick_forever(self) -> None:
-        # One timer for every group on this broker, not one per partition.
+        # One timer for every group on this broker, not one per partition; quiet groups cost nothing.
         interval_s = self.config.raft_tick_ms / 1000
         while True:
             await asyncio.sleep(interval_s)
-            for replica in list(self._replicas.values()):
-                if not replica.closed:
-                    replica.tick()
+            self._tick_once()
+
+    def _tick_once(self) -> None:
+        self.transport.send_many(self.liveness.heartbeats())
+        for peer in self.liveness.tick():
+            self._on_peer_down(peer)
+        is_alive = self.liveness.is_alive
+        for replica in list(self._replicas.values()):
+            if not replica.quiet and not replica.closed:
+                replica.tick()
+                replica.maybe_quiesce(is_alive)
+
+    def _on_peer_down(self, peer: int) -> None:
+        """A broker went silent: the groups it led must elect, now rather than after another timeout."""
+        woken = [r for r in self._replicas.values() if not r.closed and (
+            r.leader_id == peer or (r.leader_id is None and r.preferred_leader == peer))]
+        log.warning("broker %d silent for %d ticks; %d group(s) it led elect new leaders",
+                    peer, self.liveness.timeout_ticks, len(woken))
+        for replica in woken:
+            replica.wake(fast_forward_ticks=self.config.raft_election_ticks)
 
     def _on_raft_messages(self, items: list[tuple[str, Message]]) -> None:
+        heard = self.liveness.heard_from
         for group, message in items:
+            heard(message.from_node)
             replica = self._replicas.get(group)
             if replica is not None and not replica.closed:
                 replica.step(message)
@@ -189,6 +210,15 @@ class Broker:
             plog = PartitionLog.open(self.data_dir / group, log_config, topic.name, index)
             replica = self._add_replica(group, plog, Membership.of(replicas), self._on_partition_commit)
             self._partitions[(topic.name, index)] = replica
+            replica.preferred_leader = replicas[0]
+            if replica.term == 0:
+                # A new group: its preferred leader campaigns at once and the others stay quiet until it
+                # calls (or its broker is found dead), so a thousand new partitions elect without split
+                # votes, and leadership spreads as the placement intended.
+                if replicas[0] == self.node_id:
+                    replica.campaign_now()
+                else:
+                    replica.quiet = True
 
     def _stop_topic(self, name: str) -> None:
         for (topic, index), replica in list(self._partitions.items()):

@@ -1,0 +1,41 @@
+"""Broker liveness: one heartbeat per broker pair per tick, whatever the number of Raft groups.
+
+Idle Raft groups go quiet (no ticks, no heartbeats of their own, see Replica.maybe_quiesce); what keeps
+their followers from waiting forever on a dead leader is this table. Any message from a peer counts as
+a sign of life; a peer silent for `timeout_ticks` is declared down, and the broker then wakes every
+group that peer was leading so its followers elect a new leader.
+"""
+
+from __future__ import annotations
+
+from logbroker.raft.types import Message, MessageType
+
+LIVENESS_GROUP = "__liveness"
+
+
+class Liveness:
+    def __init__(self, node_id: int, peers: list[int], timeout_ticks: int) -> None:
+        self.node_id = node_id
+        self.peers = [p for p in peers if p != node_id]
+        self.timeout_ticks = timeout_ticks
+        self._now = 0
+        self._last_heard: dict[int, int] = {p: 0 for p in self.peers}  # peers start alive: give them a timeout
+        self._down: set[int] = set()
+
+    def heartbeats(self) -> list[tuple[str, Message]]:
+        return [(LIVENESS_GROUP, Message(MessageType.HEARTBEAT, self.node_id, peer, 0)) for peer in self.peers]
+
+    def heard_from(self, peer: int) -> None:
+        self._last_heard[peer] = self._now
+        self._down.discard(peer)
+
+    def is_alive(self, peer: int) -> bool:
+        return peer == self.node_id or peer not in self._down
+
+    def tick(self) -> list[int]:
+        """Advance one tick; return the peers that have just gone silent for too long."""
+        self._now += 1
+        newly_down = [p for p in self.peers
+                      if p not in self._down and self._now - self._last_heard.get(p, 0) > self.timeout_ticks]
+        self._down.update(newly_down)
+        return newly_down

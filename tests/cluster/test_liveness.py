@@ -1,0 +1,34 @@
+"""Broker liveness: one heartbeat per peer per tick; silence past the timeout declares a peer down once."""
+
+from __future__ import annotations
+
+from logbroker.cluster.liveness import LIVENESS_GROUP, Liveness
+from logbroker.raft.types import MessageType
+
+
+def test_a_broker_sends_one_heartbeat_to_each_peer_per_tick() -> None:
+    liveness = Liveness(1, [1, 2, 3], timeout_ticks=3)
+    beats = liveness.heartbeats()
+    assert [(group, m.type, m.from_node, m.to_node) for group, m in beats] == [
+        (LIVENESS_GROUP, MessageType.HEARTBEAT, 1, 2), (LIVENESS_GROUP, MessageType.HEARTBEAT, 1, 3)]
+
+
+def test_a_peer_silent_past_the_timeout_is_declared_down_once() -> None:
+    liveness = Liveness(1, [1, 2, 3], timeout_ticks=3)
+    for _ in range(3):
+        liveness.heard_from(3)
+        assert liveness.tick() == []
+    liveness.heard_from(3)
+    assert liveness.tick() == [2]
+    assert not liveness.is_alive(2) and liveness.is_alive(3) and liveness.is_alive(1)
+    assert liveness.tick() == []  # reported once, not on every tick
+
+
+def test_a_peer_heard_from_again_is_alive_and_can_go_down_again() -> None:
+    liveness = Liveness(1, [1, 2], timeout_ticks=1)
+    liveness.tick()
+    assert liveness.tick() == [2]
+    liveness.heard_from(2)
+    assert liveness.is_alive(2)
+    liveness.tick()
+    assert liveness.tick() == [2]
