@@ -79,38 +79,88 @@ class ReplicaState:
         return Membership.of(self.voters, self.learners)
 
 
+class ReplicaStateCorruptError(RuntimeError):
+    """Neither slot of a Raft state file holds a valid record."""
+
+
 class ReplicaStateFile:
-    """Atomically replaced JSON (write, fsync, rename, fsync dir): a crash leaves old or new, never half."""
+    """Term, vote and friends in two fixed slots, written in place: one fdatasync per save, no rename.
+
+    Layout: two slots of SLOT_BYTES at offsets 0 and SLOT_BYTES, each `seq u64 | length u32 | crc32c u32 |
+    JSON`. A save writes the older slot with the next sequence number; load takes the valid slot with the
+    higher one. A write torn by a crash fails its CRC and the other slot (the previous state) wins, which
+    is safe: nothing that depended on the torn save was sent, as the save had not returned.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()  # the flush thread and a closing broker may both save
+        self._fd: int | None = None
+        self._seq = 0
 
     def load(self, default_membership: Membership) -> ReplicaState:
         if not self.path.exists():
             return ReplicaState(voters=tuple(sorted(default_membership.voters)),
                                 learners=tuple(sorted(default_membership.learners)))
-        doc = json.loads(self.path.read_text())
+        data = self.path.read_bytes()
+        best: tuple[int, dict] | None = None  # type: ignore[type-arg]
+        for slot in (0, 1):
+            record = self._parse_slot(data[slot * SLOT_BYTES:(slot + 1) * SLOT_BYTES])
+            if record is not None and (best is None or record[0] > best[0]):
+                best = record
+        if best is None:
+            raise ReplicaStateCorruptError(
+                f"{self.path}: no valid Raft state in either slot; restore the file or remove this replica's "
+                "data so it rejoins empty from the leader")
+        self._seq, doc = best
         doc["voters"] = tuple(doc["voters"])
         doc["learners"] = tuple(doc["learners"])
         return ReplicaState(**doc)
 
-    def save(self, state: ReplicaState) -> None:
-        with self._lock:
-            self._save(state)
+    @staticmethod
+    def _parse_slot(slot: bytes) -> tuple[int, dict] | None:  # type: ignore[type-arg]
+        if len(slot) < _SLOT_HEADER.size:
+            return None
+        seq, length, crc = _SLOT_HEADER.unpack_from(slot)
+        body = slot[_SLOT_HEADER.size:_SLOT_HEADER.size + length]
+        if seq == 0 or len(body) != length or rec.crc32c(body) != crc:
+            return None
+        return seq, json.loads(body)
 
-    def _save(self, state: ReplicaState) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump(asdict(state), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    def save(self, state: ReplicaState) -> None:
+        body = json.dumps(asdict(state)).encode()
+        if len(body) > SLOT_BYTES - _SLOT_HEADER.size:
+            raise ValueError(f"{self.path}: Raft state of {len(body)} bytes does not fit a slot")
+        with self._lock:
+            fd = self._open()
+            self._seq += 1
+            record = _SLOT_HEADER.pack(self._seq, len(body), rec.crc32c(body)) + body
+            os.pwrite(fd, record, (self._seq % 2) * SLOT_BYTES)
+            os.fdatasync(fd)
+
+    def _open(self) -> int:
+        if self._fd is None:
+            created = not self.path.exists()
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            if created:  # the file's existence must survive a crash too
+                os.ftruncate(self._fd, 2 * SLOT_BYTES)
+                os.fsync(self._fd)
+                dir_fd = os.open(self.path.parent, os.O_RDONLY)
+                try:
+                    os.fsync(dir_fd)
+                finally:
+                    os.close(dir_fd)
+        return self._fd
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+
+SLOT_BYTES = 512
+_SLOT_HEADER = struct.Struct(">QII")
 
 
 RECENT_ENTRIES = 128  # entries just appended, kept so that commit and replication need not read them back

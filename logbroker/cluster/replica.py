@@ -325,6 +325,7 @@ class Replica:
         self.closed = True
         self._fail_waiters(RuntimeError(f"{self.group}: replica closed"))
         self.save_state()
+        self._state_file.close()
         self.log.close()
 
 

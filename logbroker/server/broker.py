@@ -48,6 +48,7 @@ log = logging.getLogger("logbroker.broker")
 EARLIEST_TIMESTAMP = -2
 LATEST_TIMESTAMP = -1
 RAFT_STATE_DIR = "__raft"
+RAFT_STATE_SUFFIX = ".raftstate"
 CONTROLLER_DIR = "__controller-0"
 SHUTDOWN_TRANSFER_TIMEOUT_S = 3.0
 # producerId i64, producerEpoch i16, baseSequence i32, recordsCount i32 at byte 43 of a batch header
@@ -111,7 +112,7 @@ class Broker:
 
     def _add_replica(self, group: str, plog: PartitionLog, membership: Membership,
                      on_commit: Callable[[Replica, Sequence[Entry]], None], controller: bool = False) -> Replica:
-        state_file = ReplicaStateFile(self.data_dir / RAFT_STATE_DIR / f"{group}.json")
+        state_file = ReplicaStateFile(self.data_dir / RAFT_STATE_DIR / f"{group}{RAFT_STATE_SUFFIX}")
         replica = Replica(group, plog, state_file, membership, self.raft_config(), self.transport, self._executor,
                           on_commit, self._on_leader_change, applied_offset=-1 if controller else None,
                           persist_commit=controller)
@@ -228,7 +229,7 @@ class Broker:
             del self._replicas[replica.group]
             replica.close()
             replica.log.delete()
-            (self.data_dir / RAFT_STATE_DIR / f"{replica.group}.json").unlink(missing_ok=True)
+            (self.data_dir / RAFT_STATE_DIR / f"{replica.group}{RAFT_STATE_SUFFIX}").unlink(missing_ok=True)
         log.info("deleted topic %s and its local replicas", name)
 
     def _on_partition_commit(self, replica: Replica, entries: Sequence[Entry]) -> None:

@@ -15,7 +15,7 @@ DEFAULT_MAX_REQUEST_BYTES = 100 * 1024 * 1024
 DEFAULT_MAX_FETCH_WAIT_MS = 30_000
 DEFAULT_RETENTION_CHECK_INTERVAL_MS = 60_000
 DEFAULT_SHUTDOWN_GRACE_MS = 5_000
-DEFAULT_FLUSH_THREADS = 4
+DEFAULT_FLUSH_THREADS = 8  # fsyncs of different partitions proceed in parallel on the device
 # One tick drives every Raft group on the broker. Busy groups heartbeat every 2 ticks and elect after
 # 10-20 silent ticks; idle groups go quiet, and a broker silent for 8 ticks (400 ms) is declared down,
 # which starts the elections of the groups it led at once.
