@@ -32,6 +32,7 @@ from logbroker_client.errors import LogbrokerError
 
 SEQ_DIGITS = 12
 MAX_VIOLATIONS_SHOWN = 20
+DEFAULT_LOAD_RATE_PER_S = 5000.0  # enough to have batches in flight at any moment, little enough to read back fast
 
 
 class Stored(NamedTuple):
@@ -207,18 +208,21 @@ def _read_partition(bootstrap: str, tp: TopicPartition, deadline: float) -> list
 class ProducerLoad:
     """A thread that sends sequence-numbered values to partitions seq % partitions until stopped.
 
-    At most `max_outstanding` records are unacknowledged at a time, so a stalled cluster stalls the
+    It paces itself to `rate_per_s` records a second (catching up after a stall) and keeps at most
+    `max_outstanding` records unacknowledged at a time, so a stalled cluster stalls the
     load instead of filling memory. Every acknowledgement and failure goes to `acks`.
     """
 
     def __init__(self, bootstrap: str, topic: str, partitions: int, acks: AckLog, *, value_size: int = 64,
-                 max_outstanding: int = 2000, producer_args: Mapping[str, Any] | None = None) -> None:
+                 max_outstanding: int = 2000, rate_per_s: float = DEFAULT_LOAD_RATE_PER_S,
+                 producer_args: Mapping[str, Any] | None = None) -> None:
         self.bootstrap = bootstrap
         self.topic = topic
         self.partitions = partitions
         self.acks = acks
         self.value_size = value_size
         self.max_outstanding = max_outstanding
+        self.rate_per_s = rate_per_s
         self.producer_args: dict[str, Any] = {"acks": "all", "linger_ms": 2, "batch_size": 16384,
                                               "request_timeout_ms": 3000, "delivery_timeout_ms": 60_000,
                                               **(producer_args or {})}
@@ -234,9 +238,11 @@ class ProducerLoad:
     def _run(self) -> None:
         try:
             with Producer(self.bootstrap, **self.producer_args) as producer:
+                started = time.monotonic()
                 while not self._stop.is_set():
-                    if self.sent - self.acks.completed >= self.max_outstanding:
-                        time.sleep(0.002)
+                    ahead_s = self.sent / self.rate_per_s - (time.monotonic() - started)
+                    if self.sent - self.acks.completed >= self.max_outstanding or ahead_s > 0:
+                        time.sleep(min(max(ahead_s, 0.0), 0.01) or 0.002)
                         continue
                     value = make_value(self.sent, self.value_size)
                     future = producer.send(self.topic, value=value, partition=self.sent % self.partitions)

@@ -26,8 +26,11 @@ import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import grpc
 from logbroker_client import Admin
+from logbroker_client.connection import Connection
 from logbroker_client.errors import LogbrokerError
+from logbroker_client.proto import logbroker_pb2 as pb
 from logbroker_client.types import PartitionInfo
 
 from tests.support.brokers import REPO_ROOT, STARTUP_TIMEOUT_S, BrokerProcess, free_port, is_serving, wait_until
@@ -80,7 +83,9 @@ class ClusterBroker(BrokerProcess):
         wait_until(lambda: self._exited_early() or is_serving(self.address), timeout_s,
                    f"broker {self.node_id} on {self.address} to serve")
         if self._exited_early():
-            raise AssertionError(f"broker {self.node_id} exited at start-up:\n{self.log_text()[-4000:]}")
+            assert self.proc is not None
+            raise AssertionError(f"broker {self.node_id} exited at start-up with code {self.proc.returncode}:\n"
+                                 f"{self.log_tail()}")
 
     @property
     def running(self) -> bool:
@@ -246,6 +251,20 @@ class BrokerCluster:
                 out[node] = view
         return out
 
+    def metadata_view(self, node: int, topic: str, partition: int) -> tuple[int, int] | None:
+        """(leader id, leader epoch = Raft term) of the partition as broker `node` reports it in Metadata."""
+        conn = Connection(self.brokers[node].address)
+        try:
+            response = conn.broker.Metadata(pb.MetadataRequest(topics=[topic]), timeout=DESCRIBE_TIMEOUT_MS / 1000)
+        except grpc.RpcError:
+            return None
+        finally:
+            conn.close()
+        parts = response.topics[0].partitions if response.topics else []
+        if partition >= len(parts):
+            return None
+        return int(parts[partition].leader_id), int(parts[partition].leader_epoch)
+
     def current_leader(self, topic: str, partition: int) -> int | None:
         """The leader that the live brokers agree on, if a majority of all brokers agree and it is live."""
         views = self.views(topic, partition)
@@ -272,6 +291,15 @@ class BrokerCluster:
 
         wait_until(agreed, timeout_s, f"a leader of {topic}-{partition} (not in {exclude})", interval_s=0.05)
         return found[-1]
+
+    def wait_high_watermark(self, topic: str, partition: int, node: int, offset: int, timeout_s: float = 30.0) -> None:
+        """Wait until broker `node` knows a high watermark of at least `offset` (it holds the log that far)."""
+        def reached() -> bool:
+            view = self.partition_view(node, topic, partition)
+            return view is not None and view.high_watermark >= offset
+
+        wait_until(reached, timeout_s, f"broker {node} to reach high watermark {offset} on {topic}-{partition}",
+                   interval_s=0.1)
 
     def wait_caught_up(self, topic: str, partition: int, nodes: list[int] | None = None,
                        timeout_s: float = 30.0) -> dict[int, PartitionInfo]:
