@@ -315,6 +315,7 @@ class Replica:
     # -------------------------------------------------------------------------------- lifecycle
 
     def transfer_leadership(self, to_node: int) -> None:
+        self.wake()  # the transfer needs ticks: it is abandoned after an election timeout
         self.node.transfer_leadership(to_node)
         self._kick()
 

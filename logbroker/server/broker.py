@@ -51,6 +51,7 @@ RAFT_STATE_DIR = "__raft"
 RAFT_STATE_SUFFIX = ".raftstate"
 CONTROLLER_DIR = "__controller-0"
 SHUTDOWN_TRANSFER_TIMEOUT_S = 3.0
+MAX_LEADER_TRANSFERS_PER_ROUND = 100
 # producerId i64, producerEpoch i16, baseSequence i32, recordsCount i32 at byte 43 of a batch header
 PRODUCER_KEY = struct.Struct(">qxxi")
 PRODUCER_KEY_POSITION = 43
@@ -517,10 +518,37 @@ class Broker:
     # ---------------------------------------------------------------------------- maintenance
 
     async def run_maintenance(self) -> None:
-        """Retention, forever (cancelled at shutdown)."""
+        """Retention and leader balancing, forever (cancelled at shutdown)."""
+        loop = asyncio.get_running_loop()
+        next_retention = loop.time() + self.config.retention_check_interval_ms / 1000
         while True:
-            await asyncio.sleep(self.config.retention_check_interval_ms / 1000)
-            self.apply_retention()
+            await asyncio.sleep(self.config.leader_balance_interval_ms / 1000)
+            self.balance_leaders()
+            if loop.time() >= next_retention:
+                next_retention = loop.time() + self.config.retention_check_interval_ms / 1000
+                self.apply_retention()
+
+    def balance_leaders(self) -> int:
+        """Hand groups this broker leads back to their preferred leader (the first replica placed), when
+        that broker is alive and caught up, so leadership stays spread as placement intended after
+        failovers and restarts. Returns the number of transfers started."""
+        started = 0
+        for replica in list(self._partitions.values()):
+            if started >= MAX_LEADER_TRANSFERS_PER_ROUND:
+                break
+            preferred = replica.preferred_leader
+            if (not replica.is_leader or preferred is None or preferred == self.node_id
+                    or not self.liveness.is_alive(preferred)):
+                continue
+            progress = replica.node.progress(preferred)
+            if progress is None or progress.match_offset < replica.node.log.last_offset:
+                continue
+            with contextlib.suppress(Exception):
+                replica.transfer_leadership(preferred)
+                started += 1
+        if started:
+            log.info("moving leadership of %d group(s) back to their preferred brokers", started)
+        return started
 
     def apply_retention(self) -> int:
         deleted = 0

@@ -14,6 +14,7 @@ DEFAULT_REPLICATION_FACTOR = 1
 DEFAULT_MAX_REQUEST_BYTES = 100 * 1024 * 1024
 DEFAULT_MAX_FETCH_WAIT_MS = 30_000
 DEFAULT_RETENTION_CHECK_INTERVAL_MS = 60_000
+DEFAULT_LEADER_BALANCE_INTERVAL_MS = 10_000
 DEFAULT_SHUTDOWN_GRACE_MS = 5_000
 DEFAULT_FLUSH_THREADS = 8  # fsyncs of different partitions proceed in parallel on the device
 # One tick drives every Raft group on the broker. Busy groups heartbeat every 2 ticks and elect after
@@ -39,6 +40,7 @@ class BrokerConfig:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     max_fetch_wait_ms: int = DEFAULT_MAX_FETCH_WAIT_MS
     retention_check_interval_ms: int = DEFAULT_RETENTION_CHECK_INTERVAL_MS
+    leader_balance_interval_ms: int = DEFAULT_LEADER_BALANCE_INTERVAL_MS
     shutdown_grace_ms: int = DEFAULT_SHUTDOWN_GRACE_MS
     flush_threads: int = DEFAULT_FLUSH_THREADS
     # The brokers of the cluster, node id -> HOST:PORT, this one included; empty means a cluster of one.
