@@ -81,6 +81,9 @@ class BrokerServer:
         log.info("broker %d shutting down", self.config.node_id)
         await self.broker.hand_over_leadership()
         await self._health.enter_graceful_shutdown()
+        # Peers' inbound Raft streams end once our transport stops; without this the server's grace
+        # period would wait them out in full.
+        await self.broker.transport.stop()
         if self._server is not None:
             await self._server.stop(self.config.shutdown_grace_ms / 1000)
         if self._maintenance is not None:

@@ -347,7 +347,11 @@ class Broker:
         leader = replica.leader_id
         address = self.peers.get(leader, "") if leader is not None else ""
         if leader is None or not address:
-            raise errors.NotLeader(f"{topic}-{index}: no leader is elected yet; retry shortly")
+            # Either an election is under way or a majority of the replicas is unreachable; both clear
+            # up only when enough replicas talk to each other again.
+            raise errors.NotEnoughReplicas(
+                f"{topic}-{index}: no leader: a majority of replicas {sorted(replica.node.membership.voters)} "
+                "must be up and connected to elect one; retrying clients succeed once it is")
         raise errors.NotLeader(f"{topic}-{index}: broker {self.node_id} is not the leader; broker {leader} at "
                                f"{address} is", leader_id=leader, leader_address=address)
 

@@ -368,6 +368,40 @@ class PartitionLog:
         self, buf: bytes | bytearray, infos: list[BatchInfo], next_offset: int, max_timestamp: int,
         last_epoch: int, now_ms: int,
     ) -> AppendResult:
+        """Write the batches, rolling between them so no segment outgrows segment.bytes (one call may carry
+        many batches: a Raft follower writes a whole catch-up at once)."""
+        chunks = self._split_for_segments(infos)
+        result = None
+        for chunk in chunks:
+            start = chunk[0].position
+            end = chunk[-1].position + chunk[-1].size
+            data = buf if len(chunks) == 1 else memoryview(buf)[start:end]
+            if len(chunks) > 1:
+                chunk = [info._replace(position=info.position - start) for info in chunk]
+            written = self._write_chunk(data, chunk, chunk[-1].last_offset + 1, max_timestamp, last_epoch, now_ms)
+            result = written if result is None else result._replace(last_offset=written.last_offset)
+        assert result is not None and self._next_offset == next_offset
+        return result
+
+    def _split_for_segments(self, infos: list[BatchInfo]) -> list[list[BatchInfo]]:
+        """Consecutive runs of batches that each fit a segment of segment.bytes (a batch alone always does)."""
+        limit = self.config.segment_bytes
+        room = limit - self._segments[-1].size_bytes
+        chunks: list[list[BatchInfo]] = [[]]
+        used = 0
+        for info in infos:
+            if chunks[-1] and used + info.size > room:
+                chunks.append([])
+                used = 0
+                room = limit
+            chunks[-1].append(info)
+            used += info.size
+        return chunks if chunks[0] else chunks[1:]
+
+    def _write_chunk(
+        self, buf: bytes | bytearray | memoryview, infos: list[BatchInfo], next_offset: int, max_timestamp: int,
+        last_epoch: int, now_ms: int,
+    ) -> AppendResult:
         first = infos[0].base_offset
         segment = self._segments[-1]
         if self._should_roll(segment, len(buf), next_offset - 1, now_ms):

@@ -120,7 +120,9 @@ class LogSegment:
 
     # ---------------------------------------------------------------------------------------- appending
 
-    def append(self, data: bytes | bytearray, batches: Sequence[BatchInfo], last_epoch: int, now_ms: int) -> int:
+    def append(
+        self, data: bytes | bytearray | memoryview, batches: Sequence[BatchInfo], last_epoch: int, now_ms: int
+    ) -> int:
         """Write whole, already stamped batches; return the position of the first. O(1) work per batch.
 
         On OSError the segment is left exactly as before (log and indexes truncated back) and the error

@@ -204,12 +204,6 @@ def test_rolling_restart_under_load(cluster: BrokerCluster) -> None:
     check_everything(cluster, acks)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "SIGTERM of a broker in a cluster always takes the whole shutdown grace (5 s): BrokerServer.stop "
-    "(logbroker/server/app.py) awaits grpc server.stop(shutdown_grace_ms) while the peers' inbound Raft.Exchange "
-    "streams are still open, and _RaftServicer ends them only once transport._stopped is set, which "
-    "Broker.close() does after server.stop() returns. Fix: stop the transport (or end the Exchange calls) "
-    "before stopping the gRPC server."))
 def test_sigterm_in_a_cluster_does_not_wait_for_the_whole_grace(cluster: BrokerCluster) -> None:
     create_topic(cluster)
     started = time.monotonic()
@@ -228,14 +222,12 @@ def test_a_broker_down_while_many_segments_are_written_catches_up(cluster: Broke
     follower = next(n for n in sorted(cluster.brokers) if n != leader)
     assert cluster.terminate(follower) == 0
     acks = AckLog()
-    # One small batch at a time: the leader rolls segments only between writes (see the xfail test below).
     produce_burst(cluster, topic, acks, flush_every=CATCH_UP_FLUSH_EVERY)
     leader_segments = segment_count(cluster, leader, topic)
     assert leader_segments >= 5, f"only {leader_segments} segments were written; the test wants several"
     cluster.restart(follower)
     views = cluster.wait_caught_up(topic, 0)
     assert views[follower].high_watermark == views[leader].high_watermark
-    # (The follower's own segments are few and large: it writes each catch-up Ready as one, see the xfail below.)
     # What the follower holds on disk is the whole acknowledged log: stop it and read its files.
     assert cluster.terminate(follower) == 0
     local = read_local_partition(cluster, follower, topic, views[follower].high_watermark)
@@ -255,12 +247,6 @@ def produce_burst(cluster: BrokerCluster, topic: str, acks: AckLog, flush_every:
     assert acks.count() == CATCH_UP_RECORDS, acks.summary()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "segment.bytes is checked once per write, and one write is a whole Raft Ready (every batch proposed during "
-    "the previous fsync, or a follower's whole catch-up Ready): PartitionLog._write (logbroker/storage/log.py) "
-    "calls _should_roll once for the whole "
-    "buffer that Replica._persist passes to append_replicated, so under a burst segments of segment.bytes=65536 "
-    "grow to 300-500 KB. Fix: split the Ready's buffer at batch boundaries and roll between batches."))
 def test_segments_respect_segment_bytes_under_a_burst(cluster: BrokerCluster) -> None:
     topic = "burst"
     create_topic(cluster, partitions=1, configs={"segment.bytes": str(SMALL_SEGMENT_BYTES)}, name=topic)
@@ -320,7 +306,6 @@ def quorum_loss_error(cluster: BrokerCluster) -> BaseException:
         error = future.exception(timeout=QUORUM_DELIVERY_TIMEOUT_MS / 1000 + 10)
         elapsed = time.monotonic() - started
     assert error is not None, "a lone broker acknowledged an acks=all write"
-    # NOT_LEADER is what the lone broker answers once check-quorum has made it step down (see the xfail below).
     assert isinstance(error, (NotEnoughReplicasError, RequestTimedOutError, NotLeaderError, LeaderNotAvailableError)), \
         f"{type(error).__name__}: {error}"
     limit_s = (QUORUM_DELIVERY_TIMEOUT_MS + QUORUM_REQUEST_TIMEOUT_MS) / 1000 + 2
@@ -328,12 +313,6 @@ def quorum_loss_error(cluster: BrokerCluster) -> BaseException:
     return error
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a partition that lost its quorum answers NOT_LEADER 'no leader is elected yet; retry shortly', not "
-    "NOT_ENOUGH_REPLICAS: check-quorum steps the lone leader down within an election timeout, and then "
-    "Broker.leader_replica (logbroker/server/broker.py) raises errors.NotLeader with no leader, so the producer "
-    "retries until its delivery timeout and reports NotLeaderError. Fix: answer LEADER_NOT_AVAILABLE (or "
-    "NOT_ENOUGH_REPLICAS once no leader was known for an election timeout) when the local replica has no leader."))
 def test_quorum_loss_is_reported_as_not_enough_replicas(cluster: BrokerCluster) -> None:
     error = quorum_loss_error(cluster)
     assert isinstance(error, (NotEnoughReplicasError, LeaderNotAvailableError)), f"{type(error).__name__}: {error}"

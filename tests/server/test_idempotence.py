@@ -24,14 +24,14 @@ def batch(values: list[bytes], producer_id: int = -1, sequence: int = -1) -> byt
 
 
 def produce(stub: pb_grpc.BrokerStub, *batches: bytes) -> pb.PartitionProduceResult:
-    """Produce, retrying NOT_LEADER while a restarted broker elects itself (as clients do)."""
+    """Produce, retrying while a restarted broker elects itself (as clients do)."""
     request = pb.ProduceRequest(acks=-1, partitions=[
         pb.PartitionRecords(topic="idem", partition=0, records=b"".join(batches))])
     answers: list[pb.PartitionProduceResult] = []
 
     def accepted() -> bool:
         answers.append(stub.Produce(request, timeout=10).results[0])
-        return answers[-1].error_code != pb.ErrorCode.NOT_LEADER
+        return answers[-1].error_code not in (pb.ErrorCode.NOT_LEADER, pb.ErrorCode.NOT_ENOUGH_REPLICAS)
 
     wait_until(accepted, 10, "a partition leader to accept the batch")
     assert answers[-1].error_code == pb.ErrorCode.NONE, answers[-1].error_message

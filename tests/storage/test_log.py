@@ -7,9 +7,17 @@ import threading
 from pathlib import Path
 
 import pytest
-from logbroker_client.records import iter_batch_headers, iter_batches, read_header, validate_batch
+from logbroker_client.records import (
+    build_batch,
+    iter_batch_headers,
+    iter_batches,
+    read_header,
+    stamp_batch,
+    validate_batch,
+)
 
 from logbroker.storage import filenames
+from logbroker.storage.config import LogConfig
 from logbroker.storage.errors import (
     InvalidAppendError,
     LogClosedError,
@@ -449,3 +457,20 @@ def test_records_survive_the_round_trip(log_dir: Path) -> None:
     records = [r for _, rs in iter_batches(log.read(0, 1 << 20)) for r in rs]
     assert [(r.offset, r.key) for r in records] == [(0, b"k"), (1, b"k"), (2, b"k")]
     assert read_header(log.read(1, 100)).records_count == 3
+
+
+def test_one_append_of_many_batches_rolls_between_them(tmp_path: Path) -> None:
+    """A Raft follower writes a whole catch-up in one call; segments must still respect segment.bytes."""
+    config = LogConfig.from_mapping({"segment.bytes": "4096"})
+    plog = PartitionLog.open(tmp_path / "t-0", config, "t", 0)
+    batches = [bytearray(build_batch([(1000 + i, None, b"v" * 900, [])])) for i in range(20)]
+    stream = bytearray()
+    for offset, batch in enumerate(batches):
+        stamp_batch(batch, offset, 1)
+        stream += batch
+    result = plog.append_replicated(stream, 5000)
+    assert (result.base_offset, result.last_offset) == (0, 19)
+    assert plog.segment_count >= 5
+    assert all(segment.size_bytes <= 4096 for segment in plog.segments)
+    assert plog.read(7, 1) == bytes(batches[7])
+    plog.close()
