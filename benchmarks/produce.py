@@ -40,7 +40,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--create-topic", action="store_true", help="create the topic first if it is missing")
     parser.add_argument("--sample-every", type=int, default=8, help="measure the latency of every k-th record")
     parser.add_argument("--one-at-a-time", action="store_true", help="wait for each record's ack before the next")
-    parser.add_argument("--rate", type=float, default=0.0, help="records/s target for --one-at-a-time (0: no pacing)")
+    parser.add_argument("--paced", action="store_true",
+                        help="send records one by one at --rate without waiting for acks (linger 0): the latency "
+                             "of individual records at a steady rate, as a service sending events would see it")
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="records/s target for --one-at-a-time and --paced (0: no pacing)")
     parser.add_argument("--max-seconds", type=float, default=None,
                         help="--one-at-a-time: stop sending after this long even if records remain")
     parser.add_argument("--flush-each", action="store_true",
@@ -50,7 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--records and --sample-every must be at least 1, --record-size at least 0")
     if args.linger_ms is None:
         # A lone record should not wait for company that never comes.
-        args.linger_ms = 0.0 if args.one_at_a_time else 5.0
+        args.linger_ms = 0.0 if args.one_at_a_time or args.paced else 5.0
+    if args.paced and args.rate <= 0:
+        parser.error("--paced needs --rate")
     return args
 
 
@@ -125,6 +131,43 @@ def run_one_at_a_time(producer: Any, args: argparse.Namespace, values: list[byte
     return seconds, latencies, failures, sent
 
 
+def run_paced(producer: Any, args: argparse.Namespace, values: list[bytes]) -> Outcome:
+    """Send each record on its own schedule at --rate, never waiting; every record's latency counts from when
+    it was due to its acknowledgement."""
+    latencies: list[float] = []
+    errors: list[BaseException] = []
+    clock = time.perf_counter
+    interval = 1.0 / args.rate
+
+    def on_ack(due: float) -> Any:
+        def callback(future: Any) -> None:
+            error = future.exception(0)
+            if error is None:
+                latencies.append(clock() - due)
+            else:
+                errors.append(error)
+        return callback
+
+    progress = Progress("produce", total=args.records, mode="tty")
+    started = clock()
+    stop_at = started + args.max_seconds if args.max_seconds else float("inf")
+    sent = 0
+    while sent < args.records and clock() < stop_at:
+        due = started + sent * interval
+        delay = due - clock()
+        if delay > 0:
+            time.sleep(delay)
+        producer.send(args.topic, values[sent % len(values)]).add_done_callback(on_ack(due))
+        sent += 1
+        progress.update()
+    producer.flush()
+    seconds = clock() - started
+    progress.close()
+    if errors:
+        warn_failed(len(errors), errors[0])
+    return seconds, latencies, len(errors), sent
+
+
 def warn_failed(count: int, first: BaseException) -> None:
     print(f"produce: {count} sampled record(s) failed; the first with: {first}", file=sys.stderr)
 
@@ -139,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     with Producer(args.bootstrap, acks=args.acks, batch_size=args.batch_size, linger_ms=args.linger_ms,
                   compression=args.compression) as producer:
         producer.send(args.topic, b"warm-up").result()  # metadata and channel set up outside the clock
-        runner = run_one_at_a_time if args.one_at_a_time else run_throughput
+        runner = run_paced if args.paced else run_one_at_a_time if args.one_at_a_time else run_throughput
         seconds, latencies, failures, sent = runner(producer, args, values)
     emit(report(args, seconds, latencies, failures, sent))
     return 1 if failures else 0
@@ -149,10 +192,10 @@ def report(args: argparse.Namespace, seconds: float, latencies: list[float], fai
            sent: int) -> dict[str, Any]:
     return {
         "tool": "produce",
-        "mode": "one-at-a-time" if args.one_at_a_time else "throughput",
+        "mode": "paced" if args.paced else "one-at-a-time" if args.one_at_a_time else "throughput",
         "topic": args.topic, "acks": args.acks, "record_size": args.record_size,
         "batch_size": args.batch_size, "linger_ms": args.linger_ms, "compression": args.compression,
-        "rate_target": args.rate if args.one_at_a_time else None, "flush_each": args.flush_each,
+        "rate_target": args.rate if args.one_at_a_time or args.paced else None, "flush_each": args.flush_each,
         "records": sent, "records_planned": args.records, "seconds": rounded(seconds),
         "records_per_s": rounded(sent / seconds, 1),
         "mb_per_s": rounded(sent * args.record_size / seconds / 1e6),

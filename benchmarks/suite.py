@@ -44,8 +44,8 @@ def standard_runs(records: int, one_at_a_time_s: float, partitions: int, replica
         # Reads what the first run wrote (--prepare tops it up if that run was skipped or failed).
         Run("consume from beginning", "benchmarks.consume",
             ["--topic", acks1_topic, "--records", str(records), "--partitions", str(partitions), "--prepare"]),
-        Run("one-at-a-time acks=all 2000/s", "benchmarks.produce",
-            ["--topic", f"bench-paced-{tag}", "--acks", "all", "--one-at-a-time", "--rate", "2000",
+        Run("paced acks=all 2000/s", "benchmarks.produce",
+            ["--topic", f"bench-paced-{tag}", "--acks", "all", "--paced", "--rate", "2000",
              "--records", str(paced_records), "--max-seconds", str(one_at_a_time_s * 3),
              "--record-size", "100", *topic_args]),
     ]
@@ -84,8 +84,8 @@ def print_table(results: list[tuple[Run, dict[str, Any] | None]]) -> None:
     for row in [headers, *rows]:
         cells = [str(row[0]).ljust(widths[0])] + [str(c).rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
         print("  ".join(cells))
-    print("latency: produce = send to acknowledgement (every 8th record); one-at-a-time = from when each record "
-          "was due to its acknowledgement; consume = duration of each poll() call")
+    print("latency: produce = send to acknowledgement (every 8th record); paced = each record sent alone at "
+          "2000/s, from when it was due to its acknowledgement; consume = duration of each poll() call")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
