@@ -384,6 +384,16 @@ def iter_batch_headers(buf: ByteSource) -> Iterator[tuple[int, BatchHeader]]:
         pos += size
 
 
+_PRODUCER_FIELDS = struct.Struct(">qhii")  # producerId, producerEpoch, baseSequence, recordsCount
+_PRODUCER_FIELDS_POSITION = 43
+
+
+def producer_fields(buf: ByteSource, pos: int = 0) -> tuple[int, int, int, int]:
+    """(producerId, producerEpoch, baseSequence, recordsCount) of the batch at pos, from its header alone."""
+    fields: tuple[int, int, int, int] = _PRODUCER_FIELDS.unpack_from(buf, pos + _PRODUCER_FIELDS_POSITION)
+    return fields
+
+
 def stamp_batch(batch: bytearray, base_offset: int, leader_epoch: int, pos: int = 0) -> None:
     """Write baseOffset and partitionLeaderEpoch of the batch at pos in place; both lie outside the CRC."""
     struct.pack_into(">q", batch, pos, base_offset)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import struct
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
@@ -33,9 +32,6 @@ from logbroker.storage.log import PartitionLog
 
 log = logging.getLogger("logbroker.replica")
 
-# producerId i64, producerEpoch i16, baseSequence i32, recordsCount i32 at byte 43 of a batch header
-PRODUCER_FIELDS = struct.Struct(">qhii")
-PRODUCER_FIELDS_POSITION = 43
 PRODUCER_STATE_SCAN_OFFSETS = 200_000  # how far back start-up looks for producer sequences
 PRODUCER_STATE_SCAN_BYTES = 4 << 20
 QUIESCE_AFTER_TICKS = 4
@@ -171,7 +167,7 @@ class Replica:
         return entries
 
     def _record_producer(self, batch: bytes | memoryview, base_offset: int, last_offset: int) -> None:
-        producer_id, _, base_sequence, count = PRODUCER_FIELDS.unpack_from(batch, PRODUCER_FIELDS_POSITION)
+        producer_id, _, base_sequence, count = rec.producer_fields(batch)
         self.producers.record(producer_id, base_sequence, count, base_offset, last_offset)
 
     def _rebuild_producer_state(self) -> None:

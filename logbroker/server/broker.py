@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import struct
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -52,9 +51,6 @@ RAFT_STATE_SUFFIX = ".raftstate"
 CONTROLLER_DIR = "__controller-0"
 SHUTDOWN_TRANSFER_TIMEOUT_S = 3.0
 MAX_LEADER_TRANSFERS_PER_ROUND = 100
-# producerId i64, producerEpoch i16, baseSequence i32, recordsCount i32 at byte 43 of a batch header
-PRODUCER_KEY = struct.Struct(">qxxi")
-PRODUCER_KEY_POSITION = 43
 
 
 def now_ms() -> int:
@@ -373,7 +369,7 @@ class Broker:
         A batch an idempotent producer retries after a lost answer is answered with its first copy's offset."""
         verdicts = []
         for payload, count in payloads:
-            producer_id, base_sequence = PRODUCER_KEY.unpack_from(payload, PRODUCER_KEY_POSITION)
+            producer_id, _, base_sequence, _ = rec.producer_fields(payload)
             verdicts.append(replica.producers.check(producer_id, base_sequence, count))
         for verdict in verdicts:
             if verdict.already_written_unknown_offset:
