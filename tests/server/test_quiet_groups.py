@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from logbroker_client import Admin, Producer
+
 from tests.support.brokers import InProcessBroker, wait_until
 
 
