@@ -52,7 +52,7 @@ Headers = Sequence[tuple[str, bytes | None]]
 class ProducerBatch:
     """Records for one partition, sent and acknowledged together."""
 
-    __slots__ = ("topic", "partition", "builder", "created", "timestamps", "data", "base_offset",
+    __slots__ = ("topic", "partition", "builder", "created", "data", "base_offset",
                  "error", "event", "callbacks", "attempts", "callback_lock")
 
     def __init__(self, topic: str, partition: int, compression: int, created: float) -> None:
@@ -60,7 +60,6 @@ class ProducerBatch:
         self.partition = partition
         self.builder = rec.BatchBuilder(compression)
         self.created = created
-        self.timestamps: list[int] = []
         self.data: bytes | None = None
         self.base_offset = -1
         self.error: BaseException | None = None
@@ -82,11 +81,12 @@ class ProducerBatch:
 class RecordFuture:
     """A concurrent.futures-style future for one record: result() gives its RecordMetadata."""
 
-    __slots__ = ("_batch", "_index")
+    __slots__ = ("_batch", "_index", "_timestamp_ms")
 
-    def __init__(self, batch: ProducerBatch, index: int) -> None:
+    def __init__(self, batch: ProducerBatch, index: int, timestamp_ms: int) -> None:
         self._batch = batch
         self._index = index
+        self._timestamp_ms = timestamp_ms
 
     def done(self) -> bool:
         return self._batch.event.is_set()
@@ -98,7 +98,7 @@ class RecordFuture:
         if batch.error is not None:
             raise batch.error
         offset = batch.base_offset + self._index if batch.base_offset >= 0 else -1
-        return RecordMetadata(batch.topic, batch.partition, offset, batch.timestamps[self._index])
+        return RecordMetadata(batch.topic, batch.partition, offset, self._timestamp_ms)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         if not self._batch.event.wait(timeout):
@@ -208,15 +208,16 @@ class Producer:
             timestamp_ms = time.time_ns() // 1_000_000
         if self._buffered_bytes >= self._buffer_memory:
             self._wait_for_space()
-        if value is not None and len(value) + (len(key) if key else 0) > self._max_request_bytes:
+        payload_bytes = (len(value) if value else 0) + (len(key) if key else 0)
+        if payload_bytes > self._max_request_bytes:
             raise RecordTooLargeError(
-                f"record of {len(value) + (len(key) if key else 0)} bytes exceeds max_request_bytes="
-                f"{self._max_request_bytes}; nothing was sent", topic, partition)
-        slot = (topic, partition)
+                f"record of {payload_bytes} bytes exceeds max_request_bytes={self._max_request_bytes}; "
+                "nothing was sent", topic, partition)
         # An upper bound on the encoded record: a batch never grows past batch_size by taking it.
-        record_bytes = RECORD_OVERHEAD_BYTES + (len(value) if value else 0) + (len(key) if key else 0)
+        record_bytes = RECORD_OVERHEAD_BYTES + payload_bytes
         if headers:
             record_bytes += sum(len(k) + len(v or b"") + 10 for k, v in headers)
+        slot = (topic, partition)
         with self._lock:
             batch = self._open.get(slot)
             if batch is not None and batch.builder.size_bytes + record_bytes > self._batch_size:
@@ -230,12 +231,11 @@ class Producer:
             builder = batch.builder
             before = builder.size_bytes
             index = builder.append(timestamp_ms, key, value, headers or ())  # type: ignore[arg-type]
-            batch.timestamps.append(timestamp_ms)
             self._buffered_bytes += builder.size_bytes - before
             if builder.size_bytes >= self._batch_size:
                 self._seal(slot, batch)
                 self._wakeup.set()
-        return RecordFuture(batch, index)
+        return RecordFuture(batch, index, timestamp_ms)
 
     def _wait_for_space(self) -> None:
         self._wakeup.set()
@@ -329,9 +329,10 @@ class Producer:
             if batch.data is None:
                 batch.data = self._build(slot, batch)
             batch.attempts += 1
+        datas = [b.data for b in batches if b.data is not None]
+        records = datas[0] if len(datas) == 1 else b"".join(datas)  # one batch: no extra copy
         request = pb.ProduceRequest(acks=self.acks, timeout_ms=int(self._request_timeout_s * 1000), partitions=[
-            pb.PartitionRecords(topic=slot[0], partition=slot[1], records=b"".join(b.data for b in batches))  # type: ignore[misc]
-        ])
+            pb.PartitionRecords(topic=slot[0], partition=slot[1], records=records)])
         try:
             conn = self._metadata.leader_connection(*slot)
         except LogbrokerError as exc:

@@ -51,6 +51,10 @@ RAFT_STATE_SUFFIX = ".raftstate"
 CONTROLLER_DIR = "__controller-0"
 SHUTDOWN_TRANSFER_TIMEOUT_S = 3.0
 MAX_LEADER_TRANSFERS_PER_ROUND = 100
+# A producer request carries up to 16 MiB; the pipe to each follower holds two such requests, in 4 MiB
+# appends, so replication keeps up with one producer's one request in flight.
+RAFT_MAX_MESSAGE_BYTES = 4 << 20
+RAFT_MAX_INFLIGHT_BYTES = 32 << 20
 
 
 def now_ms() -> int:
@@ -93,7 +97,8 @@ class Broker:
 
     def raft_config(self) -> RaftConfig:
         return RaftConfig(node_id=self.node_id, election_timeout_ticks=self.config.raft_election_ticks,
-                          heartbeat_timeout_ticks=self.config.raft_heartbeat_ticks)
+                          heartbeat_timeout_ticks=self.config.raft_heartbeat_ticks,
+                          max_msg_bytes=RAFT_MAX_MESSAGE_BYTES, max_inflight_bytes=RAFT_MAX_INFLIGHT_BYTES)
 
     # ------------------------------------------------------------------------------- lifecycle
 
