@@ -167,6 +167,7 @@ class Producer:
         self._open: dict[tuple[str, int], ProducerBatch] = {}
         self._ready: dict[tuple[str, int], deque[ProducerBatch]] = {}
         self._in_flight: set[tuple[str, int]] = set()
+        self._retry_at: dict[tuple[str, int], float] = {}  # backoff: no resend of a partition before then
         self._buffered_bytes = 0
         self._unfinished = 0
         self._idle = threading.Condition(threading.Lock())
@@ -306,11 +307,16 @@ class Producer:
                     self._seal(slot, batch)
                 else:
                     next_due = min(next_due, due)
+            for retry_at in self._retry_at.values():
+                if retry_at > now:
+                    next_due = min(next_due, retry_at - now)
         return next_due
 
     def _dispatch_ready(self) -> None:
+        now = time.monotonic()
         with self._lock:
-            slots = [s for s, q in self._ready.items() if q and s not in self._in_flight]
+            slots = [s for s, q in self._ready.items()
+                     if q and s not in self._in_flight and self._retry_at.get(s, 0.0) <= now]
             taken = {}
             for slot in slots:
                 queue = self._ready[slot]
@@ -374,9 +380,9 @@ class Producer:
         if error is not None and error.retriable and self._may_retry(batches):
             log.info("%s-%d: %s; retrying in %d ms", slot[0], slot[1], error, RETRY_BACKOFF_MS)
             self._metadata.invalidate(slot[0])
-            time.sleep(RETRY_BACKOFF_MS / 1000)
-            with self._lock:
+            with self._lock:  # back at the head of the queue: a partition's batches keep their order
                 self._ready.setdefault(slot, deque()).extendleft(reversed(batches))
+                self._retry_at[slot] = time.monotonic() + RETRY_BACKOFF_MS / 1000
                 self._in_flight.discard(slot)
             self._wakeup.set()
             return
