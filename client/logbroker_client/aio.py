@@ -10,6 +10,7 @@ synchronous clients; only the waiting differs. Use them inside a running event l
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
@@ -24,7 +25,14 @@ from logbroker_client.consumer import DEFAULT_FETCH_MAX_WAIT_MS, DEFAULT_MAX_PAR
 from logbroker_client.errors import LogbrokerError, OffsetOutOfRangeError, RecordTooLargeError, error_for
 from logbroker_client.metadata import MetadataCache
 from logbroker_client.partitioner import StickyPartitioner, partition_for_key
-from logbroker_client.producer import ACKS, DEFAULT_BATCH_SIZE, DEFAULT_LINGER_MS, DEFAULT_MAX_REQUEST_BYTES
+from logbroker_client.producer import (
+    ACKS,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_DELIVERY_TIMEOUT_MS,
+    DEFAULT_LINGER_MS,
+    DEFAULT_MAX_REQUEST_BYTES,
+    RETRY_BACKOFF_MS,
+)
 from logbroker_client.proto import logbroker_pb2 as pb
 from logbroker_client.types import ConsumerRecord, OffsetAndTimestamp, RecordMetadata, TopicDescription, TopicPartition
 
@@ -165,6 +173,7 @@ class AsyncProducer:
         compression: str = "none",
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         request_timeout_ms: int = DEFAULT_REQUEST_TIMEOUT_MS,
+        delivery_timeout_ms: int = DEFAULT_DELIVERY_TIMEOUT_MS,
     ) -> None:
         if acks not in ACKS:
             raise ValueError(f"acks must be 'all', 1 or 0, got {acks!r}")
@@ -177,6 +186,9 @@ class AsyncProducer:
         self._max_request_bytes = max_request_bytes
         self._timeout_ms = request_timeout_ms
         self._metadata = AsyncMetadata(bootstrap, request_timeout_ms)
+        self._delivery_timeout_s = delivery_timeout_ms / 1000
+        self._producer_id = random.getrandbits(62)  # idempotence, as in the synchronous Producer
+        self._sequences: dict[tuple[str, int], int] = {}
         self._sticky = StickyPartitioner()
         self._open: dict[tuple[str, int], _AsyncBatch] = {}
         self._queues: dict[tuple[str, int], deque[_AsyncBatch]] = {}
@@ -251,24 +263,47 @@ class AsyncProducer:
             del self._senders[slot]
 
     async def _send_batches(self, slot: tuple[str, int], batches: list[_AsyncBatch]) -> None:
-        data = b"".join(b.builder.build() for b in batches)
+        """Send until acknowledged, retrying while leadership moves (within the delivery timeout). The bytes,
+        producer id and sequences stay the same on every attempt, so the leader stores a retried batch once."""
+        data = b"".join(self._build(slot, b) for b in batches)
         request = pb.ProduceRequest(acks=self.acks, timeout_ms=self._timeout_ms,
                                     partitions=[pb.PartitionRecords(topic=slot[0], partition=slot[1], records=data)])
-        try:
-            response = await self._metadata.call("Produce", request, await self._metadata.leader(*slot))
-            result = response.results[0]
-            if result.error_code:
-                raise error_for(result.error_code, result.error_message, *slot)
-        except LogbrokerError as exc:
-            for batch in batches:
-                batch.done.set_exception(exc)
-                batch.done.exception()  # marks it retrieved: the caller may never await this record
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._delivery_timeout_s
+        while True:
+            try:
+                result = await self._produce_once(slot, request)
+                break
+            except LogbrokerError as exc:
+                if exc.retriable and loop.time() < deadline:
+                    self._metadata.invalidate(slot[0])
+                    await asyncio.sleep(RETRY_BACKOFF_MS / 1000)
+                    continue
+                for batch in batches:
+                    batch.done.set_exception(exc)
+                    batch.done.exception()  # marks it retrieved: the caller may never await this record
+                return
+        if self.acks != 0 and len(result.batch_base_offsets) == len(batches):
+            for batch, base_offset in zip(batches, result.batch_base_offsets, strict=True):
+                batch.done.set_result(base_offset)
             return
         offset = result.base_offset if self.acks != 0 else -1
         for batch in batches:
             batch.done.set_result(offset)
             if offset >= 0:
                 offset += batch.builder.count
+
+    async def _produce_once(self, slot: tuple[str, int], request: pb.ProduceRequest) -> pb.PartitionProduceResult:
+        response = await self._metadata.call("Produce", request, await self._metadata.leader(*slot))
+        result: pb.PartitionProduceResult = response.results[0]
+        if result.error_code:
+            raise error_for(result.error_code, result.error_message, *slot)
+        return result
+
+    def _build(self, slot: tuple[str, int], batch: _AsyncBatch) -> bytes:
+        sequence = self._sequences.get(slot, 0)
+        self._sequences[slot] = (sequence + batch.builder.count) & 0x7FFFFFFF
+        return batch.builder.build(producer_id=self._producer_id, producer_epoch=0, base_sequence=sequence)
 
     async def flush(self) -> None:
         for slot in list(self._open):
