@@ -28,6 +28,8 @@ class TopicMetadata:
 @dataclass
 class ClusterState:
     topics: dict[str, TopicMetadata] = field(default_factory=dict)
+    # (topic, partition) -> (leader, epoch) as reported by leaders; the newest epoch wins
+    leaders: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)
 
     def apply(self, command: dict[str, Any]) -> tuple[str, str] | None:
         """Apply one command; return (event, topic) for the broker to act on, or None."""
@@ -42,7 +44,14 @@ class ClusterState:
         if op == "delete_topic":
             if self.topics.pop(command["name"], None) is None:
                 return None
+            self.leaders = {tp: v for tp, v in self.leaders.items() if tp[0] != command["name"]}
             return ("deleted", command["name"])
+        if op == "leaders":
+            for topic, partition, leader, epoch in command["leaders"]:
+                known = self.leaders.get((topic, partition))
+                if topic in self.topics and (known is None or epoch >= known[1]):
+                    self.leaders[(topic, partition)] = (leader, epoch)
+            return None
         raise ValueError(f"unknown controller command {op!r}")
 
 

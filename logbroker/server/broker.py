@@ -12,10 +12,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from logbroker_client import records as rec
 
@@ -51,6 +52,8 @@ RAFT_STATE_SUFFIX = ".raftstate"
 CONTROLLER_DIR = "__controller-0"
 SHUTDOWN_TRANSFER_TIMEOUT_S = 3.0
 MAX_LEADER_TRANSFERS_PER_ROUND = 100
+LEADER_REPORT_INTERVAL_S = 0.2
+LEADER_REPORT_TIMEOUT_S = 5.0
 # A producer request carries up to 16 MiB; the pipe to each follower holds two such requests, in 4 MiB
 # appends, so replication keeps up with one producer's one request in flight.
 RAFT_MAX_MESSAGE_BYTES = 4 << 20
@@ -94,6 +97,10 @@ class Broker:
         self.controller: Replica | None = None
         self._data_arrived = asyncio.Event()
         self._ticker: asyncio.Task[None] | None = None
+        self._reporter: asyncio.Task[None] | None = None
+        self._leader_reports: dict[tuple[str, int], tuple[int, int]] = {}  # not yet in the controller log
+        # Set by the server layer: sends leader reports to the controller leader at an address (over gRPC).
+        self.send_leader_report: Callable[[str, int, list[list[Any]]], Awaitable[bool]] | None = None
 
     def raft_config(self) -> RaftConfig:
         return RaftConfig(node_id=self.node_id, election_timeout_ticks=self.config.raft_election_ticks,
@@ -110,6 +117,7 @@ class Broker:
         self.controller.start()  # re-applies the committed prefix of the metadata log before any election
         await self.transport.start()
         self._ticker = asyncio.get_running_loop().create_task(self._tick_forever())
+        self._reporter = asyncio.get_running_loop().create_task(self._report_leaders_forever())
         log.info("broker %d up: peers %s, data under %s", self.node_id, self.peers, self.data_dir)
 
     def _add_replica(self, group: str, plog: PartitionLog, membership: Membership,
@@ -157,6 +165,49 @@ class Broker:
 
     def _on_leader_change(self, replica: Replica) -> None:
         self._wake_fetchers()
+        if replica.is_leader and replica.group != CONTROLLER_GROUP:
+            topic, index = self._partition_of(replica)
+            self._leader_reports[(topic, index)] = (self.node_id, replica.term)
+
+    def _partition_of(self, replica: Replica) -> tuple[str, int]:
+        return replica.log.topic, replica.log.partition
+
+    async def _report_leaders_forever(self) -> None:
+        """Tell the controller which partitions this broker now leads (batched, retried until it lands)."""
+        while True:
+            await asyncio.sleep(LEADER_REPORT_INTERVAL_S)
+            if self._leader_reports:
+                with contextlib.suppress(Exception):
+                    await self._report_leaders()
+
+    async def _report_leaders(self) -> None:
+        assert self.controller is not None
+        reports = dict(self._leader_reports)
+        leaders = [[t, p, leader, epoch] for (t, p), (leader, epoch) in reports.items()]
+        leader_id = self.controller.leader_id
+        if self.controller.is_leader:
+            await self._propose_command({"op": "leaders", "leaders": leaders}, LEADER_REPORT_TIMEOUT_S)
+        elif leader_id is None or self.send_leader_report is None or not await self.send_leader_report(
+                self.peers[leader_id], self.node_id, leaders):
+            return
+        for key, value in reports.items():  # a newer report made meanwhile stays pending
+            if self._leader_reports.get(key) == value:
+                del self._leader_reports[key]
+
+    async def accept_leader_report(self, leaders: list[list[Any]]) -> None:
+        """On the controller leader: record another broker's leaderships in the metadata log."""
+        assert self.controller is not None
+        if not self.controller.is_leader:
+            raise errors.NotLeader("this broker does not lead the controller; report to the leader")
+        await self._propose_command({"op": "leaders", "leaders": leaders}, LEADER_REPORT_TIMEOUT_S)
+
+    def known_leader(self, topic: str, index: int) -> int | None:
+        """The partition's leader: from the local replica if there is one, else as reported to the controller."""
+        replica = self._partitions.get((topic, index))
+        if replica is not None:
+            return replica.leader_id
+        reported = self.cluster.leaders.get((topic, index))
+        return reported[0] if reported is not None else None
 
     async def hand_over_leadership(self) -> None:
         """Graceful shutdown: move every group this broker leads to another voter, then wait briefly."""
@@ -176,10 +227,11 @@ class Broker:
             log.info("handed leadership of %d group(s) to other brokers", len(led))
 
     async def close(self) -> None:
-        if self._ticker is not None:
-            self._ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ticker
+        for task in (self._ticker, self._reporter):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.transport.stop()
         for replica in list(self._replicas.values()):
             replica.close()
@@ -252,6 +304,12 @@ class Broker:
             raise errors.LeaderNotAvailable(
                 f"no controller leader elected within {timeout_s:.0f}s; is a majority of {sorted(self.peers)} up?")
         return self.peers[leader]
+
+    async def wait_for_metadata(self, condition: Callable[[], bool], timeout_s: float) -> None:
+        """Wait (bounded) until this broker's copy of the cluster metadata satisfies condition."""
+        deadline = time.monotonic() + timeout_s
+        while not condition() and time.monotonic() < deadline:
+            await asyncio.sleep(self.config.raft_tick_ms / 1000)
 
     async def wait_for_leaders(self, name: str, timeout_s: float) -> None:
         """After a create: wait until every partition this broker hosts has elected a leader."""
@@ -341,8 +399,8 @@ class Broker:
         replica = self.replica(topic, index)
         if replica is not None and replica.is_leader and not replica.closed:
             return replica
-        if replica is None:  # no local replica: point at one that has it; it knows the leader
-            hint = self.cluster.topics[topic].assignment[index][0]
+        if replica is None:  # no local replica: the reported leader, else a replica that knows it
+            hint = self.known_leader(topic, index) or self.cluster.topics[topic].assignment[index][0]
             raise errors.NotLeader(f"{topic}-{index}: broker {self.node_id} holds no replica; ask broker {hint}",
                                    leader_id=hint, leader_address=self.peers.get(hint, ""))
         leader = replica.leader_id

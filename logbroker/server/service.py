@@ -132,7 +132,7 @@ class BrokerService(pb_grpc.BrokerServicer):
                 continue
             for index, assignment in enumerate(spec.assignment):
                 replica = broker.replica(name, index)
-                leader = replica.leader_id if replica is not None else None
+                leader = broker.known_leader(name, index)
                 topic.partitions.add(
                     partition=index, leader_id=leader if leader is not None else -1,
                     leader_epoch=replica.term if replica is not None else -1,
@@ -165,6 +165,10 @@ class AdminService(pb_grpc.AdminServicer):
             return pb.CreateTopicsResponse(results=[
                 pb.TopicResult(name=t.name, error_code=exc.code, error_message=exc.message) for t in request.topics])
         if forwarded is not None:
+            # Read-your-writes for the client: answer once this broker has applied the new topics too.
+            created = [r.name for r in forwarded.results if not r.error_code]
+            await self.broker.wait_for_metadata(lambda: all(n in self.broker.cluster.topics for n in created),
+                                                FORWARD_TIMEOUT_S)
             return forwarded  # type: ignore[no-any-return]
         timeout_s = (request.timeout_ms or DEFAULT_PRODUCE_TIMEOUT_MS) / 1000
         results = []
@@ -189,6 +193,9 @@ class AdminService(pb_grpc.AdminServicer):
             return pb.DeleteTopicsResponse(results=[
                 pb.TopicResult(name=n, error_code=exc.code, error_message=exc.message) for n in request.names])
         if forwarded is not None:
+            deleted = [r.name for r in forwarded.results if not r.error_code]
+            await self.broker.wait_for_metadata(lambda: not any(n in self.broker.cluster.topics for n in deleted),
+                                                FORWARD_TIMEOUT_S)
             return forwarded  # type: ignore[no-any-return]
         results = []
         for name in request.names:
@@ -216,12 +223,42 @@ class AdminService(pb_grpc.AdminServicer):
             described.configs.update(broker.effective_configs(name))
             for index, assignment in enumerate(spec.assignment):
                 replica = broker.replica(name, index)
-                part = described.partitions.add(partition=index, replicas=assignment, leader_id=-1,
+                leader = broker.known_leader(name, index)
+                part = described.partitions.add(partition=index, replicas=assignment,
+                                                leader_id=leader if leader is not None else -1,
                                                 isr=broker.in_sync_replicas(replica, assignment))
                 if replica is not None:
-                    part.leader_id = replica.leader_id if replica.leader_id is not None else -1
                     part.leader_epoch = replica.term
                     part.log_start_offset = replica.log.log_start_offset
                     part.high_watermark = replica.high_watermark
                     part.size_bytes = replica.log.size_bytes
         return response
+
+
+class RaftService(pb_grpc.RaftServicer):
+    """Broker-to-broker calls: the Raft message stream (the transport's) and leader reports."""
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self._exchange = broker.transport.servicer
+
+    async def Exchange(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> pb.RaftStreamClosed:
+        return await self._exchange.Exchange(request_iterator, context)  # type: ignore[no-any-return]
+
+    async def ReportLeaders(self, request: pb.LeaderReport, context: grpc.aio.ServicerContext) -> pb.LeaderReportAck:
+        leaders = [[x.topic, x.partition, x.leader_id, x.epoch] for x in request.leaders]
+        try:
+            await self.broker.accept_leader_report(leaders)
+        except Exception as exc:
+            code, message = _error(exc, f"leader report from broker {request.from_node}")
+            return pb.LeaderReportAck(error_code=code, error_message=message)
+        return pb.LeaderReportAck()
+
+
+async def send_leader_report(address: str, node_id: int, leaders: list[list[Any]]) -> bool:
+    """Report leaderships to the controller leader at address; True once it has committed them."""
+    request = pb.LeaderReport(from_node=node_id, leaders=[
+        pb.PartitionLeader(topic=t, partition=p, leader_id=leader, epoch=epoch) for t, p, leader, epoch in leaders])
+    async with grpc.aio.insecure_channel(address) as channel:
+        ack = await pb_grpc.RaftStub(channel).ReportLeaders(request, timeout=FORWARD_TIMEOUT_S)
+    return not ack.error_code

@@ -51,6 +51,34 @@ class LeaderHint(_message.Message):
     leader_address: str
     def __init__(self, leader_id: _Optional[int] = ..., leader_address: _Optional[str] = ...) -> None: ...
 
+class PartitionLeader(_message.Message):
+    __slots__ = ("topic", "partition", "leader_id", "epoch")
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    LEADER_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    topic: str
+    partition: int
+    leader_id: int
+    epoch: int
+    def __init__(self, topic: _Optional[str] = ..., partition: _Optional[int] = ..., leader_id: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class LeaderReport(_message.Message):
+    __slots__ = ("from_node", "leaders")
+    FROM_NODE_FIELD_NUMBER: _ClassVar[int]
+    LEADERS_FIELD_NUMBER: _ClassVar[int]
+    from_node: int
+    leaders: _containers.RepeatedCompositeFieldContainer[PartitionLeader]
+    def __init__(self, from_node: _Optional[int] = ..., leaders: _Optional[_Iterable[_Union[PartitionLeader, _Mapping]]] = ...) -> None: ...
+
+class LeaderReportAck(_message.Message):
+    __slots__ = ("error_code", "error_message")
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    error_code: ErrorCode
+    error_message: str
+    def __init__(self, error_code: _Optional[_Union[ErrorCode, str]] = ..., error_message: _Optional[str] = ...) -> None: ...
+
 class RaftEnvelope(_message.Message):
     __slots__ = ("from_node", "to_node", "messages")
     FROM_NODE_FIELD_NUMBER: _ClassVar[int]

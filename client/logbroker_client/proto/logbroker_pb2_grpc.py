@@ -402,6 +402,11 @@ class RaftStub:
                 request_serializer=logbroker_dot_v1_dot_logbroker__pb2.RaftEnvelope.SerializeToString,
                 response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.RaftStreamClosed.FromString,
                 _registered_method=True)
+        self.ReportLeaders = channel.unary_unary(
+                '/logbroker.v1.Raft/ReportLeaders',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.LeaderReport.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.LeaderReportAck.FromString,
+                _registered_method=True)
 
 
 class RaftServicer:
@@ -416,6 +421,14 @@ class RaftServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportLeaders(self, request, context):
+        """A broker tells the controller leader which partitions it now leads, so that every broker's
+        Metadata names the leader of partitions it holds no replica of.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RaftServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -423,6 +436,11 @@ def add_RaftServicer_to_server(servicer, server):
                     servicer.Exchange,
                     request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.RaftEnvelope.FromString,
                     response_serializer=logbroker_dot_v1_dot_logbroker__pb2.RaftStreamClosed.SerializeToString,
+            ),
+            'ReportLeaders': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportLeaders,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.LeaderReport.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.LeaderReportAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -455,6 +473,33 @@ class Raft:
             '/logbroker.v1.Raft/Exchange',
             logbroker_dot_v1_dot_logbroker__pb2.RaftEnvelope.SerializeToString,
             logbroker_dot_v1_dot_logbroker__pb2.RaftStreamClosed.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportLeaders(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logbroker.v1.Raft/ReportLeaders',
+            logbroker_dot_v1_dot_logbroker__pb2.LeaderReport.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.LeaderReportAck.FromString,
             options,
             channel_credentials,
             insecure,

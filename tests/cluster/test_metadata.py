@@ -1,0 +1,58 @@
+"""Metadata from any broker names every partition's leader, including partitions it holds no replica of."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from logbroker_client import Admin, Consumer, Producer, TopicPartition
+
+from tests.support.brokers import wait_until
+from tests.support.cluster import BrokerCluster
+
+TOPIC = "sparse"
+PARTITIONS = 3
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[BrokerCluster]:
+    running = BrokerCluster(tmp_path / "cluster", size=3, raft_tick_ms=20)
+    try:
+        running.start()
+        yield running
+    finally:
+        running.stop_all()
+
+
+def leaders_seen_by(cluster: BrokerCluster, node: int) -> list[int]:
+    with Admin(cluster.address(node)) as admin:
+        metadata = admin.describe_cluster()
+    topic = next(t for t in metadata.topics if t.name == TOPIC)
+    return [p.leader_id for p in sorted(topic.partitions, key=lambda p: p.partition)]
+
+
+def test_every_broker_names_the_leaders_of_partitions_it_does_not_host(cluster: BrokerCluster) -> None:
+    Admin(cluster.bootstrap).create_topic(TOPIC, partitions=PARTITIONS, replication_factor=1)
+    with Admin(cluster.bootstrap) as admin:
+        hosts = [p.replicas[0] for p in admin.describe_topics([TOPIC])[0].partitions]
+    assert sorted(hosts) == [1, 2, 3]  # replication factor 1: each broker hosts one partition
+    for node in (1, 2, 3):
+        wait_until(lambda node=node: leaders_seen_by(cluster, node) == hosts, 20,  # type: ignore[misc]
+                   f"broker {node} to name every partition's leader")
+
+
+def test_a_client_bootstrapped_at_a_broker_without_the_replica_is_sent_to_the_leader(cluster: BrokerCluster) -> None:
+    Admin(cluster.bootstrap).create_topic(TOPIC, partitions=PARTITIONS, replication_factor=1)
+    with Admin(cluster.bootstrap) as admin:
+        hosts = [p.replicas[0] for p in admin.describe_topics([TOPIC])[0].partitions]
+    outsider = next(n for n in (1, 2, 3) if n != hosts[0])
+    with Producer(cluster.address(outsider), acks="all") as producer:
+        meta = producer.send(TOPIC, value=b"routed", partition=0).result(timeout=20)
+    tp = TopicPartition(TOPIC, 0)
+    with Consumer(cluster.address(outsider)) as consumer:
+        consumer.assign([tp])
+        consumer.seek(tp, meta.offset)
+        records: list = []
+        wait_until(lambda: bool(records.extend(consumer.poll(timeout=0.5)) or records), 20, "the record back")
+    assert [(r.offset, r.value) for r in records] == [(meta.offset, b"routed")]
