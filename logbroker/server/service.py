@@ -23,7 +23,7 @@ log = logging.getLogger("logbroker.service")
 DEFAULT_FETCH_MAX_BYTES = 50 * 1024 * 1024
 DEFAULT_PARTITION_FETCH_MAX_BYTES = 1024 * 1024
 VALID_ACKS = (-1, 0, 1)
-DEFAULT_PRODUCE_TIMEOUT_MS = 30_000
+DEFAULT_REQUEST_TIMEOUT_MS = 30_000  # when a Produce or CreateTopics request names no timeout
 FORWARD_TIMEOUT_S = 30.0
 
 
@@ -49,7 +49,7 @@ class BrokerService(pb_grpc.BrokerServicer):
     async def Produce(self, request: pb.ProduceRequest, context: grpc.aio.ServicerContext) -> pb.ProduceResponse:
         if request.acks not in VALID_ACKS:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"acks must be -1 (all), 0 or 1, got {request.acks}")
-        timeout_s = (request.timeout_ms or DEFAULT_PRODUCE_TIMEOUT_MS) / 1000
+        timeout_s = (request.timeout_ms or DEFAULT_REQUEST_TIMEOUT_MS) / 1000
         results = await asyncio.gather(*(self._produce_one(p, request.acks, timeout_s) for p in request.partitions))
         return pb.ProduceResponse(results=results)
 
@@ -170,7 +170,7 @@ class AdminService(pb_grpc.AdminServicer):
             await self.broker.wait_for_metadata(lambda: all(n in self.broker.cluster.topics for n in created),
                                                 FORWARD_TIMEOUT_S)
             return forwarded  # type: ignore[no-any-return]
-        timeout_s = (request.timeout_ms or DEFAULT_PRODUCE_TIMEOUT_MS) / 1000
+        timeout_s = (request.timeout_ms or DEFAULT_REQUEST_TIMEOUT_MS) / 1000
         results = []
         for topic in request.topics:
             result = pb.TopicResult(name=topic.name)
