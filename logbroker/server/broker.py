@@ -166,19 +166,18 @@ class Broker:
     def _on_leader_change(self, replica: Replica) -> None:
         self._wake_fetchers()
         if replica.is_leader and replica.group != CONTROLLER_GROUP:
-            topic, index = self._partition_of(replica)
-            self._leader_reports[(topic, index)] = (self.node_id, replica.term)
-
-    def _partition_of(self, replica: Replica) -> tuple[str, int]:
-        return replica.log.topic, replica.log.partition
+            self._leader_reports[(replica.log.topic, replica.log.partition)] = (self.node_id, replica.term)
 
     async def _report_leaders_forever(self) -> None:
         """Tell the controller which partitions this broker now leads (batched, retried until it lands)."""
         while True:
             await asyncio.sleep(LEADER_REPORT_INTERVAL_S)
-            if self._leader_reports:
-                with contextlib.suppress(Exception):
-                    await self._report_leaders()
+            if not self._leader_reports:
+                continue
+            try:
+                await self._report_leaders()
+            except Exception as exc:  # the controller is moving or unreachable: the next round retries
+                log.debug("leader report of %d partition(s) failed (%s); retrying", len(self._leader_reports), exc)
 
     async def _report_leaders(self) -> None:
         assert self.controller is not None
