@@ -212,10 +212,13 @@ class Replica:
                 if ready is None:
                     return
                 await self._handle(ready)
-        except Exception:
+        except Exception as exc:
+            # A write the Ready contract promised cannot be half undone: stop this replica (the group goes on
+            # without it) and let a restart recover its log from disk.
             log.exception("%s: the Raft runtime failed; this replica stops until the broker restarts", self.group)
             self.closed = True
-            self._fail_waiters(RuntimeError(f"{self.group}: replica failed; see the broker log"))
+            self._fail_waiters(RuntimeError(
+                f"{exc} (this broker's replica of {self.group} has stopped; restart the broker once fixed)"))
         finally:
             self._busy = False
             if not self.closed and self.node.has_ready():
