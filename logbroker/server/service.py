@@ -25,6 +25,7 @@ DEFAULT_PARTITION_FETCH_MAX_BYTES = 1024 * 1024
 VALID_ACKS = (-1, 0, 1)
 DEFAULT_REQUEST_TIMEOUT_MS = 30_000  # when a Produce or CreateTopics request names no timeout
 FORWARD_TIMEOUT_S = 30.0
+DESCRIBE_TIMEOUT_S = 5.0
 
 
 def _error(exc: Exception, where: str) -> tuple[Any, str]:
@@ -210,6 +211,12 @@ class AdminService(pb_grpc.AdminServicer):
     async def DescribeTopics(
         self, request: pb.DescribeTopicsRequest, context: grpc.aio.ServicerContext
     ) -> pb.DescribeTopicsResponse:
+        response = self._describe_local(request)
+        if not request.local_only:
+            await self._fill_from_leaders(response)
+        return response
+
+    def _describe_local(self, request: pb.DescribeTopicsRequest) -> pb.DescribeTopicsResponse:
         broker = self.broker
         response = pb.DescribeTopicsResponse()
         for name in list(request.names) or [t.name for t in broker.topics()]:
@@ -233,6 +240,35 @@ class AdminService(pb_grpc.AdminServicer):
                     part.high_watermark = replica.high_watermark
                     part.size_bytes = replica.log.size_bytes
         return response
+
+    async def _fill_from_leaders(self, response: pb.DescribeTopicsResponse) -> None:
+        """Partitions led elsewhere: take offsets, size and in-sync set from their leader, which alone knows
+        them for sure (a follower's high watermark lags; a broker without a replica has none)."""
+        wanted: dict[int, set[str]] = {}
+        for topic in response.topics:
+            for part in topic.partitions:
+                if part.leader_id != self.broker.node_id and part.leader_id in self.broker.peers:
+                    wanted.setdefault(part.leader_id, set()).add(topic.name)
+        answers = await asyncio.gather(*(self._ask_leader(leader, names) for leader, names in wanted.items()),
+                                       return_exceptions=True)
+        from_leaders: dict[tuple[str, int], pb.PartitionDescription] = {}
+        for leader, answer in zip(wanted, answers, strict=True):
+            if isinstance(answer, BaseException):
+                continue  # that leader is unreachable: keep this broker's own view
+            for topic in answer.topics:
+                for part in topic.partitions:
+                    if part.leader_id == leader:
+                        from_leaders[(topic.name, part.partition)] = part
+        for topic in response.topics:
+            for part in topic.partitions:
+                better = from_leaders.get((topic.name, part.partition))
+                if better is not None:
+                    part.CopyFrom(better)
+
+    async def _ask_leader(self, leader: int, names: set[str]) -> pb.DescribeTopicsResponse:
+        async with grpc.aio.insecure_channel(self.broker.peers[leader]) as channel:
+            request = pb.DescribeTopicsRequest(names=sorted(names), local_only=True)
+            return await pb_grpc.AdminStub(channel).DescribeTopics(request, timeout=DESCRIBE_TIMEOUT_S)
 
 
 class RaftService(pb_grpc.RaftServicer):

@@ -56,3 +56,18 @@ def test_a_client_bootstrapped_at_a_broker_without_the_replica_is_sent_to_the_le
         records: list = []
         wait_until(lambda: bool(records.extend(consumer.poll(timeout=0.5)) or records), 20, "the record back")
     assert [(r.offset, r.value) for r in records] == [(meta.offset, b"routed")]
+
+
+def test_describe_from_any_broker_shows_the_leaders_offsets(cluster: BrokerCluster) -> None:
+    Admin(cluster.bootstrap).create_topic(TOPIC, partitions=PARTITIONS, replication_factor=1)
+    with Admin(cluster.bootstrap) as admin:
+        hosts = [p.replicas[0] for p in admin.describe_topics([TOPIC])[0].partitions]
+    with Producer(cluster.bootstrap, acks="all") as producer:
+        last = [producer.send(TOPIC, value=b"x", partition=p).result(timeout=20).offset for p in range(PARTITIONS)]
+    for node in (1, 2, 3):
+        def agreed(node: int = node) -> bool:
+            with Admin(cluster.address(node)) as admin:
+                parts = admin.describe_topics([TOPIC])[0].partitions
+            return [(p.leader_id, p.high_watermark) for p in parts] == [
+                (hosts[i], last[i] + 1) for i in range(PARTITIONS)]
+        wait_until(agreed, 20, f"broker {node} to describe every partition as its leader does")
