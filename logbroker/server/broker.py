@@ -351,9 +351,15 @@ class Broker:
             raise errors.InvalidReplicationFactor(
                 f"replication factor {replication_factor} needs that many brokers; this cluster has {len(self.peers)}")
         try:
-            self._log_config(configs)
+            log_config = self._log_config(configs)
         except InvalidConfigError as exc:
             raise errors.InvalidConfig(f"topic {name!r}: {exc}") from None
+        if log_config.compacted:
+            # Compaction leaves offset gaps, and Raft ships a partition's log as contiguous entries; until the
+            # replication path can carry compacted ranges, refuse rather than accept a setting that is not run.
+            raise errors.InvalidConfig(
+                f"topic {name!r}: cleanup.policy=compact is not supported for replicated topics yet; "
+                "use cleanup.policy=delete with retention.ms / retention.bytes")
         if validate_only:
             return
         assignment = place_replicas(list(self.peers), partitions, replication_factor, salt=hash(name) & 0xFFFF)

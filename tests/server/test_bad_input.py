@@ -162,6 +162,8 @@ def test_topic_creation_errors_name_the_problem(bootstrap: str) -> None:
         admin.create_topic("rf", replication_factor=3)
     with pytest.raises(InvalidConfigError, match="retention.ms"):
         admin.create_topic("cfg", configs={"retention.ms": "soon"})
+    with pytest.raises(InvalidConfigError, match="cleanup.policy=compact is not supported"):
+        admin.create_topic("compacted", configs={"cleanup.policy": "compact"})
     assert admin.list_topics() == ["dup"]
 
 
