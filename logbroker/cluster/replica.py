@@ -283,7 +283,11 @@ class Replica:
         self._release(self._durable_waiters, self.durable_offset)
 
     def _fsync(self, state: ReplicaState | None) -> None:
-        self.log.flush()
+        if self.log.config.flush == "always":
+            self.log.flush()
+        # flush="interval": entries count as durable once written (the page cache), and the broker fsyncs
+        # them every flush.interval.ms; a write then survives a process crash on one replica, and a machine
+        # crash only if a majority of replicas is not lost at once: Kafka's default trade.
         if state is not None:  # term and vote must be durable before any message that depends on them
             self._state_file.save(state)
 

@@ -53,6 +53,7 @@ CONTROLLER_DIR = "__controller-0"
 SHUTDOWN_TRANSFER_TIMEOUT_S = 3.0
 MAX_LEADER_TRANSFERS_PER_ROUND = 100
 LEADER_REPORT_INTERVAL_S = 0.2
+MAINTENANCE_INTERVAL_S = 0.1
 LEADER_REPORT_TIMEOUT_S = 5.0
 # A producer request carries up to 16 MiB; the pipe to each follower holds two such requests, in 4 MiB
 # appends, so replication keeps up with one producer's one request in flight.
@@ -99,6 +100,7 @@ class Broker:
         self._ticker: asyncio.Task[None] | None = None
         self._reporter: asyncio.Task[None] | None = None
         self._leader_reports: dict[tuple[str, int], tuple[int, int]] = {}  # not yet in the controller log
+        self._last_flush_s: dict[str, float] = {}  # flush="interval" groups: when their log was last fsynced
         # Set by the server layer: sends leader reports to the controller leader at an address (over gRPC).
         self.send_leader_report: Callable[[str, int, list[list[Any]]], Awaitable[bool]] | None = None
 
@@ -586,15 +588,30 @@ class Broker:
     # ---------------------------------------------------------------------------- maintenance
 
     async def run_maintenance(self) -> None:
-        """Retention and leader balancing, forever (cancelled at shutdown)."""
+        """Interval flushes, leader balancing and retention, forever (cancelled at shutdown)."""
         loop = asyncio.get_running_loop()
+        next_balance = loop.time() + self.config.leader_balance_interval_ms / 1000
         next_retention = loop.time() + self.config.retention_check_interval_ms / 1000
         while True:
-            await asyncio.sleep(self.config.leader_balance_interval_ms / 1000)
-            self.balance_leaders()
+            await asyncio.sleep(MAINTENANCE_INTERVAL_S)
+            await self.flush_interval_partitions(loop.time())
+            if loop.time() >= next_balance:
+                next_balance = loop.time() + self.config.leader_balance_interval_ms / 1000
+                self.balance_leaders()
             if loop.time() >= next_retention:
                 next_retention = loop.time() + self.config.retention_check_interval_ms / 1000
                 self.apply_retention()
+
+    async def flush_interval_partitions(self, now_s: float) -> None:
+        """fsync the logs of flush="interval" topics whose flush.interval.ms has passed (in the thread pool)."""
+        loop = asyncio.get_running_loop()
+        for replica in list(self._partitions.values()):
+            config = replica.log.config
+            if config.flush == "always" or replica.closed:
+                continue
+            if now_s - self._last_flush_s.setdefault(replica.group, now_s) >= config.flush_interval_ms / 1000:
+                self._last_flush_s[replica.group] = now_s
+                await loop.run_in_executor(self._executor, replica.log.flush)
 
     def balance_leaders(self) -> int:
         """Hand groups this broker leads back to their preferred leader (the first replica placed), when
