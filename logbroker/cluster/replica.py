@@ -65,6 +65,15 @@ class Replica:
         self.log = plog
         self._state_file = state_file
         self.state = state_file.load(membership)
+        log_last = plog.log_end_offset - 1
+        if self.state.commit_offset > log_last:
+            # Recovery cut the log below what was committed (a damaged or lost file): this replica has lost
+            # committed records. Raft treats the commit offset as volatile, so restart from what is here; with
+            # other replicas the leader sends the rest again, alone the records are gone.
+            log.error("%s: the log ends at offset %d but offset %d was committed; records %d..%d are lost on "
+                      "this broker (other replicas, if any, will resend them)", group, log_last,
+                      self.state.commit_offset, log_last + 1, self.state.commit_offset)
+            self.state.commit_offset = log_last
         self._storage = PartitionLogStorage(plog, self.state)
         self.node = RaftNode(raft_config, self._storage, random.Random(hash((group, self.node_id))),
                              self.state.membership, self.state.hard_state, applied_offset)

@@ -263,8 +263,14 @@ class Broker:
             if self.node_id not in replicas:
                 continue
             group = filenames.partition_dir_name(topic.name, index)
-            plog = PartitionLog.open(self.data_dir / group, log_config, topic.name, index)
-            replica = self._add_replica(group, plog, Membership.of(replicas), self._on_partition_commit)
+            try:
+                plog = PartitionLog.open(self.data_dir / group, log_config, topic.name, index)
+                replica = self._add_replica(group, plog, Membership.of(replicas), self._on_partition_commit)
+            except Exception:
+                # One unreadable partition must not take the broker (and every other partition) down.
+                log.exception("%s: cannot open this replica; the partition is unavailable on broker %d until "
+                              "the problem above is fixed and the broker restarted", group, self.node_id)
+                continue
             self._partitions[(topic.name, index)] = replica
             replica.preferred_leader = replicas[0]
             if replica.term == 0:
