@@ -17,6 +17,7 @@ import grpc
 from logbroker_client import records as rec
 from logbroker_client.connection import DEFAULT_REQUEST_TIMEOUT_MS, Connection, translate_rpc_error
 from logbroker_client.errors import (
+    CorruptBatchError,
     LogbrokerError,
     NotLeaderError,
     OffsetOutOfRangeError,
@@ -69,10 +70,12 @@ class Consumer:
         max_partition_fetch_bytes: int = DEFAULT_MAX_PARTITION_FETCH_BYTES,
         max_poll_records: int = DEFAULT_MAX_POLL_RECORDS,
         request_timeout_ms: int = DEFAULT_REQUEST_TIMEOUT_MS,
+        check_crcs: bool = True,
     ) -> None:
         if auto_offset_reset not in RESETS:
             raise ValueError(f"auto_offset_reset must be one of {sorted(RESETS)}, got {auto_offset_reset!r}")
         self._reset = RESETS[auto_offset_reset]
+        self._check_crcs = check_crcs
         self._min_bytes = fetch_min_bytes
         self._max_wait_ms = fetch_max_wait_ms
         self._max_bytes = fetch_max_bytes
@@ -333,6 +336,7 @@ class Consumer:
             if header.base_offset + header.last_offset_delta < start:
                 continue
             if not header.attributes & rec.CONTROL_FLAG:
+                self._check_crc(tp, data, pos, header)
                 rec.decode_records(data, pos, header, tp.topic, tp.partition, start, records)
             next_offset = header.base_offset + header.last_offset_delta + 1
         self._fetch_offsets[tp] = next_offset
@@ -340,6 +344,17 @@ class Consumer:
             self._buffer.append(_Chunk(tp, records, next_offset))
         elif self._positions.get(tp, next_offset) < next_offset and not any(c.tp == tp for c in self._buffer):
             self._positions[tp] = next_offset  # only control batches: step over them
+
+    def _check_crc(self, tp: TopicPartition, data: bytes, pos: int, header: rec.BatchHeader) -> None:
+        """As Kafka's check.crcs: bytes damaged on a broker's disk or on the way are refused, never decoded."""
+        if not self._check_crcs:
+            return
+        end = pos + header.batch_length + rec.LOG_OVERHEAD
+        if rec.crc32c(memoryview(data)[pos + rec.CRC_START:end]) != header.crc:
+            raise CorruptBatchError(
+                f"{tp.topic}-{tp.partition}: the batch at offset {header.base_offset} fails its CRC check; "
+                "the broker's copy is damaged: read from another replica after a leader change, or seek past it",
+                tp.topic, tp.partition)
 
     def _on_fetch_error(self, tp: TopicPartition, result: pb.PartitionFetchResult) -> None:
         error = error_for(result.error_code, result.error_message, tp.topic, tp.partition)
