@@ -17,6 +17,8 @@ from typing import NamedTuple
 
 BATCHES_PER_PRODUCER = 5
 MAX_PRODUCERS = 10_000
+SEQUENCE_MASK = 0x7FFFFFFF  # sequences are 31-bit and wrap, as in Kafka
+_HALF_SEQUENCE_SPACE = 1 << 30
 
 
 class StoredBatch(NamedTuple):
@@ -51,11 +53,14 @@ class ProducerStateTable:
         batches = self._producers.get(producer_id)
         if not batches:
             return APPEND
+        last_sequence = (base_sequence + record_count - 1) & SEQUENCE_MASK
         for stored in batches:
-            if stored.base_sequence == base_sequence and stored.last_sequence == base_sequence + record_count - 1:
+            if stored.base_sequence == base_sequence and stored.last_sequence == last_sequence:
                 return SequenceVerdict(stored)
-        if base_sequence <= batches[-1].last_sequence:
-            # Older than the batches kept: written long ago, but we no longer know where.
+        # How far past the newest kept batch this one starts, modulo the wrap: the producer only moves forward,
+        # so "behind" (the upper half of the space) means written long ago, and we no longer know where.
+        ahead = (base_sequence - batches[-1].last_sequence - 1) & SEQUENCE_MASK
+        if ahead >= _HALF_SEQUENCE_SPACE:
             return SequenceVerdict(None, already_written_unknown_offset=True)
         return APPEND
 
@@ -72,7 +77,8 @@ class ProducerStateTable:
             self._producers.move_to_end(producer_id)
         if batches and batches[-1].base_sequence == base_sequence:
             return  # the leader records at propose time and again when it persists
-        batches.append(StoredBatch(base_sequence, base_sequence + record_count - 1, base_offset, last_offset))
+        last_sequence = (base_sequence + record_count - 1) & SEQUENCE_MASK
+        batches.append(StoredBatch(base_sequence, last_sequence, base_offset, last_offset))
 
     def truncate(self, offset: int) -> None:
         """Forget batches at or past offset (the log was cut there)."""

@@ -69,3 +69,14 @@ def test_the_least_recently_heard_producer_is_evicted_at_the_limit() -> None:
     table.record(3, 0, 1, 3, 3)
     assert table.check(2, 0, 1).duplicate_of is None
     assert table.check(1, 1, 1).duplicate_of is not None
+
+
+def test_sequences_wrap_around_like_kafkas() -> None:
+    table = ProducerStateTable()
+    top = 0x7FFFFFFF
+    table.record(7, top - 9, 10, 100, 109)  # sequences top-9 .. top
+    assert table.check(7, 0, 5).duplicate_of is None  # the next batch after the wrap is new
+    assert not table.check(7, 0, 5).already_written_unknown_offset
+    table.record(7, 0, 5, 110, 114)
+    assert table.check(7, top - 9, 10).duplicate_of is not None
+    assert table.check(7, top - 100, 10).already_written_unknown_offset
