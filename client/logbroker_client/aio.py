@@ -438,6 +438,9 @@ class AsyncConsumer:
             if isinstance(error, OffsetOutOfRangeError) and self._reset is not None:
                 await self._reset_positions([tp])
                 return
+            if error.retriable:  # leadership is moving: ask again for the leader on the next poll
+                self._metadata.invalidate(tp.topic)
+                return
             raise error
         start = self._positions.get(tp)
         if start is None or not result.records:
