@@ -424,9 +424,15 @@ class AsyncConsumer:
         responses = await asyncio.gather(*(
             self._metadata.call("Fetch", pb.FetchRequest(max_wait_ms=wait_ms, min_bytes=1, partitions=parts), leader)
             for leader, parts in by_leader.items()
-        ))
+        ), return_exceptions=True)
         records: list[ConsumerRecord] = []
-        for response in responses:
+        for parts, response in zip(by_leader.values(), responses, strict=True):
+            if isinstance(response, LogbrokerError) and response.retriable:
+                for part in parts:  # that leader is gone: find the new one on the next poll
+                    self._metadata.invalidate(part.topic)
+                continue
+            if isinstance(response, BaseException):
+                raise response
             for result in response.results:
                 await self._absorb(result, records)
         return records
