@@ -107,6 +107,9 @@ class BatchHeader(NamedTuple):
         return self.attributes & COMPRESSION_MASK
 
 
+NO_HEADERS: tuple[tuple[str, bytes | None], ...] = ()
+
+
 class Record(NamedTuple):
     """One decoded record (the consumer's ConsumerRecord). Offsets and timestamps are absolute."""
 
@@ -116,7 +119,7 @@ class Record(NamedTuple):
     timestamp: int
     key: bytes | None
     value: bytes | None
-    headers: list[tuple[str, bytes | None]]
+    headers: Sequence[tuple[str, bytes | None]]  # a list, or the shared empty tuple when there are none
 
 
 def crc32c(data: bytes | memoryview) -> int:
@@ -535,10 +538,8 @@ def _decode_record_block(
             else:
                 value = data[pos:pos + vlen]
                 pos += vlen
-            if data[pos] == 0:
-                headers: list[tuple[str, bytes | None]] = []
-            else:
-                headers = _decode_headers(data, pos)
+            # Most records carry no headers: they share one empty tuple rather than each allocating a list.
+            headers = NO_HEADERS if data[pos] == 0 else _decode_headers(data, pos)
             if end > len(data):
                 raise CorruptBatchError("record extends past the end of its batch")
             pos = end

@@ -47,7 +47,7 @@ def test_round_trip(records, compression):
     batch = _ours(records, compression, base_offset=77)
     header = rec.validate_batch(batch)
     decoded = rec.decode_records(batch, 0, header)
-    assert [(r.offset, r.timestamp, r.key, r.value, r.headers) for r in decoded] == [
+    assert [(r.offset, r.timestamp, r.key, r.value, list(r.headers)) for r in decoded] == [
         (77 + i, ts, k, v, list(h)) for i, (ts, k, v, h) in enumerate(records)
     ]
 
@@ -59,7 +59,7 @@ def test_kafka_python_bytes_decode_with_ours(codec, records):
     batch = _theirs(records, codec)
     header = rec.validate_batch(batch)
     decoded = rec.decode_records(batch, 0, header)
-    assert [(r.offset, r.timestamp, r.key, r.value, r.headers) for r in decoded] == [
+    assert [(r.offset, r.timestamp, r.key, r.value, list(r.headers)) for r in decoded] == [
         (i, ts, k, v, list(h)) for i, (ts, k, v, h) in enumerate(records)
     ]
 
@@ -145,3 +145,9 @@ def test_varint_round_trip(value):
     encoded = rec.encode_varint(value)
     assert rec.decode_varint(encoded, 0) == (value, len(encoded))
     assert len(encoded) <= 10
+
+
+def test_records_without_headers_share_one_empty_tuple() -> None:
+    batch = _ours([(1, None, b"a", []), (2, None, b"b", [("h", b"x")])])
+    first, second = rec.decode_records(batch, 0, rec.validate_batch(batch))
+    assert first.headers is rec.NO_HEADERS and list(second.headers) == [("h", b"x")]
