@@ -333,10 +333,14 @@ def build_batch(
     return builder.build(base_offset, leader_epoch)
 
 
-def build_control_batch(base_offset: int, leader_epoch: int, timestamp_ms: int) -> bytes:
-    """A one-record control batch (the no-op a new leader appends); never shown to consumers."""
+def build_control_batch(
+    base_offset: int, leader_epoch: int, timestamp_ms: int, key: bytes = b"\x00\x00\x00\x00",
+    value: bytes | None = None,
+) -> bytes:
+    """A one-record control batch (a new leader's no-op, a config change); never shown to consumers as a
+    record. The key is Kafka's control record key: version i16, type i16."""
     builder = BatchBuilder()
-    builder.append(timestamp_ms, b"\x00\x00\x00\x00", None)
+    builder.append(timestamp_ms, key, value)
     return builder.build(base_offset, leader_epoch, attributes_extra=CONTROL_FLAG)
 
 
@@ -401,21 +405,6 @@ def stamp_batch(batch: bytearray, base_offset: int, leader_epoch: int, pos: int 
     """Write baseOffset and partitionLeaderEpoch of the batch at pos in place; both lie outside the CRC."""
     struct.pack_into(">q", batch, pos, base_offset)
     _EPOCH.pack_into(batch, pos + 12, leader_epoch)
-
-
-def stamp_offsets_in_stream(buf: bytearray, base_offset: int, leader_epoch: int) -> int:
-    """Stamp every batch of a validated stream with consecutive offsets; return the next offset."""
-    next_offset = base_offset
-    pos = 0
-    end = len(buf)
-    while pos < end:
-        _, length = _BASE_OFFSET_AND_LENGTH.unpack_from(buf, pos)
-        last_delta = struct.unpack_from(">i", buf, pos + 23)[0]
-        struct.pack_into(">q", buf, pos, next_offset)
-        _EPOCH.pack_into(buf, pos + 12, leader_epoch)
-        next_offset += last_delta + 1
-        pos += length + LOG_OVERHEAD
-    return next_offset
 
 
 # ------------------------------------------------------------------------------------------- decoding

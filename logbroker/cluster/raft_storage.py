@@ -43,9 +43,8 @@ def entries_to_batches(entries: Sequence[Entry], timestamp_ms: int) -> bytearray
 
 def control_batch(entry: Entry, timestamp_ms: int) -> bytes:
     key = CONTROL_KEY_NOOP if entry.kind is EntryKind.NOOP else CONTROL_KEY_CONFIG
-    builder = rec.BatchBuilder()
-    builder.append(timestamp_ms, key, entry.payload if entry.kind is EntryKind.CONFIG else None)
-    return builder.build(entry.base_offset, entry.term, attributes_extra=rec.CONTROL_FLAG)
+    value = entry.payload if entry.kind is EntryKind.CONFIG else None
+    return rec.build_control_batch(entry.base_offset, entry.term, timestamp_ms, key, value)
 
 
 def batch_to_entry(data: bytes | memoryview, pos: int, header: rec.BatchHeader) -> Entry:

@@ -98,13 +98,6 @@ def test_stamping_offsets_and_epoch_keeps_the_crc_valid():
     assert (header.base_offset, header.leader_epoch, header.last_offset) == (1234, 7, 1235)
 
 
-def test_stamp_offsets_in_stream_numbers_batches_consecutively():
-    stream = bytearray(_ours([(1, None, b"a", [])] * 3) + _ours([(1, None, b"b", [])] * 2))
-    assert rec.stamp_offsets_in_stream(stream, 10, 3) == 15
-    headers = [h for _, h in rec.iter_batch_headers(stream)]
-    assert [(h.base_offset, h.leader_epoch) for h in headers] == [(10, 3), (13, 3)]
-
-
 def test_control_batch_yields_no_records():
     batch = rec.build_control_batch(9, 2, 1000)
     header = rec.validate_batch(batch)
