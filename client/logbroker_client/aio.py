@@ -32,6 +32,7 @@ from logbroker_client.producer import (
     DEFAULT_LINGER_MS,
     DEFAULT_MAX_REQUEST_BYTES,
     RETRY_BACKOFF_MS,
+    check_producer_options,
 )
 from logbroker_client.proto import logbroker_pb2 as pb
 from logbroker_client.types import ConsumerRecord, OffsetAndTimestamp, RecordMetadata, TopicDescription, TopicPartition
@@ -175,10 +176,7 @@ class AsyncProducer:
         request_timeout_ms: int = DEFAULT_REQUEST_TIMEOUT_MS,
         delivery_timeout_ms: int = DEFAULT_DELIVERY_TIMEOUT_MS,
     ) -> None:
-        if acks not in ACKS:
-            raise ValueError(f"acks must be 'all', 1 or 0, got {acks!r}")
-        if compression not in rec.COMPRESSION_CODECS:
-            raise ValueError(f"compression must be one of {sorted(rec.COMPRESSION_CODECS)}, got {compression!r}")
+        check_producer_options(acks, compression)
         self.acks = ACKS[acks]
         self._linger_s = linger_ms / 1000
         self._batch_size = batch_size

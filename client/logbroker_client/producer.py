@@ -49,6 +49,14 @@ ACKS = {"all": -1, "-1": -1, -1: -1, "1": 1, 1: 1, "0": 0, 0: 0}
 Headers = Sequence[tuple[str, bytes | None]]
 
 
+def check_producer_options(acks: str | int, compression: str) -> None:
+    """The settings every producer shares, checked the same way (sync and asyncio)."""
+    if acks not in ACKS:
+        raise ValueError(f"acks must be 'all', 1 or 0, got {acks!r}")
+    if compression not in rec.COMPRESSION_CODECS:
+        raise ValueError(f"compression must be one of {sorted(rec.COMPRESSION_CODECS)}, got {compression!r}")
+
+
 class ProducerBatch:
     """Records for one partition, sent and acknowledged together."""
 
@@ -138,10 +146,7 @@ class Producer:
         max_block_ms: int = DEFAULT_MAX_BLOCK_MS,
         enable_idempotence: bool = True,
     ) -> None:
-        if acks not in ACKS:
-            raise ValueError(f"acks must be 'all', 1 or 0, got {acks!r}")
-        if compression not in rec.COMPRESSION_CODECS:
-            raise ValueError(f"compression must be one of {sorted(rec.COMPRESSION_CODECS)}, got {compression!r}")
+        check_producer_options(acks, compression)
         if partitioner not in ("sticky", "round_robin"):
             raise ValueError(f"partitioner must be 'sticky' or 'round_robin', got {partitioner!r}")
         self.acks = ACKS[acks]

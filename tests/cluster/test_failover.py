@@ -9,10 +9,7 @@ When a test fails, the fixture prints the tail of every broker's log.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 from logbroker_client import Admin, Producer
 from logbroker_client import records as rec
 from logbroker_client.errors import (
@@ -29,7 +26,6 @@ from tests.support.brokers import wait_until
 from tests.support.checker import AckLog, ProducerLoad, Stored, assert_clean, make_value, read_log
 from tests.support.cluster import BrokerCluster
 
-RAFT_TICK_MS = 20
 TOPIC = "orders"
 PARTITIONS = 3
 ACKED_AFTER_FAULT = 2000
@@ -41,41 +37,6 @@ CATCH_UP_FLUSH_EVERY = 50
 QUORUM_REQUEST_TIMEOUT_MS = 1000
 QUORUM_DELIVERY_TIMEOUT_MS = 3000
 SIGTERM_LIMIT_S = 3.0  # leadership hand-over and closing the logs take well under a second
-
-
-def _show_logs_on_failure(request: pytest.FixtureRequest, cluster: BrokerCluster, failed_before: int) -> None:
-    if request.session.testsfailed == failed_before:
-        return
-    capture = request.config.pluginmanager.getplugin("capturemanager")
-    text = f"\n----- broker logs of {request.node.nodeid} (full logs under {cluster.root}) -----\n{cluster.log_tails()}"
-    if capture is not None:
-        with capture.global_and_fixture_disabled():
-            print(text, flush=True)
-    else:
-        print(text, flush=True)
-
-
-def _cluster(request: pytest.FixtureRequest, tmp_path: Path, proxied: bool) -> Iterator[BrokerCluster]:
-    cluster = BrokerCluster(tmp_path / "cluster", size=3, raft_tick_ms=RAFT_TICK_MS, proxied=proxied)
-    failed_before = request.session.testsfailed
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        try:
-            _show_logs_on_failure(request, cluster, failed_before)
-        finally:
-            cluster.stop_all()
-
-
-@pytest.fixture
-def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BrokerCluster]:
-    yield from _cluster(request, tmp_path, proxied=False)
-
-
-@pytest.fixture
-def proxied_cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BrokerCluster]:
-    yield from _cluster(request, tmp_path, proxied=True)
 
 
 def create_topic(cluster: BrokerCluster, partitions: int = PARTITIONS, configs: dict[str, str] | None = None,

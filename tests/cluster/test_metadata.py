@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 from logbroker_client import Admin, Consumer, Producer, TopicPartition
 
 from tests.support.brokers import wait_until
@@ -13,16 +9,6 @@ from tests.support.cluster import BrokerCluster
 
 TOPIC = "sparse"
 PARTITIONS = 3
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[BrokerCluster]:
-    running = BrokerCluster(tmp_path / "cluster", size=3, raft_tick_ms=20)
-    try:
-        running.start()
-        yield running
-    finally:
-        running.stop_all()
 
 
 def leaders_seen_by(cluster: BrokerCluster, node: int) -> list[int]:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -21,16 +19,6 @@ from tests.support.cluster import BrokerCluster
 ROUNDS = int(os.environ.get("LOGBROKER_SOAK_ROUNDS", "12"))
 SEED = int(os.environ.get("LOGBROKER_SOAK_SEED", "1"))
 ACKED_PER_ROUND = 1500
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[BrokerCluster]:
-    running = BrokerCluster(tmp_path / "cluster", size=3, raft_tick_ms=20)
-    try:
-        running.start()
-        yield running
-    finally:
-        running.stop_all()
 
 
 @pytest.mark.slow
