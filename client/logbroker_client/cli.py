@@ -8,6 +8,7 @@ written for operators, so the CLI passes them through rather than rewording them
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import re
 import string
@@ -382,7 +383,7 @@ def consume_loop(consumer: Any, render: Callable[[Any], str], max_messages: int 
     idle_s = None if timeout_ms is None else timeout_ms / 1000
     count = 0
     out = sys.stdout
-    try:
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a tail ends: not an error
         while max_messages is None or count < max_messages:
             wait = POLL_SLICE_S
             if idle_s is not None:
@@ -396,8 +397,6 @@ def consume_loop(consumer: Any, render: Callable[[Any], str], max_messages: int 
                 out.write("".join(render(r) + "\n" for r in records))
                 out.flush()  # a pipe reader (grep, jq) sees records as they arrive
                 count += len(records)
-    except KeyboardInterrupt:
-        pass  # Ctrl-C is how a tail ends: not an error
     return count, time.monotonic() - started
 
 
