@@ -31,6 +31,7 @@ from logbroker_client.producer import (
     DEFAULT_DELIVERY_TIMEOUT_MS,
     DEFAULT_LINGER_MS,
     DEFAULT_MAX_REQUEST_BYTES,
+    MAX_BATCHES_PER_REQUEST,
     RETRY_BACKOFF_MS,
     check_producer_options,
 )
@@ -253,7 +254,8 @@ class AsyncProducer:
             while queue:
                 batches = [queue.popleft()]
                 size = batches[0].builder.size_bytes
-                while queue and size + queue[0].builder.size_bytes <= self._max_request_bytes:
+                while (queue and len(batches) < MAX_BATCHES_PER_REQUEST
+                       and size + queue[0].builder.size_bytes <= self._max_request_bytes):
                     size += queue[0].builder.size_bytes
                     batches.append(queue.popleft())
                 await self._send_batches(slot, batches)

@@ -43,6 +43,9 @@ DEFAULT_BUFFER_MEMORY = 64 << 20
 DEFAULT_DELIVERY_TIMEOUT_MS = 120_000
 DEFAULT_MAX_BLOCK_MS = 60_000
 RETRY_BACKOFF_MS = 100
+# Batches of one partition in one request. The broker's idempotence window (BATCHES_PER_PRODUCER = 32 in
+# logbroker/cluster/producer_state.py) must hold a whole retried request, so keep this well below it.
+MAX_BATCHES_PER_REQUEST = 16
 RECORD_OVERHEAD_BYTES = 21  # length, attributes, timestamp and offset deltas, key and value lengths
 ACKS = {"all": -1, "-1": -1, -1: -1, "1": 1, 1: 1, "0": 0, 0: 0}
 
@@ -327,7 +330,8 @@ class Producer:
                 queue = self._ready[slot]
                 picked = [queue.popleft()]
                 size = picked[0].builder.size_bytes
-                while queue and size + queue[0].builder.size_bytes <= self._max_request_bytes:
+                while (queue and len(picked) < MAX_BATCHES_PER_REQUEST
+                       and size + queue[0].builder.size_bytes <= self._max_request_bytes):
                     size += queue[0].builder.size_bytes
                     picked.append(queue.popleft())
                 taken[slot] = picked

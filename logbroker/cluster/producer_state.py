@@ -6,8 +6,9 @@ would be stored twice. The table is derived from the log: every replica records 
 appends, so a follower that becomes leader already knows what its log holds, and a truncation forgets
 what it removes. It is rebuilt from the log's tail at start-up.
 
-Only the last few batches of each producer are kept (Kafka keeps five): a producer never has more in
-flight, because it sends one request per partition at a time.
+Only the last BATCHES_PER_PRODUCER batches of each producer are kept. A producer has one request in flight
+per partition and puts at most MAX_BATCHES_PER_REQUEST batches in it (logbroker_client.producer), so a
+retry's batches are always among them; the window is twice that, for a retry regrouped with newer batches.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from typing import NamedTuple
 
-BATCHES_PER_PRODUCER = 5
-MAX_PRODUCERS = 10_000
+BATCHES_PER_PRODUCER = 32
+MAX_PRODUCERS = 2_000  # per partition: at most 2,000 x 32 small tuples
 SEQUENCE_MASK = 0x7FFFFFFF  # sequences are 31-bit and wrap, as in Kafka
 _HALF_SEQUENCE_SPACE = 1 << 30
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from logbroker_client.producer import MAX_BATCHES_PER_REQUEST
+
 from logbroker.cluster.producer_state import BATCHES_PER_PRODUCER, ProducerStateTable
 
 
@@ -80,3 +82,14 @@ def test_sequences_wrap_around_like_kafkas() -> None:
     table.record(7, 0, 5, 110, 114)
     assert table.check(7, top - 9, 10).duplicate_of is not None
     assert table.check(7, top - 100, 10).already_written_unknown_offset
+
+
+def test_a_whole_retried_request_of_the_largest_size_is_recognised() -> None:
+    """The window must hold every batch of one request (the producer caps how many it puts in one)."""
+    assert 2 * MAX_BATCHES_PER_REQUEST <= BATCHES_PER_PRODUCER
+    table = ProducerStateTable()
+    table.record(7, 0, 10, 0, 9)  # an earlier, acknowledged request
+    for i in range(1, MAX_BATCHES_PER_REQUEST + 1):
+        table.record(7, i * 10, 10, i * 10, i * 10 + 9)
+    verdicts = [table.check(7, i * 10, 10) for i in range(1, MAX_BATCHES_PER_REQUEST + 1)]
+    assert all(v.duplicate_of is not None for v in verdicts)
