@@ -380,7 +380,12 @@ class Producer:
         except Exception as exc:
             self._on_result(slot, batches, None, LogbrokerError(f"produce to {address} failed: {exc}"))
             return
-        self._on_result(slot, batches, response.results[0], None)
+        result = response.results[0]
+        if result.error_code in (pb.ErrorCode.NOT_LEADER, pb.ErrorCode.NOT_ENOUGH_REPLICAS) \
+                and not result.leader.leader_address:
+            # That broker cannot say who leads (it may be cut off from its peers): ask the others first.
+            self._metadata.mark_unreachable(address)
+        self._on_result(slot, batches, result, None)
 
     def _on_result(self, slot: tuple[str, int], batches: list[ProducerBatch],
                    result: pb.PartitionProduceResult | None, error: LogbrokerError | None) -> None:

@@ -50,3 +50,25 @@ def test_repeated_faults_under_load_lose_nothing(cluster: BrokerCluster) -> None
     # Retries ride out every fault here (no broker stays down past the delivery timeout): a record the
     # producer gave up on means the client or the broker refused something it should have taken.
     assert acks.failed == 0, acks.summary()
+
+
+@pytest.mark.slow
+def test_repeated_network_partitions_under_load_lose_nothing(proxied_cluster: BrokerCluster) -> None:
+    """Each round cuts one broker off from its peers (clients still reach it), then heals."""
+    cluster = proxied_cluster
+    rng = random.Random(SEED)
+    print(f"partition soak seed {SEED}, {ROUNDS} rounds")
+    create_topic(cluster)
+    acks = AckLog()
+    load = ProducerLoad(cluster.bootstrap, TOPIC, PARTITIONS, acks).start()
+    load.wait_acked(ACKED_PER_ROUND, 60, "before the first partition")
+    for round_number in range(ROUNDS):
+        node = rng.choice(sorted(cluster.brokers))
+        print(f"round {round_number}: isolate broker {node}")
+        cluster.isolate(node, blackhole=rng.random() < 0.5)
+        load.wait_acked(acks.count() + ACKED_PER_ROUND, 90, f"round {round_number}: broker {node} cut off")
+        cluster.heal()
+        load.wait_acked(acks.count() + ACKED_PER_ROUND // 2, 90, f"round {round_number}: after healing")
+    load.stop()
+    check_everything(cluster, acks)
+    assert acks.failed == 0, acks.summary()
