@@ -31,16 +31,29 @@ class MetadataCache:
         self._brokers: dict[int, str] = {}
         self._partitions: dict[str, list[pb.PartitionMetadata]] = {}
         self._unreachable_until: dict[str, float] = {}
+        self._leaderless_until: dict[str, float] = {}
 
-    def addresses(self) -> list[str]:
-        """Known brokers first, then bootstrap addresses; any that just failed go last."""
+    def addresses(self, for_metadata: bool = False) -> list[str]:
+        """Known brokers first, then bootstrap addresses; any that just failed go last (and, when asking for
+        metadata, any that just could not name a leader)."""
         candidates = list(dict.fromkeys([*self._brokers.values(), *self.bootstrap]))
         now = time.monotonic()
-        return sorted(candidates, key=lambda address: self._unreachable_until.get(address, 0.0) > now)
+
+        def doubt(address: str) -> tuple[bool, bool]:
+            unreachable = self._unreachable_until.get(address, 0.0) > now
+            leaderless = for_metadata and self._leaderless_until.get(address, 0.0) > now
+            return unreachable, leaderless
+
+        return sorted(candidates, key=doubt)
 
     def mark_unreachable(self, address: str) -> None:
         """A call to address failed to connect: ask the others first for a while."""
         self._unreachable_until[address] = time.monotonic() + UNREACHABLE_PENALTY_S
+
+    def mark_leaderless(self, address: str) -> None:
+        """That broker could not name a partition's leader (it may be cut off from its peers): take metadata
+        from the others first for a while, but keep sending to it if it is the only one that answers."""
+        self._leaderless_until[address] = time.monotonic() + UNREACHABLE_PENALTY_S
 
     def apply(self, response: pb.MetadataResponse) -> None:
         with self._lock:
@@ -97,7 +110,7 @@ class ClusterMetadata(MetadataCache):
     def refresh(self, topics: Sequence[str] = ()) -> pb.MetadataResponse:
         """Ask each broker in turn until one answers; a dead or paused one costs at most a short timeout."""
         error: LogbrokerError | None = None
-        for address in self.addresses():
+        for address in self.addresses(for_metadata=True):
             conn = self.connection(address)
             try:
                 response: pb.MetadataResponse = conn.broker.Metadata(

@@ -384,7 +384,7 @@ class Producer:
         if result.error_code in (pb.ErrorCode.NOT_LEADER, pb.ErrorCode.NOT_ENOUGH_REPLICAS) \
                 and not result.leader.leader_address:
             # That broker cannot say who leads (it may be cut off from its peers): ask the others first.
-            self._metadata.mark_unreachable(address)
+            self._metadata.mark_leaderless(address)
         self._on_result(slot, batches, result, None)
 
     def _on_result(self, slot: tuple[str, int], batches: list[ProducerBatch],
