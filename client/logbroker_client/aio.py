@@ -22,9 +22,9 @@ from logbroker_client import records as rec
 from logbroker_client.admin import raise_topic_errors, topic_description
 from logbroker_client.connection import DEFAULT_REQUEST_TIMEOUT_MS, AsyncConnection, translate_rpc_error
 from logbroker_client.consumer import DEFAULT_FETCH_MAX_WAIT_MS, DEFAULT_MAX_PARTITION_FETCH_BYTES, RESETS
-from logbroker_client.errors import LogbrokerError, OffsetOutOfRangeError, RecordTooLargeError, error_for
+from logbroker_client.errors import LogbrokerError, OffsetOutOfRangeError, error_for
 from logbroker_client.metadata import MetadataCache
-from logbroker_client.partitioner import StickyPartitioner, partition_for_key
+from logbroker_client.partitioner import StickyPartitioner, choose_partition
 from logbroker_client.producer import (
     ACKS,
     DEFAULT_BATCH_SIZE,
@@ -34,6 +34,7 @@ from logbroker_client.producer import (
     MAX_BATCHES_PER_REQUEST,
     RETRY_BACKOFF_MS,
     check_producer_options,
+    check_record_size,
 )
 from logbroker_client.proto import logbroker_pb2 as pb
 from logbroker_client.types import ConsumerRecord, OffsetAndTimestamp, RecordMetadata, TopicDescription, TopicPartition
@@ -131,13 +132,12 @@ class AsyncAdmin:
 # --------------------------------------------------------------------------------------- producer
 
 class _AsyncBatch:
-    __slots__ = ("topic", "partition", "builder", "timestamps", "done", "created")
+    __slots__ = ("topic", "partition", "builder", "done", "created")
 
     def __init__(self, topic: str, partition: int, compression: int, loop: asyncio.AbstractEventLoop) -> None:
         self.topic = topic
         self.partition = partition
         self.builder = rec.BatchBuilder(compression)
-        self.timestamps: list[int] = []
         self.done: asyncio.Future[int] = loop.create_future()  # resolves to the base offset
         self.created = loop.time()
 
@@ -145,11 +145,12 @@ class _AsyncBatch:
 class AsyncRecordFuture:
     """Awaitable: `await future` gives the record's RecordMetadata."""
 
-    __slots__ = ("_batch", "_index")
+    __slots__ = ("_batch", "_index", "_timestamp_ms")
 
-    def __init__(self, batch: _AsyncBatch, index: int) -> None:
+    def __init__(self, batch: _AsyncBatch, index: int, timestamp_ms: int) -> None:
         self._batch = batch
         self._index = index
+        self._timestamp_ms = timestamp_ms
 
     def done(self) -> bool:
         return self._batch.done.done()
@@ -158,7 +159,7 @@ class AsyncRecordFuture:
         batch = self._batch
         base = await asyncio.shield(batch.done)
         offset = base + self._index if base >= 0 else -1
-        return RecordMetadata(batch.topic, batch.partition, offset, batch.timestamps[self._index])
+        return RecordMetadata(batch.topic, batch.partition, offset, self._timestamp_ms)
 
     def __await__(self) -> Any:
         return self._result().__await__()
@@ -209,12 +210,8 @@ class AsyncProducer:
         if isinstance(key, str):
             key = key.encode()
         count = await self._metadata.partitions_for(topic)
-        if partition is None:
-            partition = self._sticky.partition(topic, count) if key is None else partition_for_key(key, count)
-        elif not 0 <= partition < count:
-            raise error_for(pb.ErrorCode.UNKNOWN_TOPIC_OR_PARTITION,
-                            f"topic {topic!r} has partitions 0..{count - 1}; partition {partition} does not exist",
-                            topic, partition)
+        partition = choose_partition(topic, key, partition, count, self._sticky)
+        check_record_size(topic, partition, key, value, self._max_request_bytes)
         timestamp_ms = time.time_ns() // 1_000_000 if timestamp_ms is None else timestamp_ms
         slot = (topic, partition)
         batch = self._open.get(slot)
@@ -223,14 +220,9 @@ class AsyncProducer:
             batch = self._open[slot] = _AsyncBatch(topic, partition, self._compression, loop)
             self._linger_tasks[slot] = loop.call_later(self._linger_s, self._seal, slot)
         index = batch.builder.append(timestamp_ms, key, value, headers or ())
-        batch.timestamps.append(timestamp_ms)
-        if index == 0 and batch.builder.size_bytes > self._max_request_bytes:
-            raise RecordTooLargeError(
-                f"record of {batch.builder.size_bytes} bytes exceeds max_request_bytes={self._max_request_bytes}",
-                topic, partition)
         if batch.builder.size_bytes >= self._batch_size:
             self._seal(slot)
-        return AsyncRecordFuture(batch, index)
+        return AsyncRecordFuture(batch, index, timestamp_ms)
 
     async def send_and_wait(self, topic: str, value: bytes | str | None = None, **kwargs: Any) -> RecordMetadata:
         return await (await self.send(topic, value, **kwargs))

@@ -10,6 +10,8 @@ from __future__ import annotations
 import random
 from functools import lru_cache
 
+from logbroker_client.errors import UnknownTopicOrPartitionError
+
 _M = 0x5BD1E995
 _SEED = 0x9747B28C
 _MASK = 0xFFFFFFFF
@@ -43,6 +45,17 @@ def murmur2(data: bytes) -> int:
 
 def partition_for_key(key: bytes, num_partitions: int) -> int:
     return (murmur2(key) & 0x7FFFFFFF) % num_partitions
+
+
+def choose_partition(topic: str, key: bytes | None, partition: int | None, count: int,
+                     null_key_partitioner: StickyPartitioner | RoundRobinPartitioner) -> int:
+    """The partition a record goes to: the one asked for (checked), its key's, or the null-key choice."""
+    if partition is None:
+        return null_key_partitioner.partition(topic, count) if key is None else partition_for_key(key, count)
+    if not 0 <= partition < count:
+        raise UnknownTopicOrPartitionError(
+            f"topic {topic!r} has partitions 0..{count - 1}; partition {partition} does not exist", topic, partition)
+    return partition
 
 
 class StickyPartitioner:

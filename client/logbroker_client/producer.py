@@ -30,7 +30,7 @@ from logbroker_client.errors import (
     error_for,
 )
 from logbroker_client.metadata import ClusterMetadata
-from logbroker_client.partitioner import RoundRobinPartitioner, StickyPartitioner, partition_for_key
+from logbroker_client.partitioner import RoundRobinPartitioner, StickyPartitioner, choose_partition
 from logbroker_client.proto import logbroker_pb2 as pb
 from logbroker_client.types import RecordMetadata
 
@@ -58,6 +58,15 @@ def check_producer_options(acks: str | int, compression: str) -> None:
         raise ValueError(f"acks must be 'all', 1 or 0, got {acks!r}")
     if compression not in rec.COMPRESSION_CODECS:
         raise ValueError(f"compression must be one of {sorted(rec.COMPRESSION_CODECS)}, got {compression!r}")
+
+
+def check_record_size(topic: str, partition: int, key: bytes | None, value: bytes | None, limit: int) -> int:
+    """Key and value bytes of a record; a record over the request limit is refused before it is queued."""
+    payload_bytes = (len(value) if value else 0) + (len(key) if key else 0)
+    if payload_bytes > limit:
+        raise RecordTooLargeError(
+            f"record of {payload_bytes} bytes exceeds max_request_bytes={limit}; nothing was sent", topic, partition)
+    return payload_bytes
 
 
 class ProducerBatch:
@@ -204,24 +213,12 @@ class Producer:
         count = self._partition_counts.get(topic)
         if count is None:
             count = self._partition_counts[topic] = self._metadata.partitions_for(topic)
-        if partition is None:
-            if key is None:
-                partition = self._null_key_partitioner.partition(topic, count)
-            else:
-                partition = partition_for_key(key, count)  # type: ignore[arg-type]
-        elif not 0 <= partition < count:
-            raise error_for(pb.ErrorCode.UNKNOWN_TOPIC_OR_PARTITION,
-                            f"topic {topic!r} has partitions 0..{count - 1}; partition {partition} does not exist",
-                            topic, partition)
+        partition = choose_partition(topic, key, partition, count, self._null_key_partitioner)  # type: ignore[arg-type]
         if timestamp_ms is None:
             timestamp_ms = time.time_ns() // 1_000_000
         if self._buffered_bytes >= self._buffer_memory:
             self._wait_for_space()
-        payload_bytes = (len(value) if value else 0) + (len(key) if key else 0)
-        if payload_bytes > self._max_request_bytes:
-            raise RecordTooLargeError(
-                f"record of {payload_bytes} bytes exceeds max_request_bytes={self._max_request_bytes}; "
-                "nothing was sent", topic, partition)
+        payload_bytes = check_record_size(topic, partition, key, value, self._max_request_bytes)  # type: ignore[arg-type]
         # An upper bound on the encoded record: a batch never grows past batch_size by taking it.
         record_bytes = RECORD_OVERHEAD_BYTES + payload_bytes
         if headers:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from logbroker_client import AsyncAdmin, AsyncConsumer, AsyncProducer, TopicPartition
-from logbroker_client.errors import TopicAlreadyExistsError, UnknownTopicOrPartitionError
+from logbroker_client.errors import RecordTooLargeError, TopicAlreadyExistsError, UnknownTopicOrPartitionError
 
 from tests.support.brokers import InProcessBroker
 
@@ -81,3 +81,16 @@ async def test_async_producer_delivers_to_a_restarted_broker(tmp_path: Path) -> 
         assert [r.value for r in records] == [b"after restart"]
     finally:
         restarted.stop()
+
+
+async def test_async_producer_refuses_an_oversized_record_and_a_missing_partition(bootstrap: str) -> None:
+    async with AsyncAdmin(bootstrap) as admin:
+        await admin.create_topic("async-limits", partitions=2)
+    async with AsyncProducer(bootstrap, max_request_bytes=1000) as producer:
+        with pytest.raises(RecordTooLargeError, match="nothing was sent"):
+            await producer.send("async-limits", b"x" * 2000)
+        with pytest.raises(UnknownTopicOrPartitionError, match="partitions 0..1"):
+            await producer.send("async-limits", b"x", partition=5)
+        meta = await producer.send_and_wait("async-limits", b"fits", partition=1)
+    records = await consume(bootstrap, TopicPartition("async-limits", 1), 0, 1)
+    assert [(r.offset, r.value) for r in records] == [(meta.offset, b"fits")]  # the refused record never went
