@@ -8,14 +8,14 @@ by write_pending() right after the log bytes they describe, so a failed write ca
 
 from __future__ import annotations
 
-import os
 import struct
 import sys
 from array import array
-from bisect import bisect_left, bisect_right
+from bisect import bisect_right
 from pathlib import Path
 
-from logbroker.storage.files import read_all, write_all
+from logbroker.storage.files import read_all
+from logbroker.storage.index_file import SparseIndexFile
 
 ENTRY = struct.Struct(">II")
 ENTRY_SIZE = ENTRY.size  # 8
@@ -25,17 +25,15 @@ _U32 = "I"
 assert array(_U32).itemsize == 4, "array('I') must hold 32-bit values on this platform"
 
 
-class OffsetIndex:
+class OffsetIndex(SparseIndexFile):
+    ENTRY = ENTRY
+
     def __init__(self, path: Path, base_offset: int) -> None:
-        self.path = path
-        self.base_offset = base_offset
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
-        self._relative = array(_U32)
+        super().__init__(path, base_offset)
         self._positions = array(_U32)
-        self._pending = bytearray()
-        self._written_entries = 0  # entries on disk; the rest of the arrays is in _pending
-        self._changes = 0  # bumped by every write or truncation; sync() compares it to _synced_changes
-        self._synced_changes = 0
+
+    def _columns(self) -> tuple[array, array]:  # type: ignore[type-arg]
+        return self._relative, self._positions
 
     # ------------------------------------------------------------------------------------------ loading
 
@@ -77,36 +75,7 @@ class OffsetIndex:
             raise ValueError(f"{self.path.name}: entry ({offset}, {position}) does not fit in u32")
         if self._relative and (relative <= self._relative[-1] or position <= self._positions[-1]):
             raise ValueError(f"{self.path.name}: entry ({offset}, {position}) does not follow the last entry")
-        self._relative.append(relative)
-        self._positions.append(position)
-        self._pending += ENTRY.pack(relative, position)
-
-    def write_pending(self) -> None:
-        """Write staged entries; raises OSError (then call rollback_to)."""
-        if self._pending:
-            write_all(self._fd, self._pending)
-            self._written_entries = len(self._relative)
-            self._pending = bytearray()
-            self._changes += 1
-
-    def rollback_to(self, entries: int) -> None:
-        """Forget everything after the first `entries` entries, in memory and on disk."""
-        del self._relative[entries:]
-        del self._positions[entries:]
-        self._written_entries = min(self._written_entries, entries)
-        self._pending = bytearray()
-        for i in range(self._written_entries, entries):
-            self._pending += ENTRY.pack(self._relative[i], self._positions[i])
-        os.ftruncate(self._fd, self._written_entries * ENTRY_SIZE)
-        self._changes += 1
-
-    def truncate_to(self, offset: int) -> None:
-        """Drop entries for offsets >= offset."""
-        self.write_pending()
-        self.rollback_to(bisect_left(self._relative, max(0, offset - self.base_offset)))
-
-    def reset(self) -> None:
-        self.rollback_to(0)
+        self._stage(relative, position)
 
     # ------------------------------------------------------------------------------------------ lookups
 
@@ -124,29 +93,10 @@ class OffsetIndex:
             return self.base_offset, 0
         return self.base_offset + self._relative[i], self._positions[i]
 
-    @property
-    def entries(self) -> int:
-        return len(self._relative)
-
     def last_entry(self) -> tuple[int, int] | None:
         if not self._relative:
             return None
         return self.base_offset + self._relative[-1], self._positions[-1]
-
-    # ------------------------------------------------------------------------------------------ files
-
-    def sync(self) -> None:
-        """fsync what write_pending() wrote. Safe from a flusher thread: it never touches staged entries."""
-        changes = self._changes
-        if changes != self._synced_changes:
-            os.fsync(self._fd)
-            self._synced_changes = changes
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
 
 def _strictly_increasing(values: array) -> bool:
     return all(a < b for a, b in zip(values, values[1:], strict=False))

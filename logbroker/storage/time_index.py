@@ -8,30 +8,28 @@ adds a final entry, which makes the last entry the segment's largest timestamp.
 
 from __future__ import annotations
 
-import os
 import struct
 from array import array
 from bisect import bisect_left
 from pathlib import Path
 
-from logbroker.storage.files import read_all, write_all
+from logbroker.storage.files import read_all
+from logbroker.storage.index_file import SparseIndexFile
 
 ENTRY = struct.Struct(">qI")
 ENTRY_SIZE = ENTRY.size  # 12
 MAX_U32 = 0xFFFFFFFF
 
 
-class TimeIndex:
+class TimeIndex(SparseIndexFile):
+    ENTRY = ENTRY
+
     def __init__(self, path: Path, base_offset: int) -> None:
-        self.path = path
-        self.base_offset = base_offset
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        super().__init__(path, base_offset)
         self._timestamps = array("q")
-        self._relative = array("I")
-        self._pending = bytearray()
-        self._written_entries = 0
-        self._changes = 0  # bumped by every write or truncation; sync() compares it to _synced_changes
-        self._synced_changes = 0
+
+    def _columns(self) -> tuple[array, array]:  # type: ignore[type-arg]
+        return self._timestamps, self._relative
 
     # ------------------------------------------------------------------------------------------ loading
 
@@ -75,35 +73,8 @@ class TimeIndex:
             raise ValueError(f"{self.path.name}: offset {offset} does not fit in u32 relative to the base")
         if self._relative and relative <= self._relative[-1]:
             return False
-        self._timestamps.append(timestamp_ms)
-        self._relative.append(relative)
-        self._pending += ENTRY.pack(timestamp_ms, relative)
+        self._stage(timestamp_ms, relative)
         return True
-
-    def write_pending(self) -> None:
-        if self._pending:
-            write_all(self._fd, self._pending)
-            self._written_entries = len(self._relative)
-            self._pending = bytearray()
-            self._changes += 1
-
-    def rollback_to(self, entries: int) -> None:
-        del self._timestamps[entries:]
-        del self._relative[entries:]
-        self._written_entries = min(self._written_entries, entries)
-        self._pending = bytearray()
-        for i in range(self._written_entries, entries):
-            self._pending += ENTRY.pack(self._timestamps[i], self._relative[i])
-        os.ftruncate(self._fd, self._written_entries * ENTRY_SIZE)
-        self._changes += 1
-
-    def truncate_to(self, offset: int) -> None:
-        """Drop entries for offsets >= offset."""
-        self.write_pending()
-        self.rollback_to(bisect_left(self._relative, max(0, offset - self.base_offset)))
-
-    def reset(self) -> None:
-        self.rollback_to(0)
 
     # ------------------------------------------------------------------------------------------ lookups
 
@@ -118,26 +89,8 @@ class TimeIndex:
             return self.base_offset
         return self.base_offset + self._relative[i]
 
-    @property
-    def entries(self) -> int:
-        return len(self._relative)
-
     def last_entry(self) -> tuple[int, int] | None:
         """(timestamp, absolute offset) of the last entry."""
         if not self._relative:
             return None
         return self._timestamps[-1], self.base_offset + self._relative[-1]
-
-    # ------------------------------------------------------------------------------------------ files
-
-    def sync(self) -> None:
-        """fsync what write_pending() wrote. Safe from a flusher thread: it never touches staged entries."""
-        changes = self._changes
-        if changes != self._synced_changes:
-            os.fsync(self._fd)
-            self._synced_changes = changes
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
