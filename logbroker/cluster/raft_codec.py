@@ -7,6 +7,7 @@ existing entry; only append.
 
 from __future__ import annotations
 
+from logbroker_client import records as rec
 from logbroker_client.proto import logbroker_pb2 as pb
 
 from logbroker.raft.errors import RaftInternalError
@@ -36,8 +37,59 @@ ENTRY_KIND_TO_WIRE: dict[EntryKind, int] = {
 WIRE_TO_ENTRY_KIND: dict[int, EntryKind] = {wire: k for k, wire in ENTRY_KIND_TO_WIRE.items()}
 
 
+MAX_TERM = (1 << 31) - 1  # a term is stored as a batch's partitionLeaderEpoch, an i32
+MAX_OFFSET = (1 << 62)  # far beyond any real log, and still safe to add to
+MAX_ENTRIES_PER_MESSAGE = 100_000
+_TERM_FIELDS = ("term", "prev_term", "reject_hint_term", "last_log_term")
+_OFFSET_FIELDS = ("prev_last_offset", "commit_offset", "match_offset", "reject_hint_offset", "last_log_offset",
+                  "log_start_offset")
+
+
 class RaftCodecError(ValueError):
     """A RaftMessage from the wire cannot be turned into a Message (unknown enum int, malformed field)."""
+
+
+def _check_fields(raw: pb.RaftMessage, from_node: int | None, to_node: int | None) -> None:
+    where = f"Raft message in group {raw.group!r} from node {raw.from_node}"
+    if from_node is not None and raw.from_node != from_node:
+        raise RaftCodecError(f"{where} arrived on the stream of node {from_node}")
+    if to_node is not None and raw.to_node != to_node:
+        raise RaftCodecError(f"{where} is addressed to node {raw.to_node}, not this node {to_node}")
+    for name in _TERM_FIELDS:
+        value = getattr(raw, name)
+        if not 0 <= value <= MAX_TERM:
+            raise RaftCodecError(f"{where}: {name} {value} is outside 0..{MAX_TERM}")
+    for name in _OFFSET_FIELDS:
+        value = getattr(raw, name)
+        if not -1 <= value <= MAX_OFFSET:
+            raise RaftCodecError(f"{where}: {name} {value} is outside -1..{MAX_OFFSET}")
+    _check_entries(raw, where)
+
+
+def _check_entries(raw: pb.RaftMessage, where: str) -> None:
+    if len(raw.entries) > MAX_ENTRIES_PER_MESSAGE:
+        raise RaftCodecError(f"{where}: {len(raw.entries)} entries, more than {MAX_ENTRIES_PER_MESSAGE}")
+    expected_base = raw.prev_last_offset + 1
+    for e in raw.entries:
+        if e.base_offset != expected_base or not e.base_offset <= e.last_offset <= MAX_OFFSET:
+            raise RaftCodecError(f"{where}: entry {e.base_offset}..{e.last_offset} does not follow offset "
+                                 f"{expected_base - 1}")
+        if not 0 < e.term <= raw.term:
+            raise RaftCodecError(f"{where}: entry at {e.base_offset} has term {e.term}, message term {raw.term}")
+        if e.kind == ENTRY_KIND_TO_WIRE[EntryKind.DATA]:
+            _check_batch(e, where)
+        expected_base = e.last_offset + 1
+
+
+def _check_batch(e: pb.RaftEntry, where: str) -> None:
+    """A DATA entry is one whole record batch covering exactly the entry's offsets (CRC checked in C)."""
+    try:
+        header = rec.validate_batch(e.payload)
+    except rec.CorruptBatchError as exc:
+        raise RaftCodecError(f"{where}: entry at {e.base_offset} is not a valid record batch: {exc}") from None
+    if header.size != len(e.payload) or header.last_offset_delta != e.last_offset - e.base_offset:
+        raise RaftCodecError(f"{where}: entry {e.base_offset}..{e.last_offset} holds a batch of "
+                             f"{header.last_offset_delta + 1} offsets in {header.size} of {len(e.payload)} bytes")
 
 
 def encode_message(group: str, m: Message) -> pb.RaftMessage:
@@ -79,11 +131,18 @@ def _encode_entry(e: Entry) -> pb.RaftEntry:
     )
 
 
-def decode_message(raw: pb.RaftMessage) -> tuple[str, Message]:
-    """The (group, Message) carried by ``raw``; raises RaftCodecError on anything a Message cannot hold."""
+def decode_message(raw: pb.RaftMessage, from_node: int | None = None,
+                   to_node: int | None = None) -> tuple[str, Message]:
+    """The (group, Message) carried by ``raw``; raises RaftCodecError on anything a Message cannot hold.
+
+    Every field is checked against what a correct peer can send (terms fit a batch's 32-bit epoch, offsets
+    are not below -1, entries are contiguous whole batches), so a forged or damaged message is refused here
+    instead of poisoning a partition. ``from_node`` / ``to_node``, when given, are the envelope's: a message
+    must not claim another sender or receiver than the stream it came on."""
     message_type = WIRE_TO_MESSAGE_TYPE.get(raw.type)
     if message_type is None:
         raise RaftCodecError(f"unknown Raft message type {raw.type} (group {raw.group!r}, from {raw.from_node})")
+    _check_fields(raw, from_node, to_node)
     try:
         message = Message(
             type=message_type,

@@ -59,8 +59,10 @@ class Replica:
         on_leader_change: Callable[[Replica], None] = lambda replica: None,
         applied_offset: int | None = None,
         persist_commit: bool = False,
+        name: str | None = None,
     ) -> None:
-        self.group = group
+        self.group = group  # the Raft group's key on the wire
+        self.name = name or group  # what logs and errors call it: topic-partition
         self.node_id = raft_config.node_id
         self.log = plog
         self._state_file = state_file
@@ -71,7 +73,7 @@ class Replica:
             # committed records. Raft treats the commit offset as volatile, so restart from what is here; with
             # other replicas the leader sends the rest again, alone the records are gone.
             log.error("%s: the log ends at offset %d but offset %d was committed; records %d..%d are lost on "
-                      "this broker (other replicas, if any, will resend them)", group, log_last,
+                      "this broker (other replicas, if any, will resend them)", self.name, log_last,
                       self.state.commit_offset, log_last + 1, self.state.commit_offset)
             self.state.commit_offset = log_last
         self._storage = PartitionLogStorage(plog, self.state)
@@ -224,10 +226,10 @@ class Replica:
         except Exception as exc:
             # A write the Ready contract promised cannot be half undone: stop this replica (the group goes on
             # without it) and let a restart recover its log from disk.
-            log.exception("%s: the Raft runtime failed; this replica stops until the broker restarts", self.group)
+            log.exception("%s: the Raft runtime failed; this replica stops until the broker restarts", self.name)
             self.closed = True
             self._fail_waiters(RuntimeError(
-                f"{exc} (this broker's replica of {self.group} has stopped; restart the broker once fixed)"))
+                f"{exc} (this broker's replica of {self.name} has stopped; restart the broker once fixed)"))
         finally:
             self._busy = False
             if not self.closed and self.node.has_ready():
@@ -248,10 +250,10 @@ class Replica:
             change = ready.leader_change
             # Leadership at INFO; the steps of an election at DEBUG (a thousand groups elect at once).
             level = logging.INFO if change.role is Role.LEADER else logging.DEBUG
-            log.log(level, "%s: %s in term %d (leader %s)", self.group, change.role.value, change.term,
+            log.log(level, "%s: %s in term %d (leader %s)", self.name, change.role.value, change.term,
                     change.leader_id)
             if change.role is not Role.LEADER:
-                self._fail_waiters(NotLeaderNow(self.group, change.leader_id))
+                self._fail_waiters(NotLeaderNow(self.name, change.leader_id))
             self._on_leader_change(self)
 
     async def _persist(self, ready: Ready) -> None:
@@ -336,7 +338,7 @@ class Replica:
 
     def close(self) -> None:
         self.closed = True
-        self._fail_waiters(RuntimeError(f"{self.group}: replica closed"))
+        self._fail_waiters(RuntimeError(f"{self.name}: replica closed"))
         self.save_state()
         self._state_file.close()
         self.log.close()

@@ -24,6 +24,7 @@ import grpc
 from logbroker_client.proto import logbroker_pb2 as pb
 from logbroker_client.proto import logbroker_pb2_grpc as pb_grpc
 
+from logbroker.cluster.peer_auth import peer_metadata
 from logbroker.cluster.raft_codec import RaftCodecError, decode_message, encode_message
 from logbroker.raft.types import Message
 
@@ -95,10 +96,12 @@ class RaftTransport:
         on_messages: OnMessages,
         max_queue_messages: int = DEFAULT_MAX_QUEUE_MESSAGES,
         max_envelope_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES,
+        secret: str = "",
     ) -> None:
         if max_queue_messages < 1 or max_envelope_bytes < 1:
             raise ValueError("max_queue_messages and max_envelope_bytes must be positive")
         self.node_id = node_id
+        self._metadata = peer_metadata(secret)
         self._on_messages = on_messages
         self._max_queue_messages = max_queue_messages
         self._max_envelope_bytes = max_envelope_bytes
@@ -227,7 +230,7 @@ class RaftTransport:
     async def _stream_to(self, peer: _Peer, stub: pb_grpc.RaftStub) -> float:
         """Run one Exchange call until it ends; returns how long it was connected, in seconds (0 if never)."""
         loop = asyncio.get_running_loop()
-        call = stub.Exchange(wait_for_ready=False)
+        call = stub.Exchange(wait_for_ready=False, metadata=self._metadata)
         # Wake the sender when the call ends, so a closed stream is noticed even with nothing to send.
         call.add_done_callback(lambda _: peer.wakeup.set())
         connected_at_s: float | None = None
@@ -313,8 +316,13 @@ class RaftTransport:
         if envelope.to_node != self.node_id:
             self._drop_misaddressed(envelope, remote)
             return
+        if envelope.from_node not in self._peers:
+            self.undecodable_envelopes += 1
+            log.error("dropping a Raft envelope from %s that claims to come from node %d, which is not a peer of "
+                      "node %d (peers: %s)", remote, envelope.from_node, self.node_id, sorted(self._peers))
+            return
         try:
-            messages = [decode_message(raw) for raw in envelope.messages]
+            messages = [decode_message(raw, envelope.from_node, self.node_id) for raw in envelope.messages]
         except RaftCodecError as e:
             self.undecodable_envelopes += 1
             log.error("dropping a Raft envelope from node %d (%s): %s", envelope.from_node, remote, e)

@@ -526,7 +526,9 @@ class RaftNode:
     def _handle_heartbeat(self, m: Message) -> None:
         # The leader caps commit_offset at what it knows we hold, so this never commits unknown entries.
         self._commit_to(min(m.commit_offset, self.log.last_offset))
-        self._send(MessageType.HEARTBEAT_RESP, m.from_node)
+        # Our log end lets the leader notice that we lost entries we once acknowledged (a wiped disk).
+        self._send(MessageType.HEARTBEAT_RESP, m.from_node, last_log_offset=self.log.last_offset,
+                   last_log_term=self.log.last_term)
 
     def _handle_reset_log(self, m: Message) -> None:
         start = m.log_start_offset
@@ -648,6 +650,8 @@ class RaftNode:
                 self._handle_append_ack(m, progress)
         elif m.type is MessageType.HEARTBEAT_RESP:
             progress.recent_active = True
+            if m.last_log_offset < progress.match_offset:
+                self._follower_lost_entries(m.from_node, progress, m.last_log_offset)
             self._handle_heartbeat_resp(m.from_node, progress)
 
     def _handle_append_ack(self, m: Message, progress: Progress) -> None:
@@ -659,7 +663,17 @@ class RaftNode:
                 self._send(MessageType.TIMEOUT_NOW, m.from_node)
         self._dirty.add(m.from_node)
 
+    def _follower_lost_entries(self, node: int, progress: Progress, follower_last_offset: int) -> None:
+        """A follower's log ends below its match offset: it lost acknowledged entries (its disk was wiped or
+        its tail cut by recovery). Raft assumes acknowledged entries stay; rather than wait forever for a
+        follower that can never catch up from there, count it from where its log really ends and resend."""
+        progress.forget_beyond(follower_last_offset)
+        self._dirty.add(node)
+
     def _handle_append_reject(self, m: Message, progress: Progress) -> None:
+        if m.reject_hint_term == NO_TERM and m.reject_hint_offset < progress.match_offset:
+            self._follower_lost_entries(m.from_node, progress, m.reject_hint_offset)
+            return
         retry_from = self._retry_offset(m)
         if progress.reject(m.prev_last_offset, retry_from):
             progress.next_offset = self._align_to_entry_start(progress.next_offset)

@@ -83,6 +83,14 @@ class Progress:
         self.probe_sent = False
         return True
 
+    def forget_beyond(self, follower_last_offset: int) -> None:
+        """The follower's log ends at ``follower_last_offset``, below what it acknowledged: it lost entries
+        (a wiped or truncated disk). Its match moves back, so the leader sends them again and stops
+        counting it as holding them; probing restarts from its real end."""
+        check(follower_last_offset < self.match_offset, "forget_beyond must move the match offset back")
+        self.match_offset = follower_last_offset
+        self.become_probe()
+
     def become_probe(self) -> None:
         self.state = ProgressState.PROBE
         self.next_offset = self.match_offset + 1

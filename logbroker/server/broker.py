@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,10 +24,12 @@ from logbroker_client import records as rec
 from logbroker.cluster.liveness import Liveness
 from logbroker.cluster.metadata import (
     CONTROLLER_GROUP,
+    MAX_EPOCH,
     ClusterState,
     TopicMetadata,
     decode_command,
     encode_command,
+    new_topic_id,
     place_replicas,
 )
 from logbroker.cluster.raft_storage import ReplicaStateFile
@@ -42,13 +45,14 @@ from logbroker.storage import filenames
 from logbroker.storage.config import InvalidConfigError, LogConfig
 from logbroker.storage.errors import OffsetOutOfRangeError, StorageError
 from logbroker.storage.log import PartitionLog
+from logbroker.storage.partition_metadata import TopicIdentity, read_identity, write_identity
 
 log = logging.getLogger("logbroker.broker")
 
 EARLIEST_TIMESTAMP = -2
 LATEST_TIMESTAMP = -1
-RAFT_STATE_DIR = "__raft"
-RAFT_STATE_SUFFIX = ".raftstate"
+LEGACY_RAFT_STATE_DIR = "__raft"  # where Raft state files lived before they moved into partition directories
+LEGACY_RAFT_STATE_SUFFIX = ".raftstate"
 CONTROLLER_DIR = "__controller-0"
 SHUTDOWN_TRANSFER_TIMEOUT_S = 3.0
 MAX_LEADER_TRANSFERS_PER_ROUND = 100
@@ -87,11 +91,10 @@ class Broker:
         self.peers = config.peer_addresses()
         self.data_dir = Path(config.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        (self.data_dir / RAFT_STATE_DIR).mkdir(exist_ok=True)
         self._executor = ThreadPoolExecutor(max_workers=config.flush_threads, thread_name_prefix="flush")
         self._log_defaults = LogConfig.from_mapping(config.log_defaults)
         self.cluster = ClusterState()
-        self.transport = RaftTransport(self.node_id, self.peers, self._on_raft_messages)
+        self.transport = RaftTransport(self.node_id, self.peers, self._on_raft_messages, secret=config.cluster_secret)
         self.liveness = Liveness(self.node_id, list(self.peers), config.liveness_timeout_ticks)
         self._replicas: dict[str, Replica] = {}  # group name -> replica, the controller included
         self._partitions: dict[tuple[str, int], Replica] = {}
@@ -99,7 +102,8 @@ class Broker:
         self._data_arrived = asyncio.Event()
         self._ticker: asyncio.Task[None] | None = None
         self._reporter: asyncio.Task[None] | None = None
-        self._leader_reports: dict[tuple[str, int], tuple[int, int]] = {}  # not yet in the controller log
+        # (topic, partition) -> (epoch, topic id) of leaderships won here and not yet in the controller log
+        self._leader_reports: dict[tuple[str, int], tuple[int, str]] = {}
         self._last_flush_s: dict[str, float] = {}  # flush="interval" groups: when their log was last fsynced
         # Set by the server layer: sends leader reports to the controller leader at an address (over gRPC).
         self.send_leader_report: Callable[[str, int, list[list[Any]]], Awaitable[bool]] | None = None
@@ -124,12 +128,21 @@ class Broker:
 
     def _add_replica(self, group: str, plog: PartitionLog, membership: Membership,
                      on_commit: Callable[[Replica, Sequence[Entry]], None], controller: bool = False) -> Replica:
-        state_file = ReplicaStateFile(self.data_dir / RAFT_STATE_DIR / f"{group}{RAFT_STATE_SUFFIX}")
+        state_file = ReplicaStateFile(self._raft_state_path(plog))
         replica = Replica(group, plog, state_file, membership, self.raft_config(), self.transport, self._executor,
                           on_commit, self._on_leader_change, applied_offset=-1 if controller else None,
-                          persist_commit=controller)
+                          persist_commit=controller, name=plog.directory.name)
         self._replicas[group] = replica
         return replica
+
+    def _raft_state_path(self, plog: PartitionLog) -> Path:
+        """The Raft state file inside the partition directory; one left where older versions kept it moves in."""
+        path = plog.directory / filenames.RAFT_STATE_FILE
+        legacy = self.data_dir / LEGACY_RAFT_STATE_DIR / f"{plog.directory.name}{LEGACY_RAFT_STATE_SUFFIX}"
+        if not path.exists() and legacy.exists():
+            legacy.replace(path)
+            log.info("%s: moved its Raft state from %s into the partition directory", plog.directory.name, legacy)
+        return path
 
     async def _tick_forever(self) -> None:
         # One timer for every group on this broker, not one per partition; quiet groups cost nothing.
@@ -168,7 +181,9 @@ class Broker:
     def _on_leader_change(self, replica: Replica) -> None:
         self._wake_fetchers()
         if replica.is_leader and replica.group != CONTROLLER_GROUP:
-            self._leader_reports[(replica.log.topic, replica.log.partition)] = (self.node_id, replica.term)
+            topic = self.cluster.topics.get(replica.log.topic)
+            if topic is not None and topic.raft_group(replica.log.partition) == replica.group:
+                self._leader_reports[(replica.log.topic, replica.log.partition)] = (replica.term, topic.topic_id)
 
     async def _report_leaders_forever(self) -> None:
         """Tell the controller which partitions this broker now leads (batched, retried until it lands)."""
@@ -184,7 +199,7 @@ class Broker:
     async def _report_leaders(self) -> None:
         assert self.controller is not None
         reports = dict(self._leader_reports)
-        leaders = [[t, p, leader, epoch] for (t, p), (leader, epoch) in reports.items()]
+        leaders = [[t, p, self.node_id, epoch, topic_id] for (t, p), (epoch, topic_id) in reports.items()]
         leader_id = self.controller.leader_id
         if self.controller.is_leader:
             await self._propose_command({"op": "leaders", "leaders": leaders}, LEADER_REPORT_TIMEOUT_S)
@@ -195,12 +210,34 @@ class Broker:
             if self._leader_reports.get(key) == value:
                 del self._leader_reports[key]
 
-    async def accept_leader_report(self, leaders: list[list[Any]]) -> None:
-        """On the controller leader: record another broker's leaderships in the metadata log."""
+    async def accept_leader_report(self, from_node: int, leaders: list[list[Any]]) -> None:
+        """On the controller leader: record another broker's leaderships in the metadata log.
+
+        A broker reports only its own leaderships, of partitions placed on it, of the topic ID it holds:
+        a report that says otherwise is refused whole, so it can never misdirect clients."""
         assert self.controller is not None
         if not self.controller.is_leader:
             raise errors.NotLeader("this broker does not lead the controller; report to the leader")
+        for report in leaders:
+            problem = self._leader_report_problem(from_node, report)
+            if problem is not None:
+                raise errors.InvalidRequest(f"leader report from broker {from_node} refused: {problem}")
         await self._propose_command({"op": "leaders", "leaders": leaders}, LEADER_REPORT_TIMEOUT_S)
+
+    def _leader_report_problem(self, from_node: int, report: list[Any]) -> str | None:
+        if from_node not in self.peers:
+            return f"broker {from_node} is not a member of this cluster {sorted(self.peers)}"
+        topic_name, partition, leader, epoch, topic_id = report
+        topic = self.cluster.topics.get(topic_name)
+        if topic is None or topic.topic_id != topic_id:
+            return f"topic {topic_name!r} with ID {topic_id} does not exist"
+        if leader != from_node:
+            return f"it names broker {leader} as leader of {topic_name}-{partition}; a broker reports only itself"
+        if not 0 <= partition < topic.partitions or from_node not in topic.assignment[partition]:
+            return f"broker {from_node} holds no replica of {topic_name}-{partition}"
+        if not 0 <= epoch <= MAX_EPOCH:
+            return f"epoch {epoch} is outside 0..{MAX_EPOCH}"
+        return None
 
     def known_leader(self, topic: str, index: int) -> int | None:
         """The partition's leader: from the local replica if there is one, else as reported to the controller."""
@@ -247,14 +284,13 @@ class Broker:
         for entry in entries:
             if entry.kind is not EntryKind.DATA:
                 continue
-            event = self.cluster.apply(decode_command(entry.payload))
+            event = self.cluster.apply(decode_command(entry.payload), entry.base_offset)
             if event is None:
                 continue
-            kind, name = event
-            if kind == "created":
-                self._start_topic(self.cluster.topics[name])
+            if event.kind == "created":
+                self._start_topic(event.topic)
             else:
-                self._stop_topic(name)
+                self._stop_topic(event.topic)
         self._wake_fetchers()
 
     def _start_topic(self, topic: TopicMetadata) -> None:
@@ -262,14 +298,17 @@ class Broker:
         for index, replicas in enumerate(topic.assignment):
             if self.node_id not in replicas:
                 continue
-            group = filenames.partition_dir_name(topic.name, index)
+            directory = self.data_dir / filenames.partition_dir_name(topic.name, index)
             try:
-                plog = PartitionLog.open(self.data_dir / group, log_config, topic.name, index)
-                replica = self._add_replica(group, plog, Membership.of(replicas), self._on_partition_commit)
+                if not self._claim_directory(topic, directory):
+                    continue
+                plog = PartitionLog.open(directory, log_config, topic.name, index)
+                replica = self._add_replica(topic.raft_group(index), plog, Membership.of(replicas),
+                                            self._on_partition_commit)
             except Exception:
                 # One unreadable partition must not take the broker (and every other partition) down.
                 log.exception("%s: cannot open this replica; the partition is unavailable on broker %d until "
-                              "the problem above is fixed and the broker restarted", group, self.node_id)
+                              "the problem above is fixed and the broker restarted", directory.name, self.node_id)
                 continue
             self._partitions[(topic.name, index)] = replica
             replica.preferred_leader = replicas[0]
@@ -282,16 +321,46 @@ class Broker:
                 else:
                     replica.quiet = True
 
-    def _stop_topic(self, name: str) -> None:
-        for (topic, index), replica in list(self._partitions.items()):
-            if topic != name:
-                continue
-            del self._partitions[(topic, index)]
-            del self._replicas[replica.group]
-            replica.close()
-            replica.log.delete()
-            (self.data_dir / RAFT_STATE_DIR / f"{replica.group}{RAFT_STATE_SUFFIX}").unlink(missing_ok=True)
-        log.info("deleted topic %s and its local replicas", name)
+    def _claim_directory(self, topic: TopicMetadata, directory: Path) -> bool:
+        """Make directory hold this topic's partition; False when it belongs to a newer topic of the name.
+
+        At start-up the controller re-applies its whole log, so the create of a topic deleted long ago is
+        applied again while the directory already holds the partition of a newer topic of that name: that
+        directory is not this topic's to open, and the replayed delete that follows will not touch it."""
+        identity = read_identity(directory)
+        ours = TopicIdentity(topic.topic_id, topic.created_offset)
+        if identity is None:
+            write_identity(directory, ours)  # a new partition, or one written before topic IDs existed
+            return True
+        if identity.topic_id == topic.topic_id:
+            return True
+        if identity.created_offset > topic.created_offset:
+            log.debug("%s: holds topic ID %s, newer than the replayed %s; left alone", directory.name,
+                      identity.topic_id, topic.topic_id)
+            return False
+        # Left by an older topic of this name whose delete did not finish (a crash in between): it is garbage.
+        log.warning("%s: removing the leftover replica of an older, deleted topic (ID %s) before creating topic "
+                    "ID %s", directory.name, identity.topic_id, topic.topic_id)
+        shutil.rmtree(directory)
+        write_identity(directory, ours)
+        return True
+
+    def _stop_topic(self, topic: TopicMetadata) -> None:
+        """Close and delete this topic's replicas, and only its own: found by topic ID, not by name."""
+        deleted = 0
+        for index in range(topic.partitions):
+            replica = self._partitions.get((topic.name, index))
+            if replica is not None and replica.group == topic.raft_group(index):
+                del self._partitions[(topic.name, index)]
+                del self._replicas[replica.group]
+                replica.close()
+            directory = self.data_dir / filenames.partition_dir_name(topic.name, index)
+            identity = read_identity(directory) if directory.exists() else None
+            if identity is not None and identity.topic_id == topic.topic_id:
+                shutil.rmtree(directory)
+                deleted += 1
+        if deleted:
+            log.info("deleted topic %s (ID %s) and its %d local replica(s)", topic.name, topic.topic_id, deleted)
 
     def _on_partition_commit(self, replica: Replica, entries: Sequence[Entry]) -> None:
         self._wake_fetchers()
@@ -371,15 +440,23 @@ class Broker:
         if validate_only:
             return
         assignment = place_replicas(list(self.peers), partitions, replication_factor, salt=hash(name) & 0xFFFF)
-        await self._propose_command({"op": "create_topic", "name": name, "partitions": partitions,
-                                     "replication_factor": replication_factor, "configs": dict(configs),
-                                     "assignment": assignment}, timeout_s)
+        topic_id = new_topic_id()
+        await self._propose_command({"op": "create_topic", "name": name, "topic_id": topic_id,
+                                     "partitions": partitions, "replication_factor": replication_factor,
+                                     "configs": dict(configs), "assignment": assignment}, timeout_s)
+        created = self.cluster.topics.get(name)
+        if created is None or created.topic_id != topic_id:
+            # Another request created (and maybe deleted) this name first; its partition count won, not ours.
+            raise errors.TopicAlreadyExists(
+                f"topic {name!r} was created by a concurrent request"
+                + (f" with {created.partitions} partition(s)" if created is not None else " and deleted since"))
         await self.wait_for_leaders(name, timeout_s)
-        log.info("created topic %s: %d partition(s), replication factor %d", name, partitions, replication_factor)
+        log.info("created topic %s (ID %s): %d partition(s), replication factor %d", name, topic_id, partitions,
+                 replication_factor)
 
     async def delete_topic(self, name: str, timeout_s: float = 30.0) -> None:
-        self._require_topic(name)
-        await self._propose_command({"op": "delete_topic", "name": name}, timeout_s)
+        topic = self._require_topic(name)
+        await self._propose_command({"op": "delete_topic", "name": name, "topic_id": topic.topic_id}, timeout_s)
 
     def topics(self) -> list[TopicMetadata]:
         return sorted(self.cluster.topics.values(), key=lambda t: t.name)
@@ -450,13 +527,13 @@ class Broker:
         for verdict in verdicts:
             if verdict.already_written_unknown_offset:
                 raise errors.DuplicateSequence(
-                    f"{replica.group}: a retried batch was stored too long ago to find its offset; "
+                    f"{replica.name}: a retried batch was stored too long ago to find its offset; "
                     "it is not written again")
         fresh = [payload for payload, verdict in zip(payloads, verdicts, strict=True) if verdict.duplicate_of is None]
         try:
             entries = iter(replica.propose(fresh)) if fresh else iter(())
         except (NotLeaderError, ProposalDroppedError):
-            raise errors.NotLeader(f"{replica.group}: leadership is moving; retry", leader_id=-1) from None
+            raise errors.NotLeader(f"{replica.name}: leadership is moving; retry", leader_id=-1) from None
         base_offsets = []
         last_offset = -1
         for verdict in verdicts:
@@ -477,20 +554,20 @@ class Broker:
         except TimeoutError:
             if acks == -1:
                 raise errors.NotEnoughReplicas(
-                    f"{replica.group}: not committed by a majority of {sorted(replica.node.membership.voters)} "
+                    f"{replica.name}: not committed by a majority of {sorted(replica.node.membership.voters)} "
                     f"within {timeout_s:.1f}s; the write may still commit later") from None
-            raise errors.RequestTimedOut(f"{replica.group}: write not durable within {timeout_s:.1f}s") from None
+            raise errors.RequestTimedOut(f"{replica.name}: write not durable within {timeout_s:.1f}s") from None
         except NotLeaderNow as exc:
             raise errors.NotLeader(str(exc), leader_id=exc.leader_id or -1) from None
         except (StorageError, OSError) as exc:
-            raise errors.StorageFailure(f"{replica.group}: write failed: {exc}") from None
+            raise errors.StorageFailure(f"{replica.name}: write failed: {exc}") from None
         except RuntimeError as exc:
             raise errors.StorageFailure(str(exc)) from None
 
     def _validated(self, replica: Replica, records: bytes) -> list[tuple[bytes, int]]:
         """Check every batch (O(1) Python per batch); nothing is proposed if any batch fails."""
         if not records:
-            raise errors.CorruptBatch(f"{replica.group}: the request carries no record batch")
+            raise errors.CorruptBatch(f"{replica.name}: the request carries no record batch")
         limit = replica.log.config.max_message_bytes
         payloads = []
         pos = 0
@@ -501,18 +578,18 @@ class Broker:
                 header = rec.validate_batch(records, pos, end)
             except rec.CorruptBatchError as exc:
                 raise errors.CorruptBatch(
-                    f"{replica.group}: batch at byte {pos} of the request rejected: {exc}; nothing was written"
+                    f"{replica.name}: batch at byte {pos} of the request rejected: {exc}; nothing was written"
                 ) from None
             if header.size > limit:
                 raise errors.RecordTooLarge(
-                    f"{replica.group}: batch of {header.size} bytes exceeds max.message.bytes={limit}; "
+                    f"{replica.name}: batch of {header.size} bytes exceeds max.message.bytes={limit}; "
                     "send smaller batches or raise the topic's max.message.bytes")
             if header.attributes & rec.CONTROL_FLAG:
-                raise errors.CorruptBatch(f"{replica.group}: clients may not write control batches")
+                raise errors.CorruptBatch(f"{replica.name}: clients may not write control batches")
             codec = header.attributes & rec.COMPRESSION_MASK
             if codec not in (rec.COMPRESSION_NONE, rec.COMPRESSION_ZSTD):
                 raise errors.CorruptBatch(
-                    f"{replica.group}: compression codec {codec} is not supported; use none (0) or zstd (4)")
+                    f"{replica.name}: compression codec {codec} is not supported; use none (0) or zstd (4)")
             payloads.append((bytes(view[pos:pos + header.size]) if pos or header.size != end else records,
                              header.records_count))
             pos += header.size
@@ -530,7 +607,7 @@ class Broker:
         start = replica.log.log_start_offset
         if offset > hw or offset < start:
             raise errors.OffsetOutOfRange(
-                f"{replica.group}: offset {offset} is out of range; valid offsets are {start}..{hw} "
+                f"{replica.name}: offset {offset} is out of range; valid offsets are {start}..{hw} "
                 "(log start..high watermark); seek to an offset in that range")
         try:
             data = b"" if offset == hw else replica.log.read(offset, max_bytes, max_offset=hw)
@@ -581,13 +658,18 @@ class Broker:
     # ------------------------------------------------------------------------------- describe
 
     def in_sync_replicas(self, replica: Replica | None, assignment: list[int]) -> list[int]:
-        """The leader's view: replicas whose log reaches the high watermark; others see the assignment."""
+        """The leader's view: live replicas whose log reaches the high watermark; others see the assignment.
+
+        A follower's match offset is what it last acknowledged; one that lost its data since (a wiped or
+        truncated disk) says so in its next answer, which moves its match back (see RaftNode), and one that
+        is down is not in sync however far it had got."""
         if replica is None or not replica.is_leader:
             return list(assignment)
         caught_up = [self.node_id]
         for node in assignment:
             progress = replica.node.progress(node) if node != self.node_id else None
-            if progress is not None and progress.match_offset >= replica.high_watermark - 1:
+            if (progress is not None and progress.match_offset >= replica.high_watermark - 1
+                    and self.liveness.is_alive(node)):
                 caught_up.append(node)
         return sorted(caught_up)
 
@@ -647,6 +729,6 @@ class Broker:
             count = replica.log.apply_retention(now_ms(), max_offset=replica.high_watermark)
             if count:
                 log.info("%s: retention deleted %d segment(s); log now starts at offset %d",
-                         replica.group, count, replica.log.log_start_offset)
+                         replica.name, count, replica.log.log_start_offset)
             deleted += count
         return deleted

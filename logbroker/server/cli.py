@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ DEV_BROKERS = 3
 DEV_BASE_PORT = 9092
 DEV_HOST = "127.0.0.1"
 STOP_TIMEOUT_S = 15.0
+DEV_SECRET_FILE = "cluster.secret"
 
 
 def _install_event_loop_policy() -> None:
@@ -42,7 +44,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = load_config(args.config, {
             "data_dir": args.data_dir, "listen": args.listen, "node_id": args.node_id,
             "peers": parse_peers(args.peers) if args.peers else None,
-            "raft_tick_ms": args.raft_tick_ms,
+            "raft_tick_ms": args.raft_tick_ms, "cluster_secret_file": args.cluster_secret_file,
         })
     except BrokerConfigError as exc:
         print(f"logbroker: {exc}", file=sys.stderr)
@@ -63,12 +65,13 @@ def cmd_dev(args: argparse.Namespace) -> int:
         return 2
     data_dir = Path(args.data_dir).resolve()
     peers = ",".join(f"{n}={DEV_HOST}:{args.base_port + n - 1}" for n in range(1, args.brokers + 1))
+    secret_file = dev_cluster_secret(data_dir)
     procs = []
     for node_id in range(1, args.brokers + 1):
         port = args.base_port + node_id - 1
         cmd = [sys.executable, "-m", "logbroker.server.cli", "serve", "--node-id", str(node_id),
                "--data-dir", str(data_dir / f"broker-{node_id}"), "--listen", f"{DEV_HOST}:{port}",
-               "--peers", peers]
+               "--peers", peers, "--cluster-secret-file", str(secret_file)]
         procs.append(subprocess.Popen(cmd))
         print(f"broker {node_id}: {DEV_HOST}:{port}, data in {data_dir / f'broker-{node_id}'}", flush=True)
     bootstrap = ",".join(f"{DEV_HOST}:{args.base_port + n}" for n in range(args.brokers))
@@ -96,6 +99,17 @@ def cmd_dev(args: argparse.Namespace) -> int:
     return 1 if failed and not stopping else 0
 
 
+def dev_cluster_secret(data_dir: Path) -> Path:
+    """The dev cluster's shared secret: made once, readable by this user only, kept with the data."""
+    path = data_dir / DEV_SECRET_FILE
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_hex(32) + "\n")
+    return path
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="logbroker", description="logbroker: a Kafka-style log broker")
     parser.add_argument("--log-level", default=os.environ.get("LOGBROKER_LOG_LEVEL", "info"))
@@ -106,7 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", help="HOST:PORT for clients (default 127.0.0.1:9092)")
     serve.add_argument("--node-id", type=int)
     serve.add_argument("--peers", help="every broker of the cluster, this one included: 1=HOST:PORT,2=HOST:PORT,...")
-    serve.add_argument("--raft-tick-ms", type=int, help="Raft tick (default 100 ms; elections after 10-20 ticks)")
+    serve.add_argument("--raft-tick-ms", type=int, help="Raft tick (default 50 ms; elections after 10-20 ticks)")
+    serve.add_argument("--cluster-secret-file", type=Path,
+                       help="file holding the secret every broker of the cluster shares (needed with --peers; "
+                            "or set $LOGBROKER_CLUSTER_SECRET)")
     serve.set_defaults(func=cmd_serve)
     dev = sub.add_parser("dev", help="run a local cluster of broker processes until Ctrl-C")
     dev.add_argument("--brokers", type=int, default=DEV_BROKERS)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from logbroker.cluster.peer_auth import ClusterSecretError, check_secret
 
 DEFAULT_LISTEN = "127.0.0.1:9092"
 DEFAULT_NODE_ID = 1
@@ -24,6 +27,7 @@ DEFAULT_RAFT_TICK_MS = 50
 DEFAULT_RAFT_ELECTION_TICKS = 10
 DEFAULT_RAFT_HEARTBEAT_TICKS = 2
 DEFAULT_LIVENESS_TIMEOUT_TICKS = 8
+CLUSTER_SECRET_ENV = "LOGBROKER_CLUSTER_SECRET"
 
 
 class BrokerConfigError(ValueError):
@@ -51,6 +55,10 @@ class BrokerConfig:
     liveness_timeout_ticks: int = DEFAULT_LIVENESS_TIMEOUT_TICKS
     # Defaults for every topic's log, in Kafka's key spelling ("segment.bytes", "flush", ...).
     log_defaults: dict[str, str] = field(default_factory=dict)
+    # Shared by every broker of a cluster; peer RPCs without it are refused (see cluster/peer_auth.py).
+    # Set through cluster_secret_file (or --cluster-secret-file) or $LOGBROKER_CLUSTER_SECRET.
+    cluster_secret: str = field(default="", repr=False)
+    cluster_secret_file: Path | None = None
 
     @property
     def host(self) -> str:
@@ -73,10 +81,32 @@ class BrokerConfig:
                 "--peers must list every broker, this one included")
         if self.raft_election_ticks <= self.raft_heartbeat_ticks:
             raise BrokerConfigError("raft_election_ticks must exceed raft_heartbeat_ticks")
+        self._load_secret()
         for name in ("default_partitions", "default_replication_factor", "max_request_bytes", "flush_threads"):
             if getattr(self, name) < 1:
                 raise BrokerConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         return self
+
+
+    def _load_secret(self) -> None:
+        if self.cluster_secret_file is not None:
+            try:
+                self.cluster_secret = Path(self.cluster_secret_file).read_text()
+            except OSError as exc:
+                raise BrokerConfigError(f"cannot read the cluster secret file {self.cluster_secret_file}: "
+                                        f"{exc.strerror}") from None
+        elif not self.cluster_secret:
+            self.cluster_secret = os.environ.get(CLUSTER_SECRET_ENV, "")
+        if self.cluster_secret:
+            try:
+                self.cluster_secret = check_secret(self.cluster_secret)
+            except ClusterSecretError as exc:
+                raise BrokerConfigError(str(exc)) from None
+        elif len(self.peers) > 1:
+            raise BrokerConfigError(
+                f"a cluster of {len(self.peers)} brokers needs a shared secret, so that only its brokers can speak "
+                f"as brokers: put the same secret in a file on every broker and pass --cluster-secret-file FILE "
+                f"(or set ${CLUSTER_SECRET_ENV}); `logbroker dev` does this itself")
 
 
 def split_host_port(address: str) -> tuple[str, int]:
@@ -120,5 +150,7 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> BrokerConfig:
         values["peers"] = {int(k): str(v) for k, v in values["peers"].items()}
     if "data_dir" in values:
         values["data_dir"] = Path(values["data_dir"])
+    if values.get("cluster_secret_file") is not None:
+        values["cluster_secret_file"] = Path(values["cluster_secret_file"])
     values["log_defaults"] = {str(k): str(v) for k, v in {**log_table, **values.get("log_defaults", {})}.items()}
     return BrokerConfig(**values).validate()

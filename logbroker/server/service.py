@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 from logbroker_client.proto import logbroker_pb2 as pb
 from logbroker_client.proto import logbroker_pb2_grpc as pb_grpc
 
+from logbroker.cluster.peer_auth import is_peer, peer_metadata
 from logbroker.server import errors
 from logbroker.server.broker import Broker
 
@@ -154,8 +156,15 @@ class AdminService(pb_grpc.AdminServicer):
         address = await self.broker.controller_leader_address(FORWARD_TIMEOUT_S)
         if address is None:
             return None
-        async with grpc.aio.insecure_channel(address) as channel:
-            return await getattr(pb_grpc.AdminStub(channel), method)(request, timeout=FORWARD_TIMEOUT_S)
+        try:
+            async with grpc.aio.insecure_channel(address) as channel:
+                return await getattr(pb_grpc.AdminStub(channel), method)(request, timeout=FORWARD_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            # The controller leader moved or went down mid-request: a retriable condition, said as such (a
+            # raw AioRpcError would reach the client as UNKNOWN, which clients take as final).
+            raise errors.LeaderNotAvailable(
+                f"{method} could not be forwarded to the controller leader at {address} "
+                f"({exc.code().name}: {exc.details()}); it may be moving, retry") from None
 
     async def CreateTopics(
         self, request: pb.CreateTopicsRequest, context: grpc.aio.ServicerContext
@@ -227,6 +236,7 @@ class AdminService(pb_grpc.AdminServicer):
                 described.error_code, described.error_message = _error(exc, name)
                 continue
             described.replication_factor = spec.replication_factor
+            described.topic_id = spec.topic_id
             described.configs.update(broker.effective_configs(name))
             for index, assignment in enumerate(spec.assignment):
                 replica = broker.replica(name, index)
@@ -235,9 +245,11 @@ class AdminService(pb_grpc.AdminServicer):
                                                 leader_id=leader if leader is not None else -1,
                                                 isr=broker.in_sync_replicas(replica, assignment))
                 if replica is not None:
+                    part.local_replica = True
                     part.leader_epoch = replica.term
                     part.log_start_offset = replica.log.log_start_offset
                     part.high_watermark = replica.high_watermark
+                    part.log_end_offset = replica.log.log_end_offset
                     part.size_bytes = replica.log.size_bytes
         return response
 
@@ -272,29 +284,56 @@ class AdminService(pb_grpc.AdminServicer):
 
 
 class RaftService(pb_grpc.RaftServicer):
-    """Broker-to-broker calls: the Raft message stream (the transport's) and leader reports."""
+    """Broker-to-broker calls: the Raft message stream (the transport's) and leader reports.
+
+    Only brokers of this cluster may call them: a call without the cluster secret is refused with
+    UNAUTHENTICATED before anything in it is read."""
 
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
         self._exchange = broker.transport.servicer
+        self.refused_calls = 0
+
+    async def _require_peer(self, context: grpc.aio.ServicerContext, method: str) -> None:
+        if is_peer(context.invocation_metadata(), self.broker.config.cluster_secret):
+            return
+        self.refused_calls += 1
+        if self.refused_calls == 1 or self.refused_calls % 1000 == 0:
+            log.warning("refused %s from %s: the call does not carry this cluster's secret (%d refused so far); "
+                        "a broker of this cluster needs the same --cluster-secret-file as the others",
+                        method, context.peer(), self.refused_calls)
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                            f"{method} is for the brokers of this cluster only; it needs the cluster secret")
 
     async def Exchange(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> pb.RaftStreamClosed:
+        await self._require_peer(context, "Raft.Exchange")
         return await self._exchange.Exchange(request_iterator, context)  # type: ignore[no-any-return]
 
     async def ReportLeaders(self, request: pb.LeaderReport, context: grpc.aio.ServicerContext) -> pb.LeaderReportAck:
-        leaders = [[x.topic, x.partition, x.leader_id, x.epoch] for x in request.leaders]
+        await self._require_peer(context, "Raft.ReportLeaders")
+        leaders = [[x.topic, x.partition, x.leader_id, x.epoch, x.topic_id] for x in request.leaders]
         try:
-            await self.broker.accept_leader_report(leaders)
+            await self.broker.accept_leader_report(request.from_node, leaders)
         except Exception as exc:
             code, message = _error(exc, f"leader report from broker {request.from_node}")
             return pb.LeaderReportAck(error_code=code, error_message=message)
         return pb.LeaderReportAck()
 
 
-async def send_leader_report(address: str, node_id: int, leaders: list[list[Any]]) -> bool:
-    """Report leaderships to the controller leader at address; True once it has committed them."""
-    request = pb.LeaderReport(from_node=node_id, leaders=[
-        pb.PartitionLeader(topic=t, partition=p, leader_id=leader, epoch=epoch) for t, p, leader, epoch in leaders])
-    async with grpc.aio.insecure_channel(address) as channel:
-        ack = await pb_grpc.RaftStub(channel).ReportLeaders(request, timeout=FORWARD_TIMEOUT_S)
-    return not ack.error_code
+def leader_report_sender(secret: str) -> Callable[[str, int, list[list[Any]]], Awaitable[bool]]:
+    """The broker's way to report leaderships to the controller leader, as a peer of this cluster."""
+    metadata = peer_metadata(secret)
+
+    async def send(address: str, node_id: int, leaders: list[list[Any]]) -> bool:
+        """True once the controller leader at address has committed the report."""
+        request = pb.LeaderReport(from_node=node_id, leaders=[
+            pb.PartitionLeader(topic=t, partition=p, leader_id=leader, epoch=epoch, topic_id=topic_id)
+            for t, p, leader, epoch, topic_id in leaders])
+        async with grpc.aio.insecure_channel(address) as channel:
+            ack = await pb_grpc.RaftStub(channel).ReportLeaders(request, timeout=FORWARD_TIMEOUT_S,
+                                                                 metadata=metadata)
+        if ack.error_code:
+            log.warning("the controller leader at %s refused a leader report: %s", address, ack.error_message)
+        return not ack.error_code
+
+    return send

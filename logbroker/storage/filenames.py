@@ -14,6 +14,11 @@ RECOVERY_CHECKPOINT_FILE = "recovery-point.checkpoint"
 # Present once compaction has rewritten a segment: offset gaps between batches are then legitimate, even if
 # cleanup.policy is later changed back to delete, so recovery must not treat them as corruption.
 COMPACTED_MARKER_FILE = ".compacted"
+# Which topic (by ID, not name) the partition directory belongs to: Kafka's partition.metadata (KIP-516).
+PARTITION_METADATA_FILE = "partition.metadata"
+# The partition's Raft state (term, vote, commit offset), kept inside the partition directory so that it is
+# created and deleted with the log it describes.
+RAFT_STATE_FILE = "raft.state"
 # Suffix of a file being written that is renamed into place once complete; leftovers are garbage.
 TEMP_SUFFIX = ".tmp"
 # Suffix of a compacted copy of a segment before it replaces the original.

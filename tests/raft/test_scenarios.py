@@ -7,7 +7,7 @@ import pytest
 from logbroker.raft.errors import MembershipChangeError, ProposalDroppedError
 from logbroker.raft.membership import ChangeKind, Membership, MembershipChange
 from logbroker.raft.node import RaftNode
-from logbroker.raft.types import Message, MessageType, Role
+from logbroker.raft.types import HardState, Message, MessageType, Role
 from tests.raft.harness import ELECTION_TICKS, Harness
 from tests.raft.sim.mutants import CommitPreviousTermByCounting
 
@@ -307,3 +307,45 @@ def test_a_single_voter_commits_as_soon_as_its_write_is_durable() -> None:
     entry = h.propose(1, b"alone", record_count=10)
     assert leader.commit_offset == entry.last_offset == 10
     assert h.replicas[1].applied[-1] == entry
+
+
+def test_a_follower_that_lost_its_whole_log_is_sent_everything_again() -> None:
+    # Raft assumes an acknowledged entry stays on its follower's disk. When a disk is wiped anyway (the
+    # operator deleted a damaged replica, as the broker's own error advises), the leader must notice that
+    # the follower's log ends below what it acknowledged, resend it all, and stop counting it meanwhile.
+    h = Harness([1, 2, 3])
+    leader = h.elect(1)
+    for i in range(5):
+        h.propose(1, f"x{i}".encode())
+    h.stabilize()
+    last = leader.log.last_offset
+    assert leader.progress(3) is not None and leader.progress(3).match_offset == last  # type: ignore[union-attr]
+    h.crash(3)
+    h.add_node(3)  # restarts with an empty log and no term or vote: a wiped disk
+    h.tick_all(ELECTION_TICKS)  # heartbeats tell the leader where node 3's log really ends
+    h.stabilize()
+    assert h.log_of(3) == h.log_of(1)
+    assert leader.progress(3).match_offset == last  # type: ignore[union-attr]
+
+
+def test_a_follower_whose_tail_was_cut_by_recovery_is_repaired_even_while_the_leader_is_idle() -> None:
+    h = Harness([1, 2, 3])
+    leader = h.elect(1)
+    for i in range(6):
+        h.propose(1, f"x{i}".encode())
+    h.stabilize()
+    last = leader.log.last_offset
+    h.crash(3)
+    storage = h.replicas[3].storage
+    storage._durable.truncate(3)  # recovery cut a damaged tail at offset 3
+    hard = storage._durable.hard_state
+    storage._durable.hard_state = HardState(hard.term, hard.vote, 2)  # the runtime lowers a commit beyond the log end
+    storage.crash()
+    h.restart(3)
+    assert h.node(3).log.last_offset == 2
+    # No new proposals: only heartbeat answers can reveal the loss.
+    h.tick_all(ELECTION_TICKS)
+    h.stabilize()
+    assert h.node(3).log.last_offset == last
+    assert h.log_of(3) == h.log_of(1)
+    assert leader.progress(3).match_offset == last  # type: ignore[union-attr]

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -40,6 +42,24 @@ HOST = "127.0.0.1"
 STOP_TIMEOUT_S = 20.0
 DESCRIBE_TIMEOUT_MS = 1500
 LOG_TAIL_LINES = 40
+CLUSTER_SECRET_FILE = "cluster.secret"
+
+
+@dataclass(frozen=True)
+class ReplicaView:
+    """One broker's answer about its own replica of a partition (DescribeTopics with local_only)."""
+
+    node: int
+    partition: int
+    leader_id: int
+    leader_epoch: int
+    replicas: list[int]
+    isr: list[int]  # the leader's in-sync set when `node` leads; otherwise just the assignment
+    log_start_offset: int
+    high_watermark: int
+    log_end_offset: int
+    local_replica: bool  # False when `node` holds no replica: the offsets are then meaningless
+    topic_id: str
 
 
 class ClusterBroker(BrokerProcess):
@@ -51,6 +71,7 @@ class ClusterBroker(BrokerProcess):
 
     def __init__(self, node_id: int, root: Path, port: int, raft_tick_ms: int, log_level: str = "info") -> None:
         super().__init__(root / f"broker-{node_id}", port=port)
+        self.secret_file = root / CLUSTER_SECRET_FILE
         self.node_id = node_id
         self.raft_tick_ms = raft_tick_ms
         self.log_level = log_level
@@ -63,7 +84,8 @@ class ClusterBroker(BrokerProcess):
         peers = ",".join(f"{node}={address}" for node, address in sorted(self.peers.items()))
         return [sys.executable, "-m", "logbroker.server.cli", "--log-level", self.log_level, "serve",
                 "--node-id", str(self.node_id), "--data-dir", str(self.data_dir), "--listen", self.address,
-                "--peers", peers, "--raft-tick-ms", str(self.raft_tick_ms), *self.extra_args]
+                "--peers", peers, "--raft-tick-ms", str(self.raft_tick_ms),
+                "--cluster-secret-file", str(self.secret_file), *self.extra_args]
 
     def launch(self) -> None:
         assert not self.running, f"broker {self.node_id} is already running"
@@ -136,6 +158,8 @@ class BrokerCluster:
                  log_level: str = "info") -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        if not (self.root / CLUSTER_SECRET_FILE).exists():  # shared by every broker of this cluster
+            (self.root / CLUSTER_SECRET_FILE).write_text(secrets.token_hex(32))
         self.size = size
         self.raft_tick_ms = raft_tick_ms
         self.brokers: dict[int, ClusterBroker] = {
@@ -232,18 +256,32 @@ class BrokerCluster:
     # ------------------------------------------------------------------------------ metadata
 
     def describe(self, node: int, topic: str) -> list[PartitionInfo] | None:
-        """The partitions of `topic` as broker `node` sees them (its own replicas' view), None if it fails."""
+        """The partitions of `topic` as a client asking broker `node` sees them, None if the call fails."""
         try:
             with Admin(self.brokers[node].address, request_timeout_ms=DESCRIBE_TIMEOUT_MS) as admin:
                 return admin.describe_topics([topic])[0].partitions
         except LogbrokerError:
             return None
 
-    def partition_view(self, node: int, topic: str, partition: int) -> PartitionInfo | None:
-        parts = self.describe(node, topic)
-        return parts[partition] if parts is not None and partition < len(parts) else None
+    def partition_view(self, node: int, topic: str, partition: int) -> ReplicaView | None:
+        """What broker `node` knows of its own replica of the partition, asked of that broker alone (never
+        the leader's numbers relayed): its leader, term, log end and high watermark; None if it fails."""
+        conn = Connection(self.brokers[node].address)
+        try:
+            response = conn.admin.DescribeTopics(pb.DescribeTopicsRequest(names=[topic], local_only=True),
+                                                 timeout=DESCRIBE_TIMEOUT_MS / 1000)
+        except grpc.RpcError:
+            return None
+        finally:
+            conn.close()
+        if not response.topics or response.topics[0].error_code or partition >= len(response.topics[0].partitions):
+            return None
+        part = response.topics[0].partitions[partition]
+        return ReplicaView(node, part.partition, part.leader_id, part.leader_epoch, list(part.replicas),
+                           list(part.isr), part.log_start_offset, part.high_watermark, part.log_end_offset,
+                           part.local_replica, response.topics[0].topic_id)
 
-    def views(self, topic: str, partition: int, nodes: list[int] | None = None) -> dict[int, PartitionInfo]:
+    def views(self, topic: str, partition: int, nodes: list[int] | None = None) -> dict[int, ReplicaView]:
         out = {}
         for node in nodes if nodes is not None else self.live():
             view = self.partition_view(node, topic, partition)
@@ -293,19 +331,21 @@ class BrokerCluster:
         return found[-1]
 
     def wait_high_watermark(self, topic: str, partition: int, node: int, offset: int, timeout_s: float = 30.0) -> None:
-        """Wait until broker `node` knows a high watermark of at least `offset` (it holds the log that far)."""
+        """Wait until broker `node`'s own replica holds the log up to `offset` and knows it is committed."""
         def reached() -> bool:
             view = self.partition_view(node, topic, partition)
-            return view is not None and view.high_watermark >= offset
+            return (view is not None and view.local_replica and view.high_watermark >= offset
+                    and view.log_end_offset >= offset)
 
         wait_until(reached, timeout_s, f"broker {node} to reach high watermark {offset} on {topic}-{partition}",
                    interval_s=0.1)
 
     def wait_caught_up(self, topic: str, partition: int, nodes: list[int] | None = None,
-                       timeout_s: float = 30.0) -> dict[int, PartitionInfo]:
-        """Wait until every given (default: every) broker holds the leader's high watermark and knows the leader."""
+                       timeout_s: float = 30.0) -> dict[int, ReplicaView]:
+        """Wait until every given (default: every) broker's own replica holds the leader's whole log, knows
+        the leader's high watermark and follows the leader, each asked of that broker itself."""
         nodes = nodes if nodes is not None else list(self.brokers)
-        last: dict[int, PartitionInfo] = {}
+        last: dict[int, ReplicaView] = {}
 
         def caught_up() -> bool:
             last.clear()
@@ -313,10 +353,11 @@ class BrokerCluster:
             if leader is None:
                 return False
             last.update(self.views(topic, partition, sorted({*nodes, leader})))
-            if leader not in last or any(n not in last for n in nodes):
+            if leader not in last or any(n not in last or not last[n].local_replica for n in nodes):
                 return False
-            hw = last[leader].high_watermark
-            return all(last[n].high_watermark == hw and last[n].leader_id == leader for n in nodes)
+            ahead = last[leader]
+            return all(last[n].high_watermark == ahead.high_watermark and last[n].leader_id == leader
+                       and last[n].log_end_offset == ahead.log_end_offset for n in nodes)
 
         try:
             wait_until(caught_up, timeout_s, f"brokers {nodes} to catch up on {topic}-{partition}", interval_s=0.1)

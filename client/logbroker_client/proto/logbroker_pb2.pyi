@@ -52,16 +52,18 @@ class LeaderHint(_message.Message):
     def __init__(self, leader_id: _Optional[int] = ..., leader_address: _Optional[str] = ...) -> None: ...
 
 class PartitionLeader(_message.Message):
-    __slots__ = ("topic", "partition", "leader_id", "epoch")
+    __slots__ = ("topic", "partition", "leader_id", "epoch", "topic_id")
     TOPIC_FIELD_NUMBER: _ClassVar[int]
     PARTITION_FIELD_NUMBER: _ClassVar[int]
     LEADER_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    TOPIC_ID_FIELD_NUMBER: _ClassVar[int]
     topic: str
     partition: int
     leader_id: int
     epoch: int
-    def __init__(self, topic: _Optional[str] = ..., partition: _Optional[int] = ..., leader_id: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
+    topic_id: str
+    def __init__(self, topic: _Optional[str] = ..., partition: _Optional[int] = ..., leader_id: _Optional[int] = ..., epoch: _Optional[int] = ..., topic_id: _Optional[str] = ...) -> None: ...
 
 class LeaderReport(_message.Message):
     __slots__ = ("from_node", "leaders")
@@ -411,7 +413,7 @@ class DescribeTopicsRequest(_message.Message):
     def __init__(self, names: _Optional[_Iterable[str]] = ..., local_only: _Optional[bool] = ...) -> None: ...
 
 class PartitionDescription(_message.Message):
-    __slots__ = ("partition", "leader_id", "replicas", "isr", "log_start_offset", "high_watermark", "size_bytes", "leader_epoch")
+    __slots__ = ("partition", "leader_id", "replicas", "isr", "log_start_offset", "high_watermark", "size_bytes", "leader_epoch", "local_replica", "log_end_offset")
     PARTITION_FIELD_NUMBER: _ClassVar[int]
     LEADER_ID_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
@@ -420,6 +422,8 @@ class PartitionDescription(_message.Message):
     HIGH_WATERMARK_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     LEADER_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_REPLICA_FIELD_NUMBER: _ClassVar[int]
+    LOG_END_OFFSET_FIELD_NUMBER: _ClassVar[int]
     partition: int
     leader_id: int
     replicas: _containers.RepeatedScalarFieldContainer[int]
@@ -428,10 +432,12 @@ class PartitionDescription(_message.Message):
     high_watermark: int
     size_bytes: int
     leader_epoch: int
-    def __init__(self, partition: _Optional[int] = ..., leader_id: _Optional[int] = ..., replicas: _Optional[_Iterable[int]] = ..., isr: _Optional[_Iterable[int]] = ..., log_start_offset: _Optional[int] = ..., high_watermark: _Optional[int] = ..., size_bytes: _Optional[int] = ..., leader_epoch: _Optional[int] = ...) -> None: ...
+    local_replica: bool
+    log_end_offset: int
+    def __init__(self, partition: _Optional[int] = ..., leader_id: _Optional[int] = ..., replicas: _Optional[_Iterable[int]] = ..., isr: _Optional[_Iterable[int]] = ..., log_start_offset: _Optional[int] = ..., high_watermark: _Optional[int] = ..., size_bytes: _Optional[int] = ..., leader_epoch: _Optional[int] = ..., local_replica: _Optional[bool] = ..., log_end_offset: _Optional[int] = ...) -> None: ...
 
 class TopicDescription(_message.Message):
-    __slots__ = ("name", "error_code", "error_message", "configs", "partitions", "replication_factor")
+    __slots__ = ("name", "error_code", "error_message", "configs", "partitions", "replication_factor", "topic_id")
     class ConfigsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -445,13 +451,15 @@ class TopicDescription(_message.Message):
     CONFIGS_FIELD_NUMBER: _ClassVar[int]
     PARTITIONS_FIELD_NUMBER: _ClassVar[int]
     REPLICATION_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    TOPIC_ID_FIELD_NUMBER: _ClassVar[int]
     name: str
     error_code: ErrorCode
     error_message: str
     configs: _containers.ScalarMap[str, str]
     partitions: _containers.RepeatedCompositeFieldContainer[PartitionDescription]
     replication_factor: int
-    def __init__(self, name: _Optional[str] = ..., error_code: _Optional[_Union[ErrorCode, str]] = ..., error_message: _Optional[str] = ..., configs: _Optional[_Mapping[str, str]] = ..., partitions: _Optional[_Iterable[_Union[PartitionDescription, _Mapping]]] = ..., replication_factor: _Optional[int] = ...) -> None: ...
+    topic_id: str
+    def __init__(self, name: _Optional[str] = ..., error_code: _Optional[_Union[ErrorCode, str]] = ..., error_message: _Optional[str] = ..., configs: _Optional[_Mapping[str, str]] = ..., partitions: _Optional[_Iterable[_Union[PartitionDescription, _Mapping]]] = ..., replication_factor: _Optional[int] = ..., topic_id: _Optional[str] = ...) -> None: ...
 
 class DescribeTopicsResponse(_message.Message):
     __slots__ = ("topics",)
