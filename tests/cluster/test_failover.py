@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 
 from logbroker_client import Admin, Producer
-from logbroker_client import records as rec
 from logbroker_client.errors import (
     LeaderNotAvailableError,
     NotEnoughReplicasError,
@@ -19,11 +18,9 @@ from logbroker_client.errors import (
     RequestTimedOutError,
 )
 
-from logbroker.storage.config import LogConfig
 from logbroker.storage.filenames import partition_dir_name
-from logbroker.storage.log import PartitionLog
 from tests.support.brokers import wait_until
-from tests.support.checker import AckLog, ProducerLoad, Stored, assert_clean, make_value, read_log
+from tests.support.checker import AckLog, ProducerLoad, assert_clean, make_value, read_log
 from tests.support.cluster import BrokerCluster
 
 TOPIC = "orders"
@@ -191,7 +188,7 @@ def test_a_broker_down_while_many_segments_are_written_catches_up(cluster: Broke
     assert views[follower].high_watermark == views[leader].high_watermark
     # What the follower holds on disk is the whole acknowledged log: stop it and read its files.
     assert cluster.terminate(follower) == 0
-    local = read_local_partition(cluster, follower, topic, views[follower].high_watermark)
+    local = cluster.read_local_partition(follower, topic, 0, views[follower].high_watermark)
     assert_clean(acks.snapshot(), {0: local}, context=f"broker {follower}'s own copy: ")
     cluster.restart(follower)
     check_everything(cluster, acks, partitions=1, topic=topic)
@@ -221,26 +218,6 @@ def test_segments_respect_segment_bytes_under_a_burst(cluster: BrokerCluster) ->
 
 def segment_count(cluster: BrokerCluster, node: int, topic: str) -> int:
     return len(list((cluster.brokers[node].data_dir / partition_dir_name(topic, 0)).glob("*.log")))
-
-
-def read_local_partition(cluster: BrokerCluster, node: int, topic: str, high_watermark: int) -> list[Stored]:
-    """The data records of partition 0 below the high watermark, from a stopped broker's segment files."""
-    directory = cluster.brokers[node].data_dir / partition_dir_name(topic, 0)
-    plog = PartitionLog.open(directory, LogConfig(), topic, 0)
-    out: list[Stored] = []
-    try:
-        offset = plog.log_start_offset
-        while offset < high_watermark:
-            data = plog.read(offset, 1 << 20, max_offset=high_watermark)
-            if not data:
-                break
-            for header, batch_records in rec.iter_batches(data):
-                offset = header.base_offset + header.last_offset_delta + 1
-                if not header.is_control:
-                    out.extend(Stored(r.offset, r.value or b"") for r in batch_records if r.offset < high_watermark)
-    finally:
-        plog.close()
-    return out
 
 
 # ------------------------------------------------------------------------------------- 6. quorum loss

@@ -270,3 +270,13 @@ class ProducerLoad:
                 raise AssertionError(f"timed out after {timeout_s}s waiting for {count} acknowledged records"
                                      f"{' ' + what if what else ''}: {self.acks.summary()}")
             time.sleep(0.02)
+
+
+def produce_acked(bootstrap: str, topic: str, count: int, acks: AckLog, tag: bytes = b"", partition: int = 0) -> None:
+    """Produce ``count`` sequence-numbered acks=all records to one partition and insist all are acknowledged."""
+    with Producer(bootstrap, acks="all", linger_ms=2) as producer:
+        for seq in range(count):
+            value = make_value(seq, tag=tag)
+            producer.send(topic, value=value, partition=partition).add_done_callback(acks.callback(value))
+        producer.flush(timeout=60)
+    assert acks.count() == count, acks.summary()

@@ -30,12 +30,17 @@ from pathlib import Path
 
 import grpc
 from logbroker_client import Admin
+from logbroker_client import records as rec
 from logbroker_client.connection import Connection
 from logbroker_client.errors import LogbrokerError
 from logbroker_client.proto import logbroker_pb2 as pb
 from logbroker_client.types import PartitionInfo
 
+from logbroker.storage.config import LogConfig
+from logbroker.storage.filenames import partition_dir_name
+from logbroker.storage.log import PartitionLog
 from tests.support.brokers import REPO_ROOT, STARTUP_TIMEOUT_S, BrokerProcess, free_port, is_serving, wait_until
+from tests.support.checker import Stored
 from tests.support.proxy import FaultProxy
 
 HOST = "127.0.0.1"
@@ -364,6 +369,26 @@ class BrokerCluster:
         except AssertionError as exc:
             raise AssertionError(f"{exc}; last views: {last}") from None
         return dict(last)
+
+    def read_local_partition(self, node: int, topic: str, partition: int, high_watermark: int) -> list[Stored]:
+        """The data records below high_watermark in a stopped broker's own segment files."""
+        assert not self.brokers[node].running, f"broker {node} must be stopped to read its files"
+        directory = self.brokers[node].data_dir / partition_dir_name(topic, partition)
+        plog = PartitionLog.open(directory, LogConfig(), topic, partition)
+        out: list[Stored] = []
+        try:
+            offset = plog.log_start_offset
+            while offset < high_watermark:
+                data = plog.read(offset, 1 << 20, max_offset=high_watermark)
+                if not data:
+                    break
+                for header, batch_records in rec.iter_batches(data):
+                    offset = header.base_offset + header.last_offset_delta + 1
+                    if not header.is_control:
+                        out.extend(Stored(r.offset, r.value or b"") for r in batch_records if r.offset < high_watermark)
+        finally:
+            plog.close()
+        return out
 
     # ---------------------------------------------------------------------------------- logs
 
