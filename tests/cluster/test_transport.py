@@ -12,6 +12,7 @@ import grpc
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from logbroker_client import records as rec
 from logbroker_client.proto import logbroker_pb2 as pb
 from logbroker_client.proto import logbroker_pb2_grpc as pb_grpc
 
@@ -114,10 +115,18 @@ def heartbeat(from_node: int, to_node: int, commit_offset: int = 10) -> Message:
     return Message(MessageType.HEARTBEAT, from_node, to_node, term=3, commit_offset=commit_offset)
 
 
+def record_batch(count: int, value: bytes = b"\x00batch\xff") -> bytes:
+    """A real record batch: a DATA entry's payload must be one (the receiving codec checks it)."""
+    builder = rec.BatchBuilder()
+    for i in range(count):
+        builder.append(1_700_000_000_000 + i, None, value)
+    return builder.build()
+
+
 def rich_messages(from_node: int, to_node: int) -> list[Message]:
     entries = (
         Entry(0, 0, 1, EntryKind.NOOP),
-        Entry(1, 99, 1, EntryKind.DATA, b"\x00batch\xff" * 50),
+        Entry(1, 99, 1, EntryKind.DATA, record_batch(99)),
         Entry(100, 100, 2, EntryKind.CONFIG, Membership.of([1, 2, 3]).encode()),
     )
     return [
@@ -187,9 +196,10 @@ async def test_a_large_backlog_is_split_by_envelope_bytes(nodes: dict[int, Node]
     limit_bytes = 64 << 10
     a.make_transport({2: address(b.port)}, max_envelope_bytes=limit_bytes)
     await start(a, b)
-    payload = b"r" * 4096
+    payload = record_batch(1, b"r" * 4000)
     sent = [
-        ("t-0", Message(MessageType.APPEND, 1, 2, term=1, entries=(Entry(i, i, 1, EntryKind.DATA, payload),)))
+        ("t-0", Message(MessageType.APPEND, 1, 2, term=1, prev_last_offset=i - 1,
+                        entries=(Entry(i, i, 1, EntryKind.DATA, payload),)))
         for i in range(200)
     ]
     tx(a).send_many(sent)

@@ -5,6 +5,7 @@ Needs a Docker engine; where none runs (as on the CI machines) the test is skipp
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import subprocess
 from pathlib import Path
@@ -31,8 +32,10 @@ problem = docker_engine_problem()
 pytestmark = pytest.mark.skipif(problem is not None, reason=f"Docker deployment test skipped: {problem}")
 
 
-def test_the_compose_cluster_elects_a_controller_and_serves() -> None:
+def test_the_compose_cluster_elects_a_controller_and_serves(monkeypatch: pytest.MonkeyPatch) -> None:
     from testcontainers.compose import DockerCompose
+
+    monkeypatch.setenv("LOGBROKER_CLUSTER_SECRET", secrets.token_hex(32))  # compose refuses to start without one
 
     with DockerCompose(str(DEPLOY_DIR), compose_file_name="docker-compose.yml", build=True, wait=False):
         addresses = ["127.0.0.1:9092", "127.0.0.1:9093", "127.0.0.1:9094"]
