@@ -28,6 +28,7 @@ from logbroker.cluster.raft_storage import PartitionLogStorage, ReplicaState, Re
 from logbroker.raft.membership import Membership
 from logbroker.raft.node import RaftNode
 from logbroker.raft.types import Entry, EntryKind, Message, RaftConfig, Ready, Role
+from logbroker.storage.errors import StorageError
 from logbroker.storage.log import PartitionLog
 
 log = logging.getLogger("logbroker.replica")
@@ -60,6 +61,7 @@ class Replica:
         applied_offset: int | None = None,
         persist_commit: bool = False,
         name: str | None = None,
+        on_failure: Callable[[Replica, Exception], None] = lambda replica, exc: None,
     ) -> None:
         self.group = group  # the Raft group's key on the wire
         self.name = name or group  # what logs and errors call it: topic-partition
@@ -83,6 +85,8 @@ class Replica:
         self._executor = executor
         self._on_commit = on_commit
         self._on_leader_change = on_leader_change
+        self._on_failure = on_failure
+        self.failure: Exception | None = None  # why the runtime stopped, once it has
         self._busy = False
         self.quiet = False  # an idle group neither ticks nor heartbeats; any message or proposal wakes it
         self.preferred_leader: int | None = None
@@ -224,16 +228,24 @@ class Replica:
                     return
                 await self._handle(ready)
         except Exception as exc:
-            # A write the Ready contract promised cannot be half undone: stop this replica (the group goes on
-            # without it) and let a restart recover its log from disk.
-            log.exception("%s: the Raft runtime failed; this replica stops until the broker restarts", self.name)
-            self.closed = True
-            self._fail_waiters(RuntimeError(
-                f"{exc} (this broker's replica of {self.name} has stopped; restart the broker once fixed)"))
+            self._stop_after_failure(exc)
         finally:
             self._busy = False
             if not self.closed and self.node.has_ready():
                 self._kick()
+
+    def _stop_after_failure(self, exc: Exception) -> None:
+        """A write the Ready contract promised cannot be half undone: stop this replica (the group goes on
+        without it); the broker hands its leadership over and reopens it from disk once writes succeed."""
+        if isinstance(exc, (StorageError, OSError)):
+            log.error("%s: cannot write this replica's log on broker %d (%s); the replica stops taking part in "
+                      "its group until a write succeeds again", self.name, self.node_id, exc)
+        else:
+            log.exception("%s: the Raft runtime failed; this replica stops until it is reopened", self.name)
+        self.closed = True
+        self.failure = exc
+        self._fail_waiters(ReplicaFailedError(self.name, self.node_id, exc))
+        self._on_failure(self, exc)
 
     async def _handle(self, ready: Ready) -> None:
         if ready.must_persist:
@@ -342,6 +354,14 @@ class Replica:
         self.save_state()
         self._state_file.close()
         self.log.close()
+
+
+class ReplicaFailedError(RuntimeError):
+    """This broker's replica stopped because it could not write (a full or failing disk)."""
+
+    def __init__(self, name: str, node_id: int, cause: Exception) -> None:
+        super().__init__(f"{name}: broker {node_id} cannot write its replica ({cause})")
+        self.cause = cause
 
 
 class NotLeaderNow(Exception):

@@ -33,17 +33,18 @@ from logbroker.cluster.metadata import (
     place_replicas,
 )
 from logbroker.cluster.raft_storage import ReplicaStateFile
-from logbroker.cluster.replica import NotLeaderNow, Replica
+from logbroker.cluster.replica import NotLeaderNow, Replica, ReplicaFailedError
 from logbroker.cluster.topic_names import MAX_PARTITIONS, TopicNameError, check_topic_name
 from logbroker.cluster.transport import RaftTransport
 from logbroker.raft.errors import NotLeaderError, ProposalDroppedError
 from logbroker.raft.membership import Membership
-from logbroker.raft.types import Entry, EntryKind, Message, RaftConfig
+from logbroker.raft.types import Entry, EntryKind, Message, MessageType, RaftConfig, Role
 from logbroker.server import errors
 from logbroker.server.config import BrokerConfig
 from logbroker.storage import filenames
 from logbroker.storage.config import InvalidConfigError, LogConfig
 from logbroker.storage.errors import OffsetOutOfRangeError, StorageError
+from logbroker.storage.files import probe_write
 from logbroker.storage.log import PartitionLog
 from logbroker.storage.partition_metadata import TopicIdentity, read_identity, write_identity
 
@@ -59,6 +60,7 @@ MAX_LEADER_TRANSFERS_PER_ROUND = 100
 LEADER_REPORT_INTERVAL_S = 0.2
 MAINTENANCE_INTERVAL_S = 0.1
 LEADER_REPORT_TIMEOUT_S = 5.0
+FAILED_REPLICA_RETRY_S = 1.0  # how often a replica that could not write tries again
 # A producer request carries up to 16 MiB; the pipe to each follower holds two such requests, in 4 MiB
 # appends, so replication keeps up with one producer's one request in flight.
 RAFT_MAX_MESSAGE_BYTES = 4 << 20
@@ -104,6 +106,8 @@ class Broker:
         self._reporter: asyncio.Task[None] | None = None
         # (topic, partition) -> (epoch, topic id) of leaderships won here and not yet in the controller log
         self._leader_reports: dict[tuple[str, int], tuple[int, str]] = {}
+        # (topic, partition) -> (replica that could not write, when to try again)
+        self._failed_replicas: dict[tuple[str, int], tuple[Replica, float]] = {}
         self._last_flush_s: dict[str, float] = {}  # flush="interval" groups: when their log was last fsynced
         # Set by the server layer: sends leader reports to the controller leader at an address (over gRPC).
         self.send_leader_report: Callable[[str, int, list[list[Any]]], Awaitable[bool]] | None = None
@@ -131,7 +135,7 @@ class Broker:
         state_file = ReplicaStateFile(self._raft_state_path(plog))
         replica = Replica(group, plog, state_file, membership, self.raft_config(), self.transport, self._executor,
                           on_commit, self._on_leader_change, applied_offset=-1 if controller else None,
-                          persist_commit=controller, name=plog.directory.name)
+                          persist_commit=controller, name=plog.directory.name, on_failure=self._on_replica_failed)
         self._replicas[group] = replica
         return replica
 
@@ -184,6 +188,69 @@ class Broker:
             topic = self.cluster.topics.get(replica.log.topic)
             if topic is not None and topic.raft_group(replica.log.partition) == replica.group:
                 self._leader_reports[(replica.log.topic, replica.log.partition)] = (replica.term, topic.topic_id)
+
+    def _on_replica_failed(self, replica: Replica, exc: Exception) -> None:
+        """A replica could not write (a full or failing disk): it must not keep a leadership it cannot use,
+        nor take one back, until writes succeed again (Kafka takes a failed log directory offline)."""
+        led = replica.node.role is Role.LEADER
+        if led:
+            self._hand_over_failed_leadership(replica)
+        if replica.group == CONTROLLER_GROUP:
+            log.error("the controller replica on broker %d stopped (%s); it rejoins when the broker restarts",
+                      self.node_id, exc)
+            return
+        key = (replica.log.topic, replica.log.partition)
+        self._failed_replicas[key] = (replica, time.monotonic() + FAILED_REPLICA_RETRY_S)
+        log.error("%s: %sbroker %d retries every %.0f s and reopens the replica once a write succeeds; free "
+                  "space or fix the disk under %s", replica.name,
+                  "leadership handed to another replica; " if led else "", self.node_id, FAILED_REPLICA_RETRY_S,
+                  replica.log.directory)
+
+    def _hand_over_failed_leadership(self, replica: Replica) -> None:
+        """Ask the most caught-up live follower to campaign at once (TIMEOUT_NOW), since this replica can
+        neither write nor go on heartbeating; without it, quiet followers would wait for a leader forever."""
+        node = replica.node
+        followers = [(progress.match_offset, voter) for voter in node.membership.voters
+                     if voter != self.node_id and (progress := node.progress(voter)) is not None
+                     and self.liveness.is_alive(voter)]
+        if not followers:
+            return
+        _, target = max(followers)
+        self.transport.send(replica.group, Message(MessageType.TIMEOUT_NOW, self.node_id, target, replica.term))
+        log.warning("%s: asked broker %d to take over leadership from broker %d, which cannot write",
+                    replica.name, target, self.node_id)
+
+    def retry_failed_replicas(self, now_s: float) -> int:
+        """Reopen failed replicas whose disk takes writes again; returns how many were reopened."""
+        reopened = 0
+        for key, (replica, retry_at_s) in list(self._failed_replicas.items()):
+            if now_s < retry_at_s:
+                continue
+            topic = self.cluster.topics.get(key[0])
+            if topic is None or topic.raft_group(key[1]) != replica.group:
+                del self._failed_replicas[key]  # deleted meanwhile
+                continue
+            try:
+                probe_write(replica.log.directory)
+            except OSError as exc:
+                log.debug("%s: still cannot write (%s); retrying", replica.name, exc)
+                self._failed_replicas[key] = (replica, now_s + FAILED_REPLICA_RETRY_S)
+                continue
+            del self._failed_replicas[key]
+            self._forget_replica(replica)
+            if self._open_partition(topic, key[1]) is not None:
+                log.info("%s: writes succeed again on broker %d; the replica is reopened and catches up from "
+                         "the leader", replica.name, self.node_id)
+                reopened += 1
+        return reopened
+
+    def _forget_replica(self, replica: Replica) -> None:
+        self._replicas.pop(replica.group, None)
+        key = (replica.log.topic, replica.log.partition)
+        if self._partitions.get(key) is replica:
+            del self._partitions[key]
+        with contextlib.suppress(Exception):  # its files may be what failed; reopening recovers them
+            replica.close()
 
     async def _report_leaders_forever(self) -> None:
         """Tell the controller which partitions this broker now leads (batched, retried until it lands)."""
@@ -242,10 +309,12 @@ class Broker:
     def known_leader(self, topic: str, index: int) -> int | None:
         """The partition's leader: from the local replica if there is one, else as reported to the controller."""
         replica = self._partitions.get((topic, index))
-        if replica is not None:
+        if replica is not None and not replica.closed:
             return replica.leader_id
         reported = self.cluster.leaders.get((topic, index))
-        return reported[0] if reported is not None else None
+        if reported is None or (replica is not None and reported[0] == self.node_id):
+            return None  # this broker's own replica failed: it leads nothing, whatever was reported
+        return reported[0]
 
     async def hand_over_leadership(self) -> None:
         """Graceful shutdown: move every group this broker leads to another voter, then wait briefly."""
@@ -272,7 +341,10 @@ class Broker:
                     await task
         await self.transport.stop()
         for replica in list(self._replicas.values()):
-            replica.close()
+            try:
+                replica.close()
+            except Exception as exc:  # a replica whose disk failed may fail to close too; recovery handles it
+                log.warning("%s: not closed cleanly (%s); the next start recovers its log", replica.name, exc)
         self._replicas.clear()
         self._partitions.clear()
         self._executor.shutdown(wait=True)
@@ -294,32 +366,35 @@ class Broker:
         self._wake_fetchers()
 
     def _start_topic(self, topic: TopicMetadata) -> None:
-        log_config = self._log_config(topic.configs)
         for index, replicas in enumerate(topic.assignment):
-            if self.node_id not in replicas:
-                continue
-            directory = self.data_dir / filenames.partition_dir_name(topic.name, index)
-            try:
-                if not self._claim_directory(topic, directory):
-                    continue
-                plog = PartitionLog.open(directory, log_config, topic.name, index)
-                replica = self._add_replica(topic.raft_group(index), plog, Membership.of(replicas),
-                                            self._on_partition_commit)
-            except Exception:
-                # One unreadable partition must not take the broker (and every other partition) down.
-                log.exception("%s: cannot open this replica; the partition is unavailable on broker %d until "
-                              "the problem above is fixed and the broker restarted", directory.name, self.node_id)
-                continue
-            self._partitions[(topic.name, index)] = replica
-            replica.preferred_leader = replicas[0]
-            if replica.term == 0:
-                # A new group: its preferred leader campaigns at once and the others stay quiet until it
-                # calls (or its broker is found dead), so a thousand new partitions elect without split
-                # votes, and leadership spreads as the placement intended.
-                if replicas[0] == self.node_id:
-                    replica.campaign_now()
-                else:
-                    replica.quiet = True
+            if self.node_id in replicas:
+                self._open_partition(topic, index)
+
+    def _open_partition(self, topic: TopicMetadata, index: int) -> Replica | None:
+        replicas = topic.assignment[index]
+        directory = self.data_dir / filenames.partition_dir_name(topic.name, index)
+        try:
+            if not self._claim_directory(topic, directory):
+                return None
+            plog = PartitionLog.open(directory, self._log_config(topic.configs), topic.name, index)
+            replica = self._add_replica(topic.raft_group(index), plog, Membership.of(replicas),
+                                        self._on_partition_commit)
+        except Exception:
+            # One unreadable partition must not take the broker (and every other partition) down.
+            log.exception("%s: cannot open this replica; the partition is unavailable on broker %d until "
+                          "the problem above is fixed and the broker restarted", directory.name, self.node_id)
+            return None
+        self._partitions[(topic.name, index)] = replica
+        replica.preferred_leader = replicas[0]
+        if replica.term == 0:
+            # A new group: its preferred leader campaigns at once and the others stay quiet until it
+            # calls (or its broker is found dead), so a thousand new partitions elect without split
+            # votes, and leadership spreads as the placement intended.
+            if replicas[0] == self.node_id:
+                replica.campaign_now()
+            else:
+                replica.quiet = True
+        return replica
 
     def _claim_directory(self, topic: TopicMetadata, directory: Path) -> bool:
         """Make directory hold this topic's partition; False when it belongs to a newer topic of the name.
@@ -489,6 +564,18 @@ class Broker:
         replica = self.replica(topic, index)
         if replica is not None and replica.is_leader and not replica.closed:
             return replica
+        if replica is not None and replica.failure is not None:
+            if len(replica.node.membership.voters) == 1:
+                raise errors.StorageFailure(
+                    f"{replica.name}: broker {self.node_id} cannot write this partition's only replica "
+                    f"({replica.failure}); free space or fix the disk under {replica.log.directory}: the broker "
+                    f"reopens it by itself once a write succeeds")
+            hint = self.known_leader(topic, index)
+            raise errors.NotLeader(
+                f"{replica.name}: broker {self.node_id} cannot write its replica ({replica.failure}); "
+                + (f"broker {hint} leads now" if hint is not None else "another replica takes over; retry"),
+                leader_id=hint if hint is not None else -1,
+                leader_address=self.peers.get(hint, "") if hint is not None else "")
         if replica is None:  # no local replica: the reported leader, else a replica that knows it
             hint = self.known_leader(topic, index) or self.cluster.topics[topic].assignment[index][0]
             raise errors.NotLeader(f"{topic}-{index}: broker {self.node_id} holds no replica; ask broker {hint}",
@@ -559,13 +646,18 @@ class Broker:
             raise errors.RequestTimedOut(f"{replica.name}: write not durable within {timeout_s:.1f}s") from None
         except NotLeaderNow as exc:
             raise errors.NotLeader(str(exc), leader_id=exc.leader_id or -1) from None
+        except ReplicaFailedError as exc:
+            if len(replica.node.membership.voters) > 1:  # nothing unwritten was sent: a retry elsewhere is safe
+                raise errors.NotLeader(f"{exc}; leadership moves to another replica, retry", leader_id=-1) from None
+            raise errors.StorageFailure(f"{replica.name}: write failed: {exc.cause}") from None
         except (StorageError, OSError) as exc:
             raise errors.StorageFailure(f"{replica.name}: write failed: {exc}") from None
         except RuntimeError as exc:
             raise errors.StorageFailure(str(exc)) from None
 
     def _validated(self, replica: Replica, records: bytes) -> list[tuple[bytes, int]]:
-        """Check every batch (O(1) Python per batch); nothing is proposed if any batch fails."""
+        """Check every batch: header and CRC, then its records agree with the header (validate_records walks
+        them: the broker's only per-record work). Nothing is proposed if any batch fails."""
         if not records:
             raise errors.CorruptBatch(f"{replica.name}: the request carries no record batch")
         limit = replica.log.config.max_message_bytes
@@ -590,6 +682,12 @@ class Broker:
             if codec not in (rec.COMPRESSION_NONE, rec.COMPRESSION_ZSTD):
                 raise errors.CorruptBatch(
                     f"{replica.name}: compression codec {codec} is not supported; use none (0) or zstd (4)")
+            try:  # a batch whose records contradict its header would break every consumer of the partition
+                rec.validate_records(records, pos, header)
+            except rec.CorruptBatchError as exc:
+                raise errors.CorruptBatch(
+                    f"{replica.name}: batch at byte {pos} of the request rejected: {exc}; nothing was written"
+                ) from None
             payloads.append((bytes(view[pos:pos + header.size]) if pos or header.size != end else records,
                              header.records_count))
             pos += header.size
@@ -683,6 +781,7 @@ class Broker:
         while True:
             await asyncio.sleep(MAINTENANCE_INTERVAL_S)
             await self.flush_interval_partitions(loop.time())
+            self.retry_failed_replicas(time.monotonic())
             if loop.time() >= next_balance:
                 next_balance = loop.time() + self.config.leader_balance_interval_ms / 1000
                 self.balance_leaders()

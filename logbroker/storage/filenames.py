@@ -19,6 +19,8 @@ PARTITION_METADATA_FILE = "partition.metadata"
 # The partition's Raft state (term, vote, commit offset), kept inside the partition directory so that it is
 # created and deleted with the log it describes.
 RAFT_STATE_FILE = "raft.state"
+# Written and removed again to learn whether a full disk takes writes again.
+WRITE_PROBE_FILE = ".write-probe"
 # Suffix of a file being written that is renamed into place once complete; leftovers are garbage.
 TEMP_SUFFIX = ".tmp"
 # Suffix of a compacted copy of a segment before it replaces the original.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from logbroker.storage.filenames import TEMP_SUFFIX
+from logbroker.storage.filenames import TEMP_SUFFIX, WRITE_PROBE_FILE
 
 
 def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
@@ -54,3 +54,19 @@ def write_file_atomically(path: Path, data: bytes, durable: bool) -> None:
     os.replace(temp, path)
     if durable:
         fsync_dir(path.parent)
+
+
+PROBE_BYTES = 1 << 20
+
+
+def probe_write(directory: Path, size_bytes: int = PROBE_BYTES) -> None:
+    """Write and fsync size_bytes in directory, then remove them: raises OSError (ENOSPC, EIO, ...) when the
+    device cannot take a write of that size now. Used to learn when a full disk has room again."""
+    path = directory / WRITE_PROBE_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        write_all(fd, bytes(size_bytes))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        path.unlink(missing_ok=True)

@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 
 from tests.support.cluster import BrokerCluster
+from tests.support.disk import SizeLimitedDir, mount_problem
 
 RAFT_TICK_MS = 20
+DISK_BYTES = 96 << 20
 
 
 def _show_logs_on_failure(request: pytest.FixtureRequest, cluster: BrokerCluster, failed_before: int) -> None:
@@ -24,10 +26,16 @@ def _show_logs_on_failure(request: pytest.FixtureRequest, cluster: BrokerCluster
         print(text, flush=True)
 
 
-def _cluster(request: pytest.FixtureRequest, tmp_path: Path, proxied: bool) -> Iterator[BrokerCluster]:
+def _cluster(request: pytest.FixtureRequest, tmp_path: Path, proxied: bool,
+             disk_bytes: int | None = None) -> Iterator[BrokerCluster]:
     cluster = BrokerCluster(tmp_path / "cluster", size=3, raft_tick_ms=RAFT_TICK_MS, proxied=proxied)
     failed_before = request.session.testsfailed
     try:
+        if disk_bytes is not None:  # each broker's data directory on a size-limited file system of its own
+            cluster.disks = {node: SizeLimitedDir(broker.data_dir, disk_bytes)
+                             for node, broker in cluster.brokers.items()}
+            for disk in cluster.disks.values():
+                disk.mount()
         cluster.start()
         yield cluster
     finally:
@@ -35,6 +43,8 @@ def _cluster(request: pytest.FixtureRequest, tmp_path: Path, proxied: bool) -> I
             _show_logs_on_failure(request, cluster, failed_before)
         finally:
             cluster.stop_all()
+            for disk in cluster.disks.values():
+                disk.unmount()
 
 
 @pytest.fixture
@@ -45,3 +55,12 @@ def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BrokerCl
 @pytest.fixture
 def proxied_cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BrokerCluster]:
     yield from _cluster(request, tmp_path, proxied=True)
+
+
+@pytest.fixture
+def disk_cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BrokerCluster]:
+    """Three brokers, each with its data on a tmpfs of DISK_BYTES (cluster.disks[node].fill() fills it)."""
+    problem = mount_problem()
+    if problem is not None:
+        pytest.skip(f"disk-full test skipped: {problem}")
+    yield from _cluster(request, tmp_path, proxied=False, disk_bytes=DISK_BYTES)

@@ -54,3 +54,33 @@ def test_a_full_disk_fails_the_write_and_keeps_what_was_acknowledged(
         assert read_values(restarted.address, tp)[-1] == b"after"
     finally:
         restarted.stop()
+
+
+def test_once_space_is_freed_the_replica_reopens_without_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broker = InProcessBroker(tmp_path / "data").start()
+    try:
+        Admin(broker.address).create_topic("refill")
+        with Producer(broker.address, acks="all") as producer:
+            producer.send("refill", value=b"before").result(timeout=10)
+        real_write_all = segment.write_all
+
+        def disk_full(fd: int, data: object) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(segment, "write_all", disk_full)
+        with Producer(broker.address, acks="all", delivery_timeout_ms=3000, request_timeout_ms=2000) as producer:
+            failed = producer.send("refill", value=b"refused").exception(timeout=10)
+        assert isinstance(failed, StorageError), f"{type(failed).__name__}: {failed}"
+        monkeypatch.setattr(segment, "write_all", real_write_all)  # space freed; no restart
+
+        def accepted() -> bool:
+            with Producer(broker.address, acks="all", delivery_timeout_ms=2000, request_timeout_ms=1000) as p:
+                return p.send("refill", value=b"after").exception(timeout=10) is None
+
+        wait_until(accepted, 20, "the replica to reopen once writes succeed")
+        assert read_values(broker.address, TopicPartition("refill", 0))[0] == b"before"
+        assert read_values(broker.address, TopicPartition("refill", 0))[-1] == b"after"
+    finally:
+        broker.stop()

@@ -41,6 +41,7 @@ from logbroker.storage.filenames import partition_dir_name
 from logbroker.storage.log import PartitionLog
 from tests.support.brokers import REPO_ROOT, STARTUP_TIMEOUT_S, BrokerProcess, free_port, is_serving, wait_until
 from tests.support.checker import Stored
+from tests.support.disk import SizeLimitedDir
 from tests.support.proxy import FaultProxy
 
 HOST = "127.0.0.1"
@@ -171,6 +172,7 @@ class BrokerCluster:
             node: ClusterBroker(node, self.root, free_port(), raft_tick_ms, log_level) for node in range(1, size + 1)
         }
         self.proxies: dict[tuple[int, int], FaultProxy] = {}
+        self.disks: dict[int, SizeLimitedDir] = {}  # set by fixtures that put data on size-limited disks
         for node, broker in self.brokers.items():
             for peer, other in self.brokers.items():
                 if peer == node:
