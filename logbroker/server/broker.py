@@ -389,8 +389,10 @@ class Broker:
         if replica.term == 0:
             # A new group: its preferred leader campaigns at once and the others stay quiet until it
             # calls (or its broker is found dead), so a thousand new partitions elect without split
-            # votes, and leadership spreads as the placement intended.
-            if replicas[0] == self.node_id:
+            # votes, and leadership spreads as the placement intended. When the preferred broker is
+            # already down, the first live one in the placement stands in (nobody would wake the others).
+            first_live = next((n for n in replicas if self.liveness.is_alive(n)), self.node_id)
+            if first_live == self.node_id:
                 replica.campaign_now()
             else:
                 replica.quiet = True

@@ -106,3 +106,15 @@ def test_a_topic_with_a_long_name_holds_records(cluster: BrokerCluster, length: 
     acks = AckLog()
     produce_acked(cluster.bootstrap, name, 10, acks, b"long")
     assert_clean(acks.snapshot(), read_log(cluster.bootstrap, name, [0], timeout_s=30))
+
+
+def test_a_topic_created_while_a_broker_is_down_elects_every_leader(cluster: BrokerCluster) -> None:
+    # Placement makes the down broker the preferred leader of one of the partitions; new groups wait
+    # quietly for their preferred leader to call, so a live replica must stand in for it.
+    cluster.kill(1)
+    with Admin(cluster.bootstrap_of(2, 3), request_timeout_ms=20_000) as admin:
+        admin.create_topic("born-degraded", partitions=3, replication_factor=3)
+    for partition in range(3):
+        assert cluster.leader_of("born-degraded", partition, timeout_s=15) in (2, 3)
+        acks = AckLog()
+        produce_acked(cluster.bootstrap_of(2, 3), "born-degraded", 5, acks, partition=partition)
