@@ -385,6 +385,345 @@ class Admin:
             _registered_method=True)
 
 
+class GroupsStub:
+    """Consumer groups (KIP-848's model): members heartbeat to their group's coordinator, which computes the
+    assignment on the broker and hands each partition over only after its previous owner released it.
+    Committed offsets and group state live in the internal topic __consumer_offsets.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.FindCoordinator = channel.unary_unary(
+                '/logbroker.v1.Groups/FindCoordinator',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.FindCoordinatorRequest.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.FindCoordinatorResponse.FromString,
+                _registered_method=True)
+        self.Heartbeat = channel.unary_unary(
+                '/logbroker.v1.Groups/Heartbeat',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.GroupHeartbeatRequest.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.GroupHeartbeatResponse.FromString,
+                _registered_method=True)
+        self.CommitOffsets = channel.unary_unary(
+                '/logbroker.v1.Groups/CommitOffsets',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.CommitOffsetsRequest.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.CommitOffsetsResponse.FromString,
+                _registered_method=True)
+        self.FetchOffsets = channel.unary_unary(
+                '/logbroker.v1.Groups/FetchOffsets',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.FetchOffsetsRequest.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.FetchOffsetsResponse.FromString,
+                _registered_method=True)
+        self.ListGroups = channel.unary_unary(
+                '/logbroker.v1.Groups/ListGroups',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.ListGroupsRequest.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.ListGroupsResponse.FromString,
+                _registered_method=True)
+        self.DescribeGroups = channel.unary_unary(
+                '/logbroker.v1.Groups/DescribeGroups',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeGroupsRequest.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeGroupsResponse.FromString,
+                _registered_method=True)
+        self.DeleteGroups = channel.unary_unary(
+                '/logbroker.v1.Groups/DeleteGroups',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.DeleteGroupsRequest.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.DeleteGroupsResponse.FromString,
+                _registered_method=True)
+
+
+class GroupsServicer:
+    """Consumer groups (KIP-848's model): members heartbeat to their group's coordinator, which computes the
+    assignment on the broker and hands each partition over only after its previous owner released it.
+    Committed offsets and group state live in the internal topic __consumer_offsets.
+    """
+
+    def FindCoordinator(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Heartbeat(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CommitOffsets(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchOffsets(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListGroups(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DescribeGroups(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteGroups(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_GroupsServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'FindCoordinator': grpc.unary_unary_rpc_method_handler(
+                    servicer.FindCoordinator,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.FindCoordinatorRequest.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.FindCoordinatorResponse.SerializeToString,
+            ),
+            'Heartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Heartbeat,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.GroupHeartbeatRequest.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.GroupHeartbeatResponse.SerializeToString,
+            ),
+            'CommitOffsets': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitOffsets,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.CommitOffsetsRequest.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.CommitOffsetsResponse.SerializeToString,
+            ),
+            'FetchOffsets': grpc.unary_unary_rpc_method_handler(
+                    servicer.FetchOffsets,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.FetchOffsetsRequest.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.FetchOffsetsResponse.SerializeToString,
+            ),
+            'ListGroups': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListGroups,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.ListGroupsRequest.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.ListGroupsResponse.SerializeToString,
+            ),
+            'DescribeGroups': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeGroups,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeGroupsRequest.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeGroupsResponse.SerializeToString,
+            ),
+            'DeleteGroups': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteGroups,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.DeleteGroupsRequest.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.DeleteGroupsResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'logbroker.v1.Groups', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('logbroker.v1.Groups', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Groups:
+    """Consumer groups (KIP-848's model): members heartbeat to their group's coordinator, which computes the
+    assignment on the broker and hands each partition over only after its previous owner released it.
+    Committed offsets and group state live in the internal topic __consumer_offsets.
+    """
+
+    @staticmethod
+    def FindCoordinator(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logbroker.v1.Groups/FindCoordinator',
+            logbroker_dot_v1_dot_logbroker__pb2.FindCoordinatorRequest.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.FindCoordinatorResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Heartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logbroker.v1.Groups/Heartbeat',
+            logbroker_dot_v1_dot_logbroker__pb2.GroupHeartbeatRequest.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.GroupHeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitOffsets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logbroker.v1.Groups/CommitOffsets',
+            logbroker_dot_v1_dot_logbroker__pb2.CommitOffsetsRequest.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.CommitOffsetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchOffsets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logbroker.v1.Groups/FetchOffsets',
+            logbroker_dot_v1_dot_logbroker__pb2.FetchOffsetsRequest.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.FetchOffsetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListGroups(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logbroker.v1.Groups/ListGroups',
+            logbroker_dot_v1_dot_logbroker__pb2.ListGroupsRequest.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.ListGroupsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeGroups(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logbroker.v1.Groups/DescribeGroups',
+            logbroker_dot_v1_dot_logbroker__pb2.DescribeGroupsRequest.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.DescribeGroupsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteGroups(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logbroker.v1.Groups/DeleteGroups',
+            logbroker_dot_v1_dot_logbroker__pb2.DeleteGroupsRequest.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.DeleteGroupsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class RaftStub:
     """Broker-to-broker Raft traffic. Each broker opens one Exchange stream to each peer and sends its
     messages for every Raft group (partitions and the controller) on it, batched into envelopes, so a
