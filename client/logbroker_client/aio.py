@@ -21,8 +21,13 @@ import grpc
 from logbroker_client import records as rec
 from logbroker_client.admin import raise_topic_errors, topic_description
 from logbroker_client.connection import DEFAULT_REQUEST_TIMEOUT_MS, AsyncConnection, translate_rpc_error
-from logbroker_client.consumer import DEFAULT_FETCH_MAX_WAIT_MS, DEFAULT_MAX_PARTITION_FETCH_BYTES, RESETS
-from logbroker_client.errors import LogbrokerError, OffsetOutOfRangeError, error_for
+from logbroker_client.consumer import (
+    DEFAULT_FETCH_MAX_WAIT_MS,
+    DEFAULT_MAX_PARTITION_FETCH_BYTES,
+    RESETS,
+    decode_batch,
+)
+from logbroker_client.errors import CorruptBatchError, LogbrokerError, OffsetOutOfRangeError, error_for
 from logbroker_client.metadata import MetadataCache
 from logbroker_client.partitioner import StickyPartitioner, choose_partition
 from logbroker_client.producer import (
@@ -327,10 +332,14 @@ class AsyncConsumer:
         fetch_max_wait_ms: int = DEFAULT_FETCH_MAX_WAIT_MS,
         max_partition_fetch_bytes: int = DEFAULT_MAX_PARTITION_FETCH_BYTES,
         request_timeout_ms: int = DEFAULT_REQUEST_TIMEOUT_MS,
+        check_crcs: bool = True,
     ) -> None:
         if auto_offset_reset not in RESETS:
             raise ValueError(f"auto_offset_reset must be one of {sorted(RESETS)}, got {auto_offset_reset!r}")
         self._reset = RESETS[auto_offset_reset]
+        self._check_crcs = check_crcs
+        # A broken batch found behind records this poll hands out: (position at it, error), raised next poll.
+        self._unreadable: dict[TopicPartition, tuple[int, CorruptBatchError]] = {}
         self._max_wait_ms = fetch_max_wait_ms
         self._partition_max_bytes = max_partition_fetch_bytes
         self._metadata = AsyncMetadata(bootstrap, request_timeout_ms)
@@ -404,6 +413,7 @@ class AsyncConsumer:
 
     async def poll(self, timeout: float = 1.0) -> list[ConsumerRecord]:
         """Records from every assigned partition; waits up to timeout for the first to arrive."""
+        self._raise_unreadable()
         missing = [tp for tp, pos in self._positions.items() if pos is None]
         if missing:
             await self._reset_positions(missing)
@@ -427,7 +437,16 @@ class AsyncConsumer:
                 raise response
             for result in response.results:
                 await self._absorb(result, records)
+        if not records:
+            self._raise_unreadable()
         return records
+
+    def _raise_unreadable(self) -> None:
+        """Raise for a broken batch a partition is still positioned at; a seek since it was found skips it."""
+        unreadable, self._unreadable = self._unreadable, {}
+        for tp, (position, error) in unreadable.items():
+            if self._positions.get(tp) == position:
+                raise error
 
     async def _absorb(self, result: pb.PartitionFetchResult, out: list[ConsumerRecord]) -> None:
         tp = TopicPartition(result.topic, result.partition)
@@ -444,13 +463,18 @@ class AsyncConsumer:
         if start is None or not result.records:
             return
         data = result.records
-        for pos, header in rec.iter_batch_headers(data):
-            last = header.base_offset + header.last_offset_delta
-            if last < start:
-                continue
-            if not header.attributes & rec.CONTROL_FLAG:
-                rec.decode_records(data, pos, header, tp.topic, tp.partition, start, out)
-            self._positions[tp] = last + 1
+        position = start
+        try:
+            for pos, header in rec.iter_batch_headers(data):
+                last = header.base_offset + header.last_offset_delta
+                if last < start:
+                    continue
+                if not header.attributes & rec.CONTROL_FLAG:
+                    decode_batch(tp, data, pos, header, start, out, self._check_crcs)
+                position = self._positions[tp] = last + 1
+        except CorruptBatchError as exc:
+            # Raising now would drop the records out holds already, whose positions have moved past them.
+            self._unreadable[tp] = (position, exc)
 
     async def close(self) -> None:
         await self._metadata.close()

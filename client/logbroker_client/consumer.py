@@ -37,6 +37,32 @@ RESETS = {"earliest": EARLIEST, "latest": LATEST, "none": None}
 RETRY_BACKOFF_S = 0.05
 
 
+def decode_batch(tp: TopicPartition, data: bytes, pos: int, header: rec.BatchHeader, start: int,
+                 out: list[ConsumerRecord], check_crc: bool) -> None:
+    """Append the records of the fetched batch at pos from offset start on to out.
+
+    A batch that cannot be read (damaged bytes, or records that contradict its header, as an older broker
+    stored them) appends nothing and raises CorruptBatchError naming it and the seek that skips it."""
+    try:
+        if check_crc:
+            _check_crc(data, pos, header)
+        rec.decode_records(data, pos, header, tp.topic, tp.partition, start, out)
+    except rec.CorruptBatchError as exc:
+        last = header.base_offset + header.last_offset_delta
+        raise CorruptBatchError(
+            f"{tp.topic}-{tp.partition}: the batch at offset {header.base_offset} (offsets {header.base_offset}.."
+            f"{last}) cannot be read: {exc}; skip it with seek(TopicPartition({tp.topic!r}, {tp.partition}), "
+            f"{last + 1})", tp.topic, tp.partition) from None
+
+
+def _check_crc(data: bytes, pos: int, header: rec.BatchHeader) -> None:
+    """As Kafka's check.crcs: bytes damaged on a broker's disk or on the way are refused, never decoded."""
+    end = pos + header.batch_length + rec.LOG_OVERHEAD
+    if rec.crc32c(memoryview(data)[pos + rec.CRC_START:end]) != header.crc:
+        raise rec.CorruptBatchError("it fails its CRC check, so the broker's copy is damaged (after a leader "
+                                    "change another replica may serve an intact one)")
+
+
 class _Chunk(NamedTuple):
     """Fetched records of one partition, and the offset after the last batch they came in."""
 
@@ -332,29 +358,22 @@ class Consumer:
         start = fetch.offsets[tp]
         records: list[ConsumerRecord] = []
         next_offset = start
-        for pos, header in rec.iter_batch_headers(data):
-            if header.base_offset + header.last_offset_delta < start:
-                continue
-            if not header.attributes & rec.CONTROL_FLAG:
-                self._check_crc(tp, data, pos, header)
-                rec.decode_records(data, pos, header, tp.topic, tp.partition, start, records)
-            next_offset = header.base_offset + header.last_offset_delta + 1
+        try:
+            for pos, header in rec.iter_batch_headers(data):
+                if header.base_offset + header.last_offset_delta < start:
+                    continue
+                if not header.attributes & rec.CONTROL_FLAG:
+                    decode_batch(tp, data, pos, header, start, records, self._check_crcs)
+                next_offset = header.base_offset + header.last_offset_delta + 1
+        except CorruptBatchError:
+            if not records:  # the caller's position is at the broken batch: the error names the seek past it
+                raise
+            # Hand out the records before it first; the next fetch starts at the broken batch and raises then.
         self._fetch_offsets[tp] = next_offset
         if records:
             self._buffer.append(_Chunk(tp, records, next_offset))
         elif self._positions.get(tp, next_offset) < next_offset and not any(c.tp == tp for c in self._buffer):
             self._positions[tp] = next_offset  # only control batches: step over them
-
-    def _check_crc(self, tp: TopicPartition, data: bytes, pos: int, header: rec.BatchHeader) -> None:
-        """As Kafka's check.crcs: bytes damaged on a broker's disk or on the way are refused, never decoded."""
-        if not self._check_crcs:
-            return
-        end = pos + header.batch_length + rec.LOG_OVERHEAD
-        if rec.crc32c(memoryview(data)[pos + rec.CRC_START:end]) != header.crc:
-            raise CorruptBatchError(
-                f"{tp.topic}-{tp.partition}: the batch at offset {header.base_offset} fails its CRC check; "
-                "the broker's copy is damaged: read from another replica after a leader change, or seek past it",
-                tp.topic, tp.partition)
 
     def _on_fetch_error(self, tp: TopicPartition, result: pb.PartitionFetchResult) -> None:
         error = error_for(result.error_code, result.error_message, tp.topic, tp.partition)

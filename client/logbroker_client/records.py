@@ -25,19 +25,28 @@ Record (all integers are zig-zag varints unless noted)::
     keyLength varint (-1 = null) | key | valueLength varint (-1 = null) | value |
     headerCount varint | headers: (keyLength varint | key utf-8 | valueLength varint | value)*
 
-The producer builds and compresses batches; the broker only reads the header and checks the CRC,
-then stamps baseOffset and partitionLeaderEpoch in place, so it never decodes a record.
+The producer builds and compresses batches; the broker checks the header and the CRC, walks the record
+framing (validate_records, in C where built) without decoding a record, then stamps baseOffset and
+partitionLeaderEpoch in place.
 """
 
 from __future__ import annotations
 
 import mmap
 import struct
+import threading
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import crc32c as _crc32c
 import zstandard
+
+try:  # the record walk in C, built with the package where a compiler is at hand (pyproject.toml)
+    from logbroker_client import _recordwalk
+except ImportError:  # the Python walk below does the same, ~60x slower
+    _recordwalk = None  # type: ignore[assignment]
+
+NATIVE_RECORD_WALK = _recordwalk is not None
 
 ByteSource = bytes | bytearray | memoryview | mmap.mmap  # anything struct and crc32c read directly
 
@@ -63,6 +72,12 @@ NO_PRODUCER_EPOCH = -1
 NO_SEQUENCE = -1
 
 COMPRESSION_CODECS = {"none": COMPRESSION_NONE, "zstd": COMPRESSION_ZSTD}
+
+# The most bytes a compressed record section may expand to. Producers size batches before compressing
+# them and never send a gRPC message over 128 MiB (connection.MAX_MESSAGE_BYTES), so no honest batch
+# decompresses to more; a zstd bomb (kilobytes claiming gigabytes) is refused before it is allocated.
+MAX_RECORDS_BYTES = 128 << 20
+_ZSTD_READ_BYTES = 1 << 20  # output step when a zstd frame does not declare its size
 
 _BASE_OFFSET_AND_LENGTH = struct.Struct(">qi")
 _STAMP = struct.Struct(">qii")  # baseOffset, batchLength, partitionLeaderEpoch
@@ -154,7 +169,7 @@ def encode_varint(value: int) -> bytes:
     return _zigzag_varint(value)
 
 
-def decode_varint(buf: bytes | memoryview, pos: int) -> tuple[int, int]:
+def decode_varint(buf: ByteSource, pos: int) -> tuple[int, int]:
     """Read a zig-zag varint at pos; return (value, next position)."""
     shift = 0
     n = 0
@@ -288,7 +303,16 @@ class BatchBuilder:
 
 
 _ZSTD_COMPRESSOR = zstandard.ZstdCompressor(level=3)
-_ZSTD_DECOMPRESSOR = zstandard.ZstdDecompressor()
+# One decompression context per thread: the C extension releases the GIL while it decompresses, and a
+# context used by two threads at once (two consumers, say) would corrupt its state.
+_zstd_local = threading.local()
+
+
+def _zstd_decompressor() -> zstandard.ZstdDecompressor:
+    decompressor: zstandard.ZstdDecompressor | None = getattr(_zstd_local, "decompressor", None)
+    if decompressor is None:
+        decompressor = _zstd_local.decompressor = zstandard.ZstdDecompressor()
+    return decompressor
 
 
 def build_batch_from_records(
@@ -407,10 +431,165 @@ def stamp_batch(batch: bytearray, base_offset: int, leader_epoch: int, pos: int 
     _EPOCH.pack_into(batch, pos + 12, leader_epoch)
 
 
+# ------------------------------------------------------------------------------ record-section checks
+
+def validate_records(buf: ByteSource, pos: int, header: BatchHeader,
+                     max_records_bytes: int = MAX_RECORDS_BYTES) -> None:
+    """Check that the records of the batch at pos agree with its header, as Kafka's LogValidator does.
+
+    Every record must fill its length exactly, the offset deltas must run 0..recordsCount-1 and the
+    records must end at the batch end; zstd sections are decompressed (up to max_records_bytes) and
+    walked the same way. No Record is built: this is the broker's per-record cost on produce.
+    The CRC is not checked here (validate_batch does that)."""
+    _check_counts(header)
+    codec = header.attributes & COMPRESSION_MASK
+    if codec == COMPRESSION_NONE:  # walk the bytes where they are, without a copy
+        _check_records(buf, pos + HEADER_SIZE, pos + header.batch_length + LOG_OVERHEAD, header.records_count)
+    elif codec == COMPRESSION_ZSTD:
+        data = batch_records_bytes(buf, pos, header, max_records_bytes)
+        _check_records(data, 0, len(data), header.records_count)
+    else:
+        raise CorruptBatchError(f"unsupported compression codec {codec}")
+
+
+def _check_records(data: ByteSource, pos: int, end: int, count: int) -> None:
+    # The C walk accepts exactly what the Python walk accepts; when it refuses, the Python walk runs
+    # to say why. In Python the walk doubled the broker's CPU per produced record (benchmarks/README.md).
+    if _recordwalk is not None and _recordwalk.records_agree(data, pos, end, count):
+        return
+    _walk_records(data, pos, end, count)
+
+
+def _check_counts(header: BatchHeader) -> None:
+    if header.records_count < 1 or header.last_offset_delta != header.records_count - 1:
+        raise CorruptBatchError(
+            f"recordsCount {header.records_count} does not match lastOffsetDelta {header.last_offset_delta}")
+
+
+def _walk_records(data: ByteSource, pos: int, end: int, count: int) -> None:
+    """Check the framing of the records in data[pos:end]; raise CorruptBatchError saying what disagrees."""
+    # The reference for _recordwalk.c, and the produce path where it is not built: one- and two-byte
+    # varints are inlined, as in _decode_record_block. Reading past a record's end cannot go unnoticed:
+    # lengths are checked to be >= -1, so pos only moves forward, and it must land on the record's end.
+    zz = _ZIGZAG
+    varint = decode_varint
+    index = 0
+    record_start = pos
+    try:
+        while pos < end:
+            record_start = pos
+            b = data[pos]
+            if b < 0x80:
+                length = zz[b]
+                pos += 1
+            else:
+                c = data[pos + 1]
+                if c < 0x80:
+                    length = zz[(b & 0x7F) | (c << 7)]
+                    pos += 2
+                else:
+                    length, pos = varint(data, pos)
+            record_end = pos + length
+            if record_end > end:
+                raise _record_error(index, count, record_start, end,
+                                    f"is {length} bytes long but only {end - pos} bytes of the batch remain")
+            pos += 1  # attributes: unused, any value
+            b = data[pos]  # timestampDelta: any value
+            if b < 0x80:
+                pos += 1
+            elif data[pos + 1] < 0x80:
+                pos += 2
+            else:
+                pos = varint(data, pos)[1]
+            b = data[pos]
+            if b < 0x80:
+                delta = zz[b]
+                pos += 1
+            else:
+                c = data[pos + 1]
+                if c < 0x80:
+                    delta = zz[(b & 0x7F) | (c << 7)]
+                    pos += 2
+                else:
+                    delta, pos = varint(data, pos)
+            if delta != index:
+                raise _record_error(index, count, record_start, end, f"has offsetDelta {delta}, expected {index}")
+            b = data[pos]
+            if b < 0x80:
+                key_bytes = zz[b]
+                pos += 1
+            else:
+                c = data[pos + 1]
+                if c < 0x80:
+                    key_bytes = zz[(b & 0x7F) | (c << 7)]
+                    pos += 2
+                else:
+                    key_bytes, pos = varint(data, pos)
+            if key_bytes > 0:
+                pos += key_bytes
+            elif key_bytes < -1:
+                raise _record_error(index, count, record_start, end, f"has key length {key_bytes}")
+            b = data[pos]
+            if b < 0x80:
+                value_bytes = zz[b]
+                pos += 1
+            else:
+                c = data[pos + 1]
+                if c < 0x80:
+                    value_bytes = zz[(b & 0x7F) | (c << 7)]
+                    pos += 2
+                else:
+                    value_bytes, pos = varint(data, pos)
+            if value_bytes > 0:
+                pos += value_bytes
+            elif value_bytes < -1:
+                raise _record_error(index, count, record_start, end, f"has value length {value_bytes}")
+            if data[pos] == 0:  # no headers, the common case
+                pos += 1
+            elif pos < record_end:
+                pos = _walk_headers(data, pos, record_end, index)
+            else:  # the header count itself lies outside the record
+                raise _record_error(index, count, record_start, end,
+                                    f"says it is {length} bytes long, its fields take more")
+            if pos != record_end:
+                raise _record_error(index, count, record_start, end,
+                                    f"says it is {length} bytes long, its fields take {pos - record_end + length}")
+            index += 1
+    except IndexError:
+        raise _record_error(index, count, record_start, end, "runs past the end of the batch") from None
+    if index != count:
+        raise CorruptBatchError(f"header says {count} records, the batch holds {index}")
+
+
+def _walk_headers(data: ByteSource, pos: int, record_end: int, index: int) -> int:
+    """Skip the headers of record index starting at its header count; return the position after them."""
+    count, pos = decode_varint(data, pos)
+    # Each header takes at least two bytes: a bound that also stops a huge count from spinning.
+    if count < 0 or 2 * count > record_end - pos:
+        raise CorruptBatchError(f"record {index} has header count {count}")
+    for _ in range(count):
+        key_bytes, pos = decode_varint(data, pos)
+        if key_bytes < 0:
+            raise CorruptBatchError(f"record {index} has a header with key length {key_bytes}")
+        value_bytes, pos = decode_varint(data, pos + key_bytes)
+        if value_bytes < -1:
+            raise CorruptBatchError(f"record {index} has a header with value length {value_bytes}")
+        pos += max(value_bytes, 0)
+    return pos
+
+
+def _record_error(index: int, count: int, record_start: int, end: int, problem: str) -> CorruptBatchError:
+    if index >= count:  # the header's records are all there: what follows them is not a record
+        return CorruptBatchError(f"header says {count} records, but {end - record_start} more bytes follow them "
+                                 f"(not a record: it {problem})")
+    return CorruptBatchError(f"record {index} {problem}")
+
+
 # ------------------------------------------------------------------------------------------- decoding
 
-def batch_records_bytes(buf: bytes | memoryview, pos: int, header: BatchHeader) -> bytes | memoryview:
-    """The records section of the batch at pos, decompressed."""
+def batch_records_bytes(buf: ByteSource, pos: int, header: BatchHeader,
+                        max_records_bytes: int = MAX_RECORDS_BYTES) -> bytes | memoryview:
+    """The records section of the batch at pos, decompressed (to at most max_records_bytes)."""
     start = pos + HEADER_SIZE
     end = pos + header.batch_length + LOG_OVERHEAD
     raw = memoryview(buf)[start:end]
@@ -418,11 +597,39 @@ def batch_records_bytes(buf: bytes | memoryview, pos: int, header: BatchHeader) 
     if codec == COMPRESSION_NONE:
         return raw
     if codec == COMPRESSION_ZSTD:
-        try:
-            return _ZSTD_DECOMPRESSOR.decompressobj().decompress(raw)
-        except zstandard.ZstdError as exc:
-            raise CorruptBatchError(f"zstd payload does not decompress: {exc}") from None
+        return _decompress_zstd(raw, max_records_bytes)
     raise CorruptBatchError(f"unsupported compression codec {codec}")
+
+
+def _decompress_zstd(raw: memoryview, max_records_bytes: int) -> bytes:
+    """The first zstd frame of raw, refused rather than allocated when it exceeds max_records_bytes.
+
+    Broker and consumers both decompress here, so what the broker validated is what consumers decode."""
+    try:
+        declared_bytes = zstandard.frame_content_size(raw)  # -1: the frame does not say
+        if declared_bytes > max_records_bytes:
+            raise CorruptBatchError(f"zstd frame declares {declared_bytes} bytes, over the limit of "
+                                    f"{max_records_bytes} bytes for a record section")
+        if declared_bytes >= 0:  # zstd allocates exactly that and fails if the frame holds more
+            return _zstd_decompressor().decompress(raw)
+        return _decompress_zstd_stream(raw, max_records_bytes)
+    except zstandard.ZstdError as exc:
+        raise CorruptBatchError(f"zstd payload does not decompress: {exc}") from None
+
+
+def _decompress_zstd_stream(raw: memoryview, max_records_bytes: int) -> bytes:
+    # Frames written by streaming compressors (the Java client's) carry no size: read in steps, so a
+    # bomb is stopped one step past the limit instead of after it has filled memory.
+    chunks = []
+    total_bytes = 0
+    with _zstd_decompressor().stream_reader(raw) as reader:
+        while chunk := reader.read(_ZSTD_READ_BYTES):
+            total_bytes += len(chunk)
+            if total_bytes > max_records_bytes:
+                raise CorruptBatchError(f"zstd payload expands past the limit of {max_records_bytes} bytes "
+                                        "for a record section")
+            chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def decode_records(
@@ -434,13 +641,21 @@ def decode_records(
     min_offset: int = 0,
     out: list[Record] | None = None,
 ) -> list[Record]:
-    """Records of the batch at pos with offset >= min_offset, appended to out (or a new list)."""
+    """Records of the batch at pos with offset >= min_offset, appended to out (or a new list).
+
+    A batch whose records contradict its header raises CorruptBatchError and appends nothing to out."""
+    _check_counts(header)
     data = batch_records_bytes(buf, pos, header)
     if isinstance(data, memoryview):
         data = data.tobytes()
     if out is None:
         out = []
-    _decode_record_block(data, header, topic, partition, min_offset, out)
+    kept = len(out)
+    try:
+        _decode_record_block(data, header, topic, partition, min_offset, out)
+    except CorruptBatchError:
+        del out[kept:]  # no half batch: the caller reports the batch and may skip it whole
+        raise
     return out
 
 
@@ -457,7 +672,7 @@ def _decode_record_block(
     varint = decode_varint
     zz = _ZIGZAG
     try:
-        for _ in range(count):
+        for index in range(count):
             # One- and two-byte varints are decoded inline through a table: this loop is the
             # consumer's per-record cost. decode_varint handles anything longer.
             b = data[pos]
@@ -495,6 +710,8 @@ def _decode_record_block(
                     pos += 2
                 else:
                     off_delta, pos = varint(data, pos)
+            if off_delta != index:  # as validate_records: a consumer never yields an offset the batch lies about
+                raise CorruptBatchError(f"record {index} has offsetDelta {off_delta}, expected {index}")
             b = data[pos]
             if b < 0x80:
                 klen = zz[b]
@@ -507,6 +724,8 @@ def _decode_record_block(
                 else:
                     klen, pos = varint(data, pos)
             if klen < 0:
+                if klen != -1:
+                    raise CorruptBatchError(f"record {index} has key length {klen}")
                 key = None
             else:
                 key = data[pos:pos + klen]
@@ -523,36 +742,51 @@ def _decode_record_block(
                 else:
                     vlen, pos = varint(data, pos)
             if vlen < 0:
+                if vlen != -1:
+                    raise CorruptBatchError(f"record {index} has value length {vlen}")
                 value = None
             else:
                 value = data[pos:pos + vlen]
                 pos += vlen
             # Most records carry no headers: they share one empty tuple rather than each allocating a list.
-            headers = NO_HEADERS if data[pos] == 0 else _decode_headers(data, pos)
-            if end > len(data):
-                raise CorruptBatchError("record extends past the end of its batch")
-            pos = end
+            if data[pos] == 0:
+                headers: Sequence[tuple[str, bytes | None]] = NO_HEADERS
+                pos += 1
+            else:
+                headers, pos = _decode_headers(data, pos, index)
+            if pos != end:
+                raise CorruptBatchError(f"record {index} says it is {length} bytes long, its fields take "
+                                        f"{pos - end + length}")
             offset = base_offset + off_delta
             if offset >= min_offset:
                 append(new(make, (topic, partition, offset, base_timestamp + ts_delta, key, value, headers)))
     except IndexError:
         raise CorruptBatchError("record ends before its declared length") from None
+    if pos != len(data):
+        raise CorruptBatchError(f"header says {count} records, but {len(data) - pos} more bytes follow them")
 
 
-def _decode_headers(data: bytes, pos: int) -> list[tuple[str, bytes | None]]:
+def _decode_headers(data: bytes, pos: int, index: int) -> tuple[list[tuple[str, bytes | None]], int]:
+    """The headers of record index starting at its header count, and the position after them."""
     count, pos = decode_varint(data, pos)
+    if count < 0:
+        raise CorruptBatchError(f"record {index} has header count {count}")
     headers: list[tuple[str, bytes | None]] = []
     for _ in range(count):
         klen, pos = decode_varint(data, pos)
+        if klen < 0:
+            raise CorruptBatchError(f"record {index} has a header with key length {klen}")
         hkey = data[pos:pos + klen].decode("utf-8", errors="replace")
         pos += klen
         vlen, pos = decode_varint(data, pos)
         if vlen < 0:
+            if vlen != -1:
+                raise CorruptBatchError(f"record {index} has a header with value length {vlen}")
             headers.append((hkey, None))
         else:
             headers.append((hkey, data[pos:pos + vlen]))
             pos += vlen
-    return headers
+    return headers, pos
 
 
 def iter_batches(buf: bytes | memoryview) -> Iterator[tuple[BatchHeader, list[Record]]]:
