@@ -13,22 +13,43 @@ import asyncio
 import random
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2
 
 from logbroker_client import records as rec
-from logbroker_client.admin import raise_topic_errors, topic_description
-from logbroker_client.connection import DEFAULT_REQUEST_TIMEOUT_MS, AsyncConnection, translate_rpc_error
+from logbroker_client.admin import (
+    DESCRIBE_ATTEMPT_TIMEOUT_S,
+    RetryNote,
+    raise_described_errors,
+    raise_topic_errors,
+    topic_description,
+)
+from logbroker_client.connection import (
+    DEFAULT_REQUEST_TIMEOUT_MS,
+    AsyncConnection,
+    rpc_code,
+    translate_rpc_error,
+    unreachable_reason,
+)
 from logbroker_client.consumer import (
     DEFAULT_FETCH_MAX_WAIT_MS,
     DEFAULT_MAX_PARTITION_FETCH_BYTES,
     RESETS,
     decode_batch,
 )
-from logbroker_client.errors import CorruptBatchError, LogbrokerError, OffsetOutOfRangeError, error_for
-from logbroker_client.metadata import MetadataCache
+from logbroker_client.errors import (
+    BrokerUnavailableError,
+    CorruptBatchError,
+    LogbrokerError,
+    NoBrokerAnsweredError,
+    OffsetOutOfRangeError,
+    RequestTimedOutError,
+    error_for,
+)
+from logbroker_client.metadata import METADATA_TIMEOUT_S, PROBE_TIMEOUT_S, RETRY_BACKOFF_S, MetadataCache, health_state
 from logbroker_client.partitioner import StickyPartitioner, choose_partition
 from logbroker_client.producer import (
     ACKS,
@@ -38,8 +59,12 @@ from logbroker_client.producer import (
     DEFAULT_MAX_REQUEST_BYTES,
     MAX_BATCHES_PER_REQUEST,
     RETRY_BACKOFF_MS,
+    FailureTally,
     check_producer_options,
     check_record_size,
+    explain_record_too_large,
+    record_size_bound,
+    refused_batch,
 )
 from logbroker_client.proto import logbroker_pb2 as pb
 from logbroker_client.types import ConsumerRecord, OffsetAndTimestamp, RecordMetadata, TopicDescription, TopicPartition
@@ -56,25 +81,102 @@ class AsyncMetadata(MetadataCache):
             conn = self._connections[address] = AsyncConnection(address)
         return conn
 
-    async def call(self, method: str, request: Any, address: str | None = None, admin: bool = False) -> Any:
-        """Call a broker: the given one, else each known address in turn until one answers."""
-        last: grpc.RpcError | None = None
-        for candidate in [address] if address else self.addresses():
-            conn = self.connection(candidate)
-            stub = conn.admin if admin else conn.broker
+    async def call(self, method: str, request: Any, address: str | None = None, admin: bool = False,
+                   check: Callable[[Any], None] | None = None, attempt_timeout_s: float | None = None) -> Any:
+        """Call a broker: the given one (a partition's leader), else the first that answers of every known
+        address, asked again while `check` finds the answer retriable, until the request timeout."""
+        if address:
+            return await self._call_at(address, method, request, admin)
+        deadline = time.monotonic() + self.request_timeout_s
+        while True:
             try:
-                return await getattr(stub, method)(request, timeout=self.request_timeout_s)
+                response = await self._first_answer(method, request, admin, attempt_timeout_s, deadline)
+                if check is not None:
+                    check(response)
+                return response
+            except LogbrokerError as exc:
+                if (not exc.retriable or isinstance(exc, NoBrokerAnsweredError)
+                        or time.monotonic() + RETRY_BACKOFF_S >= deadline):
+                    raise
+                await asyncio.sleep(RETRY_BACKOFF_S)
+
+    async def _call_at(self, address: str, method: str, request: Any, admin: bool) -> Any:
+        conn = self.connection(address)
+        try:
+            return await getattr(conn.admin if admin else conn.broker, method)(request, timeout=self.request_timeout_s)
+        except grpc.RpcError as exc:
+            error = translate_rpc_error(exc, address)
+            if isinstance(error, BrokerUnavailableError):
+                self.mark_unreachable(address)
+            raise error from None
+
+    async def _first_answer(self, method: str, request: Any, admin: bool, attempt_timeout_s: float | None,
+                            deadline: float) -> Any:
+        """As ClusterMetadata._first_answer: a broker that gives no answer (or a stuck one) makes way for the next."""
+        failures: dict[str, str] = {}
+        candidates = self.addresses(for_metadata=True)
+        for address in candidates:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            timeout_s = remaining if attempt_timeout_s is None else min(remaining, attempt_timeout_s)
+            conn = self.connection(address)
+            try:
+                return await getattr(conn.admin if admin else conn.broker, method)(request, timeout=timeout_s)
             except grpc.RpcError as exc:
-                last = exc
-                if exc.code() != grpc.StatusCode.UNAVAILABLE:  # type: ignore[attr-defined]
-                    break
-        assert last is not None
-        raise translate_rpc_error(last, candidate) from None
+                code = rpc_code(exc)
+                stuck = code == grpc.StatusCode.DEADLINE_EXCEEDED and timeout_s < remaining
+                if code != grpc.StatusCode.UNAVAILABLE and not stuck:
+                    raise translate_rpc_error(exc, address) from None
+                self.mark_unreachable(address)
+                failures[address] = unreachable_reason(exc)
+        if len(failures) == len(candidates):
+            raise self.no_broker_answered(failures)
+        raise RequestTimedOutError(f"{method}: no broker answered within {self.request_timeout_s:g}s "
+                                   f"(tried {', '.join(failures) or 'none'})")
 
     async def refresh(self, topics: Sequence[str] = ()) -> pb.MetadataResponse:
-        response: pb.MetadataResponse = await self.call("Metadata", pb.MetadataRequest(topics=list(topics)))
+        response: pb.MetadataResponse = await self.call(
+            "Metadata", pb.MetadataRequest(topics=list(topics)),
+            attempt_timeout_s=min(self.request_timeout_s, METADATA_TIMEOUT_S))
         self.apply(response)
         return response
+
+    async def probe(self, addresses: Sequence[str], timeout_s: float = PROBE_TIMEOUT_S) -> dict[str, str]:
+        """Ask every address's health service at once: UP, NOT_READY or DOWN each."""
+        unique = list(dict.fromkeys(addresses))
+        states = await asyncio.gather(*(self._probe_one(address, timeout_s) for address in unique))
+        return dict(zip(unique, states, strict=True))
+
+    async def _probe_one(self, address: str, timeout_s: float) -> str:
+        try:
+            response = await self.connection(address).health.Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+        except grpc.RpcError as exc:
+            return health_state(None, exc)
+        return health_state(response, None)
+
+    async def brokers(self) -> dict[int, str]:
+        """node id -> HOST:PORT of every broker, as the last Metadata answer (or a new one) lists them."""
+        if not self.broker_addresses():
+            await self.refresh()
+        return self.broker_addresses()
+
+    async def broker_states(self) -> dict[int, str]:
+        """Each broker of the cluster (as Metadata lists them) and whether it answers now."""
+        brokers = await self.brokers()
+        states = await self.probe(list(brokers.values()))
+        return {node: states[address] for node, address in brokers.items()}
+
+    async def raise_if_offline(self, topic: str, partition: int) -> None:
+        """Fail at once, naming the replicas, when the partition has no leader and none of its replicas answers."""
+        if not self.suspect_offline(topic, partition):
+            return
+        brokers = self.broker_addresses()
+        replicas = {node: brokers[node] for node in self.replicas_of(topic, partition) if node in brokers}
+        states = await self.probe(list(replicas.values()))
+        error = self.offline_error(topic, partition, {node: states[a] for node, a in replicas.items()})
+        if error is not None:
+            raise error
 
     async def partitions_for(self, topic: str) -> int:
         count = self.cached_count(topic)
@@ -106,23 +208,36 @@ class AsyncAdmin:
                            configs: Mapping[str, str] | None = None) -> None:
         topic = pb.NewTopic(name=name, partitions=partitions, replication_factor=replication_factor,
                             configs=dict(configs or {}))
-        response = await self._metadata.call("CreateTopics", pb.CreateTopicsRequest(topics=[topic]), admin=True)
-        raise_topic_errors(response.results)
+        note = RetryNote(lambda response: raise_topic_errors(response.results))
+        try:
+            await self._metadata.call("CreateTopics", pb.CreateTopicsRequest(topics=[topic]), admin=True, check=note)
+        except LogbrokerError as exc:
+            raise note.explain(exc) from None
 
     async def delete_topic(self, name: str) -> None:
-        response = await self._metadata.call("DeleteTopics", pb.DeleteTopicsRequest(names=[name]), admin=True)
-        raise_topic_errors(response.results)
+        await self._metadata.call("DeleteTopics", pb.DeleteTopicsRequest(names=[name]), admin=True,
+                                  check=lambda response: raise_topic_errors(response.results))
 
     async def list_topics(self) -> list[str]:
-        response = await self._metadata.call("DescribeTopics", pb.DescribeTopicsRequest(), admin=True)
+        response = await self._metadata.call("DescribeTopics", pb.DescribeTopicsRequest(), admin=True,
+                                             attempt_timeout_s=DESCRIBE_ATTEMPT_TIMEOUT_S)
         return sorted(t.name for t in response.topics)
 
-    async def describe_topics(self, names: Sequence[str] = ()) -> list[TopicDescription]:
-        response = await self._metadata.call("DescribeTopics", pb.DescribeTopicsRequest(names=list(names)), admin=True)
-        for described in response.topics:
-            if described.error_code:
-                raise error_for(described.error_code, described.error_message, described.name)
-        return [topic_description(t) for t in response.topics]
+    async def describe_topics(self, names: Sequence[str] = (), *,
+                              broker_states: Mapping[int, str] | None = None) -> list[TopicDescription]:
+        """As Admin.describe_topics: a partition whose leader does not answer is offline (leader_id -1)."""
+        response = await self._metadata.call(
+            "DescribeTopics", pb.DescribeTopicsRequest(names=list(names)), admin=True,
+            check=lambda answer: raise_described_errors(answer.topics), attempt_timeout_s=DESCRIBE_ATTEMPT_TIMEOUT_S)
+        states = await self.broker_states() if broker_states is None else broker_states
+        return [topic_description(t, states) for t in response.topics]
+
+    async def describe_cluster(self) -> pb.MetadataResponse:
+        return await self._metadata.refresh()
+
+    async def broker_states(self) -> dict[int, str]:
+        """node id -> "up", "not ready" or "down", as each broker's gRPC health service answers."""
+        return await self._metadata.broker_states()
 
     async def close(self) -> None:
         await self._metadata.close()
@@ -199,6 +314,7 @@ class AsyncProducer:
         self._queues: dict[tuple[str, int], deque[_AsyncBatch]] = {}
         self._senders: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._linger_tasks: dict[tuple[str, int], asyncio.TimerHandle] = {}
+        self._failures = FailureTally()  # since the last flush()
 
     async def send(
         self,
@@ -216,10 +332,14 @@ class AsyncProducer:
             key = key.encode()
         count = await self._metadata.partitions_for(topic)
         partition = choose_partition(topic, key, partition, count, self._sticky)
-        check_record_size(topic, partition, key, value, self._max_request_bytes)
+        record_bytes = record_size_bound(check_record_size(topic, partition, key, value, self._max_request_bytes),
+                                         headers)
         timestamp_ms = time.time_ns() // 1_000_000 if timestamp_ms is None else timestamp_ms
         slot = (topic, partition)
         batch = self._open.get(slot)
+        if batch is not None and batch.builder.size_bytes + record_bytes > self._batch_size:
+            self._seal(slot)  # as the synchronous Producer: a record that would overfill the batch starts a new one
+            batch = None
         loop = asyncio.get_running_loop()
         if batch is None:
             batch = self._open[slot] = _AsyncBatch(topic, partition, self._compression, loop)
@@ -259,12 +379,13 @@ class AsyncProducer:
         finally:
             del self._senders[slot]
 
-    async def _send_batches(self, slot: tuple[str, int], batches: list[_AsyncBatch]) -> None:
+    async def _send_batches(self, slot: tuple[str, int], batches: list[_AsyncBatch],
+                            built: list[bytes] | None = None) -> None:
         """Send until acknowledged, retrying while leadership moves (within the delivery timeout). The bytes,
         producer id and sequences stay the same on every attempt, so the leader stores a retried batch once."""
-        data = b"".join(self._build(slot, b) for b in batches)
-        request = pb.ProduceRequest(acks=self.acks, timeout_ms=self._timeout_ms,
-                                    partitions=[pb.PartitionRecords(topic=slot[0], partition=slot[1], records=data)])
+        built = built or [self._build(slot, b) for b in batches]
+        request = pb.ProduceRequest(acks=self.acks, timeout_ms=self._timeout_ms, partitions=[
+            pb.PartitionRecords(topic=slot[0], partition=slot[1], records=b"".join(built))])
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._delivery_timeout_s
         while True:
@@ -272,13 +393,21 @@ class AsyncProducer:
                 result = await self._produce_once(slot, request)
                 break
             except LogbrokerError as exc:
-                if exc.retriable and loop.time() < deadline:
+                error = await self._final_error(slot, exc, loop.time() < deadline)
+                if error is None:
                     self._metadata.invalidate(slot[0])
                     await asyncio.sleep(RETRY_BACKOFF_MS / 1000)
                     continue
-                for batch in batches:
-                    batch.done.set_exception(exc)
-                    batch.done.exception()  # marks it retrieved: the caller may never await this record
+                refused = refused_batch(error, [len(data) for data in built])
+                if refused is not None:  # that batch alone is at fault: send the others again
+                    bad = batches[refused]
+                    self._fail([bad], explain_record_too_large(error, *slot, [(bad.builder.count, len(built[refused]))])
+                               or error)
+                    keep = [i for i in range(len(batches)) if i != refused]
+                    await self._send_batches(slot, [batches[i] for i in keep], [built[i] for i in keep])
+                    return
+                sizes = [(b.builder.count, len(data)) for b, data in zip(batches, built, strict=True)]
+                self._fail(batches, explain_record_too_large(error, *slot, sizes) or error)
                 return
         if self.acks != 0 and len(result.batch_base_offsets) == len(batches):
             for batch, base_offset in zip(batches, result.batch_base_offsets, strict=True):
@@ -289,6 +418,23 @@ class AsyncProducer:
             batch.done.set_result(offset)
             if offset >= 0:
                 offset += batch.builder.count
+
+    async def _final_error(self, slot: tuple[str, int], exc: LogbrokerError, in_time: bool) -> LogbrokerError | None:
+        """None to retry; else the error the batches fail with. A partition none of whose replicas answers
+        fails at once rather than at the delivery timeout."""
+        if not exc.retriable or not in_time:
+            return exc
+        try:
+            await self._metadata.raise_if_offline(*slot)
+        except LogbrokerError as offline:
+            return offline
+        return None
+
+    def _fail(self, batches: list[_AsyncBatch], error: LogbrokerError) -> None:
+        self._failures.add(sum(b.builder.count for b in batches), error)
+        for batch in batches:
+            batch.done.set_exception(error)
+            batch.done.exception()  # marks it retrieved: the caller may never await this record
 
     async def _produce_once(self, slot: tuple[str, int], request: pb.ProduceRequest) -> pb.PartitionProduceResult:
         response = await self._metadata.call("Produce", request, await self._metadata.leader(*slot))
@@ -302,11 +448,15 @@ class AsyncProducer:
         self._sequences[slot] = (sequence + batch.builder.count) & 0x7FFFFFFF
         return batch.builder.build(producer_id=self._producer_id, producer_epoch=0, base_sequence=sequence)
 
-    async def flush(self) -> None:
+    async def flush(self, *, raise_on_failure: bool = False) -> int:
+        """Send everything queued and wait for every answer. As Producer.flush: returns how many records failed
+        since the previous flush (0: all acknowledged), or raises DeliveryFailedError with raise_on_failure."""
         for slot in list(self._open):
             self._seal(slot)
         while self._senders:
             await asyncio.gather(*self._senders.values(), return_exceptions=True)
+        failures, self._failures = self._failures, FailureTally()
+        return failures.report(raise_on_failure)
 
     async def close(self) -> None:
         await self.flush()

@@ -97,6 +97,16 @@ def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+def package_version() -> str:
+    """The installed distribution's version (pyproject.toml's), so `lb --version` never drifts from it."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("logbroker")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed; `make install` installs it)"
+
+
 # -------------------------------------------------------------------------------------- topics
 
 
@@ -129,22 +139,49 @@ def cmd_topic_describe(args: argparse.Namespace) -> int:
     from logbroker_client.admin import Admin
 
     with Admin(args.bootstrap) as admin:
-        topics = admin.describe_topics(args.names)
+        states = admin.broker_states()
+        topics = admin.describe_topics(args.names, broker_states=states)
+        addresses = admin.broker_addresses()
     out = sys.stdout
     for i, topic in enumerate(sorted(topics, key=lambda t: t.name)):
         if i:
             out.write("\n")
         out.write(f"topic {topic.name}: {len(topic.partitions)} partition(s), "
                   f"replication factor {topic.replication_factor}\n")
-        rows = [(p.partition, p.leader_id if p.leader_id >= 0 else "none", ",".join(map(str, p.replicas)),
-                 ",".join(map(str, p.isr)), p.log_start_offset, p.high_watermark, human_bytes(p.size_bytes))
-                for p in topic.partitions]
+        rows = [partition_row(p) for p in topic.partitions]
         print_table(("PARTITION", "LEADER", "REPLICAS", "ISR", "LOG START", "HIGH WATERMARK", "SIZE"), rows, out)
+        for p in topic.partitions:
+            if p.offline:
+                out.write(offline_note(p, states, addresses) + "\n")
         if topic.configs:
             out.write("configs:\n")
             for key in sorted(topic.configs):
                 out.write(f"  {key} = {topic.configs[key]}\n")
     return EXIT_OK
+
+
+def partition_row(p: Any) -> tuple[object, ...]:
+    """An offline partition's offsets are unknown (the broker that answered may hold no replica): "-"."""
+    if p.offline:
+        return (p.partition, "offline", ",".join(map(str, p.replicas)), "-", "-", "-", "-")
+    return (p.partition, p.leader_id, ",".join(map(str, p.replicas)), ",".join(map(str, p.isr)),
+            p.log_start_offset, p.high_watermark, human_bytes(p.size_bytes))
+
+
+def offline_note(p: Any, states: dict[int, str], addresses: dict[int, str]) -> str:
+    """Why a partition has no leader, and what brings it back."""
+    down = [node for node in p.replicas if states.get(node, "down") == "down"]
+    named = ", ".join(f"broker {node} at {addresses.get(node, 'an unknown address')}" for node in down)
+    if len(down) == len(p.replicas):
+        return (f"partition {p.partition} is offline: every broker holding a replica of it is down ({named}); "
+                "nothing can be written to it or read from it until one is back: start it again")
+    majority = len(p.replicas) // 2 + 1
+    up = len(p.replicas) - len(down)
+    if up >= majority:
+        return (f"partition {p.partition} has no leader yet: {up} of its {len(p.replicas)} replicas answer, "
+                "so one is being elected; describe again in a moment")
+    return (f"partition {p.partition} is offline: only {up} of its {len(p.replicas)} replicas answer and a leader "
+            f"needs {majority}; down: {named}: start them again")
 
 
 def cmd_topic_delete(args: argparse.Namespace) -> int:
@@ -161,11 +198,17 @@ def cmd_cluster_describe(args: argparse.Namespace) -> int:
 
     with Admin(args.bootstrap) as admin:
         metadata = admin.describe_cluster()
+        states = admin.broker_states()
     if metadata.cluster_id:
         print(f"cluster {metadata.cluster_id}")
-    rows = [(b.node_id, f"{b.host}:{b.port}", "*" if b.node_id == metadata.controller_id else "")
+    rows = [(b.node_id, f"{b.host}:{b.port}", states.get(b.node_id, "down"),
+             "*" if b.node_id == metadata.controller_id else "")
             for b in sorted(metadata.brokers, key=lambda b: b.node_id)]
-    print_table(("NODE ID", "ADDRESS", "CONTROLLER"), rows, sys.stdout)
+    print_table(("NODE ID", "ADDRESS", "STATUS", "CONTROLLER"), rows, sys.stdout)
+    down = [str(node) for node, state in sorted(states.items()) if state == "down"]
+    if down:
+        print(f"{len(down)} of {len(states)} broker(s) down ({', '.join(down)}): partitions they led move to other "
+              "replicas; those with no replica left are offline (`lb topic describe` shows which)")
     return EXIT_OK
 
 
@@ -480,6 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bootstrap", default=None, metavar="HOST:PORT[,HOST:PORT]",
                         help="brokers to contact first (default: $LOGBROKER_BOOTSTRAP, else 127.0.0.1:9092)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log the client's retries and warnings")
+    parser.add_argument("--version", action="version", version=f"lb {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parent = bootstrap_parent()
     add_topic_commands(sub, parent)

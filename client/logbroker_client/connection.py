@@ -6,6 +6,7 @@ import os
 from collections.abc import Sequence
 
 import grpc
+from grpc_health.v1 import health_pb2_grpc
 
 from logbroker_client.errors import BrokerUnavailableError, InvalidRequestError, LogbrokerError, RequestTimedOutError
 from logbroker_client.proto import logbroker_pb2_grpc as pb_grpc
@@ -20,6 +21,10 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.enable_retries", 0),
+    # gRPC backs off reconnecting to a dead address for up to 120 s by default; a restarted broker should be
+    # used again within seconds, so cap the backoff (a refused connection costs almost nothing).
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
 
 
@@ -38,13 +43,34 @@ def parse_bootstrap(bootstrap: str | Sequence[str] | None) -> list[str]:
     return addresses
 
 
+def bootstrap_was_given(bootstrap: str | Sequence[str] | None) -> bool:
+    """False when the client fell back to 127.0.0.1:9092 because nobody named a broker."""
+    return bootstrap is not None or bool(os.environ.get(BOOTSTRAP_ENV))
+
+
+def rpc_code(exc: grpc.RpcError) -> grpc.StatusCode | None:
+    return exc.code() if hasattr(exc, "code") else None  # type: ignore[no-any-return]
+
+
+def unreachable_reason(exc: grpc.RpcError) -> str:
+    """Why a call got no answer, in a few words (gRPC's own text names every address it tried)."""
+    details = (exc.details() if hasattr(exc, "details") else str(exc)) or ""
+    lowered = details.lower()
+    if "connection refused" in lowered:
+        return "connection refused"
+    if rpc_code(exc) == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return "no answer in time"
+    if "shutdown" in lowered or "shutting down" in lowered:
+        return "shutting down"
+    return " ".join(details.split()) or "unavailable"
+
+
 def translate_rpc_error(exc: grpc.RpcError, address: str) -> LogbrokerError:
-    code = exc.code() if hasattr(exc, "code") else None
+    code = rpc_code(exc)
     details = exc.details() if hasattr(exc, "details") else str(exc)
     if code == grpc.StatusCode.UNAVAILABLE:
-        return BrokerUnavailableError(
-            f"cannot reach a broker at {address} ({details}); is it running? `make run` starts a local one"
-        )
+        # Only this one broker failed; whoever tried every address says whether the cluster is down.
+        return BrokerUnavailableError(f"cannot reach the broker at {address} ({unreachable_reason(exc)})")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return RequestTimedOutError(f"broker at {address} did not answer in time")
     if code == grpc.StatusCode.INVALID_ARGUMENT:
@@ -60,6 +86,7 @@ class Connection:
         self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.broker = pb_grpc.BrokerStub(self.channel)
         self.admin = pb_grpc.AdminStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
 
     def close(self) -> None:
         self.channel.close()
@@ -73,6 +100,7 @@ class AsyncConnection:
         self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.broker = pb_grpc.BrokerStub(self.channel)
         self.admin = pb_grpc.AdminStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
 
     async def close(self) -> None:
         await self.channel.close()

@@ -17,6 +17,7 @@ import grpc
 from logbroker_client import records as rec
 from logbroker_client.connection import DEFAULT_REQUEST_TIMEOUT_MS, Connection, translate_rpc_error
 from logbroker_client.errors import (
+    BrokerUnavailableError,
     CorruptBatchError,
     LogbrokerError,
     NotLeaderError,
@@ -206,6 +207,8 @@ class Consumer:
             except LogbrokerError as exc:
                 if not exc.retriable or time.monotonic() > deadline:
                     raise
+                for tp in queries:  # a partition none of whose replicas answers will not come back by waiting
+                    self._metadata.raise_if_offline(tp.topic, tp.partition)
                 for tp in queries:
                     self._metadata.invalidate(tp.topic)
                 time.sleep(RETRY_BACKOFF_S)
@@ -222,7 +225,10 @@ class Consumer:
             try:
                 response = conn.broker.ListOffsets(pb.ListOffsetsRequest(partitions=parts), timeout=self._timeout_s)
             except grpc.RpcError as exc:
-                raise translate_rpc_error(exc, address) from None
+                error = translate_rpc_error(exc, address)
+                if isinstance(error, BrokerUnavailableError):
+                    self._metadata.mark_unreachable(address)
+                raise error from None
             for result in response.results:
                 if result.error_code:
                     raise error_for(result.error_code, result.error_message, result.topic, result.partition)

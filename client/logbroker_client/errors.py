@@ -15,8 +15,21 @@ class BrokerUnavailableError(LogbrokerError):
     retriable = True
 
 
+class NoBrokerAnsweredError(BrokerUnavailableError):
+    """Every address tried failed to answer: the cluster is down or unreachable from here."""
+
+
 class RequestTimedOutError(LogbrokerError):
     retriable = True
+
+
+class DeliveryFailedError(LogbrokerError):
+    """Producer.flush(raise_on_failure=True): records failed since the previous flush; the message sums them up."""
+
+    def __init__(self, message: str, failed_records: int, errors: dict[str, int]) -> None:
+        super().__init__(message)
+        self.failed_records = failed_records
+        self.errors = errors  # error message -> records that failed with it
 
 
 class BrokerResponseError(LogbrokerError):
@@ -42,6 +55,13 @@ class NotLeaderError(BrokerResponseError):
 class LeaderNotAvailableError(BrokerResponseError):
     code = pb.ErrorCode.LEADER_NOT_AVAILABLE
     retriable = True
+
+
+class PartitionOfflineError(LeaderNotAvailableError):
+    """No leader, and no broker holding a replica answers: nothing can be written or read until one of them is
+    back, so a client fails at once instead of retrying until its delivery timeout."""
+
+    retriable = False
 
 
 class OffsetOutOfRangeError(BrokerResponseError):

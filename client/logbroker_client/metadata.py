@@ -2,23 +2,43 @@
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2
 
 from logbroker_client.connection import (
     DEFAULT_REQUEST_TIMEOUT_MS,
     Connection,
+    bootstrap_was_given,
     parse_bootstrap,
+    rpc_code,
     translate_rpc_error,
+    unreachable_reason,
 )
-from logbroker_client.errors import BrokerUnavailableError, LogbrokerError, error_for
+from logbroker_client.errors import (
+    LogbrokerError,
+    NoBrokerAnsweredError,
+    PartitionOfflineError,
+    RequestTimedOutError,
+    error_for,
+)
 from logbroker_client.proto import logbroker_pb2 as pb
+
+log = logging.getLogger("logbroker_client.metadata")
 
 UNREACHABLE_PENALTY_S = 2.0
 METADATA_TIMEOUT_S = 2.0
+PROBE_TIMEOUT_S = 1.0  # a broker's health service answers at once; one that takes longer counts as down
+RETRY_BACKOFF_S = 0.2  # between whole-request retries while a controller moves
+# Liveness of a broker, as its gRPC health service answers: SERVING, NOT_SERVING (running, but starting
+# or without a controller majority), or nothing at all.
+UP, NOT_READY, DOWN = "up", "not ready", "down"
 
 
 class MetadataCache:
@@ -26,6 +46,7 @@ class MetadataCache:
 
     def __init__(self, bootstrap: str | Sequence[str] | None, request_timeout_ms: int) -> None:
         self.bootstrap = parse_bootstrap(bootstrap)
+        self.bootstrap_given = bootstrap_was_given(bootstrap)
         self.request_timeout_s = request_timeout_ms / 1000
         self._lock = threading.Lock()
         self._brokers: dict[int, str] = {}
@@ -49,6 +70,9 @@ class MetadataCache:
     def mark_unreachable(self, address: str) -> None:
         """A call to address failed to connect: ask the others first for a while."""
         self._unreachable_until[address] = time.monotonic() + UNREACHABLE_PENALTY_S
+
+    def is_unreachable(self, address: str) -> bool:
+        return self._unreachable_until.get(address, 0.0) > time.monotonic()
 
     def mark_leaderless(self, address: str) -> None:
         """That broker could not name a partition's leader (it may be cut off from its peers): take metadata
@@ -88,6 +112,78 @@ class MetadataCache:
         with self._lock:
             self._partitions.pop(topic, None)
 
+    def broker_addresses(self) -> dict[int, str]:
+        return dict(self._brokers)
+
+    def replicas_of(self, topic: str, partition: int) -> list[int]:
+        parts = self._partitions.get(topic)
+        return list(parts[partition].replicas) if parts and 0 <= partition < len(parts) else []
+
+    def suspect_offline(self, topic: str, partition: int) -> bool:
+        """Worth asking the replicas whether any is up: no leader is known, or the leader just did not answer."""
+        parts = self._partitions.get(topic)
+        if not parts or not 0 <= partition < len(parts):
+            return False
+        leader = self._brokers.get(parts[partition].leader_id)
+        return leader is None or self.is_unreachable(leader)
+
+    def offline_error(self, topic: str, partition: int, states: Mapping[int, str]) -> PartitionOfflineError | None:
+        """The error for a partition none of whose replicas answers, or None while any of them does."""
+        replicas = self.replicas_of(topic, partition)
+        if not replicas or any(states.get(node, DOWN) != DOWN for node in replicas):
+            return None
+        where = ", ".join(f"{node} ({self._brokers.get(node, 'address unknown')})" for node in replicas)
+        if len(replicas) == 1:
+            what = f"its only replica is on broker {where}, which is down"
+            until = f"broker {replicas[0]} is back"
+        else:
+            what = f"its replicas are on brokers {where}, and all of them are down"
+            until = "a majority of them is back"
+        return PartitionOfflineError(
+            f"{topic}-{partition} is offline: {what}; nothing can be written to it or read from it until {until}. "
+            "Start the broker again, then retry", topic, partition)
+
+    def no_broker_answered(self, failures: Mapping[str, str]) -> NoBrokerAnsweredError:
+        """The error when every address tried failed: names them, and says what to check."""
+        reasons = set(failures.values())
+        if len(reasons) == 1:
+            tried = f"{', '.join(failures)} ({reasons.pop()})"
+        else:
+            tried = ", ".join(f"{address} ({why})" for address, why in failures.items())
+        if all(is_loopback(address) for address in failures):
+            hint = "is it running? `make run` (or `logbroker dev`) starts a local cluster"
+        else:
+            hint = "check that the brokers run and that this machine can reach them"
+        if not self.bootstrap_given:
+            hint += (f"; no broker was named, so the default {','.join(self.bootstrap)} was tried: "
+                     "set LOGBROKER_BOOTSTRAP or pass --bootstrap HOST:PORT")
+        return NoBrokerAnsweredError(f"cannot reach a broker at {tried}; {hint}")
+
+
+def is_loopback(address: str) -> bool:
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def health_state(response: Any, error: grpc.RpcError | None) -> str:
+    """UP, NOT_READY or DOWN from a health Check's answer or error."""
+    if error is not None:
+        # A broker that answers with any status other than "unavailable" is running (it may lack the service).
+        return DOWN if rpc_code(error) in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) else UP
+    return UP if response.status == health_pb2.HealthCheckResponse.SERVING else NOT_READY
+
+
+def _health_of(call: Any) -> str:
+    try:
+        return health_state(call.result(), None)
+    except grpc.RpcError as exc:
+        return health_state(None, exc)
+
 
 class ClusterMetadata(MetadataCache):
     """Thread-safe: the producer's sender thread and the caller's thread both ask for leaders."""
@@ -107,27 +203,85 @@ class ClusterMetadata(MetadataCache):
         """A connection to the broker most likely to answer (one that has not just failed)."""
         return self.connection(self.addresses()[0])
 
-    def refresh(self, topics: Sequence[str] = ()) -> pb.MetadataResponse:
-        """Ask each broker in turn until one answers; a dead or paused one costs at most a short timeout."""
-        error: LogbrokerError | None = None
-        for address in self.addresses(for_metadata=True):
+    def call(self, method: str, request: Any, *, admin: bool = False, attempt_timeout_s: float | None = None,
+             check: Callable[[Any], None] | None = None) -> Any:
+        """A whole request to the first broker that answers, trying every known address in turn. An answer that
+        `check` finds retriable (a controller that is moving) is asked again until the request timeout."""
+        deadline = time.monotonic() + self.request_timeout_s
+        while True:
+            try:
+                response = self._first_answer(method, request, admin, attempt_timeout_s, deadline)
+                if check is not None:
+                    check(response)
+                return response
+            except LogbrokerError as exc:
+                if (not exc.retriable or isinstance(exc, NoBrokerAnsweredError)
+                        or time.monotonic() + RETRY_BACKOFF_S >= deadline):
+                    raise
+                log.info("%s: %s; retrying in %.0f ms", method, exc, RETRY_BACKOFF_S * 1000)
+                time.sleep(RETRY_BACKOFF_S)
+
+    def _first_answer(self, method: str, request: Any, admin: bool, attempt_timeout_s: float | None,
+                      deadline: float) -> Any:
+        failures: dict[str, str] = {}
+        candidates = self.addresses(for_metadata=True)
+        for address in candidates:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            timeout_s = remaining if attempt_timeout_s is None else min(remaining, attempt_timeout_s)
             conn = self.connection(address)
             try:
-                response: pb.MetadataResponse = conn.broker.Metadata(
-                    pb.MetadataRequest(topics=list(topics)), timeout=min(self.request_timeout_s, METADATA_TIMEOUT_S)
-                )
+                return getattr(conn.admin if admin else conn.broker, method)(request, timeout=timeout_s)
             except grpc.RpcError as exc:
-                error = translate_rpc_error(exc, address)
-                if not error.retriable:
-                    raise error from None
+                code = rpc_code(exc)
+                # A capped attempt that ran out of time: that broker is stuck, another may answer.
+                stuck = code == grpc.StatusCode.DEADLINE_EXCEEDED and timeout_s < remaining
+                if code != grpc.StatusCode.UNAVAILABLE and not stuck:
+                    raise translate_rpc_error(exc, address) from None
                 self.mark_unreachable(address)
-                continue
-            self.apply(response)
-            return response
-        if error is not None and len(self.addresses()) == 1:
+                failures[address] = unreachable_reason(exc)
+        if len(failures) == len(candidates):
+            raise self.no_broker_answered(failures)
+        raise RequestTimedOutError(f"{method}: no broker answered within {self.request_timeout_s:g}s "
+                                   f"(tried {', '.join(failures) or 'none'})")
+
+    def refresh(self, topics: Sequence[str] = ()) -> pb.MetadataResponse:
+        """Ask each broker in turn until one answers; a dead or paused one costs at most a short timeout."""
+        response: pb.MetadataResponse = self.call("Metadata", pb.MetadataRequest(topics=list(topics)),
+                                                  attempt_timeout_s=min(self.request_timeout_s, METADATA_TIMEOUT_S))
+        self.apply(response)
+        return response
+
+    def probe(self, addresses: Sequence[str], timeout_s: float = PROBE_TIMEOUT_S) -> dict[str, str]:
+        """Ask every address's health service at once: UP, NOT_READY or DOWN each."""
+        calls = {address: self.connection(address).health.Check.future(health_pb2.HealthCheckRequest(),
+                                                                        timeout=timeout_s)
+                 for address in dict.fromkeys(addresses)}
+        return {address: _health_of(call) for address, call in calls.items()}
+
+    def brokers(self) -> dict[int, str]:
+        """node id -> HOST:PORT of every broker, as the last Metadata answer (or a new one) lists them."""
+        if not self._brokers:
+            self.refresh()
+        return self.broker_addresses()
+
+    def broker_states(self) -> dict[int, str]:
+        """Each broker of the cluster (as Metadata lists them) and whether it answers now."""
+        brokers = self.brokers()
+        states = self.probe(list(brokers.values()))
+        return {node: states[address] for node, address in brokers.items()}
+
+    def raise_if_offline(self, topic: str, partition: int) -> None:
+        """Fail at once, naming the replicas, when the partition has no leader and none of its replicas answers."""
+        if not self.suspect_offline(topic, partition):
+            return
+        brokers = self.broker_addresses()
+        replicas = {node: brokers[node] for node in self.replicas_of(topic, partition) if node in brokers}
+        states = self.probe(list(replicas.values()))
+        error = self.offline_error(topic, partition, {node: states[a] for node, a in replicas.items()})
+        if error is not None:
             raise error
-        raise BrokerUnavailableError(f"no broker answers at {', '.join(self.addresses())}; is the cluster running? "
-                                     f"(last error: {error})")
 
     def partitions_for(self, topic: str) -> int:
         """Number of partitions; raises UnknownTopicOrPartitionError with the broker's message."""

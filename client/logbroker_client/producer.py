@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import threading
 import time
 from collections import deque
@@ -24,6 +25,7 @@ from logbroker_client import records as rec
 from logbroker_client.connection import DEFAULT_REQUEST_TIMEOUT_MS, translate_rpc_error
 from logbroker_client.errors import (
     BrokerUnavailableError,
+    DeliveryFailedError,
     LogbrokerError,
     RecordTooLargeError,
     RequestTimedOutError,
@@ -67,6 +69,73 @@ def check_record_size(topic: str, partition: int, key: bytes | None, value: byte
         raise RecordTooLargeError(
             f"record of {payload_bytes} bytes exceeds max_request_bytes={limit}; nothing was sent", topic, partition)
     return payload_bytes
+
+
+def record_size_bound(payload_bytes: int, headers: Headers | None) -> int:
+    """An upper bound on the encoded record: a batch never grows past batch_size by taking it, so an oversized
+    record travels alone and is refused alone."""
+    if not headers:
+        return RECORD_OVERHEAD_BYTES + payload_bytes
+    return RECORD_OVERHEAD_BYTES + payload_bytes + sum(len(k) + len(v or b"") + 10 for k, v in headers)
+
+
+def refused_batch(error: LogbrokerError, sizes: Sequence[int]) -> int | None:
+    """Which batch of a several-batch request the broker refused as too large (its message gives the size), so
+    the producer fails that one alone and sends the others again: they are not at fault."""
+    if len(sizes) < 2 or not isinstance(error, RecordTooLargeError):
+        return None
+    size = re.search(r"batch of (\d+) bytes", str(error))
+    if size is None or int(size.group(1)) not in sizes:
+        return None
+    return sizes.index(int(size.group(1)))
+
+
+def explain_record_too_large(error: LogbrokerError | None, topic: str, partition: int,
+                             batches: Sequence[tuple[int, int]]) -> LogbrokerError | None:
+    """The broker refuses a batch over the topic's max.message.bytes and suggests smaller batches. For a batch
+    of one record that cannot help: say that the record itself is too large, and which topic config to raise.
+    batches: (record count, bytes as sent) of each batch in the refused request."""
+    if not isinstance(error, RecordTooLargeError):
+        return error
+    text = str(error)
+    size = re.search(r"batch of (\d+) bytes", text)
+    limit = re.search(r"max\.message\.bytes=(\d+)", text)
+    if size is not None:
+        refused = [(count, nbytes) for count, nbytes in batches if nbytes == int(size.group(1))]
+    else:
+        refused = list(batches) if len(batches) == 1 else []
+    if not refused or refused[0][0] != 1:
+        return error
+    setting = f"max.message.bytes={limit.group(1)}" if limit else "max.message.bytes"
+    return RecordTooLargeError(
+        f"{topic}-{partition}: a single record of {refused[0][1]} bytes (with its batch header) is larger than the "
+        f"topic's {setting}; a record cannot be split, so send a smaller one or raise the topic config "
+        f"max.message.bytes of {topic!r} (set at creation with `lb topic create {topic} --config "
+        "max.message.bytes=BYTES`)", topic, partition)
+
+
+class FailureTally:
+    """Records that failed since the last flush(), by error message (both producers keep one)."""
+
+    def __init__(self) -> None:
+        self.records = 0
+        self.by_error: dict[str, int] = {}
+
+    def add(self, count: int, error: BaseException) -> None:
+        self.records += count
+        message = " ".join(str(error).split()) or type(error).__name__
+        self.by_error[message] = self.by_error.get(message, 0) + count
+
+    def summary(self) -> str:
+        worst, count = max(self.by_error.items(), key=lambda item: item[1])
+        others = f"; {len(self.by_error) - 1} other error(s) too" if len(self.by_error) > 1 else ""
+        return f"{self.records} record(s) failed since the last flush; {count} with: {worst}{others}"
+
+    def report(self, raise_on_failure: bool) -> int:
+        """flush()'s answer: the count of failed records, or DeliveryFailedError when asked to raise."""
+        if self.records and raise_on_failure:
+            raise DeliveryFailedError(self.summary(), self.records, dict(self.by_error))
+        return self.records
 
 
 class ProducerBatch:
@@ -187,6 +256,7 @@ class Producer:
         self._retry_at: dict[tuple[str, int], float] = {}  # backoff: no resend of a partition before then
         self._buffered_bytes = 0
         self._unfinished = 0
+        self._failures = FailureTally()  # since the last flush(), guarded by _lock
         self._idle = threading.Condition(threading.Lock())
         self._closed = False
         self._sender = threading.Thread(target=self._run_sender, name="logbroker-producer", daemon=True)
@@ -219,10 +289,7 @@ class Producer:
         if self._buffered_bytes >= self._buffer_memory:
             self._wait_for_space()
         payload_bytes = check_record_size(topic, partition, key, value, self._max_request_bytes)  # type: ignore[arg-type]
-        # An upper bound on the encoded record: a batch never grows past batch_size by taking it.
-        record_bytes = RECORD_OVERHEAD_BYTES + payload_bytes
-        if headers:
-            record_bytes += sum(len(k) + len(v or b"") + 10 for k, v in headers)
+        record_bytes = record_size_bound(payload_bytes, headers)
         slot = (topic, partition)
         with self._lock:
             batch = self._open.get(slot)
@@ -261,8 +328,12 @@ class Producer:
         self._ready.setdefault(slot, deque()).append(batch)
         self._null_key_partitioner.on_batch_sealed(slot[0], slot[1], self._partition_counts.get(slot[0], 1))
 
-    def flush(self, timeout: float | None = None) -> None:
-        """Send everything queued and wait until every record is acknowledged (or has failed)."""
+    def flush(self, timeout: float | None = None, *, raise_on_failure: bool = False) -> int:
+        """Send everything queued and wait until every record is acknowledged or has failed.
+
+        Returns how many records failed since the previous flush() (0: every one was acknowledged); with
+        raise_on_failure=True, raises DeliveryFailedError summing those failures up instead. Each failed
+        record's future holds its own error either way."""
         with self._lock:
             for slot, batch in list(self._open.items()):
                 self._seal(slot, batch)
@@ -274,6 +345,9 @@ class Producer:
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(f"flush: {self._unfinished} batch(es) still unacknowledged after {timeout}s")
                 self._idle.wait(remaining if remaining is not None else 1.0)
+        with self._lock:
+            failures, self._failures = self._failures, FailureTally()
+        return failures.report(raise_on_failure)
 
     def close(self, timeout: float | None = None) -> None:
         if self._closed:
@@ -337,6 +411,7 @@ class Producer:
             self._send(slot, batches)
 
     def _send(self, slot: tuple[str, int], batches: list[ProducerBatch]) -> None:
+        retry = batches[0].attempts > 0
         for batch in batches:
             if batch.data is None:
                 batch.data = self._build(slot, batch)
@@ -347,6 +422,8 @@ class Producer:
             pb.PartitionRecords(topic=slot[0], partition=slot[1], records=records)])
         try:
             conn = self._metadata.leader_connection(*slot)
+            if retry:  # the last attempt failed: if no replica of the partition answers, fail now, not in minutes
+                self._metadata.raise_if_offline(*slot)
         except LogbrokerError as exc:
             self._on_result(slot, batches, None, exc)
             return
@@ -388,6 +465,12 @@ class Producer:
                    result: pb.PartitionProduceResult | None, error: LogbrokerError | None) -> None:
         if result is not None and result.error_code:
             error = error_for(result.error_code, result.error_message, *slot)
+        if error is not None:
+            refused = refused_batch(error, [len(b.data or b"") for b in batches])
+            if refused is not None:
+                self._fail_one_resend_rest(slot, batches, refused, error)
+                return
+        error = explain_record_too_large(error, *slot, [(b.builder.count, len(b.data or b"")) for b in batches])
         if error is not None and error.retriable and self._may_retry(batches):
             log.info("%s-%d: %s; retrying in %d ms", slot[0], slot[1], error, RETRY_BACKOFF_MS)
             self._metadata.invalidate(slot[0])
@@ -398,14 +481,29 @@ class Producer:
             self._wakeup.set()
             return
         if error is not None:
-            log.warning("%s-%d: %d record(s) failed: %s", slot[0], slot[1],
-                        sum(b.builder.count for b in batches), error)
+            failed = sum(b.builder.count for b in batches)
+            log.warning("%s-%d: %d record(s) failed: %s", slot[0], slot[1], failed, error)
+            with self._lock:
+                self._failures.add(failed, error)
         if result is not None and error is None and len(result.batch_base_offsets) == len(batches):
             for batch, base_offset in zip(batches, result.batch_base_offsets, strict=True):
                 batch.complete(base_offset, None)
         else:
             self._complete(batches, result.base_offset if result is not None and error is None else -1, error)
         self._release(slot, batches)
+
+    def _fail_one_resend_rest(self, slot: tuple[str, int], batches: list[ProducerBatch], refused: int,
+                              error: LogbrokerError) -> None:
+        """The broker refuses a request whole for one oversized batch; the others go again at once, in order
+        (their sequences stay theirs: the broker accepts a gap where the refused batch was)."""
+        bad = batches[refused]
+        error = explain_record_too_large(error, *slot, [(bad.builder.count, len(bad.data or b""))]) or error
+        log.warning("%s-%d: %d record(s) failed: %s", slot[0], slot[1], bad.builder.count, error)
+        with self._lock:
+            self._ready.setdefault(slot, deque()).extendleft(reversed([b for b in batches if b is not bad]))
+            self._failures.add(bad.builder.count, error)
+        bad.complete(-1, error)
+        self._release(slot, [bad])
 
     @staticmethod
     def _complete(batches: list[ProducerBatch], next_offset: int, error: BaseException | None) -> None:

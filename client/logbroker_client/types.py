@@ -36,6 +36,9 @@ class PartitionInfo(NamedTuple):
     log_start_offset: int
     high_watermark: int
     size_bytes: int
+    # No live leader: nothing can be written or read. leader_id is then -1, and the offsets are the answering
+    # broker's last knowledge (0 when it holds no replica).
+    offline: bool = False
 
 
 class TopicDescription(NamedTuple):

@@ -7,18 +7,16 @@ import asyncio
 import logging
 import os
 import secrets
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from logbroker_client.cli import package_version
 
 from logbroker.server.config import BrokerConfigError, load_config, parse_peers
 
 DEV_BROKERS = 3
 DEV_BASE_PORT = 9092
 DEV_HOST = "127.0.0.1"
-STOP_TIMEOUT_S = 15.0
 DEV_SECRET_FILE = "cluster.secret"
 
 
@@ -59,44 +57,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    """Start `--brokers` broker processes on consecutive ports; Ctrl-C or SIGTERM stops them all."""
+    """Start `--brokers` broker processes on consecutive ports and supervise them until Ctrl-C or SIGTERM."""
+    from logbroker.server.dev import DevCluster, dev_brokers
+
     if args.brokers < 1:
         print("logbroker dev: --brokers must be at least 1", file=sys.stderr)
         return 2
     data_dir = Path(args.data_dir).resolve()
-    peers = ",".join(f"{n}={DEV_HOST}:{args.base_port + n - 1}" for n in range(1, args.brokers + 1))
     secret_file = dev_cluster_secret(data_dir)
-    procs = []
-    for node_id in range(1, args.brokers + 1):
-        port = args.base_port + node_id - 1
-        cmd = [sys.executable, "-m", "logbroker.server.cli", "serve", "--node-id", str(node_id),
-               "--data-dir", str(data_dir / f"broker-{node_id}"), "--listen", f"{DEV_HOST}:{port}",
-               "--peers", peers, "--cluster-secret-file", str(secret_file)]
-        procs.append(subprocess.Popen(cmd))
-        print(f"broker {node_id}: {DEV_HOST}:{port}, data in {data_dir / f'broker-{node_id}'}", flush=True)
-    bootstrap = ",".join(f"{DEV_HOST}:{args.base_port + n}" for n in range(args.brokers))
-    print(f"export LOGBROKER_BOOTSTRAP={bootstrap}   # Ctrl-C stops the cluster", flush=True)
-    stopping = False
-
-    def stop(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
-    while not stopping and all(p.poll() is None for p in procs):
-        time.sleep(0.2)
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + STOP_TIMEOUT_S
-    for proc in procs:
-        try:
-            proc.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    failed = [p for p in procs if p.returncode not in (0, -signal.SIGTERM)]
-    return 1 if failed and not stopping else 0
+    log_level = args.log_level if args.log_level.lower() != "info" else None
+    brokers = dev_brokers(args.brokers, args.base_port, DEV_HOST, data_dir, secret_file, log_level)
+    return DevCluster(brokers, restart=args.restart).run()
 
 
 def dev_cluster_secret(data_dir: Path) -> Path:
@@ -113,6 +84,7 @@ def dev_cluster_secret(data_dir: Path) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="logbroker", description="logbroker: a Kafka-style log broker")
     parser.add_argument("--log-level", default=os.environ.get("LOGBROKER_LOG_LEVEL", "info"))
+    parser.add_argument("--version", action="version", version=f"logbroker {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run one broker")
     serve.add_argument("--config", type=Path, help="TOML file; flags win over it")
@@ -129,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--brokers", type=int, default=DEV_BROKERS)
     dev.add_argument("--data-dir", default="./data")
     dev.add_argument("--base-port", type=int, default=DEV_BASE_PORT)
+    dev.add_argument("--no-restart", dest="restart", action="store_false",
+                     help="leave a broker that dies down (default: restart it, at most 3 times a minute)")
     dev.set_defaults(func=cmd_dev)
     return parser
 

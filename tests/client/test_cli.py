@@ -142,8 +142,8 @@ def test_cluster_describe_lists_the_broker_as_controller(capsys: pytest.CaptureF
     monkeypatch.setenv("LOGBROKER_BOOTSTRAP", bootstrap)  # the default when --bootstrap is absent
     code, out, _ = run(capsys, "cluster", "describe")
     assert code == 0
-    assert [line.split() for line in out.splitlines()[-2:]] == [["NODE", "ID", "ADDRESS", "CONTROLLER"],
-                                                                ["1", bootstrap, "*"]]
+    assert [line.split() for line in out.splitlines()[-2:]] == [["NODE", "ID", "ADDRESS", "STATUS", "CONTROLLER"],
+                                                                ["1", bootstrap, "up", "*"]]
 
 
 def test_produce_keyed_lines_then_consume_from_an_offset(capsys: pytest.CaptureFixture[str], bootstrap: str,
@@ -268,3 +268,38 @@ def test_installed_lb_script_produces_and_consumes(bootstrap: str, tmp_path: Pat
     usage = lb("consume", "script", "--offset", "1")
     assert usage.returncode == 2 and "--offset needs --partition" in usage.stderr
 
+
+
+def test_version_comes_from_the_package_metadata(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib import metadata
+
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and out == f"lb {metadata.version('logbroker')}\n"
+
+
+def test_when_no_address_answers_the_error_names_every_one_tried(capsys: pytest.CaptureFixture[str],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    dead = [f"127.0.0.1:{free_port()}" for _ in range(3)]
+    code, out, err = run(capsys, "topic", "describe", "--bootstrap", ",".join(dead))
+    assert code == 1 and out == ""
+    assert err == (f"lb: cannot reach a broker at {', '.join(dead)} (connection refused); is it running? "
+                   "`make run` (or `logbroker dev`) starts a local cluster\n")
+    # Nobody named a broker: the error says which default it tried and how to name one.
+    monkeypatch.delenv("LOGBROKER_BOOTSTRAP", raising=False)
+    monkeypatch.setattr("logbroker_client.connection.DEFAULT_BOOTSTRAP", dead[0])
+    code, _, err = run(capsys, "topic", "list")
+    assert code == 1 and err.endswith(f"no broker was named, so the default {dead[0]} was tried: "
+                                      "set LOGBROKER_BOOTSTRAP or pass --bootstrap HOST:PORT\n")
+
+
+def test_a_dead_address_before_a_live_one_is_passed_over(capsys: pytest.CaptureFixture[str], bootstrap: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOGBROKER_BOOTSTRAP", f"127.0.0.1:{free_port()},{bootstrap}")
+    assert run(capsys, "topic", "create", "passed", "--partitions", "1")[0] == 0
+    feed_stdin(monkeypatch, "a\nb\n")
+    code, out, err = run(capsys, "produce", "passed")
+    assert code == 0 and "produced 2 record(s)" in out, err
+    code, out, err = run(capsys, "consume", "passed", "--from-beginning", "--max-messages", "2")
+    assert (code, out) == (0, "a\nb\n"), err
+    code, out, err = run(capsys, "topic", "describe", "passed")
+    assert code == 0 and out.splitlines()[2].split()[:2] == ["0", "1"], err
