@@ -38,6 +38,15 @@ PRODUCER_STATE_SCAN_BYTES = 4 << 20
 QUIESCE_AFTER_TICKS = 4
 
 
+class StateMachine(Protocol):
+    """Something built from a partition's committed log, such as a group coordinator (Redpanda's state machine
+    manager is the model): several can run on one replica, each fed the same committed entries in order."""
+
+    def apply(self, entries: Sequence[Entry]) -> None: ...
+
+    def on_leader_change(self, is_leader: bool, term: int) -> None: ...
+
+
 class MessageSender(Protocol):
     def send_many(self, items: Sequence[tuple[str, Message]]) -> None: ...
 
@@ -87,6 +96,7 @@ class Replica:
         self._on_leader_change = on_leader_change
         self._on_failure = on_failure
         self.failure: Exception | None = None  # why the runtime stopped, once it has
+        self.state_machines: list[StateMachine] = []
         self._busy = False
         self.quiet = False  # an idle group neither ticks nor heartbeats; any message or proposal wakes it
         self.preferred_leader: int | None = None
@@ -237,6 +247,8 @@ class Replica:
     def _stop_after_failure(self, exc: Exception) -> None:
         """A write the Ready contract promised cannot be half undone: stop this replica (the group goes on
         without it); the broker hands its leadership over and reopens it from disk once writes succeed."""
+        if self.closed:
+            return  # closed on purpose (shutdown, topic deleted) while a Ready was being handled
         if isinstance(exc, (StorageError, OSError)):
             log.error("%s: cannot write this replica's log on broker %d (%s); the replica stops taking part in "
                       "its group until a write succeeds again", self.name, self.node_id, exc)
@@ -267,6 +279,8 @@ class Replica:
             if change.role is not Role.LEADER:
                 self._fail_waiters(NotLeaderNow(self.name, change.leader_id))
             self._on_leader_change(self)
+            for machine in self.state_machines:
+                machine.on_leader_change(change.role is Role.LEADER, change.term)
 
     async def _persist(self, ready: Ready) -> None:
         state_changed = False
@@ -318,6 +332,8 @@ class Replica:
         self.high_watermark = max(self.high_watermark, entries[-1].last_offset + 1)
         self._release(self._commit_waiters, self.high_watermark)
         self._on_commit(self, entries)
+        for machine in self.state_machines:
+            machine.apply(entries)
 
     @staticmethod
     def _release(waiters: list[tuple[int, asyncio.Future[None]]], reached: int) -> None:
@@ -344,6 +360,33 @@ class Replica:
         self.wake()  # the transfer needs ticks: it is abandoned after an election timeout
         self.node.transfer_leadership(to_node)
         self._kick()
+
+    def read_committed(self, offset: int, max_bytes: int) -> bytes:
+        """Whole batches from offset, none at or past the high watermark."""
+        return bytes(self.log.read(offset, max_bytes, max_offset=self.high_watermark))
+
+    def log_start(self) -> int:
+        return self.log.log_start_offset
+
+    def last_offset(self) -> int:
+        return int(self.node.log.last_offset)
+
+    def attach(self, machine: StateMachine) -> None:
+        """Feed machine every entry committed from now on, and every leadership change."""
+        self.state_machines.append(machine)
+
+    def truncate_prefix(self, below_offset: int) -> int:
+        """Delete whole closed segments holding only offsets below below_offset (a snapshot or retention
+        point at or under the high watermark); returns how many. The term just before the new log start is
+        saved with the Raft state first, since Raft's log matching asks for it and its batch is going."""
+        plog = self.log
+        below_offset = min(below_offset, self.high_watermark)
+        new_start = plog.prefix_cut_point(below_offset)
+        if new_start <= plog.log_start_offset:
+            return 0
+        self.state.start_prev_term = plog.epoch_at(new_start - 1)
+        self.save_state()
+        return plog.delete_segments_before(new_start)
 
     def save_state(self) -> None:
         self._state_file.save(self.state)

@@ -15,7 +15,7 @@ from logbroker_client.proto import logbroker_pb2_grpc as pb_grpc
 
 from logbroker.server.broker import Broker
 from logbroker.server.config import BrokerConfig
-from logbroker.server.service import AdminService, BrokerService, RaftService, leader_report_sender
+from logbroker.server.service import AdminService, BrokerService, GroupsService, RaftService, leader_report_sender
 
 log = logging.getLogger("logbroker.server")
 
@@ -23,6 +23,7 @@ SERVICE_NAMES = [
     pb.DESCRIPTOR.services_by_name["Broker"].full_name,
     pb.DESCRIPTOR.services_by_name["Admin"].full_name,
     pb.DESCRIPTOR.services_by_name["Raft"].full_name,
+    pb.DESCRIPTOR.services_by_name["Groups"].full_name,
 ]
 
 
@@ -48,6 +49,7 @@ class BrokerServer:
         pb_grpc.add_BrokerServicer_to_server(BrokerService(self.broker), server)
         pb_grpc.add_AdminServicer_to_server(AdminService(self.broker), server)
         pb_grpc.add_RaftServicer_to_server(RaftService(self.broker), server)
+        pb_grpc.add_GroupsServicer_to_server(GroupsService(self.broker), server)
         self.broker.send_leader_report = leader_report_sender(self.config.cluster_secret)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         # The servicer answers SERVING for "" by default; not until the cluster metadata has a leader.

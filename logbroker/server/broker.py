@@ -36,6 +36,8 @@ from logbroker.cluster.raft_storage import ReplicaStateFile
 from logbroker.cluster.replica import NotLeaderNow, Replica, ReplicaFailedError
 from logbroker.cluster.topic_names import MAX_PARTITIONS, TopicNameError, check_topic_name
 from logbroker.cluster.transport import RaftTransport
+from logbroker.groups.coordinator import OFFSETS_TOPIC, GroupConfig, GroupCoordinatorShard
+from logbroker.groups.runtime import GroupShardRuntime
 from logbroker.raft.errors import NotLeaderError, ProposalDroppedError
 from logbroker.raft.membership import Membership
 from logbroker.raft.types import Entry, EntryKind, Message, MessageType, RaftConfig, Role
@@ -61,6 +63,8 @@ LEADER_REPORT_INTERVAL_S = 0.2
 MAINTENANCE_INTERVAL_S = 0.1
 LEADER_REPORT_TIMEOUT_S = 5.0
 FAILED_REPLICA_RETRY_S = 1.0  # how often a replica that could not write tries again
+# __consumer_offsets: small segments, so that the segments below a snapshot can be deleted soon.
+OFFSETS_TOPIC_CONFIGS = {"segment.bytes": str(1 << 20), "retention.ms": "-1", "flush": "always"}
 # A producer request carries up to 16 MiB; the pipe to each follower holds two such requests, in 4 MiB
 # appends, so replication keeps up with one producer's one request in flight.
 RAFT_MAX_MESSAGE_BYTES = 4 << 20
@@ -106,6 +110,10 @@ class Broker:
         self._reporter: asyncio.Task[None] | None = None
         # (topic, partition) -> (epoch, topic id) of leaderships won here and not yet in the controller log
         self._leader_reports: dict[tuple[str, int], tuple[int, str]] = {}
+        self.group_runtimes: dict[int, GroupShardRuntime] = {}  # __consumer_offsets partition -> its coordinator
+        self.group_config = GroupConfig(session_timeout_ms=config.group_session_timeout_ms,
+                                        heartbeat_interval_ms=config.group_heartbeat_interval_ms,
+                                        offsets_retention_ms=config.offsets_retention_minutes * 60_000)
         # (topic, partition) -> (replica that could not write, when to try again)
         self._failed_replicas: dict[tuple[str, int], tuple[Replica, float]] = {}
         self._last_flush_s: dict[str, float] = {}  # flush="interval" groups: when their log was last fsynced
@@ -247,6 +255,9 @@ class Broker:
     def _forget_replica(self, replica: Replica) -> None:
         self._replicas.pop(replica.group, None)
         key = (replica.log.topic, replica.log.partition)
+        if key[0] == OFFSETS_TOPIC and key[1] in self.group_runtimes \
+                and self.group_runtimes[key[1]].replica is replica:
+            del self.group_runtimes[key[1]]
         if self._partitions.get(key) is replica:
             del self._partitions[key]
         with contextlib.suppress(Exception):  # its files may be what failed; reopening recovers them
@@ -386,6 +397,8 @@ class Broker:
             return None
         self._partitions[(topic.name, index)] = replica
         replica.preferred_leader = replicas[0]
+        if topic.name == OFFSETS_TOPIC:
+            self._attach_group_runtime(replica, index)
         if replica.term == 0:
             # A new group: its preferred leader campaigns at once and the others stay quiet until it
             # calls (or its broker is found dead), so a thousand new partitions elect without split
@@ -397,6 +410,33 @@ class Broker:
             else:
                 replica.quiet = True
         return replica
+
+    def _attach_group_runtime(self, replica: Replica, index: int) -> None:
+        runtime = GroupShardRuntime(replica, lambda: GroupCoordinatorShard(self.topic_partition_counts,
+                                                                           self.group_config))
+        replica.attach(runtime)
+        self.group_runtimes[index] = runtime
+
+    def topic_partition_counts(self) -> dict[str, int]:
+        return {name: topic.partitions for name, topic in self.cluster.topics.items()}
+
+    async def ensure_offsets_topic(self, timeout_s: float) -> bool:
+        """Create __consumer_offsets on first use; True once it exists. Only the controller leader creates it
+        (False elsewhere: the caller forwards to the controller leader)."""
+        if OFFSETS_TOPIC in self.cluster.topics:
+            return True
+        assert self.controller is not None
+        if not self.controller.is_leader:
+            return False
+        partitions = self.config.offsets_topic_partitions
+        replication_factor = min(3, len(self.peers))
+        assignment = place_replicas(list(self.peers), partitions, replication_factor, salt=0)
+        await self._propose_command({"op": "create_topic", "name": OFFSETS_TOPIC, "topic_id": new_topic_id(),
+                                     "partitions": partitions, "replication_factor": replication_factor,
+                                     "configs": dict(OFFSETS_TOPIC_CONFIGS), "assignment": assignment}, timeout_s)
+        await self.wait_for_leaders(OFFSETS_TOPIC, timeout_s)
+        log.info("created %s: %d partition(s), replication factor %d", OFFSETS_TOPIC, partitions, replication_factor)
+        return OFFSETS_TOPIC in self.cluster.topics
 
     def _claim_directory(self, topic: TopicMetadata, directory: Path) -> bool:
         """Make directory hold this topic's partition; False when it belongs to a newer topic of the name.
@@ -431,6 +471,8 @@ class Broker:
                 del self._partitions[(topic.name, index)]
                 del self._replicas[replica.group]
                 replica.close()
+                if topic.name == OFFSETS_TOPIC:
+                    self.group_runtimes.pop(index, None)
             directory = self.data_dir / filenames.partition_dir_name(topic.name, index)
             identity = read_identity(directory) if directory.exists() else None
             if identity is not None and identity.topic_id == topic.topic_id:
@@ -438,6 +480,15 @@ class Broker:
                 deleted += 1
         if deleted:
             log.info("deleted topic %s (ID %s) and its %d local replica(s)", topic.name, topic.topic_id, deleted)
+        self._drop_committed_offsets(topic.name)
+
+    def _drop_committed_offsets(self, name: str) -> None:
+        """A deleted topic takes the groups' committed offsets for it along (written by each coordinator)."""
+        for runtime in self.group_runtimes.values():
+            if runtime.replica.is_leader:
+                task = asyncio.get_running_loop().create_task(
+                    runtime.run(lambda shard: (None, shard.drop_topic(name))))
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     def _on_partition_commit(self, replica: Replica, entries: Sequence[Entry]) -> None:
         self._wake_fetchers()
@@ -596,6 +647,8 @@ class Broker:
     # --------------------------------------------------------------------------------- produce
 
     async def produce(self, topic: str, index: int, records: bytes, acks: int, timeout_s: float) -> ProduceResult:
+        if topic.startswith("__"):
+            raise errors.InvalidTopic(f"topic {topic!r} is internal: only the broker writes to it")
         replica = self.leader_replica(topic, index)
         payloads = self._validated(replica, records)
         base_offsets, last_offset = self._propose_new_batches(replica, payloads)
@@ -784,12 +837,18 @@ class Broker:
             await asyncio.sleep(MAINTENANCE_INTERVAL_S)
             await self.flush_interval_partitions(loop.time())
             self.retry_failed_replicas(time.monotonic())
+            self.tick_group_coordinators()
             if loop.time() >= next_balance:
                 next_balance = loop.time() + self.config.leader_balance_interval_ms / 1000
                 self.balance_leaders()
             if loop.time() >= next_retention:
                 next_retention = loop.time() + self.config.retention_check_interval_ms / 1000
                 self.apply_retention()
+
+    def tick_group_coordinators(self) -> None:
+        """Session and rebalance timeouts, snapshots and log cuts of every local coordinator partition."""
+        for runtime in list(self.group_runtimes.values()):
+            runtime.schedule_tick()
 
     async def flush_interval_partitions(self, now_s: float) -> None:
         """fsync the logs of flush="interval" topics whose flush.interval.ms has passed (in the thread pool)."""

@@ -28,6 +28,12 @@ DEFAULT_RAFT_ELECTION_TICKS = 10
 DEFAULT_RAFT_HEARTBEAT_TICKS = 2
 DEFAULT_LIVENESS_TIMEOUT_TICKS = 8
 CLUSTER_SECRET_ENV = "LOGBROKER_CLUSTER_SECRET"
+# Consumer groups: __consumer_offsets is created on first use with this many partitions (Kafka: 50; a
+# Python broker runs a Raft group per partition, so fewer), and the group timeouts are Kafka's defaults.
+DEFAULT_OFFSETS_TOPIC_PARTITIONS = 8
+DEFAULT_GROUP_SESSION_TIMEOUT_MS = 45_000
+DEFAULT_GROUP_HEARTBEAT_INTERVAL_MS = 5_000
+DEFAULT_OFFSETS_RETENTION_MINUTES = 7 * 24 * 60
 
 
 class BrokerConfigError(ValueError):
@@ -55,6 +61,10 @@ class BrokerConfig:
     liveness_timeout_ticks: int = DEFAULT_LIVENESS_TIMEOUT_TICKS
     # Defaults for every topic's log, in Kafka's key spelling ("segment.bytes", "flush", ...).
     log_defaults: dict[str, str] = field(default_factory=dict)
+    offsets_topic_partitions: int = DEFAULT_OFFSETS_TOPIC_PARTITIONS
+    group_session_timeout_ms: int = DEFAULT_GROUP_SESSION_TIMEOUT_MS
+    group_heartbeat_interval_ms: int = DEFAULT_GROUP_HEARTBEAT_INTERVAL_MS
+    offsets_retention_minutes: int = DEFAULT_OFFSETS_RETENTION_MINUTES
     # Shared by every broker of a cluster; peer RPCs without it are refused (see cluster/peer_auth.py).
     # Set through cluster_secret_file (or --cluster-secret-file) or $LOGBROKER_CLUSTER_SECRET.
     cluster_secret: str = field(default="", repr=False)
@@ -82,7 +92,9 @@ class BrokerConfig:
         if self.raft_election_ticks <= self.raft_heartbeat_ticks:
             raise BrokerConfigError("raft_election_ticks must exceed raft_heartbeat_ticks")
         self._load_secret()
-        for name in ("default_partitions", "default_replication_factor", "max_request_bytes", "flush_threads"):
+        for name in ("default_partitions", "default_replication_factor", "max_request_bytes", "flush_threads",
+                     "offsets_topic_partitions", "group_session_timeout_ms", "group_heartbeat_interval_ms",
+                     "offsets_retention_minutes"):
             if getattr(self, name) < 1:
                 raise BrokerConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         return self

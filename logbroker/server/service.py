@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import grpc
@@ -17,8 +17,11 @@ from logbroker_client.proto import logbroker_pb2 as pb
 from logbroker_client.proto import logbroker_pb2_grpc as pb_grpc
 
 from logbroker.cluster.peer_auth import is_peer, peer_metadata
+from logbroker.groups.coordinator import HeartbeatRequest
+from logbroker.groups.errors import GroupError, GroupIdNotFound
 from logbroker.server import errors
 from logbroker.server.broker import Broker
+from logbroker.server.groups import GroupFrontEnd
 
 log = logging.getLogger("logbroker.service")
 
@@ -337,3 +340,168 @@ def leader_report_sender(secret: str) -> Callable[[str, int, list[list[Any]]], A
         return not ack.error_code
 
     return send
+
+
+def _group_error(exc: Exception, where: str) -> tuple[Any, str]:
+    if isinstance(exc, GroupError):
+        return pb.ErrorCode.Value(exc.code), exc.message
+    return _error(exc, where)
+
+
+def _tps_to_pb(tps: Iterable[tuple[str, int]]) -> list[pb.TopicPartitions]:
+    by_topic: dict[str, list[int]] = {}
+    for topic, partition in sorted(tps):
+        by_topic.setdefault(topic, []).append(partition)
+    return [pb.TopicPartitions(topic=t, partitions=ps) for t, ps in by_topic.items()]
+
+
+def _tps_from_pb(items: Iterable[pb.TopicPartitions]) -> frozenset[tuple[str, int]]:
+    return frozenset((item.topic, p) for item in items for p in item.partitions)
+
+
+class GroupsService(pb_grpc.GroupsServicer):
+    """Consumer groups over gRPC: a thin translation of GroupFrontEnd."""
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self.groups = GroupFrontEnd(broker)
+
+    async def FindCoordinator(self, request: pb.FindCoordinatorRequest,
+                              context: grpc.aio.ServicerContext) -> pb.FindCoordinatorResponse:
+        if not await self.broker.ensure_offsets_topic(FORWARD_TIMEOUT_S) and not request_is_forwarded(context):
+            forwarded = await self._forward_to_controller(request)
+            if forwarded is not None:
+                await self.broker.wait_for_metadata(lambda: self.groups.offsets_partitions() is not None,
+                                                    FORWARD_TIMEOUT_S)
+        response = pb.FindCoordinatorResponse()
+        for group_id in request.group_ids:
+            found = response.coordinators.add(group_id=group_id, node_id=-1)
+            try:
+                coordinator = self.groups.find_coordinator(group_id)
+            except Exception as exc:
+                found.error_code, found.error_message = _group_error(exc, f"group {group_id!r}")
+                continue
+            found.node_id, found.address = coordinator.node_id, coordinator.address
+        return response
+
+    async def _forward_to_controller(self, request: pb.FindCoordinatorRequest) -> pb.FindCoordinatorResponse | None:
+        """Only the controller leader creates __consumer_offsets: ask it once, so the topic comes to be."""
+        try:
+            address = await self.broker.controller_leader_address(FORWARD_TIMEOUT_S)
+            if address is None:
+                return None
+            async with grpc.aio.insecure_channel(address) as channel:
+                return await pb_grpc.GroupsStub(channel).FindCoordinator(  # type: ignore[no-any-return]
+                    request, timeout=FORWARD_TIMEOUT_S, metadata=((FORWARDED_METADATA_KEY, "1"),))
+        except (grpc.aio.AioRpcError, errors.BrokerError) as exc:
+            log.debug("FindCoordinator not forwarded to the controller leader: %s", exc)
+            return None
+
+    async def Heartbeat(self, request: pb.GroupHeartbeatRequest,
+                        context: grpc.aio.ServicerContext) -> pb.GroupHeartbeatResponse:
+        heartbeat = HeartbeatRequest(
+            request.group_id, request.member_id, request.member_epoch, request.instance_id,
+            request.rebalance_timeout_ms, tuple(request.subscribed_topic_names), request.subscribed_topic_regex,
+            request.server_assignor, _tps_from_pb(request.owned_partitions), request.full_request,
+            request.client_id, request.client_host or context.peer())
+        try:
+            result = await self.groups.heartbeat(heartbeat)
+        except Exception as exc:
+            code, message = _group_error(exc, f"group {request.group_id!r}")
+            return pb.GroupHeartbeatResponse(error_code=code, error_message=message, member_id=request.member_id)
+        response = pb.GroupHeartbeatResponse(member_id=result.member_id, member_epoch=result.member_epoch,
+                                             heartbeat_interval_ms=result.heartbeat_interval_ms)
+        if result.assignment is not None:
+            response.has_assignment = True
+            response.assignment.extend(_tps_to_pb(result.assignment))
+        return response
+
+    async def CommitOffsets(self, request: pb.CommitOffsetsRequest,
+                            context: grpc.aio.ServicerContext) -> pb.CommitOffsetsResponse:
+        offsets = [(o.topic, o.partition, o.offset, o.metadata) for o in request.offsets]
+        try:
+            await self.groups.commit(request.group_id, request.member_id, request.member_epoch, offsets)
+        except Exception as exc:
+            code, message = _group_error(exc, f"group {request.group_id!r}")
+            return pb.CommitOffsetsResponse(error_code=code, error_message=message, results=[
+                pb.PartitionResult(topic=o.topic, partition=o.partition, error_code=code) for o in request.offsets])
+        return pb.CommitOffsetsResponse(results=[pb.PartitionResult(topic=o.topic, partition=o.partition)
+                                                 for o in request.offsets])
+
+    async def FetchOffsets(self, request: pb.FetchOffsetsRequest,
+                           context: grpc.aio.ServicerContext) -> pb.FetchOffsetsResponse:
+        wanted = sorted(_tps_from_pb(request.partitions)) if request.partitions else None
+        try:
+            found = self.groups.fetch_offsets(request.group_id, wanted)
+        except Exception as exc:
+            code, message = _group_error(exc, f"group {request.group_id!r}")
+            return pb.FetchOffsetsResponse(error_code=code, error_message=message)
+        response = pb.FetchOffsetsResponse()
+        for tp in wanted if wanted is not None else sorted(found):
+            committed = found.get(tp)
+            response.offsets.add(topic=tp[0], partition=tp[1], offset=committed.offset if committed else -1,
+                                 metadata=committed.metadata if committed else "",
+                                 commit_timestamp_ms=committed.commit_timestamp_ms if committed else -1)
+        return response
+
+    async def ListGroups(self, request: pb.ListGroupsRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ListGroupsResponse:
+        listings = {g.group_id: pb.GroupListing(group_id=g.group_id, state=g.state, members=len(g.members))
+                    for g in self.groups.local_groups()}
+        if not request_is_forwarded(context):
+            for node, address in self.broker.peers.items():
+                if node == self.broker.node_id:
+                    continue
+                try:
+                    async with grpc.aio.insecure_channel(address) as channel:
+                        other = await pb_grpc.GroupsStub(channel).ListGroups(
+                            request, timeout=DESCRIBE_TIMEOUT_S, metadata=((FORWARDED_METADATA_KEY, "1"),))
+                except grpc.aio.AioRpcError:
+                    continue  # that broker is down: the groups it coordinates move to others
+                for listing in other.groups:
+                    listings.setdefault(listing.group_id, listing)
+        return pb.ListGroupsResponse(groups=[listings[g] for g in sorted(listings)])
+
+    async def DescribeGroups(self, request: pb.DescribeGroupsRequest,
+                             context: grpc.aio.ServicerContext) -> pb.DescribeGroupsResponse:
+        response = pb.DescribeGroupsResponse()
+        for group_id in request.group_ids:
+            described = response.groups.add(group_id=group_id, coordinator_id=self.broker.node_id)
+            try:
+                group = self.groups.describe(group_id)
+                if group is None:
+                    raise GroupIdNotFound(f"group {group_id!r} does not exist (no member and no committed offset)")
+            except Exception as exc:
+                described.error_code, described.error_message = _group_error(exc, f"group {group_id!r}")
+                continue
+            described.state, described.group_epoch = group.state, group.epoch
+            described.assignment_epoch, described.assignor = group.assignment_epoch, group.assignor
+            for member in sorted(group.members.values(), key=lambda m: m.member_id):
+                described.members.add(
+                    member_id=member.member_id, instance_id=member.instance_id, client_id=member.client_id,
+                    client_host=member.client_host, member_epoch=member.epoch,
+                    subscribed_topic_names=member.topics, subscribed_topic_regex=member.regex,
+                    assignment=_tps_to_pb(member.assigned),
+                    target_assignment=_tps_to_pb(group.targets.get(member.member_id, frozenset())))
+            for (topic, partition), committed in sorted(group.offsets.items()):
+                described.offsets.add(topic=topic, partition=partition, offset=committed.offset,
+                                      metadata=committed.metadata, commit_timestamp_ms=committed.commit_timestamp_ms)
+        return response
+
+    async def DeleteGroups(self, request: pb.DeleteGroupsRequest,
+                           context: grpc.aio.ServicerContext) -> pb.DeleteGroupsResponse:
+        response = pb.DeleteGroupsResponse()
+        for group_id in request.group_ids:
+            result = response.results.add(group_id=group_id)
+            try:
+                await self.groups.delete(group_id)
+            except Exception as exc:
+                result.error_code, result.error_message = _group_error(exc, f"group {group_id!r}")
+        return response
+
+
+FORWARDED_METADATA_KEY = "x-logbroker-forwarded"
+
+
+def request_is_forwarded(context: grpc.aio.ServicerContext) -> bool:
+    return any(key == FORWARDED_METADATA_KEY for key, _ in context.invocation_metadata() or ())

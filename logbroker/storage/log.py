@@ -170,6 +170,7 @@ class PartitionLog:
         segments: list[LogSegment], recovered: list[LogSegment],
     ) -> None:
         interval = self.config.index_interval_bytes
+        allow_gaps = self._allows_gaps()
         for i, base in enumerate(bases):
             later = bases[i + 1:]
             segment = LogSegment.open_existing(self.directory, base, interval)
@@ -181,11 +182,15 @@ class PartitionLog:
             # A segment may hold offsets at or past the checkpoint (i.e. not known to be fsynced) unless the
             # next segment starts at or before the checkpoint.
             trusted = clean or (checkpoint is not None and bool(later) and later[0] <= checkpoint)
-            problem = segment.load_trusted() if trusted else "not covered by the recovery checkpoint"
+            # The last segment's tail is CRC-checked too (it is cheap), so damage there is cut now, not met
+            # later by a replica reading its last entries.
+            problem = (segment.load_trusted(check_tail=not later, allow_gaps=allow_gaps) if trusted
+                       else "not covered by the recovery checkpoint")
             if problem is not None:
                 if trusted:
-                    logger.warning("%s: rebuilding the indexes of %s: %s", self.name, segment.log_path.name, problem)
-                report = recover_segment(segment, base, allow_gaps=self._allows_gaps())
+                    logger.warning("%s: recovering %s (every batch checked, indexes rebuilt): %s",
+                                   self.name, segment.log_path.name, problem)
+                report = recover_segment(segment, base, allow_gaps=allow_gaps)
                 recovered.append(segment)
                 self._log_recovery(report)
                 if report.truncated and later:
@@ -599,6 +604,35 @@ class PartitionLog:
                 raise self._io_error("deleting expired segments", exc) from exc
         logger.info("%s: retention deleted %d segment(s); log start offset is now %d",
                     self.name, count, self.log_start_offset)
+        return count
+
+    def prefix_cut_point(self, below_offset: int) -> int:
+        """Where the log would start after delete_segments_before(below_offset): the base of the first
+        segment that must stay (the active one always stays)."""
+        kept = [segment for segment in self._segments[:-1] if segment.next_offset > below_offset]
+        return kept[0].base_offset if kept else self._segments[-1].base_offset
+
+    def delete_segments_before(self, new_start: int) -> int:
+        """Delete the closed segments that end at or below new_start (a segment base from prefix_cut_point);
+        returns how many. The log then starts at new_start."""
+        self._check_writable()
+        with self._lock:
+            segments = self._segments
+            count = 0
+            while count < len(segments) - 1 and segments[count].next_offset <= new_start:
+                count += 1
+            if not count:
+                return 0
+            doomed, kept = segments[:count], segments[count:]
+            self._set_segments(kept)
+            try:
+                for segment in doomed:
+                    segment.delete()
+                fsync_dir(self.directory)
+            except OSError as exc:
+                raise self._io_error("deleting segments below a snapshot", exc) from exc
+        logger.info("%s: deleted %d segment(s) below offset %d; the log now starts at offset %d",
+                    self.name, count, new_start, self.log_start_offset)
         return count
 
     def _expired_prefix(self, segments: list[LogSegment], now_ms: int, max_offset: int | None) -> int:
