@@ -117,10 +117,12 @@ class Replica:
 
     @property
     def is_leader(self) -> bool:
-        return self.node.role is Role.LEADER
+        return self.node.role is Role.LEADER and self.failure is None
 
     @property
     def leader_id(self) -> int | None:
+        if self.failure is not None and self.node.leader_id == self.node_id:
+            return None  # it stopped: whatever its frozen node says, it leads nothing
         return self.node.leader_id
 
     @property

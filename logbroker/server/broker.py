@@ -76,6 +76,16 @@ def now_ms() -> int:
 
 
 @dataclass
+class Handover:
+    """A failed leader's request that another replica campaign, repeated until a later leader is heard."""
+
+    name: str
+    term: int
+    voters: list[int]
+    asked: int = 0
+
+
+@dataclass
 class ProduceResult:
     base_offset: int
     log_append_time_ms: int
@@ -114,6 +124,8 @@ class Broker:
         self.group_config = GroupConfig(session_timeout_ms=config.group_session_timeout_ms,
                                         heartbeat_interval_ms=config.group_heartbeat_interval_ms,
                                         offsets_retention_ms=config.offsets_retention_minutes * 60_000)
+        self._handovers: dict[str, Handover] = {}  # Raft group -> leadership a failed replica is giving away
+        self._next_handover_s = 0.0
         # (topic, partition) -> (replica that could not write, when to try again)
         self._failed_replicas: dict[tuple[str, int], tuple[Replica, float]] = {}
         self._last_flush_s: dict[str, float] = {}  # flush="interval" groups: when their log was last fsynced
@@ -139,10 +151,11 @@ class Broker:
         log.info("broker %d up: peers %s, data under %s", self.node_id, self.peers, self.data_dir)
 
     def _add_replica(self, group: str, plog: PartitionLog, membership: Membership,
-                     on_commit: Callable[[Replica, Sequence[Entry]], None], controller: bool = False) -> Replica:
+                     on_commit: Callable[[Replica, Sequence[Entry]], None], controller: bool = False,
+                     applied_offset: int = -1) -> Replica:
         state_file = ReplicaStateFile(self._raft_state_path(plog))
         replica = Replica(group, plog, state_file, membership, self.raft_config(), self.transport, self._executor,
-                          on_commit, self._on_leader_change, applied_offset=-1 if controller else None,
+                          on_commit, self._on_leader_change, applied_offset=applied_offset if controller else None,
                           persist_commit=controller, name=plog.directory.name, on_failure=self._on_replica_failed)
         self._replicas[group] = replica
         return replica
@@ -189,6 +202,8 @@ class Broker:
             replica = self._replicas.get(group)
             if replica is not None and not replica.closed:
                 replica.step(message)
+            elif self._handovers:
+                self._note_leader_elsewhere(group, message)
 
     def _on_leader_change(self, replica: Replica) -> None:
         self._wake_fetchers()
@@ -203,10 +218,6 @@ class Broker:
         led = replica.node.role is Role.LEADER
         if led:
             self._hand_over_failed_leadership(replica)
-        if replica.group == CONTROLLER_GROUP:
-            log.error("the controller replica on broker %d stopped (%s); it rejoins when the broker restarts",
-                      self.node_id, exc)
-            return
         key = (replica.log.topic, replica.log.partition)
         self._failed_replicas[key] = (replica, time.monotonic() + FAILED_REPLICA_RETRY_S)
         log.error("%s: %sbroker %d retries every %.0f s and reopens the replica once a write succeeds; free "
@@ -221,21 +232,50 @@ class Broker:
         followers = [(progress.match_offset, voter) for voter in node.membership.voters
                      if voter != self.node_id and (progress := node.progress(voter)) is not None
                      and self.liveness.is_alive(voter)]
+        # Asked again every retry round, of the next follower, until a leader of a later term is heard:
+        # the first one asked may itself be unable to win (down, or its own disk full).
+        self._handovers[replica.group] = Handover(replica.name, replica.term, sorted(node.membership.voters))
         if not followers:
             return
         _, target = max(followers)
-        self.transport.send(replica.group, Message(MessageType.TIMEOUT_NOW, self.node_id, target, replica.term))
-        log.warning("%s: asked broker %d to take over leadership from broker %d, which cannot write",
-                    replica.name, target, self.node_id)
+        self._send_timeout_now(replica.group, target)
+
+    def _send_timeout_now(self, group: str, target: int) -> None:
+        handover = self._handovers[group]
+        self.transport.send(group, Message(MessageType.TIMEOUT_NOW, self.node_id, target, handover.term))
+        handover.asked += 1
+        log.warning("%s: asked broker %d to take over leadership from broker %d, which cannot write (term %d)",
+                    handover.name, target, self.node_id, handover.term)
+
+    def _repeat_handovers(self) -> None:
+        for group, handover in list(self._handovers.items()):
+            live = [v for v in handover.voters if v != self.node_id and self.liveness.is_alive(v)]
+            if live:
+                self._send_timeout_now(group, live[handover.asked % len(live)])
+
+    def _note_leader_elsewhere(self, group: str, message: Message) -> None:
+        """A message for a group whose replica here has failed: a leader of a later term ends the hand-over."""
+        handover = self._handovers.get(group)
+        if handover is None:
+            return
+        if message.term > handover.term and message.type in (MessageType.APPEND, MessageType.HEARTBEAT):
+            del self._handovers[group]
+            log.info("%s: broker %d leads now (term %d)", handover.name, message.from_node, message.term)
+        else:
+            handover.term = max(handover.term, message.term)
 
     def retry_failed_replicas(self, now_s: float) -> int:
         """Reopen failed replicas whose disk takes writes again; returns how many were reopened."""
+        if now_s >= self._next_handover_s:
+            self._next_handover_s = now_s + FAILED_REPLICA_RETRY_S
+            self._repeat_handovers()
         reopened = 0
         for key, (replica, retry_at_s) in list(self._failed_replicas.items()):
             if now_s < retry_at_s:
                 continue
             topic = self.cluster.topics.get(key[0])
-            if topic is None or topic.raft_group(key[1]) != replica.group:
+            is_controller = replica.group == CONTROLLER_GROUP
+            if not is_controller and (topic is None or topic.raft_group(key[1]) != replica.group):
                 del self._failed_replicas[key]  # deleted meanwhile
                 continue
             try:
@@ -245,12 +285,25 @@ class Broker:
                 self._failed_replicas[key] = (replica, now_s + FAILED_REPLICA_RETRY_S)
                 continue
             del self._failed_replicas[key]
+            self._handovers.pop(replica.group, None)
             self._forget_replica(replica)
-            if self._open_partition(topic, key[1]) is not None:
+            if is_controller:
+                self._reopen_controller(replica)
+                reopened += 1
+            elif topic is not None and self._open_partition(topic, key[1]) is not None:
                 log.info("%s: writes succeed again on broker %d; the replica is reopened and catches up from "
                          "the leader", replica.name, self.node_id)
                 reopened += 1
         return reopened
+
+    def _reopen_controller(self, failed: Replica) -> None:
+        """The metadata is already applied up to where the failed replica got: carry on from there."""
+        plog = PartitionLog.open(self.data_dir / CONTROLLER_DIR, LogConfig(), CONTROLLER_GROUP, 0)
+        applied = min(int(failed.node.applied_offset), plog.log_end_offset - 1)
+        self.controller = self._add_replica(CONTROLLER_GROUP, plog, Membership.of(self.peers), self._apply_controller,
+                                            controller=True, applied_offset=applied)
+        self.controller.start()
+        log.info("the controller replica on broker %d is reopened and catches up from the leader", self.node_id)
 
     def _forget_replica(self, replica: Replica) -> None:
         self._replicas.pop(replica.group, None)
