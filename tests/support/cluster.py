@@ -161,7 +161,7 @@ class ClusterBroker(BrokerProcess):
 
 class BrokerCluster:
     def __init__(self, root: Path, size: int = 3, raft_tick_ms: int = 20, proxied: bool = False,
-                 log_level: str = "info") -> None:
+                 log_level: str = "info", broker_config: Mapping[str, int | str] | None = None) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         if not (self.root / CLUSTER_SECRET_FILE).exists():  # shared by every broker of this cluster
@@ -173,6 +173,12 @@ class BrokerCluster:
         }
         self.proxies: dict[tuple[int, int], FaultProxy] = {}
         self.disks: dict[int, SizeLimitedDir] = {}  # set by fixtures that put data on size-limited disks
+        if broker_config:  # settings for every broker, as a TOML file (e.g. lower group timeouts)
+            config_path = self.root / "broker.toml"
+            config_path.write_text("".join(f"{key} = {value!r}\n" if isinstance(value, str) else
+                                           f"{key} = {value}\n" for key, value in broker_config.items()))
+            for broker in self.brokers.values():
+                broker.extra_args += ["--config", str(config_path)]
         for node, broker in self.brokers.items():
             for peer, other in self.brokers.items():
                 if peer == node:
