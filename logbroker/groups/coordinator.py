@@ -53,7 +53,7 @@ TP = tuple[str, int]
 
 OFFSETS_TOPIC = "__consumer_offsets"
 DEFAULT_SESSION_TIMEOUT_MS = 45_000  # Kafka's group.consumer.session.timeout.ms
-DEFAULT_HEARTBEAT_INTERVAL_MS = 5_000  # Kafka's group.consumer.heartbeat.interval.ms
+DEFAULT_HEARTBEAT_INTERVAL_MS = 500  # Kafka: 5 s; a join settles within about one interval
 # While a member is short of its target (waiting for others to release), it heartbeats this often, so a
 # hand-over takes milliseconds rather than a heartbeat interval.
 RECONCILE_HEARTBEAT_INTERVAL_MS = 100
@@ -65,7 +65,7 @@ MAX_MEMBER_ID_CHARS = 255
 MAX_MEMBERS_PER_GROUP = 1_000
 MAX_METADATA_CHARS = 4_096
 MAX_SUBSCRIBED_TOPICS = 10_000
-DEFAULT_SNAPSHOT_TRIGGER_BYTES = 4 << 20
+DEFAULT_SNAPSHOT_TRIGGER_BYTES = 2 << 20
 LEAVE_EPOCH = -1
 STATIC_LEAVE_EPOCH = -2
 

@@ -63,8 +63,9 @@ LEADER_REPORT_INTERVAL_S = 0.2
 MAINTENANCE_INTERVAL_S = 0.1
 LEADER_REPORT_TIMEOUT_S = 5.0
 FAILED_REPLICA_RETRY_S = 1.0  # how often a replica that could not write tries again
-# __consumer_offsets: small segments, so that the segments below a snapshot can be deleted soon.
-OFFSETS_TOPIC_CONFIGS = {"segment.bytes": str(1 << 20), "retention.ms": "-1", "flush": "always"}
+# __consumer_offsets: kept forever (snapshots bound it), in small segments (offsets_segment_bytes) so that
+# the segments below a snapshot can be deleted soon.
+OFFSETS_TOPIC_CONFIGS = {"retention.ms": "-1", "flush": "always"}
 # A producer request carries up to 16 MiB; the pipe to each follower holds two such requests, in 4 MiB
 # appends, so replication keeps up with one producer's one request in flight.
 RAFT_MAX_MESSAGE_BYTES = 4 << 20
@@ -123,7 +124,8 @@ class Broker:
         self.group_runtimes: dict[int, GroupShardRuntime] = {}  # __consumer_offsets partition -> its coordinator
         self.group_config = GroupConfig(session_timeout_ms=config.group_session_timeout_ms,
                                         heartbeat_interval_ms=config.group_heartbeat_interval_ms,
-                                        offsets_retention_ms=config.offsets_retention_minutes * 60_000)
+                                        offsets_retention_ms=config.offsets_retention_minutes * 60_000,
+                                        snapshot_trigger_bytes=config.offsets_snapshot_trigger_bytes)
         self._handovers: dict[str, Handover] = {}  # Raft group -> leadership a failed replica is giving away
         self._next_handover_s = 0.0
         # (topic, partition) -> (replica that could not write, when to try again)
@@ -486,7 +488,9 @@ class Broker:
         assignment = place_replicas(list(self.peers), partitions, replication_factor, salt=0)
         await self._propose_command({"op": "create_topic", "name": OFFSETS_TOPIC, "topic_id": new_topic_id(),
                                      "partitions": partitions, "replication_factor": replication_factor,
-                                     "configs": dict(OFFSETS_TOPIC_CONFIGS), "assignment": assignment}, timeout_s)
+                                     "configs": {**OFFSETS_TOPIC_CONFIGS,
+                                                 "segment.bytes": str(self.config.offsets_segment_bytes)},
+                                     "assignment": assignment}, timeout_s)
         await self.wait_for_leaders(OFFSETS_TOPIC, timeout_s)
         log.info("created %s: %d partition(s), replication factor %d", OFFSETS_TOPIC, partitions, replication_factor)
         return OFFSETS_TOPIC in self.cluster.topics

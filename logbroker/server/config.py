@@ -29,11 +29,16 @@ DEFAULT_RAFT_HEARTBEAT_TICKS = 2
 DEFAULT_LIVENESS_TIMEOUT_TICKS = 8
 CLUSTER_SECRET_ENV = "LOGBROKER_CLUSTER_SECRET"
 # Consumer groups: __consumer_offsets is created on first use with this many partitions (Kafka: 50; a
-# Python broker runs a Raft group per partition, so fewer), and the group timeouts are Kafka's defaults.
+# Python broker runs a Raft group per partition, so fewer). The session timeout is Kafka's default; members
+# heartbeat every 500 ms (Kafka: 5 s), so a join or a leave settles in well under a second.
 DEFAULT_OFFSETS_TOPIC_PARTITIONS = 8
 DEFAULT_GROUP_SESSION_TIMEOUT_MS = 45_000
-DEFAULT_GROUP_HEARTBEAT_INTERVAL_MS = 5_000
+DEFAULT_GROUP_HEARTBEAT_INTERVAL_MS = 500
 DEFAULT_OFFSETS_RETENTION_MINUTES = 7 * 24 * 60
+# The offsets log is kept bounded by snapshots: once this much was written since the last one (and twice the
+# live state), the coordinator writes a snapshot and the segments below it are deleted.
+DEFAULT_OFFSETS_SNAPSHOT_TRIGGER_BYTES = 2 << 20
+DEFAULT_OFFSETS_SEGMENT_BYTES = 1 << 20
 
 
 class BrokerConfigError(ValueError):
@@ -65,6 +70,8 @@ class BrokerConfig:
     group_session_timeout_ms: int = DEFAULT_GROUP_SESSION_TIMEOUT_MS
     group_heartbeat_interval_ms: int = DEFAULT_GROUP_HEARTBEAT_INTERVAL_MS
     offsets_retention_minutes: int = DEFAULT_OFFSETS_RETENTION_MINUTES
+    offsets_snapshot_trigger_bytes: int = DEFAULT_OFFSETS_SNAPSHOT_TRIGGER_BYTES
+    offsets_segment_bytes: int = DEFAULT_OFFSETS_SEGMENT_BYTES
     # Shared by every broker of a cluster; peer RPCs without it are refused (see cluster/peer_auth.py).
     # Set through cluster_secret_file (or --cluster-secret-file) or $LOGBROKER_CLUSTER_SECRET.
     cluster_secret: str = field(default="", repr=False)
@@ -94,7 +101,7 @@ class BrokerConfig:
         self._load_secret()
         for name in ("default_partitions", "default_replication_factor", "max_request_bytes", "flush_threads",
                      "offsets_topic_partitions", "group_session_timeout_ms", "group_heartbeat_interval_ms",
-                     "offsets_retention_minutes"):
+                     "offsets_retention_minutes", "offsets_snapshot_trigger_bytes", "offsets_segment_bytes"):
             if getattr(self, name) < 1:
                 raise BrokerConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         return self
