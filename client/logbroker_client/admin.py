@@ -119,7 +119,8 @@ class Admin:
         return self._metadata.brokers()
 
     def broker_states(self) -> dict[int, str]:
-        """node id -> "up", "not ready" (running, but starting or without a controller majority) or "down",
+        """node id -> "up", "not ready" (running, but starting or without a controller majority), "no answer"
+        (nothing within 2 s: paused, overloaded or cut off) or "down" (refuses connections),
         each asked of the broker's own gRPC health service with a short timeout."""
         return self._metadata.broker_states()
 

@@ -143,7 +143,7 @@ class AsyncMetadata(MetadataCache):
         return response
 
     async def probe(self, addresses: Sequence[str], timeout_s: float = PROBE_TIMEOUT_S) -> dict[str, str]:
-        """Ask every address's health service at once: UP, NOT_READY or DOWN each."""
+        """Ask every address's health service at once: UP, NOT_READY, NO_ANSWER or DOWN each."""
         unique = list(dict.fromkeys(addresses))
         states = await asyncio.gather(*(self._probe_one(address, timeout_s) for address in unique))
         return dict(zip(unique, states, strict=True))
@@ -236,7 +236,7 @@ class AsyncAdmin:
         return await self._metadata.refresh()
 
     async def broker_states(self) -> dict[int, str]:
-        """node id -> "up", "not ready" or "down", as each broker's gRPC health service answers."""
+        """node id -> "up", "not ready", "no answer" or "down", as each broker's gRPC health service answers."""
         return await self._metadata.broker_states()
 
     async def close(self) -> None:

@@ -209,6 +209,10 @@ def cmd_cluster_describe(args: argparse.Namespace) -> int:
     if down:
         print(f"{len(down)} of {len(states)} broker(s) down ({', '.join(down)}): partitions they led move to other "
               "replicas; those with no replica left are offline (`lb topic describe` shows which)")
+    silent = [str(node) for node, state in sorted(states.items()) if state == "no answer"]
+    if silent:
+        print(f"{len(silent)} broker(s) did not answer within 2 s ({', '.join(silent)}): paused, overloaded or "
+              "unreachable from this machine; see their logs")
     return EXIT_OK
 
 

@@ -34,11 +34,12 @@ log = logging.getLogger("logbroker_client.metadata")
 
 UNREACHABLE_PENALTY_S = 2.0
 METADATA_TIMEOUT_S = 2.0
-PROBE_TIMEOUT_S = 1.0  # a broker's health service answers at once; one that takes longer counts as down
+PROBE_TIMEOUT_S = 2.0  # a broker's health service answers at once, unless the broker is stuck or overloaded
 RETRY_BACKOFF_S = 0.2  # between whole-request retries while a controller moves
 # Liveness of a broker, as its gRPC health service answers: SERVING, NOT_SERVING (running, but starting
-# or without a controller majority), or nothing at all.
-UP, NOT_READY, DOWN = "up", "not ready", "down"
+# or without a controller majority), nothing in time (paused, overloaded, cut off), or a refusal (down).
+# Only DOWN counts as gone: a broker that is merely slow may still lead, so nothing fails fast for it.
+UP, NOT_READY, NO_ANSWER, DOWN = "up", "not ready", "no answer", "down"
 
 
 class MetadataCache:
@@ -171,10 +172,13 @@ def is_loopback(address: str) -> bool:
 
 
 def health_state(response: Any, error: grpc.RpcError | None) -> str:
-    """UP, NOT_READY or DOWN from a health Check's answer or error."""
+    """UP, NOT_READY, NO_ANSWER or DOWN from a health Check's answer or error."""
     if error is not None:
+        code = rpc_code(error)
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return NO_ANSWER
         # A broker that answers with any status other than "unavailable" is running (it may lack the service).
-        return DOWN if rpc_code(error) in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) else UP
+        return DOWN if code == grpc.StatusCode.UNAVAILABLE else UP
     return UP if response.status == health_pb2.HealthCheckResponse.SERVING else NOT_READY
 
 
@@ -254,7 +258,7 @@ class ClusterMetadata(MetadataCache):
         return response
 
     def probe(self, addresses: Sequence[str], timeout_s: float = PROBE_TIMEOUT_S) -> dict[str, str]:
-        """Ask every address's health service at once: UP, NOT_READY or DOWN each."""
+        """Ask every address's health service at once: UP, NOT_READY, NO_ANSWER or DOWN each."""
         calls = {address: self.connection(address).health.Check.future(health_pb2.HealthCheckRequest(),
                                                                         timeout=timeout_s)
                  for address in dict.fromkeys(addresses)}

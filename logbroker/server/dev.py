@@ -39,6 +39,7 @@ LOG_TAIL_LINES = 8
 # (up to 120 s) would hide a broker that is back.
 HEALTH_CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 500)]
 PR_SET_PDEATHSIG = 1
+RUN_MARKER = "---- "  # begins the line written to a broker's log before each start
 
 
 @dataclass
@@ -52,7 +53,8 @@ class DevBroker:
     command: list[str]
     proc: subprocess.Popen[bytes] | None = None
     serving: bool = False
-    died_at: float | None = None
+    exit_seen: bool = False  # this process's exit has been reported
+    died_at: float | None = None  # the first death of a run of failed starts; cleared once it serves
     restart_at: float | None = None  # a dead broker due to start again at this time.monotonic()
     restarts: deque[float] = field(default_factory=deque)  # when it was restarted, within the window
     given_up: bool = False
@@ -60,6 +62,11 @@ class DevBroker:
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def left_down(self) -> bool:
+        """Its exit has been reported and no restart is planned."""
+        return self.exit_seen and self.restart_at is None
 
     @property
     def hand_command(self) -> str:
@@ -85,13 +92,16 @@ def describe_exit(returncode: int) -> str:
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
+    """The last lines the broker's latest run wrote (the log file keeps every run, each after a marker)."""
     try:
         with open(path, "rb") as f:
             f.seek(max(0, os.path.getsize(path) - 16384))
             text = f.read().decode("utf-8", errors="replace")
     except OSError:
         return []
-    return text.splitlines()[-lines:]
+    run = text.splitlines()
+    starts = [i for i, line in enumerate(run) if line.startswith(RUN_MARKER)]
+    return run[starts[-1] + 1 if starts else 0:][-lines:]
 
 
 def parent_death_signal() -> Callable[[], None] | None:
@@ -131,13 +141,14 @@ class DevCluster:
     def launch(self, broker: DevBroker) -> None:
         broker.data_dir.mkdir(parents=True, exist_ok=True)
         with open(broker.log_path, "ab") as log_file:
-            log_file.write(f"---- {time.strftime('%Y-%m-%d %H:%M:%S')} logbroker dev starts: "
+            log_file.write(f"{RUN_MARKER}{time.strftime('%Y-%m-%d %H:%M:%S')} logbroker dev starts: "
                            f"{broker.hand_command}\n".encode())
             log_file.flush()
             broker.proc = subprocess.Popen(broker.command, stdout=log_file, stderr=subprocess.STDOUT,
                                            stdin=subprocess.DEVNULL, start_new_session=True,
                                            preexec_fn=self._child_hook)
         broker.serving = False
+        broker.exit_seen = False
 
     def start_all(self) -> None:
         for broker in self.brokers:
@@ -160,7 +171,7 @@ class DevCluster:
         try:
             while not self.stopping:
                 self.check(time.monotonic())
-                if not any(b.running or b.restart_at is not None for b in self.brokers):
+                if all(b.left_down for b in self.brokers):
                     self.say("no broker is running and none will be restarted; `logbroker dev` stops (see the "
                              "logs above for why each one stopped)")
                     return 1
@@ -203,7 +214,7 @@ class DevCluster:
             if broker.restart_at is not None:
                 if now >= broker.restart_at:
                     self.restart_broker(broker, now)
-            elif broker.proc is not None and broker.proc.poll() is not None and broker.died_at is None:
+            elif broker.proc is not None and not broker.exit_seen and broker.proc.poll() is not None:
                 self.on_death(broker, now)
             elif broker.running and not broker.serving and self.is_serving(broker):
                 self.on_serving(broker, now)
@@ -211,18 +222,28 @@ class DevCluster:
     def on_death(self, broker: DevBroker, now: float) -> None:
         assert broker.proc is not None
         code = broker.proc.returncode
-        broker.died_at = now
+        broker.exit_seen = True
+        broker.died_at = broker.died_at if broker.died_at is not None else now
         broker.serving = False
         self.say(f"broker {broker.node_id} (pid {broker.proc.pid}, {broker.address}) {describe_exit(code)}; "
                  f"its log: {broker.log_path}")
         if code > 0:
             for line in log_tail(broker.log_path):
                 self.say(f"  | {line}")
-        others = [str(b.node_id) for b in self.brokers if b.running]
-        if others:
-            self.say(f"  brokers {', '.join(others)} keep serving; partitions with a replica on them carry on "
-                     "(replication factor 3 loses nothing acknowledged with acks=all)")
+        self.say(f"  {self.survivors_note()}")
         self.plan_restart(broker, now, code)
+
+    def survivors_note(self) -> str:
+        """What the brokers still running can do: a cluster serves while a majority of its brokers runs."""
+        running = [str(b.node_id) for b in self.brokers if b.running]
+        if not running:
+            return "no broker is running"
+        who = f"broker {running[0]} is" if len(running) == 1 else f"brokers {', '.join(running)} are"
+        if len(running) > len(self.brokers) // 2:
+            return (f"{who} still running and keep serving: partitions with a replica on them carry on "
+                    "(replication factor 3 loses nothing acknowledged with acks=all)")
+        return (f"{who} still running, but the cluster needs a majority of its {len(self.brokers)} brokers to "
+                "serve: start the others")
 
     def plan_restart(self, broker: DevBroker, now: float, code: int) -> None:
         while broker.restarts and now - broker.restarts[0] > RESTART_WINDOW_S:

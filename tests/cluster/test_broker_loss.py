@@ -125,3 +125,17 @@ async def async_produce_fails_fast(bootstrap: str, holder: int) -> None:
             await future
         assert time.monotonic() - started < FAIL_FAST_LIMIT_S
         assert await producer.flush() == 1
+
+
+def test_a_paused_broker_is_shown_as_not_answering_not_as_down(cluster: BrokerCluster,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    cluster.pause(3)  # SIGSTOP: its port accepts connections, but nothing answers
+    try:
+        code, out, err = lb(capsys, "cluster", "describe", "--bootstrap", cluster.bootstrap)
+    finally:
+        cluster.resume(3)
+    assert code == 0, err
+    statuses = {line.split()[0]: line.split(maxsplit=2)[2].removesuffix("*").strip()
+                for line in out.splitlines()[2:5]}
+    assert statuses == {"1": "up", "2": "up", "3": "no answer"}, out
+    assert "1 broker(s) did not answer within 2 s (3)" in out and "down" not in out
