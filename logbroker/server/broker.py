@@ -372,6 +372,9 @@ class Broker:
             return f"epoch {epoch} is outside 0..{MAX_EPOCH}"
         return None
 
+    def _live_brokers(self) -> list[int]:
+        return [node for node in self.peers if self.liveness.is_alive(node)]
+
     def known_leader(self, topic: str, index: int) -> int | None:
         """The partition's leader: from the local replica if there is one, else as reported to the controller."""
         replica = self._partitions.get((topic, index))
@@ -380,6 +383,8 @@ class Broker:
         reported = self.cluster.leaders.get((topic, index))
         if reported is None or (replica is not None and reported[0] == self.node_id):
             return None  # this broker's own replica failed: it leads nothing, whatever was reported
+        if not self.liveness.is_alive(reported[0]):
+            return None  # reported before its broker went down: the partition is offline or electing
         return reported[0]
 
     async def hand_over_leadership(self) -> None:
@@ -606,7 +611,8 @@ class Broker:
         if name in self.cluster.topics:
             raise errors.TopicAlreadyExists(f"topic {name!r} already exists")
         partitions = self.config.default_partitions if partitions == -1 else partitions
-        replication_factor = self.config.default_replication_factor if replication_factor == -1 else replication_factor
+        if replication_factor == -1:
+            replication_factor = self.config.default_replication_factor or min(3, len(self._live_brokers()))
         if not 1 <= partitions <= MAX_PARTITIONS:
             raise errors.InvalidPartitions(f"partitions must be between 1 and {MAX_PARTITIONS}, got {partitions}")
         if not 1 <= replication_factor <= len(self.peers):

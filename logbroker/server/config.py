@@ -13,7 +13,9 @@ from logbroker.cluster.peer_auth import ClusterSecretError, check_secret
 DEFAULT_LISTEN = "127.0.0.1:9092"
 DEFAULT_NODE_ID = 1
 DEFAULT_PARTITIONS = 1
-DEFAULT_REPLICATION_FACTOR = 1
+# 0: min(3, live brokers) at creation time, as a serious deployment wants (Kafka's
+# default.replication.factor, which a cluster of three sets to 3).
+DEFAULT_REPLICATION_FACTOR = 0
 DEFAULT_MAX_REQUEST_BYTES = 100 * 1024 * 1024
 DEFAULT_MAX_FETCH_WAIT_MS = 30_000
 DEFAULT_RETENTION_CHECK_INTERVAL_MS = 60_000
@@ -99,7 +101,10 @@ class BrokerConfig:
         if self.raft_election_ticks <= self.raft_heartbeat_ticks:
             raise BrokerConfigError("raft_election_ticks must exceed raft_heartbeat_ticks")
         self._load_secret()
-        for name in ("default_partitions", "default_replication_factor", "max_request_bytes", "flush_threads",
+        if self.default_replication_factor < 0:
+            raise BrokerConfigError("default_replication_factor must be 0 (min(3, live brokers)) or more, got "
+                                    f"{self.default_replication_factor}")
+        for name in ("default_partitions", "max_request_bytes", "flush_threads",
                      "offsets_topic_partitions", "group_session_timeout_ms", "group_heartbeat_interval_ms",
                      "offsets_retention_minutes", "offsets_snapshot_trigger_bytes", "offsets_segment_bytes"):
             if getattr(self, name) < 1:

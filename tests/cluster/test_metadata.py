@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from logbroker_client import Admin, Consumer, Producer, TopicPartition
 
 from tests.support.brokers import wait_until
@@ -57,3 +59,20 @@ def test_describe_from_any_broker_shows_the_leaders_offsets(cluster: BrokerClust
             return [(p.leader_id, p.high_watermark) for p in parts] == [
                 (hosts[i], last[i] + 1) for i in range(PARTITIONS)]
         wait_until(agreed, 20, f"broker {node} to describe every partition as its leader does")
+
+
+def test_a_topic_created_without_a_replication_factor_gets_three_or_as_many_brokers_as_are_live(
+        cluster: BrokerCluster) -> None:
+    with Admin(cluster.bootstrap, request_timeout_ms=20_000) as admin:
+        admin.create_topic("defaults")
+        assert admin.describe_topics(["defaults"])[0].replication_factor == 3
+    cluster.kill(3)
+    wait_until(lambda: not cluster.brokers[3].running, 10, "broker 3 to be down")
+
+    def created_with_two() -> bool:
+        with Admin(cluster.bootstrap_of(1, 2), request_timeout_ms=20_000) as admin:
+            name = f"degraded-{time.monotonic_ns()}"
+            admin.create_topic(name)
+            return admin.describe_topics([name])[0].replication_factor == 2
+
+    wait_until(created_with_two, 20, "a topic created while broker 3 is down to get 2 replicas")
