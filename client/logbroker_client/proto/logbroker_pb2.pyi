@@ -38,6 +38,16 @@ class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     UNRELEASED_INSTANCE_ID: _ClassVar[ErrorCode]
     GROUP_SUBSCRIBED_TO_TOPIC: _ClassVar[ErrorCode]
     PARTITION_NOT_OWNED: _ClassVar[ErrorCode]
+    INVALID_RECORD_STATE: _ClassVar[ErrorCode]
+    INVALID_GROUP_CONFIG: _ClassVar[ErrorCode]
+
+class AckType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ACK_NONE: _ClassVar[AckType]
+    ACCEPT: _ClassVar[AckType]
+    RELEASE: _ClassVar[AckType]
+    REJECT: _ClassVar[AckType]
+    RENEW: _ClassVar[AckType]
 NONE: ErrorCode
 UNKNOWN_TOPIC_OR_PARTITION: ErrorCode
 NOT_LEADER: ErrorCode
@@ -66,6 +76,13 @@ NON_EMPTY_GROUP: ErrorCode
 UNRELEASED_INSTANCE_ID: ErrorCode
 GROUP_SUBSCRIBED_TO_TOPIC: ErrorCode
 PARTITION_NOT_OWNED: ErrorCode
+INVALID_RECORD_STATE: ErrorCode
+INVALID_GROUP_CONFIG: ErrorCode
+ACK_NONE: AckType
+ACCEPT: AckType
+RELEASE: AckType
+REJECT: AckType
+RENEW: AckType
 
 class LeaderHint(_message.Message):
     __slots__ = ("leader_id", "leader_address")
@@ -74,6 +91,205 @@ class LeaderHint(_message.Message):
     leader_id: int
     leader_address: str
     def __init__(self, leader_id: _Optional[int] = ..., leader_address: _Optional[str] = ...) -> None: ...
+
+class AlterGroupConfigsRequest(_message.Message):
+    __slots__ = ("group_id", "configs")
+    class ConfigsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    CONFIGS_FIELD_NUMBER: _ClassVar[int]
+    group_id: str
+    configs: _containers.ScalarMap[str, str]
+    def __init__(self, group_id: _Optional[str] = ..., configs: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class AlterGroupConfigsResponse(_message.Message):
+    __slots__ = ("error_code", "error_message")
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    error_code: ErrorCode
+    error_message: str
+    def __init__(self, error_code: _Optional[_Union[ErrorCode, str]] = ..., error_message: _Optional[str] = ...) -> None: ...
+
+class DescribeGroupConfigsRequest(_message.Message):
+    __slots__ = ("group_id",)
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    group_id: str
+    def __init__(self, group_id: _Optional[str] = ...) -> None: ...
+
+class DescribeGroupConfigsResponse(_message.Message):
+    __slots__ = ("error_code", "error_message", "configs")
+    class ConfigsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    CONFIGS_FIELD_NUMBER: _ClassVar[int]
+    error_code: ErrorCode
+    error_message: str
+    configs: _containers.ScalarMap[str, str]
+    def __init__(self, error_code: _Optional[_Union[ErrorCode, str]] = ..., error_message: _Optional[str] = ..., configs: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class AckRange(_message.Message):
+    __slots__ = ("first_offset", "last_offset", "type", "delay_ms", "reason")
+    FIRST_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LAST_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    DELAY_MS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    first_offset: int
+    last_offset: int
+    type: AckType
+    delay_ms: int
+    reason: str
+    def __init__(self, first_offset: _Optional[int] = ..., last_offset: _Optional[int] = ..., type: _Optional[_Union[AckType, str]] = ..., delay_ms: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class SharePartitionFetch(_message.Message):
+    __slots__ = ("topic", "partition", "acks")
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    ACKS_FIELD_NUMBER: _ClassVar[int]
+    topic: str
+    partition: int
+    acks: _containers.RepeatedCompositeFieldContainer[AckRange]
+    def __init__(self, topic: _Optional[str] = ..., partition: _Optional[int] = ..., acks: _Optional[_Iterable[_Union[AckRange, _Mapping]]] = ...) -> None: ...
+
+class ShareFetchRequest(_message.Message):
+    __slots__ = ("group_id", "member_id", "partitions", "max_wait_ms", "max_records", "client_id")
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
+    PARTITIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    group_id: str
+    member_id: str
+    partitions: _containers.RepeatedCompositeFieldContainer[SharePartitionFetch]
+    max_wait_ms: int
+    max_records: int
+    client_id: str
+    def __init__(self, group_id: _Optional[str] = ..., member_id: _Optional[str] = ..., partitions: _Optional[_Iterable[_Union[SharePartitionFetch, _Mapping]]] = ..., max_wait_ms: _Optional[int] = ..., max_records: _Optional[int] = ..., client_id: _Optional[str] = ...) -> None: ...
+
+class AcquiredRange(_message.Message):
+    __slots__ = ("first_offset", "last_offset", "delivery_count", "lock_deadline_ms")
+    FIRST_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LAST_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DELIVERY_COUNT_FIELD_NUMBER: _ClassVar[int]
+    LOCK_DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
+    first_offset: int
+    last_offset: int
+    delivery_count: int
+    lock_deadline_ms: int
+    def __init__(self, first_offset: _Optional[int] = ..., last_offset: _Optional[int] = ..., delivery_count: _Optional[int] = ..., lock_deadline_ms: _Optional[int] = ...) -> None: ...
+
+class AckResult(_message.Message):
+    __slots__ = ("first_offset", "last_offset", "error_code", "error_message")
+    FIRST_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LAST_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    first_offset: int
+    last_offset: int
+    error_code: ErrorCode
+    error_message: str
+    def __init__(self, first_offset: _Optional[int] = ..., last_offset: _Optional[int] = ..., error_code: _Optional[_Union[ErrorCode, str]] = ..., error_message: _Optional[str] = ...) -> None: ...
+
+class SharePartitionData(_message.Message):
+    __slots__ = ("topic", "partition", "error_code", "error_message", "leader", "records", "acquired", "ack_results")
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    LEADER_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    ACQUIRED_FIELD_NUMBER: _ClassVar[int]
+    ACK_RESULTS_FIELD_NUMBER: _ClassVar[int]
+    topic: str
+    partition: int
+    error_code: ErrorCode
+    error_message: str
+    leader: LeaderHint
+    records: bytes
+    acquired: _containers.RepeatedCompositeFieldContainer[AcquiredRange]
+    ack_results: _containers.RepeatedCompositeFieldContainer[AckResult]
+    def __init__(self, topic: _Optional[str] = ..., partition: _Optional[int] = ..., error_code: _Optional[_Union[ErrorCode, str]] = ..., error_message: _Optional[str] = ..., leader: _Optional[_Union[LeaderHint, _Mapping]] = ..., records: _Optional[bytes] = ..., acquired: _Optional[_Iterable[_Union[AcquiredRange, _Mapping]]] = ..., ack_results: _Optional[_Iterable[_Union[AckResult, _Mapping]]] = ...) -> None: ...
+
+class ShareFetchResponse(_message.Message):
+    __slots__ = ("partitions",)
+    PARTITIONS_FIELD_NUMBER: _ClassVar[int]
+    partitions: _containers.RepeatedCompositeFieldContainer[SharePartitionData]
+    def __init__(self, partitions: _Optional[_Iterable[_Union[SharePartitionData, _Mapping]]] = ...) -> None: ...
+
+class ShareAcknowledgeRequest(_message.Message):
+    __slots__ = ("group_id", "member_id", "partitions")
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
+    PARTITIONS_FIELD_NUMBER: _ClassVar[int]
+    group_id: str
+    member_id: str
+    partitions: _containers.RepeatedCompositeFieldContainer[SharePartitionFetch]
+    def __init__(self, group_id: _Optional[str] = ..., member_id: _Optional[str] = ..., partitions: _Optional[_Iterable[_Union[SharePartitionFetch, _Mapping]]] = ...) -> None: ...
+
+class ShareAcknowledgeResponse(_message.Message):
+    __slots__ = ("partitions",)
+    PARTITIONS_FIELD_NUMBER: _ClassVar[int]
+    partitions: _containers.RepeatedCompositeFieldContainer[SharePartitionData]
+    def __init__(self, partitions: _Optional[_Iterable[_Union[SharePartitionData, _Mapping]]] = ...) -> None: ...
+
+class DescribeSharePartitionsRequest(_message.Message):
+    __slots__ = ("group_id", "partitions")
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    PARTITIONS_FIELD_NUMBER: _ClassVar[int]
+    group_id: str
+    partitions: _containers.RepeatedCompositeFieldContainer[TopicPartitions]
+    def __init__(self, group_id: _Optional[str] = ..., partitions: _Optional[_Iterable[_Union[TopicPartitions, _Mapping]]] = ...) -> None: ...
+
+class SharePartitionDescription(_message.Message):
+    __slots__ = ("topic", "partition", "error_code", "error_message", "start_offset", "available", "in_flight", "delayed", "oldest_available_age_ms", "dead_lettered", "in_flight_by_member")
+    class InFlightByMemberEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    START_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    DELAYED_FIELD_NUMBER: _ClassVar[int]
+    OLDEST_AVAILABLE_AGE_MS_FIELD_NUMBER: _ClassVar[int]
+    DEAD_LETTERED_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_BY_MEMBER_FIELD_NUMBER: _ClassVar[int]
+    topic: str
+    partition: int
+    error_code: ErrorCode
+    error_message: str
+    start_offset: int
+    available: int
+    in_flight: int
+    delayed: int
+    oldest_available_age_ms: int
+    dead_lettered: int
+    in_flight_by_member: _containers.ScalarMap[str, int]
+    def __init__(self, topic: _Optional[str] = ..., partition: _Optional[int] = ..., error_code: _Optional[_Union[ErrorCode, str]] = ..., error_message: _Optional[str] = ..., start_offset: _Optional[int] = ..., available: _Optional[int] = ..., in_flight: _Optional[int] = ..., delayed: _Optional[int] = ..., oldest_available_age_ms: _Optional[int] = ..., dead_lettered: _Optional[int] = ..., in_flight_by_member: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class DescribeSharePartitionsResponse(_message.Message):
+    __slots__ = ("partitions",)
+    PARTITIONS_FIELD_NUMBER: _ClassVar[int]
+    partitions: _containers.RepeatedCompositeFieldContainer[SharePartitionDescription]
+    def __init__(self, partitions: _Optional[_Iterable[_Union[SharePartitionDescription, _Mapping]]] = ...) -> None: ...
 
 class FindCoordinatorRequest(_message.Message):
     __slots__ = ("group_ids",)

@@ -251,6 +251,16 @@ class AdminStub:
                 request_serializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeTopicsRequest.SerializeToString,
                 response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeTopicsResponse.FromString,
                 _registered_method=True)
+        self.AlterGroupConfigs = channel.unary_unary(
+                '/logbroker.v1.Admin/AlterGroupConfigs',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.AlterGroupConfigsRequest.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.AlterGroupConfigsResponse.FromString,
+                _registered_method=True)
+        self.DescribeGroupConfigs = channel.unary_unary(
+                '/logbroker.v1.Admin/DescribeGroupConfigs',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeGroupConfigsRequest.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeGroupConfigsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -274,6 +284,18 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AlterGroupConfigs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DescribeGroupConfigs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -291,6 +313,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.DescribeTopics,
                     request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeTopicsRequest.FromString,
                     response_serializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeTopicsResponse.SerializeToString,
+            ),
+            'AlterGroupConfigs': grpc.unary_unary_rpc_method_handler(
+                    servicer.AlterGroupConfigs,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.AlterGroupConfigsRequest.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.AlterGroupConfigsResponse.SerializeToString,
+            ),
+            'DescribeGroupConfigs': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeGroupConfigs,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeGroupConfigsRequest.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeGroupConfigsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -374,6 +406,230 @@ class Admin:
             '/logbroker.v1.Admin/DescribeTopics',
             logbroker_dot_v1_dot_logbroker__pb2.DescribeTopicsRequest.SerializeToString,
             logbroker_dot_v1_dot_logbroker__pb2.DescribeTopicsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AlterGroupConfigs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logbroker.v1.Admin/AlterGroupConfigs',
+            logbroker_dot_v1_dot_logbroker__pb2.AlterGroupConfigsRequest.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.AlterGroupConfigsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeGroupConfigs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logbroker.v1.Admin/DescribeGroupConfigs',
+            logbroker_dot_v1_dot_logbroker__pb2.DescribeGroupConfigsRequest.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.DescribeGroupConfigsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class ShareStub:
+    """Share groups (KIP-932's model, completed): any number of members take records from the same partitions.
+    Each partition's leader keeps, per share group, which records are available, acquired (by one member,
+    until its lock expires), acknowledged or archived, and how often each was delivered; that state is
+    written to the partition's own log (as control batches, which consumers never see) before it is used.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ShareFetch = channel.unary_unary(
+                '/logbroker.v1.Share/ShareFetch',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.ShareFetchRequest.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.ShareFetchResponse.FromString,
+                _registered_method=True)
+        self.ShareAcknowledge = channel.unary_unary(
+                '/logbroker.v1.Share/ShareAcknowledge',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.ShareAcknowledgeRequest.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.ShareAcknowledgeResponse.FromString,
+                _registered_method=True)
+        self.DescribeSharePartitions = channel.unary_unary(
+                '/logbroker.v1.Share/DescribeSharePartitions',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeSharePartitionsRequest.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeSharePartitionsResponse.FromString,
+                _registered_method=True)
+
+
+class ShareServicer:
+    """Share groups (KIP-932's model, completed): any number of members take records from the same partitions.
+    Each partition's leader keeps, per share group, which records are available, acquired (by one member,
+    until its lock expires), acknowledged or archived, and how often each was delivered; that state is
+    written to the partition's own log (as control batches, which consumers never see) before it is used.
+    """
+
+    def ShareFetch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ShareAcknowledge(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DescribeSharePartitions(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ShareServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ShareFetch': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShareFetch,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.ShareFetchRequest.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.ShareFetchResponse.SerializeToString,
+            ),
+            'ShareAcknowledge': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShareAcknowledge,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.ShareAcknowledgeRequest.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.ShareAcknowledgeResponse.SerializeToString,
+            ),
+            'DescribeSharePartitions': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeSharePartitions,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeSharePartitionsRequest.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeSharePartitionsResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'logbroker.v1.Share', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('logbroker.v1.Share', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Share:
+    """Share groups (KIP-932's model, completed): any number of members take records from the same partitions.
+    Each partition's leader keeps, per share group, which records are available, acquired (by one member,
+    until its lock expires), acknowledged or archived, and how often each was delivered; that state is
+    written to the partition's own log (as control batches, which consumers never see) before it is used.
+    """
+
+    @staticmethod
+    def ShareFetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logbroker.v1.Share/ShareFetch',
+            logbroker_dot_v1_dot_logbroker__pb2.ShareFetchRequest.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.ShareFetchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShareAcknowledge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logbroker.v1.Share/ShareAcknowledge',
+            logbroker_dot_v1_dot_logbroker__pb2.ShareAcknowledgeRequest.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.ShareAcknowledgeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeSharePartitions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logbroker.v1.Share/DescribeSharePartitions',
+            logbroker_dot_v1_dot_logbroker__pb2.DescribeSharePartitionsRequest.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.DescribeSharePartitionsResponse.FromString,
             options,
             channel_credentials,
             insecure,
