@@ -48,6 +48,8 @@ class ClusterState:
     topics: dict[str, TopicMetadata] = field(default_factory=dict)
     # (topic, partition) -> (leader, epoch) as reported by leaders; the newest epoch wins
     leaders: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)
+    # group id -> configs set on it (share-group settings), validated before they are proposed
+    group_configs: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def apply(self, command: dict[str, Any], offset: int) -> TopicEvent | None:
         """Apply one command found at ``offset`` of the controller log; return what the broker must act on."""
@@ -58,6 +60,14 @@ class ClusterState:
             return self._delete(command)
         if op == "leaders":
             self._record_leaders(command["leaders"])
+            return None
+        if op == "group_configs":
+            merged = {**self.group_configs.get(command["group"], {}), **command["configs"]}
+            merged = {k: v for k, v in merged.items() if v != ""}
+            if merged:
+                self.group_configs[command["group"]] = merged
+            else:
+                self.group_configs.pop(command["group"], None)
             return None
         raise ValueError(f"unknown controller command {op!r}")
 

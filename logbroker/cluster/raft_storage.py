@@ -9,12 +9,14 @@ control batches as records, so Raft's own entries stay invisible to them.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import struct
 import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from logbroker_client import records as rec
 
@@ -26,6 +28,8 @@ from logbroker.storage.log import PartitionLog
 CONTROL_KEY_NOOP = struct.pack(">hh", 0, 100)
 CONTROL_KEY_CONFIG = struct.pack(">hh", 0, 101)
 _CONTROL_KINDS = {CONTROL_KEY_NOOP: EntryKind.NOOP, CONTROL_KEY_CONFIG: EntryKind.CONFIG}
+
+logger = logging.getLogger("logbroker.raft_storage")
 
 
 def entries_to_batches(entries: Sequence[Entry], timestamp_ms: int) -> bytearray:
@@ -53,7 +57,11 @@ def batch_to_entry(data: bytes | memoryview, pos: int, header: rec.BatchHeader) 
         payload = bytes(data[pos:pos + header.batch_length + rec.LOG_OVERHEAD])
         return Entry(header.base_offset, last, header.leader_epoch, EntryKind.DATA, payload)
     record = rec.decode_records(data, pos, header)[0]
-    kind = _CONTROL_KINDS.get(record.key or b"", EntryKind.NOOP)
+    kind = _CONTROL_KINDS.get(record.key or b"")
+    if kind is None:
+        # A control batch of a state machine (share-group state): opaque to Raft, shipped whole like data.
+        payload = bytes(data[pos:pos + header.batch_length + rec.LOG_OVERHEAD])
+        return Entry(header.base_offset, last, header.leader_epoch, EntryKind.DATA, payload)
     payload = (record.value or b"") if kind is EntryKind.CONFIG else b""
     return Entry(header.base_offset, last, header.leader_epoch, kind, payload)
 
@@ -85,10 +93,21 @@ class ReplicaStateCorruptError(RuntimeError):
 class ReplicaStateFile:
     """Term, vote and friends in two fixed slots, written in place: one fdatasync per save, no rename.
 
-    Layout: two slots of SLOT_BYTES at offsets 0 and SLOT_BYTES, each `seq u64 | length u32 | crc32c u32 |
-    JSON`. A save writes the older slot with the next sequence number; load takes the valid slot with the
-    higher one. A write torn by a crash fails its CRC and the other slot (the previous state) wins, which
-    is safe: nothing that depended on the torn save was sent, as the save had not returned.
+    Layout: two slots of SLOT_BYTES at offsets 0 and SLOT_BYTES, each
+        magic "LBR2" | crc32c u32 | seq u64 | length u32 | JSON body of length bytes | stale bytes
+    The CRC covers seq, length and body: a damaged byte anywhere in them fails the slot, so damage can
+    neither make a slot look newer than it is nor cut its body short. A save writes the older slot with
+    the next seq and fdatasyncs; load takes the valid slot with the higher seq. A save torn by a crash
+    fails its check and the other slot (the previous state) wins, which is safe: nothing that depended on
+    the torn save was sent, as the save had not returned. Load logs a WARNING for every failed slot.
+
+    The first layout was `seq u64 | length u32 | crc32c u32 | JSON`, its CRC over the body alone, so a
+    damaged seq in the older slot could win and bring back an old term and vote. Its slots begin with the
+    high half of a u64 seq, zero in any real file, which the magic can never be. Such a file is still
+    read, with the old rule, which cannot be made safe after the fact, so load rewrites both of its slots
+    in this layout at once: the old rule decides once, at the first start after an upgrade, and never
+    again. A valid slot in this layout beats one in the old layout, because it was written after that one
+    was read.
     """
 
     def __init__(self, path: Path) -> None:
@@ -98,43 +117,50 @@ class ReplicaStateFile:
         self._seq = 0
 
     def load(self, default_membership: Membership) -> ReplicaState:
+        fresh = ReplicaState(voters=tuple(sorted(default_membership.voters)),
+                             learners=tuple(sorted(default_membership.learners)))
         if not self.path.exists():
-            return ReplicaState(voters=tuple(sorted(default_membership.voters)),
-                                learners=tuple(sorted(default_membership.learners)))
-        data = self.path.read_bytes()
-        best: tuple[int, dict] | None = None  # type: ignore[type-arg]
-        for slot in (0, 1):
-            record = self._parse_slot(data[slot * SLOT_BYTES:(slot + 1) * SLOT_BYTES])
-            if record is not None and (best is None or record[0] > best[0]):
-                best = record
+            return fresh
+        slots, problems = _read_slots(self.path.read_bytes())
+        best = max((slot for slot in slots if slot is not None), key=lambda s: (s.layout, s.seq), default=None)
         if best is None:
-            raise ReplicaStateCorruptError(
-                f"{self.path}: no valid Raft state in either slot; restore the file or remove this replica's "
-                "data so it rejoins empty from the leader")
-        self._seq, doc = best
-        doc["voters"] = tuple(doc["voters"])
-        doc["learners"] = tuple(doc["learners"])
-        return ReplicaState(**doc)
+            return self._first_save_torn(fresh, problems)
+        for index, problem in problems.items():
+            logger.warning(
+                "%s: Raft state slot %d is damaged (%s); using slot %d instead (save %d: term %d, vote %s). If "
+                "the damaged slot held the newest save, a crash tore it before it returned, so nothing sent "
+                "depended on it", self.path, index, problem, 1 - index, best.seq, best.state.term, best.state.vote)
+        self._seq = best.seq
+        if best.layout == _OLD_LAYOUT:
+            self._rewrite_in_new_layout(best.state)
+        return best.state
 
-    @staticmethod
-    def _parse_slot(slot: bytes) -> tuple[int, dict] | None:  # type: ignore[type-arg]
-        if len(slot) < _SLOT_HEADER.size:
-            return None
-        seq, length, crc = _SLOT_HEADER.unpack_from(slot)
-        body = slot[_SLOT_HEADER.size:_SLOT_HEADER.size + length]
-        if seq == 0 or len(body) != length or rec.crc32c(body) != crc:
-            return None
-        return seq, json.loads(body)
+    def _first_save_torn(self, fresh: ReplicaState, problems: dict[int, str]) -> ReplicaState:
+        """No valid slot. Save 1 goes to slot 1 and save 2 to slot 0, so an unwritten slot 0 means no save
+        ever completed: the state is the fresh one. Anything else is damage this file cannot undo."""
+        if 0 in problems:
+            raise ReplicaStateCorruptError(
+                f"{self.path}: no valid Raft state in either slot ({_describe(problems)}); restore the file or "
+                "remove this replica's data so it rejoins empty from the leader")
+        if problems:
+            logger.warning("%s: Raft state slot 1 is damaged (%s) and slot 0 was never written: the first save "
+                           "was torn by a crash, so the replica starts from its initial state", self.path, problems[1])
+        return fresh
+
+    def _rewrite_in_new_layout(self, state: ReplicaState) -> None:
+        # Two saves fill both slots; a crash in between leaves one new slot, which beats the old one.
+        self.save(state)
+        self.save(state)
+        logger.info("%s: Raft state rewritten in the current slot layout (CRC over seq and length)", self.path)
 
     def save(self, state: ReplicaState) -> None:
         body = json.dumps(asdict(state)).encode()
-        if len(body) > SLOT_BYTES - _SLOT_HEADER.size:
+        if len(body) > SLOT_BYTES - _HEADER_BYTES:
             raise ValueError(f"{self.path}: Raft state of {len(body)} bytes does not fit a slot")
         with self._lock:
             fd = self._open()
             self._seq += 1
-            record = _SLOT_HEADER.pack(self._seq, len(body), rec.crc32c(body)) + body
-            os.pwrite(fd, record, (self._seq % 2) * SLOT_BYTES)
+            os.pwrite(fd, _encode_slot(self._seq, body), (self._seq % 2) * SLOT_BYTES)
             os.fdatasync(fd)
 
     def _open(self) -> int:
@@ -159,7 +185,87 @@ class ReplicaStateFile:
 
 
 SLOT_BYTES = 512
-_SLOT_HEADER = struct.Struct(">QII")
+SLOT_MAGIC = b"LBR2"
+_CRC = struct.Struct(">I")
+_SEQ_AND_LENGTH = struct.Struct(">QI")
+_HEADER_BYTES = len(SLOT_MAGIC) + _CRC.size + _SEQ_AND_LENGTH.size  # 20
+_OLD_HEADER = struct.Struct(">QII")  # the first layout: seq, length, crc32c of the body
+_OLD_LAYOUT, _NEW_LAYOUT = 1, 2
+
+
+class _Slot(NamedTuple):
+    seq: int
+    state: ReplicaState
+    layout: int
+
+
+class _DamagedSlotError(Exception):
+    """A slot that was written but fails its check: a torn save, or damage on disk."""
+
+
+def _encode_slot(seq: int, body: bytes) -> bytes:
+    covered = _SEQ_AND_LENGTH.pack(seq, len(body)) + body
+    return SLOT_MAGIC + _CRC.pack(rec.crc32c(covered)) + covered
+
+
+def _read_slots(data: bytes) -> tuple[list[_Slot | None], dict[int, str]]:
+    """Both slots (None where never written or damaged), and why each damaged one failed."""
+    slots: list[_Slot | None] = []
+    problems: dict[int, str] = {}
+    for index in (0, 1):
+        try:
+            slots.append(_parse_slot(data[index * SLOT_BYTES:(index + 1) * SLOT_BYTES]))
+        except _DamagedSlotError as exc:
+            slots.append(None)
+            problems[index] = str(exc)
+    return slots, problems
+
+
+def _parse_slot(raw: bytes) -> _Slot | None:
+    """The slot's record; None for a slot never written (all zeros); _DamagedSlotError for anything else."""
+    if not raw.strip(b"\0"):
+        return None
+    if len(raw) < _HEADER_BYTES:
+        raise _DamagedSlotError(f"only {len(raw)} bytes: the file is cut short")
+    if raw.startswith(SLOT_MAGIC):
+        return _parse_new_slot(raw)
+    if raw.startswith(b"\0\0\0\0"):
+        return _parse_old_slot(raw)
+    raise _DamagedSlotError(f"unknown slot header {raw[:4].hex()}")
+
+
+def _parse_new_slot(raw: bytes) -> _Slot:
+    covered_start = len(SLOT_MAGIC) + _CRC.size
+    (crc,) = _CRC.unpack_from(raw, len(SLOT_MAGIC))
+    seq, length = _SEQ_AND_LENGTH.unpack_from(raw, covered_start)
+    if length > SLOT_BYTES - _HEADER_BYTES:
+        raise _DamagedSlotError(f"length {length} does not fit the slot")  # and the CRC would fail too
+    covered = raw[covered_start:_HEADER_BYTES + length]
+    if len(covered) != _SEQ_AND_LENGTH.size + length or rec.crc32c(covered) != crc:
+        raise _DamagedSlotError("CRC mismatch over seq, length and body")
+    return _Slot(seq, _decode_state(covered[_SEQ_AND_LENGTH.size:]), _NEW_LAYOUT)
+
+
+def _parse_old_slot(raw: bytes) -> _Slot:
+    seq, length, crc = _OLD_HEADER.unpack_from(raw)
+    body = raw[_OLD_HEADER.size:_OLD_HEADER.size + length]
+    if seq == 0 or len(body) != length or rec.crc32c(body) != crc:
+        raise _DamagedSlotError("CRC mismatch over the body (first slot layout)")
+    return _Slot(seq, _decode_state(body), _OLD_LAYOUT)
+
+
+def _decode_state(body: bytes) -> ReplicaState:
+    try:
+        doc = json.loads(body)
+        doc["voters"] = tuple(doc["voters"])
+        doc["learners"] = tuple(doc["learners"])
+        return ReplicaState(**doc)
+    except (ValueError, KeyError, TypeError) as exc:  # a valid CRC over bytes this code never wrote
+        raise _DamagedSlotError(f"body is not a Raft state: {exc}") from None
+
+
+def _describe(problems: dict[int, str]) -> str:
+    return "; ".join(f"slot {index}: {problem}" for index, problem in problems.items())
 
 
 RECENT_ENTRIES = 128  # entries just appended, kept so that commit and replication need not read them back

@@ -296,6 +296,10 @@ class Replica:
             self.state.learners = tuple(sorted(reset.membership.learners))
             self.high_watermark = max(self.high_watermark, reset.start_offset)
             state_changed = True
+            for machine in self.state_machines:  # what they derived from the old log is gone with it
+                on_reset = getattr(machine, "on_log_reset", None)
+                if on_reset is not None:
+                    on_reset(reset.start_offset)
         if ready.truncate_from is not None:
             self.log.truncate_to(ready.truncate_from)
             self._storage.forget_from(ready.truncate_from)

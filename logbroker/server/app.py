@@ -13,9 +13,21 @@ from grpc_reflection.v1alpha import reflection
 from logbroker_client.proto import logbroker_pb2 as pb
 from logbroker_client.proto import logbroker_pb2_grpc as pb_grpc
 
+from logbroker.kafka.context import ListenerSettings
+from logbroker.kafka.producer_ids import ProducerIdAllocator
+from logbroker.kafka.server import KafkaListener
 from logbroker.server.broker import Broker
-from logbroker.server.config import BrokerConfig
-from logbroker.server.service import AdminService, BrokerService, GroupsService, RaftService, leader_report_sender
+from logbroker.server.config import BrokerConfig, split_host_port
+from logbroker.server.groups import GroupFrontEnd
+from logbroker.server.service import (
+    AdminService,
+    BrokerService,
+    GroupsService,
+    RaftService,
+    ShareService,
+    leader_report_sender,
+    send_dead_letter,
+)
 
 log = logging.getLogger("logbroker.server")
 
@@ -24,6 +36,7 @@ SERVICE_NAMES = [
     pb.DESCRIPTOR.services_by_name["Admin"].full_name,
     pb.DESCRIPTOR.services_by_name["Raft"].full_name,
     pb.DESCRIPTOR.services_by_name["Groups"].full_name,
+    pb.DESCRIPTOR.services_by_name["Share"].full_name,
 ]
 
 
@@ -43,6 +56,7 @@ class BrokerServer:
         self._health = health.aio.HealthServicer()
         self._maintenance: asyncio.Task[None] | None = None
         self.port = config.port
+        self.kafka: KafkaListener | None = None
 
     async def start(self) -> None:
         server = grpc.aio.server(options=grpc_options(self.config.max_request_bytes + 1024 * 1024))
@@ -50,6 +64,8 @@ class BrokerServer:
         pb_grpc.add_AdminServicer_to_server(AdminService(self.broker), server)
         pb_grpc.add_RaftServicer_to_server(RaftService(self.broker), server)
         pb_grpc.add_GroupsServicer_to_server(GroupsService(self.broker), server)
+        pb_grpc.add_ShareServicer_to_server(ShareService(self.broker), server)
+        self.broker.dead_letter_sender = send_dead_letter
         self.broker.send_leader_report = leader_report_sender(self.config.cluster_secret)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         # The servicer answers SERVING for "" by default; not until the cluster metadata has a leader.
@@ -64,9 +80,19 @@ class BrokerServer:
         await server.start()
         self._server = server
         await self.broker.open()
+        if self.config.kafka_listen:
+            await self._start_kafka()
         self._maintenance = asyncio.get_running_loop().create_task(self._serve_when_ready())
         log.info("broker %d serving on %s:%d (data in %s)",
                  self.config.node_id, self.config.host, self.port, self.config.data_dir)
+
+    async def _start_kafka(self) -> None:
+        host, port = split_host_port(self.config.kafka_listen)
+        settings = ListenerSettings(host, port, self.config.max_request_bytes, self.config.kafka_auto_create_topics,
+                                    port_offset=port - self.port,
+                                    producer_ids=ProducerIdAllocator(self.config.data_dir, self.config.node_id))
+        self.kafka = KafkaListener(self.broker, GroupFrontEnd(self.broker), settings)
+        await self.kafka.start()
 
     async def _serve_when_ready(self) -> None:
         """Report SERVING once the cluster metadata has a leader (a majority of brokers is up), then maintain."""
@@ -84,6 +110,8 @@ class BrokerServer:
         log.info("broker %d shutting down", self.config.node_id)
         await self.broker.hand_over_leadership()
         await self._health.enter_graceful_shutdown()
+        if self.kafka is not None:
+            await self.kafka.stop()
         # Peers' inbound Raft streams end once our transport stops; without this the server's grace
         # period would wait them out in full.
         await self.broker.transport.stop()

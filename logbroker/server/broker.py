@@ -38,6 +38,8 @@ from logbroker.cluster.topic_names import MAX_PARTITIONS, TopicNameError, check_
 from logbroker.cluster.transport import RaftTransport
 from logbroker.groups.coordinator import OFFSETS_TOPIC, GroupConfig, GroupCoordinatorShard
 from logbroker.groups.runtime import GroupShardRuntime
+from logbroker.groups.share import InvalidShareConfig, RecordState, ShareConfig, share_config_from
+from logbroker.groups.share_runtime import ShareStateMachine
 from logbroker.raft.errors import NotLeaderError, ProposalDroppedError
 from logbroker.raft.membership import Membership
 from logbroker.raft.types import Entry, EntryKind, Message, MessageType, RaftConfig, Role
@@ -74,6 +76,12 @@ RAFT_MAX_INFLIGHT_BYTES = 32 << 20
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def dead_letter_producer_id(group_id: str, topic: str, partition: int) -> int:
+    """Fixed for (group, source partition): in [2^61, 2^62), away from clients' random 62-bit ids' usual range."""
+    import zlib
+    return (1 << 61) | (zlib.crc32(f"{group_id}\0{topic}\0{partition}".encode()) << 16)
 
 
 @dataclass
@@ -122,6 +130,10 @@ class Broker:
         # (topic, partition) -> (epoch, topic id) of leaderships won here and not yet in the controller log
         self._leader_reports: dict[tuple[str, int], tuple[int, str]] = {}
         self.group_runtimes: dict[int, GroupShardRuntime] = {}  # __consumer_offsets partition -> its coordinator
+        self.share_machines: dict[tuple[str, int], ShareStateMachine] = {}  # share-group state per partition
+        self._share_ticks: dict[tuple[str, int], asyncio.Task[None]] = {}
+        # Deterministic per source partition and group, so a dead letter retried after a failover is stored once.
+        self.dead_letter_sender: Callable[[str, tuple[str, int], bytes], Awaitable[None]] | None = None
         self.group_config = GroupConfig(session_timeout_ms=config.group_session_timeout_ms,
                                         heartbeat_interval_ms=config.group_heartbeat_interval_ms,
                                         offsets_retention_ms=config.offsets_retention_minutes * 60_000,
@@ -313,6 +325,9 @@ class Broker:
         if key[0] == OFFSETS_TOPIC and key[1] in self.group_runtimes \
                 and self.group_runtimes[key[1]].replica is replica:
             del self.group_runtimes[key[1]]
+        machine = self.share_machines.get(key)
+        if machine is not None and machine.replica is replica:
+            del self.share_machines[key]
         if self._partitions.get(key) is replica:
             del self._partitions[key]
         with contextlib.suppress(Exception):  # its files may be what failed; reopening recovers them
@@ -459,6 +474,10 @@ class Broker:
         replica.preferred_leader = replicas[0]
         if topic.name == OFFSETS_TOPIC:
             self._attach_group_runtime(replica, index)
+        elif not topic.name.startswith("__"):
+            machine = ShareStateMachine(replica, directory, topic.name, index, self.share_config)
+            replica.attach(machine)
+            self.share_machines[(topic.name, index)] = machine
         if replica.term == 0:
             # A new group: its preferred leader campaigns at once and the others stay quiet until it
             # calls (or its broker is found dead), so a thousand new partitions elect without split
@@ -535,6 +554,7 @@ class Broker:
                 replica.close()
                 if topic.name == OFFSETS_TOPIC:
                     self.group_runtimes.pop(index, None)
+                self.share_machines.pop((topic.name, index), None)
             directory = self.data_dir / filenames.partition_dir_name(topic.name, index)
             identity = read_identity(directory) if directory.exists() else None
             if identity is not None and identity.topic_id == topic.topic_id:
@@ -909,9 +929,83 @@ class Broker:
                 self.apply_retention()
 
     def tick_group_coordinators(self) -> None:
-        """Session and rebalance timeouts, snapshots and log cuts of every local coordinator partition."""
+        """Session and rebalance timeouts, snapshots and log cuts of every local coordinator partition; lock
+        expiry, dead letters and snapshots of every share-group partition this broker leads."""
         for runtime in list(self.group_runtimes.values()):
             runtime.schedule_tick()
+        for key, machine in list(self.share_machines.items()):
+            running = self._share_ticks.get(key)
+            if machine.groups and machine.replica.is_leader and (running is None or running.done()):
+                self._share_ticks[key] = asyncio.get_running_loop().create_task(self._tick_share(key, machine))
+
+    async def _tick_share(self, key: tuple[str, int], machine: ShareStateMachine) -> None:
+        try:
+            await machine.tick(lambda group, partition, items: self._dead_letter(key[0], group, partition, items))
+        except Exception as exc:  # leadership moving, the dead-letter topic unavailable: the next round retries
+            log.debug("%s-%d: share maintenance skipped: %s", key[0], key[1], exc)
+
+    # ------------------------------------------------------------------------------ share groups
+
+    def share_config(self, group_id: str) -> ShareConfig:
+        try:
+            return share_config_from(self.cluster.group_configs.get(group_id, {}))
+        except InvalidShareConfig:
+            return ShareConfig()  # validated before it was proposed; a newer version's key: use defaults
+
+    def share_machine(self, topic: str, index: int) -> ShareStateMachine:
+        if topic.startswith("__"):
+            raise errors.InvalidTopic(f"topic {topic!r} is internal; share groups read user topics")
+        replica = self.leader_replica(topic, index)
+        machine = self.share_machines.get((topic, index))
+        if machine is None or machine.replica is not replica:
+            raise errors.NotLeader(f"{topic}-{index}: share state is not loaded here; retry", leader_id=-1)
+        return machine
+
+    async def alter_group_configs(self, group_id: str, configs: dict[str, str], timeout_s: float) -> None:
+        merged = {**self.cluster.group_configs.get(group_id, {}), **configs}
+        try:
+            share_config_from({k: v for k, v in merged.items() if v != ""})
+        except InvalidShareConfig as exc:
+            raise errors.InvalidRequest(f"group {group_id!r}: {exc}") from None
+        await self._propose_command({"op": "group_configs", "group": group_id, "configs": dict(configs)}, timeout_s)
+
+    async def _dead_letter(self, topic: str, group_id: str, partition: int,
+                           items: list[tuple[int, RecordState, rec.Record]]) -> None:
+        """Append records to the group's dead-letter topic (created on demand) with headers saying where
+        they came from. Each batch carries a producer id fixed for (group, source partition) and the source
+        offset as sequence, so a copy retried after a failover is recognised and stored once."""
+        config = self.share_config(group_id)
+        dlq = config.dlq_topic or f"{topic}.dlq"
+        if dlq not in self.cluster.topics:
+            await self.create_topic(dlq, self.cluster.topics[topic].partitions, -1, {}, timeout_s=30.0)
+        target = partition % self.cluster.topics[dlq].partitions
+        producer_id = dead_letter_producer_id(group_id, topic, partition)
+        for offset, state, record in items:
+            builder = rec.BatchBuilder()
+            builder.append(record.timestamp, record.key, record.value, [
+                *record.headers, ("lb.dlq.topic", topic.encode()), ("lb.dlq.partition", str(partition).encode()),
+                ("lb.dlq.offset", str(offset).encode()), ("lb.dlq.delivery.count", str(state.count).encode()),
+                ("lb.dlq.group", group_id.encode()), ("lb.dlq.reason", state.reason.encode())])
+            batch = builder.build(producer_id=producer_id, producer_epoch=0, base_sequence=offset & 0x7FFFFFFF)
+            await self._produce_anywhere(dlq, target, batch)
+
+    async def _produce_anywhere(self, topic: str, index: int, batch: bytes) -> None:
+        replica = self.replica(topic, index)
+        if replica is not None and replica.is_leader:
+            await self._produce_internal(topic, index, batch)
+            return
+        if self.dead_letter_sender is None:
+            raise errors.LeaderNotAvailable(f"{topic}-{index} is led elsewhere and no sender is set")
+        leader = self.known_leader(topic, index)
+        if leader is None or leader not in self.peers:
+            raise errors.LeaderNotAvailable(f"{topic}-{index} has no leader now; the dead letter is retried")
+        await self.dead_letter_sender(self.peers[leader], (topic, index), batch)
+
+    async def _produce_internal(self, topic: str, index: int, batch: bytes) -> None:
+        replica = self.leader_replica(topic, index)
+        payloads = self._validated(replica, batch)
+        _, last_offset = self._propose_new_batches(replica, payloads)
+        await self._await_write(replica, replica.wait_committed(last_offset), -1, 30.0)
 
     async def flush_interval_partitions(self, now_s: float) -> None:
         """fsync the logs of flush="interval" topics whose flush.interval.ms has passed (in the thread pool)."""
@@ -947,9 +1041,19 @@ class Broker:
         return started
 
     def apply_retention(self) -> int:
+        """Delete expired segments: never at or past the high watermark, nor past the oldest share-group
+        snapshot a rebuild needs; the term before the new log start is saved first (Raft asks for it)."""
         deleted = 0
         for replica in list(self._partitions.values()):
-            count = replica.log.apply_retention(now_ms(), max_offset=replica.high_watermark)
+            if replica.closed:
+                continue
+            bound = replica.high_watermark
+            share = self.share_machines.get((replica.log.topic, replica.log.partition))
+            kept = share.retain_from() if share is not None else None
+            if kept is not None:
+                bound = min(bound, kept)
+            cut = replica.log.retention_cut_point(now_ms(), max_offset=bound)
+            count = replica.truncate_prefix(cut) if cut > replica.log.log_start_offset else 0
             if count:
                 log.info("%s: retention deleted %d segment(s); log now starts at offset %d",
                          replica.name, count, replica.log.log_start_offset)

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -17,8 +18,11 @@ from logbroker_client.proto import logbroker_pb2 as pb
 from logbroker_client.proto import logbroker_pb2_grpc as pb_grpc
 
 from logbroker.cluster.peer_auth import is_peer, peer_metadata
-from logbroker.groups.coordinator import HeartbeatRequest
+from logbroker.groups.coordinator import HeartbeatRequest, check_group_id
 from logbroker.groups.errors import GroupError, GroupIdNotFound
+from logbroker.groups.share import share_config_mapping
+from logbroker.groups.share_runtime import NotShareLeader
+from logbroker.raft.errors import NotLeaderError, ProposalDroppedError
 from logbroker.server import errors
 from logbroker.server.broker import Broker
 from logbroker.server.groups import GroupFrontEnd
@@ -219,6 +223,32 @@ class AdminService(pb_grpc.AdminServicer):
                 result.error_code, result.error_message = _error(exc, name)
             results.append(result)
         return pb.DeleteTopicsResponse(results=results)
+
+    async def AlterGroupConfigs(self, request: pb.AlterGroupConfigsRequest,
+                                context: grpc.aio.ServicerContext) -> pb.AlterGroupConfigsResponse:
+        try:
+            check_group_id(request.group_id)
+            forwarded = await self._forward("AlterGroupConfigs", request)
+            if forwarded is not None:
+                await self.broker.wait_for_metadata(
+                    lambda: all(self.broker.cluster.group_configs.get(request.group_id, {}).get(k, "") == v
+                                for k, v in request.configs.items()), FORWARD_TIMEOUT_S)
+                return forwarded  # type: ignore[no-any-return]
+            await self.broker.alter_group_configs(request.group_id, dict(request.configs), FORWARD_TIMEOUT_S)
+        except Exception as exc:
+            code, message = _group_error(exc, f"group {request.group_id!r}")
+            return pb.AlterGroupConfigsResponse(error_code=code, error_message=message)
+        return pb.AlterGroupConfigsResponse()
+
+    async def DescribeGroupConfigs(self, request: pb.DescribeGroupConfigsRequest,
+                                   context: grpc.aio.ServicerContext) -> pb.DescribeGroupConfigsResponse:
+        try:
+            check_group_id(request.group_id)
+        except Exception as exc:
+            code, message = _group_error(exc, f"group {request.group_id!r}")
+            return pb.DescribeGroupConfigsResponse(error_code=code, error_message=message)
+        return pb.DescribeGroupConfigsResponse(
+            configs=share_config_mapping(self.broker.share_config(request.group_id)))
 
     async def DescribeTopics(
         self, request: pb.DescribeTopicsRequest, context: grpc.aio.ServicerContext
@@ -505,3 +535,149 @@ FORWARDED_METADATA_KEY = "x-logbroker-forwarded"
 
 def request_is_forwarded(context: grpc.aio.ServicerContext) -> bool:
     return any(key == FORWARDED_METADATA_KEY for key, _ in context.invocation_metadata() or ())
+
+
+ACK_KINDS = {pb.AckType.ACCEPT: "accept", pb.AckType.RELEASE: "release", pb.AckType.REJECT: "reject",
+             pb.AckType.RENEW: "renew"}
+DEFAULT_SHARE_MAX_RECORDS = 500
+MAX_SHARE_MAX_RECORDS = 10_000
+
+
+@dataclass(frozen=True)
+class Ack:
+    first_offset: int
+    last_offset: int
+    kind: str
+    delay_ms: int
+    reason: str
+
+
+def _acks_from_pb(ranges: Iterable[pb.AckRange]) -> list[Ack]:
+    acks = []
+    for r in ranges:
+        kind = ACK_KINDS.get(r.type)
+        if kind is None:
+            raise errors.InvalidRequest(f"acknowledgement type {r.type} is not accept, release, reject or renew")
+        if r.delay_ms < 0:
+            raise errors.InvalidRequest(f"a release delay of {r.delay_ms} ms is negative")
+        acks.append(Ack(r.first_offset, r.last_offset, kind, r.delay_ms, r.reason[:1000]))
+    return acks
+
+
+def _ack_results(outcomes: Iterable[Any]) -> list[pb.AckResult]:
+    return [pb.AckResult(first_offset=o.first_offset, last_offset=o.last_offset,
+                         error_code=pb.ErrorCode.INVALID_RECORD_STATE if o.error else pb.ErrorCode.NONE,
+                         error_message=o.error) for o in outcomes]
+
+
+class ShareService(pb_grpc.ShareServicer):
+    """Share groups (queues): acquire records with locks, acknowledge them, describe the queue."""
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+
+    def _check(self, group_id: str, member_id: str) -> None:
+        check_group_id(group_id)
+        if not member_id or len(member_id) > 255:
+            raise errors.InvalidRequest(f"share group {group_id!r}: a member id of 1 to 255 characters is required")
+
+    async def ShareFetch(self, request: pb.ShareFetchRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ShareFetchResponse:
+        try:
+            self._check(request.group_id, request.member_id)
+            acks = {(p.topic, p.partition): _acks_from_pb(p.acks) for p in request.partitions}
+        except Exception as exc:
+            code, message = _group_error(exc, f"share group {request.group_id!r}")
+            return pb.ShareFetchResponse(partitions=[pb.SharePartitionData(
+                topic=p.topic, partition=p.partition, error_code=code, error_message=message)
+                for p in request.partitions])
+        budget = min(request.max_records or DEFAULT_SHARE_MAX_RECORDS, MAX_SHARE_MAX_RECORDS)
+        wait_s = min(max(request.max_wait_ms, 0), self.broker.config.max_fetch_wait_ms) / 1000
+        deadline = time.monotonic() + wait_s
+        results = [pb.SharePartitionData(topic=p.topic, partition=p.partition) for p in request.partitions]
+        while True:
+            for result in results:
+                if result.error_code:
+                    continue
+                taken = await self._fetch_one(request, result, acks.pop((result.topic, result.partition), []),
+                                              budget)
+                budget -= taken
+            remaining = deadline - time.monotonic()
+            if budget <= 0 or remaining <= 0 or any(r.acquired or r.error_code for r in results):
+                return pb.ShareFetchResponse(partitions=results)
+            await self.broker.wait_for_data(min(remaining, 0.1))
+
+    async def _fetch_one(self, request: pb.ShareFetchRequest, result: pb.SharePartitionData, acks: list[Ack],
+                         budget: int) -> int:
+        where = f"{result.topic}-{result.partition}"
+        try:
+            machine = self.broker.share_machine(result.topic, result.partition)
+            outcome = await machine.fetch(request.group_id, request.member_id, acks, max(budget, 0))
+        except Exception as exc:
+            _fill_error(result, _as_broker_error(exc, where), where)
+            return 0
+        result.ack_results.extend(_ack_results(outcome.acks))
+        if outcome.acquired:
+            result.records += outcome.records
+            result.acquired.extend(pb.AcquiredRange(first_offset=a.first_offset, last_offset=a.last_offset,
+                                                    delivery_count=a.delivery_count,
+                                                    lock_deadline_ms=a.lock_deadline_ms) for a in outcome.acquired)
+        return sum(a.last_offset - a.first_offset + 1 for a in outcome.acquired)
+
+    async def ShareAcknowledge(self, request: pb.ShareAcknowledgeRequest,
+                               context: grpc.aio.ServicerContext) -> pb.ShareAcknowledgeResponse:
+        response = pb.ShareAcknowledgeResponse()
+        for part in request.partitions:
+            result = response.partitions.add(topic=part.topic, partition=part.partition)
+            where = f"{part.topic}-{part.partition}"
+            try:
+                self._check(request.group_id, request.member_id)
+                machine = self.broker.share_machine(part.topic, part.partition)
+                outcomes = await machine.acknowledge(request.group_id, request.member_id, _acks_from_pb(part.acks))
+            except Exception as exc:
+                _fill_error(result, _as_broker_error(exc, where), where)
+                continue
+            result.ack_results.extend(_ack_results(outcomes))
+        return response
+
+    async def DescribeSharePartitions(self, request: pb.DescribeSharePartitionsRequest,
+                                      context: grpc.aio.ServicerContext) -> pb.DescribeSharePartitionsResponse:
+        response = pb.DescribeSharePartitionsResponse()
+        for topic, partition in sorted(_tps_from_pb(request.partitions)):
+            described = response.partitions.add(topic=topic, partition=partition)
+            try:
+                state = self.broker.share_machine(topic, partition).describe(request.group_id)
+            except Exception as exc:
+                described.error_code, described.error_message = _error(_as_broker_error(exc, topic), topic)
+                continue
+            if state is None:
+                continue  # the group has not read this partition yet
+            described.start_offset, described.available = state["start_offset"], state["available"]
+            described.in_flight, described.delayed = state["in_flight"], state["delayed"]
+            described.dead_lettered = state["dead_lettered"]
+            described.in_flight_by_member.update(state["in_flight_by_member"])
+        return response
+
+
+def _as_broker_error(exc: Exception, where: str) -> Exception:
+    if isinstance(exc, NotShareLeader):
+        return errors.NotLeader(str(exc), leader_id=-1)
+    if isinstance(exc, TimeoutError):
+        return errors.RequestTimedOut(f"{where}: the share-group state was not committed in time; retry")
+    if isinstance(exc, (NotLeaderError, ProposalDroppedError)):
+        return errors.NotLeader(f"{where}: leadership is moving; retry", leader_id=-1)
+    if isinstance(exc, GroupError):
+        return errors.InvalidRequest(exc.message)
+    return exc
+
+
+async def send_dead_letter(address: str, partition_topic: tuple[str, int], batch: bytes) -> None:
+    """Produce one dead-letter batch at the partition's leader (acks=all); raise on any error."""
+    topic, index = partition_topic
+    request = pb.ProduceRequest(acks=-1, timeout_ms=int(FORWARD_TIMEOUT_S * 1000), partitions=[
+        pb.PartitionRecords(topic=topic, partition=index, records=batch)])
+    async with grpc.aio.insecure_channel(address) as channel:
+        answer = await pb_grpc.BrokerStub(channel).Produce(request, timeout=FORWARD_TIMEOUT_S)
+    result = answer.results[0]
+    if result.error_code:
+        raise errors.LeaderNotAvailable(f"dead letter to {topic}-{index} at {address}: {result.error_message}")

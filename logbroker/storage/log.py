@@ -606,6 +606,14 @@ class PartitionLog:
                     self.name, count, self.log_start_offset)
         return count
 
+    def retention_cut_point(self, now_ms: int, max_offset: int | None = None) -> int:
+        """Where retention.ms / retention.bytes would make the log start now (the current start if nowhere),
+        without deleting: the caller may need to save something about the batches before they go."""
+        if self.config.compacted:
+            return self.log_start_offset
+        count = self._expired_prefix(self._segments, now_ms, max_offset)
+        return self._segments[count].base_offset if count else self.log_start_offset
+
     def prefix_cut_point(self, below_offset: int) -> int:
         """Where the log would start after delete_segments_before(below_offset): the base of the first
         segment that must stay (the active one always stays)."""
