@@ -41,6 +41,7 @@ SNAPSHOT_EVERY_MS = 60_000  # ...or this long after its last restatement, if it 
 SCAN_READ_BYTES = 4 << 20
 COMMIT_TIMEOUT_S = 15.0
 MAX_DEAD_LETTERS_PER_ROUND = 500
+DESCRIBE_SCAN_BYTES = 8 << 20
 
 
 def now_ms() -> int:
@@ -342,8 +343,40 @@ class ShareStateMachine:
         return out
 
     def describe(self, group_id: str) -> dict[str, Any] | None:
+        """The queue as its users watch it: depth (available records, the unread log included), in flight,
+        delayed, dead-lettered, and the age of the oldest available record."""
         state = self.groups.get(group_id)
-        return None if state is None else state.describe(now_ms(), self.replica.high_watermark)
+        if state is None:
+            return None
+        now = now_ms()
+        described = state.describe(now, state.cursor)
+        unread, first_unread_ms = self._unread_records(state.cursor)
+        described["available"] += unread
+        ready = [o for o, r in state.records.items() if r.state == "a" and r.deadline_ms <= now]
+        oldest_ms = self._timestamp_of(min(ready)) if ready else first_unread_ms
+        described["oldest_available_age_ms"] = max(0, now - oldest_ms) if oldest_ms is not None else 0
+        return described
+
+    def _unread_records(self, cursor: int) -> tuple[int, int | None]:
+        """Data records from cursor to the high watermark (headers of at most DESCRIBE_SCAN_BYTES are read;
+        past that the offsets are counted as records), and the first one's timestamp."""
+        end = self.replica.high_watermark
+        if cursor >= end:
+            return 0, None
+        data = self.replica.read_committed(cursor, DESCRIBE_SCAN_BYTES)
+        count, scanned_to, first_ms = 0, cursor, None
+        for _, header in rec.iter_batch_headers(data):
+            scanned_to = header.base_offset + header.last_offset_delta + 1
+            if not header.is_control:
+                count += scanned_to - max(header.base_offset, cursor)
+                first_ms = header.base_timestamp if first_ms is None else first_ms
+        return count + max(0, end - scanned_to), first_ms
+
+    def _timestamp_of(self, offset: int) -> int | None:
+        data = self.replica.read_committed(offset, 1)
+        for _, header in rec.iter_batch_headers(data):
+            return int(header.base_timestamp)
+        return None
 
 
 def _has_loop() -> bool:

@@ -655,6 +655,7 @@ class ShareService(pb_grpc.ShareServicer):
             described.start_offset, described.available = state["start_offset"], state["available"]
             described.in_flight, described.delayed = state["in_flight"], state["delayed"]
             described.dead_lettered = state["dead_lettered"]
+            described.oldest_available_age_ms = state["oldest_available_age_ms"]
             described.in_flight_by_member.update(state["in_flight_by_member"])
         return response
 
