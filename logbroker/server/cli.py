@@ -43,6 +43,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "data_dir": args.data_dir, "listen": args.listen, "node_id": args.node_id,
             "peers": parse_peers(args.peers) if args.peers else None,
             "raft_tick_ms": args.raft_tick_ms, "cluster_secret_file": args.cluster_secret_file,
+            "kafka_listen": args.kafka_listen,
         })
     except BrokerConfigError as exc:
         print(f"logbroker: {exc}", file=sys.stderr)
@@ -96,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cluster-secret-file", type=Path,
                        help="file holding the secret every broker of the cluster shares (needed with --peers; "
                             "or set $LOGBROKER_CLUSTER_SECRET)")
+    serve.add_argument("--kafka-listen", help="HOST:PORT for Kafka clients (off unless given); every broker's "
+                                              "Kafka port must be its --listen port plus the same offset")
     serve.set_defaults(func=cmd_serve)
     dev = sub.add_parser("dev", help="run a local cluster of broker processes until Ctrl-C")
     dev.add_argument("--brokers", type=int, default=DEV_BROKERS)

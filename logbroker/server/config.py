@@ -78,6 +78,10 @@ class BrokerConfig:
     # Set through cluster_secret_file (or --cluster-secret-file) or $LOGBROKER_CLUSTER_SECRET.
     cluster_secret: str = field(default="", repr=False)
     cluster_secret_file: Path | None = None
+    # Kafka's wire protocol (logbroker.kafka): HOST:PORT, empty for none. Every broker's Kafka port must be its
+    # gRPC port plus the same offset: brokers name each other's Kafka endpoints in Metadata from that.
+    kafka_listen: str = ""
+    kafka_auto_create_topics: bool = False  # Metadata for an unknown topic creates it (Kafka's auto.create)
 
     @property
     def host(self) -> str:
@@ -92,6 +96,8 @@ class BrokerConfig:
 
     def validate(self) -> BrokerConfig:
         split_host_port(self.listen)
+        if self.kafka_listen:
+            split_host_port(self.kafka_listen)
         for address in self.peers.values():
             split_host_port(address)
         if self.peers and self.node_id not in self.peers:

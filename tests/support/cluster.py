@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -68,6 +70,25 @@ class ReplicaView:
     topic_id: str
 
 
+def kafka_port_offset(ports: list[int]) -> int:
+    """An offset that puts every port + offset on a free port."""
+    for _ in range(200):
+        offset = random.randrange(1000, 20000) * random.choice((1, -1))
+        candidates = [port + offset for port in ports]
+        if all(1024 < c < 65536 for c in candidates) and all(_port_free(c) for c in candidates):
+            return offset
+    raise AssertionError(f"no free Kafka ports for {ports}")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+        return True
+
+
 class ClusterBroker(BrokerProcess):
     """One broker of a cluster: BrokerProcess plus a node id, a peers map and pause/resume.
 
@@ -85,13 +106,20 @@ class ClusterBroker(BrokerProcess):
         self.log_path = root / f"broker-{node_id}.log"
         self.paused = False
         self.extra_args: list[str] = []
+        self.kafka_port: int | None = None  # set by BrokerCluster(kafka=True)
+
+    @property
+    def kafka_address(self) -> str:
+        assert self.kafka_port is not None, "the cluster was started without kafka=True"
+        return f"{HOST}:{self.kafka_port}"
 
     def command(self) -> list[str]:
         peers = ",".join(f"{node}={address}" for node, address in sorted(self.peers.items()))
         return [sys.executable, "-m", "logbroker.server.cli", "--log-level", self.log_level, "serve",
                 "--node-id", str(self.node_id), "--data-dir", str(self.data_dir), "--listen", self.address,
                 "--peers", peers, "--raft-tick-ms", str(self.raft_tick_ms),
-                "--cluster-secret-file", str(self.secret_file), *self.extra_args]
+                "--cluster-secret-file", str(self.secret_file),
+                *(["--kafka-listen", self.kafka_address] if self.kafka_port is not None else []), *self.extra_args]
 
     def launch(self) -> None:
         assert not self.running, f"broker {self.node_id} is already running"
@@ -161,7 +189,8 @@ class ClusterBroker(BrokerProcess):
 
 class BrokerCluster:
     def __init__(self, root: Path, size: int = 3, raft_tick_ms: int = 20, proxied: bool = False,
-                 log_level: str = "info", broker_config: Mapping[str, int | str] | None = None) -> None:
+                 log_level: str = "info", broker_config: Mapping[str, int | str | bool] | None = None,
+                 kafka: bool = False) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         if not (self.root / CLUSTER_SECRET_FILE).exists():  # shared by every broker of this cluster
@@ -172,10 +201,16 @@ class BrokerCluster:
             node: ClusterBroker(node, self.root, free_port(), raft_tick_ms, log_level) for node in range(1, size + 1)
         }
         self.proxies: dict[tuple[int, int], FaultProxy] = {}
+        if kafka:  # Kafka ports: every broker's gRPC port plus one offset (how brokers name each other's)
+            assert not proxied, "Kafka endpoints are derived from peer addresses, which proxies would change"
+            offset = kafka_port_offset([b.port for b in self.brokers.values()])
+            for broker in self.brokers.values():
+                broker.kafka_port = broker.port + offset
         self.disks: dict[int, SizeLimitedDir] = {}  # set by fixtures that put data on size-limited disks
         if broker_config:  # settings for every broker, as a TOML file (e.g. lower group timeouts)
             config_path = self.root / "broker.toml"
             config_path.write_text("".join(f"{key} = {value!r}\n" if isinstance(value, str) else
+                                           f"{key} = {str(value).lower()}\n" if isinstance(value, bool) else
                                            f"{key} = {value}\n" for key, value in broker_config.items()))
             for broker in self.brokers.values():
                 broker.extra_args += ["--config", str(config_path)]
@@ -191,6 +226,10 @@ class BrokerCluster:
                     broker.peers[peer] = other.address
 
     # ------------------------------------------------------------------------------ lifecycle
+
+    @property
+    def kafka_bootstrap(self) -> str:
+        return ",".join(b.kafka_address for b in self.brokers.values())
 
     @property
     def bootstrap(self) -> str:

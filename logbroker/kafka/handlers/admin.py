@@ -1,0 +1,1 @@
+"""Admin APIs on the Kafka port (filled in step 3)."""

@@ -1,0 +1,89 @@
+"""Fetch and ListOffsets: whole stored batches, long-polled, with last stable offset = high watermark."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from kio.schema.errors import ErrorCode
+
+from logbroker.kafka.context import Context
+from logbroker.kafka.errors import kafka_error
+from logbroker.kafka.versions import api, make, nested, response_class
+
+DEFAULT_PARTITION_MAX_BYTES = 1 << 20
+
+
+def _read_all(ctx: Context, cls: type, request: Any) -> tuple[list[Any], int, bool]:
+    """One pass over the requested partitions: (topic responses, bytes, whether any partition failed)."""
+    topic_cls = nested(cls, "FetchableTopicResponse")
+    part_cls = nested(cls, "PartitionData")
+    budget = request.max_bytes if request.max_bytes > 0 else DEFAULT_PARTITION_MAX_BYTES
+    total = 0
+    failed = False
+    topics = []
+    for topic in request.topics:
+        parts = []
+        for part in topic.partitions:
+            limit = part.partition_max_bytes if part.partition_max_bytes > 0 else DEFAULT_PARTITION_MAX_BYTES
+            try:
+                # Once some bytes are in, the request's budget caps the rest; the first batch always comes
+                # whole, however large (Kafka's rule, so a consumer never gets stuck behind a big batch).
+                fetched = ctx.broker.read(topic.topic, part.partition, part.fetch_offset,
+                                          max(1, min(limit, budget - total)) if total else limit)
+            except Exception as exc:
+                code, _ = kafka_error(exc, f"{topic.topic}-{part.partition}")
+                failed = True
+                parts.append(make(part_cls, partition_index=part.partition, error_code=code, high_watermark=-1,
+                                  last_stable_offset=-1, log_start_offset=-1, aborted_transactions=None,
+                                  preferred_read_replica=-1, records=None))
+                continue
+            records = fetched.records
+            if total and total + len(records) > budget:
+                records = b""
+            total += len(records)
+            parts.append(make(part_cls, partition_index=part.partition, error_code=ErrorCode.none,
+                              high_watermark=fetched.high_watermark, last_stable_offset=fetched.high_watermark,
+                              log_start_offset=fetched.log_start_offset, aborted_transactions=(),
+                              preferred_read_replica=-1, records=records))
+        topics.append(make(topic_cls, topic=topic.topic, partitions=tuple(parts)))
+    return topics, total, failed
+
+
+@api(1, "Fetch", 4, 12)
+async def fetch(ctx: Context, request: Any, version: int) -> Any:
+    cls = response_class(1, version)
+    if getattr(request, "session_id", 0):
+        # No fetch sessions (KIP-227) are created here (we answer session id 0), so none can be named.
+        return make(cls, throttle_time=0, error_code=ErrorCode.fetch_session_id_not_found, session_id=0,
+                    responses=())
+    max_wait_ms = min(max(int(request.max_wait.total_seconds() * 1000), 0), ctx.broker.config.max_fetch_wait_ms)
+    deadline = time.monotonic() + max_wait_ms / 1000
+    min_bytes = max(request.min_bytes, 1)
+    while True:
+        topics, total, failed = _read_all(ctx, cls, request)
+        remaining = deadline - time.monotonic()
+        if total >= min_bytes or remaining <= 0 or failed:
+            return make(cls, throttle_time=0, error_code=ErrorCode.none, session_id=0, responses=tuple(topics))
+        await ctx.broker.wait_for_data(remaining)
+
+
+@api(2, "ListOffsets", 1, 6)
+async def list_offsets(ctx: Context, request: Any, version: int) -> Any:
+    cls = response_class(2, version)
+    topic_cls = nested(cls, "ListOffsetsTopicResponse")
+    part_cls = nested(cls, "ListOffsetsPartitionResponse")
+    topics = []
+    for topic in request.topics:
+        parts = []
+        for part in topic.partitions:
+            try:
+                offset, timestamp = ctx.broker.list_offset(topic.name, part.partition_index, part.timestamp)
+                code = ErrorCode.none
+            except Exception as exc:
+                code, _ = kafka_error(exc, f"{topic.name}-{part.partition_index}")
+                offset, timestamp = -1, -1
+            parts.append(make(part_cls, partition_index=part.partition_index, error_code=code,
+                              timestamp=timestamp, offset=offset, leader_epoch=-1))
+        topics.append(make(topic_cls, name=topic.name, partitions=tuple(parts)))
+    return make(cls, throttle_time=0, topics=tuple(topics))

@@ -1,0 +1,1 @@
+"""Consumer groups on the Kafka port (filled in step 2)."""

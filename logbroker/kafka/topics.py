@@ -1,0 +1,80 @@
+"""Topic creation and deletion for the Kafka front end: on the controller leader through the broker core,
+elsewhere forwarded to the controller leader (broker to broker, as the gRPC Admin service forwards), then
+answered once this broker has applied the change too, so the client's next Metadata sees it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from kio.schema.errors import ErrorCode
+from logbroker_client.proto import logbroker_pb2 as pb
+from logbroker_client.proto import logbroker_pb2_grpc as pb_grpc
+
+from logbroker.kafka.errors import KAFKA_CODES, kafka_error
+from logbroker.server import errors
+
+TopicSpec = tuple[str, int, int, dict[str, str]]  # name, partitions (-1: default), replication (-1), configs
+Outcome = dict[str, tuple[ErrorCode, str] | None]  # name -> None when done, else (code, message)
+
+
+async def _forward(broker: Any, method: str, request: Any, timeout_s: float) -> Any | None:
+    address = await broker.controller_leader_address(timeout_s)
+    if address is None:
+        return None
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            return await getattr(pb_grpc.AdminStub(channel), method)(request, timeout=timeout_s)
+    except grpc.aio.AioRpcError as exc:
+        raise errors.LeaderNotAvailable(f"{method} could not reach the controller leader at {address} "
+                                        f"({exc.code().name}); retry") from None
+
+
+def _outcome(results: Any) -> Outcome:
+    return {r.name: (KAFKA_CODES.get(pb.ErrorCode.Name(r.error_code), ErrorCode.unknown_server_error),
+                     r.error_message) if r.error_code else None for r in results}
+
+
+async def create_topics(broker: Any, specs: list[TopicSpec], validate_only: bool, timeout_s: float) -> Outcome:
+    try:
+        request = pb.CreateTopicsRequest(topics=[pb.NewTopic(name=n, partitions=max(p, 0),
+                                                              replication_factor=max(r, 0), configs=c)
+                                                 for n, p, r, c in specs],
+                                         validate_only=validate_only, timeout_ms=int(timeout_s * 1000))
+        forwarded = await _forward(broker, "CreateTopics", request, timeout_s)
+    except errors.BrokerError as exc:
+        return dict.fromkeys((s[0] for s in specs), kafka_error(exc))
+    if forwarded is not None:
+        answered = _outcome(forwarded.results)
+        created = [n for n, problem in answered.items() if problem is None and not validate_only]
+        await broker.wait_for_metadata(lambda: all(n in broker.cluster.topics for n in created), timeout_s)
+        return answered
+    outcome: Outcome = {}
+    for name, partitions, replication, configs in specs:
+        try:
+            await broker.create_topic(name, partitions, replication, configs, validate_only=validate_only,
+                                      timeout_s=timeout_s)
+            outcome[name] = None
+        except Exception as exc:
+            outcome[name] = kafka_error(exc, f"topic {name!r}")
+    return outcome
+
+
+async def delete_topics(broker: Any, names: list[str], timeout_s: float) -> Outcome:
+    try:
+        forwarded = await _forward(broker, "DeleteTopics", pb.DeleteTopicsRequest(names=names), timeout_s)
+    except errors.BrokerError as exc:
+        return dict.fromkeys(names, kafka_error(exc))
+    if forwarded is not None:
+        answered = _outcome(forwarded.results)
+        deleted = [n for n, problem in answered.items() if problem is None]
+        await broker.wait_for_metadata(lambda: not any(n in broker.cluster.topics for n in deleted), timeout_s)
+        return answered
+    outcome: Outcome = {}
+    for name in names:
+        try:
+            await broker.delete_topic(name, timeout_s)
+            outcome[name] = None
+        except Exception as exc:
+            outcome[name] = kafka_error(exc, f"topic {name!r}")
+    return outcome
