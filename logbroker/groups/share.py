@@ -30,6 +30,8 @@ ACQUIRED = "q"
 ACKED = "k"
 ARCHIVED = "x"
 DEAD_LETTER_PENDING = "d"  # archived, its copy to the dead-letter topic not yet confirmed
+PARKED = "p"  # sent with a delivery time still ahead: out of the window, in the delay index until due
+DELIVER_AT_HEADER = "lb.deliver.at.ms"  # a record header a producer sets (send(..., deliver_at_ms=...))
 
 DEFAULT_LOCK_MS = 30_000
 DEFAULT_DELIVERY_LIMIT = 5
@@ -85,6 +87,11 @@ class SharePartition:
     cursor: int
     records: dict[int, RecordState] = field(default_factory=dict)
     dead_lettered: int = 0
+    # The delay index: offset -> delivery time of records read past while not yet due. The window moves
+    # on past them (a day-long delay must not hold back everything behind it); when due, a record comes
+    # back into play below start.
+    parked: dict[int, int] = field(default_factory=dict)
+    _parked_heap: list[tuple[int, int]] = field(default_factory=list)  # (due, offset)
     # Indexes, rebuilt from ``records``: not persisted.
     _ready: list[int] = field(default_factory=list)  # heap of offsets available now (released, expired)
     _waiting: list[tuple[int, int]] = field(default_factory=list)  # heap of (available at, offset)
@@ -95,11 +102,16 @@ class SharePartition:
         """Apply a delta written by ``acquire``, ``acknowledge``, ``expire`` or ``snapshot``."""
         if delta.get("full"):
             self.records.clear()
-            self._ready.clear()
-            self._waiting.clear()
-            self._locks.clear()
+            self.parked.clear()
+            for index in (self._ready, self._waiting, self._locks, self._parked_heap):
+                index.clear()
             self.dead_lettered = delta.get("dlq", 0)
             self.start = self.cursor = delta["start"]
+        for offset, due_ms in delta.get("park", ()):
+            self.parked[offset] = due_ms
+            heapq.heappush(self._parked_heap, (due_ms, offset))
+        for offset in delta.get("unpark", ()):
+            self.parked.pop(offset, None)
         for first, last, state, count, member, deadline_ms, reason in delta.get("set", ()):
             for offset in range(first, last + 1):
                 self._set(offset, RecordState(state, count, member, deadline_ms, reason))
@@ -108,7 +120,9 @@ class SharePartition:
         self._advance(delta.get("start", self.start))
 
     def _set(self, offset: int, record: RecordState) -> None:
-        if offset < self.start:
+        if offset < self.start and record.state in (ACKED, ARCHIVED):
+            # Only a record that came out of the delay index is in play below start; once done, it goes.
+            self.records.pop(offset, None)
             return
         self.records[offset] = record
         if record.state == ACQUIRED:
@@ -125,6 +139,9 @@ class SharePartition:
                 del self.records[offset]
         self.cursor = max(self.cursor, self.start)
         while self.start < self.cursor:
+            if self.start in self.parked:
+                self.start += 1  # in the delay index: done as far as the window is concerned
+                continue
             record = self.records.get(self.start)
             if record is None or record.state not in (ACKED, ARCHIVED):
                 break
@@ -133,14 +150,22 @@ class SharePartition:
 
     # ========================================================================== acquire
     def acquire(self, member_id: str, now_ms: int, new_ranges: Sequence[tuple[int, int, bool]], max_records: int,
-                config: ShareConfig) -> tuple[list[Acquired], dict[str, Any]]:
-        """Give member_id up to max_records: due redeliveries first (lowest offset first), then records never
+                config: ShareConfig, deliver_at: dict[int, int] | None = None) -> tuple[list[Acquired], dict[str, Any]]:
+        """Give member_id up to max_records: due delayed records and redeliveries first, then records never
         delivered. new_ranges are the log's next batches from ``cursor``: (first, last, is_data); control
-        batches are done at once. Returns the acquired ranges and the delta to write."""
+        batches are done at once; deliver_at gives the delivery time of new records that carry one, and
+        those not yet due go to the delay index. Returns the acquired ranges and the delta to write."""
         self._refresh(now_ms)
         deadline_ms = now_ms + config.lock_ms
         changes: list[list[Any]] = []
         taken: list[tuple[int, int]] = []  # (offset, delivery count)
+        unparked: list[int] = []
+        parked: list[list[int]] = []
+        while self._parked_heap and self._parked_heap[0][0] <= now_ms and len(taken) < max_records:
+            _, offset = heapq.heappop(self._parked_heap)
+            if offset in self.parked:
+                unparked.append(offset)
+                taken.append((offset, 1))
         while self._ready and len(taken) < max_records:
             offset = heapq.heappop(self._ready)
             record = self.records.get(offset)
@@ -156,11 +181,20 @@ class SharePartition:
                 cursor = last + 1
                 continue
             end = min(last, first + max_records - len(taken) - 1)
-            taken.extend((offset, 1) for offset in range(first, end + 1))
+            for offset in range(first, end + 1):
+                due_ms = deliver_at.get(offset, 0) if deliver_at else 0
+                if due_ms > now_ms:
+                    parked.append([offset, due_ms])
+                else:
+                    taken.append((offset, 1))
             cursor = end + 1
         for offset, count in taken:
             changes.append([offset, offset, ACQUIRED, count, member_id, deadline_ms, ""])
-        delta = {"g": self.group_id, "set": _coalesce(changes), "cursor": cursor, "start": self.start}
+        delta: dict[str, Any] = {"g": self.group_id, "set": _coalesce(changes), "cursor": cursor, "start": self.start}
+        if parked:
+            delta["park"] = parked
+        if unparked:
+            delta["unpark"] = unparked
         self.replay(delta)
         return _ranges(taken, deadline_ms), delta
 
@@ -254,6 +288,8 @@ class SharePartition:
                     delayed += 1
                 else:
                     ready += 1
+        delayed += sum(1 for due_ms in self.parked.values() if due_ms > now_ms)
+        ready += sum(1 for due_ms in self.parked.values() if due_ms <= now_ms)
         return {"start_offset": self.start, "available": ready + max(0, log_end - self.cursor),
                 "in_flight": sum(in_flight.values()), "delayed": delayed, "dead_lettered": self.dead_lettered,
                 "in_flight_by_member": in_flight}
@@ -262,7 +298,8 @@ class SharePartition:
         """A delta that restates the whole state (written now and then, so the log before it may go)."""
         changes = [[o, o, r.state, r.count, r.member, r.deadline_ms, r.reason] for o, r in sorted(self.records.items())]
         return {"g": self.group_id, "full": True, "start": self.start, "cursor": self.cursor,
-                "set": _coalesce(changes), "dlq": self.dead_lettered}
+                "set": _coalesce(changes), "dlq": self.dead_lettered,
+                "park": [[offset, due_ms] for offset, due_ms in sorted(self.parked.items())]}
 
 
 def _coalesce(changes: list[list[Any]]) -> list[list[Any]]:

@@ -17,6 +17,7 @@ retention never deletes at or past it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -29,7 +30,14 @@ from typing import Any, Protocol
 
 from logbroker_client import records as rec
 
-from logbroker.groups.share import Acquired, InvalidRecordState, RecordState, ShareConfig, SharePartition
+from logbroker.groups.share import (
+    DELIVER_AT_HEADER,
+    Acquired,
+    InvalidRecordState,
+    RecordState,
+    ShareConfig,
+    SharePartition,
+)
 from logbroker.raft.types import Entry, EntryKind
 
 log = logging.getLogger("logbroker.share")
@@ -95,6 +103,25 @@ def is_share_batch(payload: bytes | memoryview) -> bool:
         return False
     record = rec.decode_records(payload, 0, header)[0]
     return record.key == SHARE_CONTROL_KEY
+
+
+def delivery_times(data: bytes) -> dict[int, int]:
+    """offset -> delivery time of the records that carry one (the DELIVER_AT_HEADER header). Only batches
+    that may hold the header are decoded: a plain batch is searched for its name at C speed first."""
+    marker = DELIVER_AT_HEADER.encode()
+    out: dict[int, int] = {}
+    for pos, header in rec.iter_batch_headers(data):
+        if header.is_control:
+            continue
+        compressed = header.attributes & rec.COMPRESSION_MASK != rec.COMPRESSION_NONE
+        if not compressed and data.find(marker, pos, pos + header.size) < 0:
+            continue
+        for record in rec.decode_records(data, pos, header):
+            for key, value in record.headers:
+                if key == DELIVER_AT_HEADER and value:
+                    with contextlib.suppress(ValueError):  # not a time: delivered at once
+                        out[record.offset] = int(value)
+    return out
 
 
 def share_batch(deltas: Sequence[dict[str, Any]], timestamp_ms: int) -> bytes:
@@ -226,8 +253,9 @@ class ShareStateMachine:
         deltas = self._acknowledge(state, member_id, acks, now, config, outcome)
         if max_records > 0:
             new_ranges, batches = self._read_new(state)
-            acquired, delta = state.acquire(member_id, now, new_ranges, max_records, config)
-            if delta["set"] or delta["cursor"] != delta["start"]:
+            acquired, delta = state.acquire(member_id, now, new_ranges, max_records, config,
+                                            delivery_times(batches) if batches else None)
+            if delta["set"] or delta["cursor"] != delta["start"] or "park" in delta or "unpark" in delta:
                 deltas.append(delta)
             outcome.acquired = acquired
             outcome.records = self._batches_for(acquired, batches)

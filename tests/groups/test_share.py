@@ -185,3 +185,33 @@ def test_every_record_is_held_by_at_most_one_member_and_none_is_lost(actions: li
         if offset < share.start:
             continue
         assert record is None or record.state in (AVAILABLE, ACQUIRED, ACKED, DEAD_LETTER_PENDING)
+
+
+def test_a_delayed_record_waits_in_the_delay_index_while_the_window_moves_on() -> None:
+    share, log = new_partition(4)
+    got, delta = share.acquire("A", T0, log, 10, CONFIG, deliver_at={1: T0 + 5_000})
+    assert offsets(got) == [0, 2, 3] and delta["park"] == [[1, T0 + 5_000]]
+    share.acknowledge("A", 0, 0, "accept", T0, CONFIG)
+    share.acknowledge("A", 2, 3, "accept", T0, CONFIG)
+    assert share.start == 4  # the parked record does not hold the window back
+    assert share.acquire("B", T0 + 4_999, [], 10, CONFIG)[0] == []
+    due, delta = share.acquire("B", T0 + 5_000, [], 10, CONFIG)
+    assert offsets(due) == [1] and delta["unpark"] == [1]
+    share.acknowledge("B", 1, 1, "release", T0 + 5_000, CONFIG)  # back below start, after the backoff
+    again, _ = share.acquire("C", T0 + 5_100, [], 10, CONFIG)
+    assert offsets(again) == [1] and again[0].delivery_count == 2
+    share.acknowledge("C", 1, 1, "accept", T0 + 5_100, CONFIG)
+    assert not share.records and not share.parked
+
+
+def test_the_delay_index_survives_replay_and_snapshots() -> None:
+    leader, log = new_partition(3)
+    deltas = [leader.acquire("A", T0, log, 10, CONFIG, deliver_at={0: T0 + 100, 2: T0 + 200})[1]]
+    follower = SharePartition("g", 0, 0)
+    for delta in deltas:
+        follower.replay(delta)
+    restored = SharePartition("g", 0, 0)
+    restored.replay(leader.snapshot())
+    for other in (follower, restored):
+        assert other.parked == leader.parked == {0: T0 + 100, 2: T0 + 200}
+        assert offsets(other.acquire("B", T0 + 200, [], 10, CONFIG)[0]) == [0, 2]
