@@ -36,6 +36,7 @@ from typing import Any
 
 from logbroker.groups import records as r
 from logbroker.groups.assignors import DEFAULT_ASSIGNOR, MemberSpec, get_assignor
+from logbroker.groups.classic import ClassicGroups
 from logbroker.groups.errors import (
     FencedMemberEpoch,
     GroupIdNotFound,
@@ -200,6 +201,7 @@ class GroupCoordinatorShard:
         self.config = config or GroupConfig()
         self.clock_ms = clock_ms
         self.groups: dict[str, Group] = {}
+        self.classic = ClassicGroups(lambda: self.clock_ms(), self.replay)  # Kafka's classic protocol
         self.live_bytes = 0  # rough size of the live state, for the snapshot trigger
         self.bytes_since_snapshot = 0
 
@@ -211,7 +213,11 @@ class GroupCoordinatorShard:
         self.bytes_since_snapshot += len(r.encode_key(key)) + len(r.encode_value(value) or b"")
         if kind == r.SNAPSHOT:
             self.groups.clear()
+            self.classic.clear()
             self.bytes_since_snapshot = 0
+            return
+        if kind == r.CLASSIC:
+            self.classic.replay(str(key[1]), value)
             return
         group = self._group_for_replay(str(key[1]))
         if kind == r.OFFSET:
@@ -292,6 +298,7 @@ class GroupCoordinatorShard:
     # ============================================================================== heartbeat
     def heartbeat(self, req: HeartbeatRequest) -> tuple[HeartbeatResult, list[StateRecord]]:
         check_group_id(req.group_id)
+        self.classic.refuse_if_classic(req.group_id)
         if not req.member_id or len(req.member_id) > MAX_MEMBER_ID_CHARS:
             raise InvalidGroupRequest(f"group {req.group_id!r}: a member id of 1 to {MAX_MEMBER_ID_CHARS} "
                                       f"characters is required, got {len(req.member_id)}")
@@ -529,12 +536,14 @@ class GroupCoordinatorShard:
     def delete_group(self, group_id: str) -> list[StateRecord]:
         check_group_id(group_id)
         group = self.groups.get(group_id)
-        if group is None:
+        classic = self.classic.delete(group_id)  # refuses while classic members are in it
+        if group is None and not classic:
             raise GroupIdNotFound(f"group {group_id!r} does not exist")
-        if group.members:
+        if group is not None and group.members:
             raise NonEmptyGroup(f"group {group_id!r} has {len(group.members)} live member(s); stop them first")
-        out: list[StateRecord] = []
-        self._drop_group(out, group)
+        out: list[StateRecord] = list(classic)
+        if group is not None:
+            self._drop_group(out, group)
         return out
 
     def _drop_group(self, out: list[StateRecord], group: Group) -> None:
@@ -565,8 +574,10 @@ class GroupCoordinatorShard:
                 if silent_ms > self.config.session_timeout_ms or late:
                     self._remove_member(out, group, member.member_id)
             if not group.members and group.offsets and \
-                    now_ms - group.empty_since_ms > self.config.offsets_retention_ms:
+                    now_ms - group.empty_since_ms > self.config.offsets_retention_ms and \
+                    not self.classic.has_members(group.group_id):
                 self._drop_group(out, group)
+        out.extend(self.classic.expire())
         return out
 
     # ============================================================================== snapshot
@@ -596,6 +607,7 @@ class GroupCoordinatorShard:
             for (topic, partition), committed in sorted(group.offsets.items()):
                 out.append(StateRecord((r.OFFSET, group.group_id, topic, partition), {
                     "offset": committed.offset, "metadata": committed.metadata, "ts": committed.commit_timestamp_ms}))
+        out.extend(self.classic.snapshot_records())
         return out
 
 

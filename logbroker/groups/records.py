@@ -8,6 +8,7 @@ compact JSON arrays and objects (readable with `lb consume __consumer_offsets`):
     ["g", group]                    -> {"epoch": int, "assignment_epoch": int, "assignor": str}
     ["m", group, member_id]         -> member: subscription, epoch, assigned and revoking partitions, ...
     ["t", group, member_id]         -> {"partitions": [[topic, partition], ...]}         target assignment
+    ["c", group]                    -> classic group: protocol, generation, leader, members with assignments
     ["s"]                           -> {"records": int}                                  snapshot start
 
 A snapshot start clears the table: the records after it restate every live key, so the log before it can
@@ -30,6 +31,7 @@ GROUP = "g"
 MEMBER = "m"
 TARGET = "t"
 SNAPSHOT = "s"
+CLASSIC = "c"  # Kafka's classic protocol (classic.py)
 MAX_RECORDS_PER_BATCH = 500  # a snapshot of 10,000 groups goes out in a few dozen batches
 
 
