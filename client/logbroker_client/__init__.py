@@ -16,6 +16,7 @@ _EXPORTS = {
     "Consumer": "logbroker_client.consumer",
     "ConsumerRecord": "logbroker_client.types",
     "LogbrokerError": "logbroker_client.errors",
+    "OffsetAndMetadata": "logbroker_client.types",
     "Producer": "logbroker_client.producer",
     "RecordMetadata": "logbroker_client.types",
     "TopicPartition": "logbroker_client.types",

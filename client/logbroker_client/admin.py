@@ -1,15 +1,43 @@
-"""Admin: create, delete, list and describe topics (synchronous)."""
+"""Admin: create, delete, list and describe topics; list, describe, delete consumer groups and reset their
+offsets (synchronous)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
 from logbroker_client.connection import DEFAULT_REQUEST_TIMEOUT_MS
-from logbroker_client.errors import LogbrokerError, TopicAlreadyExistsError, error_for
+from logbroker_client.consumer import list_offsets
+from logbroker_client.coordinator import Coordinators
+from logbroker_client.errors import GroupIdNotFoundError, LogbrokerError, TopicAlreadyExistsError, error_for
+from logbroker_client.fetch_state import EARLIEST, LATEST
+from logbroker_client.group_member import SIMPLE_MEMBER_EPOCH, commit_entries
+from logbroker_client.groups import (
+    ResetSpec,
+    by_topic,
+    check_group_id,
+    committed_offsets,
+    delete_error,
+    describe_error,
+    described_partitions,
+    fetch_offsets_request,
+    group_description,
+    group_listings,
+    plan_reset,
+    refuse_live_group,
+)
 from logbroker_client.metadata import DOWN, ClusterMetadata
 from logbroker_client.proto import logbroker_pb2 as pb
-from logbroker_client.types import PartitionInfo, TopicDescription
+from logbroker_client.types import (
+    GroupDescription,
+    GroupListing,
+    OffsetChange,
+    PartitionInfo,
+    TopicDescription,
+    TopicPartition,
+)
 
 # DescribeTopics asks each partition's leader for 5 s at most; a broker slower than this is stuck, ask another.
 DESCRIBE_ATTEMPT_TIMEOUT_S = 7.0
@@ -75,6 +103,7 @@ class Admin:
                  request_timeout_ms: int = DEFAULT_REQUEST_TIMEOUT_MS) -> None:
         self._metadata = ClusterMetadata(bootstrap, request_timeout_ms)
         self._timeout_s = request_timeout_ms / 1000
+        self._coordinators = Coordinators(self._metadata)
 
     def _call(self, method: str, request: object, check: Callable[[Any], None] | None = None,
               attempt_timeout_s: float | None = None) -> Any:
@@ -123,6 +152,86 @@ class Admin:
         (nothing within 2 s: paused, overloaded or cut off) or "down" (refuses connections),
         each asked of the broker's own gRPC health service with a short timeout."""
         return self._metadata.broker_states()
+
+    # ------------------------------------------------------------------------------- consumer groups
+
+    def list_groups(self) -> list[GroupListing]:
+        """Every consumer group of the cluster (any broker answers for all), sorted by id."""
+        return group_listings(self._metadata.call("ListGroups", pb.ListGroupsRequest(), service="groups"))
+
+    def describe_groups(self, group_ids: Sequence[str]) -> list[GroupDescription]:
+        """State, members (client id, host, partitions), and per partition the committed offset, the log end
+        and the lag. A group that does not exist raises GroupIdNotFoundError."""
+        return [self._describe_with_lag(check_group_id(group_id)) for group_id in group_ids]
+
+    def _describe_with_lag(self, group_id: str) -> GroupDescription:
+        described = self._describe(group_id)
+        return group_description(described, self._log_ends(described_partitions(described)))
+
+    def _describe(self, group_id: str) -> pb.GroupDescription:
+        response = self._coordinators.call(group_id, "DescribeGroups", pb.DescribeGroupsRequest(group_ids=[group_id]),
+                                           errors=describe_error)
+        return response.groups[0]
+
+    def _log_ends(self, tps: Iterable[TopicPartition]) -> dict[TopicPartition, int | None]:
+        """High watermarks, topic by topic: a topic that cannot be asked (deleted, offline) shows as unknown."""
+        out: dict[TopicPartition, int | None] = {}
+        for partitions in by_topic(tps).values():
+            try:
+                found = self._offsets_at(partitions, LATEST)
+            except LogbrokerError:
+                found = {}
+            out.update({tp: found.get(tp) for tp in partitions})
+        return out
+
+    def _offsets_at(self, tps: Sequence[TopicPartition], timestamp_ms: int) -> dict[TopicPartition, int]:
+        """ListOffsets: EARLIEST, LATEST, or the first offset at or after a time (-1: none)."""
+        found = list_offsets(self._metadata, {tp: timestamp_ms for tp in tps}, self._timeout_s)
+        return {tp: offset for tp, (offset, _) in found.items()}
+
+    def delete_groups(self, group_ids: Sequence[str]) -> None:
+        """Delete groups and their committed offsets; refused (NonEmptyGroupError) while a group has members."""
+        for group_id in group_ids:
+            self._coordinators.call(check_group_id(group_id), "DeleteGroups",
+                                    pb.DeleteGroupsRequest(group_ids=[group_id]), errors=delete_error)
+
+    def reset_offsets(self, group_id: str, topic: str, *, to_earliest: bool = False, to_latest: bool = False,
+                      to_offset: int | None = None, to_datetime: datetime | int | None = None,
+                      shift_by: int | None = None, partitions: Sequence[int] | None = None,
+                      dry_run: bool = False) -> list[OffsetChange]:
+        """Move the group's committed offsets of a topic (all its partitions, or those named) so that its
+        consumers start there next time; to_datetime takes a datetime (naive: UTC) or ms since the epoch.
+        Offsets stay within each partition's log. Refused while the group has live members. With dry_run,
+        returns the plan and commits nothing."""
+        spec = ResetSpec.of(to_earliest=to_earliest, to_latest=to_latest, to_offset=to_offset,
+                            to_datetime=to_datetime, shift_by=shift_by)
+        self._refuse_live_group(check_group_id(group_id))
+        tps = self._topic_partitions(topic, partitions)
+        committed = {tp: found.offset for tp, found in committed_offsets(self._coordinators.call(
+            group_id, "FetchOffsets", fetch_offsets_request(group_id, tps))).items()}
+        by_time = {} if spec.to_datetime_ms is None else self._offsets_at(tps, spec.to_datetime_ms)
+        changes = plan_reset(spec, tps, committed, self._offsets_at(tps, EARLIEST), self._offsets_at(tps, LATEST),
+                             by_time)
+        if not dry_run:
+            request = pb.CommitOffsetsRequest(group_id=group_id, member_id="", member_epoch=SIMPLE_MEMBER_EPOCH,
+                                              offsets=commit_entries({TopicPartition(c.topic, c.partition): c.new
+                                                                      for c in changes}))
+            self._coordinators.call(group_id, "CommitOffsets", request)
+        return changes
+
+    def _refuse_live_group(self, group_id: str) -> None:
+        with contextlib.suppress(GroupIdNotFoundError):  # no member and no offset yet: the reset creates them
+            refuse_live_group(self._describe(group_id))
+
+    def _topic_partitions(self, topic: str, partitions: Sequence[int] | None) -> list[TopicPartition]:
+        count = self._metadata.partitions_for(topic)
+        chosen = list(range(count)) if partitions is None else list(dict.fromkeys(partitions))
+        for partition in chosen:
+            if not 0 <= partition < count:
+                raise error_for(pb.ErrorCode.UNKNOWN_TOPIC_OR_PARTITION,
+                                f"topic {topic!r} has partitions 0..{count - 1}; partition {partition} does not "
+                                "exist", topic, partition)
+        return [TopicPartition(topic, p) for p in chosen]
 
     def close(self) -> None:
         self._metadata.close()

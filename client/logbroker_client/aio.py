@@ -10,10 +10,13 @@ synchronous clients; only the waiting differs. Use them inside a running event l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
+import socket
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
 import grpc
@@ -27,27 +30,55 @@ from logbroker_client.admin import (
     raise_topic_errors,
     topic_description,
 )
+from logbroker_client.aio_groups import AsyncCoordinators, AsyncGroupSide
 from logbroker_client.connection import (
     DEFAULT_REQUEST_TIMEOUT_MS,
     AsyncConnection,
     rpc_code,
+    service_name,
     translate_rpc_error,
     unreachable_reason,
 )
 from logbroker_client.consumer import (
+    DEFAULT_AUTO_COMMIT_INTERVAL_MS,
+    DEFAULT_FETCH_MAX_BYTES,
     DEFAULT_FETCH_MAX_WAIT_MS,
     DEFAULT_MAX_PARTITION_FETCH_BYTES,
-    RESETS,
-    decode_batch,
+    DEFAULT_MAX_POLL_INTERVAL_MS,
+    DEFAULT_MAX_POLL_RECORDS,
+    DEFAULT_SESSION_TIMEOUT_MS,
+    GROUP_WAIT_SLICE_S,
+    default_client_id,
 )
 from logbroker_client.errors import (
     BrokerUnavailableError,
-    CorruptBatchError,
+    GroupIdNotFoundError,
     LogbrokerError,
     NoBrokerAnsweredError,
-    OffsetOutOfRangeError,
     RequestTimedOutError,
     error_for,
+)
+from logbroker_client.fetch_state import EARLIEST, LATEST, FetchOutcome, FetchState, reset_policy
+from logbroker_client.group_member import (
+    SIMPLE_MEMBER_EPOCH,
+    GroupMember,
+    RebalanceListener,
+    Subscription,
+    commit_entries,
+)
+from logbroker_client.groups import (
+    ResetSpec,
+    by_topic,
+    check_group_id,
+    committed_offsets,
+    delete_error,
+    describe_error,
+    described_partitions,
+    fetch_offsets_request,
+    group_description,
+    group_listings,
+    plan_reset,
+    refuse_live_group,
 )
 from logbroker_client.metadata import METADATA_TIMEOUT_S, PROBE_TIMEOUT_S, RETRY_BACKOFF_S, MetadataCache, health_state
 from logbroker_client.partitioner import StickyPartitioner, choose_partition
@@ -67,7 +98,17 @@ from logbroker_client.producer import (
     refused_batch,
 )
 from logbroker_client.proto import logbroker_pb2 as pb
-from logbroker_client.types import ConsumerRecord, OffsetAndTimestamp, RecordMetadata, TopicDescription, TopicPartition
+from logbroker_client.types import (
+    ConsumerRecord,
+    GroupDescription,
+    GroupListing,
+    OffsetAndMetadata,
+    OffsetAndTimestamp,
+    OffsetChange,
+    RecordMetadata,
+    TopicDescription,
+    TopicPartition,
+)
 
 
 class AsyncMetadata(MetadataCache):
@@ -82,15 +123,17 @@ class AsyncMetadata(MetadataCache):
         return conn
 
     async def call(self, method: str, request: Any, address: str | None = None, admin: bool = False,
-                   check: Callable[[Any], None] | None = None, attempt_timeout_s: float | None = None) -> Any:
+                   check: Callable[[Any], None] | None = None, attempt_timeout_s: float | None = None,
+                   service: str = "") -> Any:
         """Call a broker: the given one (a partition's leader), else the first that answers of every known
         address, asked again while `check` finds the answer retriable, until the request timeout."""
+        service = service_name(admin, service)
         if address:
-            return await self._call_at(address, method, request, admin)
+            return await self._call_at(address, method, request, service)
         deadline = time.monotonic() + self.request_timeout_s
         while True:
             try:
-                response = await self._first_answer(method, request, admin, attempt_timeout_s, deadline)
+                response = await self._first_answer(method, request, service, attempt_timeout_s, deadline)
                 if check is not None:
                     check(response)
                 return response
@@ -100,17 +143,17 @@ class AsyncMetadata(MetadataCache):
                     raise
                 await asyncio.sleep(RETRY_BACKOFF_S)
 
-    async def _call_at(self, address: str, method: str, request: Any, admin: bool) -> Any:
+    async def _call_at(self, address: str, method: str, request: Any, service: str) -> Any:
         conn = self.connection(address)
         try:
-            return await getattr(conn.admin if admin else conn.broker, method)(request, timeout=self.request_timeout_s)
+            return await getattr(getattr(conn, service), method)(request, timeout=self.request_timeout_s)
         except grpc.RpcError as exc:
             error = translate_rpc_error(exc, address)
             if isinstance(error, BrokerUnavailableError):
                 self.mark_unreachable(address)
             raise error from None
 
-    async def _first_answer(self, method: str, request: Any, admin: bool, attempt_timeout_s: float | None,
+    async def _first_answer(self, method: str, request: Any, service: str, attempt_timeout_s: float | None,
                             deadline: float) -> Any:
         """As ClusterMetadata._first_answer: a broker that gives no answer (or a stuck one) makes way for the next."""
         failures: dict[str, str] = {}
@@ -122,7 +165,7 @@ class AsyncMetadata(MetadataCache):
             timeout_s = remaining if attempt_timeout_s is None else min(remaining, attempt_timeout_s)
             conn = self.connection(address)
             try:
-                return await getattr(conn.admin if admin else conn.broker, method)(request, timeout=timeout_s)
+                return await getattr(getattr(conn, service), method)(request, timeout=timeout_s)
             except grpc.RpcError as exc:
                 code = rpc_code(exc)
                 stuck = code == grpc.StatusCode.DEADLINE_EXCEEDED and timeout_s < remaining
@@ -203,6 +246,7 @@ class AsyncAdmin:
     def __init__(self, bootstrap: str | Sequence[str] | None = None,
                  request_timeout_ms: int = DEFAULT_REQUEST_TIMEOUT_MS) -> None:
         self._metadata = AsyncMetadata(bootstrap, request_timeout_ms)
+        self._coordinators = AsyncCoordinators(self._metadata)
 
     async def create_topic(self, name: str, partitions: int = 1, replication_factor: int = 1,
                            configs: Mapping[str, str] | None = None) -> None:
@@ -238,6 +282,68 @@ class AsyncAdmin:
     async def broker_states(self) -> dict[int, str]:
         """node id -> "up", "not ready", "no answer" or "down", as each broker's gRPC health service answers."""
         return await self._metadata.broker_states()
+
+    # ------------------------------------------------------------------------------ consumer groups
+
+    async def list_groups(self) -> list[GroupListing]:
+        return group_listings(await self._metadata.call("ListGroups", pb.ListGroupsRequest(), service="groups"))
+
+    async def describe_groups(self, group_ids: Sequence[str]) -> list[GroupDescription]:
+        """As Admin.describe_groups: members, committed offsets, log ends and lag."""
+        out = []
+        for group_id in group_ids:
+            described = await self._describe(check_group_id(group_id))
+            out.append(group_description(described, await self._log_ends(described_partitions(described))))
+        return out
+
+    async def _describe(self, group_id: str) -> pb.GroupDescription:
+        response = await self._coordinators.call(group_id, "DescribeGroups",
+                                                 pb.DescribeGroupsRequest(group_ids=[group_id]), errors=describe_error)
+        return response.groups[0]
+
+    async def _log_ends(self, tps: Iterable[TopicPartition]) -> dict[TopicPartition, int | None]:
+        out: dict[TopicPartition, int | None] = {}
+        for partitions in by_topic(tps).values():
+            try:
+                found = await self._offsets_at(partitions, LATEST)
+            except LogbrokerError:
+                found = {}
+            out.update({tp: found.get(tp) for tp in partitions})
+        return out
+
+    async def _offsets_at(self, tps: Sequence[TopicPartition], timestamp_ms: int) -> dict[TopicPartition, int]:
+        found = await async_list_offsets(self._metadata, {tp: timestamp_ms for tp in tps})
+        return {tp: offset for tp, (offset, _) in found.items()}
+
+    async def delete_groups(self, group_ids: Sequence[str]) -> None:
+        for group_id in group_ids:
+            await self._coordinators.call(check_group_id(group_id), "DeleteGroups",
+                                          pb.DeleteGroupsRequest(group_ids=[group_id]), errors=delete_error)
+
+    async def reset_offsets(self, group_id: str, topic: str, *, to_earliest: bool = False, to_latest: bool = False,
+                            to_offset: int | None = None, to_datetime: datetime | int | None = None,
+                            shift_by: int | None = None, partitions: Sequence[int] | None = None,
+                            dry_run: bool = False) -> list[OffsetChange]:
+        """As Admin.reset_offsets: refused while the group has members; dry_run commits nothing."""
+        spec = ResetSpec.of(to_earliest=to_earliest, to_latest=to_latest, to_offset=to_offset,
+                            to_datetime=to_datetime, shift_by=shift_by)
+        with contextlib.suppress(GroupIdNotFoundError):  # no member and no offset yet: the reset creates them
+            refuse_live_group(await self._describe(check_group_id(group_id)))
+        count = await self._metadata.partitions_for(topic)
+        tps = [TopicPartition(topic, p) for p in (range(count) if partitions is None else dict.fromkeys(partitions))]
+        for tp in tps:
+            await self._metadata.leader(tp.topic, tp.partition)  # names a partition that does not exist
+        response = await self._coordinators.call(group_id, "FetchOffsets", fetch_offsets_request(group_id, tps))
+        committed = {tp: found.offset for tp, found in committed_offsets(response).items()}
+        by_time = {} if spec.to_datetime_ms is None else await self._offsets_at(tps, spec.to_datetime_ms)
+        changes = plan_reset(spec, tps, committed, await self._offsets_at(tps, EARLIEST),
+                             await self._offsets_at(tps, LATEST), by_time)
+        if not dry_run:
+            request = pb.CommitOffsetsRequest(group_id=group_id, member_id="", member_epoch=SIMPLE_MEMBER_EPOCH,
+                                              offsets=commit_entries({TopicPartition(c.topic, c.partition): c.new
+                                                                      for c in changes}))
+            await self._coordinators.call(group_id, "CommitOffsets", request)
+        return changes
 
     async def close(self) -> None:
         await self._metadata.close()
@@ -471,166 +577,286 @@ class AsyncProducer:
 
 # --------------------------------------------------------------------------------------- consumer
 
+async def async_list_offsets(metadata: AsyncMetadata, queries: Mapping[TopicPartition, int]
+                             ) -> dict[TopicPartition, tuple[int, int]]:
+    """As consumer.list_offsets: one request per leader, retried while leadership moves."""
+    deadline = time.monotonic() + metadata.request_timeout_s
+    while True:
+        try:
+            return await _list_offsets_once(metadata, queries)
+        except LogbrokerError as exc:
+            if not exc.retriable or time.monotonic() > deadline:
+                raise
+            for tp in queries:
+                await metadata.raise_if_offline(tp.topic, tp.partition)
+                metadata.invalidate(tp.topic)
+            await asyncio.sleep(RETRY_BACKOFF_S)
+
+
+async def _list_offsets_once(metadata: AsyncMetadata, queries: Mapping[TopicPartition, int]
+                             ) -> dict[TopicPartition, tuple[int, int]]:
+    by_leader: dict[str, list[pb.ListOffsetsPartition]] = {}
+    for tp, ts in queries.items():
+        by_leader.setdefault(await metadata.leader(tp.topic, tp.partition), []).append(
+            pb.ListOffsetsPartition(topic=tp.topic, partition=tp.partition, timestamp_ms=ts))
+    out: dict[TopicPartition, tuple[int, int]] = {}
+    for address, parts in by_leader.items():
+        response = await metadata.call("ListOffsets", pb.ListOffsetsRequest(partitions=parts), address)
+        for result in response.results:
+            if result.error_code:
+                raise error_for(result.error_code, result.error_message, result.topic, result.partition)
+            out[TopicPartition(result.topic, result.partition)] = (result.offset, result.timestamp_ms)
+    return out
+
+
 class AsyncConsumer:
-    """assign / seek / poll over asyncio; one fetch per poll to each partition leader."""
+    """The Consumer's API over asyncio (I/O methods are coroutines; seek, pause and resume are not, as they
+    do none). Fetches are pipelined as in the synchronous Consumer, and the state they feed is the same
+    (fetch_state.py, group_member.py)."""
 
     def __init__(
         self,
         bootstrap: str | Sequence[str] | None = None,
         *,
+        group_id: str | None = None,
         auto_offset_reset: str = "latest",
+        enable_auto_commit: bool = True,
+        auto_commit_interval_ms: int = DEFAULT_AUTO_COMMIT_INTERVAL_MS,
+        group_instance_id: str | None = None,
+        session_timeout_ms: int = DEFAULT_SESSION_TIMEOUT_MS,
+        max_poll_interval_ms: int = DEFAULT_MAX_POLL_INTERVAL_MS,
+        client_id: str | None = None,
+        fetch_min_bytes: int = 1,
         fetch_max_wait_ms: int = DEFAULT_FETCH_MAX_WAIT_MS,
+        fetch_max_bytes: int = DEFAULT_FETCH_MAX_BYTES,
         max_partition_fetch_bytes: int = DEFAULT_MAX_PARTITION_FETCH_BYTES,
+        max_poll_records: int = DEFAULT_MAX_POLL_RECORDS,
         request_timeout_ms: int = DEFAULT_REQUEST_TIMEOUT_MS,
         check_crcs: bool = True,
     ) -> None:
-        if auto_offset_reset not in RESETS:
-            raise ValueError(f"auto_offset_reset must be one of {sorted(RESETS)}, got {auto_offset_reset!r}")
-        self._reset = RESETS[auto_offset_reset]
-        self._check_crcs = check_crcs
-        # A broken batch found behind records this poll hands out: (position at it, error), raised next poll.
-        self._unreadable: dict[TopicPartition, tuple[int, CorruptBatchError]] = {}
+        self._fetch = FetchState(reset_policy(auto_offset_reset), check_crcs)
+        self._min_bytes = fetch_min_bytes
         self._max_wait_ms = fetch_max_wait_ms
+        self._max_bytes = fetch_max_bytes
         self._partition_max_bytes = max_partition_fetch_bytes
+        self._max_poll_records = max_poll_records
         self._metadata = AsyncMetadata(bootstrap, request_timeout_ms)
-        self._positions: dict[TopicPartition, int | None] = {}
+        self._closed = False
+        self._group: AsyncGroupSide | None = None
+        if group_id is not None:
+            member = GroupMember(check_group_id(group_id), session_timeout_ms=session_timeout_ms,
+                                 rebalance_timeout_ms=max_poll_interval_ms, instance_id=group_instance_id,
+                                 client_id=client_id or default_client_id(), client_host=socket.gethostname())
+            self._group = AsyncGroupSide(member, self._fetch, self._metadata, enable_auto_commit,
+                                         auto_commit_interval_ms, request_timeout_ms / 1000)
+        elif group_instance_id is not None:
+            raise ValueError("group_instance_id needs a group_id")
+
+    # ------------------------------------------------------------------------------ assignment
 
     async def assign(self, partitions: Iterable[TopicPartition]) -> None:
-        assigned: dict[TopicPartition, int | None] = {}
-        for tp in (TopicPartition(*p) for p in partitions):
+        """As Consumer.assign: by hand; with a group_id new partitions start at the committed offsets."""
+        if self._group is not None and self._group.member.subscribed:
+            raise LogbrokerError("this consumer has subscribed to a group's topics: the coordinator assigns its "
+                                 "partitions, so assign() cannot be mixed in; use a second AsyncConsumer")
+        tps = [TopicPartition(*p) for p in partitions]
+        for tp in tps:
             await self._metadata.leader(tp.topic, tp.partition)  # validates topic and partition
-            assigned[tp] = self._positions.get(tp)
-        self._positions = assigned
+        added = self._fetch.assign(tps)
+        if self._group is not None and added:
+            for tp, offset in (await self._group.committed_positions(added)).items():
+                self._fetch.seek(tp, offset)
 
     def assignment(self) -> set[TopicPartition]:
-        return set(self._positions)
+        return set(self._fetch.assigned)
+
+    def subscribe(self, topics: Sequence[str] | str | None = None, *, pattern: str | None = None,
+                  on_assigned: Callable[[set[TopicPartition]], Any] | None = None,
+                  on_revoked: Callable[[set[TopicPartition]], Any] | None = None,
+                  on_lost: Callable[[set[TopicPartition]], Any] | None = None) -> None:
+        """As Consumer.subscribe (call it inside the running loop); callbacks may be coroutine functions."""
+        group = self._require_group("subscribe()")
+        if self._fetch.assigned and not group.member.subscribed:
+            raise LogbrokerError("this consumer has partitions assigned by hand; call assign([]) before subscribe()")
+        names = (topics,) if isinstance(topics, str) else tuple(topics or ())
+        group.subscribe(Subscription(names, pattern or ""), RebalanceListener(on_assigned, on_revoked, on_lost))
+
+    def _require_group(self, what: str) -> AsyncGroupSide:
+        if self._group is None:
+            raise LogbrokerError(f"{what} needs a consumer group: create the AsyncConsumer with group_id='...'")
+        return self._group
+
+    # --------------------------------------------------------------------------------- seeking
 
     def seek(self, partition: TopicPartition, offset: int) -> None:
-        tp = self._assigned(partition)
+        tp = self._fetch.require_assigned(partition)
         if offset < 0:
             raise ValueError(f"offset must be >= 0, got {offset}")
-        self._positions[tp] = offset
-
-    def _assigned(self, partition: TopicPartition) -> TopicPartition:
-        tp = TopicPartition(*partition)
-        if tp not in self._positions:
-            raise LogbrokerError(f"{tp.topic}-{tp.partition} is not assigned to this consumer; assign() it first")
-        return tp
+        self._fetch.seek(tp, offset)
 
     async def seek_to_beginning(self, *partitions: TopicPartition) -> None:
-        await self._seek_to(-2, partitions)
+        await self._seek_to(EARLIEST, partitions)
 
     async def seek_to_end(self, *partitions: TopicPartition) -> None:
-        await self._seek_to(-1, partitions)
+        await self._seek_to(LATEST, partitions)
 
     async def _seek_to(self, which: int, partitions: Sequence[TopicPartition]) -> None:
-        found = await self._list({self._assigned(p): which for p in partitions or list(self._positions)})
-        for tp, (offset, _) in found.items():
-            self._positions[tp] = offset
+        tps = [self._fetch.require_assigned(p) for p in partitions] or list(self._fetch.assigned)
+        for tp, (offset, _) in (await async_list_offsets(self._metadata, {tp: which for tp in tps})).items():
+            self._fetch.seek(tp, offset)
 
     async def position(self, partition: TopicPartition) -> int:
-        tp = self._assigned(partition)
-        position = self._positions[tp]
-        if position is None:
+        tp = self._fetch.require_assigned(partition)
+        if tp not in self._fetch.positions:
             await self._reset_positions([tp])
-            position = self._positions[tp]
-        assert position is not None
-        return position
+        return self._fetch.positions[tp]
+
+    async def beginning_offsets(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+        found = await async_list_offsets(self._metadata, {TopicPartition(*tp): EARLIEST for tp in partitions})
+        return {tp: offset for tp, (offset, _) in found.items()}
+
+    async def end_offsets(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+        found = await async_list_offsets(self._metadata, {TopicPartition(*tp): LATEST for tp in partitions})
+        return {tp: offset for tp, (offset, _) in found.items()}
 
     async def offsets_for_times(
         self, timestamps: Mapping[TopicPartition, int]
     ) -> dict[TopicPartition, OffsetAndTimestamp | None]:
-        found = await self._list({TopicPartition(*tp): ts for tp, ts in timestamps.items()})
+        for ts in timestamps.values():
+            if ts < 0:
+                raise ValueError(f"timestamps must be >= 0 ms since the epoch, got {ts}")
+        found = await async_list_offsets(self._metadata, {TopicPartition(*tp): ts for tp, ts in timestamps.items()})
         return {tp: (OffsetAndTimestamp(o, t) if o >= 0 else None) for tp, (o, t) in found.items()}
 
-    async def _list(self, queries: Mapping[TopicPartition, int]) -> dict[TopicPartition, tuple[int, int]]:
-        out = {}
-        for tp, ts in queries.items():
-            request = pb.ListOffsetsRequest(
-                partitions=[pb.ListOffsetsPartition(topic=tp.topic, partition=tp.partition, timestamp_ms=ts)])
-            response = await self._metadata.call("ListOffsets", request, await self._metadata.leader(*tp))
-            result = response.results[0]
-            if result.error_code:
-                raise error_for(result.error_code, result.error_message, tp.topic, tp.partition)
-            out[tp] = (result.offset, result.timestamp_ms)
-        return out
-
     async def _reset_positions(self, tps: Sequence[TopicPartition]) -> None:
-        if self._reset is None:
-            raise OffsetOutOfRangeError(f"no position for {list(tps)} and auto_offset_reset='none'; seek() first")
-        for tp, (offset, _) in (await self._list({tp: self._reset for tp in tps})).items():
-            self._positions[tp] = offset
+        timestamp = self._fetch.reset_timestamp(tps)
+        for tp, (offset, _) in (await async_list_offsets(self._metadata, {tp: timestamp for tp in tps})).items():
+            self._fetch.seek(tp, offset)
 
-    async def poll(self, timeout: float = 1.0) -> list[ConsumerRecord]:
-        """Records from every assigned partition; waits up to timeout for the first to arrive."""
-        self._raise_unreadable()
-        missing = [tp for tp, pos in self._positions.items() if pos is None]
-        if missing:
-            await self._reset_positions(missing)
-        by_leader: dict[str, list[pb.FetchPartition]] = {}
-        for tp, position in self._positions.items():
-            by_leader.setdefault(await self._metadata.leader(*tp), []).append(pb.FetchPartition(
-                topic=tp.topic, partition=tp.partition, fetch_offset=position or 0,
-                partition_max_bytes=self._partition_max_bytes))
-        wait_ms = int(min(timeout * 1000, self._max_wait_ms))
-        responses = await asyncio.gather(*(
-            self._metadata.call("Fetch", pb.FetchRequest(max_wait_ms=wait_ms, min_bytes=1, partitions=parts), leader)
-            for leader, parts in by_leader.items()
-        ), return_exceptions=True)
-        records: list[ConsumerRecord] = []
-        for parts, response in zip(by_leader.values(), responses, strict=True):
-            if isinstance(response, LogbrokerError) and response.retriable:
-                for part in parts:  # that leader is gone: find the new one on the next poll
-                    self._metadata.invalidate(part.topic)
+    # ---------------------------------------------------------------------------- pause/resume
+
+    def pause(self, *partitions: TopicPartition) -> None:
+        self._fetch.paused.update(self._fetch.require_assigned(tp) for tp in partitions)
+
+    def resume(self, *partitions: TopicPartition) -> None:
+        self._fetch.paused.difference_update(TopicPartition(*tp) for tp in partitions)
+
+    def paused(self) -> set[TopicPartition]:
+        return set(self._fetch.paused)
+
+    # ------------------------------------------------------------------------------------ poll
+
+    async def poll(self, timeout: float = 1.0, max_records: int | None = None) -> list[ConsumerRecord]:
+        """As Consumer.poll: records of the assigned (or owned), unpaused partitions, [] after timeout."""
+        if self._closed:
+            raise LogbrokerError("poll() on a closed consumer")
+        limit = max_records or self._max_poll_records
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._group is not None:
+                await self._group.on_poll()
+            records = self._fetch.take(limit)
+            if records:
+                await self._prefetch()
+                return records
+            remaining = deadline - time.monotonic()
+            if not self._fetch.fetchable():
+                if self._group is None or remaining <= 0:
+                    return []
+                await self._group.wait_for_news(min(remaining, GROUP_WAIT_SLICE_S))
                 continue
-            if isinstance(response, BaseException):
-                raise response
-            for result in response.results:
-                await self._absorb(result, records)
-        if not records:
-            self._raise_unreadable()
-        return records
+            missing = self._fetch.missing_positions()
+            if missing:
+                await self._reset_positions(missing)
+            await self._prefetch()
+            if remaining <= 0:
+                return []
+            if self._group is None:
+                if not await self._complete_one_fetch(remaining):
+                    return []
+            elif not await self._complete_one_fetch(min(remaining, GROUP_WAIT_SLICE_S)) and not self._fetch.in_flight:
+                await self._group.wait_for_news(min(remaining, GROUP_WAIT_SLICE_S))
 
-    def _raise_unreadable(self) -> None:
-        """Raise for a broken batch a partition is still positioned at; a seek since it was found skips it."""
-        unreadable, self._unreadable = self._unreadable, {}
-        for tp, (position, error) in unreadable.items():
-            if self._positions.get(tp) == position:
-                raise error
+    async def _prefetch(self) -> None:
+        by_leader: dict[str, dict[TopicPartition, int]] = {}
+        for tp, offset in self._fetch.to_fetch():
+            by_leader.setdefault(await self._metadata.leader(tp.topic, tp.partition), {})[tp] = offset
+        for address, offsets in by_leader.items():
+            request = pb.FetchRequest(
+                max_wait_ms=self._max_wait_ms, min_bytes=self._min_bytes, max_bytes=self._max_bytes,
+                partitions=[pb.FetchPartition(topic=tp.topic, partition=tp.partition, fetch_offset=offset,
+                                              partition_max_bytes=self._partition_max_bytes)
+                            for tp, offset in offsets.items()])
+            fetch = self._fetch.begin_fetch(address, offsets)
+            fetch.handle = asyncio.get_running_loop().create_task(self._metadata.call("Fetch", request, address))
 
-    async def _absorb(self, result: pb.PartitionFetchResult, out: list[ConsumerRecord]) -> None:
-        tp = TopicPartition(result.topic, result.partition)
-        if result.error_code:
-            error = error_for(result.error_code, result.error_message, tp.topic, tp.partition)
-            if isinstance(error, OffsetOutOfRangeError) and self._reset is not None:
-                await self._reset_positions([tp])
-                return
-            if error.retriable:  # leadership is moving: ask again for the leader on the next poll
-                self._metadata.invalidate(tp.topic)
-                return
-            raise error
-        start = self._positions.get(tp)
-        if start is None or not result.records:
-            return
-        data = result.records
-        position = start
+    async def _complete_one_fetch(self, timeout: float) -> bool:
+        """Wait for the oldest fetch in flight and buffer its records; False if it did not finish in time."""
+        if not self._fetch.in_flight:
+            return False
+        fetch = self._fetch.in_flight[0]
+        done, _ = await asyncio.wait([fetch.handle], timeout=timeout)
+        if not done:
+            return False
+        self._fetch.end_fetch(fetch)
         try:
-            for pos, header in rec.iter_batch_headers(data):
-                last = header.base_offset + header.last_offset_delta
-                if last < start:
-                    continue
-                if not header.attributes & rec.CONTROL_FLAG:
-                    decode_batch(tp, data, pos, header, start, out, self._check_crcs)
-                position = self._positions[tp] = last + 1
-        except CorruptBatchError as exc:
-            # Raising now would drop the records out holds already, whose positions have moved past them.
-            self._unreadable[tp] = (position, exc)
+            response = fetch.handle.result()
+        except LogbrokerError as error:
+            if not error.retriable:
+                raise
+            for tp in fetch.offsets:  # that leader is gone: find the new one on the next round
+                self._metadata.invalidate(tp.topic)
+            await asyncio.sleep(min(RETRY_BACKOFF_S, timeout))
+            return True
+        for result in response.results:
+            if self._fetch.absorb(fetch, result) is FetchOutcome.FIND_LEADER:
+                self._metadata.invalidate(result.topic)
+        return True
+
+    # --------------------------------------------------------------------------------- commits
+
+    async def commit(self, offsets: Mapping[TopicPartition, int | OffsetAndMetadata] | None = None) -> None:
+        """As Consumer.commit: the given offsets, or what poll() has handed out of the partitions held."""
+        group = self._require_group("commit()")
+        await group.commit(group.owned_positions() if offsets is None else offsets)
+
+    def commit_async(self, offsets: Mapping[TopicPartition, int | OffsetAndMetadata] | None = None
+                     ) -> asyncio.Task[None]:
+        """As commit(), without waiting: await the task (or not) for the outcome."""
+        group = self._require_group("commit_async()")
+        chosen = dict(group.owned_positions() if offsets is None else offsets)
+        return asyncio.get_running_loop().create_task(group.commit(chosen))
+
+    async def committed(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, OffsetAndMetadata | None]:
+        return await self._require_group("committed()").committed([TopicPartition(*tp) for tp in partitions])
+
+    # ------------------------------------------------------------------------------- lifecycle
 
     async def close(self) -> None:
-        await self._metadata.close()
+        """Commit (with auto-commit on) and leave the group at once."""
+        if self._closed:
+            return
+        try:
+            if self._group is not None:
+                await self._group.close()
+        finally:
+            self._closed = True
+            for fetch in self._fetch.in_flight:
+                fetch.handle.cancel()
+            await asyncio.gather(*(f.handle for f in self._fetch.in_flight), return_exceptions=True)
+            self._fetch.in_flight.clear()
+            await self._metadata.close()
 
     async def __aenter__(self) -> AsyncConsumer:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    def __aiter__(self) -> AsyncIterator[ConsumerRecord]:
+        return self._records()
+
+    async def _records(self) -> AsyncIterator[ConsumerRecord]:
+        while not self._closed:
+            for record in await self.poll():
+                yield record

@@ -1,4 +1,4 @@
-"""`lb`: the command-line client (topics, cluster, produce from stdin, consume to stdout).
+"""`lb`: the command-line client (topics, cluster, produce from stdin, consume to stdout, consumer groups).
 
 Every failure the user can act on ends as one line on stderr, `lb: <message>`, and exit status 1;
 argparse usage errors exit with 2. The messages are the client's and the broker's own, which are
@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import re
+import signal
 import string
 import sys
 import time
@@ -19,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 
-from logbroker_client.errors import LogbrokerError, RecordTooLargeError
+from logbroker_client.errors import CommitFailedError, LogbrokerError, RecordTooLargeError
 from logbroker_client.progress import Progress, human_bytes
 
 EXIT_OK = 0
@@ -404,6 +406,8 @@ def cmd_consume(args: argparse.Namespace) -> int:
     from logbroker_client.consumer import Consumer
     from logbroker_client.types import TopicPartition
 
+    if args.group is not None:
+        return consume_in_group(args)
     if args.offset is not None and args.partition is None:
         raise UsageError("--offset needs --partition (an offset means something in one partition only)")
     render = renderer(None if args.format is None else check_template(args.format))
@@ -423,9 +427,54 @@ def cmd_consume(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def consume_in_group(args: argparse.Namespace) -> int:
+    """Join the group: its members share the topic's partitions, and each printed batch is committed, so the
+    next run (of any member) resumes after it. A new group starts at the end, or the beginning."""
+    from logbroker_client.admin import Admin
+    from logbroker_client.consumer import Consumer
+
+    if args.partition is not None or args.offset is not None or args.from_timestamp is not None:
+        raise UsageError("--group reads the partitions the group's coordinator assigns, from the group's committed "
+                         "offsets: it cannot be combined with --partition, --offset or --from-timestamp "
+                         "(move a group with `lb group reset-offsets`)")
+    render = renderer(None if args.format is None else check_template(args.format))
+    with Admin(args.bootstrap) as admin:
+        admin.describe_topics([args.topic])  # an unknown topic is named now, not waited for
+    reset = "earliest" if args.from_beginning else "latest"
+    stop_on_sigterm()
+    with Consumer(args.bootstrap, group_id=args.group, auto_offset_reset=reset, enable_auto_commit=False,
+                  client_id=f"lb-consume-{os.getpid()}") as consumer:
+        consumer.subscribe([args.topic])
+        count, seconds = consume_loop(consumer, render, args.max_messages, args.timeout_ms,
+                                      after_batch=lambda: commit_printed(consumer))
+        commit_printed(consumer)  # a new group's starting point too, so the next run misses nothing after it
+    print(f"consumed {count} record(s) from {args.topic} as group {args.group} in {seconds:.2f}s", file=sys.stderr)
+    return EXIT_OK
+
+
+def stop_on_sigterm() -> None:
+    """`kill` stops a group member as Ctrl-C does: it commits and leaves the group at once, so its partitions
+    move to the other members now rather than after the session timeout."""
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    with contextlib.suppress(ValueError):  # only the main thread may set handlers (tests call main() elsewhere)
+        signal.signal(signal.SIGTERM, interrupt)
+
+
+def commit_printed(consumer: Any) -> None:
+    """Commit what was printed; a member that lost its partitions meanwhile warns and reads on (their new
+    owner starts from the last commit, so those records are printed again there: at least once)."""
+    try:
+        consumer.commit()
+    except CommitFailedError as exc:
+        print(f"lb: warning: {one_line(exc)}", file=sys.stderr)
+
+
 def consume_loop(consumer: Any, render: Callable[[Any], str], max_messages: int | None,
-                 timeout_ms: int | None) -> tuple[int, float]:
-    """Print records until max_messages, an idle timeout, or Ctrl-C; returns (count, seconds)."""
+                 timeout_ms: int | None, after_batch: Callable[[], None] | None = None) -> tuple[int, float]:
+    """Print records until max_messages, an idle timeout, or Ctrl-C; returns (count, seconds). after_batch
+    runs once each batch is written out."""
     started = last_record = time.monotonic()
     idle_s = None if timeout_ms is None else timeout_ms / 1000
     count = 0
@@ -444,7 +493,90 @@ def consume_loop(consumer: Any, render: Callable[[Any], str], max_messages: int 
                 out.write("".join(render(r) + "\n" for r in records))
                 out.flush()  # a pipe reader (grep, jq) sees records as they arrive
                 count += len(records)
+                if after_batch is not None:
+                    after_batch()
     return count, time.monotonic() - started
+
+
+# -------------------------------------------------------------------------------------- groups
+
+
+def cmd_group_list(args: argparse.Namespace) -> int:
+    from logbroker_client.admin import Admin
+
+    with Admin(args.bootstrap) as admin:
+        groups = admin.list_groups()
+    if not groups:
+        print("no consumer groups yet (`lb consume TOPIC --group NAME` creates one)")
+        return EXIT_OK
+    print_table(("GROUP", "STATE", "MEMBERS"), [(g.group_id, g.state, g.members) for g in groups], sys.stdout)
+    return EXIT_OK
+
+
+def cmd_group_describe(args: argparse.Namespace) -> int:
+    from logbroker_client.admin import Admin
+
+    with Admin(args.bootstrap) as admin:
+        groups = admin.describe_groups(args.groups)
+    for i, group in enumerate(groups):
+        if i:
+            print()
+        write_group(group, sys.stdout)
+    return EXIT_OK
+
+
+def write_group(group: Any, out: TextIO) -> None:
+    out.write(f"group {group.group_id}: {group.state}, {len(group.members)} member(s), coordinator broker "
+              f"{group.coordinator_id}, assignor {group.assignor}, epoch {group.group_epoch}\n")
+    if group.members:
+        members: list[tuple[object, ...]] = [
+            (m.member_id, m.instance_id or "-", m.client_id or "-", m.client_host or "-", partition_list(m.partitions))
+            for m in group.members]
+        print_table(("MEMBER", "INSTANCE", "CLIENT ID", "HOST", "PARTITIONS"), members, out)
+    if group.partitions:
+        clients = {m.member_id: m.client_id or m.member_id for m in group.members}
+        rows = [(p.topic, p.partition, dash(p.committed), dash(p.log_end), dash(p.lag),
+                 clients.get(p.member_id or "", "-")) for p in group.partitions]
+        print_table(("TOPIC", "PARTITION", "COMMITTED", "LOG END", "LAG", "OWNER"), rows, out)
+    out.write(f"total lag: {group.total_lag}\n")
+
+
+def dash(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def partition_list(tps: Sequence[Any]) -> str:
+    """orders-0,1,2 payments-3: each topic once, then its partitions."""
+    by_topic: dict[str, list[int]] = {}
+    for tp in tps:
+        by_topic.setdefault(tp.topic, []).append(tp.partition)
+    return " ".join(f"{topic}-{','.join(map(str, sorted(parts)))}" for topic, parts in sorted(by_topic.items())) or "-"
+
+
+def cmd_group_reset_offsets(args: argparse.Namespace) -> int:
+    from logbroker_client.admin import Admin
+
+    with Admin(args.bootstrap) as admin:
+        changes = admin.reset_offsets(args.group, args.topic, to_earliest=args.to_earliest, to_latest=args.to_latest,
+                                      to_offset=args.to_offset, to_datetime=args.to_datetime,
+                                      shift_by=args.shift_by, dry_run=args.dry_run)
+    rows = [(c.topic, c.partition, dash(c.previous), c.new) for c in changes]
+    print_table(("TOPIC", "PARTITION", "OLD OFFSET", "NEW OFFSET"), rows, sys.stdout)
+    if args.dry_run:
+        print("dry run: nothing was changed (run again without --dry-run to commit these offsets)")
+    else:
+        print(f"group {args.group} now resumes {args.topic} at these offsets ({len(changes)} partition(s))")
+    return EXIT_OK
+
+
+def cmd_group_delete(args: argparse.Namespace) -> int:
+    from logbroker_client.admin import Admin
+
+    with Admin(args.bootstrap) as admin:
+        admin.delete_groups(args.groups)
+    for group_id in args.groups:
+        print(f"deleted group {group_id} and its committed offsets")
+    return EXIT_OK
 
 
 # -------------------------------------------------------------------------------------- parser
@@ -513,6 +645,10 @@ def add_consume_command(sub: Any, parent: argparse.ArgumentParser) -> None:
     start.add_argument("--from-beginning", action="store_true", help="start at the oldest record")
     start.add_argument("--from-timestamp", type=parse_timestamp, metavar="TIME",
                        help="start at the first record at or after TIME: ISO 8601 (naive = UTC) or epoch ms")
+    consume.add_argument("--group", metavar="GROUP",
+                         help="consume as a member of this consumer group: partitions shared with its other members, "
+                              "progress committed, resuming where the group left off (a new group starts at the "
+                              "end, or with --from-beginning at the beginning)")
     consume.add_argument("--max-messages", type=positive_int, metavar="N", help="stop after N records")
     consume.add_argument("--timeout-ms", type=non_negative_int, metavar="T",
                          help="stop when no record arrives for T ms")
@@ -520,6 +656,35 @@ def add_consume_command(sub: Any, parent: argparse.ArgumentParser) -> None:
                          help="for example '{partition}:{offset} {key}={value}'; fields: "
                               + FIELD_LIST + " (default: {value})")
     consume.set_defaults(func=cmd_consume, parser=consume)
+
+
+def add_group_commands(sub: Any, parent: argparse.ArgumentParser) -> None:
+    group = sub.add_parser("group", help="list, describe, reset and delete consumer groups")
+    group_sub = group.add_subparsers(dest="group_command", required=True, metavar="COMMAND")
+    listing = group_sub.add_parser("list", parents=[parent], help="every consumer group, its state and members")
+    listing.set_defaults(func=cmd_group_list, parser=listing)
+    describe = group_sub.add_parser("describe", parents=[parent],
+                                    help="members, their partitions, committed offsets and lag")
+    describe.add_argument("groups", nargs="+", metavar="GROUP")
+    describe.set_defaults(func=cmd_group_describe, parser=describe)
+    reset = group_sub.add_parser(
+        "reset-offsets", parents=[parent], help="move a group's committed offsets (the group must be empty)",
+        description="Move the committed offsets of an empty group (no running member) on every partition of a "
+                    "topic; its consumers resume there. Offsets are kept within each partition's log.")
+    reset.add_argument("group")
+    reset.add_argument("--topic", required=True)
+    where = reset.add_mutually_exclusive_group(required=True)
+    where.add_argument("--to-earliest", action="store_true", help="the oldest record still stored")
+    where.add_argument("--to-latest", action="store_true", help="the end: skip everything stored so far")
+    where.add_argument("--to-offset", type=non_negative_int, metavar="N", help="offset N in every partition")
+    where.add_argument("--to-datetime", type=parse_timestamp, metavar="TIME",
+                       help="the first record at or after TIME: ISO 8601 (naive = UTC) or epoch ms")
+    where.add_argument("--shift-by", type=int, metavar="N", help="N records later (negative: earlier)")
+    reset.add_argument("--dry-run", action="store_true", help="show the new offsets without committing them")
+    reset.set_defaults(func=cmd_group_reset_offsets, parser=reset)
+    delete = group_sub.add_parser("delete", parents=[parent], help="delete empty groups and their offsets")
+    delete.add_argument("groups", nargs="+", metavar="GROUP")
+    delete.set_defaults(func=cmd_group_delete, parser=delete)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -534,6 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_cluster_commands(sub, parent)
     add_produce_command(sub, parent)
     add_consume_command(sub, parent)
+    add_group_commands(sub, parent)
     return parser
 
 
@@ -578,8 +744,6 @@ def configure_logging(verbose: bool) -> None:
 
 def silence_stdout() -> None:
     """Point stdout at /dev/null so the interpreter's final flush does not fail on the broken pipe."""
-    import os
-
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())

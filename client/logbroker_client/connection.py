@@ -65,6 +65,11 @@ def unreachable_reason(exc: grpc.RpcError) -> str:
     return " ".join(details.split()) or "unavailable"
 
 
+def service_name(admin: bool, service: str) -> str:
+    """Which stub of a connection serves a call: "broker", "admin" or "groups"."""
+    return service or ("admin" if admin else "broker")
+
+
 def translate_rpc_error(exc: grpc.RpcError, address: str) -> LogbrokerError:
     code = rpc_code(exc)
     details = exc.details() if hasattr(exc, "details") else str(exc)
@@ -86,6 +91,7 @@ class Connection:
         self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.broker = pb_grpc.BrokerStub(self.channel)
         self.admin = pb_grpc.AdminStub(self.channel)
+        self.groups = pb_grpc.GroupsStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
     def close(self) -> None:
@@ -100,6 +106,7 @@ class AsyncConnection:
         self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.broker = pb_grpc.BrokerStub(self.channel)
         self.admin = pb_grpc.AdminStub(self.channel)
+        self.groups = pb_grpc.GroupsStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
     async def close(self) -> None:

@@ -1,88 +1,128 @@
-"""Consumer: read assigned partitions from any offset, timestamp, the beginning or the end.
+"""Consumer: read partitions it was assigned by hand or, in a consumer group, by the group's coordinator.
 
 poll() returns records from a local buffer; when the buffer runs dry it takes the response of the
 fetch already in flight and at once sends the next one, so the broker's read and the transfer overlap
 with the caller decoding and processing records.
+
+With a group_id, subscribe() makes the consumer a group member: a background thread heartbeats to the
+coordinator, and poll() carries out what the coordinator decides (revoke, then assign), commits what it
+has handed out (enable_auto_commit) and starts new partitions at their committed offsets. The positions,
+fetch state and member state machine live in fetch_state.py and group_member.py, shared with aio.py;
+this module does only the I/O.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import itertools
+import logging
+import os
+import socket
+import threading
 import time
-from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import grpc
 
-from logbroker_client import records as rec
 from logbroker_client.connection import DEFAULT_REQUEST_TIMEOUT_MS, Connection, translate_rpc_error
+from logbroker_client.coordinator import Coordinators
 from logbroker_client.errors import (
     BrokerUnavailableError,
-    CorruptBatchError,
     LogbrokerError,
-    NotLeaderError,
-    OffsetOutOfRangeError,
+    StaleMemberEpochError,
     error_for,
 )
+from logbroker_client.fetch_state import (
+    EARLIEST,
+    LATEST,
+    RESETS,
+    FetchOutcome,
+    FetchState,
+    PendingFetch,
+    decode_batch,
+    reset_policy,
+)
+from logbroker_client.group_member import (
+    AutoCommitTimer,
+    GroupMember,
+    MemberState,
+    Partitions,
+    RebalanceListener,
+    Reconciliation,
+    Subscription,
+)
+from logbroker_client.groups import check_group_id, committed_offsets, fetch_offsets_request
 from logbroker_client.metadata import ClusterMetadata
 from logbroker_client.proto import logbroker_pb2 as pb
-from logbroker_client.types import ConsumerRecord, OffsetAndTimestamp, TopicPartition
+from logbroker_client.types import ConsumerRecord, OffsetAndMetadata, OffsetAndTimestamp, TopicPartition
 
-EARLIEST = -2
-LATEST = -1
+__all__ = ["Consumer", "EARLIEST", "LATEST", "RESETS", "decode_batch", "list_offsets"]
+
+log = logging.getLogger("logbroker_client.consumer")
+
 DEFAULT_FETCH_MAX_WAIT_MS = 500
 DEFAULT_FETCH_MAX_BYTES = 50 << 20
 DEFAULT_MAX_PARTITION_FETCH_BYTES = 1 << 20  # Kafka's default; larger answers measured slower
 DEFAULT_MAX_POLL_RECORDS = 100_000
-RESETS = {"earliest": EARLIEST, "latest": LATEST, "none": None}
+DEFAULT_AUTO_COMMIT_INTERVAL_MS = 5_000
+DEFAULT_SESSION_TIMEOUT_MS = 45_000  # the broker's default; pass a broker's lower setting here too
+DEFAULT_MAX_POLL_INTERVAL_MS = 300_000
 RETRY_BACKOFF_S = 0.05
+GROUP_WAIT_SLICE_S = 0.05  # a member polling looks at the coordinator's decisions at least this often
+LEAVE_TIMEOUT_S = 2.0
+_client_numbers = itertools.count(1)
+
+CommitOffsets = Mapping[TopicPartition, int | OffsetAndMetadata]
 
 
-def decode_batch(tp: TopicPartition, data: bytes, pos: int, header: rec.BatchHeader, start: int,
-                 out: list[ConsumerRecord], check_crc: bool) -> None:
-    """Append the records of the fetched batch at pos from offset start on to out.
-
-    A batch that cannot be read (damaged bytes, or records that contradict its header, as an older broker
-    stored them) appends nothing and raises CorruptBatchError naming it and the seek that skips it."""
-    try:
-        if check_crc:
-            _check_crc(data, pos, header)
-        rec.decode_records(data, pos, header, tp.topic, tp.partition, start, out)
-    except rec.CorruptBatchError as exc:
-        last = header.base_offset + header.last_offset_delta
-        raise CorruptBatchError(
-            f"{tp.topic}-{tp.partition}: the batch at offset {header.base_offset} (offsets {header.base_offset}.."
-            f"{last}) cannot be read: {exc}; skip it with seek(TopicPartition({tp.topic!r}, {tp.partition}), "
-            f"{last + 1})", tp.topic, tp.partition) from None
+def monotonic_ms() -> float:
+    return time.monotonic() * 1000
 
 
-def _check_crc(data: bytes, pos: int, header: rec.BatchHeader) -> None:
-    """As Kafka's check.crcs: bytes damaged on a broker's disk or on the way are refused, never decoded."""
-    end = pos + header.batch_length + rec.LOG_OVERHEAD
-    if rec.crc32c(memoryview(data)[pos + rec.CRC_START:end]) != header.crc:
-        raise rec.CorruptBatchError("it fails its CRC check, so the broker's copy is damaged (after a leader "
-                                    "change another replica may serve an intact one)")
+def default_client_id() -> str:
+    return f"consumer-{os.getpid()}-{next(_client_numbers)}"
 
 
-class _Chunk(NamedTuple):
-    """Fetched records of one partition, and the offset after the last batch they came in."""
+def list_offsets(metadata: ClusterMetadata, queries: Mapping[TopicPartition, int],
+                 timeout_s: float) -> dict[TopicPartition, tuple[int, int]]:
+    """ListOffsets at each partition's leader, retrying while leadership moves (up to timeout_s)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return _list_offsets_once(metadata, queries, timeout_s)
+        except LogbrokerError as exc:
+            if not exc.retriable or time.monotonic() > deadline:
+                raise
+            for tp in queries:  # a partition none of whose replicas answers will not come back by waiting
+                metadata.raise_if_offline(tp.topic, tp.partition)
+            for tp in queries:
+                metadata.invalidate(tp.topic)
+            time.sleep(RETRY_BACKOFF_S)
 
-    tp: TopicPartition
-    records: list[ConsumerRecord]
-    next_offset: int
 
-
-class _Fetch:
-    """A Fetch request in flight, with the positions it was sent for."""
-
-    __slots__ = ("call", "address", "offsets", "generations")
-
-    def __init__(self, call: Any, address: str, offsets: dict[TopicPartition, int],
-                 generations: dict[TopicPartition, int]) -> None:
-        self.call = call
-        self.address = address
-        self.offsets = offsets
-        self.generations = generations
+def _list_offsets_once(metadata: ClusterMetadata, queries: Mapping[TopicPartition, int],
+                       timeout_s: float) -> dict[TopicPartition, tuple[int, int]]:
+    by_leader: dict[str, list[pb.ListOffsetsPartition]] = {}
+    for tp, ts in queries.items():
+        conn = metadata.leader_connection(tp.topic, tp.partition)
+        by_leader.setdefault(conn.address, []).append(
+            pb.ListOffsetsPartition(topic=tp.topic, partition=tp.partition, timestamp_ms=ts))
+    out: dict[TopicPartition, tuple[int, int]] = {}
+    for address, parts in by_leader.items():
+        conn = metadata.connection(address)
+        try:
+            response = conn.broker.ListOffsets(pb.ListOffsetsRequest(partitions=parts), timeout=timeout_s)
+        except grpc.RpcError as exc:
+            error = translate_rpc_error(exc, address)
+            if isinstance(error, BrokerUnavailableError):
+                metadata.mark_unreachable(address)
+            raise error from None
+        for result in response.results:
+            if result.error_code:
+                raise error_for(result.error_code, result.error_message, result.topic, result.partition)
+            out[TopicPartition(result.topic, result.partition)] = (result.offset, result.timestamp_ms)
+    return out
 
 
 class Consumer:
@@ -90,7 +130,14 @@ class Consumer:
         self,
         bootstrap: str | Sequence[str] | None = None,
         *,
+        group_id: str | None = None,
         auto_offset_reset: str = "latest",
+        enable_auto_commit: bool = True,
+        auto_commit_interval_ms: int = DEFAULT_AUTO_COMMIT_INTERVAL_MS,
+        group_instance_id: str | None = None,
+        session_timeout_ms: int = DEFAULT_SESSION_TIMEOUT_MS,
+        max_poll_interval_ms: int = DEFAULT_MAX_POLL_INTERVAL_MS,
+        client_id: str | None = None,
         fetch_min_bytes: int = 1,
         fetch_max_wait_ms: int = DEFAULT_FETCH_MAX_WAIT_MS,
         fetch_max_bytes: int = DEFAULT_FETCH_MAX_BYTES,
@@ -99,10 +146,7 @@ class Consumer:
         request_timeout_ms: int = DEFAULT_REQUEST_TIMEOUT_MS,
         check_crcs: bool = True,
     ) -> None:
-        if auto_offset_reset not in RESETS:
-            raise ValueError(f"auto_offset_reset must be one of {sorted(RESETS)}, got {auto_offset_reset!r}")
-        self._reset = RESETS[auto_offset_reset]
-        self._check_crcs = check_crcs
+        self._fetch = FetchState(reset_policy(auto_offset_reset), check_crcs)
         self._min_bytes = fetch_min_bytes
         self._max_wait_ms = fetch_max_wait_ms
         self._max_bytes = fetch_max_bytes
@@ -110,42 +154,53 @@ class Consumer:
         self._max_poll_records = max_poll_records
         self._timeout_s = request_timeout_ms / 1000
         self._metadata = ClusterMetadata(bootstrap, request_timeout_ms)
-        self._assigned: list[TopicPartition] = []
-        self._positions: dict[TopicPartition, int] = {}   # next offset poll() returns
-        self._fetch_offsets: dict[TopicPartition, int] = {}  # next offset to fetch
-        self._generations: dict[TopicPartition, int] = {}  # bumped by seek: stale fetches are dropped
-        self._paused: set[TopicPartition] = set()
-        self._buffer: deque[_Chunk] = deque()
-        self._in_flight: list[_Fetch] = []
         self._closed = False
+        self._group = _GroupSide.create(self, group_id, group_instance_id, client_id, session_timeout_ms,
+                                        max_poll_interval_ms, enable_auto_commit, auto_commit_interval_ms)
 
     # ------------------------------------------------------------------------------ assignment
 
     def assign(self, partitions: Iterable[TopicPartition]) -> None:
-        partitions = [TopicPartition(*tp) for tp in partitions]
-        for tp in partitions:
+        """Read these partitions (by hand, outside any group membership). With a group_id, each new one starts
+        at the group's committed offset, and commit() commits for the group as a "simple" group."""
+        if self._group is not None and self._group.member.subscribed:
+            raise LogbrokerError("this consumer has subscribed to a group's topics: the coordinator assigns its "
+                                 "partitions, so assign() cannot be mixed in; use a second Consumer")
+        tps = [TopicPartition(*tp) for tp in partitions]
+        for tp in tps:
             count = self._metadata.partitions_for(tp.topic)
             if not 0 <= tp.partition < count:
                 raise error_for(pb.ErrorCode.UNKNOWN_TOPIC_OR_PARTITION,
                                 f"topic {tp.topic!r} has partitions 0..{count - 1}; "
                                 f"partition {tp.partition} does not exist", tp.topic, tp.partition)
-        self._assigned = list(dict.fromkeys(partitions))
-        keep = set(self._assigned)
-        for table in (self._positions, self._fetch_offsets):
-            for tp in list(table):
-                if tp not in keep:
-                    del table[tp]
-        self._paused &= keep
-        self._drop_buffered(lambda tp: tp not in keep)
+        added = self._fetch.assign(tps)
+        if self._group is not None and added:
+            self._group.start_from_committed(added)
 
     def assignment(self) -> set[TopicPartition]:
-        return set(self._assigned)
+        return set(self._fetch.assigned)
+
+    def subscribe(self, topics: Sequence[str] | str | None = None, *, pattern: str | None = None,
+                  on_assigned: Callable[[set[TopicPartition]], Any] | None = None,
+                  on_revoked: Callable[[set[TopicPartition]], Any] | None = None,
+                  on_lost: Callable[[set[TopicPartition]], Any] | None = None) -> None:
+        """Join the group (group_id) for these topics, or every topic whose whole name matches pattern. The
+        coordinator shares the partitions out among the members; poll() returns records of this member's.
+        on_revoked runs before a partition is given up (after auto-commit), on_assigned after one is taken,
+        on_lost when partitions were taken away without a chance to commit (default: on_revoked)."""
+        group = self._require_group("subscribe()")
+        if self._fetch.assigned and not group.member.subscribed:
+            raise LogbrokerError("this consumer has partitions assigned by hand; call assign([]) before subscribe()")
+        names = (topics,) if isinstance(topics, str) else tuple(topics or ())
+        group.subscribe(Subscription(names, pattern or ""), RebalanceListener(on_assigned, on_revoked, on_lost))
+
+    def _require_group(self, what: str) -> _GroupSide:
+        if self._group is None:
+            raise LogbrokerError(f"{what} needs a consumer group: create the Consumer with group_id='...'")
+        return self._group
 
     def _require_assigned(self, tp: TopicPartition) -> TopicPartition:
-        tp = TopicPartition(*tp)
-        if tp not in self._assigned:
-            raise LogbrokerError(f"{tp.topic}-{tp.partition} is not assigned to this consumer; assign() it first")
-        return tp
+        return self._fetch.require_assigned(tp)
 
     # ---------------------------------------------------------------------------------- seeking
 
@@ -153,32 +208,23 @@ class Consumer:
         tp = self._require_assigned(partition)
         if offset < 0:
             raise ValueError(f"offset must be >= 0, got {offset}")
-        self._set_position(tp, offset)
-
-    def _set_position(self, tp: TopicPartition, offset: int) -> None:
-        self._positions[tp] = offset
-        self._fetch_offsets[tp] = offset
-        self._generations[tp] = self._generations.get(tp, 0) + 1
-        self._drop_buffered(lambda other: other == tp)
-
-    def _drop_buffered(self, drop: Any) -> None:
-        self._buffer = deque(chunk for chunk in self._buffer if not drop(chunk.tp))
+        self._fetch.seek(tp, offset)
 
     def seek_to_beginning(self, *partitions: TopicPartition) -> None:
-        tps = [self._require_assigned(tp) for tp in partitions] or list(self._assigned)
+        tps = [self._require_assigned(tp) for tp in partitions] or list(self._fetch.assigned)
         for tp, offset in self._list_offsets({tp: EARLIEST for tp in tps}).items():
-            self._set_position(tp, offset[0])
+            self._fetch.seek(tp, offset[0])
 
     def seek_to_end(self, *partitions: TopicPartition) -> None:
-        tps = [self._require_assigned(tp) for tp in partitions] or list(self._assigned)
+        tps = [self._require_assigned(tp) for tp in partitions] or list(self._fetch.assigned)
         for tp, offset in self._list_offsets({tp: LATEST for tp in tps}).items():
-            self._set_position(tp, offset[0])
+            self._fetch.seek(tp, offset[0])
 
     def position(self, partition: TopicPartition) -> int:
         tp = self._require_assigned(partition)
-        if tp not in self._positions:
+        if tp not in self._fetch.positions:
             self._reset_positions([tp])
-        return self._positions[tp]
+        return self._fetch.positions[tp]
 
     def beginning_offsets(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
         found = self._list_offsets({TopicPartition(*tp): EARLIEST for tp in partitions})
@@ -199,119 +245,64 @@ class Consumer:
         return {tp: (OffsetAndTimestamp(o, t) if o >= 0 else None) for tp, (o, t) in found.items()}
 
     def _list_offsets(self, queries: Mapping[TopicPartition, int]) -> dict[TopicPartition, tuple[int, int]]:
-        """ListOffsets at each partition's leader, retrying while leadership moves (up to the request timeout)."""
-        deadline = time.monotonic() + self._timeout_s
-        while True:
-            try:
-                return self._list_offsets_once(queries)
-            except LogbrokerError as exc:
-                if not exc.retriable or time.monotonic() > deadline:
-                    raise
-                for tp in queries:  # a partition none of whose replicas answers will not come back by waiting
-                    self._metadata.raise_if_offline(tp.topic, tp.partition)
-                for tp in queries:
-                    self._metadata.invalidate(tp.topic)
-                time.sleep(RETRY_BACKOFF_S)
-
-    def _list_offsets_once(self, queries: Mapping[TopicPartition, int]) -> dict[TopicPartition, tuple[int, int]]:
-        by_leader: dict[str, list[pb.ListOffsetsPartition]] = {}
-        for tp, ts in queries.items():
-            conn = self._metadata.leader_connection(tp.topic, tp.partition)
-            by_leader.setdefault(conn.address, []).append(
-                pb.ListOffsetsPartition(topic=tp.topic, partition=tp.partition, timestamp_ms=ts))
-        out: dict[TopicPartition, tuple[int, int]] = {}
-        for address, parts in by_leader.items():
-            conn = self._metadata.connection(address)
-            try:
-                response = conn.broker.ListOffsets(pb.ListOffsetsRequest(partitions=parts), timeout=self._timeout_s)
-            except grpc.RpcError as exc:
-                error = translate_rpc_error(exc, address)
-                if isinstance(error, BrokerUnavailableError):
-                    self._metadata.mark_unreachable(address)
-                raise error from None
-            for result in response.results:
-                if result.error_code:
-                    raise error_for(result.error_code, result.error_message, result.topic, result.partition)
-                out[TopicPartition(result.topic, result.partition)] = (result.offset, result.timestamp_ms)
-        return out
+        return list_offsets(self._metadata, queries, self._timeout_s)
 
     def _reset_positions(self, tps: Sequence[TopicPartition]) -> None:
-        if self._reset is None:
-            names = ", ".join(f"{tp.topic}-{tp.partition}" for tp in tps)
-            raise OffsetOutOfRangeError(
-                f"no position for {names} and auto_offset_reset='none'; seek() first")
-        for tp, (offset, _) in self._list_offsets({tp: self._reset for tp in tps}).items():
-            self._set_position(tp, offset)
+        timestamp = self._fetch.reset_timestamp(tps)
+        for tp, (offset, _) in self._list_offsets({tp: timestamp for tp in tps}).items():
+            self._fetch.seek(tp, offset)
 
     # ------------------------------------------------------------------------------ pause/resume
 
     def pause(self, *partitions: TopicPartition) -> None:
-        self._paused.update(self._require_assigned(tp) for tp in partitions)
+        self._fetch.paused.update(self._require_assigned(tp) for tp in partitions)
 
     def resume(self, *partitions: TopicPartition) -> None:
-        self._paused.difference_update(TopicPartition(*tp) for tp in partitions)
+        self._fetch.paused.difference_update(TopicPartition(*tp) for tp in partitions)
 
     def paused(self) -> set[TopicPartition]:
-        return set(self._paused)
+        return set(self._fetch.paused)
 
     # ------------------------------------------------------------------------------------ poll
 
     def poll(self, timeout: float = 1.0, max_records: int | None = None) -> list[ConsumerRecord]:
-        """Records from the assigned, unpaused partitions; an empty list when none came within timeout."""
+        """Records from the assigned (or owned), unpaused partitions; an empty list when none came within
+        timeout. In a group it also carries out the coordinator's decisions and auto-commits."""
         if self._closed:
             raise LogbrokerError("poll() on a closed consumer")
         limit = max_records or self._max_poll_records
         deadline = time.monotonic() + timeout
         while True:
-            records = self._take_buffered(limit)
+            if self._group is not None:
+                self._group.on_poll()
+            records = self._fetch.take(limit)
             if records:
                 self._prefetch()
                 return records
-            if not self._fetchable():
-                return []
-            self._prefetch()
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self._complete_one_fetch(remaining):
-                return []
-
-    def _fetchable(self) -> list[TopicPartition]:
-        missing = [tp for tp in self._assigned if tp not in self._positions]
-        if missing:
-            self._reset_positions(missing)
-        return [tp for tp in self._assigned if tp not in self._paused]
-
-    def _take_buffered(self, limit: int) -> list[ConsumerRecord]:
-        out: list[ConsumerRecord] = []
-        held: list[_Chunk] = []  # chunks of paused partitions, and a partly taken one
-        positions = self._positions
-        while self._buffer and len(out) < limit:
-            chunk = self._buffer.popleft()
-            if chunk.tp in self._paused:
-                held.append(chunk)
+            if not self._fetch.fetchable():
+                if self._group is None or remaining <= 0:
+                    return []
+                self._group.wait_for_news(min(remaining, GROUP_WAIT_SLICE_S))
                 continue
-            room = limit - len(out)
-            records = chunk.records
-            if len(records) > room:
-                held.append(_Chunk(chunk.tp, records[room:], chunk.next_offset))
-                out.extend(records[:room])
-                positions[chunk.tp] = records[room - 1].offset + 1
-            else:
-                out.extend(records)
-                # Past any control batches that followed the last record, too.
-                positions[chunk.tp] = chunk.next_offset
-        self._buffer.extendleft(reversed(held))
-        return out
+            missing = self._fetch.missing_positions()
+            if missing:
+                self._reset_positions(missing)
+            self._prefetch()
+            if remaining <= 0:
+                return []
+            if self._group is None:
+                if not self._complete_one_fetch(remaining):
+                    return []
+            elif not self._complete_one_fetch(min(remaining, GROUP_WAIT_SLICE_S)) and not self._fetch.in_flight:
+                self._group.wait_for_news(min(remaining, GROUP_WAIT_SLICE_S))
 
     def _prefetch(self) -> None:
         """Send a fetch for every partition that has none in flight and nothing buffered."""
-        busy = {tp for fetch in self._in_flight for tp in fetch.offsets}
-        buffered = {chunk.tp for chunk in self._buffer}
         by_leader: dict[str, dict[TopicPartition, int]] = {}
-        for tp in self._assigned:
-            if tp in busy or tp in buffered or tp in self._paused or tp not in self._fetch_offsets:
-                continue
+        for tp, offset in self._fetch.to_fetch():
             conn = self._metadata.leader_connection(tp.topic, tp.partition)
-            by_leader.setdefault(conn.address, {})[tp] = self._fetch_offsets[tp]
+            by_leader.setdefault(conn.address, {})[tp] = offset
         for address, offsets in by_leader.items():
             self._send_fetch(self._metadata.connection(address), offsets)
 
@@ -322,85 +313,77 @@ class Consumer:
                                           partition_max_bytes=self._partition_max_bytes)
                         for tp, offset in offsets.items()],
         )
-        call = conn.broker.Fetch.future(request, timeout=self._timeout_s + self._max_wait_ms / 1000)
-        generations = {tp: self._generations.get(tp, 0) for tp in offsets}
-        self._in_flight.append(_Fetch(call, conn.address, offsets, generations))
+        fetch = self._fetch.begin_fetch(conn.address, offsets)
+        fetch.handle = conn.broker.Fetch.future(request, timeout=self._timeout_s + self._max_wait_ms / 1000)
 
     def _complete_one_fetch(self, timeout: float) -> bool:
         """Wait for the oldest fetch in flight and buffer its records; False if it did not finish in time."""
-        if not self._in_flight:
+        if not self._fetch.in_flight:
             return False
-        fetch = self._in_flight[0]
+        fetch = self._fetch.in_flight[0]
         try:
-            response = fetch.call.result(timeout=timeout)
+            response = fetch.handle.result(timeout=timeout)
         except grpc.FutureTimeoutError:
             return False
         except grpc.RpcError as exc:
-            self._in_flight.pop(0)
-            error = translate_rpc_error(exc, fetch.address)
-            if not error.retriable:
-                raise error from None
-            # The leader went away: find the new one on the next poll round.
-            self._metadata.mark_unreachable(fetch.address)
-            for tp in fetch.offsets:
-                self._metadata.invalidate(tp.topic)
-            time.sleep(min(RETRY_BACKOFF_S, timeout))
+            self._fetch.end_fetch(fetch)
+            self._on_fetch_failure(fetch, translate_rpc_error(exc, fetch.address), timeout)
             return True  # handled: poll() goes round again while its timeout lasts
-        self._in_flight.pop(0)
+        self._fetch.end_fetch(fetch)
         for result in response.results:
-            self._absorb(fetch, result)
+            if self._fetch.absorb(fetch, result) is FetchOutcome.FIND_LEADER:
+                self._metadata.invalidate(result.topic)
         return True
 
-    def _absorb(self, fetch: _Fetch, result: pb.PartitionFetchResult) -> None:
-        tp = TopicPartition(result.topic, result.partition)
-        if fetch.generations.get(tp) != self._generations.get(tp, 0) or tp not in self._fetch_offsets:
-            return  # a seek or reassignment happened after this fetch was sent
-        if result.error_code:
-            self._on_fetch_error(tp, result)
-            return
-        data = result.records
-        if not data:
-            return
-        start = fetch.offsets[tp]
-        records: list[ConsumerRecord] = []
-        next_offset = start
-        try:
-            for pos, header in rec.iter_batch_headers(data):
-                if header.base_offset + header.last_offset_delta < start:
-                    continue
-                if not header.attributes & rec.CONTROL_FLAG:
-                    decode_batch(tp, data, pos, header, start, records, self._check_crcs)
-                next_offset = header.base_offset + header.last_offset_delta + 1
-        except CorruptBatchError:
-            if not records:  # the caller's position is at the broken batch: the error names the seek past it
-                raise
-            # Hand out the records before it first; the next fetch starts at the broken batch and raises then.
-        self._fetch_offsets[tp] = next_offset
-        if records:
-            self._buffer.append(_Chunk(tp, records, next_offset))
-        elif self._positions.get(tp, next_offset) < next_offset and not any(c.tp == tp for c in self._buffer):
-            self._positions[tp] = next_offset  # only control batches: step over them
-
-    def _on_fetch_error(self, tp: TopicPartition, result: pb.PartitionFetchResult) -> None:
-        error = error_for(result.error_code, result.error_message, tp.topic, tp.partition)
-        if isinstance(error, OffsetOutOfRangeError) and self._reset is not None:
-            self._reset_positions([tp])
-            return
-        if isinstance(error, NotLeaderError) or error.retriable:
+    def _on_fetch_failure(self, fetch: PendingFetch, error: LogbrokerError, timeout: float) -> None:
+        if not error.retriable:
+            raise error from None
+        # The leader went away: find the new one on the next poll round.
+        self._metadata.mark_unreachable(fetch.address)
+        for tp in fetch.offsets:
             self._metadata.invalidate(tp.topic)
-            return
-        raise error
+        time.sleep(min(RETRY_BACKOFF_S, timeout))
+
+    # ---------------------------------------------------------------------------------- commits
+
+    def commit(self, offsets: CommitOffsets | None = None) -> None:
+        """Commit for the group: the given offsets (each the next offset to consume, optionally with metadata
+        as an OffsetAndMetadata), or by default the position of every partition this consumer holds, i.e.
+        what poll() has handed out. Raises the coordinator's refusal (CommitFailedError and its kinds)."""
+        group = self._require_group("commit()")
+        group.commit(self._consumed() if offsets is None else offsets)
+
+    def commit_async(self, offsets: CommitOffsets | None = None,
+                     callback: Callable[[CommitOffsets, BaseException | None], Any] | None = None,
+                     ) -> concurrent.futures.Future[None]:
+        """As commit(), on a background thread, in the order called; the future holds the outcome."""
+        group = self._require_group("commit_async()")
+        chosen = dict(self._consumed() if offsets is None else offsets)
+        return group.commit_in_background(chosen, callback)
+
+    def committed(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, OffsetAndMetadata | None]:
+        """The group's committed offset of each partition (None where nothing is committed)."""
+        return self._require_group("committed()").committed([TopicPartition(*tp) for tp in partitions])
+
+    def _consumed(self) -> dict[TopicPartition, int]:
+        assert self._group is not None
+        return self._group.owned_positions(self._fetch.consumed())
 
     # --------------------------------------------------------------------------------- lifecycle
 
     def close(self) -> None:
+        """Commit (with auto-commit on) and leave the group at once, so the partitions move on now."""
         if self._closed:
             return
-        self._closed = True
-        for fetch in self._in_flight:
-            fetch.call.cancel()
-        self._in_flight.clear()
-        self._metadata.close()
+        try:
+            if self._group is not None:
+                self._group.close()
+        finally:
+            self._closed = True
+            for fetch in self._fetch.in_flight:
+                fetch.handle.cancel()
+            self._fetch.in_flight.clear()
+            self._metadata.close()
 
     def __enter__(self) -> Consumer:
         return self
@@ -411,3 +394,271 @@ class Consumer:
     def __iter__(self) -> Any:
         while not self._closed:
             yield from self.poll()
+
+
+class _GroupSide:
+    """A consumer's group membership: the heartbeat thread, reconciliation in poll(), commits."""
+
+    def __init__(self, consumer: Consumer, member: GroupMember, enable_auto_commit: bool,
+                 auto_commit_interval_ms: int) -> None:
+        self.consumer = consumer
+        self.member = member
+        self.coordinators = Coordinators(consumer._metadata)
+        self.auto_commit = AutoCommitTimer(enable_auto_commit, auto_commit_interval_ms, monotonic_ms())
+        self.listener = RebalanceListener()
+        self.lock = threading.Lock()  # guards the member: the heartbeat thread and poll() both use it
+        self.wake_heartbeat = threading.Event()
+        self.news = threading.Event()  # the member has something for poll() to do
+        self.stopping = False
+        self.thread: threading.Thread | None = None
+        self.committer: concurrent.futures.ThreadPoolExecutor | None = None
+        session_s = member.session_timeout_ms / 1000
+        self.heartbeat_timeout_s = min(consumer._timeout_s, max(1.0, session_s / 3))
+
+    @classmethod
+    def create(cls, consumer: Consumer, group_id: str | None, instance_id: str | None, client_id: str | None,
+               session_timeout_ms: int, max_poll_interval_ms: int, enable_auto_commit: bool,
+               auto_commit_interval_ms: int) -> _GroupSide | None:
+        if group_id is None:
+            if instance_id is not None:
+                raise ValueError("group_instance_id needs a group_id")
+            return None
+        member = GroupMember(check_group_id(group_id), session_timeout_ms=session_timeout_ms,
+                             rebalance_timeout_ms=max_poll_interval_ms, instance_id=instance_id,
+                             client_id=client_id or default_client_id(), client_host=socket.gethostname())
+        return cls(consumer, member, enable_auto_commit, auto_commit_interval_ms)
+
+    @property
+    def group_id(self) -> str:
+        return self.member.group_id
+
+    # -------------------------------------------------------------------------- subscription
+
+    def subscribe(self, subscription: Subscription, listener: RebalanceListener) -> None:
+        self.listener = listener
+        with self.lock:
+            self.member.subscribe(subscription, monotonic_ms())
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._heartbeat_loop, daemon=True,
+                                           name=f"logbroker-heartbeat-{self.group_id}")
+            self.thread.start()
+        self.wake_heartbeat.set()
+
+    # ------------------------------------------------------------------------ heartbeat thread
+
+    def _heartbeat_loop(self) -> None:
+        while not self.stopping:
+            try:
+                self._heartbeat_once()
+            except Exception as exc:  # a bug must not silently end the membership: log it, back off, go on
+                log.exception("group %s: heartbeat failed unexpectedly", self.group_id)
+                with self.lock:
+                    self.member.on_heartbeat_error(BrokerUnavailableError(f"heartbeat failed: {exc!r}"),
+                                                   monotonic_ms())
+                time.sleep(RETRY_BACKOFF_S)
+
+    def _heartbeat_once(self) -> None:
+        self.wake_heartbeat.clear()
+        request, leave, delay_ms = self._next_heartbeat()
+        if leave is not None:
+            log.warning("group %s: poll() was not called for over max_poll_interval_ms (%d ms); this member "
+                        "leaves the group, and the next poll() rejoins it", self.group_id,
+                        self.member.rebalance_timeout_ms)
+            self._send_leave(leave)
+            self.news.set()
+        elif request is not None:
+            self._send_heartbeat(request)
+        else:
+            self.wake_heartbeat.wait(1.0 if delay_ms is None else delay_ms / 1000)
+
+    def _next_heartbeat(self) -> tuple[pb.GroupHeartbeatRequest | None, pb.GroupHeartbeatRequest | None,
+                                       float | None]:
+        """(heartbeat to send now, leave to send now, ms until the next heartbeat is due)."""
+        with self.lock:
+            now_ms = monotonic_ms()
+            if self.member.poll_overdue(now_ms):
+                return None, self.member.leave_for_poll_timeout(), None
+            self.member.check_session(now_ms)
+            if self.member.lost:
+                self.news.set()
+            delay_ms = self.member.heartbeat_delay_ms(now_ms)
+            if delay_ms == 0:
+                return self.member.heartbeat_request(now_ms), None, None
+            return None, None, delay_ms
+
+    def _send_heartbeat(self, request: pb.GroupHeartbeatRequest) -> None:
+        try:
+            response = self.coordinators.call_once(self.group_id, "Heartbeat", request, self.heartbeat_timeout_s)
+        except LogbrokerError as exc:  # a coordinator that moved or does not answer is looked up again
+            log.info("group %s: heartbeat failed: %s", self.group_id, exc)
+            with self.lock:
+                self.member.on_heartbeat_error(exc, monotonic_ms())
+        else:
+            with self.lock:
+                self.member.on_heartbeat_response(response, monotonic_ms())
+        with self.lock:
+            if self.member.reconciliation() or self.member.fatal is not None:
+                self.news.set()
+
+    def _send_leave(self, request: pb.GroupHeartbeatRequest | None) -> None:
+        if request is None:
+            return
+        try:
+            self.coordinators.call_once(self.group_id, "Heartbeat", request, LEAVE_TIMEOUT_S)
+        except LogbrokerError as exc:  # the session timeout frees the partitions instead
+            log.info("group %s: leaving failed (%s); the coordinator frees this member's partitions after its "
+                     "session timeout", self.group_id, exc)
+
+    # --------------------------------------------------------------------------------- poll side
+
+    def on_poll(self) -> None:
+        """Carry out the coordinator's decisions, auto-commit when due, raise a fatal group error."""
+        self.news.clear()
+        with self.lock:
+            self.member.poll_called(monotonic_ms())
+            if self.member.active:
+                self.wake_heartbeat.set()  # a rejoin after a poll timeout goes out at once
+        for _ in range(8):  # each round may bring news from the heartbeat thread; more waits for the next poll
+            with self.lock:
+                plan = self.member.reconciliation()
+            if not plan:
+                break
+            self._reconcile(plan)
+        with self.lock:
+            fatal = self.member.fatal
+        if fatal is not None:
+            raise fatal
+        if self.auto_commit.due(monotonic_ms()):
+            self.auto_commit.restart(monotonic_ms())
+            self._commit_quietly(self.owned_positions(self.consumer._fetch.consumed()))
+
+    def wait_for_news(self, timeout_s: float) -> None:
+        self.news.wait(timeout_s)
+
+    def _reconcile(self, plan: Reconciliation) -> None:
+        errors: list[BaseException] = []
+        if plan.lost:
+            self.consumer._fetch.remove(plan.lost)
+            with self.lock:
+                self.member.lost_handled(plan.lost)
+            self._run_callback(self.listener.lost_callback(), plan.lost, errors)
+        if plan.revoke:
+            self._revoke(plan.revoke, errors)
+        if plan.assign:
+            self._assign(plan.assign, errors)
+        if errors:
+            raise errors[0]
+
+    def _revoke(self, tps: Partitions, errors: list[BaseException]) -> None:
+        if self.auto_commit.enabled:
+            consumed = self.consumer._fetch.consumed()
+            self._commit_quietly({tp: consumed[tp] for tp in tps if tp in consumed})
+        self._run_callback(self.listener.on_revoked, tps, errors)
+        self.consumer._fetch.remove(tps)
+        with self.lock:
+            self.member.revoked(tps)
+        self.wake_heartbeat.set()
+
+    def _assign(self, tps: Partitions, errors: list[BaseException]) -> None:
+        committed = self._committed_positions(tps)
+        with self.lock:
+            accepted = self.member.accept(tps)
+            if accepted:
+                self._take(accepted, committed)
+                self.member.assigned(accepted)
+        self.wake_heartbeat.set()
+        if accepted:
+            self._run_callback(self.listener.on_assigned, accepted, errors)
+
+    def _take(self, tps: Iterable[TopicPartition], committed: Mapping[TopicPartition, int]) -> None:
+        self.consumer._fetch.add(tps)
+        for tp in tps:
+            if tp in committed:
+                self.consumer._fetch.seek(tp, committed[tp])
+
+    def start_from_committed(self, tps: Sequence[TopicPartition]) -> None:
+        """assign() with a group_id: new partitions start at the group's committed offsets."""
+        for tp, offset in self._committed_positions(tps).items():
+            self.consumer._fetch.seek(tp, offset)
+
+    def _committed_positions(self, tps: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+        response = self.coordinators.call(self.group_id, "FetchOffsets", fetch_offsets_request(self.group_id, tps))
+        return {tp: found.offset for tp, found in committed_offsets(response).items()}
+
+    def _run_callback(self, callback: Callable[[set[TopicPartition]], Any] | None, tps: Partitions,
+                      errors: list[BaseException]) -> None:
+        """A callback that raises does not stop the hand-over: its error comes out of poll() afterwards."""
+        if callback is None:
+            return
+        try:
+            callback(set(tps))
+        except Exception as exc:
+            errors.append(exc)
+
+    # ------------------------------------------------------------------------------------ commits
+
+    def owned_positions(self, positions: Mapping[TopicPartition, int]) -> dict[TopicPartition, int]:
+        with self.lock:
+            return self.member.owned_offsets(positions)
+
+    def commit(self, offsets: CommitOffsets) -> None:
+        if not offsets:
+            return
+        for attempt in range(2):
+            with self.lock:
+                request = self.member.commit_request(offsets)
+            try:
+                self.coordinators.call(self.group_id, "CommitOffsets", request)
+                return
+            except StaleMemberEpochError:
+                with self.lock:  # the epoch moved while the commit was on its way: once more with the new one
+                    if attempt or self.member.epoch == request.member_epoch:
+                        raise
+
+    def _commit_quietly(self, offsets: CommitOffsets) -> None:
+        """Auto-commit: a refusal is logged (the records will be consumed again by whoever owns them next)."""
+        try:
+            self.commit(offsets)
+        except LogbrokerError as exc:
+            log.warning("group %s: auto-commit of %d partition(s) failed: %s", self.group_id, len(offsets), exc)
+
+    def commit_in_background(self, offsets: CommitOffsets,
+                             callback: Callable[[CommitOffsets, BaseException | None], Any] | None,
+                             ) -> concurrent.futures.Future[None]:
+        if self.committer is None:
+            self.committer = concurrent.futures.ThreadPoolExecutor(1, f"logbroker-commit-{self.group_id}")
+        future = self.committer.submit(self.commit, offsets)
+        if callback is not None:
+            future.add_done_callback(lambda done: callback(offsets, done.exception()))
+        return future
+
+    def committed(self, tps: list[TopicPartition]) -> dict[TopicPartition, OffsetAndMetadata | None]:
+        response = self.coordinators.call(self.group_id, "FetchOffsets", fetch_offsets_request(self.group_id, tps))
+        found = committed_offsets(response)
+        return {tp: (OffsetAndMetadata(found[tp].offset, found[tp].metadata) if tp in found else None)
+                for tp in tps}
+
+    # ------------------------------------------------------------------------------------ closing
+
+    def close(self) -> None:
+        if self.committer is not None:
+            self.committer.shutdown(wait=True)
+        self._stop_heartbeats()
+        with self.lock:
+            owned = self.member.owned if self.member.subscribed else frozenset(self.consumer._fetch.assigned)
+        if self.auto_commit.enabled:
+            self._commit_quietly(self.owned_positions(self.consumer._fetch.consumed()))
+        if self.member.subscribed and owned:
+            errors: list[BaseException] = []
+            self._run_callback(self.listener.on_revoked, owned, errors)
+            for error in errors:
+                log.error("group %s: on_revoked raised while closing: %r", self.group_id, error)
+        with self.lock:
+            leave = self.member.leave_request() if self.member.state is not MemberState.LEFT else None
+        self._send_leave(leave)
+
+    def _stop_heartbeats(self) -> None:
+        self.stopping = True
+        self.wake_heartbeat.set()
+        if self.thread is not None:
+            self.thread.join(self.heartbeat_timeout_s + LEAVE_TIMEOUT_S)

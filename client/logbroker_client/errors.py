@@ -109,13 +109,88 @@ class InvalidRequestError(BrokerResponseError):
     code = pb.ErrorCode.INVALID_REQUEST
 
 
+# ------------------------------------------------------------------------------------ consumer groups
+
+
+class CoordinatorError(BrokerResponseError):
+    """The group's coordinator moved, is loading the group, or has no leader now: find it again and retry."""
+
+    retriable = True
+
+
+class NotCoordinatorError(CoordinatorError):
+    code = pb.ErrorCode.NOT_COORDINATOR
+
+
+class CoordinatorLoadInProgressError(CoordinatorError):
+    code = pb.ErrorCode.COORDINATOR_LOAD_IN_PROGRESS
+
+
+class CoordinatorNotAvailableError(CoordinatorError):
+    code = pb.ErrorCode.COORDINATOR_NOT_AVAILABLE
+
+
+class CommitFailedError(BrokerResponseError):
+    """A commit the coordinator refused because this member no longer owns what it committed (its epoch
+    is stale, it was fenced, or the partition is not its own): nothing of that commit was written."""
+
+
+class UnknownMemberIdError(CommitFailedError):
+    code = pb.ErrorCode.UNKNOWN_MEMBER_ID
+
+
+class FencedMemberEpochError(CommitFailedError):
+    code = pb.ErrorCode.FENCED_MEMBER_EPOCH
+
+
+class StaleMemberEpochError(CommitFailedError):
+    code = pb.ErrorCode.STALE_MEMBER_EPOCH
+
+
+class PartitionNotOwnedError(CommitFailedError):
+    code = pb.ErrorCode.PARTITION_NOT_OWNED
+
+
+class InvalidGroupIdError(BrokerResponseError):
+    code = pb.ErrorCode.INVALID_GROUP_ID
+
+
+class GroupIdNotFoundError(BrokerResponseError):
+    code = pb.ErrorCode.GROUP_ID_NOT_FOUND
+
+
+class NonEmptyGroupError(BrokerResponseError):
+    code = pb.ErrorCode.NON_EMPTY_GROUP
+
+
+class UnreleasedInstanceIdError(BrokerResponseError):
+    code = pb.ErrorCode.UNRELEASED_INSTANCE_ID
+
+
+class GroupSubscribedToTopicError(BrokerResponseError):
+    code = pb.ErrorCode.GROUP_SUBSCRIBED_TO_TOPIC
+
+
+class InvalidRecordStateError(BrokerResponseError):
+    """A share-group acknowledgement for a record this member does not hold (never did, or its lock expired)."""
+
+    code = pb.ErrorCode.INVALID_RECORD_STATE
+
+
+class InvalidGroupConfigError(BrokerResponseError):
+    code = pb.ErrorCode.INVALID_GROUP_CONFIG
+
+
 _BY_CODE: dict[int, type[BrokerResponseError]] = {
     cls.code: cls
     for cls in (
         UnknownTopicOrPartitionError, NotLeaderError, LeaderNotAvailableError, OffsetOutOfRangeError,
         CorruptBatchError, RecordTooLargeError, NotEnoughReplicasError, InvalidTopicError,
         TopicAlreadyExistsError, InvalidConfigError, InvalidPartitionsError, InvalidReplicationFactorError,
-        StorageError, InvalidRequestError,
+        StorageError, InvalidRequestError, NotCoordinatorError, CoordinatorLoadInProgressError,
+        CoordinatorNotAvailableError, UnknownMemberIdError, FencedMemberEpochError, StaleMemberEpochError,
+        PartitionNotOwnedError, InvalidGroupIdError, GroupIdNotFoundError, NonEmptyGroupError,
+        UnreleasedInstanceIdError, GroupSubscribedToTopicError, InvalidRecordStateError, InvalidGroupConfigError,
     )
 }
 

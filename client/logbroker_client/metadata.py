@@ -18,6 +18,7 @@ from logbroker_client.connection import (
     bootstrap_was_given,
     parse_bootstrap,
     rpc_code,
+    service_name,
     translate_rpc_error,
     unreachable_reason,
 )
@@ -208,13 +209,14 @@ class ClusterMetadata(MetadataCache):
         return self.connection(self.addresses()[0])
 
     def call(self, method: str, request: Any, *, admin: bool = False, attempt_timeout_s: float | None = None,
-             check: Callable[[Any], None] | None = None) -> Any:
+             check: Callable[[Any], None] | None = None, service: str = "") -> Any:
         """A whole request to the first broker that answers, trying every known address in turn. An answer that
         `check` finds retriable (a controller that is moving) is asked again until the request timeout."""
         deadline = time.monotonic() + self.request_timeout_s
         while True:
             try:
-                response = self._first_answer(method, request, admin, attempt_timeout_s, deadline)
+                response = self._first_answer(method, request, service_name(admin, service), attempt_timeout_s,
+                                              deadline)
                 if check is not None:
                     check(response)
                 return response
@@ -225,7 +227,7 @@ class ClusterMetadata(MetadataCache):
                 log.info("%s: %s; retrying in %.0f ms", method, exc, RETRY_BACKOFF_S * 1000)
                 time.sleep(RETRY_BACKOFF_S)
 
-    def _first_answer(self, method: str, request: Any, admin: bool, attempt_timeout_s: float | None,
+    def _first_answer(self, method: str, request: Any, service: str, attempt_timeout_s: float | None,
                       deadline: float) -> Any:
         failures: dict[str, str] = {}
         candidates = self.addresses(for_metadata=True)
@@ -236,7 +238,7 @@ class ClusterMetadata(MetadataCache):
             timeout_s = remaining if attempt_timeout_s is None else min(remaining, attempt_timeout_s)
             conn = self.connection(address)
             try:
-                return getattr(conn.admin if admin else conn.broker, method)(request, timeout=timeout_s)
+                return getattr(getattr(conn, service), method)(request, timeout=timeout_s)
             except grpc.RpcError as exc:
                 code = rpc_code(exc)
                 # A capped attempt that ran out of time: that broker is stuck, another may answer.

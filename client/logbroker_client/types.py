@@ -46,3 +46,63 @@ class TopicDescription(NamedTuple):
     replication_factor: int
     configs: dict[str, str]
     partitions: list[PartitionInfo]
+
+
+class OffsetAndMetadata(NamedTuple):
+    """A committed position: the next offset to consume, and free text stored with it."""
+
+    offset: int
+    metadata: str = ""
+
+
+class GroupListing(NamedTuple):
+    group_id: str
+    state: str  # "empty", "stable", "reconciling", "assigning"
+    members: int
+
+
+class MemberDescription(NamedTuple):
+    member_id: str
+    instance_id: str  # "" unless a static member (group_instance_id)
+    client_id: str
+    client_host: str
+    member_epoch: int
+    subscribed_topics: list[str]
+    subscribed_pattern: str
+    partitions: list[TopicPartition]  # owned now
+    target: list[TopicPartition]  # where the coordinator is moving it
+
+
+class PartitionLag(NamedTuple):
+    """One partition of a group: its committed offset, the log end, and how far the group is behind."""
+
+    topic: str
+    partition: int
+    committed: int | None  # None: nothing committed yet
+    log_end: int | None  # the high watermark; None when the partition's leader could not be asked
+    lag: int | None  # log_end - committed, never below 0; None when either is unknown
+    member_id: str | None  # the member that owns it now, if any
+    metadata: str = ""
+
+
+class GroupDescription(NamedTuple):
+    group_id: str
+    state: str
+    group_epoch: int
+    assignor: str
+    coordinator_id: int
+    members: list[MemberDescription]
+    partitions: list[PartitionLag]  # committed ones, and owned ones not yet committed
+
+    @property
+    def total_lag(self) -> int:
+        return sum(p.lag or 0 for p in self.partitions)
+
+
+class OffsetChange(NamedTuple):
+    """One partition of a reset: where the group's committed offset was and where it goes."""
+
+    topic: str
+    partition: int
+    previous: int | None  # None: nothing was committed
+    new: int
