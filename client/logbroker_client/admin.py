@@ -111,7 +111,7 @@ class Admin:
         again while the controller is moving."""
         return self._metadata.call(method, request, admin=True, check=check, attempt_timeout_s=attempt_timeout_s)
 
-    def create_topic(self, name: str, partitions: int = 1, replication_factor: int = 1,
+    def create_topic(self, name: str, partitions: int = 0, replication_factor: int = 0,
                      configs: Mapping[str, str] | None = None, validate_only: bool = False) -> None:
         topic = pb.NewTopic(name=name, partitions=partitions, replication_factor=replication_factor,
                             configs=dict(configs or {}))

@@ -248,7 +248,7 @@ class AsyncAdmin:
         self._metadata = AsyncMetadata(bootstrap, request_timeout_ms)
         self._coordinators = AsyncCoordinators(self._metadata)
 
-    async def create_topic(self, name: str, partitions: int = 1, replication_factor: int = 1,
+    async def create_topic(self, name: str, partitions: int = 0, replication_factor: int = 0,
                            configs: Mapping[str, str] | None = None) -> None:
         topic = pb.NewTopic(name=name, partitions=partitions, replication_factor=replication_factor,
                             configs=dict(configs or {}))
