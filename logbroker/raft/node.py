@@ -667,8 +667,18 @@ class RaftNode:
         """A follower's log ends below its match offset: it lost acknowledged entries (its disk was wiped or
         its tail cut by recovery). Raft assumes acknowledged entries stay; rather than wait forever for a
         follower that can never catch up from there, count it from where its log really ends and resend."""
-        progress.forget_beyond(follower_last_offset)
+        progress.forget_beyond(self._known_match_at_or_below(follower_last_offset))
         self._dirty.add(node)
+
+    def _known_match_at_or_below(self, follower_last_offset: int) -> int:
+        """The end of our last entry at or below a follower's reported log end. The report may be older than
+        the acknowledgement it undercuts, from before the follower replaced a divergent tail with our
+        entries: then its end can lie inside one of ours, and our entry covering it is not known to match.
+        Every entry end of ours below it is: either the report is late, and the follower since acknowledged
+        more, or its log really shrank, to a prefix of what it had acknowledged."""
+        if self.log.first_offset <= follower_last_offset < self.log.last_offset:
+            return self.log.entry_start(follower_last_offset + 1) - 1
+        return follower_last_offset
 
     def _handle_append_reject(self, m: Message, progress: Progress) -> None:
         if m.reject_hint_term == NO_TERM and m.reject_hint_offset < progress.match_offset:
@@ -699,6 +709,11 @@ class RaftNode:
             return
         if progress.state is ProgressState.PROBE:
             progress.probe_sent = False  # the follower is reachable again; probe once more
+            self._dirty.add(node)
+        elif self.log.term_at(progress.next_offset - 1) is None:
+            # Retention deleted what the appends in flight followed, so no empty append can confirm them:
+            # probe from the follower's match, which sends it a log reset.
+            progress.become_probe()
             self._dirty.add(node)
         else:
             self._send_empty_append(node, progress)

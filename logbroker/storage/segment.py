@@ -7,20 +7,36 @@ that looks at it never sees a half-written batch.
 
 from __future__ import annotations
 
+import itertools
+import logging
+import mmap
 import os
+import struct
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from logbroker_client.records import HEADER_SIZE, LOG_OVERHEAD, MAGIC, BatchHeader, read_header
+from logbroker_client.records import HEADER_SIZE, LOG_OVERHEAD, MAGIC, BatchHeader, read_header, validate_batch
 
+from logbroker.storage.errors import StorageError
 from logbroker.storage.filenames import index_file_name, log_file_name, time_index_file_name
 from logbroker.storage.files import write_all
 from logbroker.storage.offset_index import MAX_U32, OffsetIndex
 from logbroker.storage.time_index import TimeIndex
 
+logger = logging.getLogger("logbroker.storage")
+
 # Reads of batch headers fetch this much at a time, enough for every header within one index interval.
 SCAN_BLOCK_BYTES = 16 * 1024
+
+
+class _LyingIndexError(StorageError):
+    """An index entry does not name the batch at its position (a damaged index file).
+
+    Opening checks only what is cheap (Kafka's sanity checks: sizes, order, the last entries), so a wrong
+    entry in the middle of an index is found on first use. The public lookups catch this, rebuild the
+    indexes from the log and look again, instead of failing the read.
+    """
 
 
 class BatchInfo(NamedTuple):
@@ -222,13 +238,19 @@ class LogSegment:
             self.rolling_base_ms = self.last_modified_ms
         return file_size - self._size
 
-    def load_trusted(self) -> str | None:
-        """Trust the indexes after sanity checks; return why not (the caller then rebuilds via recovery)."""
+    def load_trusted(self, check_tail: bool = False, allow_gaps: bool = False) -> str | None:
+        """Trust the indexes after sanity checks; return why not (the caller then rebuilds via recovery).
+
+        With check_tail, also check the batches after the last offset-index entry as recovery would (CRC,
+        offsets without gaps unless allow_gaps): see _tail_batch_problem.
+        """
         log_size = os.fstat(self._fd).st_size
         problem = self.offset_index.load(log_size)
         if problem is not None:
             return problem
         problem = self._scan_tail(log_size, check_time_index=True)
+        if problem is None and check_tail:
+            problem = self._tail_batch_problem(allow_gaps)
         if problem is not None:
             return problem
         self._flushed_size = self._size
@@ -271,7 +293,7 @@ class LogSegment:
 
     def _merge_time_index(self, check_time_index: bool) -> str | None:
         if check_time_index:
-            problem = self.time_index.load(self._next_offset)
+            problem = self.time_index.load(self._next_offset) or self._last_time_entry_problem()
             if problem is not None:
                 return problem
         last = self.time_index.last_entry()
@@ -280,6 +302,79 @@ class LogSegment:
         if last is not None and last[0] >= self._max_timestamp:
             self._max_timestamp, self._offset_of_max_timestamp = last
         return None
+
+    def _last_time_entry_problem(self) -> str | None:
+        """The time index's last entry must name a batch that starts at its offset and has its timestamp:
+        the segment's largest timestamp comes from it, and retention and timestamp lookups rely on that."""
+        last = self.time_index.last_entry()
+        if last is None:
+            return None
+        timestamp, offset = last
+        try:
+            found = self._find_batch(offset)
+        except _LyingIndexError as lie:
+            return f"{self.offset_index.path.name}: {lie}"
+        if found is None or found[1].base_offset != offset or found[1].max_timestamp != timestamp:
+            return f"{self.time_index.path.name}: its last entry ({timestamp}, offset {offset}) names no such batch"
+        return None
+
+    def _tail_batch_problem(self, allow_gaps: bool) -> str | None:
+        """Check every batch after the last offset-index entry (CRC, offset gaps); return the first failure.
+
+        A clean shutdown skips recovery, so bit rot since then would otherwise surface later, as a
+        CorruptBatchError in whatever reads the batch. The tail is what a restarted replica reads first (its
+        last entries, its producer state), and checking only the batches after the last index entry bounds
+        the cost by index_interval_bytes plus one batch, however long the log. Damage further back is left
+        to the readers' own CRC checks.
+        """
+        entry = self.offset_index.last_entry()
+        expected_offset, position = entry if entry is not None else (self.base_offset, 0)
+        if position >= self._size:
+            return None
+        with mmap.mmap(self._fd, self._size, access=mmap.ACCESS_READ) as buf:
+            while position < self._size:
+                try:
+                    header = validate_batch(buf, position, self._size)
+                except (ValueError, struct.error) as exc:  # CorruptBatchError is a ValueError
+                    return f"{self.log_path.name}: the batch at byte {position} fails its check: {exc}"
+                if header.base_offset != expected_offset and not allow_gaps:
+                    return (f"{self.log_path.name}: the batch at byte {position} has offset {header.base_offset}, "
+                            f"expected {expected_offset}")
+                position += header.batch_length + LOG_OVERHEAD
+                expected_offset = header.base_offset + header.last_offset_delta + 1
+        return None
+
+    # ---------------------------------------------------------------------------------------- repairing
+
+    def rebuild_indexes(self, reason: str) -> None:
+        """Rebuild both indexes from the batch headers, leaving the .log as it is.
+
+        For an index found lying after open: recovery, which also checks CRCs and cuts the log, belongs to
+        open time, when nothing reads the log yet. Entries come from _index_batch, as on append and in
+        recovery, so the rebuilt indexes are the ones appends would have written.
+        """
+        logger.warning("%s: rebuilding the indexes of %s from its batch headers: %s",
+                       self.directory.name, self.log_path.name, reason)
+        self.offset_index.reset()
+        self.time_index.reset()
+        self._bytes_since_index = 0
+        self._max_timestamp = -1
+        self._offset_of_max_timestamp = self.base_offset
+        for position, header in self._sane_headers(0, self._size):
+            self._index_batch(position, header.base_offset, header.batch_length + LOG_OVERHEAD, header.max_timestamp)
+        self.time_index.maybe_append(self._max_timestamp, self._offset_of_max_timestamp)
+        self.offset_index.write_pending()
+        self.time_index.write_pending()
+
+    def _sane_headers(self, position: int, end: int) -> Iterator[tuple[int, BatchHeader]]:
+        """iter_headers, stopping at a header that cannot be a batch of this log (bad magic, offsets going
+        backwards), so that damaged bytes never become index entries."""
+        expected_offset = self.base_offset
+        for batch_position, header in self.iter_headers(position, end):
+            if header.magic != MAGIC or header.base_offset < expected_offset or header.last_offset_delta < 0:
+                return
+            yield batch_position, header
+            expected_offset = header.base_offset + header.last_offset_delta + 1
 
     # ---------------------------------------------------------------------------------------- reading
 
@@ -301,13 +396,32 @@ class LogSegment:
                 return
             position += cursor
 
+    def _scan_from(self, entry: tuple[int, int], end: int) -> Iterator[tuple[int, BatchHeader]]:
+        """iter_headers from an index entry's position, checking the entry with the first header it reads
+        anyway: the batch there must start at the entry's offset, else _LyingIndexError."""
+        offset, position = entry
+        headers = self.iter_headers(position, end)
+        if not position:  # position 0 starts a batch whatever the entry says (a compacted segment's first)
+            return headers
+        first = next(headers, None)
+        if first is None or first[1].magic != MAGIC or first[1].base_offset != offset:
+            found = "no batch" if first is None else f"a batch with offset {first[1].base_offset}"
+            raise _LyingIndexError(f"its entry (offset {offset}, byte {position}) points at {found}")
+        return itertools.chain((first,), headers)
+
     def find_batch(self, offset: int) -> tuple[int, BatchHeader] | None:
         """(position, header) of the first batch whose last offset >= offset (the one holding it, or the
         next one across a compaction gap); None when the segment has nothing at or after offset."""
+        try:
+            return self._find_batch(offset)
+        except _LyingIndexError as lie:
+            self.rebuild_indexes(str(lie))
+            return self._find_batch(offset)
+
+    def _find_batch(self, offset: int) -> tuple[int, BatchHeader] | None:
         if offset >= self._next_offset:
             return None
-        _, position = self.offset_index.lookup(offset)
-        for batch_position, header in self.iter_headers(position, self._size):
+        for batch_position, header in self._scan_from(self.offset_index.lookup(offset), self._size):
             if header.base_offset + header.last_offset_delta >= offset:
                 return batch_position, header
         return None
@@ -325,8 +439,17 @@ class LogSegment:
         self, start_offset: int, max_bytes: int, max_offset: int | None = None, min_one: bool = True
     ) -> tuple[bytes, bool]:
         """Like read(), plus whether the bytes run to the end of the segment (so a reader may go on)."""
+        try:
+            return self._read_slice(start_offset, max_bytes, max_offset, min_one)
+        except _LyingIndexError as lie:
+            self.rebuild_indexes(str(lie))
+            return self._read_slice(start_offset, max_bytes, max_offset, min_one)
+
+    def _read_slice(
+        self, start_offset: int, max_bytes: int, max_offset: int | None, min_one: bool
+    ) -> tuple[bytes, bool]:
         size = self._size
-        found = self.find_batch(start_offset)
+        found = self._find_batch(start_offset)
         if found is None:
             return b"", True
         start = found[0]
@@ -343,11 +466,13 @@ class LogSegment:
         limit = start + max(0, max_bytes)
         # Every batch before an indexed one ends at or before it, and has smaller offsets, so jump to the
         # latest indexed batch that is inside both limits and only scan headers from there.
-        _, scan_from = self.offset_index.lookup_position(limit)
+        entry = self.offset_index.lookup_position(limit)
         if max_offset is not None:
-            scan_from = min(scan_from, self.offset_index.lookup(max_offset)[1])
-        position = max(start, scan_from)
-        for batch_position, header in self.iter_headers(position, size):
+            before_max = self.offset_index.lookup(max_offset)
+            if before_max[1] < entry[1]:
+                entry = before_max
+        headers = self._scan_from(entry, size) if entry[1] > start else self.iter_headers(start, size)
+        for batch_position, header in headers:
             end = batch_position + header.batch_length + LOG_OVERHEAD
             if max_offset is not None and header.base_offset + header.last_offset_delta >= max_offset:
                 return batch_position
@@ -357,10 +482,24 @@ class LogSegment:
 
     def find_offset_for_timestamp(self, timestamp_ms: int) -> int | None:
         """Base offset of the first batch with maxTimestamp >= timestamp_ms; None if there is none here."""
+        try:
+            return self._find_offset_for_timestamp(timestamp_ms)
+        except _LyingIndexError as lie:
+            self.rebuild_indexes(str(lie))
+            return self._find_offset_for_timestamp(timestamp_ms)
+
+    def _find_offset_for_timestamp(self, timestamp_ms: int) -> int | None:
         if self._max_timestamp < timestamp_ms:
             return None
-        _, position = self.offset_index.lookup(self.time_index.lookup(timestamp_ms))
-        for _, header in self.iter_headers(position, self._size):
+        entry = self.time_index.lookup_entry(timestamp_ms)  # (T, O): the batch at O has maxTimestamp T
+        start = self.base_offset if entry is None else entry[1]
+        for _, header in self._scan_from(self.offset_index.lookup(start), self._size):
+            if header.base_offset + header.last_offset_delta < start:
+                continue  # before the entry's batch, so no newer than its timestamp, which is too old
+            if entry is not None:
+                if (header.base_offset, header.max_timestamp) != (start, entry[0]):
+                    raise _LyingIndexError(f"its time index entry ({entry[0]}, offset {start}) names no such batch")
+                entry = None  # checked
             if header.max_timestamp >= timestamp_ms:
                 return header.base_offset
         return None

@@ -84,10 +84,16 @@ class TimeIndex(SparseIndexFile):
         That is the offset of the greatest entry with T < timestamp_ms: it and every batch before it are too
         old. With no such entry, the scan starts at the segment's base offset.
         """
+        entry = self.lookup_entry(timestamp_ms)
+        return self.base_offset if entry is None else entry[1]
+
+    def lookup_entry(self, timestamp_ms: int) -> tuple[int, int] | None:
+        """(timestamp, absolute offset) of the greatest entry with a timestamp < timestamp_ms, or None; the
+        segment checks the entry against the batch it names before trusting it."""
         i = bisect_left(self._timestamps, timestamp_ms) - 1
         if i < 0:
-            return self.base_offset
-        return self.base_offset + self._relative[i]
+            return None
+        return self._timestamps[i], self.base_offset + self._relative[i]
 
     def last_entry(self) -> tuple[int, int] | None:
         """(timestamp, absolute offset) of the last entry."""

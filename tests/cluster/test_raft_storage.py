@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import struct
+import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from logbroker_client import records as rec
 
 from logbroker.cluster.raft_storage import (
@@ -73,3 +80,88 @@ def test_entries_round_trip_through_the_partition_log(tmp_path: Path) -> None:
     assert Membership.decode(back[2].payload) == Membership.of([1, 2])
     assert (storage.term_at(2), storage.term_at(3), storage.term_at(-1), storage.term_at(4)) == (1, 2, 0, None)
     plog.close()
+
+
+def saved_states(path: Path, count: int) -> list[ReplicaState]:
+    """count saves of distinct states; bodies differ in length, so slots keep stale bytes past their end."""
+    states = [ReplicaState(term=i, vote=None if i % 3 == 0 else i % 3, commit_offset=10 * i - 1, voters=(1, 2, 3))
+              for i in range(1, count + 1)]
+    f = ReplicaStateFile(path)
+    for state in states:
+        f.save(state)
+    f.close()
+    return states
+
+
+def flip(path: Path, position: int, mask: int = 0xFF) -> None:
+    data = bytearray(path.read_bytes())
+    data[position] ^= mask
+    path.write_bytes(bytes(data))
+
+
+def written_bytes(state: ReplicaState) -> int:
+    """How much of its slot a save of state writes: the 20-byte header and the JSON body."""
+    return 20 + len(json.dumps(asdict(state)).encode())
+
+
+@settings(max_examples=300, deadline=None)
+@given(count=st.integers(2, 6), position=st.integers(0, 2 * SLOT_BYTES - 1), mask=st.integers(1, 255))
+def test_one_damaged_byte_never_brings_back_an_older_or_unsaved_state(count: int, position: int, mask: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "g.raftstate"
+        states = saved_states(path, count)
+        flip(path, position, mask)
+        newest_slot = count % 2  # save n goes to slot n % 2
+        hit_newest = newest_slot * SLOT_BYTES <= position < newest_slot * SLOT_BYTES + written_bytes(states[-1])
+        loaded = ReplicaStateFile(path).load(MEMBERS)
+        assert loaded == (states[-2] if hit_newest else states[-1])
+
+
+def test_a_damaged_sequence_number_in_the_older_slot_does_not_win(tmp_path: Path) -> None:
+    path = tmp_path / "g.raftstate"
+    states = saved_states(path, 4)  # save 4 in slot 0, save 3 in slot 1
+    flip(path, SLOT_BYTES + 8, 0x80)  # slot 1's seq jumps by 2**63
+    assert ReplicaStateFile(path).load(MEMBERS) == states[-1]
+
+
+def test_a_damaged_slot_is_logged_with_the_file_the_slot_and_what_was_used(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "g.raftstate"
+    saved_states(path, 3)  # save 3 (term 3) in slot 1, save 2 (term 2, vote 2) in slot 0
+    flip(path, SLOT_BYTES + 30)
+    with caplog.at_level(logging.WARNING, logger="logbroker.raft_storage"):
+        loaded = ReplicaStateFile(path).load(MEMBERS)
+    assert (loaded.term, loaded.vote) == (2, 2)
+    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    message = warning.getMessage()
+    assert str(path) in message and "slot 1 is damaged (CRC mismatch" in message
+    assert "using slot 0 instead (save 2: term 2, vote 2)" in message
+
+
+def test_a_torn_first_save_means_a_fresh_replica(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "g.raftstate"
+    saved_states(path, 1)  # slot 1 only; slot 0 was never written
+    flip(path, SLOT_BYTES + 25)
+    with caplog.at_level(logging.WARNING, logger="logbroker.raft_storage"):
+        loaded = ReplicaStateFile(path).load(MEMBERS)
+    assert (loaded.term, loaded.vote, loaded.voters) == (0, None, (1, 2, 3))
+    assert "the first save was torn" in caplog.text
+
+
+def test_a_file_in_the_first_layout_is_read_once_and_rewritten(tmp_path: Path) -> None:
+    path = tmp_path / "g.raftstate"
+    old, new = ReplicaState(term=6, vote=1, voters=(1, 2, 3)), ReplicaState(term=7, vote=3, voters=(1, 2, 3))
+    data = bytearray(2 * SLOT_BYTES)
+    for seq, state in ((8, old), (9, new)):  # first layout: seq u64 | length u32 | crc32c(body) u32 | body
+        body = json.dumps(asdict(state)).encode()
+        slot = struct.pack(">QII", seq, len(body), rec.crc32c(body)) + body
+        data[(seq % 2) * SLOT_BYTES:(seq % 2) * SLOT_BYTES + len(slot)] = slot
+    path.write_bytes(bytes(data))
+    f = ReplicaStateFile(path)
+    assert f.load(MEMBERS) == new
+    f.close()
+    rewritten = path.read_bytes()
+    assert rewritten[:4] == rewritten[SLOT_BYTES:SLOT_BYTES + 4] == b"LBR2"
+    flip(path, 12, 0x80)  # either slot's seq damaged now loses, whichever it is
+    assert ReplicaStateFile(path).load(MEMBERS) == new

@@ -7,6 +7,7 @@ import pytest
 from logbroker.raft.errors import MembershipChangeError, ProposalDroppedError
 from logbroker.raft.membership import ChangeKind, Membership, MembershipChange
 from logbroker.raft.node import RaftNode
+from logbroker.raft.progress import ProgressState
 from logbroker.raft.types import HardState, Message, MessageType, Role
 from tests.raft.harness import ELECTION_TICKS, Harness
 from tests.raft.sim.mutants import CommitPreviousTermByCounting
@@ -349,3 +350,56 @@ def test_a_follower_whose_tail_was_cut_by_recovery_is_repaired_even_while_the_le
     assert h.node(3).log.last_offset == last
     assert h.log_of(3) == h.log_of(1)
     assert leader.progress(3).match_offset == last  # type: ignore[union-attr]
+
+
+def test_a_late_answer_from_before_a_follower_replaced_its_tail_never_moves_its_match_inside_an_entry() -> None:
+    # Raft's leader keeps, per follower, the highest entry known to be replicated there (matchIndex). A
+    # follower's heartbeat answer names its log end, so the leader notices when a follower lost entries it
+    # had acknowledged; but an answer may be overtaken in flight by the follower's later acknowledgement, and
+    # the log end it names may end entries the follower has since replaced with the leader's. Only an entry
+    # end of the leader's own log at or below that end is known to be replicated there.
+    h = Harness([1, 2, 3], pre_vote=False, check_quorum=False)  # so node 1 can win while node 2 still leads
+    old = h.elect(2)
+    h.isolated = {2}
+    old.propose(b"never replicated", record_count=3)  # node 2's log ends at 3, in a term no one else has
+    leader = h.elect(1)
+    entry = h.propose(1, b"the leader's", record_count=5)  # covers offsets 2..6: node 2's end lies inside it
+    h.stabilize()
+    h.isolated = set()
+    h.tick(1)
+    h.deliver_once()  # node 2 answers the heartbeat naming its old log end, 3; that answer is delayed
+    [late] = [m for m in h.sent(MessageType.HEARTBEAT_RESP) if m.from_node == 2]
+    h.mailbox.remove(late)
+    assert late.last_log_offset == 3
+    h.tick(1)
+    h.stabilize()  # the next answer brings the leader's entries to node 2, which acknowledges them
+    assert h.log_of(2) == h.log_of(1)
+    assert leader.progress(2).match_offset == entry.last_offset  # type: ignore[union-attr]
+    h.mailbox.append(late)
+    h.deliver_once()
+    match = leader.progress(2).match_offset  # type: ignore[union-attr]
+    assert match < entry.base_offset  # not 3: that is inside the leader's entry 2..6
+    h.tick_all(2)  # heartbeats carry a commit offset capped at the match; node 2 can take it
+    assert h.log_of(2) == h.log_of(1) and h.node(2).commit_offset == leader.commit_offset == entry.last_offset
+
+
+def test_a_follower_whose_next_entries_retention_deleted_while_they_were_in_flight_is_reset() -> None:
+    # Raft §7: the leader sends its snapshot (here: a log reset) "to followers that lag behind", which
+    # happens "when the leader has already discarded the next log entry that it needs to send". That holds
+    # too when the discarded entries were already sent, lost on the way, while the leader was pipelining.
+    h = Harness([1, 2, 3], max_msg_bytes=40, max_inflight_bytes=64)  # one entry an append, two in flight
+    leader = h.elect(1)
+    h.propose(1, b"r0")
+    h.stabilize()
+    assert leader.progress(3).state is ProgressState.REPLICATE  # type: ignore[union-attr]
+    h.drop = lambda m: m.type is MessageType.APPEND and m.to_node == 3
+    for i in range(1, 9):
+        h.propose(1, f"r{i}".encode())
+    h.tick_all(3)  # node 2 acknowledges everything; to node 3 the window fills with appends that are lost
+    progress = leader.progress(3)
+    assert progress is not None and progress.is_paused(64)
+    start = progress.next_offset + 2  # past everything sent: not even an empty append can follow it now
+    h.replicas[1].storage.delete_before(start, leader.membership_at(start - 1))
+    h.drop = lambda m: False
+    h.tick_all(3)
+    assert h.node(3).log.first_offset == start and h.log_of(3) == h.log_of(1)

@@ -41,9 +41,12 @@ def test_the_simulator_injects_every_kind_of_fault() -> None:
         "restart",
         "retention",
         "transfer",
+        "crash_mid_save",
+        "cut_tail",
     }
     assert faults <= seen
     assert {"member_ok", "reset_log", "timeout_now", "pre_vote", "vote"} <= seen
+    assert {"save_lost", "save_torn", "save_whole", "tail_cut"} <= seen  # the faults that took effect
 
 
 @pytest.mark.parametrize("mutant", ["vote-without-log-check", "uncapped-heartbeat-commit"])

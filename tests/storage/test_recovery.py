@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,8 +14,10 @@ from hypothesis import strategies as st
 from logbroker_client.records import COMPRESSION_NONE, COMPRESSION_ZSTD, build_batch, iter_batch_headers
 
 from logbroker.storage import filenames
+from logbroker.storage.offset_index import ENTRY as OFFSET_ENTRY
 from logbroker.storage.recovery import recover_segment
 from logbroker.storage.segment import LogSegment
+from logbroker.storage.time_index import ENTRY as TIME_ENTRY
 from tests.storage.conftest import T0, make_batch, open_log
 
 EPOCH_FIELD = range(12, 16)  # partitionLeaderEpoch: outside the CRC by the format's design
@@ -256,3 +260,106 @@ def test_open_ignores_stray_files(log_dir: Path) -> None:
     log = open_log(log_dir)
     assert log.log_end_offset == 2
     assert not (log_dir / filenames.index_file_name(500)).exists()
+
+
+# ------------------------------------------------------------------------------------ indexes that lie
+
+def _edit(path: Path, layout: struct.Struct, change: Callable[[list[tuple[int, int]]], None]) -> None:
+    entries: list[tuple[int, int]] = [tuple(e) for e in layout.iter_unpack(path.read_bytes())]  # type: ignore[misc]
+    change(entries)
+    path.write_bytes(b"".join(layout.pack(*e) for e in entries))
+
+
+def _into_a_batch(entries: list[tuple[int, int]], i: int) -> None:
+    entries[i] = (entries[i][0], entries[i][1] + 9)
+
+
+def _past_the_end(entries: list[tuple[int, int]]) -> None:
+    entries[-1] = (entries[-1][0], entries[-1][1] + 1_000_000)
+
+
+def _out_of_order(entries: list[tuple[int, int]]) -> None:
+    entries[1], entries[2] = entries[2], entries[1]
+
+
+def _wrong_batch(entries: list[tuple[int, int]]) -> None:
+    entries[1] = (entries[0][0] + 1, entries[2][1] - 1)  # in order, but names a later batch
+
+
+def _no_such_timestamp(entries: list[tuple[int, int]]) -> None:
+    entries[-1] = (entries[-1][0] + 5, entries[-1][1])
+
+
+INDEX_DAMAGE: dict[str, tuple[str, Callable[[list[tuple[int, int]]], None]]] = {
+    "an offset entry into the middle of a batch": (".index", lambda entries: _into_a_batch(entries, 1)),
+    "the last offset entry into the middle of a batch": (".index", lambda entries: _into_a_batch(entries, -1)),
+    "an offset entry past the end of the file": (".index", _past_the_end),
+    "offset entries out of order": (".index", _out_of_order),
+    "a time entry naming the wrong batch": (".timeindex", _wrong_batch),
+    "a last time entry with a timestamp no batch has": (".timeindex", _no_such_timestamp),
+    "time entries out of order": (".timeindex", _out_of_order),
+}
+
+
+@pytest.mark.parametrize("segment", [0, 2], ids=["sealed segment", "active segment"])
+@pytest.mark.parametrize("damage", sorted(INDEX_DAMAGE))
+def test_an_index_that_lies_is_rebuilt_and_reads_stay_right(
+    log_dir: Path, caplog: pytest.LogCaptureFixture, damage: str, segment: int
+) -> None:
+    batches = [make_batch(2, timestamp_ms=T0 + i * 10, value_size=40, seed=i) for i in range(60)]
+    config = {"index_interval_bytes": 200, "segment_bytes": len(batches[0]) * 25}  # 25, 25 and 10 batches
+    stored = write_log(log_dir, batches, config)
+    reference = open_log(log_dir, **config)
+    timestamps = range(T0 - 5, T0 + 600, 7)
+    expected = [reference.offset_for_timestamp(ts) for ts in timestamps]
+    entries = [(s.offset_index.entries, s.time_index.entries) for s in reference.segments]
+    reference.close()
+    suffix, change = INDEX_DAMAGE[damage]
+    victim = sorted(log_dir.glob("*" + suffix))[segment]
+    _edit(victim, OFFSET_ENTRY if suffix == ".index" else TIME_ENTRY, change)
+
+    with caplog.at_level(logging.WARNING, logger="logbroker.storage"):
+        log = open_log(log_dir, **config)
+        for s in stored:
+            assert log.read(s.base_offset, 1) == log.read(s.last_offset, 1) == s.data
+        assert [log.offset_for_timestamp(ts) for ts in timestamps] == expected
+    assert [(s.offset_index.entries, s.time_index.entries) for s in log.segments] == entries
+    assert log.log_end_offset == 120
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and victim.with_suffix(".log").name in warnings[0], warnings
+
+
+# ------------------------------------------------------------------------------------ bit rot after a clean shutdown
+
+@SETTINGS
+@given(st.lists(batch_strategy, min_size=1, max_size=12), config_strategy, st.data())
+def test_a_flipped_byte_in_the_last_batch_is_cut_at_open_even_after_a_clean_shutdown(
+    batches: list[bytes], config: dict[str, int], data: st.DataObject
+) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp) / "orders-3"
+        stored = write_log(directory, batches, config)  # closed cleanly: the marker says "skip recovery"
+        last = stored[-1]
+        position = data.draw(st.integers(0, len(last.data) - 1).filter(lambda p: p not in EPOCH_FIELD))
+        bit = data.draw(st.integers(0, 7), label="bit")
+        with open(log_files(directory)[last.segment], "r+b") as file:
+            file.seek(last.position + position)
+            byte = file.read(1)[0]
+            file.seek(last.position + position)
+            file.write(bytes([byte ^ (1 << bit)]))
+        assert (directory / filenames.CLEAN_SHUTDOWN_FILE).exists()
+        check_recovered(directory, config, stored[:-1])
+
+
+def test_the_tail_check_reads_only_the_batches_after_the_last_index_entry(
+    log_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """So its cost does not grow with the log; damage further back is left to the readers' CRC checks."""
+    batches = [make_batch(1, value_size=100, seed=i) for i in range(100)]
+    stored = write_log(log_dir, batches, {"index_interval_bytes": 1000})
+    raw = bytearray(log_files(log_dir)[0].read_bytes())
+    raw[stored[3].position + 70] ^= 0x01  # far before the last index entry
+    log_files(log_dir)[0].write_bytes(bytes(raw))
+    with caplog.at_level(logging.WARNING, logger="logbroker.storage"):
+        log = open_log(log_dir, index_interval_bytes=1000)
+    assert log.log_end_offset == 100 and not caplog.records

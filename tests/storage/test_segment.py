@@ -1,11 +1,16 @@
 from __future__ import annotations
 
+import logging
 import os
+import struct
 from pathlib import Path
 
+import pytest
 from logbroker_client.records import build_batch, iter_batch_headers, read_header
 
+from logbroker.storage.offset_index import ENTRY as OFFSET_ENTRY
 from logbroker.storage.segment import BatchInfo, LogSegment
+from logbroker.storage.time_index import ENTRY as TIME_ENTRY
 from tests.storage.conftest import T0
 
 BASE = 100
@@ -158,3 +163,101 @@ def test_delete_removes_all_three_files(tmp_path: Path) -> None:
     writer.add()
     writer.segment.delete()
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------ damaged indexes
+
+def read_entries(path: Path, layout: struct.Struct) -> list[tuple[int, int]]:
+    return [tuple(entry) for entry in layout.iter_unpack(path.read_bytes())]  # type: ignore[misc]
+
+
+def write_entries(path: Path, layout: struct.Struct, entries: list[tuple[int, int]]) -> None:
+    path.write_bytes(b"".join(layout.pack(*entry) for entry in entries))
+
+
+def sealed_segment(directory: Path) -> Writer:
+    """30 two-record batches, a timestamp 10 ms later each, an index entry every other batch; closed."""
+    writer = Writer(new_segment(directory, interval=200))
+    for i in range(30):
+        writer.add(2, T0 + 10 * i)
+    writer.segment.seal()
+    writer.segment.close()
+    return writer
+
+
+def reopened(directory: Path) -> LogSegment:
+    segment = LogSegment.open_existing(directory, BASE, 200)
+    assert segment.load_trusted() is None  # what open checks cannot see
+    return segment
+
+
+def test_an_index_entry_into_the_middle_of_a_batch_is_found_on_first_use_and_rebuilt(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    writer = sealed_segment(tmp_path)
+    path = writer.segment.offset_index.path
+    original = path.read_bytes()
+    entries = read_entries(path, OFFSET_ENTRY)
+    entries[3] = (entries[3][0], entries[3][1] + 7)  # still in order, but inside the batch it names
+    write_entries(path, OFFSET_ENTRY, entries)
+    segment = reopened(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="logbroker.storage"):
+        for offset in range(BASE, BASE + 60):
+            assert segment.read(offset, 1) == writer.batches[(offset - BASE) // 2]
+    [warning] = caplog.records
+    assert "rebuilding the indexes of 00000000000000000100.log" in warning.getMessage()
+    assert path.read_bytes() == original
+
+
+def test_a_time_index_entry_naming_the_wrong_batch_is_found_on_first_use_and_rebuilt(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    writer = sealed_segment(tmp_path)
+    path = writer.segment.time_index.path
+    original = path.read_bytes()
+    entries = read_entries(path, TIME_ENTRY)
+    # Claims batches up to a later offset are all older than they are: a scan would start too late.
+    entries[2] = (entries[1][0] + 1, entries[3][1] - 2)
+    write_entries(path, TIME_ENTRY, entries)
+    segment = reopened(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="logbroker.storage"):
+        for target in range(T0 - 5, T0 + 300, 3):
+            expected = next((BASE + 2 * i for i in range(30) if T0 + 10 * i >= target), None)
+            assert segment.find_offset_for_timestamp(target) == expected, target
+    [warning] = caplog.records
+    assert "00000000000000000100.log" in warning.getMessage() and "names no such batch" in warning.getMessage()
+    assert path.read_bytes() == original
+
+
+def test_open_refuses_a_last_time_index_entry_that_names_no_such_batch(tmp_path: Path) -> None:
+    writer = sealed_segment(tmp_path)
+    path = writer.segment.time_index.path
+    entries = read_entries(path, TIME_ENTRY)
+    entries[-1] = (entries[-1][0] + 1000, entries[-1][1])  # a largest timestamp no batch has
+    write_entries(path, TIME_ENTRY, entries)
+    problem = LogSegment.open_existing(tmp_path, BASE, 200).load_trusted()
+    assert problem is not None and "names no such batch" in problem
+
+
+def test_the_tail_check_finds_a_damaged_or_misplaced_last_batch(tmp_path: Path) -> None:
+    writer = Writer(new_segment(tmp_path, interval=200))
+    for i in range(30):
+        writer.add(2, T0 + 10 * i)
+    writer.add_many([(1, T0, 40), (1, T0, 40)])  # old timestamps; the last batch is named by no index
+    writer.segment.seal()
+    writer.segment.close()
+    log_path = writer.segment.log_path
+    last = len(b"".join(writer.batches[:-1]))
+    data = bytearray(log_path.read_bytes())
+    data[last + 70] ^= 0x01  # a record byte, under the CRC
+    log_path.write_bytes(bytes(data))
+    assert LogSegment.open_existing(tmp_path, BASE, 200).load_trusted() is None  # not looked at
+    problem = LogSegment.open_existing(tmp_path, BASE, 200).load_trusted(check_tail=True)
+    assert problem is not None and f"the batch at byte {last} fails its check: CRC mismatch" in problem
+
+    data[last + 70] ^= 0x01
+    struct.pack_into(">q", data, last, BASE + 62)  # baseOffset, outside the CRC: one past where it belongs
+    log_path.write_bytes(bytes(data))
+    problem = LogSegment.open_existing(tmp_path, BASE, 200).load_trusted(check_tail=True)
+    assert problem is not None and f"has offset {BASE + 62}, expected {BASE + 61}" in problem
+    assert LogSegment.open_existing(tmp_path, BASE, 200).load_trusted(check_tail=True, allow_gaps=True) is None

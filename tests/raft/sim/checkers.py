@@ -148,6 +148,11 @@ class Checkers:
                     f"committed in term {term}; it has term {node.log.term_at(offset)} there",
                 )
 
+    def on_log_cut(self, node_id: int, last_offset: int) -> None:
+        """Recovery cut the node's log after last_offset. Its commit offset, volatile in Raft, comes back no
+        higher than that, so it may persist a lower one than before; everything else still holds."""
+        self.durable_commit[node_id] = min(self.durable_commit.get(node_id, -1), last_offset)
+
     def on_restart(self, node_id: int, node: RaftNode) -> None:
         """A restarted node's durable log must still hold what it had committed."""
         commit = node.commit_offset

@@ -6,7 +6,8 @@ steps; in each step the simulator maybe injects a fault, lets clients propose, d
 ticks the nodes (each at its own rate), runs every node's Ready loop, then runs the checkers.
 
 A run has two phases. Chaos: faults at random for ``chaos_steps`` steps. Then healing: the network is
-repaired, every node restarted, and within ``liveness_steps`` a leader must commit a fresh proposal.
+repaired, every node restarted, and within ``liveness_steps`` a leader must commit a fresh proposal, and
+every voter must then catch up with it (a node whose log lost its tail included).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from logbroker.raft.node import RaftNode
 from logbroker.raft.types import Entry, Message, RaftConfig, Ready, Role
 from tests.raft.sim.checkers import Checkers, InvariantViolation
 from tests.raft.sim.network import Network, NetworkProfile
+from tests.raft.sim.state_file import SaveFate
 from tests.raft.sim.storage import MemoryLogStorage
 
 ELECTION_TICKS = 10
@@ -28,6 +30,8 @@ TRACE_LENGTH = 30
 MAX_READIES_PER_STEP = 100
 MAX_UNCOMMITTED_OFFSETS = 100
 LIVENESS_ELECTION_TIMEOUTS = 40  # after healing, a commit must happen within this many election timeouts
+CATCH_UP_STALL_ELECTION_TIMEOUTS = 10  # then a voter still behind must not go this long without its log growing
+CATCH_UP_MAX_STEPS = 20_000  # and the whole catch-up must end
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,8 @@ class SimNode:
     tick_credit: float = 0.0
     incarnation: int = 0
     pending_persisted: deque[tuple[int, int, int]] = field(default_factory=deque)  # (due step, offset, term)
+    crash_in_next_save: bool = False  # fault crash_mid_save: crash while saving the next hard state
+    refill_to: int | None = None  # after a tail cut: the log end it had; "damaged" until it holds that again
 
 
 @dataclass
@@ -127,7 +133,11 @@ class Simulation:
         rng = random.Random(self.seed * 7919 + node_id * 104729 + incarnation)
         base = storage.base_membership
         assert base is not None
-        return self.node_class(config, storage, rng, base, hard_state=storage.durable_hard_state)
+        hard_state = storage.durable_hard_state
+        if hard_state.commit_offset > storage.last_offset:
+            # Recovery cut the log below the commit offset: start from what is there, as Replica does.
+            hard_state = replace(hard_state, commit_offset=storage.last_offset)
+        return self.node_class(config, storage, rng, base, hard_state=hard_state)
 
     def note(self, text: str) -> None:
         self.trace.append((self.now, text))
@@ -172,6 +182,7 @@ class Simulation:
         for sim_node in self.nodes.values():
             self.report_persisted(sim_node)
             self.process(sim_node, chaos)
+        self.note_refills()
         self.checkers.after_step(self.up_nodes())
 
     def deliver(self, message: Message) -> None:
@@ -201,6 +212,9 @@ class Simulation:
                 return
             self.checkers.before_write(sim_node.node_id, sim_node.storage, ready)
             sim_node.storage.write_ready(ready)
+            if sim_node.crash_in_next_save and ready.hard_state is not None:
+                self.crash_during_save(sim_node)
+                return
             crash_rate = self.profile.crash_before_fsync_rate if chaos else 0.0
             if ready.must_persist and self.rng.random() < crash_rate:
                 self.crash(sim_node, "before fsync")
@@ -247,6 +261,8 @@ class Simulation:
                 "retention",
                 "transfer",
                 "member",
+                "crash_mid_save",
+                "cut_tail",
             )
         )
         self.stats[fault] += 1
@@ -288,8 +304,24 @@ class Simulation:
     def crash(self, sim_node: SimNode, why: str) -> None:
         sim_node.storage.crash()
         sim_node.up = False
+        sim_node.crash_in_next_save = False
         sim_node.pending_persisted.clear()
         self.note(f"crash node {sim_node.node_id} ({why})")
+
+    def fault_crash_mid_save(self) -> None:
+        """Crash a node in the middle of its next hard state save: its log is fsynced, the save is lost, torn
+        (the state file falls back to its older slot) or whole."""
+        up = [n for n in self.nodes.values() if n.up and not n.crash_in_next_save]
+        if up:
+            sim_node = self.rng.choice(up)
+            sim_node.crash_in_next_save = True
+            self.note(f"node {sim_node.node_id} will crash during its next state save")
+
+    def crash_during_save(self, sim_node: SimNode) -> None:
+        fate = self.rng.choice(list(SaveFate))
+        sim_node.storage.crash_during_state_save(fate)
+        self.stats[f"save_{fate.value}"] += 1
+        self.crash(sim_node, f"during a state save, which was {fate.value}")
 
     def fault_restart(self) -> None:
         down = [n for n in self.nodes.values() if not n.up]
@@ -305,6 +337,55 @@ class Simulation:
             f"restart node {sim_node.node_id} (t{sim_node.node.term}, log ..{sim_node.node.log.last_offset})"
         )
         self.checkers.on_restart(sim_node.node_id, sim_node.node)
+
+    def fault_cut_tail(self) -> None:
+        """Restart a crashed node whose recovery cut a damaged tail off its log: a durable suffix is gone.
+
+        Raft assumes an acknowledged entry stays where it was acknowledged. It can survive one node
+        breaking that only for entries a majority holds without it: an entry on a bare majority including
+        the damaged node may already be committed (or be committed by counting its stale acknowledgement
+        before the leader hears of the loss), and would then live on a minority. So the cut takes only such
+        entries, and no other node is cut until this one holds its old log end again.
+        """
+        if any(n.refill_to is not None for n in self.nodes.values()):
+            return
+        down = [n for n in self.nodes.values() if not n.up]
+        if not down:
+            return
+        sim_node = self.rng.choice(down)
+        storage = sim_node.storage
+        cuts = self.safe_cuts(sim_node)
+        if not cuts:
+            return
+        cut = self.rng.choice(cuts[:8])
+        sim_node.refill_to = storage.last_offset
+        storage.cut_durable_tail(cut)
+        self.stats["tail_cut"] += 1
+        self.checkers.on_log_cut(sim_node.node_id, storage.last_offset)
+        self.note(f"recovery cut node {sim_node.node_id}'s log at {cut} (it ended at {sim_node.refill_to})")
+        self.restart(sim_node)
+
+    def safe_cuts(self, damaged: SimNode) -> list[int]:
+        """Entry starts at which the damaged node's log may be cut: every entry from there on is held by a
+        majority of the voters without it, under every membership some node is using. Latest first."""
+        others = [n.storage for n in self.nodes.values() if n is not damaged]
+        voter_sets = {n.node.membership.voters - {damaged.node_id} for n in self.nodes.values()}
+        majorities = [(voters, len(voters | {damaged.node_id}) // 2 + 1) for voters in voter_sets]
+        ids = {n.storage: n.node_id for n in self.nodes.values()}
+        cuts: list[int] = []
+        for entry in reversed(damaged.storage.durable_entries()):
+            holders = {ids[s] for s in others if s.durably_holds(entry)}
+            if any(len(holders & voters) < majority for voters, majority in majorities):
+                break
+            cuts.append(entry.base_offset)
+        return cuts
+
+    def note_refills(self) -> None:
+        """A damaged node is whole again once its durable log reaches where it ended before the cut."""
+        for sim_node in self.nodes.values():
+            if sim_node.refill_to is not None and sim_node.node.log.durable_offset >= sim_node.refill_to:
+                self.note(f"node {sim_node.node_id} holds up to {sim_node.refill_to} again")
+                sim_node.refill_to = None
 
     def fault_retention(self) -> None:
         """Delete an applied, durable prefix of one node's log, as segment retention would."""
@@ -387,6 +468,7 @@ class Simulation:
         self.network.heal()
         self.network.profile = replace(self.network.profile, drop_rate=0.0)
         for sim_node in self.nodes.values():
+            sim_node.crash_in_next_save = False
             if not sim_node.up:
                 self.restart(sim_node)
         self.note("healed: network repaired, every node up")
@@ -398,10 +480,41 @@ class Simulation:
                 marker = self.propose_marker(leader)
             self.step(chaos=False)
             if marker is not None and self.is_committed(marker):
+                self.wait_for_catch_up(marker)
                 return elapsed
         raise InvariantViolation(
             "liveness", f"no leader committed a new proposal within {budget} steps after the faults healed"
         )
+
+    def wait_for_catch_up(self, marker: Entry) -> None:
+        """Every voter must come to hold the committed marker. One far behind may take long with small
+        messages, so what fails is a voter whose log stops growing, or a catch-up without end."""
+        stall_limit = CATCH_UP_STALL_ELECTION_TIMEOUTS * ELECTION_TICKS
+        ends: dict[int, int] = {}
+        stalled = 0
+        for _ in range(CATCH_UP_MAX_STEPS):
+            behind = self.voters_without(marker)
+            if not behind:
+                return
+            now = {i: self.nodes[i].node.log.last_offset for i in behind}
+            stalled = stalled + 1 if now == ends else 0
+            if stalled > stall_limit:
+                raise InvariantViolation(
+                    "catch-up", f"voters {behind} lack the entry committed at {marker.last_offset}, and their "
+                    f"logs have not grown for {stall_limit} steps")
+            ends = now
+            self.step(chaos=False)
+        raise InvariantViolation("catch-up", f"voters still lack the committed entry after {CATCH_UP_MAX_STEPS} steps")
+
+    def voters_without(self, entry: Entry) -> list[int]:
+        leader = self.leader()
+        voters = leader.node.membership.voters if leader is not None else frozenset(self.profile.voters)
+        return sorted(i for i in voters if not self.holds(self.nodes[i].node, entry))
+
+    @staticmethod
+    def holds(node: RaftNode, entry: Entry) -> bool:
+        """Whether node's log has the entry, or has moved its start past it (which only a commit allows)."""
+        return entry.last_offset < node.log.first_offset or node.log.term_at(entry.last_offset) == entry.term
 
     def propose_marker(self, leader: SimNode) -> Entry | None:
         try:

@@ -4,6 +4,12 @@ Writes (reset, truncate, append, hard state) change the *written* view at once, 
 reads, like a page cache. ``fsync()`` makes everything written so far durable. ``crash()`` throws away
 whatever was written after the last fsync, like a power cut: the log and hard state go back to the durable
 view. Retention deletes a durable, committed prefix directly.
+
+The hard state is saved through a model of the two-slot state file, after the log's fsync as the broker's
+runtime does: crash_during_state_save() leaves the save lost, torn or whole. A log reset's prev term and
+membership count as durable with the reset itself, whatever happens to the save: they describe the new log
+start, and modelled as lost with the save, a log starting there breaks log matching in the simulator.
+cut_durable_tail() is what recovery does to a log whose tail is damaged: a durable suffix is gone.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from dataclasses import dataclass, field
 
 from logbroker.raft.membership import Membership
 from logbroker.raft.types import NO_TERM, Entry, HardState, Ready
+from tests.raft.sim.state_file import SaveFate, StateFileModel
 
 
 @dataclass
@@ -77,6 +84,7 @@ class MemoryLogStorage:
         self._written = _LogImage(membership=membership)
         self._durable = self._written.copy()
         self._pending: list[tuple[str, object]] = []
+        self.state_file = StateFileModel()  # _durable.hard_state is always what it loads
 
     # ------------------------------------------------------------------ LogStorage protocol
     @property
@@ -139,9 +147,19 @@ class MemoryLogStorage:
         self._pending.append((op, arg))
 
     def fsync(self) -> None:
+        self._sync_log()
         for op, arg in self._pending:
-            _apply(self._durable, op, arg)
+            assert op == "hard_state" and isinstance(arg, HardState)
+            self.state_file.save(arg)
+            self._durable.hard_state = arg
         self._pending.clear()
+
+    def _sync_log(self) -> None:
+        """Make the pending log writes durable; the hard state saves stay pending."""
+        for op, arg in self._pending:
+            if op != "hard_state":
+                _apply(self._durable, op, arg)
+        self._pending = [(op, arg) for op, arg in self._pending if op == "hard_state"]
 
     @property
     def dirty(self) -> bool:
@@ -151,6 +169,24 @@ class MemoryLogStorage:
         """Lose everything written since the last fsync."""
         self._pending.clear()
         self._written = self._durable.copy()
+
+    def crash_during_state_save(self, fate: SaveFate) -> None:
+        """A crash after the log's fsync, in the middle of saving the hard state that goes with it."""
+        self._sync_log()
+        assert len(self._pending) <= 1, "one hard state per Ready"
+        for _, arg in self._pending:
+            assert isinstance(arg, HardState)
+            self.state_file.interrupted_save(arg, fate)
+        self._pending.clear()
+        self._durable.hard_state = self.state_file.load()
+        self.crash()
+
+    def cut_durable_tail(self, from_offset: int) -> None:
+        """Recovery cut a damaged tail: every durable entry from from_offset (an entry start) on is gone.
+        The hard state is left alone: the runtime lowers a commit offset past the log end on restart."""
+        assert not self._pending, "recovery runs on a stopped node"
+        for image in (self._written, self._durable):
+            image.truncate(from_offset)
 
     def delete_before(self, offset: int, membership: Membership) -> None:
         """Retention: drop durable entries below ``offset`` (an entry start); ``membership`` is the one in
@@ -162,6 +198,13 @@ class MemoryLogStorage:
 
     def durable_entries(self) -> list[Entry]:
         return list(self._durable.entries)
+
+    def durably_holds(self, entry: Entry) -> bool:
+        """Whether the durable log has this entry (same last offset and term)."""
+        image = self._durable
+        if not image.first_offset <= entry.last_offset <= image.last_offset:
+            return False
+        return image.entries[bisect.bisect_left(image.lasts, entry.last_offset)].term == entry.term
 
 
 def _apply(image: _LogImage, op: str, arg: object) -> None:
