@@ -126,7 +126,8 @@ def test_records_from_grpc_are_read_byte_identical_by_a_kafka_client(kafka_clust
     metas = [f.result(timeout=10) for f in futures]
     got = _ck_consume(kafka_cluster.kafka_bootstrap, topic_name, 1, COUNT)
     assert [(m.offset(), m.key(), m.value(), m.headers(), m.timestamp()[1]) for m in got] == [
-        (meta.offset, k or None, v, h, 1_700_000_000_000 + i) for i, (meta, (k, v, h)) in enumerate(zip(metas, sent, strict=True))]
+        (meta.offset, k or None, v, h, 1_700_000_000_000 + i)
+        for i, (meta, (k, v, h)) in enumerate(zip(metas, sent, strict=True))]
 
 
 def test_records_from_a_kafka_client_are_read_byte_identical_over_grpc(kafka_cluster: BrokerCluster,
@@ -148,7 +149,8 @@ def test_records_from_a_kafka_client_are_read_byte_identical_over_grpc(kafka_clu
         while len(records) < COUNT and time.monotonic() < deadline:
             records.extend(consumer.poll(timeout=0.5))
     assert [(r.offset, r.key, r.value, r.headers, r.timestamp) for r in records] == [
-        (offset, k, v, h, 1_700_000_000_000 + i) for i, (offset, (k, v, h)) in enumerate(zip(delivered, sent, strict=True))]
+        (offset, k, v, h, 1_700_000_000_000 + i)
+        for i, (offset, (k, v, h)) in enumerate(zip(delivered, sent, strict=True))]
 
 
 def test_metadata_names_every_brokers_kafka_endpoint(kafka_cluster: BrokerCluster, topic_name: str) -> None:
