@@ -1,3 +1,7 @@
 """Kafka API handlers, one module per API group; importing this package registers them all."""
 
-from logbroker.kafka.handlers import admin, fetch, groups, meta, produce  # noqa: F401
+import logbroker.kafka.handlers.admin
+import logbroker.kafka.handlers.fetch
+import logbroker.kafka.handlers.groups
+import logbroker.kafka.handlers.meta
+import logbroker.kafka.handlers.produce  # noqa: F401

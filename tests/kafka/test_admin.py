@@ -1,0 +1,81 @@
+"""Admin over the Kafka port (confluent-kafka's AdminClient): create, describe, delete topics; cluster;
+topic auto-creation on Metadata."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from confluent_kafka import KafkaException
+from confluent_kafka import Producer as CKProducer
+from confluent_kafka.admin import AdminClient, ConfigResource, NewPartitions, NewTopic
+from logbroker_client import Admin
+
+from tests.support.cluster import BrokerCluster
+
+
+def test_create_describe_and_delete_topics(kafka_cluster: BrokerCluster, topic_name: str) -> None:
+    admin = AdminClient({"bootstrap.servers": kafka_cluster.brokers[3].kafka_address})
+    created = admin.create_topics([NewTopic(topic_name, num_partitions=3, replication_factor=2,
+                                            config={"retention.ms": "3600000"})], request_timeout=15)
+    created[topic_name].result(15)
+    described = {t.name: t for t in Admin(kafka_cluster.bootstrap).describe_topics([topic_name])}[topic_name]
+    assert (len(described.partitions), described.replication_factor) == (3, 2)
+    again = admin.create_topics([NewTopic(topic_name, num_partitions=1, replication_factor=1)])[topic_name]
+    try:
+        again.result(15)
+        raise AssertionError("a second create of the same name succeeded")
+    except KafkaException as exc:
+        assert exc.args[0].name() == "TOPIC_ALREADY_EXISTS"
+    resource = ConfigResource(ConfigResource.Type.TOPIC, topic_name)
+    configs = admin.describe_configs([resource])[resource].result(15)
+    assert configs["retention.ms"].value == "3600000" and not configs["retention.ms"].is_default
+    assert configs["segment.bytes"].is_default
+    more = admin.create_partitions([NewPartitions(topic_name, 6)])[topic_name]
+    try:
+        more.result(15)
+        raise AssertionError("partitions were added")
+    except KafkaException as exc:
+        assert "not supported" in exc.args[0].str()
+    admin.delete_topics([topic_name], request_timeout=15)[topic_name].result(15)
+    assert topic_name not in admin.list_topics(timeout=10).topics
+
+
+def test_describe_cluster_names_every_broker(kafka_cluster: BrokerCluster) -> None:
+    admin = AdminClient({"bootstrap.servers": kafka_cluster.kafka_bootstrap})
+    cluster = admin.describe_cluster(request_timeout=10).result(10)
+    assert sorted(f"{n.host}:{n.port}" for n in cluster.nodes) == sorted(
+        b.kafka_address for b in kafka_cluster.brokers.values())
+    assert cluster.controller.id in kafka_cluster.brokers
+
+
+def test_metadata_creates_a_topic_when_the_broker_setting_allows(kafka_cluster: BrokerCluster,
+                                                                 topic_name: str) -> None:
+    producer = CKProducer({"bootstrap.servers": kafka_cluster.kafka_bootstrap})
+    delivered: list = []
+    producer.produce(topic_name, value=b"first", on_delivery=lambda err, msg: delivered.append(err))
+    deadline = time.monotonic() + 15
+    while not delivered and time.monotonic() < deadline:
+        producer.poll(0.1)
+    assert delivered == [None]
+    assert topic_name in set(Admin(kafka_cluster.bootstrap).list_topics())
+
+
+def test_auto_creation_is_off_by_default(tmp_path: Path) -> None:
+    from kio.schema.errors import ErrorCode
+    from kio.schema.metadata.v12 import request as m
+
+    from tests.kafka.wire import WireClient
+    from tests.support.brokers import InProcessBroker, free_port
+
+    port = free_port()
+    broker = InProcessBroker(tmp_path / "data", kafka_listen=f"127.0.0.1:{port}").start()
+    try:
+        with WireClient(f"127.0.0.1:{port}") as client:
+            answer = client.call(m.MetadataRequest(topics=(m.MetadataRequestTopic(topic_id=None, name="nope"),),
+                                                   allow_auto_topic_creation=True,
+                                                   include_topic_authorized_operations=False))
+        assert answer.topics[0].error_code == ErrorCode.unknown_topic_or_partition
+        assert "nope" not in set(Admin(broker.address).list_topics())
+    finally:
+        broker.stop()
