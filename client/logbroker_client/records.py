@@ -8,7 +8,7 @@ Batch header (61 bytes, big-endian)::
         12     4  partitionLeaderEpoch  i32   stamped by the leader, outside the CRC
         16     1  magic                 i8    always 2
         17     4  crc                   u32   CRC-32C of bytes 21..end (attributes to the batch end)
-        21     2  attributes            i16   bits 0-2 compression (0 none, 4 zstd), bit 3 timestamp
+        21     2  attributes            i16   bits 0-2 compression (0 none, 1 gzip, 2 snappy, 3 lz4, 4 zstd), bit 3 timestamp
                                               type, bit 4 transactional, bit 5 control batch
         23     4  lastOffsetDelta       i32
         27     8  baseTimestamp         i64   ms since the epoch, the first record's timestamp
@@ -41,6 +41,8 @@ from typing import NamedTuple
 import crc32c as _crc32c
 import zstandard
 
+from logbroker_client import compression as _compression
+
 try:  # the record walk in C, built with the package where a compiler is at hand (pyproject.toml)
     from logbroker_client import _recordwalk
 except ImportError:  # the Python walk below does the same, ~60x slower
@@ -62,7 +64,11 @@ CRC_POSITION = 17
 
 COMPRESSION_MASK = 0x07
 COMPRESSION_NONE = 0
+COMPRESSION_GZIP = _compression.GZIP  # gzip, snappy and lz4: from Kafka clients (compression.py)
+COMPRESSION_SNAPPY = _compression.SNAPPY
+COMPRESSION_LZ4 = _compression.LZ4
 COMPRESSION_ZSTD = 4
+SUPPORTED_CODECS = (COMPRESSION_NONE, COMPRESSION_GZIP, COMPRESSION_SNAPPY, COMPRESSION_LZ4, COMPRESSION_ZSTD)
 TIMESTAMP_TYPE_LOG_APPEND = 0x08
 TRANSACTIONAL_FLAG = 0x10
 CONTROL_FLAG = 0x20
@@ -71,7 +77,8 @@ NO_PRODUCER_ID = -1
 NO_PRODUCER_EPOCH = -1
 NO_SEQUENCE = -1
 
-COMPRESSION_CODECS = {"none": COMPRESSION_NONE, "zstd": COMPRESSION_ZSTD}
+COMPRESSION_CODECS = {"none": COMPRESSION_NONE, "gzip": COMPRESSION_GZIP, "snappy": COMPRESSION_SNAPPY,
+                      "lz4": COMPRESSION_LZ4, "zstd": COMPRESSION_ZSTD}
 
 # The most bytes a compressed record section may expand to. Producers size batches before compressing
 # them and never send a gRPC message over 128 MiB (connection.MAX_MESSAGE_BYTES), so no honest batch
@@ -332,6 +339,8 @@ def build_batch_from_records(
     """Seal already-encoded records (offset deltas 0..count-1) into a batch."""
     if compression == COMPRESSION_ZSTD:
         records = _ZSTD_COMPRESSOR.compress(records)
+    elif compression in SUPPORTED_CODECS and compression != COMPRESSION_NONE:
+        records = _compression.compress(compression, records)
     elif compression != COMPRESSION_NONE:
         raise ValueError(f"unsupported compression codec {compression}")
     attributes = compression | attributes_extra
@@ -445,7 +454,7 @@ def validate_records(buf: ByteSource, pos: int, header: BatchHeader,
     codec = header.attributes & COMPRESSION_MASK
     if codec == COMPRESSION_NONE:  # walk the bytes where they are, without a copy
         _check_records(buf, pos + HEADER_SIZE, pos + header.batch_length + LOG_OVERHEAD, header.records_count)
-    elif codec == COMPRESSION_ZSTD:
+    elif codec in SUPPORTED_CODECS:
         data = batch_records_bytes(buf, pos, header, max_records_bytes)
         _check_records(data, 0, len(data), header.records_count)
     else:
@@ -598,6 +607,11 @@ def batch_records_bytes(buf: ByteSource, pos: int, header: BatchHeader,
         return raw
     if codec == COMPRESSION_ZSTD:
         return _decompress_zstd(raw, max_records_bytes)
+    if codec in SUPPORTED_CODECS:
+        try:
+            return _compression.decompress(codec, raw, max_records_bytes)
+        except _compression.DecompressionError as exc:
+            raise CorruptBatchError(str(exc)) from None
     raise CorruptBatchError(f"unsupported compression codec {codec}")
 
 

@@ -817,9 +817,9 @@ class Broker:
             if header.attributes & rec.CONTROL_FLAG:
                 raise errors.CorruptBatch(f"{replica.name}: clients may not write control batches")
             codec = header.attributes & rec.COMPRESSION_MASK
-            if codec not in (rec.COMPRESSION_NONE, rec.COMPRESSION_ZSTD):
-                raise errors.CorruptBatch(
-                    f"{replica.name}: compression codec {codec} is not supported; use none (0) or zstd (4)")
+            if codec not in rec.SUPPORTED_CODECS:
+                raise errors.CorruptBatch(f"{replica.name}: compression codec {codec} is not supported; use none "
+                                          "(0), gzip (1), snappy (2), lz4 (3) or zstd (4)")
             try:  # a batch whose records contradict its header would break every consumer of the partition
                 rec.validate_records(records, pos, header)
             except rec.CorruptBatchError as exc:
