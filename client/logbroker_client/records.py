@@ -8,8 +8,9 @@ Batch header (61 bytes, big-endian)::
         12     4  partitionLeaderEpoch  i32   stamped by the leader, outside the CRC
         16     1  magic                 i8    always 2
         17     4  crc                   u32   CRC-32C of bytes 21..end (attributes to the batch end)
-        21     2  attributes            i16   bits 0-2 compression (0 none, 1 gzip, 2 snappy, 3 lz4, 4 zstd), bit 3 timestamp
-                                              type, bit 4 transactional, bit 5 control batch
+        21     2  attributes            i16   bits 0-2 compression (0 none, 1 gzip, 2 snappy, 3 lz4,
+                                              4 zstd), bit 3 timestamp type, bit 4 transactional,
+                                              bit 5 control batch
         23     4  lastOffsetDelta       i32
         27     8  baseTimestamp         i64   ms since the epoch, the first record's timestamp
         35     8  maxTimestamp          i64
