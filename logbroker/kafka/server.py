@@ -8,7 +8,8 @@ reading, which is TCP back-pressure on the client. A Produce with acks=0 gets no
 
 What breaks the framing (a size over max_request_bytes, a truncated frame, an unknown API key, a body
 that does not decode) closes that connection after the answers already due, as Kafka does; the broker and
-its other connections carry on.
+its other connections carry on. A client that goes away (end of stream) takes its unanswered requests
+with it: their handlers are cancelled (a long-poll fetch does not wait out its max wait for nobody).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from logbroker.kafka.versions import APIS, is_flexible, request_class, response_
 log = logging.getLogger("logbroker.kafka")
 
 MAX_IN_FLIGHT = 16
+ANSWERS_DUE_TIMEOUT_S = 5.0  # how long a refused connection's earlier answers may take
 API_VERSIONS_KEY = 18
 PRODUCE_KEY = 0
 _writers: dict[type, Callable[..., Any]] = {}
@@ -104,26 +106,29 @@ class KafkaListener:
         peer = writer.get_extra_info("peername")
         host = peer[0] if isinstance(peer, tuple) else str(peer)
         pending: asyncio.Queue[asyncio.Task[bytes | None] | None] = asyncio.Queue(MAX_IN_FLIGHT)
-        responder = asyncio.get_running_loop().create_task(self._respond(pending, writer))
+        loop = asyncio.get_running_loop()
+        responder = loop.create_task(self._respond(pending, writer))
+        requests = loop.create_task(self._read_requests(reader, pending, host))
         try:
-            await self._read_requests(reader, pending, host)
-        except framing.FrameError as exc:
-            self.stats.closed_for_bad_input += 1
-            log.info("kafka connection from %s closed: %s", host, exc)
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
-            pass
-        try:
-            await pending.put(None)
-            await responder  # the answers already due go out before the connection closes
+            await asyncio.wait((requests, responder), return_when=asyncio.FIRST_COMPLETED)
+            if requests.done() and isinstance(requests.exception(), framing.FrameError):
+                self.stats.closed_for_bad_input += 1
+                log.info("kafka connection from %s closed: %s", host, requests.exception())
+                await pending.put(None)  # the answers already due go out before the connection closes
+                await asyncio.wait((responder,), timeout=ANSWERS_DUE_TIMEOUT_S)
         except asyncio.CancelledError:  # the listener is stopping
             pass
         finally:
-            responder.cancel()
+            # The peer went away, the responder could not write, or the answers due are out: stop everything
+            # this connection started.
+            for part in (requests, responder):
+                part.cancel()
             while not pending.empty():
                 queued = pending.get_nowait()
                 if queued is not None:
                     queued.cancel()
-            writer.transport.abort() if writer.transport.is_closing() else writer.close()
+            await asyncio.wait((requests, responder))
+            writer.transport.abort()
             self._connections.pop(task, None)
 
     async def _read_requests(self, reader: asyncio.StreamReader,
@@ -134,8 +139,12 @@ class KafkaListener:
             if frame is None:
                 return
             self.stats.requests += 1
-            answer = self._dispatch(frame, host)
-            await pending.put(loop.create_task(answer))
+            answer = loop.create_task(self._dispatch(frame, host))
+            try:
+                await pending.put(answer)
+            except asyncio.CancelledError:
+                answer.cancel()
+                raise
 
     async def _respond(self, pending: asyncio.Queue[asyncio.Task[bytes | None] | None],
                        writer: asyncio.StreamWriter) -> None:
