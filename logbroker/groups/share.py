@@ -66,6 +66,7 @@ class RecordState:
     member: str = ""
     deadline_ms: int = 0  # acquired: lock deadline; available: not before; archived: the reason's time
     reason: str = ""
+    dlq_seq: int = -1  # dead-letter pending: its place in the order dead-letter copies are written
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ class SharePartition:
     cursor: int
     records: dict[int, RecordState] = field(default_factory=dict)
     dead_lettered: int = 0
+    dlq_next_seq: int = 0  # the sequence number the next dead letter gets (see _to_dead_letters)
     # The delay index: offset -> delivery time of records read past while not yet due. The window moves
     # on past them (a day-long delay must not hold back everything behind it); when due, a record comes
     # back into play below start.
@@ -106,15 +108,19 @@ class SharePartition:
             for index in (self._ready, self._waiting, self._locks, self._parked_heap):
                 index.clear()
             self.dead_lettered = delta.get("dlq", 0)
+            self.dlq_next_seq = delta.get("dlq_seq", 0)
             self.start = self.cursor = delta["start"]
         for offset, due_ms in delta.get("park", ()):
             self.parked[offset] = due_ms
             heapq.heappush(self._parked_heap, (due_ms, offset))
         for offset in delta.get("unpark", ()):
             self.parked.pop(offset, None)
-        for first, last, state, count, member, deadline_ms, reason in delta.get("set", ()):
+        for row in delta.get("set", ()):
+            first, last, state, count, member, deadline_ms, reason = row[:7]
+            dlq_seq = row[7] if len(row) > 7 else -1
+            self.dlq_next_seq = max(self.dlq_next_seq, dlq_seq + 1)
             for offset in range(first, last + 1):
-                self._set(offset, RecordState(state, count, member, deadline_ms, reason))
+                self._set(offset, RecordState(state, count, member, deadline_ms, reason, dlq_seq))
         self.dead_lettered += delta.get("dlq_done", 0)
         self.cursor = max(self.cursor, delta.get("cursor", self.cursor))
         self._advance(delta.get("start", self.start))
@@ -208,6 +214,9 @@ class SharePartition:
             raise InvalidRecordState(f"a release delay of {delay_ms} ms is outside 0..{MAX_DELAY_MS}")
         for offset in range(first, last + 1):
             record = self.records.get(offset)
+            if record is not None and record.member == member_id and record.state in (AVAILABLE, DEAD_LETTER_PENDING):
+                raise InvalidRecordState(f"the lock on offset {offset} expired; the record may have gone to "
+                                         "another member: do not act on it")
             if record is None or record.state != ACQUIRED or record.member != member_id:
                 raise InvalidRecordState(f"offset {offset} is not held by member {member_id} (never acquired by "
                                          "it, or already acknowledged)")
@@ -227,16 +236,25 @@ class SharePartition:
         if kind == "renew":
             return [offset, offset, ACQUIRED, record.count, record.member, now_ms + config.lock_ms, ""]
         if kind == "reject":
-            return [offset, offset, DEAD_LETTER_PENDING, record.count, "", now_ms, reason or "rejected"]
+            return self._to_dead_letters(offset, record.count, "", now_ms, reason or "rejected")
         return self._give_back(offset, record, now_ms, config, delay_ms, "released")
 
     def _give_back(self, offset: int, record: RecordState, now_ms: int, config: ShareConfig, delay_ms: int,
                    why: str) -> list[Any]:
+        # The last holder stays named, so a late ack of theirs is told their lock expired.
         if record.count >= config.delivery_limit:
-            return [offset, offset, DEAD_LETTER_PENDING, record.count, "", now_ms,
-                    f"delivery limit {config.delivery_limit} reached ({why} after delivery {record.count})"]
+            return self._to_dead_letters(offset, record.count, record.member, now_ms,
+                                         f"delivery limit {config.delivery_limit} reached ({why} after delivery "
+                                         f"{record.count})")
         wait_ms = delay_ms or config.backoff_after(record.count)
-        return [offset, offset, AVAILABLE, record.count, "", now_ms + wait_ms, ""]
+        return [offset, offset, AVAILABLE, record.count, record.member, now_ms + wait_ms, ""]
+
+    def _to_dead_letters(self, offset: int, count: int, member: str, now_ms: int, reason: str) -> list[Any]:
+        """Archive for the dead letters, with the next dead-letter sequence number: copies are written in
+        this order, so the dead-letter partition's duplicate check recognises a copy retried after failover."""
+        seq = self.dlq_next_seq
+        self.dlq_next_seq += 1
+        return [offset, offset, DEAD_LETTER_PENDING, count, member, now_ms, reason, seq]
 
     # ============================================================================= time
     def expire(self, now_ms: int, config: ShareConfig) -> dict[str, Any] | None:
@@ -264,7 +282,9 @@ class SharePartition:
 
     # ====================================================================== dead letters
     def pending_dead_letters(self) -> list[tuple[int, RecordState]]:
-        return sorted((o, r) for o, r in self.records.items() if r.state == DEAD_LETTER_PENDING)
+        """Records waiting for their dead-letter copy, in the order their copies must be written."""
+        pending = [(o, r) for o, r in self.records.items() if r.state == DEAD_LETTER_PENDING]
+        return sorted(pending, key=lambda item: item[1].dlq_seq)
 
     def dead_lettered_delta(self, offsets: Iterable[int]) -> dict[str, Any]:
         """The dead-letter copies of these records are written: archive them."""
@@ -296,9 +316,10 @@ class SharePartition:
 
     def snapshot(self) -> dict[str, Any]:
         """A delta that restates the whole state (written now and then, so the log before it may go)."""
-        changes = [[o, o, r.state, r.count, r.member, r.deadline_ms, r.reason] for o, r in sorted(self.records.items())]
+        changes = [[o, o, r.state, r.count, r.member, r.deadline_ms, r.reason, r.dlq_seq]
+                   for o, r in sorted(self.records.items())]
         return {"g": self.group_id, "full": True, "start": self.start, "cursor": self.cursor,
-                "set": _coalesce(changes), "dlq": self.dead_lettered,
+                "set": _coalesce(changes), "dlq": self.dead_lettered, "dlq_seq": self.dlq_next_seq,
                 "park": [[offset, due_ms] for offset, due_ms in sorted(self.parked.items())]}
 
 

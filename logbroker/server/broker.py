@@ -134,6 +134,8 @@ class Broker:
         self._share_ticks: dict[tuple[str, int], asyncio.Task[None]] = {}
         # Deterministic per source partition and group, so a dead letter retried after a failover is stored once.
         self.dead_letter_sender: Callable[[str, tuple[str, int], bytes], Awaitable[None]] | None = None
+        # Set by the server layer: asks the controller leader at an address to create a topic (over gRPC).
+        self.topic_creator: Callable[[str, str, int], Awaitable[None]] | None = None
         self.group_config = GroupConfig(session_timeout_ms=config.group_session_timeout_ms,
                                         heartbeat_interval_ms=config.group_heartbeat_interval_ms,
                                         offsets_retention_ms=config.offsets_retention_minutes * 60_000,
@@ -304,7 +306,7 @@ class Broker:
             if is_controller:
                 self._reopen_controller(replica)
                 reopened += 1
-            elif topic is not None and self._open_partition(topic, key[1]) is not None:
+            elif topic is not None and self._open_partition(topic, key[1], damaged_from=replica.damaged_from):
                 log.info("%s: writes succeed again on broker %d; the replica is reopened and catches up from "
                          "the leader", replica.name, self.node_id)
                 reopened += 1
@@ -313,6 +315,10 @@ class Broker:
     def _reopen_controller(self, failed: Replica) -> None:
         """The metadata is already applied up to where the failed replica got: carry on from there."""
         plog = PartitionLog.open(self.data_dir / CONTROLLER_DIR, LogConfig(), CONTROLLER_GROUP, 0)
+        if failed.damaged_from is not None and plog.log_start_offset <= failed.damaged_from < plog.log_end_offset:
+            plog.truncate_to(failed.damaged_from)
+            log.error("the controller log on broker %d is cut at offset %d, where a damaged batch was found; the "
+                      "other brokers send the rest again", self.node_id, failed.damaged_from)
         applied = min(int(failed.node.applied_offset), plog.log_end_offset - 1)
         self.controller = self._add_replica(CONTROLLER_GROUP, plog, Membership.of(self.peers), self._apply_controller,
                                             controller=True, applied_offset=applied)
@@ -456,13 +462,18 @@ class Broker:
             if self.node_id in replicas:
                 self._open_partition(topic, index)
 
-    def _open_partition(self, topic: TopicMetadata, index: int) -> Replica | None:
+    def _open_partition(self, topic: TopicMetadata, index: int, damaged_from: int | None = None) -> Replica | None:
         replicas = topic.assignment[index]
         directory = self.data_dir / filenames.partition_dir_name(topic.name, index)
         try:
             if not self._claim_directory(topic, directory):
                 return None
             plog = PartitionLog.open(directory, self._log_config(topic.configs), topic.name, index)
+            if damaged_from is not None and plog.log_start_offset <= damaged_from < plog.log_end_offset:
+                # A damaged batch stopped the replica: what follows it here is lost; the leader resends it.
+                plog.truncate_to(damaged_from)
+                log.error("%s: cut the log at offset %d, where a damaged batch was found; the other replicas "
+                          "send the rest again", directory.name, damaged_from)
             replica = self._add_replica(topic.raft_group(index), plog, Membership.of(replicas),
                                         self._on_partition_commit)
         except Exception:
@@ -753,7 +764,7 @@ class Broker:
             if verdict.already_written_unknown_offset:
                 raise errors.DuplicateSequence(
                     f"{replica.name}: a retried batch was stored too long ago to find its offset; "
-                    "it is not written again")
+                    f"it is not written again {errors.ALREADY_STORED_MARKER}")
         fresh = [payload for payload, verdict in zip(payloads, verdicts, strict=True) if verdict.duplicate_of is None]
         try:
             entries = iter(replica.propose(fresh)) if fresh else iter(())
@@ -977,7 +988,7 @@ class Broker:
         config = self.share_config(group_id)
         dlq = config.dlq_topic or f"{topic}.dlq"
         if dlq not in self.cluster.topics:
-            await self.create_topic(dlq, self.cluster.topics[topic].partitions, -1, {}, timeout_s=30.0)
+            await self.ensure_topic(dlq, self.cluster.topics[topic].partitions)
         target = partition % self.cluster.topics[dlq].partitions
         producer_id = dead_letter_producer_id(group_id, topic, partition)
         for offset, state, record in items:
@@ -986,8 +997,26 @@ class Broker:
                 *record.headers, ("lb.dlq.topic", topic.encode()), ("lb.dlq.partition", str(partition).encode()),
                 ("lb.dlq.offset", str(offset).encode()), ("lb.dlq.delivery.count", str(state.count).encode()),
                 ("lb.dlq.group", group_id.encode()), ("lb.dlq.reason", state.reason.encode())])
-            batch = builder.build(producer_id=producer_id, producer_epoch=0, base_sequence=offset & 0x7FFFFFFF)
-            await self._produce_anywhere(dlq, target, batch)
+            batch = builder.build(producer_id=producer_id, producer_epoch=0, base_sequence=state.dlq_seq & 0x7FFFFFFF)
+            # DuplicateSequence: written before a failover, and older than the partition remembers: it is there.
+            with contextlib.suppress(errors.DuplicateSequence):
+                await self._produce_anywhere(dlq, target, batch)
+
+    async def ensure_topic(self, name: str, partitions: int, timeout_s: float = 30.0) -> None:
+        """Create a topic the broker itself needs (a dead-letter topic) unless it exists: on the controller
+        leader directly, elsewhere through it."""
+        if name in self.cluster.topics:
+            return
+        assert self.controller is not None
+        if self.controller.is_leader:
+            with contextlib.suppress(errors.TopicAlreadyExists):
+                await self.create_topic(name, partitions, -1, {}, timeout_s=timeout_s)
+            return
+        address = await self.controller_leader_address(timeout_s)
+        if address is None or self.topic_creator is None:
+            raise errors.LeaderNotAvailable(f"no controller leader to create topic {name!r}; retrying")
+        await self.topic_creator(address, name, partitions)
+        await self.wait_for_metadata(lambda: name in self.cluster.topics, timeout_s)
 
     async def _produce_anywhere(self, topic: str, index: int, batch: bytes) -> None:
         replica = self.replica(topic, index)

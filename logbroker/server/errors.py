@@ -80,5 +80,10 @@ class RequestTimedOut(BrokerError):
     code = pb.ErrorCode.REQUEST_TIMED_OUT
 
 
+# Said in the message of a DuplicateSequence answer (it shares INVALID_REQUEST's wire code), so that a broker
+# writing dead letters to another broker can tell "already stored" from a refusal.
+ALREADY_STORED_MARKER = "[already stored]"
+
+
 class DuplicateSequence(BrokerError):
     code = pb.ErrorCode.INVALID_REQUEST

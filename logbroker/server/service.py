@@ -229,6 +229,8 @@ class AdminService(pb_grpc.AdminServicer):
         try:
             check_group_id(request.group_id)
             forwarded = await self._forward("AlterGroupConfigs", request)
+            if forwarded is not None and forwarded.error_code:
+                return forwarded  # type: ignore[no-any-return]
             if forwarded is not None:
                 await self.broker.wait_for_metadata(
                     lambda: all(self.broker.cluster.group_configs.get(request.group_id, {}).get(k, "") == v
@@ -632,6 +634,10 @@ class ShareService(pb_grpc.ShareServicer):
             where = f"{part.topic}-{part.partition}"
             try:
                 self._check(request.group_id, request.member_id)
+            except Exception as exc:
+                result.error_code, result.error_message = _group_error(exc, f"share group {request.group_id!r}")
+                continue
+            try:
                 machine = self.broker.share_machine(part.topic, part.partition)
                 outcomes = await machine.acknowledge(request.group_id, request.member_id, _acks_from_pb(part.acks))
             except Exception as exc:
@@ -680,5 +686,19 @@ async def send_dead_letter(address: str, partition_topic: tuple[str, int], batch
     async with grpc.aio.insecure_channel(address) as channel:
         answer = await pb_grpc.BrokerStub(channel).Produce(request, timeout=FORWARD_TIMEOUT_S)
     result = answer.results[0]
+    if result.error_code and errors.ALREADY_STORED_MARKER in result.error_message:
+        raise errors.DuplicateSequence(result.error_message)
     if result.error_code:
         raise errors.LeaderNotAvailable(f"dead letter to {topic}-{index} at {address}: {result.error_message}")
+
+
+async def create_topic_at(address: str, name: str, partitions: int) -> None:
+    """Ask the controller leader at address to create a topic the broker needs (its replication factor is the
+    broker default); an existing topic is fine."""
+    request = pb.CreateTopicsRequest(topics=[pb.NewTopic(name=name, partitions=partitions)],
+                                     timeout_ms=int(FORWARD_TIMEOUT_S * 1000))
+    async with grpc.aio.insecure_channel(address) as channel:
+        answer = await pb_grpc.AdminStub(channel).CreateTopics(request, timeout=FORWARD_TIMEOUT_S)
+    result = answer.results[0]
+    if result.error_code and result.error_code != pb.ErrorCode.TOPIC_ALREADY_EXISTS:
+        raise errors.LeaderNotAvailable(f"creating topic {name!r} at {address}: {result.error_message}")

@@ -58,8 +58,8 @@ BAD_CONFIGS = (("share.record.lock.duration.ms", "500"), ("share.delivery.count.
 
 @pytest.fixture
 def jobs(cluster: BrokerCluster) -> BrokerCluster:
-    """The queue's topic, and its dead-letter topic made beforehand: the broker creates that on demand only
-    when the partition's leader also leads the controller (see the xfail test at the end)."""
+    """The queue's topic, and its dead-letter topic made beforehand (the broker also creates it on demand,
+    from any broker: a test at the end checks that)."""
     with Admin(cluster.bootstrap, request_timeout_ms=20_000) as admin:
         admin.create_topic(TOPIC, partitions=1, replication_factor=3)
         admin.create_topic(DLQ_TOPIC, partitions=1, replication_factor=3)
@@ -251,9 +251,8 @@ def test_a_poison_record_ends_in_the_dead_letters_once_while_the_others_flow(job
 
 def test_the_partition_leader_killed_under_load_loses_and_repeats_nothing_acknowledged(jobs: BrokerCluster,
                                                                                       tmp_path: Path) -> None:
-    """No poison here: records redelivered after the failover are rejected out of offset order, which the
-    broker's dead letters cannot take yet (see the xfail test at the end); the next test kills the leader
-    with dead letters pending instead."""
+    """No poison here (dead letters out of offset order have a test of their own at the end); the next test
+    kills the leader with dead letters pending instead."""
     acks = AckLog()
     rules = configure_group(jobs, "failover")
     workers = [ShareWorker(settings(jobs, tmp_path, "failover", f"w{i}", work_ms=20)).start()
@@ -281,7 +280,7 @@ def test_dead_letters_pending_at_a_leader_kill_are_written_once(jobs: BrokerClus
     during or after the dead letters are written: the new leader writes each exactly once.
 
     At most DEAD_LETTERS_AT_KILL of them: the dead-letter partition remembers the last 32 batches of a
-    producer, and a retry of an older one is refused for good (the xfail test at the end; with 50, the kill
+    producer, and a retry of an older one is refused for good (a regression test at the end covers it; with 50, the kill
     in the middle of the writing left 6 records out of the dead letters for ever)."""
     acks = AckLog()
     rules = configure_group(jobs, "dlq-failover")
@@ -424,7 +423,7 @@ def late_ack_is_refused_and_the_record_comes_back(cluster: BrokerCluster, holder
     """An ack after the lock expired is refused (the record may be someone else's now); it comes back."""
     time.sleep(1.1)  # past the 1 s lock
     late = only_result(holder.ack(accept(offset)))
-    assert late.error_code == pb.ErrorCode.INVALID_RECORD_STATE, late  # its wording: see the xfail test below
+    assert late.error_code == pb.ErrorCode.INVALID_RECORD_STATE, late  # its wording is checked below
     wait_until(lambda: not describe_queue(cluster, "bad").in_flight, 5, "the broker to expire the lock")
     again = other.fetch(max_records=1)
     assert offsets_of(again) == [offset] and again.acquired[0].delivery_count == 2, again
@@ -440,7 +439,7 @@ def refuse_bad_identities(member: RawMember) -> None:
             pb.SharePartitionFetch(topic=TOPIC, partition=0)]), timeout=CALL_TIMEOUT_S).partitions[0]
         acked = stub.ShareAcknowledge(pb.ShareAcknowledgeRequest(group_id=group, member_id=member_id, partitions=[
             pb.SharePartitionFetch(topic=TOPIC, partition=0, acks=[accept(0)])]), timeout=CALL_TIMEOUT_S).partitions[0]
-        for answer in (fetched, acked):  # the codes differ between the two calls: see the xfail test below
+        for answer in (fetched, acked):  # both calls answer the same code (checked below)
             assert answer.error_code in BAD_ID_CODES and words in answer.error_message, answer
     unknown_topic = stub.ShareFetch(pb.ShareFetchRequest(group_id="bad", member_id="m", partitions=[
         pb.SharePartitionFetch(topic="no-such-topic", partition=0)]), timeout=CALL_TIMEOUT_S).partitions[0]
@@ -452,7 +451,7 @@ def refuse_bad_identities(member: RawMember) -> None:
 
 def refuse_bad_configs(cluster: BrokerCluster) -> None:
     """Out-of-range or unknown group configs are refused, naming the key (asked of the controller leader:
-    through another broker the answer takes 30 s, see the xfail test below)."""
+    through another broker the answer takes 30 s, checked below)."""
     controller = controller_leader(cluster)
     for key, value in BAD_CONFIGS:
         answer = admin_call(cluster, "AlterGroupConfigs", pb.AlterGroupConfigsRequest(group_id="bad",
@@ -468,9 +467,6 @@ def controller_leader(cluster: BrokerCluster) -> int:
 # ------------------------------------------------------------------------ broker gaps, pinned down
 
 
-@pytest.mark.xfail(strict=True, reason="broker: once the maintenance loop has expired a lock (within 100 ms of "
-                   "its deadline) a late ack is told 'never acquired by it, or already acknowledged', not that "
-                   "the lock expired and the record may have gone to another member")
 def test_an_ack_after_the_lock_expired_says_so(jobs: BrokerCluster) -> None:
     configure_group(jobs, "late", lock_ms=1000)
     send_tagged(jobs, AckLog(), 0, 1, b"")
@@ -484,8 +480,6 @@ def test_an_ack_after_the_lock_expired_says_so(jobs: BrokerCluster) -> None:
     assert late.error_code == pb.ErrorCode.INVALID_RECORD_STATE and "expired" in late.error_message, late
 
 
-@pytest.mark.xfail(strict=True, reason="broker: an empty group id is INVALID_GROUP_ID from ShareFetch but "
-                   "INVALID_REQUEST from ShareAcknowledge")
 def test_an_empty_group_id_gets_one_error_code(jobs: BrokerCluster) -> None:
     member = RawMember(jobs, "", "m")
     try:
@@ -497,9 +491,6 @@ def test_an_empty_group_id_gets_one_error_code(jobs: BrokerCluster) -> None:
 
 
 @pytest.mark.slow  # the 30 s wait it pins down
-@pytest.mark.xfail(strict=True, reason="broker: AlterGroupConfigs sent to a broker that is not the controller "
-                   "leader waits FORWARD_TIMEOUT_S (30 s) for the refused values to appear before passing on "
-                   "the controller's error")
 def test_a_refused_group_config_is_answered_at_once_by_any_broker(jobs: BrokerCluster) -> None:
     follower = next(node for node in jobs.live() if node != controller_leader(jobs))
     started = time.monotonic()
@@ -511,9 +502,6 @@ def test_a_refused_group_config_is_answered_at_once_by_any_broker(jobs: BrokerCl
     assert answer.error_code and elapsed_s < 5, (elapsed_s, answer)
 
 
-@pytest.mark.xfail(strict=True, reason="broker: the dead-letter topic is created with the broker's own "
-                   "create_topic, which only the controller leader can do; a partition led by another broker "
-                   "retries 'the controller leader changed; retry' every 100 ms forever and never dead-letters")
 def test_the_dead_letter_topic_is_created_on_demand_whoever_leads(cluster: BrokerCluster) -> None:
     with Admin(cluster.bootstrap, request_timeout_ms=20_000) as admin:
         admin.create_topic("orders", partitions=3, replication_factor=3)
@@ -544,10 +532,6 @@ def test_the_dead_letter_topic_is_created_on_demand_whoever_leads(cluster: Broke
                "reach orders.dlq")
 
 
-@pytest.mark.xfail(strict=True, reason="broker: dead letters carry a fixed producer id per (group, partition) and "
-                   "the source offset as sequence; a record rejected after a higher offset was dead-lettered is "
-                   "refused by the dead-letter partition as DuplicateSequence ('stored too long ago'), every "
-                   "100 ms, forever: it never reaches the dead letters and its partition's share start stops")
 def test_dead_letters_written_out_of_offset_order_all_arrive(broker: InProcessBroker) -> None:
     with Admin(broker.address) as admin:
         admin.create_topic(TOPIC, partitions=1, replication_factor=1)

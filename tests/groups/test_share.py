@@ -76,6 +76,9 @@ def test_acks_for_records_not_held_are_refused_and_change_nothing() -> None:
     assert share.records[3].state == ACQUIRED  # the range 3..4 was refused whole
     with pytest.raises(InvalidRecordState, match="delay"):
         share.acknowledge("A", 0, 0, "release", T0, CONFIG, delay_ms=-1)
+    share.expire(T0 + 1_000, CONFIG)  # even once the lock was taken back, a late ack is told why
+    with pytest.raises(InvalidRecordState, match="lock on offset 0 expired"):
+        share.acknowledge("A", 0, 0, "accept", T0 + 1_001, CONFIG)
 
 
 def test_the_delivery_limit_and_a_reject_send_records_to_the_dead_letters_once() -> None:
@@ -88,9 +91,10 @@ def test_the_delivery_limit_and_a_reject_send_records_to_the_dead_letters_once()
         now += CONFIG.backoff_ms
         assert offsets(share.acquire("A", now, [], 1, CONFIG)[0]) == [0]
     share.acknowledge("A", 0, 0, "release", now, CONFIG)
-    pending = share.pending_dead_letters()
-    assert [(o, r.state) for o, r in pending] == [(0, DEAD_LETTER_PENDING), (1, DEAD_LETTER_PENDING)]
-    assert "delivery limit 3" in pending[0][1].reason and pending[1][1].reason == "bad json"
+    pending = share.pending_dead_letters()  # in the order they were given up: the order copies are written
+    assert [(o, r.state, r.dlq_seq) for o, r in pending] == [(1, DEAD_LETTER_PENDING, 0),
+                                                               (0, DEAD_LETTER_PENDING, 1)]
+    assert pending[0][1].reason == "bad json" and "delivery limit 3" in pending[1][1].reason
     share.dead_lettered_delta([0, 1])
     assert share.pending_dead_letters() == [] and share.dead_lettered == 2 and share.start == 2
 
