@@ -80,6 +80,10 @@ def translate_rpc_error(exc: grpc.RpcError, address: str) -> LogbrokerError:
         return RequestTimedOutError(f"broker at {address} did not answer in time")
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidRequestError(f"broker at {address} rejected the request: {details}")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (details or ""):
+        return InvalidRequestError(
+            f"broker at {address} refused a message as too large ({details}); a broker takes requests of at "
+            "most its max_request_bytes: keep the client's max_request_bytes at or below it")
     return LogbrokerError(f"broker at {address} failed the request: {code}: {details}")
 
 

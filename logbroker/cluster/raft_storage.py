@@ -13,6 +13,7 @@ import logging
 import os
 import struct
 import threading
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -268,27 +269,67 @@ def _describe(problems: dict[int, str]) -> str:
     return "; ".join(f"slot {index}: {problem}" for index, problem in problems.items())
 
 
-RECENT_ENTRIES = 128  # entries just appended, kept so that commit and replication need not read them back
+DEFAULT_RAFT_ENTRY_CACHE_BYTES = 16 << 20
+# What one cached entry costs beyond its payload: the Entry, the bytes object's header, a dict slot and
+# a queue slot. Counting it keeps a flood of tiny entries within the budget too.
+CACHED_ENTRY_OVERHEAD_BYTES = 256
+
+
+class RecentEntries:
+    """Entries just appended by the leaders of a broker, within one byte budget; the oldest go first.
+
+    Replication mostly asks a leader for what it appended moments ago, and the cache saves reading and
+    parsing it back. The budget is the broker's, not each partition's, so memory stays bounded by this
+    setting however many partitions are written and however large their batches: a miss costs only a read
+    from the log (the page cache, as a rule).
+    """
+
+    def __init__(self, max_bytes: int = DEFAULT_RAFT_ENTRY_CACHE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.size_bytes = 0
+        # (the partition's index, entry), oldest first; an entry its partition forgot stays counted here
+        # until it ages out, so size_bytes never under-counts what is held.
+        self._order: deque[tuple[dict[int, Entry], Entry]] = deque()
+
+    @staticmethod
+    def cost_bytes(entry: Entry) -> int:
+        return len(entry.payload) + CACHED_ENTRY_OVERHEAD_BYTES
+
+    def add(self, index: dict[int, Entry], entry: Entry) -> None:
+        cost = self.cost_bytes(entry)
+        if cost > self.max_bytes:
+            return
+        index[entry.base_offset] = entry
+        self._order.append((index, entry))
+        self.size_bytes += cost
+        while self.size_bytes > self.max_bytes:
+            self._evict_oldest()
+
+    def _evict_oldest(self) -> None:
+        index, entry = self._order.popleft()
+        self.size_bytes -= self.cost_bytes(entry)
+        if index.get(entry.base_offset) is entry:  # not a newer entry at that offset after a truncation
+            del index[entry.base_offset]
 
 
 class PartitionLogStorage:
     """logbroker.raft's LogStorage Protocol over a PartitionLog, with the newest entries kept in memory."""
 
-    def __init__(self, plog: PartitionLog, state: ReplicaState) -> None:
+    def __init__(self, plog: PartitionLog, state: ReplicaState, cache: RecentEntries | None = None) -> None:
         self.plog = plog
         self.state = state
-        self._recent: dict[int, Entry] = {}  # base offset -> entry, oldest first
+        self._cache = cache if cache is not None else RecentEntries()
+        self._recent: dict[int, Entry] = {}  # base offset -> entry; the cache evicts from it
 
     def remember(self, entries: Sequence[Entry]) -> None:
-        recent = self._recent
         for entry in entries:
-            recent[entry.base_offset] = entry
-        while len(recent) > RECENT_ENTRIES:
-            del recent[next(iter(recent))]
+            self._cache.add(self._recent, entry)
 
     def forget_from(self, offset: int) -> None:
         """After a truncation or reset: entries at or past offset are gone from the log."""
-        self._recent = {base: e for base, e in self._recent.items() if e.last_offset < offset}
+        recent = self._recent  # edited in place: the cache holds a reference to this very dict
+        for base in [base for base, entry in recent.items() if entry.last_offset >= offset]:
+            del recent[base]
 
     @property
     def first_offset(self) -> int:

@@ -7,7 +7,9 @@ heartbeats of a tick are one write, not a thousand.
 
 Raft tolerates lost messages, and the transport relies on that: it never blocks the caller and never buffers
 without bound. Per peer it keeps a queue capped at ``max_queue_messages`` (the oldest are dropped and
-counted), and while a peer is down it retries with capped exponential backoff.
+counted) and at ``max_queue_bytes`` of entries (a new append that does not fit is dropped: the leader
+resends from where the follower's log ends), and while a peer is down it retries with capped exponential
+backoff.
 """
 
 from __future__ import annotations
@@ -31,7 +33,10 @@ from logbroker.raft.types import Message
 log = logging.getLogger("logbroker.transport")
 
 DEFAULT_MAX_QUEUE_MESSAGES = 100_000
-DEFAULT_MAX_ENVELOPE_BYTES = 4 << 20
+# Appends waiting for one slow or unreachable peer: without a byte bound, every group's in-flight window
+# (Raft's max_inflight_bytes) could pile up here at once.
+DEFAULT_MAX_QUEUE_BYTES = 32 << 20
+DEFAULT_MAX_ENVELOPE_BYTES = 1 << 20  # small, so that heartbeats never wait long behind appends
 MAX_GRPC_MESSAGE_BYTES = 64 << 20
 INITIAL_BACKOFF_S = 0.05
 MAX_BACKOFF_S = 1.0
@@ -81,6 +86,7 @@ class _Peer:
     node_id: int
     address: str
     queue: deque[tuple[str, Message]] = field(default_factory=deque)
+    queued_bytes: int = 0  # _wire_bytes_bound of what is in the queue
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     connected: bool | None = None  # None until the first attempt, so the first outcome is logged
     task: asyncio.Task[None] | None = None
@@ -97,14 +103,16 @@ class RaftTransport:
         max_queue_messages: int = DEFAULT_MAX_QUEUE_MESSAGES,
         max_envelope_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES,
         secret: str = "",
+        max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES,
     ) -> None:
-        if max_queue_messages < 1 or max_envelope_bytes < 1:
-            raise ValueError("max_queue_messages and max_envelope_bytes must be positive")
+        if max_queue_messages < 1 or max_envelope_bytes < 1 or max_queue_bytes < 1:
+            raise ValueError("max_queue_messages, max_envelope_bytes and max_queue_bytes must be positive")
         self.node_id = node_id
         self._metadata = peer_metadata(secret)
         self._on_messages = on_messages
         self._max_queue_messages = max_queue_messages
         self._max_envelope_bytes = max_envelope_bytes
+        self._max_queue_bytes = max_queue_bytes
         self._peers: dict[int, _Peer] = {
             peer_id: _Peer(peer_id, address) for peer_id, address in peers.items() if peer_id != node_id
         }
@@ -132,6 +140,10 @@ class RaftTransport:
         peer = self._peers.get(node_id)
         return len(peer.queue) if peer is not None else 0
 
+    def queued_bytes(self, node_id: int) -> int:
+        peer = self._peers.get(node_id)
+        return peer.queued_bytes if peer is not None else 0
+
     def peer_connected(self, node_id: int) -> bool:
         peer = self._peers.get(node_id)
         return peer is not None and peer.connected is True
@@ -142,11 +154,19 @@ class RaftTransport:
         if peer is None or self._stopped:
             self._drop_unroutable(message.to_node)
             return
+        size_bytes = _wire_bytes_bound(group, message)
+        if message.entries and peer.queue and peer.queued_bytes + size_bytes > self._max_queue_bytes:
+            # Drop the new append, not the oldest: the queue stays a gap-free run of the follower's log, and
+            # the leader resends the rest once the follower answers with where its log ends.
+            self._dropped[peer.node_id] += 1
+            return
         if len(peer.queue) >= self._max_queue_messages:
             # Drop the oldest: the newest messages carry the freshest terms and commit offsets.
-            peer.queue.popleft()
+            oldest_group, oldest = peer.queue.popleft()
+            peer.queued_bytes -= _wire_bytes_bound(oldest_group, oldest)
             self._dropped[peer.node_id] += 1
         peer.queue.append((group, message))
+        peer.queued_bytes += size_bytes
         peer.wakeup.set()
 
     def send_many(self, items: Iterable[tuple[str, Message]]) -> None:
@@ -282,6 +302,7 @@ class RaftTransport:
                 if envelope.messages and size_bytes + message_bytes > self._max_envelope_bytes:
                     break  # the message stays queued and opens the next envelope
                 peer.queue.popleft()
+                peer.queued_bytes -= message_bytes
                 encoded = self._encode(peer, group, message)
                 if encoded is not None:
                     envelope.messages.append(encoded)

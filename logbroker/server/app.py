@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection
 from logbroker_client.proto import logbroker_pb2 as pb
 from logbroker_client.proto import logbroker_pb2_grpc as pb_grpc
 
+from logbroker.cluster.transport import SERVER_OPTIONS
 from logbroker.kafka.context import ListenerSettings
 from logbroker.kafka.producer_ids import ProducerIdAllocator
 from logbroker.kafka.server import KafkaListener
@@ -40,10 +41,43 @@ SERVICE_NAMES = [
 ]
 
 
-def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
+# Room for what the byte limits do not count: a request's protobuf framing and topic names, and an answer's
+# per-partition results (a Fetch may name 10,000 partitions, each answered with an error message).
+REQUEST_FRAMING_BYTES = 64 * 1024
+ANSWER_FRAMING_BYTES = 8 * 1024 * 1024
+# Limits for slow and idle clients, none of which touches a well-behaved client's request:
+# - a connection that has not sent its HTTP/2 preface and settings within this time is closed (gRPC's
+#   default is two minutes, time enough for slow-loris connections to pile up);
+HANDSHAKE_TIMEOUT_MS = 10_000
+# - every connection is pinged this often, and closed with its streams when the ping goes unanswered: a
+#   client that stopped reading (or vanished) releases what it holds; gRPC clients answer on their own;
+KEEPALIVE_TIME_MS = 30_000
+KEEPALIVE_TIMEOUT_MS = 20_000
+# - a connection with no request for this long is closed gracefully (clients reconnect on their next
+#   request; Kafka's connections.max.idle.ms is the same).
+CONNECTION_IDLE_MS = 10 * 60_000
+# No maximum connection age: it would cut peers' long-lived Raft streams and consumers' long polls.
+# Calls that arrived but were not yet handed to a handler. Past gRPC's defaults (1,000, and 3,000 for
+# sure) it cancels new calls at random, and a burst of streams from slow clients that never send their
+# message pushed a well-behaved producer's request out that way. max_concurrent_streams per connection
+# bounds what one client may open; these only stop the random cancelling of everyone else.
+MAX_PENDING_CALLS = 20_000
+MAX_PENDING_CALLS_HARD_LIMIT = 40_000
+
+
+def grpc_options(config: BrokerConfig) -> list[tuple[str, int]]:
+    largest_answer_bytes = max(config.max_fetch_bytes, config.max_request_bytes)  # a lone batch may fill one
     return [
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
+        *SERVER_OPTIONS,  # accept the keepalive pings of peers and clients rather than answer them with GOAWAY
+        ("grpc.max_receive_message_length", config.max_request_bytes + REQUEST_FRAMING_BYTES),
+        ("grpc.max_send_message_length", largest_answer_bytes + ANSWER_FRAMING_BYTES),
+        ("grpc.max_concurrent_streams", config.max_concurrent_streams),
+        ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.max_connection_idle_ms", CONNECTION_IDLE_MS),
+        ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+        ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS_HARD_LIMIT),
         ("grpc.so_reuseport", 0),
     ]
 
@@ -59,7 +93,7 @@ class BrokerServer:
         self.kafka: KafkaListener | None = None
 
     async def start(self) -> None:
-        server = grpc.aio.server(options=grpc_options(self.config.max_request_bytes + 1024 * 1024))
+        server = grpc.aio.server(options=grpc_options(self.config))
         pb_grpc.add_BrokerServicer_to_server(BrokerService(self.broker), server)
         pb_grpc.add_AdminServicer_to_server(AdminService(self.broker), server)
         pb_grpc.add_RaftServicer_to_server(RaftService(self.broker), server)

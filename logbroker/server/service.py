@@ -29,8 +29,12 @@ from logbroker.server.groups import GroupFrontEnd
 
 log = logging.getLogger("logbroker.service")
 
-DEFAULT_FETCH_MAX_BYTES = 50 * 1024 * 1024
+DEFAULT_FETCH_MAX_BYTES = 50 * 1024 * 1024  # what a request that names no limit asks for (the broker caps it)
 DEFAULT_PARTITION_FETCH_MAX_BYTES = 1024 * 1024
+# One Fetch reads this much, or this many partitions, per event-loop turn before letting others run.
+FETCH_BYTES_PER_TURN = 1024 * 1024
+FETCH_PARTITIONS_PER_TURN = 256
+MAX_FETCH_PARTITIONS = 10_000  # per request: each costs a result in the answer, data or not
 VALID_ACKS = (-1, 0, 1)
 DEFAULT_REQUEST_TIMEOUT_MS = 30_000  # when a Produce or CreateTopics request names no timeout
 FORWARD_TIMEOUT_S = 30.0
@@ -77,38 +81,52 @@ class BrokerService(pb_grpc.BrokerServicer):
         return result
 
     async def Fetch(self, request: pb.FetchRequest, context: grpc.aio.ServicerContext) -> pb.FetchResponse:
-        max_wait_ms = min(max(request.max_wait_ms, 0), self.broker.config.max_fetch_wait_ms)
+        problem = _fetch_request_problem(request)
+        if problem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        config = self.broker.config
+        max_wait_ms = min(max(request.max_wait_ms, 0), config.max_fetch_wait_ms)
         deadline = time.monotonic() + max_wait_ms / 1000
-        min_bytes = max(request.min_bytes, 1)
+        budget = min(request.max_bytes if request.max_bytes > 0 else DEFAULT_FETCH_MAX_BYTES, config.max_fetch_bytes)
+        min_bytes = min(max(request.min_bytes, 1), budget)  # never wait for more than the answer may hold
         while True:
-            results, total = self._read_all(request)
+            results, total = await self._read_all(request, budget)
             remaining = deadline - time.monotonic()
             if total >= min_bytes or remaining <= 0 or any(r.error_code for r in results):
                 return pb.FetchResponse(results=results)
             await self.broker.wait_for_data(remaining)
 
-    def _read_all(self, request: pb.FetchRequest) -> tuple[list[pb.PartitionFetchResult], int]:
-        budget = request.max_bytes if request.max_bytes > 0 else DEFAULT_FETCH_MAX_BYTES
+    async def _read_all(self, request: pb.FetchRequest, budget: int) -> tuple[list[pb.PartitionFetchResult], int]:
+        """Read every partition asked for, within the budget; a long request lets other work run between reads."""
+        partition_cap = self.broker.config.max_partition_fetch_bytes
         results = []
         total = 0
-        for part in request.partitions:
-            result = pb.PartitionFetchResult(topic=part.topic, partition=part.partition)
-            limit = part.partition_max_bytes if part.partition_max_bytes > 0 else DEFAULT_PARTITION_FETCH_MAX_BYTES
-            try:
-                # Once some bytes are in, the budget caps the rest; the first batch always fits (Kafka's rule).
-                fetched = self.broker.read(part.topic, part.partition, part.fetch_offset,
-                                           max(1, min(limit, budget - total)) if total else limit)
-            except Exception as exc:
-                _fill_error(result, exc, f"{part.topic}-{part.partition}")
-            else:
-                if total and total + len(fetched.records) > budget:
-                    fetched.records = b""
-                result.records = fetched.records
-                result.high_watermark = fetched.high_watermark
-                result.log_start_offset = fetched.log_start_offset
-                total += len(fetched.records)
+        unyielded_bytes = 0
+        for index, part in enumerate(request.partitions):
+            if unyielded_bytes >= FETCH_BYTES_PER_TURN or (index and index % FETCH_PARTITIONS_PER_TURN == 0):
+                await asyncio.sleep(0)
+                unyielded_bytes = 0
+            asked = part.partition_max_bytes if part.partition_max_bytes > 0 else DEFAULT_PARTITION_FETCH_MAX_BYTES
+            result = self._read_one(part, min(asked, partition_cap), budget, total)
+            total += len(result.records)
+            unyielded_bytes += len(result.records)
             results.append(result)
         return results, total
+
+    def _read_one(self, part: pb.FetchPartition, limit: int, budget: int, total: int) -> pb.PartitionFetchResult:
+        result = pb.PartitionFetchResult(topic=part.topic, partition=part.partition)
+        try:
+            # Once some bytes are in, the budget caps the rest; the first batch always fits (Kafka's rule).
+            fetched = self.broker.read(part.topic, part.partition, part.fetch_offset,
+                                       max(1, min(limit, budget - total)) if total else limit)
+        except Exception as exc:
+            _fill_error(result, exc, f"{part.topic}-{part.partition}")
+            return result
+        if not total or total + len(fetched.records) <= budget:
+            result.records = fetched.records
+        result.high_watermark = fetched.high_watermark
+        result.log_start_offset = fetched.log_start_offset
+        return result
 
     async def ListOffsets(
         self, request: pb.ListOffsetsRequest, context: grpc.aio.ServicerContext
@@ -150,6 +168,21 @@ class BrokerService(pb_grpc.BrokerServicer):
                     error_code=pb.ErrorCode.NONE if leader is not None else pb.ErrorCode.LEADER_NOT_AVAILABLE,
                 )
         return response
+
+
+def _fetch_request_problem(request: pb.FetchRequest) -> str:
+    """Why a Fetch is refused as a whole ("" if it is fine): too many partitions, or one named twice (each
+    would be read and answered again, multiplying what one request costs)."""
+    if len(request.partitions) > MAX_FETCH_PARTITIONS:
+        return (f"a Fetch may name at most {MAX_FETCH_PARTITIONS} partitions, this one names "
+                f"{len(request.partitions)}; split it into several requests")
+    seen = set()
+    for part in request.partitions:
+        key = (part.topic, part.partition)
+        if key in seen:
+            return f"partition {part.topic}-{part.partition} is named more than once in one Fetch; name it once"
+        seen.add(key)
+    return ""
 
 
 class AdminService(pb_grpc.AdminServicer):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from logbroker.server.config import DEFAULT_RAFT_TICK_MS
 from tests.support.cluster import BrokerCluster
 from tests.support.disk import SizeLimitedDir, mount_problem
 
@@ -27,8 +28,8 @@ def _show_logs_on_failure(request: pytest.FixtureRequest, cluster: BrokerCluster
 
 
 def _cluster(request: pytest.FixtureRequest, tmp_path: Path, proxied: bool,
-             disk_bytes: int | None = None) -> Iterator[BrokerCluster]:
-    cluster = BrokerCluster(tmp_path / "cluster", size=3, raft_tick_ms=RAFT_TICK_MS, proxied=proxied)
+             disk_bytes: int | None = None, raft_tick_ms: int = RAFT_TICK_MS) -> Iterator[BrokerCluster]:
+    cluster = BrokerCluster(tmp_path / "cluster", size=3, raft_tick_ms=raft_tick_ms, proxied=proxied)
     failed_before = request.session.testsfailed
     try:
         if disk_bytes is not None:  # each broker's data directory on a size-limited file system of its own
@@ -50,6 +51,13 @@ def _cluster(request: pytest.FixtureRequest, tmp_path: Path, proxied: bool,
 @pytest.fixture
 def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BrokerCluster]:
     yield from _cluster(request, tmp_path, proxied=False)
+
+
+@pytest.fixture
+def cluster_at_default_ticks(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BrokerCluster]:
+    """Like `cluster`, at the broker's default Raft tick: a broker is declared down after 400 ms of silence,
+    as in production, rather than 160 ms."""
+    yield from _cluster(request, tmp_path, proxied=False, raft_tick_ms=DEFAULT_RAFT_TICK_MS)
 
 
 @pytest.fixture

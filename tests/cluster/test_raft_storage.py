@@ -17,6 +17,7 @@ from logbroker_client import records as rec
 from logbroker.cluster.raft_storage import (
     SLOT_BYTES,
     PartitionLogStorage,
+    RecentEntries,
     ReplicaState,
     ReplicaStateCorruptError,
     ReplicaStateFile,
@@ -165,3 +166,56 @@ def test_a_file_in_the_first_layout_is_read_once_and_rewritten(tmp_path: Path) -
     assert rewritten[:4] == rewritten[SLOT_BYTES:SLOT_BYTES + 4] == b"LBR2"
     flip(path, 12, 0x80)  # either slot's seq damaged now loses, whichever it is
     assert ReplicaStateFile(path).load(MEMBERS) == new
+
+
+def crc_covered(entry: Entry) -> tuple[int, bytes]:
+    """An entry's offset and the part of its batch that stamping the offset and epoch leaves alone."""
+    return entry.base_offset, entry.payload[rec.CRC_POSITION:]
+
+
+def data_entries(first_offset: int, count: int, value_bytes: int, term: int = 1) -> list[Entry]:
+    return [Entry(offset, offset, term, EntryKind.DATA, rec.build_batch([(1000, None, b"v" * value_bytes, [])]))
+            for offset in range(first_offset, first_offset + count)]
+
+
+def test_the_recent_entry_cache_holds_a_byte_budget_shared_by_every_partition(tmp_path: Path) -> None:
+    entries = data_entries(0, 40, value_bytes=10_000)
+    budget = 10 * RecentEntries.cost_bytes(entries[0])
+    cache = RecentEntries(budget)
+    storages = []
+    for partition in range(2):
+        plog = PartitionLog.open(tmp_path / f"t-{partition}", LogConfig(), "t", partition)
+        plog.append_replicated(entries_to_batches(entries, 5000), 5000)
+        storages.append(PartitionLogStorage(plog, ReplicaState(), cache))
+    for storage in storages:
+        storage.remember(entries)
+        assert cache.size_bytes <= budget
+    for storage in storages:  # evicted or cached, every entry still reads back whole, from the log if need be
+        back = storage.entries(0, 1 << 30)
+        assert [crc_covered(e) for e in back] == [crc_covered(e) for e in entries]
+        storage.plog.close()
+
+
+def test_an_entry_larger_than_the_whole_cache_is_not_cached(tmp_path: Path) -> None:
+    cache = RecentEntries(max_bytes=1000)
+    plog = PartitionLog.open(tmp_path / "t-0", LogConfig(), "t", 0)
+    storage = PartitionLogStorage(plog, ReplicaState(), cache)
+    storage.remember(data_entries(0, 1, value_bytes=5000))
+    assert cache.size_bytes == 0
+    plog.close()
+
+
+def test_a_truncation_drops_the_cut_entries_from_the_cache(tmp_path: Path) -> None:
+    old = data_entries(0, 4, value_bytes=100, term=1)
+    new = data_entries(2, 1, value_bytes=200, term=2)
+    cache = RecentEntries()
+    plog = PartitionLog.open(tmp_path / "t-0", LogConfig(), "t", 0)
+    plog.append_replicated(entries_to_batches(old, 5000), 5000)
+    storage = PartitionLogStorage(plog, ReplicaState(), cache)
+    storage.remember(old)
+    plog.truncate_to(2)
+    storage.forget_from(2)
+    plog.append_replicated(entries_to_batches(new, 5000), 5000)
+    storage.remember(new)
+    assert [(e.base_offset, e.term) for e in storage.entries(0, 1 << 20)] == [(0, 1), (1, 1), (2, 2)]
+    plog.close()

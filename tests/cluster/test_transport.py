@@ -434,3 +434,26 @@ async def test_keepalive_notices_a_silent_peer_within_seconds(nodes: dict[int, N
     finally:
         await tx(a).stop()
         await proxy.close()
+
+
+async def test_appends_for_a_down_peer_stay_within_the_byte_bound(nodes: dict[int, Node]) -> None:
+    a, b = nodes[1], nodes[2]
+    bound_bytes = 64 << 10
+    a.make_transport({2: address(b.port)}, max_queue_bytes=bound_bytes)
+    await start(a)  # B is down: everything queues
+    payload = record_batch(1, b"r" * 4000)
+    appends = [("t-0", Message(MessageType.APPEND, 1, 2, term=1, prev_last_offset=i - 1,
+                               entries=(Entry(i, i, 1, EntryKind.DATA, payload),)))
+               for i in range(100)]
+    tx(a).send_many(appends)
+    assert tx(a).queued_bytes(2) <= bound_bytes
+    kept = tx(a).queued_messages(2)
+    assert 0 < kept < len(appends) and tx(a).dropped_messages[2] == len(appends) - kept
+    tx(a).send("t-0", heartbeat(1, 2))  # no entries: never refused for bytes
+    assert tx(a).queued_messages(2) == kept + 1
+
+    b.make_transport({1: address(a.port)})
+    await b.serve()
+    await wait_until(lambda: len(b.received) == kept + 1, "the queued messages at B")
+    assert b.received == [*appends[:kept], ("t-0", heartbeat(1, 2))]  # the oldest kept: a gap-free run
+    assert tx(a).queued_bytes(2) == 0

@@ -18,14 +18,16 @@ def _read_all(ctx: Context, cls: type, request: Any) -> tuple[list[Any], int, bo
     """One pass over the requested partitions: (topic responses, bytes, whether any partition failed)."""
     topic_cls = nested(cls, "FetchableTopicResponse")
     part_cls = nested(cls, "PartitionData")
-    budget = request.max_bytes if request.max_bytes > 0 else DEFAULT_PARTITION_MAX_BYTES
+    config = ctx.broker.config  # its caps win over the request's limits, as on the gRPC port
+    budget = min(request.max_bytes if request.max_bytes > 0 else DEFAULT_PARTITION_MAX_BYTES, config.max_fetch_bytes)
     total = 0
     failed = False
     topics = []
     for topic in request.topics:
         parts = []
         for part in topic.partitions:
-            limit = part.partition_max_bytes if part.partition_max_bytes > 0 else DEFAULT_PARTITION_MAX_BYTES
+            limit = min(part.partition_max_bytes if part.partition_max_bytes > 0 else DEFAULT_PARTITION_MAX_BYTES,
+                        config.max_partition_fetch_bytes)
             try:
                 # Once some bytes are in, the request's budget caps the rest; the first batch always comes
                 # whole, however large (Kafka's rule, so a consumer never gets stuck behind a big batch).
