@@ -1,4 +1,4 @@
-"""logbroker's Python client: the record-batch codec, Producer, Consumer, Admin and the `lb` CLI.
+"""logbroker's Python client: the record-batch codec, Producer, Consumer, ShareConsumer, Admin and the `lb` CLI.
 
 The public classes are imported lazily so that `logbroker_client.records` (the codec the broker's
 storage engine uses) can be imported without loading gRPC.
@@ -13,12 +13,15 @@ _EXPORTS = {
     "AsyncAdmin": "logbroker_client.aio",
     "AsyncConsumer": "logbroker_client.aio",
     "AsyncProducer": "logbroker_client.aio",
+    "AsyncShareConsumer": "logbroker_client.aio_share",
     "Consumer": "logbroker_client.consumer",
     "ConsumerRecord": "logbroker_client.types",
     "LogbrokerError": "logbroker_client.errors",
     "OffsetAndMetadata": "logbroker_client.types",
     "Producer": "logbroker_client.producer",
     "RecordMetadata": "logbroker_client.types",
+    "ShareConsumer": "logbroker_client.share",
+    "ShareRecord": "logbroker_client.share_state",
     "TopicPartition": "logbroker_client.types",
 }
 

@@ -1,19 +1,31 @@
 """Admin: create, delete, list and describe topics; list, describe, delete consumer groups and reset their
-offsets (synchronous)."""
+offsets; read and change group configs; describe share groups (queues) (synchronous)."""
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from logbroker_client.connection import DEFAULT_REQUEST_TIMEOUT_MS
+import grpc
+
+from logbroker_client.connection import DEFAULT_REQUEST_TIMEOUT_MS, translate_rpc_error
 from logbroker_client.consumer import list_offsets
 from logbroker_client.coordinator import Coordinators
-from logbroker_client.errors import GroupIdNotFoundError, LogbrokerError, TopicAlreadyExistsError, error_for
+from logbroker_client.errors import (
+    BrokerUnavailableError,
+    GroupIdNotFoundError,
+    InvalidGroupConfigError,
+    InvalidRequestError,
+    LogbrokerError,
+    RequestTimedOutError,
+    TopicAlreadyExistsError,
+    error_for,
+)
 from logbroker_client.fetch_state import EARLIEST, LATEST
-from logbroker_client.group_member import SIMPLE_MEMBER_EPOCH, commit_entries
+from logbroker_client.group_member import SIMPLE_MEMBER_EPOCH, commit_entries, partitions_to_pb
 from logbroker_client.groups import (
     ResetSpec,
     by_topic,
@@ -28,13 +40,16 @@ from logbroker_client.groups import (
     plan_reset,
     refuse_live_group,
 )
-from logbroker_client.metadata import DOWN, ClusterMetadata
+from logbroker_client.metadata import DOWN, RETRY_BACKOFF_S, ClusterMetadata
 from logbroker_client.proto import logbroker_pb2 as pb
+from logbroker_client.share import subscription_lanes
 from logbroker_client.types import (
     GroupDescription,
     GroupListing,
     OffsetChange,
     PartitionInfo,
+    ShareGroupDescription,
+    SharePartitionStatus,
     TopicDescription,
     TopicPartition,
 )
@@ -74,6 +89,57 @@ def raise_described_errors(topics: Sequence[pb.TopicDescription]) -> None:
     for described in topics:
         if described.error_code:
             raise error_for(described.error_code, described.error_message, described.name)
+
+
+def group_configs_request(group_id: str, configs: Mapping[str, object]) -> pb.AlterGroupConfigsRequest:
+    """Values as text; an empty value puts a key back to its default."""
+    for key in configs:
+        if not isinstance(key, str) or not key.strip():
+            raise ValueError(f"group config keys are names such as share.record.lock.duration.ms, got {key!r}")
+    return pb.AlterGroupConfigsRequest(group_id=check_group_id(group_id),
+                                       configs={key.strip(): str(value) for key, value in configs.items()})
+
+
+def check_group_configs_answer(response: Any) -> None:
+    """The broker says INVALID_REQUEST for a bad key or value: that is an invalid group config."""
+    if not response.error_code:
+        return
+    error = error_for(response.error_code, response.error_message)
+    if type(error) is InvalidRequestError:
+        raise InvalidGroupConfigError(f"{error}; `lb group config GROUP` lists the keys and their values") from None
+    raise error
+
+
+def share_status(described: pb.SharePartitionDescription) -> SharePartitionStatus:
+    return SharePartitionStatus(described.topic, described.partition, described.start_offset, described.available,
+                                described.in_flight, described.delayed, described.oldest_available_age_ms,
+                                described.dead_lettered, dict(described.in_flight_by_member))
+
+
+def share_describe_requests(group_id: str, leaders: Mapping[TopicPartition, str]
+                            ) -> dict[str, pb.DescribeSharePartitionsRequest]:
+    """One DescribeSharePartitions per leader: share state lives on each partition's leader."""
+    by_leader: dict[str, list[TopicPartition]] = {}
+    for tp, address in leaders.items():
+        by_leader.setdefault(address, []).append(tp)
+    return {address: pb.DescribeSharePartitionsRequest(group_id=group_id, partitions=partitions_to_pb(tps))
+            for address, tps in by_leader.items()}
+
+
+def take_share_statuses(response: pb.DescribeSharePartitionsResponse, found: dict[TopicPartition, SharePartitionStatus]
+                        ) -> set[str]:
+    """Add the answered partitions to found; returns the topics whose leader moved (ask again). Raises the
+    errors that waiting does not cure."""
+    moved = set()
+    for described in response.partitions:
+        if described.error_code:
+            error = error_for(described.error_code, described.error_message, described.topic, described.partition)
+            if not error.retriable:
+                raise error
+            moved.add(described.topic)
+            continue
+        found[TopicPartition(described.topic, described.partition)] = share_status(described)
+    return moved
 
 
 class RetryNote:
@@ -232,6 +298,58 @@ class Admin:
                                 f"topic {topic!r} has partitions 0..{count - 1}; partition {partition} does not "
                                 "exist", topic, partition)
         return [TopicPartition(topic, p) for p in chosen]
+
+    # ---------------------------------------------------------------------------- group configs
+
+    def alter_group_configs(self, group_id: str, configs: Mapping[str, object]) -> None:
+        """Change a group's configs (share.record.lock.duration.ms, share.delivery.count.limit, share.retry.backoff,
+        share.retry.backoff.ms, share.retry.backoff.max.ms, share.auto.offset.reset, share.dlq.topic); an empty
+        value puts a key back to its default. A bad key or value raises InvalidGroupConfigError."""
+        self._call("AlterGroupConfigs", group_configs_request(group_id, configs), check_group_configs_answer)
+
+    def describe_group_configs(self, group_id: str) -> dict[str, str]:
+        """Every config of the group, defaults included."""
+        response = self._call("DescribeGroupConfigs", pb.DescribeGroupConfigsRequest(group_id=check_group_id(group_id)),
+                              check_group_configs_answer)
+        return dict(sorted(response.configs.items()))
+
+    # ----------------------------------------------------------------------------- share groups
+
+    def describe_share_group(self, group_id: str, topics: Sequence[str] | str, *,
+                             priorities: int = 1) -> ShareGroupDescription:
+        """The queue as the share group sees it, per partition of the topics (and of their priority lanes, with
+        priorities > 1): available records (queue depth), in flight, delayed, the oldest available record's age,
+        dead-lettered, and in flight per member. A partition the group never read shows zeros."""
+        group_id = check_group_id(group_id)
+        tps = [TopicPartition(topic, p) for topic, _ in subscription_lanes(topics, priorities)
+               for p in range(self._metadata.partitions_for(topic))]
+        found: dict[TopicPartition, SharePartitionStatus] = {}
+        deadline = time.monotonic() + self._timeout_s
+        while len(found) < len(tps):
+            leaders = {tp: self._metadata.leader_connection(*tp).address for tp in tps if tp not in found}
+            for address, request in share_describe_requests(group_id, leaders).items():
+                for topic in self._describe_share_at(address, request, found):
+                    self._metadata.invalidate(topic)
+            if len(found) < len(tps):
+                if time.monotonic() > deadline:
+                    raise RequestTimedOutError(f"share group {group_id!r}: the partitions' leaders did not answer "
+                                               f"within {self._timeout_s:g}s; retry")
+                time.sleep(RETRY_BACKOFF_S)
+        return ShareGroupDescription(group_id, [found[tp] for tp in tps])
+
+    def _describe_share_at(self, address: str, request: pb.DescribeSharePartitionsRequest,
+                           found: dict[TopicPartition, SharePartitionStatus]) -> set[str]:
+        try:
+            share = self._metadata.connection(address).share
+            response = share.DescribeSharePartitions(request, timeout=self._timeout_s)
+        except grpc.RpcError as exc:
+            error = translate_rpc_error(exc, address)
+            if not error.retriable:
+                raise error from None
+            if isinstance(error, BrokerUnavailableError):
+                self._metadata.mark_unreachable(address)
+            return {item.topic for item in request.partitions}
+        return take_share_statuses(response, found)
 
     def close(self) -> None:
         self._metadata.close()

@@ -26,8 +26,12 @@ from logbroker_client import records as rec
 from logbroker_client.admin import (
     DESCRIBE_ATTEMPT_TIMEOUT_S,
     RetryNote,
+    check_group_configs_answer,
+    group_configs_request,
     raise_described_errors,
     raise_topic_errors,
+    share_describe_requests,
+    take_share_statuses,
     topic_description,
 )
 from logbroker_client.aio_groups import AsyncCoordinators, AsyncGroupSide
@@ -93,11 +97,14 @@ from logbroker_client.producer import (
     FailureTally,
     check_producer_options,
     check_record_size,
+    delivery_headers,
     explain_record_too_large,
+    priority_lane,
     record_size_bound,
     refused_batch,
 )
 from logbroker_client.proto import logbroker_pb2 as pb
+from logbroker_client.share import subscription_lanes
 from logbroker_client.types import (
     ConsumerRecord,
     GroupDescription,
@@ -106,6 +113,8 @@ from logbroker_client.types import (
     OffsetAndTimestamp,
     OffsetChange,
     RecordMetadata,
+    ShareGroupDescription,
+    SharePartitionStatus,
     TopicDescription,
     TopicPartition,
 )
@@ -345,6 +354,48 @@ class AsyncAdmin:
             await self._coordinators.call(group_id, "CommitOffsets", request)
         return changes
 
+    # ---------------------------------------------------------------------- group configs, share groups
+
+    async def alter_group_configs(self, group_id: str, configs: Mapping[str, object]) -> None:
+        """As Admin.alter_group_configs."""
+        await self._metadata.call("AlterGroupConfigs", group_configs_request(group_id, configs), admin=True,
+                                  check=check_group_configs_answer)
+
+    async def describe_group_configs(self, group_id: str) -> dict[str, str]:
+        """As Admin.describe_group_configs: every config of the group, defaults included."""
+        response = await self._metadata.call(
+            "DescribeGroupConfigs", pb.DescribeGroupConfigsRequest(group_id=check_group_id(group_id)), admin=True,
+            check=check_group_configs_answer)
+        return dict(sorted(response.configs.items()))
+
+    async def describe_share_group(self, group_id: str, topics: Sequence[str] | str, *,
+                                   priorities: int = 1) -> ShareGroupDescription:
+        """As Admin.describe_share_group: per partition, the queue as the share group sees it."""
+        group_id = check_group_id(group_id)
+        tps = [TopicPartition(topic, p) for topic, _ in subscription_lanes(topics, priorities)
+               for p in range(await self._metadata.partitions_for(topic))]
+        found: dict[TopicPartition, SharePartitionStatus] = {}
+        deadline = time.monotonic() + self._metadata.request_timeout_s
+        while len(found) < len(tps):
+            leaders = {tp: await self._metadata.leader(*tp) for tp in tps if tp not in found}
+            for address, request in share_describe_requests(group_id, leaders).items():
+                try:
+                    response = await self._metadata.call("DescribeSharePartitions", request, address, service="share")
+                except LogbrokerError as exc:
+                    if not exc.retriable:
+                        raise
+                    moved = {item.topic for item in request.partitions}
+                else:
+                    moved = take_share_statuses(response, found)
+                for topic in moved:
+                    self._metadata.invalidate(topic)
+            if len(found) < len(tps):
+                if time.monotonic() > deadline:
+                    raise RequestTimedOutError(f"share group {group_id!r}: the partitions' leaders did not answer "
+                                               f"within {self._metadata.request_timeout_s:g}s; retry")
+                await asyncio.sleep(RETRY_BACKOFF_S)
+        return ShareGroupDescription(group_id, [found[tp] for tp in tps])
+
     async def close(self) -> None:
         await self._metadata.close()
 
@@ -430,8 +481,17 @@ class AsyncProducer:
         headers: Sequence[tuple[str, bytes | None]] | None = None,
         partition: int | None = None,
         timestamp_ms: int | None = None,
+        *,
+        deliver_at_ms: int | None = None,
+        delay_ms: int | None = None,
+        priority: int | None = None,
     ) -> AsyncRecordFuture:
-        """Queue a record; await the returned future for its RecordMetadata."""
+        """Queue a record; await the returned future for its RecordMetadata. deliver_at_ms, delay_ms and priority
+        as in Producer.send."""
+        if priority is not None:
+            topic = priority_lane(topic, priority)
+        if deliver_at_ms is not None or delay_ms is not None:
+            headers = delivery_headers(headers, deliver_at_ms, delay_ms)
         if isinstance(value, str):
             value = value.encode()
         if isinstance(key, str):

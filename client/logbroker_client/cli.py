@@ -1,4 +1,5 @@
-"""`lb`: the command-line client (topics, cluster, produce from stdin, consume to stdout, consumer groups).
+"""`lb`: the command-line client (topics, cluster, produce from stdin, consume to stdout, consumer groups; queues
+(share groups) and dead letters are cli_share.py's).
 
 Every failure the user can act on ends as one line on stderr, `lb: <message>`, and exit status 1;
 argparse usage errors exit with 2. The messages are the client's and the broker's own, which are
@@ -92,6 +93,15 @@ def non_negative_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def priority_level(text: str) -> int:
+    from logbroker_client.lanes import MAX_PRIORITY_LEVELS
+
+    value = non_negative_int(text)
+    if value >= MAX_PRIORITY_LEVELS:
+        raise argparse.ArgumentTypeError(f"priorities go from 0 to {MAX_PRIORITY_LEVELS - 1}, got {value}")
     return value
 
 
@@ -300,7 +310,9 @@ def cmd_produce(args: argparse.Namespace) -> int:
             for line in stdin_lines():
                 key, value = split_key(line, separator)
                 try:
-                    tally.add(producer.send(args.topic, value=value, key=key, partition=args.partition))
+                    tally.add(producer.send(args.topic, value=value, key=key, partition=args.partition,
+                                            delay_ms=args.delay_ms, deliver_at_ms=args.deliver_at,
+                                            priority=args.priority))
                 except RecordTooLargeError as exc:  # this record only; the rest can still go
                     tally.fail(exc)
                 progress.update(1, len(line))
@@ -341,7 +353,7 @@ def decode_escapes(text: str) -> str:
     return re.sub(r"\\([tn\\])", lambda m: {"t": "\t", "n": "\n", "\\": "\\"}[m.group(1)], text)
 
 
-def check_template(template: str) -> str:
+def check_template(template: str, fields: Sequence[str] = TEMPLATE_FIELDS) -> str:
     template = decode_escapes(template)
     try:
         names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
@@ -349,8 +361,9 @@ def check_template(template: str) -> str:
         raise UsageError(f"--format {template!r}: {exc}") from None
     for name in names:
         base = re.split(r"[.\[]", name, maxsplit=1)[0]
-        if base not in TEMPLATE_FIELDS:
-            raise UsageError(f"--format: unknown field {{{name}}}; the fields are {FIELD_LIST}")
+        if base not in fields:
+            listed = " ".join("{" + field + "}" for field in fields)
+            raise UsageError(f"--format: unknown field {{{name}}}; the fields are {listed}")
     try:
         template.format_map(sample_fields())
     except (ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:
@@ -360,7 +373,7 @@ def check_template(template: str) -> str:
 
 def sample_fields() -> dict[str, object]:
     return {"topic": "t", "partition": 0, "offset": 0, "timestamp": 0, "time": "1970-01-01T00:00:00.000Z",
-            "key": "", "value": "", "headers": ""}
+            "key": "", "value": "", "headers": "", "delivery_count": 1}
 
 
 def text(data: bytes | None) -> str:
@@ -374,6 +387,7 @@ def record_fields(record: Any) -> dict[str, object]:
         "timestamp": record.timestamp, "time": moment.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         "key": text(record.key), "value": text(record.value),
         "headers": ",".join(f"{k}={text(v)}" for k, v in (record.headers or ())),
+        "delivery_count": getattr(record, "delivery_count", 1),
     }
 
 
@@ -446,7 +460,7 @@ def consume_in_group(args: argparse.Namespace) -> int:
                   client_id=f"lb-consume-{os.getpid()}") as consumer:
         consumer.subscribe([args.topic])
         count, seconds = consume_loop(consumer, render, args.max_messages, args.timeout_ms,
-                                      after_batch=lambda: commit_printed(consumer))
+                                      after_batch=lambda _: commit_printed(consumer))
         commit_printed(consumer)  # a new group's starting point too, so the next run misses nothing after it
     print(f"consumed {count} record(s) from {args.topic} as group {args.group} in {seconds:.2f}s", file=sys.stderr)
     return EXIT_OK
@@ -472,9 +486,10 @@ def commit_printed(consumer: Any) -> None:
 
 
 def consume_loop(consumer: Any, render: Callable[[Any], str], max_messages: int | None,
-                 timeout_ms: int | None, after_batch: Callable[[], None] | None = None) -> tuple[int, float]:
+                 timeout_ms: int | None, after_batch: Callable[[list[Any]], None] | None = None
+                 ) -> tuple[int, float]:
     """Print records until max_messages, an idle timeout, or Ctrl-C; returns (count, seconds). after_batch
-    runs once each batch is written out."""
+    runs with each batch once it is written out."""
     started = last_record = time.monotonic()
     idle_s = None if timeout_ms is None else timeout_ms / 1000
     count = 0
@@ -494,7 +509,7 @@ def consume_loop(consumer: Any, render: Callable[[Any], str], max_messages: int 
                 out.flush()  # a pipe reader (grep, jq) sees records as they arrive
                 count += len(records)
                 if after_batch is not None:
-                    after_batch()
+                    after_batch(records)
     return count, time.monotonic() - started
 
 
@@ -631,6 +646,14 @@ def add_produce_command(sub: Any, parent: argparse.ArgumentParser) -> None:
     produce.add_argument("--linger-ms", type=non_negative_int, default=5,
                          help="wait up to this long to fill a batch (default 5)")
     produce.add_argument("--batch-size", type=positive_int, default=1 << 20, help="bytes per batch (default 1 MiB)")
+    when = produce.add_mutually_exclusive_group()
+    when.add_argument("--delay-ms", type=non_negative_int, metavar="N",
+                      help="share consumers get each record N ms from now, not before (plain consumers at once)")
+    when.add_argument("--deliver-at", type=parse_timestamp, metavar="TIME",
+                      help="share consumers get each record at TIME, not before: ISO 8601 (naive = UTC) or epoch ms")
+    produce.add_argument("--priority", type=priority_level, metavar="K",
+                         help="send to priority lane K of the queue: the topic TOPIC.pK (it must exist); 0, the "
+                              "default, is TOPIC itself and the least urgent")
     produce.set_defaults(func=cmd_produce, parser=produce)
 
 
@@ -659,7 +682,7 @@ def add_consume_command(sub: Any, parent: argparse.ArgumentParser) -> None:
 
 
 def add_group_commands(sub: Any, parent: argparse.ArgumentParser) -> None:
-    group = sub.add_parser("group", help="list, describe, reset and delete consumer groups")
+    group = sub.add_parser("group", help="list, describe, reset and delete consumer groups; show or change configs")
     group_sub = group.add_subparsers(dest="group_command", required=True, metavar="COMMAND")
     listing = group_sub.add_parser("list", parents=[parent], help="every consumer group, its state and members")
     listing.set_defaults(func=cmd_group_list, parser=listing)
@@ -685,6 +708,9 @@ def add_group_commands(sub: Any, parent: argparse.ArgumentParser) -> None:
     delete = group_sub.add_parser("delete", parents=[parent], help="delete empty groups and their offsets")
     delete.add_argument("groups", nargs="+", metavar="GROUP")
     delete.set_defaults(func=cmd_group_delete, parser=delete)
+    from logbroker_client import cli_share
+
+    cli_share.add_group_config_command(group_sub, parent)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -700,6 +726,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_produce_command(sub, parent)
     add_consume_command(sub, parent)
     add_group_commands(sub, parent)
+    from logbroker_client import cli_share  # it builds on this module's helpers
+
+    cli_share.add_share_commands(sub, parent)
+    cli_share.add_dlq_commands(sub, parent)
     return parser
 
 

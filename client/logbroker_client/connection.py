@@ -66,7 +66,7 @@ def unreachable_reason(exc: grpc.RpcError) -> str:
 
 
 def service_name(admin: bool, service: str) -> str:
-    """Which stub of a connection serves a call: "broker", "admin" or "groups"."""
+    """Which stub of a connection serves a call: "broker", "admin", "groups" or "share"."""
     return service or ("admin" if admin else "broker")
 
 
@@ -96,6 +96,7 @@ class Connection:
         self.broker = pb_grpc.BrokerStub(self.channel)
         self.admin = pb_grpc.AdminStub(self.channel)
         self.groups = pb_grpc.GroupsStub(self.channel)
+        self.share = pb_grpc.ShareStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
     def close(self) -> None:
@@ -111,6 +112,7 @@ class AsyncConnection:
         self.broker = pb_grpc.BrokerStub(self.channel)
         self.admin = pb_grpc.AdminStub(self.channel)
         self.groups = pb_grpc.GroupsStub(self.channel)
+        self.share = pb_grpc.ShareStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
     async def close(self) -> None:

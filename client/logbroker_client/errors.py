@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 from logbroker_client.proto import logbroker_pb2 as pb
 
 
@@ -179,6 +182,18 @@ class InvalidRecordStateError(BrokerResponseError):
 
 class InvalidGroupConfigError(BrokerResponseError):
     code = pb.ErrorCode.INVALID_GROUP_CONFIG
+
+
+class AcknowledgementError(BrokerResponseError):
+    """ShareConsumer.commit() / flush_acks(): acknowledgements the broker refused or that could not be delivered.
+    `failures` lists them (share_state.AckFailure: topic, partition, offsets, kind, and its own typed error:
+    InvalidRecordStateError when the member did not hold the records, never or no longer, as when a lock
+    expired and the record may have gone to another member)."""
+
+    def __init__(self, message: str, failures: Sequence[Any]) -> None:
+        super().__init__(message, failures[0].topic if failures else None,
+                         failures[0].partition if failures else None)
+        self.failures = list(failures)
 
 
 _BY_CODE: dict[int, type[BrokerResponseError]] = {

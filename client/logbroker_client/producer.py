@@ -31,6 +31,7 @@ from logbroker_client.errors import (
     RequestTimedOutError,
     error_for,
 )
+from logbroker_client.lanes import check_priority, lane_topic
 from logbroker_client.metadata import ClusterMetadata
 from logbroker_client.partitioner import RoundRobinPartitioner, StickyPartitioner, choose_partition
 from logbroker_client.proto import logbroker_pb2 as pb
@@ -51,7 +52,38 @@ MAX_BATCHES_PER_REQUEST = 16
 RECORD_OVERHEAD_BYTES = 21  # length, attributes, timestamp and offset deltas, key and value lengths
 ACKS = {"all": -1, "-1": -1, -1: -1, "1": 1, 1: 1, "0": 0, 0: 0}
 
+DELIVER_AT_HEADER = "lb.deliver.at.ms"  # the broker holds such a record back from share consumers until then
+
 Headers = Sequence[tuple[str, bytes | None]]
+
+
+def whole_ms(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} takes whole milliseconds (an int), got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must not be negative, got {value} ms; to deliver at once leave it out")
+    return value
+
+
+def delivery_headers(headers: Headers | None, deliver_at_ms: int | None, delay_ms: int | None) -> Headers | None:
+    """headers plus the delivery time (lb.deliver.at.ms, ms since the epoch) when one is asked for: share
+    consumers do not get the record before it; plain consumers and consumer groups read the log as written."""
+    if deliver_at_ms is None and delay_ms is None:
+        return headers
+    if deliver_at_ms is not None and delay_ms is not None:
+        raise ValueError("give deliver_at_ms (a time) or delay_ms (from now), not both")
+    if delay_ms is not None:
+        deliver_at_ms = time.time_ns() // 1_000_000 + whole_ms("delay_ms", delay_ms)
+    else:
+        whole_ms("deliver_at_ms", deliver_at_ms)  # type: ignore[arg-type]
+    if any(key == DELIVER_AT_HEADER for key, _ in headers or ()):
+        raise ValueError(f"the headers already carry {DELIVER_AT_HEADER}; give the delivery time once")
+    return [*(headers or ()), (DELIVER_AT_HEADER, str(deliver_at_ms).encode())]
+
+
+def priority_lane(topic: str, priority: int | None) -> str:
+    """The topic of the priority lane a record goes to (lanes.py): the topic itself for priority 0 or None."""
+    return topic if priority is None else lane_topic(topic, check_priority(priority))
 
 
 def check_producer_options(acks: str | int, compression: str) -> None:
@@ -272,10 +304,21 @@ class Producer:
         headers: Headers | None = None,
         partition: int | None = None,
         timestamp_ms: int | None = None,
+        *,
+        deliver_at_ms: int | None = None,
+        delay_ms: int | None = None,
+        priority: int | None = None,
     ) -> RecordFuture:
-        """Queue a record; the future resolves to its RecordMetadata once the broker acknowledges it."""
+        """Queue a record; the future resolves to its RecordMetadata once the broker acknowledges it.
+
+        deliver_at_ms (ms since the epoch) or delay_ms (from now) hold the record back from share consumers until
+        then. priority k > 0 sends it to the topic's priority lane `<topic>.p<k>` (lanes.py), which must exist."""
         if self._closed:
             raise LogbrokerError("send() on a closed producer")
+        if priority is not None:
+            topic = priority_lane(topic, priority)
+        if deliver_at_ms is not None or delay_ms is not None:
+            headers = delivery_headers(headers, deliver_at_ms, delay_ms)
         if value.__class__ is str:
             value = value.encode()  # type: ignore[union-attr]
         if key.__class__ is str:

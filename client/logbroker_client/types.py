@@ -106,3 +106,46 @@ class OffsetChange(NamedTuple):
     partition: int
     previous: int | None  # None: nothing was committed
     new: int
+
+
+class SharePartitionStatus(NamedTuple):
+    """One partition of a queue, as a share group sees it."""
+
+    topic: str
+    partition: int
+    start_offset: int  # every record below it is finished
+    available: int  # queue depth: records ready for delivery now, the group's unread log included
+    in_flight: int  # acquired by members and not finished yet
+    delayed: int  # released with a delay, backing off after a failure, or with a delivery time still ahead
+    oldest_available_age_ms: int  # how long the oldest available record has waited (0 when none is available)
+    dead_lettered: int  # records this group sent to its dead-letter topic
+    in_flight_by_member: dict[str, int]  # member id -> records it holds
+
+
+class ShareGroupDescription(NamedTuple):
+    group_id: str
+    partitions: list[SharePartitionStatus]
+
+    @property
+    def available(self) -> int:
+        return sum(p.available for p in self.partitions)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(p.in_flight for p in self.partitions)
+
+    @property
+    def delayed(self) -> int:
+        return sum(p.delayed for p in self.partitions)
+
+    @property
+    def dead_lettered(self) -> int:
+        return sum(p.dead_lettered for p in self.partitions)
+
+    def in_flight_by_member(self) -> dict[str, int]:
+        """member id -> records it holds, over every partition described."""
+        totals: dict[str, int] = {}
+        for status in self.partitions:
+            for member, count in status.in_flight_by_member.items():
+                totals[member] = totals.get(member, 0) + count
+        return totals
