@@ -77,6 +77,9 @@ class ReplicaState:
     start_prev_term: int = NO_TERM  # term of the entry just before the log start (after a reset)
     voters: tuple[int, ...] = ()
     learners: tuple[int, ...] = ()
+    # Where the log starts once the reset or prefix cut this state describes is done; -1: never cut. Saved
+    # before the log is changed, so a crash in between is finished at the next open, never half done.
+    log_start_offset: int = -1
 
     @property
     def hard_state(self) -> HardState:
@@ -342,6 +345,8 @@ class PartitionLogStorage:
     def term_at(self, offset: int) -> int | None:
         start = self.plog.log_start_offset
         if offset == start - 1:
+            if self.state.log_start_offset not in (-1, start):
+                return None  # the saved term belongs to another log start: unknown, so never matched
             return self.state.start_prev_term
         if start <= offset < self.plog.log_end_offset:
             return self.plog.epoch_at(offset)
@@ -362,3 +367,23 @@ class PartitionLogStorage:
             return out
         data = self.plog.read(from_offset, max(max_bytes, 1))
         return [batch_to_entry(data, pos, header) for pos, header in rec.iter_batch_headers(data)]
+
+
+def check_outgoing(name: str, entries: Sequence[Entry]) -> None:
+    """Raise DamagedLogError for a DATA entry whose batch fails its CRC (checked in C, once per batch): a
+    damaged batch must not be sent on, for its followers would refuse it forever."""
+    for entry in entries:
+        if entry.kind is EntryKind.DATA:
+            try:
+                rec.validate_batch(entry.payload)
+            except rec.CorruptBatchError as exc:
+                raise DamagedLogError(name, entry.base_offset, str(exc)) from None
+
+
+class DamagedLogError(Exception):
+    """A batch read back from this replica's log fails its check: the log from there is lost here."""
+
+    def __init__(self, name: str, offset: int, why: str) -> None:
+        super().__init__(f"{name}: the batch at offset {offset} is damaged on disk ({why}); this replica's log "
+                         "is cut there and the rest fetched again from the other replicas")
+        self.offset = offset

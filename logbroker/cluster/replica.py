@@ -27,10 +27,12 @@ from logbroker_client import records as rec
 
 from logbroker.cluster.producer_state import ProducerStateTable
 from logbroker.cluster.raft_storage import (
+    DamagedLogError,
     PartitionLogStorage,
     RecentEntries,
     ReplicaState,
     ReplicaStateFile,
+    check_outgoing,
     entries_to_batches,
 )
 from logbroker.raft.membership import Membership
@@ -90,6 +92,7 @@ class Replica:
         self.log = plog
         self._state_file = state_file
         self.state = state_file.load(membership)
+        finish_log_cut(plog, self.state.log_start_offset)
         log_last = plog.log_end_offset - 1
         if self.state.commit_offset > log_last:
             # Recovery cut the log below what was committed (a damaged or lost file): this replica has lost
@@ -108,6 +111,7 @@ class Replica:
         self._on_leader_change = on_leader_change
         self._on_failure = on_failure
         self.failure: Exception | None = None  # why the runtime stopped, once it has
+        self.damaged_from: int | None = None  # the offset of a damaged batch that stopped it, if that was why
         self.state_machines: list[StateMachine] = []
         self._busy = False
         self._write_lock = threading.Lock()
@@ -278,13 +282,15 @@ class Replica:
         without it); the broker hands its leadership over and reopens it from disk once writes succeed."""
         if self.closed:
             return  # closed on purpose (shutdown, topic deleted) while a Ready was being handled
-        if isinstance(exc, (StorageError, OSError)):
+        if isinstance(exc, (StorageError, OSError, DamagedLogError)):
             log.error("%s: cannot write this replica's log on broker %d (%s); the replica stops taking part in "
                       "its group until a write succeeds again", self.name, self.node_id, exc)
         else:
             log.exception("%s: the Raft runtime failed; this replica stops until it is reopened", self.name)
         self.closed = True
         self.failure = exc
+        if isinstance(exc, DamagedLogError):
+            self.damaged_from = exc.offset
         self._fail_waiters(ReplicaFailedError(self.name, self.node_id, exc))
         self._on_failure(self, exc)
 
@@ -292,6 +298,9 @@ class Replica:
         if ready.must_persist:
             await self._persist(ready)
         if ready.messages:
+            for message in ready.messages:
+                if message.entries:
+                    check_outgoing(self.name, message.entries)
             self._transport.send_many([(self.group, m) for m in ready.messages])
         if ready.entries:
             last = ready.entries[-1]
@@ -315,12 +324,16 @@ class Replica:
         state_changed = False
         if ready.reset_log is not None:
             reset = ready.reset_log
-            self.log.reset_to(reset.start_offset)
-            self._storage.forget_from(-1)
-            self.producers.clear()
+            # What the new start needs (the term before it, the membership) is saved first: a crash between
+            # the two leaves a state the next open finishes (finish_log_cut), never a log it misdescribes.
             self.state.start_prev_term = reset.prev_term
             self.state.voters = tuple(sorted(reset.membership.voters))
             self.state.learners = tuple(sorted(reset.membership.learners))
+            self.state.log_start_offset = reset.start_offset
+            self.save_state()
+            self.log.reset_to(reset.start_offset)
+            self._storage.forget_from(-1)
+            self.producers.clear()
             self.high_watermark = max(self.high_watermark, reset.start_offset)
             state_changed = True
             for machine in self.state_machines:  # what they derived from the old log is gone with it
@@ -440,7 +453,11 @@ class Replica:
         new_start = plog.prefix_cut_point(below_offset)
         if new_start <= plog.log_start_offset:
             return 0
+        membership = self.node.membership_at(new_start - 1)  # config entries below the cut go with it
         self.state.start_prev_term = plog.epoch_at(new_start - 1)
+        self.state.voters = tuple(sorted(membership.voters))
+        self.state.learners = tuple(sorted(membership.learners))
+        self.state.log_start_offset = new_start
         self.save_state()
         return plog.delete_segments_before(new_start)
 
@@ -471,6 +488,19 @@ def _chunks(entries: Sequence[Entry], max_bytes: int) -> Iterator[Sequence[Entry
 
 class ReplicaClosedError(RuntimeError):
     """The replica was closed while its runtime was writing a Ready: the rest is not written."""
+
+
+def finish_log_cut(plog: PartitionLog, saved_start: int) -> None:
+    """The state says the log starts at saved_start, but a crash came between saving that and cutting the
+    log: finish the cut (a prefix deletion at a segment boundary, else a reset to an empty log there)."""
+    if saved_start <= plog.log_start_offset:
+        return
+    if saved_start <= plog.log_end_offset and plog.prefix_cut_point(saved_start) == saved_start:
+        plog.delete_segments_before(saved_start)
+    else:
+        plog.reset_to(saved_start)
+    log.warning("%s: finished a log cut interrupted by a crash: the log now starts at offset %d",
+                plog.name, plog.log_start_offset)
 
 
 class ReplicaFailedError(RuntimeError):

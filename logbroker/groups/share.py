@@ -137,21 +137,19 @@ class SharePartition:
             heapq.heappush(self._waiting, (record.deadline_ms, offset))
 
     def _advance(self, start: int) -> None:
-        """Move start to ``start`` (a snapshot's) and then past every finished record. Every offset in
-        [start, cursor) has a state of its own, since acquire reads the log into the window in order."""
+        """Move start to ``start`` (a snapshot's) and then past every finished record."""
         if start > self.start:
             self.start = start
             for offset in [o for o in self.records if o < start]:
                 del self.records[offset]
         self.cursor = max(self.cursor, self.start)
         while self.start < self.cursor:
-            if self.start in self.parked:
-                self.start += 1  # in the delay index: done as far as the window is concerned
-                continue
             record = self.records.get(self.start)
-            if record is None or record.state not in (ACKED, ARCHIVED):
+            # No state of its own: a control batch's offset (every data record read into the window has one)
+            # or a record in the delay index; either way done as far as the window is concerned.
+            if record is not None and record.state not in (ACKED, ARCHIVED):
                 break
-            del self.records[self.start]
+            self.records.pop(self.start, None)
             self.start += 1
 
     # ========================================================================== acquire
@@ -183,8 +181,7 @@ class SharePartition:
             if first != cursor or len(taken) >= max_records or cursor - self.start >= MAX_WINDOW_RECORDS:
                 break
             if not is_data:
-                changes.append([first, last, ACKED, 0, "", 0, ""])
-                cursor = last + 1
+                cursor = last + 1  # a control batch (a no-op, share state): nothing to deliver, nothing to write
                 continue
             end = min(last, first + max_records - len(taken) - 1)
             for offset in range(first, end + 1):

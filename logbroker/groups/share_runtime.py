@@ -255,7 +255,9 @@ class ShareStateMachine:
             new_ranges, batches = self._read_new(state)
             acquired, delta = state.acquire(member_id, now, new_ranges, max_records, config,
                                             delivery_times(batches) if batches else None)
-            if delta["set"] or delta["cursor"] != delta["start"] or "park" in delta or "unpark" in delta:
+            # Passing control batches (its own share-state writes among them) changes nothing worth writing:
+            # a new leader passes them again. Writing it would make an idle consumer grow the log forever.
+            if delta["set"] or "park" in delta or "unpark" in delta:
                 deltas.append(delta)
             outcome.acquired = acquired
             outcome.records = self._batches_for(acquired, batches)

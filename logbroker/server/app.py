@@ -26,6 +26,7 @@ from logbroker.server.service import (
     GroupsService,
     RaftService,
     ShareService,
+    create_topic_at,
     leader_report_sender,
     send_dead_letter,
 )
@@ -100,6 +101,7 @@ class BrokerServer:
         pb_grpc.add_GroupsServicer_to_server(GroupsService(self.broker), server)
         pb_grpc.add_ShareServicer_to_server(ShareService(self.broker), server)
         self.broker.dead_letter_sender = send_dead_letter
+        self.broker.topic_creator = create_topic_at
         self.broker.send_leader_report = leader_report_sender(self.config.cluster_secret)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         # The servicer answers SERVING for "" by default; not until the cluster metadata has a leader.

@@ -606,6 +606,10 @@ class PartitionLog:
                     self.name, count, self.log_start_offset)
         return count
 
+    def segment_bases(self) -> list[int]:
+        """The segments' base offsets, oldest first."""
+        return list(self._bases)
+
     def retention_cut_point(self, now_ms: int, max_offset: int | None = None) -> int:
         """Where retention.ms / retention.bytes would make the log start now (the current start if nowhere),
         without deleting: the caller may need to save something about the batches before they go."""
