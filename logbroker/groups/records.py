@@ -9,7 +9,8 @@ compact JSON arrays and objects (readable with `lb consume __consumer_offsets`):
     ["m", group, member_id]         -> member: subscription, epoch, assigned and revoking partitions, ...
     ["t", group, member_id]         -> {"partitions": [[topic, partition], ...]}         target assignment
     ["c", group]                    -> classic group: protocol, generation, leader, members with assignments
-    ["s"]                           -> {"records": int}                                  snapshot start
+    ["s"]                           -> {}                                                snapshot start
+    ["z", n]                        -> {"items": [[key, value], ...]}                    snapshot keys, 500 a record
 
 A snapshot start clears the table: the records after it restate every live key, so the log before it can
 be deleted (prefix truncation keeps the log bounded; see docs in coordinator.py).
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from logbroker_client import records as rec
@@ -31,14 +32,18 @@ GROUP = "g"
 MEMBER = "m"
 TARGET = "t"
 SNAPSHOT = "s"
+SNAPSHOT_CHUNK = "z"  # ["z", n] -> {"items": [[key, value], ...]}: many keys of a snapshot in one record
+SNAPSHOT_CHUNK_KEYS = 500
 CLASSIC = "c"  # Kafka's classic protocol (classic.py)
-MAX_RECORDS_PER_BATCH = 500  # a snapshot of 10,000 groups goes out in a few dozen batches
+MAX_RECORDS_PER_BATCH = 500
+MAX_BATCH_BYTES = 512 << 10  # well within max.message.bytes and one Raft message
 
 
 @dataclass(frozen=True)
 class StateRecord:
     key: Key
     value: dict[str, Any] | None  # None: the key is deleted
+    size_bytes: int = field(default=0, compare=False)  # as stored (read back); 0 when made here
 
 
 def encode_key(key: Key) -> bytes:
@@ -50,14 +55,20 @@ def encode_value(value: dict[str, Any] | None) -> bytes | None:
 
 
 def to_batches(records: Sequence[StateRecord], timestamp_ms: int) -> list[tuple[bytes, int]]:
-    """(batch bytes, record count) pairs ready to propose, at most MAX_RECORDS_PER_BATCH records each."""
+    """(batch bytes, record count) pairs ready to propose: at most MAX_RECORDS_PER_BATCH records and about
+    MAX_BATCH_BYTES each (a record larger than that goes alone)."""
     out = []
-    for start in range(0, len(records), MAX_RECORDS_PER_BATCH):
-        builder = rec.BatchBuilder()
-        chunk = records[start:start + MAX_RECORDS_PER_BATCH]
-        for record in chunk:
-            builder.append(timestamp_ms, encode_key(record.key), encode_value(record.value))
-        out.append((builder.build(), len(chunk)))
+    builder, size_bytes = rec.BatchBuilder(), 0
+    for record in records:
+        key, value = encode_key(record.key), encode_value(record.value)
+        if builder.count and (builder.count >= MAX_RECORDS_PER_BATCH or
+                              size_bytes + len(key) + len(value or b"") > MAX_BATCH_BYTES):
+            out.append((builder.build(), builder.count))
+            builder, size_bytes = rec.BatchBuilder(), 0
+        builder.append(timestamp_ms, key, value)
+        size_bytes += len(key) + len(value or b"")
+    if builder.count:
+        out.append((builder.build(), builder.count))
     return out
 
 
@@ -69,4 +80,4 @@ def from_batch(batch: bytes | memoryview) -> Iterator[StateRecord]:
             continue  # not ours: the topic is internal, but be lenient with what replay meets
         key = tuple(json.loads(record.key))
         value = None if record.value is None else dict(json.loads(record.value))
-        yield StateRecord(key, value)
+        yield StateRecord(key, value, len(record.key) + len(record.value or b""))

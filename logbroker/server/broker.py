@@ -32,7 +32,7 @@ from logbroker.cluster.metadata import (
     new_topic_id,
     place_replicas,
 )
-from logbroker.cluster.raft_storage import RecentEntries, ReplicaStateFile
+from logbroker.cluster.raft_storage import DamagedLogError, RecentEntries, ReplicaStateFile
 from logbroker.cluster.replica import NotLeaderNow, Replica, ReplicaFailedError
 from logbroker.cluster.topic_names import MAX_PARTITIONS, TopicNameError, check_topic_name
 from logbroker.cluster.transport import RaftTransport
@@ -452,7 +452,12 @@ class Broker:
         for entry in entries:
             if entry.kind is not EntryKind.DATA:
                 continue
-            event = self.cluster.apply(decode_command(entry.payload), entry.base_offset)
+            try:
+                command = decode_command(entry.payload)
+            except rec.CorruptBatchError as exc:
+                # Damaged on this broker's disk: cut the metadata log here and fetch the rest from the others.
+                raise DamagedLogError(CONTROLLER_GROUP, entry.base_offset, str(exc)) from None
+            event = self.cluster.apply(command, entry.base_offset)
             if event is None:
                 continue
             if event.kind == "created":
