@@ -14,7 +14,6 @@ import contextlib
 import random
 import socket
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -22,7 +21,6 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2
 
-from logbroker_client import records as rec
 from logbroker_client.admin import (
     DESCRIBE_ATTEMPT_TIMEOUT_S,
     RetryNote,
@@ -85,23 +83,19 @@ from logbroker_client.groups import (
     refuse_live_group,
 )
 from logbroker_client.metadata import METADATA_TIMEOUT_S, PROBE_TIMEOUT_S, RETRY_BACKOFF_S, MetadataCache, health_state
-from logbroker_client.partitioner import StickyPartitioner, choose_partition
-from logbroker_client.producer import (
-    ACKS,
+from logbroker_client.producer_core import (
     DEFAULT_BATCH_SIZE,
+    DEFAULT_BUFFER_MEMORY,
     DEFAULT_DELIVERY_TIMEOUT_MS,
     DEFAULT_LINGER_MS,
+    DEFAULT_MAX_BLOCK_MS,
     DEFAULT_MAX_REQUEST_BYTES,
-    MAX_BATCHES_PER_REQUEST,
-    RETRY_BACKOFF_MS,
-    FailureTally,
-    check_producer_options,
-    check_record_size,
+    CoreBatch,
+    ProducerCore,
+    Slot,
+    complete_all,
     delivery_headers,
-    explain_record_too_large,
     priority_lane,
-    record_size_bound,
-    refused_batch,
 )
 from logbroker_client.proto import logbroker_pb2 as pb
 from logbroker_client.share import subscription_lanes
@@ -408,15 +402,23 @@ class AsyncAdmin:
 
 # --------------------------------------------------------------------------------------- producer
 
-class _AsyncBatch:
-    __slots__ = ("topic", "partition", "builder", "done", "created")
+class _AsyncBatch(CoreBatch):
+    """A batch whose outcome coroutines await: one asyncio future resolving to its base offset."""
 
-    def __init__(self, topic: str, partition: int, compression: int, loop: asyncio.AbstractEventLoop) -> None:
-        self.topic = topic
-        self.partition = partition
-        self.builder = rec.BatchBuilder(compression)
-        self.done: asyncio.Future[int] = loop.create_future()  # resolves to the base offset
-        self.created = loop.time()
+    __slots__ = ("done",)
+
+    def __init__(self, topic: str, partition: int, compression: int, created: float) -> None:
+        super().__init__(topic, partition, compression, created)
+        self.done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    def complete(self, base_offset: int, error: BaseException | None) -> None:
+        if self.done.done():
+            return
+        if error is None:
+            self.done.set_result(base_offset)
+        else:
+            self.done.set_exception(error)
+            self.done.exception()  # marks it retrieved: the caller may never await this record
 
 
 class AsyncRecordFuture:
@@ -443,6 +445,10 @@ class AsyncRecordFuture:
 
 
 class AsyncProducer:
+    """The Producer's API over asyncio, on the same core (producer_core.py): batching, linger, the buffer
+    limit, idempotent sequences, one request in flight per partition, the same retry and leader-loss rules.
+    A sender task (started by the first send) plays the part of the Producer's sender thread."""
+
     def __init__(
         self,
         bootstrap: str | Sequence[str] | None = None,
@@ -451,27 +457,39 @@ class AsyncProducer:
         linger_ms: float = DEFAULT_LINGER_MS,
         batch_size: int = DEFAULT_BATCH_SIZE,
         compression: str = "none",
+        partitioner: str = "sticky",
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        buffer_memory: int = DEFAULT_BUFFER_MEMORY,
         request_timeout_ms: int = DEFAULT_REQUEST_TIMEOUT_MS,
         delivery_timeout_ms: int = DEFAULT_DELIVERY_TIMEOUT_MS,
+        max_block_ms: int = DEFAULT_MAX_BLOCK_MS,
+        enable_idempotence: bool = True,
     ) -> None:
-        check_producer_options(acks, compression)
-        self.acks = ACKS[acks]
-        self._linger_s = linger_ms / 1000
-        self._batch_size = batch_size
-        self._compression = rec.COMPRESSION_CODECS[compression]
-        self._max_request_bytes = max_request_bytes
+        self._core = ProducerCore(
+            new_batch=_AsyncBatch, new_future=AsyncRecordFuture, wake=self._wake, acks=acks, linger_ms=linger_ms,
+            batch_size=batch_size, compression=compression, partitioner=partitioner,
+            max_request_bytes=max_request_bytes, buffer_memory=buffer_memory,
+            delivery_timeout_ms=delivery_timeout_ms, max_block_ms=max_block_ms,
+            enable_idempotence=enable_idempotence, producer_id=random.getrandbits(62))
+        self.acks = self._core.acks
         self._timeout_ms = request_timeout_ms
         self._metadata = AsyncMetadata(bootstrap, request_timeout_ms)
-        self._delivery_timeout_s = delivery_timeout_ms / 1000
-        self._producer_id = random.getrandbits(62)  # idempotence, as in the synchronous Producer
-        self._sequences: dict[tuple[str, int], int] = {}
-        self._sticky = StickyPartitioner()
-        self._open: dict[tuple[str, int], _AsyncBatch] = {}
-        self._queues: dict[tuple[str, int], deque[_AsyncBatch]] = {}
-        self._senders: dict[tuple[str, int], asyncio.Task[None]] = {}
-        self._linger_tasks: dict[tuple[str, int], asyncio.TimerHandle] = {}
-        self._failures = FailureTally()  # since the last flush()
+        # asyncio.Events bind to the running loop when first waited on: made by the first send(), in the loop
+        self._wakeup: asyncio.Event | None = None
+        self._changed: asyncio.Event | None = None  # set whenever batches are released: buffer room, flush()
+        self._sender: asyncio.Task[None] | None = None
+        self._requests: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    def _wake(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    def _start(self) -> None:
+        if self._sender is None:
+            self._wakeup = asyncio.Event()
+            self._changed = asyncio.Event()
+            self._sender = asyncio.get_running_loop().create_task(self._run_sender())
 
     async def send(
         self,
@@ -487,152 +505,138 @@ class AsyncProducer:
         priority: int | None = None,
     ) -> AsyncRecordFuture:
         """Queue a record; await the returned future for its RecordMetadata. deliver_at_ms, delay_ms and priority
-        as in Producer.send."""
+        as in Producer.send. Waits up to max_block_ms while buffer_memory is full, then raises
+        RequestTimedOutError."""
+        if self._closed:
+            raise LogbrokerError("send() on a closed producer")
         if priority is not None:
             topic = priority_lane(topic, priority)
         if deliver_at_ms is not None or delay_ms is not None:
             headers = delivery_headers(headers, deliver_at_ms, delay_ms)
-        if isinstance(value, str):
-            value = value.encode()
-        if isinstance(key, str):
-            key = key.encode()
-        count = await self._metadata.partitions_for(topic)
-        partition = choose_partition(topic, key, partition, count, self._sticky)
-        record_bytes = record_size_bound(check_record_size(topic, partition, key, value, self._max_request_bytes),
-                                         headers)
-        timestamp_ms = time.time_ns() // 1_000_000 if timestamp_ms is None else timestamp_ms
-        slot = (topic, partition)
-        batch = self._open.get(slot)
-        if batch is not None and batch.builder.size_bytes + record_bytes > self._batch_size:
-            self._seal(slot)  # as the synchronous Producer: a record that would overfill the batch starts a new one
-            batch = None
-        loop = asyncio.get_running_loop()
-        if batch is None:
-            batch = self._open[slot] = _AsyncBatch(topic, partition, self._compression, loop)
-            self._linger_tasks[slot] = loop.call_later(self._linger_s, self._seal, slot)
-        index = batch.builder.append(timestamp_ms, key, value, headers or ())
-        if batch.builder.size_bytes >= self._batch_size:
-            self._seal(slot)
-        return AsyncRecordFuture(batch, index, timestamp_ms)
+        if self._sender is None:
+            self._start()
+        core = self._core
+        count = core.partition_counts.get(topic)
+        if count is None:
+            count = core.partition_counts[topic] = await self._metadata.partitions_for(topic)
+        if core.buffered_bytes >= core.buffer_memory:
+            await self._wait_for_space()
+        return core.append(topic, value, key, headers, partition, timestamp_ms, count)  # type: ignore[no-any-return]
 
     async def send_and_wait(self, topic: str, value: bytes | str | None = None, **kwargs: Any) -> RecordMetadata:
         return await (await self.send(topic, value, **kwargs))
 
-    def _seal(self, slot: tuple[str, int]) -> None:
-        batch = self._open.pop(slot, None)
-        timer = self._linger_tasks.pop(slot, None)
-        if timer is not None:
-            timer.cancel()
-        if batch is None:
-            return
-        self._queues.setdefault(slot, deque()).append(batch)
-        self._sticky.on_batch_sealed(slot[0], slot[1], self._metadata.cached_count(slot[0]) or 1)
-        if slot not in self._senders:
-            self._senders[slot] = asyncio.get_running_loop().create_task(self._drain(slot))
+    async def _wait_for_space(self) -> None:
+        core = self._core
+        assert self._changed is not None
+        self._wake()
+        deadline = time.monotonic() + core.max_block_s
+        while core.buffer_full():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise core.buffer_full_error()
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
 
-    async def _drain(self, slot: tuple[str, int]) -> None:
-        """One sender per partition: its batches go out one request at a time, in order."""
-        queue = self._queues[slot]
-        try:
-            while queue:
-                batches = [queue.popleft()]
-                size = batches[0].builder.size_bytes
-                while (queue and len(batches) < MAX_BATCHES_PER_REQUEST
-                       and size + queue[0].builder.size_bytes <= self._max_request_bytes):
-                    size += queue[0].builder.size_bytes
-                    batches.append(queue.popleft())
-                await self._send_batches(slot, batches)
-        finally:
-            del self._senders[slot]
-
-    async def _send_batches(self, slot: tuple[str, int], batches: list[_AsyncBatch],
-                            built: list[bytes] | None = None) -> None:
-        """Send until acknowledged, retrying while leadership moves (within the delivery timeout). The bytes,
-        producer id and sequences stay the same on every attempt, so the leader stores a retried batch once."""
-        built = built or [self._build(slot, b) for b in batches]
-        request = pb.ProduceRequest(acks=self.acks, timeout_ms=self._timeout_ms, partitions=[
-            pb.PartitionRecords(topic=slot[0], partition=slot[1], records=b"".join(built))])
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._delivery_timeout_s
-        while True:
-            try:
-                result = await self._produce_once(slot, request)
-                break
-            except LogbrokerError as exc:
-                error = await self._final_error(slot, exc, loop.time() < deadline)
-                if error is None:
-                    self._metadata.invalidate(slot[0])
-                    await asyncio.sleep(RETRY_BACKOFF_MS / 1000)
-                    continue
-                refused = refused_batch(error, [len(data) for data in built])
-                if refused is not None:  # that batch alone is at fault: send the others again
-                    bad = batches[refused]
-                    self._fail([bad], explain_record_too_large(error, *slot, [(bad.builder.count, len(built[refused]))])
-                               or error)
-                    keep = [i for i in range(len(batches)) if i != refused]
-                    await self._send_batches(slot, [batches[i] for i in keep], [built[i] for i in keep])
-                    return
-                sizes = [(b.builder.count, len(data)) for b, data in zip(batches, built, strict=True)]
-                self._fail(batches, explain_record_too_large(error, *slot, sizes) or error)
-                return
-        if self.acks != 0 and len(result.batch_base_offsets) == len(batches):
-            for batch, base_offset in zip(batches, result.batch_base_offsets, strict=True):
-                batch.done.set_result(base_offset)
-            return
-        offset = result.base_offset if self.acks != 0 else -1
-        for batch in batches:
-            batch.done.set_result(offset)
-            if offset >= 0:
-                offset += batch.builder.count
-
-    async def _final_error(self, slot: tuple[str, int], exc: LogbrokerError, in_time: bool) -> LogbrokerError | None:
-        """None to retry; else the error the batches fail with. A partition none of whose replicas answers
-        fails at once rather than at the delivery timeout."""
-        if not exc.retriable or not in_time:
-            return exc
-        try:
-            await self._metadata.raise_if_offline(*slot)
-        except LogbrokerError as offline:
-            return offline
-        return None
-
-    def _fail(self, batches: list[_AsyncBatch], error: LogbrokerError) -> None:
-        self._failures.add(sum(b.builder.count for b in batches), error)
-        for batch in batches:
-            batch.done.set_exception(error)
-            batch.done.exception()  # marks it retrieved: the caller may never await this record
-
-    async def _produce_once(self, slot: tuple[str, int], request: pb.ProduceRequest) -> pb.PartitionProduceResult:
-        response = await self._metadata.call("Produce", request, await self._metadata.leader(*slot))
-        result: pb.PartitionProduceResult = response.results[0]
-        if result.error_code:
-            raise error_for(result.error_code, result.error_message, *slot)
-        return result
-
-    def _build(self, slot: tuple[str, int], batch: _AsyncBatch) -> bytes:
-        sequence = self._sequences.get(slot, 0)
-        self._sequences[slot] = (sequence + batch.builder.count) & 0x7FFFFFFF
-        return batch.builder.build(producer_id=self._producer_id, producer_epoch=0, base_sequence=sequence)
-
-    async def flush(self, *, raise_on_failure: bool = False) -> int:
+    async def flush(self, timeout: float | None = None, *, raise_on_failure: bool = False) -> int:
         """Send everything queued and wait for every answer. As Producer.flush: returns how many records failed
-        since the previous flush (0: all acknowledged), or raises DeliveryFailedError with raise_on_failure."""
-        for slot in list(self._open):
-            self._seal(slot)
-        while self._senders:
-            await asyncio.gather(*self._senders.values(), return_exceptions=True)
-        failures, self._failures = self._failures, FailureTally()
-        return failures.report(raise_on_failure)
+        since the previous flush (0: all acknowledged), or raises DeliveryFailedError with raise_on_failure;
+        TimeoutError if some are still unanswered after timeout seconds."""
+        core = self._core
+        if self._sender is not None:
+            assert self._changed is not None
+            core.seal_all()
+            self._wake()
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while core.unfinished:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"flush: {core.unfinished} batch(es) still unacknowledged after {timeout}s")
+                self._changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), remaining)
+        return core.take_failures().report(raise_on_failure)
 
-    async def close(self) -> None:
-        await self.flush()
-        await self._metadata.close()
+    async def close(self, timeout: float | None = None) -> None:
+        if self._closed:
+            return
+        try:
+            await self.flush(timeout)
+        finally:
+            self._closed = self._core.closed = True
+            if self._sender is not None:
+                self._wake()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._sender, 5)
+            await self._metadata.close()
 
     async def __aenter__(self) -> AsyncProducer:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    # ------------------------------------------------------------------------------ sender side
+
+    async def _run_sender(self) -> None:
+        core = self._core
+        wakeup = self._wakeup
+        assert wakeup is not None
+        loop = asyncio.get_running_loop()
+        while not self._closed or core.has_work():
+            wait_s = core.seal_lingering()
+            for slot, batches in core.take_sendable():
+                task = loop.create_task(self._send(slot, batches))
+                self._requests.add(task)
+                task.add_done_callback(self._requests.discard)
+            if not wakeup.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wakeup.wait(), wait_s)
+            wakeup.clear()
+        if self._requests:
+            await asyncio.gather(*self._requests, return_exceptions=True)
+
+    async def _send(self, slot: Slot, batches: list[CoreBatch]) -> None:
+        core = self._core
+        retry = batches[0].attempts > 0
+        request = pb.ProduceRequest(acks=core.acks, timeout_ms=self._timeout_ms, partitions=[
+            pb.PartitionRecords(topic=slot[0], partition=slot[1], records=core.request_records(slot, batches))])
+        address = None
+        try:
+            address = await self._metadata.leader(*slot)
+            if retry:  # the last attempt failed: if no replica of the partition answers, fail now, not in minutes
+                await self._metadata.raise_if_offline(*slot)
+            response = await self._metadata.call("Produce", request, address)  # marks an unreachable broker
+        except LogbrokerError as exc:
+            self._on_answer(slot, batches, None, exc, address)
+            return
+        except Exception as exc:  # never leave the batches unanswered: flush() waits for them
+            self._on_answer(slot, batches, None, LogbrokerError(f"produce to {address} failed: {exc}"), address)
+            return
+        if core.acks == 0:
+            complete_all(core.unacknowledged(batches))
+            self._release(slot, batches)
+            return
+        self._on_answer(slot, batches, response.results[0], None, address)
+
+    def _on_answer(self, slot: Slot, batches: list[CoreBatch], result: pb.PartitionProduceResult | None,
+                   error: LogbrokerError | None, address: str | None) -> None:
+        verdict = self._core.on_answer(slot, batches, result, error)
+        if verdict.leaderless and address:
+            self._metadata.mark_leaderless(address)
+        if verdict.retry:
+            self._metadata.invalidate(slot[0])
+            self._wake()
+            return
+        complete_all(verdict.completions)
+        self._release(slot, verdict.finished)
+
+    def _release(self, slot: Slot, batches: Sequence[CoreBatch]) -> None:
+        self._core.release(slot, batches)
+        if self._changed is not None:
+            self._changed.set()
+        self._wake()
 
 
 # --------------------------------------------------------------------------------------- consumer
