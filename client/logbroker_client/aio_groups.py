@@ -217,6 +217,7 @@ class AsyncGroupSide:
     async def on_poll(self) -> None:
         """Carry out the coordinator's decisions, auto-commit when due, raise a fatal group error."""
         self.news.clear()
+        self.member.check_session(monotonic_ms())  # never hand out records of partitions given away meanwhile
         self.member.poll_called(monotonic_ms())
         if self.member.active:
             self.wake_heartbeat.set()

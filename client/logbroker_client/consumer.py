@@ -515,6 +515,9 @@ class _GroupSide:
         """Carry out the coordinator's decisions, auto-commit when due, raise a fatal group error."""
         self.news.clear()
         with self.lock:
+            # The heartbeat thread may be stuck (in a call, a backoff, or the whole process was paused): the
+            # poll checks the session too, so it never hands out records of partitions already given away.
+            self.member.check_session(monotonic_ms())
             self.member.poll_called(monotonic_ms())
             if self.member.active:
                 self.wake_heartbeat.set()  # a rejoin after a poll timeout goes out at once

@@ -571,6 +571,15 @@ class GroupCoordinatorShard:
         return out
 
     # ================================================================================== time
+    def fresh_sessions(self) -> None:
+        """A new coordinator starts every member's session and rebalance deadline from now."""
+        now_ms = self.clock_ms()
+        for group in self.groups.values():
+            for member in group.members.values():
+                member.last_heartbeat_ms = now_ms
+                if member.revoking:
+                    member.revoke_deadline_ms = now_ms + member.rebalance_timeout_ms
+
     def expire(self) -> list[StateRecord]:
         """Members past their session or rebalance timeout, and the offsets of long-empty groups."""
         now_ms = self.clock_ms()

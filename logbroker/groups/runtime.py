@@ -80,6 +80,9 @@ class GroupShardRuntime:
         was_leader, self._leader = self._leader, is_leader
         if is_leader:
             self._loaded_at = self.replica.last_offset()  # the no-op of the new term is the last entry
+            # Heartbeats are not written to the log: every member gets a fresh session (and rebalance
+            # deadline) from the new coordinator, or stable members would be expired at its first tick.
+            self.shard.fresh_sessions()
             log.info("%s: coordinator for its groups from offset %d", self.replica.name, self._loaded_at)
         elif was_leader and self.applied_offset >= self.replica.high_watermark:
             # It replayed records that may never commit: start again from what is committed.

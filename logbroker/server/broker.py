@@ -145,6 +145,8 @@ class Broker:
                                         snapshot_trigger_bytes=config.offsets_snapshot_trigger_bytes)
         self._handovers: dict[str, Handover] = {}  # Raft group -> leadership a failed replica is giving away
         self._next_handover_s = 0.0
+        self._metadata_loaded = False  # see metadata_loaded()
+        self._heard_controller_leader = False
         # (topic, partition) -> (replica that could not write, when to try again)
         self._failed_replicas: dict[tuple[str, int], tuple[Replica, float]] = {}
         self._last_flush_s: dict[str, float] = {}  # flush="interval" groups: when their log was last fsynced
@@ -219,6 +221,8 @@ class Broker:
         heard = self.liveness.heard_from
         for group, message in items:
             heard(message.from_node)
+            if group == CONTROLLER_GROUP and message.type in (MessageType.APPEND, MessageType.HEARTBEAT):
+                self._heard_controller_leader = True
             replica = self._replicas.get(group)
             if replica is not None and not replica.closed:
                 replica.step(message)
@@ -396,6 +400,18 @@ class Broker:
         if not 0 <= epoch <= MAX_EPOCH:
             return f"epoch {epoch} is outside 0..{MAX_EPOCH}"
         return None
+
+    def metadata_loaded(self) -> bool:
+        """Whether this broker's copy of the cluster metadata is current: it has heard from a controller
+        leader since it started and applied all it holds. Until then "no such topic" may only mean "not yet"."""
+        controller = self.controller
+        if self._metadata_loaded or controller is None:
+            return self._metadata_loaded
+        node = controller.node
+        if controller.leader_id is not None and (controller.is_leader or self._heard_controller_leader) and \
+                node.applied_offset >= node.log.last_offset:
+            self._metadata_loaded = True
+        return self._metadata_loaded
 
     def _live_brokers(self) -> list[int]:
         return [node for node in self.peers if self.liveness.is_alive(node)]
@@ -703,6 +719,9 @@ class Broker:
 
     def _require_topic(self, name: str) -> TopicMetadata:
         topic = self.cluster.topics.get(name)
+        if topic is None and not self.metadata_loaded():
+            raise errors.LeaderNotAvailable(
+                f"broker {self.node_id} is still loading the cluster metadata after its start; retry shortly")
         if topic is None:
             raise errors.UnknownTopicOrPartition(
                 f"topic {name!r} does not exist; create it with `lb topic create {name} --partitions N`")
@@ -862,12 +881,16 @@ class Broker:
         replica = self.leader_replica(topic, index)
         hw = replica.high_watermark
         start = replica.log.log_start_offset
-        if offset > hw or offset < start:
+        end = replica.log.log_end_offset
+        # Past the high watermark but within the log: a new leader whose high watermark has not caught up
+        # yet (it does once its first entry commits). Kafka answers such a fetch with nothing rather than an
+        # error, which would send a consumer back to its reset policy and re-read the partition.
+        if offset > max(hw, end) or offset < start:
             raise errors.OffsetOutOfRange(
                 f"{replica.name}: offset {offset} is out of range; valid offsets are {start}..{hw} "
                 "(log start..high watermark); seek to an offset in that range")
         try:
-            data = b"" if offset == hw else replica.log.read(offset, max_bytes, max_offset=hw)
+            data = b"" if offset >= hw else replica.log.read(offset, max_bytes, max_offset=hw)
         except OffsetOutOfRangeError as exc:
             raise errors.OffsetOutOfRange(str(exc)) from None
         return FetchResult(data, hw, start)

@@ -388,7 +388,6 @@ def test_a_killed_members_partitions_move_after_the_session_timeout(scenario: Sc
     print(f"a's partitions {sorted(shares['a'])} moved to b {moved / 1e6:.3f}s after a was SIGKILLed")
 
 
-@pytest.mark.xfail(raises=RecordsAfterLapse, strict=False, reason=LAPSED_SESSION_BUG)
 def test_a_member_paused_past_its_session_is_fenced_and_rejoins(scenario: Scenario) -> None:
     scenario.start_load()
     scenario.member("a")
@@ -418,7 +417,6 @@ def test_a_member_paused_past_its_session_is_fenced_and_rejoins(scenario: Scenar
     scenario.finish(fenced_member_kept_consuming)
 
 
-@pytest.mark.xfail(raises=ExpiredByNewCoordinator, strict=False, reason=NEW_COORDINATOR_BUG)
 def test_the_coordinators_broker_killed_and_restarted_during_commits(scenario: Scenario) -> None:
     """Killed soon after the group settled: a coordinator move later than a session after the members' last
     change fences them (NEW_COORDINATOR_BUG; the test below pins it), which the move back to the restarted
@@ -450,7 +448,8 @@ def test_the_coordinators_broker_killed_and_restarted_during_commits(scenario: S
           f"failed {summary['commits failed']}; ownerships ended {summary['ended']}")
 
 
-@pytest.mark.xfail(raises=ExpiredByNewCoordinator, strict=True, reason=NEW_COORDINATOR_BUG)
+@pytest.mark.xfail(strict=False, reason="open: during a rolling restart the static members' partitions are still "
+                   "revoked and handed back once (no two owners; nothing lost), where Kafka reassigns nothing")
 def test_a_rolling_restart_of_every_broker_reassigns_nothing_among_static_members(scenario: Scenario) -> None:
     scenario.start_load()
     for name in ("a", "b", "c"):
@@ -476,7 +475,6 @@ def test_a_rolling_restart_of_every_broker_reassigns_nothing_among_static_member
     assert not moves, f"partitions moved during the rolling restart: {moves}"
 
 
-@pytest.mark.xfail(raises=ExpiredByNewCoordinator, strict=True, reason=NEW_COORDINATOR_BUG)
 def test_stable_members_keep_their_partitions_when_the_coordinator_moves(scenario: Scenario) -> None:
     """The bug on its own: two members stable for longer than the session timeout; the coordinator's broker dies.
     The new coordinator must give them a fresh session (as the issue says, it serves them at once)."""
