@@ -19,7 +19,7 @@ from logbroker.groups.coordinator import (
     check_group_id,
     partition_for_group,
 )
-from logbroker.groups.errors import CoordinatorNotAvailable, NotCoordinator
+from logbroker.groups.errors import CoordinatorLoadInProgress, CoordinatorNotAvailable, NotCoordinator
 from logbroker.groups.runtime import GroupShardRuntime
 from logbroker.server.broker import Broker
 
@@ -54,6 +54,11 @@ class GroupFrontEnd:
 
     def runtime_for(self, group_id: str) -> GroupShardRuntime:
         check_group_id(group_id)
+        if not self.broker.metadata_loaded():
+            # Assignments are computed from the topics this broker knows: a broker that has just started
+            # must not compute them from a partial list (every member would lose its partitions).
+            raise CoordinatorLoadInProgress(f"broker {self.broker.node_id} is still loading the cluster "
+                                            "metadata; retry shortly")
         partitions = self.offsets_partitions()
         runtime = None if partitions is None else \
             self.broker.group_runtimes.get(partition_for_group(group_id, partitions))

@@ -448,8 +448,6 @@ def test_the_coordinators_broker_killed_and_restarted_during_commits(scenario: S
           f"failed {summary['commits failed']}; ownerships ended {summary['ended']}")
 
 
-@pytest.mark.xfail(strict=False, reason="open: during a rolling restart the static members' partitions are still "
-                   "revoked and handed back once (no two owners; nothing lost), where Kafka reassigns nothing")
 def test_a_rolling_restart_of_every_broker_reassigns_nothing_among_static_members(scenario: Scenario) -> None:
     scenario.start_load()
     for name in ("a", "b", "c"):
@@ -467,9 +465,10 @@ def test_a_rolling_restart_of_every_broker_reassigns_nothing_among_static_member
         wait_until(in_sync_everywhere(scenario.cluster, node, topics), SETTLE_TIMEOUT_S,
                    f"broker {node} to be in sync on every partition again", 0.2)
         scenario.wait_consuming(["a", "b", "c"], records=5)
+    restarted = now_us()  # what members give up when they close at the end is no move
     scenario.finish(fenced_at_coordinator_move)
     moves = [(name, e["event"], e["partitions"]) for name in shares for e in scenario.members[name].events()
-             if e["event"] in ("assigned", "revoked", "lost") and e["t_us"] > settled]
+             if e["event"] in ("assigned", "revoked", "lost") and settled < e["t_us"] < restarted]
     if any(kind == "lost" for _, kind, _ in moves):
         raise ExpiredByNewCoordinator(f"static members lost their partitions in the rolling restart: {moves}")
     assert not moves, f"partitions moved during the rolling restart: {moves}"
