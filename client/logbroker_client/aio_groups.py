@@ -19,6 +19,8 @@ from logbroker_client.coordinator import ErrorReader, gives_up, remaining_s
 from logbroker_client.errors import BrokerUnavailableError, LogbrokerError, StaleMemberEpochError
 from logbroker_client.fetch_state import FetchState
 from logbroker_client.group_member import (
+    STALE_EPOCH_POLL_S,
+    STALE_EPOCH_WAIT_S,
     AutoCommitTimer,
     GroupMember,
     MemberState,
@@ -291,8 +293,18 @@ class AsyncGroupSide:
                     await self.coordinators.call(self.group_id, "CommitOffsets", request)
                     return
                 except StaleMemberEpochError:
-                    if attempt or self.member.epoch == request.member_epoch:
+                    # The heartbeat answer with the new epoch has not arrived yet: ask for it, then retry.
+                    if attempt or not await self._await_epoch_change(request.member_epoch):
                         raise
+
+    async def _await_epoch_change(self, stale_epoch: int) -> bool:
+        self.wake_heartbeat.set()
+        deadline = asyncio.get_running_loop().time() + STALE_EPOCH_WAIT_S
+        while asyncio.get_running_loop().time() < deadline:
+            if self.member.epoch != stale_epoch:
+                return True
+            await asyncio.sleep(STALE_EPOCH_POLL_S)
+        return False
 
     async def _commit_quietly(self, offsets: CommitOffsets) -> None:
         try:

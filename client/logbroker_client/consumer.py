@@ -44,6 +44,8 @@ from logbroker_client.fetch_state import (
     reset_policy,
 )
 from logbroker_client.group_member import (
+    STALE_EPOCH_POLL_S,
+    STALE_EPOCH_WAIT_S,
     AutoCommitTimer,
     GroupMember,
     MemberState,
@@ -614,9 +616,20 @@ class _GroupSide:
                 self.coordinators.call(self.group_id, "CommitOffsets", request)
                 return
             except StaleMemberEpochError:
-                with self.lock:  # the epoch moved while the commit was on its way: once more with the new one
-                    if attempt or self.member.epoch == request.member_epoch:
-                        raise
+                # The coordinator moved the epoch and the heartbeat answer saying so has not arrived yet: ask
+                # for it now, and commit once more with the new epoch (if the partitions are still ours).
+                if attempt or not self._await_epoch_change(request.member_epoch):
+                    raise
+
+    def _await_epoch_change(self, stale_epoch: int) -> bool:
+        self.wake_heartbeat.set()
+        deadline = time.monotonic() + STALE_EPOCH_WAIT_S
+        while time.monotonic() < deadline:
+            with self.lock:
+                if self.member.epoch != stale_epoch:
+                    return True
+            time.sleep(STALE_EPOCH_POLL_S)
+        return False
 
     def _commit_quietly(self, offsets: CommitOffsets) -> None:
         """Auto-commit: a refusal is logged (the records will be consumed again by whoever owns them next)."""

@@ -49,6 +49,9 @@ Partitions = frozenset[TopicPartition]
 NOTHING: Partitions = frozenset()
 
 
+STALE_EPOCH_WAIT_S = 2.0  # how long a commit refused for a stale epoch waits for the heartbeat's new epoch
+STALE_EPOCH_POLL_S = 0.01
+
 class MemberState(Enum):
     IDLE = "idle"  # not subscribed: commits, if any, are a simple group's (member "", epoch -1)
     JOINING = "joining"  # the next heartbeat carries epoch 0

@@ -337,3 +337,26 @@ def test_no_partition_ever_has_two_owners(actions: list[tuple[str, int]]) -> Non
             client.owned = frozenset()
             alive.discard(i)
         assert_no_double_owners(*clients.values())
+
+
+def test_deleting_a_topic_drops_the_groups_committed_offsets_for_it() -> None:
+    shard = make_shard(topics={"orders": 2, "other": 1})
+    shard.commit("g", "", -1, [("orders", 0, 5, ""), ("other", 0, 7, "")])
+    shard.drop_topic("orders")
+    assert shard.fetch_offsets("g") == {("other", 0): shard.fetch_offsets("g")[("other", 0)]}
+
+
+def test_an_empty_groups_offsets_expire_after_the_retention() -> None:
+    clock = Clock()
+    catalog = dict(TOPICS)
+    shard = GroupCoordinatorShard(lambda: catalog, GroupConfig(offsets_retention_ms=60_000), clock)
+    a = Client(shard, "a")
+    a.heartbeat()
+    shard.commit("g", "a", a.epoch, [("orders", sorted(a.owned)[0][1], 3, "")])
+    a.leave()
+    clock.now_ms += 59_000
+    shard.expire()
+    assert shard.fetch_offsets("g")
+    clock.now_ms += 2_000
+    shard.expire()
+    assert shard.fetch_offsets("g") == {} and "g" not in shard.groups
