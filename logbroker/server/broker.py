@@ -146,7 +146,6 @@ class Broker:
         self._handovers: dict[str, Handover] = {}  # Raft group -> leadership a failed replica is giving away
         self._next_handover_s = 0.0
         self._metadata_loaded = False  # see metadata_loaded()
-        self._heard_controller_leader = False
         # (topic, partition) -> (replica that could not write, when to try again)
         self._failed_replicas: dict[tuple[str, int], tuple[Replica, float]] = {}
         self._last_flush_s: dict[str, float] = {}  # flush="interval" groups: when their log was last fsynced
@@ -221,8 +220,6 @@ class Broker:
         heard = self.liveness.heard_from
         for group, message in items:
             heard(message.from_node)
-            if group == CONTROLLER_GROUP and message.type in (MessageType.APPEND, MessageType.HEARTBEAT):
-                self._heard_controller_leader = True
             replica = self._replicas.get(group)
             if replica is not None and not replica.closed:
                 replica.step(message)
@@ -402,14 +399,13 @@ class Broker:
         return None
 
     def metadata_loaded(self) -> bool:
-        """Whether this broker's copy of the cluster metadata is current: it has heard from a controller
-        leader since it started and applied all it holds. Until then "no such topic" may only mean "not yet"."""
+        """Whether this broker has loaded the cluster metadata since it started: a controller leader is known
+        and every command known to be committed is applied. Until then "no such topic" may mean "not yet"."""
         controller = self.controller
         if self._metadata_loaded or controller is None:
             return self._metadata_loaded
         node = controller.node
-        if controller.leader_id is not None and (controller.is_leader or self._heard_controller_leader) and \
-                node.applied_offset >= node.log.last_offset:
+        if controller.leader_id is not None and node.applied_offset >= node.commit_offset:
             self._metadata_loaded = True
         return self._metadata_loaded
 
