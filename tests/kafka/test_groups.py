@@ -139,8 +139,8 @@ def test_admin_lists_describes_and_deletes_groups(kafka_cluster: BrokerCluster, 
         consumer.commit()
         listed = admin.list_consumer_groups(request_timeout=10).result()
         assert group in [g.group_id for g in listed.valid]
-        deadline = time.monotonic() + 10
-        while True:  # kafka-python may rejoin once more when the topic's metadata reaches it
+        deadline = time.monotonic() + 20
+        while True:  # the client may rejoin once more when the topic's metadata reaches it
             described = admin.describe_consumer_groups([group], request_timeout=10)[group].result()
             if described.state.name == "STABLE" or time.monotonic() > deadline:
                 break
