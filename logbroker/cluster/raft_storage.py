@@ -15,7 +15,7 @@ import struct
 import threading
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -119,8 +119,14 @@ class ReplicaStateFile:
         self._lock = threading.Lock()  # the flush thread and a closing broker may both save
         self._fd: int | None = None
         self._seq = 0
+        self.last_saved: ReplicaState | None = None  # what the file holds, so an unchanged state is not saved again
 
     def load(self, default_membership: Membership) -> ReplicaState:
+        state = self._load(default_membership)
+        self.last_saved = replace(state)
+        return state
+
+    def _load(self, default_membership: Membership) -> ReplicaState:
         fresh = ReplicaState(voters=tuple(sorted(default_membership.voters)),
                              learners=tuple(sorted(default_membership.learners)))
         if not self.path.exists():
@@ -166,6 +172,7 @@ class ReplicaStateFile:
             self._seq += 1
             os.pwrite(fd, _encode_slot(self._seq, body), (self._seq % 2) * SLOT_BYTES)
             os.fdatasync(fd)
+            self.last_saved = replace(state)
 
     def _open(self) -> int:
         if self._fd is None:

@@ -468,7 +468,8 @@ class Replica:
         self.closed = True
         self._fail_waiters(RuntimeError(f"{self.name}: replica closed"))
         with self._write_lock:  # an append in the thread pool finishes its chunk first (milliseconds)
-            self.save_state()
+            if self.state != self._state_file.last_saved:  # one fdatasync less per unchanged replica at shutdown
+                self.save_state()
             self._state_file.close()
             self.log.close()
 

@@ -715,9 +715,6 @@ class Broker:
 
     def _require_topic(self, name: str) -> TopicMetadata:
         topic = self.cluster.topics.get(name)
-        if topic is None and not self.metadata_loaded():
-            raise errors.LeaderNotAvailable(
-                f"broker {self.node_id} is still loading the cluster metadata after its start; retry shortly")
         if topic is None:
             raise errors.UnknownTopicOrPartition(
                 f"topic {name!r} does not exist; create it with `lb topic create {name} --partitions N`")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from confluent_kafka import Consumer as CKConsumer
 from confluent_kafka import KafkaError
 from confluent_kafka import Producer as CKProducer
@@ -53,6 +54,9 @@ def _settled_at_end(*consumers: KafkaConsumer) -> bool:
     return True
 
 
+# The longest test of the suite (25 s) and sensitive to a loaded machine (kafka-python's rebalance timing):
+# it runs with the fault and soak tests in `make test-slow`.
+@pytest.mark.slow
 def test_two_kafka_python_consumers_share_commit_take_over_and_resume(kafka_cluster: BrokerCluster,
                                                                       topic_name: str) -> None:
     bootstrap = kafka_cluster.kafka_bootstrap

@@ -13,8 +13,8 @@ from logbroker_client.proto import logbroker_pb2_grpc as pb_grpc
 from tests.support.brokers import InProcessBroker, wait_until
 
 TOPIC = "wide"
-PARTITIONS = 100
-ROUNDS = 300  # 300 commits of 100 offsets: 30,000 records, about 3 MB written
+PARTITIONS = 20
+ROUNDS = 300  # 300 commits of 20 offsets with 400 bytes of metadata each: about 2.6 MB written
 SEGMENT_BYTES = 64 << 10
 SNAPSHOT_TRIGGER_BYTES = 128 << 10
 BOUND_BYTES = 1 << 20  # far below the 3 MB written, far above one snapshot (~10 KB) and a few segments
@@ -45,7 +45,7 @@ def test_the_offsets_log_stays_bounded_and_replays_after_a_restart(tmp_path: Pat
         stub = groups_stub(broker.address)
         for round_number in range(ROUNDS):
             answer = stub.CommitOffsets(pb.CommitOffsetsRequest(group_id="g", member_epoch=-1, offsets=[
-                pb.OffsetToCommit(topic=TOPIC, partition=p, offset=round_number * 1000 + p, metadata="m" * 16)
+                pb.OffsetToCommit(topic=TOPIC, partition=p, offset=round_number * 1000 + p, metadata="m" * 400)
                 for p in range(PARTITIONS)]), timeout=30)
             assert not answer.error_code, answer.error_message
         wait_until(lambda: offsets_dir_bytes(tmp_path / "data") < BOUND_BYTES, 20,
