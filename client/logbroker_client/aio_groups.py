@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from logbroker_client.connection import translate_rpc_error
-from logbroker_client.coordinator import ErrorReader, gives_up, remaining_s
+from logbroker_client.coordinator import ErrorReader, call_failed, checked_answer, gives_up, remaining_s
 from logbroker_client.errors import BrokerUnavailableError, LogbrokerError, StaleMemberEpochError
 from logbroker_client.fetch_state import FetchState
 from logbroker_client.group_member import (
@@ -90,18 +89,8 @@ class AsyncCoordinators:
             response = await getattr(self._metadata.connection(address).groups, method)(
                 request, timeout=remaining_s(deadline))
         except grpc.RpcError as exc:
-            error = translate_rpc_error(exc, address)
-            if isinstance(error, BrokerUnavailableError):
-                self._metadata.mark_unreachable(address)
-            if error.retriable:
-                self.forget(group_id)
-            raise error from None
-        refusal = errors(response)
-        if refusal is not None:
-            if refusal.retriable:
-                self.forget(group_id)
-            raise refusal
-        return response
+            raise call_failed(self, self._metadata, group_id, address, exc) from None
+        return checked_answer(self, group_id, response, errors)
 
     async def call(self, group_id: str, method: str, request: Any, errors: ErrorReader = answer_error,
                    timeout_s: float | None = None) -> Any:

@@ -30,6 +30,7 @@ from logbroker_client.share import (
     IDLE_WAIT_S,
     PARTITIONS_REFRESH_S,
     RETRY_BACKOFF_S,
+    ShareSessionViews,
     check_max_wait_ms,
     default_share_client_id,
     missing_lane_error,
@@ -41,7 +42,6 @@ from logbroker_client.share_state import (
     SharePlan,
     ShareRecord,
     ShareSession,
-    check_max_in_flight,
     failures_error,
 )
 from logbroker_client.types import TopicPartition
@@ -51,7 +51,7 @@ __all__ = ["AsyncShareConsumer"]
 log = logging.getLogger("logbroker_client.share")
 
 
-class AsyncShareConsumer:
+class AsyncShareConsumer(ShareSessionViews):
     def __init__(
         self,
         group_id: str,
@@ -91,22 +91,6 @@ class AsyncShareConsumer:
             return await self._metadata.partitions_for(topic)
         except LogbrokerError as exc:
             raise missing_lane_error(exc, topic, level) from None
-
-    def subscription(self) -> list[str]:
-        return self._session.subscribed_topics()
-
-    @property
-    def max_in_flight(self) -> int:
-        """The most records this consumer holds unfinished; may be changed at any time (RabbitMQ's basic.qos)."""
-        return self._session.max_in_flight
-
-    @max_in_flight.setter
-    def max_in_flight(self, records: int) -> None:
-        self._session.max_in_flight = check_max_in_flight(records)
-
-    @property
-    def in_flight(self) -> int:
-        return self._session.unfinished()
 
     # ------------------------------------------------------------------------------------- poll
 

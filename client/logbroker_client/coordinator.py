@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -72,18 +72,8 @@ class Coordinators:
             response = getattr(self._metadata.connection(address).groups, method)(
                 request, timeout=remaining_s(deadline))
         except grpc.RpcError as exc:
-            error = translate_rpc_error(exc, address)
-            if isinstance(error, BrokerUnavailableError):
-                self._metadata.mark_unreachable(address)
-            if error.retriable:
-                self.forget(group_id)
-            raise error from None
-        refusal = errors(response)
-        if refusal is not None:
-            if refusal.retriable:
-                self.forget(group_id)
-            raise refusal
-        return response
+            raise call_failed(self, self._metadata, group_id, address, exc) from None
+        return checked_answer(self, group_id, response, errors)
 
     def call(self, group_id: str, method: str, request: Any, errors: ErrorReader = answer_error,
              timeout_s: float | None = None) -> Any:
@@ -96,3 +86,33 @@ class Coordinators:
                 if gives_up(exc, deadline):
                     raise
                 time.sleep(COORDINATOR_RETRY_BACKOFF_S)
+
+
+class _Forgetting(Protocol):
+    def forget(self, group_id: str) -> None: ...
+
+
+class _MarksUnreachable(Protocol):
+    def mark_unreachable(self, address: str) -> None: ...
+
+
+def call_failed(coordinators: _Forgetting, metadata: _MarksUnreachable, group_id: str, address: str,
+                exc: grpc.RpcError) -> LogbrokerError:
+    """The typed error of a coordinator call that failed on the wire; an unreachable broker is marked, and a
+    coordinator worth looking up again is forgotten (the sync and async clients share this)."""
+    error = translate_rpc_error(exc, address)
+    if isinstance(error, BrokerUnavailableError):
+        metadata.mark_unreachable(address)
+    if error.retriable:
+        coordinators.forget(group_id)
+    return error
+
+
+def checked_answer(coordinators: _Forgetting, group_id: str, response: Any, errors: ErrorReader) -> Any:
+    """The response, or its refusal raised (typed); a coordinator that moved is forgotten."""
+    refusal = errors(response)
+    if refusal is not None:
+        if refusal.retriable:
+            coordinators.forget(group_id)
+        raise refusal
+    return response

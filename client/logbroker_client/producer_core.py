@@ -15,6 +15,7 @@ error they fail with, counted for flush()). The I/O layers only choose a leader,
 
 from __future__ import annotations
 
+import abc
 import logging
 import re
 import time
@@ -177,7 +178,7 @@ class FailureTally:
 
 # ------------------------------------------------------------------------------------------ batches
 
-class CoreBatch:
+class CoreBatch(abc.ABC):
     """Records for one partition, sent and acknowledged together. The I/O layers subclass it with the way a
     waiter learns the outcome (complete())."""
 
@@ -191,8 +192,9 @@ class CoreBatch:
         self.data: bytes | None = None  # built (with its sequence) when first sent, then resent unchanged
         self.attempts = 0
 
+    @abc.abstractmethod
     def complete(self, base_offset: int, error: BaseException | None) -> None:
-        raise NotImplementedError
+        """Tell the batch's waiters: acknowledged at base_offset, or failed with error."""
 
 
 class Verdict:

@@ -88,7 +88,31 @@ def check_max_wait_ms(max_wait_ms: int) -> int:
     return max_wait_ms
 
 
-class ShareConsumer:
+class ShareSessionViews:
+    """What the sync and async share consumers answer alike, from their session (share_state.py)."""
+
+    _session: ShareSession
+
+    def subscription(self) -> list[str]:
+        """The topics fetched: every lane of every queue subscribed."""
+        return self._session.subscribed_topics()
+
+    @property
+    def max_in_flight(self) -> int:
+        """The most records this consumer holds unfinished; may be changed at any time (RabbitMQ's basic.qos)."""
+        return self._session.max_in_flight
+
+    @max_in_flight.setter
+    def max_in_flight(self, records: int) -> None:
+        self._session.max_in_flight = check_max_in_flight(records)
+
+    @property
+    def in_flight(self) -> int:
+        """Records this consumer holds or has finished without the broker knowing yet (at most max_in_flight)."""
+        return self._session.unfinished()
+
+
+class ShareConsumer(ShareSessionViews):
     def __init__(
         self,
         group_id: str,
@@ -132,24 +156,6 @@ class ShareConsumer:
             return self._metadata.partitions_for(topic)
         except LogbrokerError as exc:
             raise missing_lane_error(exc, topic, level) from None
-
-    def subscription(self) -> list[str]:
-        """The topics fetched: every lane of every queue subscribed."""
-        return self._session.subscribed_topics()
-
-    @property
-    def max_in_flight(self) -> int:
-        """The most records this consumer holds unfinished; may be changed at any time (RabbitMQ's basic.qos)."""
-        return self._session.max_in_flight
-
-    @max_in_flight.setter
-    def max_in_flight(self, records: int) -> None:
-        self._session.max_in_flight = check_max_in_flight(records)
-
-    @property
-    def in_flight(self) -> int:
-        """Records this consumer holds or has finished without the broker knowing yet (at most max_in_flight)."""
-        return self._session.unfinished()
 
     # ------------------------------------------------------------------------------------- poll
 
