@@ -144,7 +144,6 @@ class ShareStateMachine:
         self._snapshot_at_ms: dict[str, int] = {}
         self.applied_offset = -1
         self._leader = False
-        self._lock = asyncio.Lock() if _has_loop() else None
         self._checkpoint_written = -1
         if (directory / CHECKPOINT_FILE).exists():
             self._rebuild()
@@ -179,6 +178,12 @@ class ShareStateMachine:
             start = delta.get("start", 0)
             state = self.groups[group_id] = SharePartition(group_id, start, start)
         state.replay(delta)
+        self._count_delta(delta, offset)
+        self._note_checkpoint()
+
+    def _count_delta(self, delta: dict[str, Any], offset: int) -> None:
+        """Where the group's last restatement is (retention keeps it) and how many deltas came since."""
+        group_id = delta["g"]
         if delta.get("full"):
             self._snapshot_offsets[group_id] = offset
             self._deltas_since_snapshot[group_id] = 0
@@ -187,7 +192,6 @@ class ShareStateMachine:
             self._deltas_since_snapshot[group_id] = self._deltas_since_snapshot.get(group_id, 0) + 1
             self._snapshot_offsets.setdefault(group_id, offset)
             self._snapshot_at_ms.setdefault(group_id, now_ms())
-        self._note_checkpoint()
 
     def _rebuild(self) -> None:
         self.groups.clear()
@@ -325,15 +329,7 @@ class ShareStateMachine:
         entry = entries[-1]
         self.applied_offset = max(self.applied_offset, entry.last_offset)
         for delta in deltas:  # bookkeeping only: the states were changed when the deltas were made
-            group_id = delta["g"]
-            if delta.get("full"):
-                self._snapshot_offsets[group_id] = entry.base_offset
-                self._deltas_since_snapshot[group_id] = 0
-                self._snapshot_at_ms[group_id] = now_ms()
-            else:
-                self._deltas_since_snapshot[group_id] = self._deltas_since_snapshot.get(group_id, 0) + 1
-                self._snapshot_offsets.setdefault(group_id, entry.base_offset)
-                self._snapshot_at_ms.setdefault(group_id, now_ms())
+            self._count_delta(delta, entry.base_offset)
         self._note_checkpoint()
         await asyncio.wait_for(self.replica.wait_committed(entry.last_offset), COMMIT_TIMEOUT_S)
 
@@ -407,11 +403,3 @@ class ShareStateMachine:
         for _, header in rec.iter_batch_headers(data):
             return int(header.base_timestamp)
         return None
-
-
-def _has_loop() -> bool:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import shutil
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -82,7 +83,6 @@ def now_ms() -> int:
 
 def dead_letter_producer_id(group_id: str, topic: str, partition: int) -> int:
     """Fixed for (group, source partition): in [2^61, 2^62), away from clients' random 62-bit ids' usual range."""
-    import zlib
     return (1 << 61) | (zlib.crc32(f"{group_id}\0{topic}\0{partition}".encode()) << 16)
 
 
