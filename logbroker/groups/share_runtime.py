@@ -212,11 +212,14 @@ class ShareStateMachine:
 
     # ======================================================================== checkpoint
     def retain_from(self) -> int | None:
-        """Retention must keep every offset from here: the oldest snapshot a rebuild needs."""
-        return min(self._snapshot_offsets.values()) if self._snapshot_offsets else None
+        """Retention must keep every offset from here: the oldest snapshot a rebuild needs, and the oldest
+        record still parked in a delay index (its delivery time, and the record itself, are only in the log)."""
+        needed = list(self._snapshot_offsets.values())
+        needed += [first for state in self.groups.values() if (first := state.delays.first_offset()) is not None]
+        return min(needed) if needed else None
 
     def _note_checkpoint(self) -> None:
-        oldest = self.retain_from()
+        oldest = min(self._snapshot_offsets.values()) if self._snapshot_offsets else None
         if oldest is None or oldest == self._checkpoint_written:
             return
         first = self._checkpoint_written < 0
@@ -258,7 +261,7 @@ class ShareStateMachine:
         if max_records > 0:
             new_ranges, batches = self._read_new(state)
             acquired, delta = state.acquire(member_id, now, new_ranges, max_records, config,
-                                            delivery_times(batches) if batches else None)
+                                            delivery_times(batches) if batches else None, self._delivery_times)
             # Passing control batches (its own share-state writes among them) changes nothing worth writing:
             # a new leader passes them again. Writing it would make an idle consumer grow the log forever.
             if delta["set"] or "park" in delta or "unpark" in delta:
@@ -299,6 +302,20 @@ class ShareStateMachine:
             first = max(header.base_offset, state.cursor)
             ranges.append((first, header.base_offset + header.last_offset_delta, not header.is_control))
         return ranges, data
+
+    def _delivery_times(self, first: int, last: int) -> list[tuple[int, int]]:
+        """(offset, delivery time) of the records first..last that carry one: the delay index reads parked
+        records' times back from the log rather than holding them all in memory."""
+        out: list[tuple[int, int]] = []
+        offset = first
+        while offset <= last:
+            data = self.replica.read_committed(offset, SCAN_READ_BYTES)
+            if not data:
+                break
+            out.extend((o, due) for o, due in delivery_times(data).items() if first <= o <= last)
+            for _, header in rec.iter_batch_headers(data):
+                offset = header.base_offset + header.last_offset_delta + 1
+        return out
 
     def _batches_for(self, acquired: list[Acquired], fresh: bytes) -> bytes:
         """Whole batches holding every acquired record: the fresh read, plus reads for redeliveries."""
@@ -378,8 +395,8 @@ class ShareStateMachine:
         described = state.describe(now, state.cursor)
         unread, first_unread_ms = self._unread_records(state.cursor)
         described["available"] += unread
-        ready = [o for o, r in state.records.items() if r.state == "a" and r.deadline_ms <= now]
-        oldest_ms = self._timestamp_of(min(ready)) if ready else first_unread_ms
+        ready = state.oldest_ready_offset(now)
+        oldest_ms = self._timestamp_of(ready) if ready is not None else first_unread_ms
         described["oldest_available_age_ms"] = max(0, now - oldest_ms) if oldest_ms is not None else 0
         return described
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from logbroker.groups import delay_index
 from logbroker.groups.share import (
     ACKED,
     ACQUIRED,
@@ -191,31 +194,93 @@ def test_every_record_is_held_by_at_most_one_member_and_none_is_lost(actions: li
         assert record is None or record.state in (AVAILABLE, ACQUIRED, ACKED, DEAD_LETTER_PENDING)
 
 
+def scan_of(deliver_at: dict[int, int]) -> Callable[[int, int], list[tuple[int, int]]]:
+    """The log's side of the delay index: delivery times of records first..last, as the runtime reads them."""
+    return lambda first, last: [(o, due) for o, due in sorted(deliver_at.items()) if first <= o <= last]
+
+
 def test_a_delayed_record_waits_in_the_delay_index_while_the_window_moves_on() -> None:
     share, log = new_partition(4)
     got, delta = share.acquire("A", T0, log, 10, CONFIG, deliver_at={1: T0 + 5_000})
-    assert offsets(got) == [0, 2, 3] and delta["park"] == [[1, T0 + 5_000]]
+    assert offsets(got) == [0, 2, 3] and delta["park"] == [[1, 1, T0, 1]]
     share.acknowledge("A", 0, 0, "accept", T0, CONFIG)
     share.acknowledge("A", 2, 3, "accept", T0, CONFIG)
     assert share.start == 4  # the parked record does not hold the window back
     assert share.acquire("B", T0 + 4_999, [], 10, CONFIG)[0] == []
     due, delta = share.acquire("B", T0 + 5_000, [], 10, CONFIG)
-    assert offsets(due) == [1] and delta["unpark"] == [1]
+    assert offsets(due) == [1] and delta["unpark"] == [1] and delta["dw"] == [T0 + 5_000, 1]
     share.acknowledge("B", 1, 1, "release", T0 + 5_000, CONFIG)  # back below start, after the backoff
     again, _ = share.acquire("C", T0 + 5_100, [], 10, CONFIG)
     assert offsets(again) == [1] and again[0].delivery_count == 2
     share.acknowledge("C", 1, 1, "accept", T0 + 5_100, CONFIG)
-    assert not share.records and not share.parked
+    assert not share.records and share.delays.parked_count() == 0 and not share.delays.spans
 
 
-def test_the_delay_index_survives_replay_and_snapshots() -> None:
+def test_the_delay_index_survives_replay_and_snapshots_reading_due_times_back_from_the_log() -> None:
     leader, log = new_partition(3)
-    deltas = [leader.acquire("A", T0, log, 10, CONFIG, deliver_at={0: T0 + 100, 2: T0 + 200})[1]]
+    deliver_at = {0: T0 + 100, 2: T0 + 200}
+    deltas = [leader.acquire("A", T0, log, 10, CONFIG, deliver_at=deliver_at)[1]]
     follower = SharePartition("g", 0, 0)
     for delta in deltas:
         follower.replay(delta)
     restored = SharePartition("g", 0, 0)
     restored.replay(leader.snapshot())
     for other in (follower, restored):
-        assert other.parked == leader.parked == {0: T0 + 100, 2: T0 + 200}
-        assert offsets(other.acquire("B", T0 + 200, [], 10, CONFIG)[0]) == [0, 2]
+        assert other.delays.parked_count() == leader.delays.parked_count() == 2
+        assert other.acquire("B", T0 + 99, [], 10, CONFIG, scan=scan_of(deliver_at))[0] == []
+        got, delta = other.acquire("B", T0 + 200, [], 10, CONFIG, scan=scan_of(deliver_at))
+        assert offsets(got) == [0, 2] and delta["unpark"] == [0, 2]
+
+
+def test_a_record_due_when_read_is_never_taken_for_a_parked_one() -> None:
+    share, log = new_partition(3)
+    deliver_at = {0: T0 - 50, 1: T0 + 100, 2: T0 + 10}  # 0 is due already when read: delivered at once
+    got, _ = share.acquire("A", T0, log, 10, CONFIG, deliver_at=deliver_at)
+    assert offsets(got) == [0]
+    follower = SharePartition("g", 0, 0)
+    follower.replay(share.snapshot())
+    got, _ = follower.acquire("B", T0 + 1_000, [], 10, CONFIG, scan=scan_of(deliver_at))
+    assert offsets(got) == [1, 2]  # 0 is not among them
+
+
+def test_parked_records_beyond_the_cache_bound_stay_in_the_log_until_needed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(delay_index, "MAX_CACHED_DELAYED", 100)
+    share = SharePartition("g", 0, 0)
+    deliver_at = {o: T0 + 10_000 - o for o in range(1_000)}  # later offsets are due first
+    for first in range(0, 1_000, 250):
+        share.acquire("A", T0, [(first, first + 249, True)], 250, CONFIG, deliver_at=deliver_at)
+    assert share.delays.parked_count() == 1_000 and len(share.delays._cache) <= 200
+    scans = []
+
+    def counting_scan(first: int, last: int) -> list[tuple[int, int]]:
+        scans.append((first, last))
+        return scan_of(deliver_at)(first, last)
+
+    delivered: list[int] = []
+    while len(delivered) < 1_000:
+        got, _ = share.acquire("A", T0 + 10_000, [], 64, CONFIG, scan=counting_scan)
+        assert got, f"{1_000 - len(delivered)} parked records never came back"
+        # By delivery time across fetches: every record of this fetch is due no earlier than the last one's.
+        assert not delivered or max(offsets(got)) < min(delivered)
+        delivered.extend(offsets(got))
+        assert len(share.delays._cache) <= 200
+    assert sorted(delivered) == list(range(1_000))  # each exactly once
+    assert share.delays.parked_count() == 0 and len(scans) >= 8  # reloads, one pass per 100 delivered
+
+
+def test_old_delay_index_rows_of_single_records_still_replay() -> None:
+    share = SharePartition("g", 0, 0)
+    share.replay({"g": "g", "full": True, "start": 2, "cursor": 2, "set": [], "park": [[1, T0 + 100]]})
+    got, _ = share.acquire("A", T0 + 100, [], 10, CONFIG, scan=scan_of({1: T0 + 100}))
+    assert offsets(got) == [1]
+
+
+def test_states_are_kept_as_runs_not_per_record() -> None:
+    share = SharePartition("g", 0, 0)
+    share.acquire("A", T0, [(0, 9_999, True)], 10_000, CONFIG)
+    assert len(share._states) == 1
+    share.acknowledge("A", 0, 4_999, "accept", T0, CONFIG)
+    share.acknowledge("A", 6_000, 6_000, "release", T0, CONFIG)
+    assert share.start == 5_000 and len(share._states) == 3  # acquired, released, acquired
+    assert share.state_of(6_000).state == AVAILABLE  # type: ignore[union-attr]
+    assert share.state_of(5_999).state == ACQUIRED  # type: ignore[union-attr]
