@@ -67,7 +67,8 @@ def partition_info(p: pb.PartitionDescription, states: Mapping[int, str] | None)
     online = p.leader_id >= 0 and up(p.leader_id)
     return PartitionInfo(p.partition, p.leader_id if online else -1, list(p.replicas),
                          [node for node in p.isr if up(node)], p.log_start_offset, p.high_watermark, p.size_bytes,
-                         offline=not online)
+                         offline=not online, target_replicas=list(p.target_replicas), voters=list(p.voters),
+                         learners=list(p.learners))
 
 
 def topic_description(described: pb.TopicDescription, states: Mapping[int, str] | None = None) -> TopicDescription:
@@ -83,6 +84,11 @@ def raise_topic_errors(results: Sequence[pb.TopicResult]) -> None:
     for result in results:
         if result.error_code:
             raise error_for(result.error_code, result.error_message, result.name)
+
+
+def raise_answer_error(response: Any, topic: str | None) -> None:
+    if response.error_code:
+        raise error_for(response.error_code, response.error_message, topic)
 
 
 def raise_described_errors(topics: Sequence[pb.TopicDescription]) -> None:
@@ -191,6 +197,40 @@ class Admin:
     def delete_topic(self, name: str) -> None:
         self._call("DeleteTopics", pb.DeleteTopicsRequest(names=[name]),
                    lambda response: raise_topic_errors(response.results))
+
+    def alter_topic_configs(self, name: str, configs: Mapping[str, object] | None = None,
+                            delete: Sequence[str] = (), validate_only: bool = False) -> dict[str, str]:
+        """Set topic configs (retention.ms, segment.bytes, ...) and put others back to the broker default; every
+        broker applies them to the topic's open logs at once. Refused whole (InvalidConfigError naming the key
+        or value) when any is wrong. Returns the topic's overrides after the change."""
+        request = pb.AlterTopicConfigsRequest(topic=name, configs={k: str(v) for k, v in (configs or {}).items()},
+                                              delete_configs=list(delete), validate_only=validate_only,
+                                              timeout_ms=int(self._timeout_s * 1000))
+        response = self._call("AlterTopicConfigs", request, lambda answer: raise_answer_error(answer, name))
+        return dict(response.configs)
+
+    def add_partitions(self, name: str, total: int) -> None:
+        """Grow a topic to ``total`` partitions (never fewer); producers and consumers see the new ones at their
+        next metadata refresh, and consumer groups subscribed to the topic rebalance onto them."""
+        request = pb.CreatePartitionsRequest(topic=name, total=total, timeout_ms=int(self._timeout_s * 1000))
+        self._call("CreatePartitions", request, lambda answer: raise_answer_error(answer, name))
+
+    def move_replicas(self, name: str, partition: int, replicas: Sequence[int]) -> None:
+        """Start moving a partition's replicas to ``replicas`` (the first is the preferred leader). Returns once
+        the controller has recorded the target; the partition's leader then adds, catches up and promotes
+        the new replicas and removes the old ones. Follow it with describe_topics() (target_replicas empty and
+        replicas equal to the target once done)."""
+        target = pb.PartitionTarget(topic=name, partition=partition, replicas=list(replicas))
+        self._call("MoveReplicas", pb.MoveReplicasRequest(targets=[target], drain_broker=-1,
+                                                          timeout_ms=int(self._timeout_s * 1000)),
+                   lambda answer: raise_answer_error(answer, name))
+
+    def drain_broker(self, broker_id: int) -> dict[TopicPartition, list[int]]:
+        """Start moving every replica off a broker; returns the target the controller chose for each partition."""
+        response = self._call("MoveReplicas", pb.MoveReplicasRequest(drain_broker=broker_id,
+                                                                     timeout_ms=int(self._timeout_s * 1000)),
+                              lambda answer: raise_answer_error(answer, None))
+        return {TopicPartition(m.topic, m.partition): list(m.replicas) for m in response.moves}
 
     def list_topics(self) -> list[str]:
         response = self._call("DescribeTopics", pb.DescribeTopicsRequest(),

@@ -607,7 +607,8 @@ def bootstrap_parent() -> argparse.ArgumentParser:
 
 
 def add_topic_commands(sub: Any, parent: argparse.ArgumentParser) -> None:
-    topic = sub.add_parser("topic", help="create, list, describe and delete topics")
+    topic = sub.add_parser("topic", help="create, list, describe, alter and delete topics; add partitions, "
+                                         "move replicas")
     topic_sub = topic.add_subparsers(dest="topic_command", required=True, metavar="COMMAND")
     create = topic_sub.add_parser("create", parents=[parent], help="create a topic")
     create.add_argument("name")
@@ -624,13 +625,19 @@ def add_topic_commands(sub: Any, parent: argparse.ArgumentParser) -> None:
     delete = topic_sub.add_parser("delete", parents=[parent], help="delete a topic and its data")
     delete.add_argument("name")
     delete.set_defaults(func=cmd_topic_delete, parser=delete)
+    from logbroker_client import cli_admin  # alter, add-partitions, move-replicas build on this module's helpers
+
+    cli_admin.add_topic_change_commands(topic_sub, parent)
 
 
 def add_cluster_commands(sub: Any, parent: argparse.ArgumentParser) -> None:
-    cluster = sub.add_parser("cluster", help="inspect the cluster")
+    cluster = sub.add_parser("cluster", help="inspect the cluster; drain a broker")
     cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True, metavar="COMMAND")
     describe = cluster_sub.add_parser("describe", parents=[parent], help="brokers and the controller")
     describe.set_defaults(func=cmd_cluster_describe, parser=describe)
+    from logbroker_client import cli_admin
+
+    cli_admin.add_cluster_change_commands(cluster_sub, parent)
 
 
 def add_produce_command(sub: Any, parent: argparse.ArgumentParser) -> None:

@@ -300,7 +300,8 @@ class ClusterMetadata(MetadataCache):
         return count
 
     def leader_connection(self, topic: str, partition: int) -> Connection:
-        self.partitions_for(topic)
+        if partition >= self.partitions_for(topic):
+            self.refresh([topic])  # partitions added since the last refresh (a group may hand them out first)
         address = self.leader_address(topic, partition)
         return self.any_connection() if address is None else self.connection(address)
 

@@ -56,6 +56,8 @@ from logbroker_client.types import RecordMetadata
 
 log = logging.getLogger("logbroker_client.producer")
 
+DEFAULT_METADATA_MAX_AGE_MS = 300_000  # Kafka's metadata.max.age.ms
+
 
 class ProducerBatch(CoreBatch):
     """A batch whose outcome threads wait for: one Event and the callbacks of its records."""
@@ -139,8 +141,13 @@ class Producer:
         delivery_timeout_ms: int = DEFAULT_DELIVERY_TIMEOUT_MS,
         max_block_ms: int = DEFAULT_MAX_BLOCK_MS,
         enable_idempotence: bool = True,
+        metadata_max_age_ms: int = DEFAULT_METADATA_MAX_AGE_MS,
     ) -> None:
         self._wakeup = threading.Event()
+        # A topic's partition count is asked again after this long (Kafka's metadata.max.age.ms), so partitions
+        # added to a topic get records; a record sent to a partition beyond the known count asks at once.
+        self._metadata_max_age_s = metadata_max_age_ms / 1000
+        self._counts_asked_s: dict[str, float] = {}
         self._core = ProducerCore(
             new_batch=ProducerBatch, new_future=RecordFuture, wake=self._wakeup.set, acks=acks, linger_ms=linger_ms,
             batch_size=batch_size, compression=compression, partitioner=partitioner,
@@ -185,12 +192,21 @@ class Producer:
             headers = delivery_headers(headers, deliver_at_ms, delay_ms)
         core = self._core
         count = core.partition_counts.get(topic)
-        if count is None:
-            count = core.partition_counts[topic] = self._metadata.partitions_for(topic)
+        if count is None or (partition is not None and partition >= count) or \
+                time.monotonic() - self._counts_asked_s.get(topic, 0.0) > self._metadata_max_age_s:
+            count = core.partition_counts[topic] = self._partition_count(topic, known=count is not None)
         if core.buffered_bytes >= core.buffer_memory:
             self._wait_for_space()
         with self._lock:
             return core.append(topic, value, key, headers, partition, timestamp_ms, count)  # type: ignore[no-any-return]
+
+    def _partition_count(self, topic: str, known: bool) -> int:
+        """The topic's partition count: from the cached metadata the first time, from a broker when the count
+        known may be out of date."""
+        if known:
+            self._metadata.refresh([topic])
+        self._counts_asked_s[topic] = time.monotonic()
+        return self._metadata.partitions_for(topic)
 
     def _wait_for_space(self) -> None:
         self._wakeup.set()

@@ -39,6 +39,11 @@ class PartitionInfo(NamedTuple):
     # No live leader: nothing can be written or read. leader_id is then -1, and the offsets are the answering
     # broker's last knowledge (0 when it holds no replica).
     offline: bool = False
+    # A replica move under way (`lb topic move-replicas`, `lb cluster drain`): the replica set it goes to
+    # (empty when none), and the Raft group's voters and learners as its leader sees them.
+    target_replicas: list[int] = []  # noqa: RUF012 - a NamedTuple default, never mutated
+    voters: list[int] = []  # noqa: RUF012
+    learners: list[int] = []  # noqa: RUF012
 
 
 class TopicDescription(NamedTuple):

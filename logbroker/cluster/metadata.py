@@ -39,8 +39,13 @@ class TopicMetadata:
 
 @dataclass(frozen=True)
 class TopicEvent:
-    kind: str  # "created" or "deleted"
+    # "created", "deleted", "configs_altered", "partitions_added" (partitions: the new ones), "moving" (a
+    # replica move began or changed target; partitions: the moved ones) or "moved" (partitions: the one done,
+    # removed: the brokers that no longer hold it)
+    kind: str
     topic: TopicMetadata
+    partitions: tuple[int, ...] = ()
+    removed: tuple[int, ...] = ()
 
 
 @dataclass
@@ -50,6 +55,14 @@ class ClusterState:
     leaders: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)
     # group id -> configs set on it (share-group settings), validated before they are proposed
     group_configs: dict[str, dict[str, str]] = field(default_factory=dict)
+    # (topic, partition) -> the replica set a move is taking the partition to, until the move is done
+    moves: dict[tuple[str, int], list[int]] = field(default_factory=dict)
+
+    def hosts(self, topic: TopicMetadata, partition: int) -> list[int]:
+        """Brokers that hold a replica of the partition: its assignment, plus a move's new brokers."""
+        target = self.moves.get((topic.name, partition), [])
+        assigned = topic.assignment[partition]
+        return assigned + [node for node in target if node not in assigned]
 
     def apply(self, command: dict[str, Any], offset: int) -> TopicEvent | None:
         """Apply one command found at ``offset`` of the controller log; return what the broker must act on."""
@@ -61,6 +74,8 @@ class ClusterState:
         if op == "leaders":
             self._record_leaders(command["leaders"])
             return None
+        if op in _TOPIC_CHANGES:
+            return _TOPIC_CHANGES[op](self, command)
         if op == "group_configs":
             merged = {**self.group_configs.get(command["group"], {}), **command["configs"]}
             merged = {k: v for k, v in merged.items() if v != ""}
@@ -92,7 +107,58 @@ class ClusterState:
             return None  # it named an older topic of this name, already gone
         del self.topics[topic.name]
         self.leaders = {tp: v for tp, v in self.leaders.items() if tp[0] != topic.name}
+        self.moves = {tp: v for tp, v in self.moves.items() if tp[0] != topic.name}
         return TopicEvent("deleted", topic)
+
+    def _named_topic(self, command: dict[str, Any]) -> TopicMetadata | None:
+        """The topic a change names, if it still exists under the ID the change was made for."""
+        topic = self.topics.get(command["name"])
+        if topic is None or topic.topic_id != command["topic_id"]:
+            return None
+        return topic
+
+    def _alter_configs(self, command: dict[str, Any]) -> TopicEvent | None:
+        topic = self._named_topic(command)
+        if topic is None:
+            return None
+        # The command carries the whole new set of overrides (validated before it was proposed), so applying
+        # it twice, or after a concurrent alter, leaves exactly what the last committed one said.
+        topic.configs = dict(command["configs"])
+        return TopicEvent("configs_altered", topic)
+
+    def _add_partitions(self, command: dict[str, Any]) -> TopicEvent | None:
+        topic = self._named_topic(command)
+        if topic is None or command["from"] != topic.partitions:
+            return None  # a concurrent add committed first: its count won, this one is stale
+        added = [list(replicas) for replicas in command["assignment"]]
+        topic.assignment.extend(added)
+        topic.partitions += len(added)
+        return TopicEvent("partitions_added", topic, tuple(range(command["from"], topic.partitions)))
+
+    def _start_moves(self, command: dict[str, Any]) -> TopicEvent | None:
+        topic = self._named_topic(command)
+        if topic is None:
+            return None
+        moved = []
+        for partition, target in command["moves"]:
+            if 0 <= partition < topic.partitions:
+                if list(target) == topic.assignment[partition]:
+                    self.moves.pop((topic.name, partition), None)  # already there: nothing to move
+                else:
+                    self.moves[(topic.name, partition)] = list(target)
+                moved.append(partition)
+        return TopicEvent("moving", topic, tuple(moved))
+
+    def _finish_move(self, command: dict[str, Any]) -> TopicEvent | None:
+        topic = self._named_topic(command)
+        partition = command["partition"]
+        if topic is None or self.moves.get((topic.name, partition)) != command["replicas"]:
+            return None  # retargeted meanwhile (the new target is still to be reached) or already finished
+        before = self.hosts(topic, partition)
+        topic.assignment[partition] = list(command["replicas"])
+        del self.moves[(topic.name, partition)]
+        removed = tuple(node for node in before if node not in topic.assignment[partition])
+        return TopicEvent("moved", topic, (partition,), removed)
 
     def _record_leaders(self, reports: list[list[Any]]) -> None:
         for report in reports:
@@ -101,12 +167,20 @@ class ClusterState:
             topic = self.topics.get(topic_name)
             if topic is None or (topic_id is not None and topic_id != topic.topic_id):
                 continue  # about a topic that is gone, or an older one of this name
-            if not (0 <= partition < topic.partitions and leader in topic.assignment[partition]
+            if not (0 <= partition < topic.partitions and leader in self.hosts(topic, partition)
                     and 0 <= epoch <= MAX_EPOCH):
                 continue  # contradicts the topic's own placement: never let it misdirect clients
             known = self.leaders.get((topic_name, partition))
             if known is None or epoch >= known[1]:
                 self.leaders[(topic_name, partition)] = (leader, epoch)
+
+
+_TOPIC_CHANGES = {
+    "alter_topic_configs": ClusterState._alter_configs,
+    "add_partitions": ClusterState._add_partitions,
+    "move_replicas": ClusterState._start_moves,
+    "move_done": ClusterState._finish_move,
+}
 
 
 def new_topic_id() -> str:

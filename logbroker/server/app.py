@@ -28,6 +28,7 @@ from logbroker.server.service import (
     ShareService,
     create_topic_at,
     leader_report_sender,
+    move_done_sender,
     send_dead_letter,
 )
 
@@ -103,6 +104,7 @@ class BrokerServer:
         self.broker.dead_letter_sender = send_dead_letter
         self.broker.topic_creator = create_topic_at
         self.broker.send_leader_report = leader_report_sender(self.config.cluster_secret)
+        self.broker.topic_admin.send_move_done = move_done_sender(self.config.cluster_secret)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         # The servicer answers SERVING for "" by default; not until the cluster metadata has a leader.
         await self._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)

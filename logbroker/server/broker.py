@@ -27,6 +27,7 @@ from logbroker.cluster.metadata import (
     CONTROLLER_GROUP,
     MAX_EPOCH,
     ClusterState,
+    TopicEvent,
     TopicMetadata,
     decode_command,
     encode_command,
@@ -46,6 +47,7 @@ from logbroker.raft.membership import Membership
 from logbroker.raft.types import Entry, EntryKind, Message, MessageType, RaftConfig, Role
 from logbroker.server import errors
 from logbroker.server.config import BrokerConfig
+from logbroker.server.topic_admin import TopicAdmin
 from logbroker.storage import filenames
 from logbroker.storage.config import InvalidConfigError, LogConfig
 from logbroker.storage.errors import OffsetOutOfRangeError, StorageError
@@ -151,6 +153,7 @@ class Broker:
         self._last_flush_s: dict[str, float] = {}  # flush="interval" groups: when their log was last fsynced
         # Set by the server layer: sends leader reports to the controller leader at an address (over gRPC).
         self.send_leader_report: Callable[[str, int, list[list[Any]]], Awaitable[bool]] | None = None
+        self.topic_admin = TopicAdmin(self)  # configs, partition counts and replica moves after creation
 
     def raft_config(self) -> RaftConfig:
         return RaftConfig(node_id=self.node_id, election_timeout_ticks=self.config.raft_election_ticks,
@@ -392,7 +395,7 @@ class Broker:
             return f"topic {topic_name!r} with ID {topic_id} does not exist"
         if leader != from_node:
             return f"it names broker {leader} as leader of {topic_name}-{partition}; a broker reports only itself"
-        if not 0 <= partition < topic.partitions or from_node not in topic.assignment[partition]:
+        if not 0 <= partition < topic.partitions or from_node not in self.cluster.hosts(topic, partition):
             return f"broker {from_node} holds no replica of {topic_name}-{partition}"
         if not 0 <= epoch <= MAX_EPOCH:
             return f"epoch {epoch} is outside 0..{MAX_EPOCH}"
@@ -411,6 +414,9 @@ class Broker:
 
     def _live_brokers(self) -> list[int]:
         return [node for node in self.peers if self.liveness.is_alive(node)]
+
+    def live_brokers(self) -> list[int]:
+        return self._live_brokers()
 
     def known_leader(self, topic: str, index: int) -> int | None:
         """The partition's leader: from the local replica if there is one, else as reported to the controller."""
@@ -442,6 +448,7 @@ class Broker:
             log.info("handed leadership of %d group(s) to other brokers", len(led))
 
     async def close(self) -> None:
+        self.topic_admin.close()
         for task in (self._ticker, self._reporter):
             if task is not None:
                 task.cancel()
@@ -474,9 +481,56 @@ class Broker:
                 continue
             if event.kind == "created":
                 self._start_topic(event.topic)
-            else:
+            elif event.kind == "deleted":
                 self._stop_topic(event.topic)
+            else:
+                self._on_topic_changed(event)
         self._wake_fetchers()
+
+    def _on_topic_changed(self, event: TopicEvent) -> None:
+        """A topic changed after its creation: act on this broker's replicas of it."""
+        topic = event.topic
+        if event.kind == "configs_altered":
+            self._reconfigure_topic(topic)
+            return
+        for index in event.partitions:
+            replica = self.hosted_replica(topic.name, index)
+            if replica is not None and replica.group != topic.raft_group(index):
+                continue  # a replica of an older topic of this name, left to its own delete
+            if event.kind == "moved" and self.node_id in event.removed:
+                self._drop_moved_replica(topic, index)
+            elif replica is None and self.node_id in self.cluster.hosts(topic, index):
+                self._open_partition(topic, index)  # a new partition, or a move to this broker
+            elif replica is not None:
+                replica.preferred_leader = self._preferred_leader(topic, index)
+
+    def _reconfigure_topic(self, topic: TopicMetadata) -> None:
+        """New retention, segment size, flush and size limits for every open log of the topic, at once."""
+        try:
+            config = self._log_config(topic.configs)
+        except InvalidConfigError as exc:  # validated before it was proposed; only a broker default can clash
+            log.error("topic %s: new configs not applied on broker %d: %s", topic.name, self.node_id, exc)
+            return
+        for index in range(topic.partitions):
+            replica = self.hosted_replica(topic.name, index)
+            if replica is not None and replica.group == topic.raft_group(index):
+                replica.log.update_config(config)
+
+    def _drop_moved_replica(self, topic: TopicMetadata, index: int) -> None:
+        """This broker's replica was moved away and is no longer a member of the group: delete it."""
+        replica = self._partitions.pop((topic.name, index), None)
+        if replica is not None:
+            self._forget_replica(replica)
+        directory = self.data_dir / filenames.partition_dir_name(topic.name, index)
+        identity = read_identity(directory) if directory.exists() else None
+        if identity is not None and identity.topic_id == topic.topic_id:
+            shutil.rmtree(directory)
+            log.info("%s: replica moved to brokers %s; deleted here", directory.name, topic.assignment[index])
+
+    def _preferred_leader(self, topic: TopicMetadata, index: int) -> int:
+        """The first broker of a move's target while it runs (so balancing does not pull leadership back to a
+        broker on its way out), else of the assignment."""
+        return self.cluster.moves.get((topic.name, index), topic.assignment[index])[0]
 
     def _start_topic(self, topic: TopicMetadata) -> None:
         for index, replicas in enumerate(topic.assignment):
@@ -503,7 +557,7 @@ class Broker:
                           "the problem above is fixed and the broker restarted", directory.name, self.node_id)
             return None
         self._partitions[(topic.name, index)] = replica
-        replica.preferred_leader = replicas[0]
+        replica.preferred_leader = self._preferred_leader(topic, index)
         if topic.name == OFFSETS_TOPIC:
             self._attach_group_runtime(replica, index)
         elif not topic.name.startswith("__"):
@@ -640,6 +694,10 @@ class Broker:
                 return
             await asyncio.sleep(self.config.raft_tick_ms / 1000)
 
+    async def propose_command(self, command: dict[str, Any], timeout_s: float) -> None:
+        """Commit one controller command (on the controller leader)."""
+        await self._propose_command(command, timeout_s)
+
     async def _propose_command(self, command: dict, timeout_s: float) -> None:  # type: ignore[type-arg]
         assert self.controller is not None
         try:
@@ -670,16 +728,7 @@ class Broker:
         if not 1 <= replication_factor <= len(self.peers):
             raise errors.InvalidReplicationFactor(
                 f"replication factor {replication_factor} needs that many brokers; this cluster has {len(self.peers)}")
-        try:
-            log_config = self._log_config(configs)
-        except InvalidConfigError as exc:
-            raise errors.InvalidConfig(f"topic {name!r}: {exc}") from None
-        if log_config.compacted:
-            # Compaction leaves offset gaps, and Raft ships a partition's log as contiguous entries; until the
-            # replication path can carry compacted ranges, refuse rather than accept a setting that is not run.
-            raise errors.InvalidConfig(
-                f"topic {name!r}: cleanup.policy=compact is not supported for replicated topics yet; "
-                "use cleanup.policy=delete with retention.ms / retention.bytes")
+        self.checked_log_config(name, configs)
         if validate_only:
             return
         assignment = place_replicas(list(self.peers), partitions, replication_factor, salt=hash(name) & 0xFFFF)
@@ -706,6 +755,25 @@ class Broker:
 
     def topic(self, name: str) -> TopicMetadata:
         return self._require_topic(name)
+
+    def checked_log_config(self, name: str, configs: dict[str, str]) -> LogConfig:
+        """The log config a topic's overrides make, or InvalidConfig naming the bad key or value (for create
+        and alter alike)."""
+        try:
+            log_config = self._log_config(configs)
+        except InvalidConfigError as exc:
+            raise errors.InvalidConfig(f"topic {name!r}: {exc}") from None
+        if log_config.compacted:
+            # Compaction leaves offset gaps, and Raft ships a partition's log as contiguous entries; until the
+            # replication path can carry compacted ranges, refuse rather than accept a setting that is not run.
+            raise errors.InvalidConfig(
+                f"topic {name!r}: cleanup.policy=compact is not supported for replicated topics yet; "
+                "use cleanup.policy=delete with retention.ms / retention.bytes")
+        return log_config
+
+    def hosted_replica(self, topic: str, index: int) -> Replica | None:
+        """This broker's replica of the partition, if it holds one (no check that the topic exists)."""
+        return self._partitions.get((topic, index))
 
     def effective_configs(self, name: str) -> dict[str, str]:
         return self._log_config(self._require_topic(name).configs).to_mapping()
@@ -958,6 +1026,7 @@ class Broker:
             await self.flush_interval_partitions(loop.time())
             self.retry_failed_replicas(time.monotonic())
             self.tick_group_coordinators()
+            self.topic_admin.drive_moves()
             if loop.time() >= next_balance:
                 next_balance = loop.time() + self.config.leader_balance_interval_ms / 1000
                 self.balance_leaders()

@@ -26,6 +26,7 @@ from logbroker.raft.errors import NotLeaderError, ProposalDroppedError
 from logbroker.server import errors
 from logbroker.server.broker import Broker
 from logbroker.server.groups import GroupFrontEnd
+from logbroker.server.topic_admin import MoveDoneSender
 
 log = logging.getLogger("logbroker.service")
 
@@ -285,6 +286,83 @@ class AdminService(pb_grpc.AdminServicer):
         return pb.DescribeGroupConfigsResponse(
             configs=share_config_mapping(self.broker.share_config(request.group_id)))
 
+    async def AlterTopicConfigs(self, request: pb.AlterTopicConfigsRequest,
+                                context: grpc.aio.ServicerContext) -> pb.AlterTopicConfigsResponse:
+        try:
+            forwarded = await self._forward("AlterTopicConfigs", request)
+            if forwarded is not None:
+                if not forwarded.error_code:  # read-your-writes: answer once applied here too
+                    await self.broker.wait_for_metadata(lambda: self._configs_are(request.topic, forwarded.configs),
+                                                        FORWARD_TIMEOUT_S)
+                return forwarded  # type: ignore[no-any-return]
+            configs = await self.broker.topic_admin.alter_configs(
+                request.topic, dict(request.configs), list(request.delete_configs), _timeout_s(request),
+                validate_only=request.validate_only)
+        except Exception as exc:
+            code, message = _error(exc, f"topic {request.topic!r}")
+            return pb.AlterTopicConfigsResponse(error_code=code, error_message=message)
+        return pb.AlterTopicConfigsResponse(configs=configs)
+
+    def _configs_are(self, name: str, configs: Any) -> bool:
+        topic = self.broker.cluster.topics.get(name)
+        return topic is not None and topic.configs == dict(configs)
+
+    async def CreatePartitions(self, request: pb.CreatePartitionsRequest,
+                               context: grpc.aio.ServicerContext) -> pb.CreatePartitionsResponse:
+        try:
+            forwarded = await self._forward("CreatePartitions", request)
+            if forwarded is not None:
+                if not forwarded.error_code:
+                    await self.broker.wait_for_metadata(lambda: self._partitions_reach(request.topic, request.total),
+                                                        FORWARD_TIMEOUT_S)
+                return forwarded  # type: ignore[no-any-return]
+            await self.broker.topic_admin.add_partitions(request.topic, request.total, _timeout_s(request))
+        except Exception as exc:
+            code, message = _error(exc, f"topic {request.topic!r}")
+            return pb.CreatePartitionsResponse(error_code=code, error_message=message)
+        return pb.CreatePartitionsResponse()
+
+    def _partitions_reach(self, name: str, total: int) -> bool:
+        topic = self.broker.cluster.topics.get(name)
+        return topic is not None and topic.partitions >= total
+
+    async def MoveReplicas(self, request: pb.MoveReplicasRequest,
+                           context: grpc.aio.ServicerContext) -> pb.MoveReplicasResponse:
+        try:
+            forwarded = await self._forward("MoveReplicas", request)
+            if forwarded is not None:
+                if not forwarded.error_code:
+                    await self.broker.wait_for_metadata(lambda: self._moves_recorded(forwarded.moves),
+                                                        FORWARD_TIMEOUT_S)
+                return forwarded  # type: ignore[no-any-return]
+            moves = await self._move(request)
+        except Exception as exc:
+            code, message = _error(exc, "move replicas")
+            return pb.MoveReplicasResponse(error_code=code, error_message=message)
+        return pb.MoveReplicasResponse(moves=[pb.PartitionTarget(topic=t, partition=p, replicas=r)
+                                              for (t, p), r in sorted(moves.items())])
+
+    async def _move(self, request: pb.MoveReplicasRequest) -> dict[tuple[str, int], list[int]]:
+        admin = self.broker.topic_admin
+        if request.drain_broker >= 0:
+            return await admin.drain(request.drain_broker, _timeout_s(request))
+        by_topic: dict[str, dict[int, list[int]]] = {}
+        for target in request.targets:
+            by_topic.setdefault(target.topic, {})[target.partition] = list(target.replicas)
+        for name, targets in sorted(by_topic.items()):
+            await admin.move_replicas(name, targets, _timeout_s(request))
+        return {(t.topic, t.partition): list(t.replicas) for t in request.targets}
+
+    def _moves_recorded(self, moves: Iterable[pb.PartitionTarget]) -> bool:
+        cluster = self.broker.cluster
+        for move in moves:
+            topic = cluster.topics.get(move.topic)
+            key = (move.topic, move.partition)
+            if topic is None or (cluster.moves.get(key) != list(move.replicas)
+                                 and topic.assignment[move.partition] != list(move.replicas)):
+                return False
+        return True
+
     async def DescribeTopics(
         self, request: pb.DescribeTopicsRequest, context: grpc.aio.ServicerContext
     ) -> pb.DescribeTopicsResponse:
@@ -311,8 +389,12 @@ class AdminService(pb_grpc.AdminServicer):
                 leader = broker.known_leader(name, index)
                 part = described.partitions.add(partition=index, replicas=assignment,
                                                 leader_id=leader if leader is not None else -1,
-                                                isr=broker.in_sync_replicas(replica, assignment))
+                                                isr=broker.in_sync_replicas(replica, assignment),
+                                                target_replicas=broker.cluster.moves.get((name, index), []))
                 if replica is not None:
+                    membership = replica.node.membership
+                    part.voters.extend(sorted(membership.voters))
+                    part.learners.extend(sorted(membership.learners))
                     part.local_replica = True
                     part.leader_epoch = replica.term
                     part.log_start_offset = replica.log.log_start_offset
@@ -386,6 +468,37 @@ class RaftService(pb_grpc.RaftServicer):
             code, message = _error(exc, f"leader report from broker {request.from_node}")
             return pb.LeaderReportAck(error_code=code, error_message=message)
         return pb.LeaderReportAck()
+
+
+    async def FinishMove(self, request: pb.MoveDone, context: grpc.aio.ServicerContext) -> pb.LeaderReportAck:
+        await self._require_peer(context, "Raft.FinishMove")
+        try:
+            await self.broker.topic_admin.finish_move(request.from_node, request.topic, request.topic_id,
+                                                      request.partition, list(request.replicas))
+        except Exception as exc:
+            code, message = _error(exc, f"move of {request.topic}-{request.partition} from broker {request.from_node}")
+            return pb.LeaderReportAck(error_code=code, error_message=message)
+        return pb.LeaderReportAck()
+
+
+def move_done_sender(secret: str) -> MoveDoneSender:
+    """The partition leader's way to tell the controller leader that a move reached its target."""
+    metadata = peer_metadata(secret)
+
+    async def send(address: str, node_id: int, topic: str, topic_id: str, partition: int, replicas: list[int]) -> None:
+        request = pb.MoveDone(from_node=node_id, topic=topic, topic_id=topic_id, partition=partition,
+                              replicas=replicas)
+        async with grpc.aio.insecure_channel(address) as channel:
+            ack = await pb_grpc.RaftStub(channel).FinishMove(request, timeout=FORWARD_TIMEOUT_S, metadata=metadata)
+        if ack.error_code:
+            raise errors.LeaderNotAvailable(f"the controller leader at {address} did not record the move of "
+                                            f"{topic}-{partition}: {ack.error_message}")
+
+    return send
+
+
+def _timeout_s(request: Any) -> float:
+    return (request.timeout_ms or DEFAULT_REQUEST_TIMEOUT_MS) / 1000
 
 
 def leader_report_sender(secret: str) -> Callable[[str, int, list[list[Any]]], Awaitable[bool]]:

@@ -92,6 +92,92 @@ class LeaderHint(_message.Message):
     leader_address: str
     def __init__(self, leader_id: _Optional[int] = ..., leader_address: _Optional[str] = ...) -> None: ...
 
+class AlterTopicConfigsRequest(_message.Message):
+    __slots__ = ("topic", "configs", "delete_configs", "validate_only", "timeout_ms")
+    class ConfigsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
+    CONFIGS_FIELD_NUMBER: _ClassVar[int]
+    DELETE_CONFIGS_FIELD_NUMBER: _ClassVar[int]
+    VALIDATE_ONLY_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    topic: str
+    configs: _containers.ScalarMap[str, str]
+    delete_configs: _containers.RepeatedScalarFieldContainer[str]
+    validate_only: bool
+    timeout_ms: int
+    def __init__(self, topic: _Optional[str] = ..., configs: _Optional[_Mapping[str, str]] = ..., delete_configs: _Optional[_Iterable[str]] = ..., validate_only: _Optional[bool] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+
+class AlterTopicConfigsResponse(_message.Message):
+    __slots__ = ("error_code", "error_message", "configs")
+    class ConfigsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    CONFIGS_FIELD_NUMBER: _ClassVar[int]
+    error_code: ErrorCode
+    error_message: str
+    configs: _containers.ScalarMap[str, str]
+    def __init__(self, error_code: _Optional[_Union[ErrorCode, str]] = ..., error_message: _Optional[str] = ..., configs: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class CreatePartitionsRequest(_message.Message):
+    __slots__ = ("topic", "total", "timeout_ms")
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    topic: str
+    total: int
+    timeout_ms: int
+    def __init__(self, topic: _Optional[str] = ..., total: _Optional[int] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+
+class CreatePartitionsResponse(_message.Message):
+    __slots__ = ("error_code", "error_message")
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    error_code: ErrorCode
+    error_message: str
+    def __init__(self, error_code: _Optional[_Union[ErrorCode, str]] = ..., error_message: _Optional[str] = ...) -> None: ...
+
+class PartitionTarget(_message.Message):
+    __slots__ = ("topic", "partition", "replicas")
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    topic: str
+    partition: int
+    replicas: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, topic: _Optional[str] = ..., partition: _Optional[int] = ..., replicas: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class MoveReplicasRequest(_message.Message):
+    __slots__ = ("targets", "drain_broker", "timeout_ms")
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_BROKER_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    targets: _containers.RepeatedCompositeFieldContainer[PartitionTarget]
+    drain_broker: int
+    timeout_ms: int
+    def __init__(self, targets: _Optional[_Iterable[_Union[PartitionTarget, _Mapping]]] = ..., drain_broker: _Optional[int] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+
+class MoveReplicasResponse(_message.Message):
+    __slots__ = ("error_code", "error_message", "moves")
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    MOVES_FIELD_NUMBER: _ClassVar[int]
+    error_code: ErrorCode
+    error_message: str
+    moves: _containers.RepeatedCompositeFieldContainer[PartitionTarget]
+    def __init__(self, error_code: _Optional[_Union[ErrorCode, str]] = ..., error_message: _Optional[str] = ..., moves: _Optional[_Iterable[_Union[PartitionTarget, _Mapping]]] = ...) -> None: ...
+
 class AlterGroupConfigsRequest(_message.Message):
     __slots__ = ("group_id", "configs")
     class ConfigsEntry(_message.Message):
@@ -553,6 +639,20 @@ class DeleteGroupsResponse(_message.Message):
     results: _containers.RepeatedCompositeFieldContainer[GroupResult]
     def __init__(self, results: _Optional[_Iterable[_Union[GroupResult, _Mapping]]] = ...) -> None: ...
 
+class MoveDone(_message.Message):
+    __slots__ = ("from_node", "topic", "topic_id", "partition", "replicas")
+    FROM_NODE_FIELD_NUMBER: _ClassVar[int]
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
+    TOPIC_ID_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    from_node: int
+    topic: str
+    topic_id: str
+    partition: int
+    replicas: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, from_node: _Optional[int] = ..., topic: _Optional[str] = ..., topic_id: _Optional[str] = ..., partition: _Optional[int] = ..., replicas: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class PartitionLeader(_message.Message):
     __slots__ = ("topic", "partition", "leader_id", "epoch", "topic_id")
     TOPIC_FIELD_NUMBER: _ClassVar[int]
@@ -915,7 +1015,7 @@ class DescribeTopicsRequest(_message.Message):
     def __init__(self, names: _Optional[_Iterable[str]] = ..., local_only: _Optional[bool] = ...) -> None: ...
 
 class PartitionDescription(_message.Message):
-    __slots__ = ("partition", "leader_id", "replicas", "isr", "log_start_offset", "high_watermark", "size_bytes", "leader_epoch", "local_replica", "log_end_offset")
+    __slots__ = ("partition", "leader_id", "replicas", "isr", "log_start_offset", "high_watermark", "size_bytes", "leader_epoch", "local_replica", "log_end_offset", "target_replicas", "voters", "learners")
     PARTITION_FIELD_NUMBER: _ClassVar[int]
     LEADER_ID_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
@@ -926,6 +1026,9 @@ class PartitionDescription(_message.Message):
     LEADER_EPOCH_FIELD_NUMBER: _ClassVar[int]
     LOCAL_REPLICA_FIELD_NUMBER: _ClassVar[int]
     LOG_END_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    TARGET_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    VOTERS_FIELD_NUMBER: _ClassVar[int]
+    LEARNERS_FIELD_NUMBER: _ClassVar[int]
     partition: int
     leader_id: int
     replicas: _containers.RepeatedScalarFieldContainer[int]
@@ -936,7 +1039,10 @@ class PartitionDescription(_message.Message):
     leader_epoch: int
     local_replica: bool
     log_end_offset: int
-    def __init__(self, partition: _Optional[int] = ..., leader_id: _Optional[int] = ..., replicas: _Optional[_Iterable[int]] = ..., isr: _Optional[_Iterable[int]] = ..., log_start_offset: _Optional[int] = ..., high_watermark: _Optional[int] = ..., size_bytes: _Optional[int] = ..., leader_epoch: _Optional[int] = ..., local_replica: _Optional[bool] = ..., log_end_offset: _Optional[int] = ...) -> None: ...
+    target_replicas: _containers.RepeatedScalarFieldContainer[int]
+    voters: _containers.RepeatedScalarFieldContainer[int]
+    learners: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, partition: _Optional[int] = ..., leader_id: _Optional[int] = ..., replicas: _Optional[_Iterable[int]] = ..., isr: _Optional[_Iterable[int]] = ..., log_start_offset: _Optional[int] = ..., high_watermark: _Optional[int] = ..., size_bytes: _Optional[int] = ..., leader_epoch: _Optional[int] = ..., local_replica: _Optional[bool] = ..., log_end_offset: _Optional[int] = ..., target_replicas: _Optional[_Iterable[int]] = ..., voters: _Optional[_Iterable[int]] = ..., learners: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class TopicDescription(_message.Message):
     __slots__ = ("name", "error_code", "error_message", "configs", "partitions", "replication_factor", "topic_id")

@@ -261,6 +261,21 @@ class AdminStub:
                 request_serializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeGroupConfigsRequest.SerializeToString,
                 response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeGroupConfigsResponse.FromString,
                 _registered_method=True)
+        self.AlterTopicConfigs = channel.unary_unary(
+                '/logbroker.v1.Admin/AlterTopicConfigs',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.AlterTopicConfigsRequest.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.AlterTopicConfigsResponse.FromString,
+                _registered_method=True)
+        self.CreatePartitions = channel.unary_unary(
+                '/logbroker.v1.Admin/CreatePartitions',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.CreatePartitionsRequest.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.CreatePartitionsResponse.FromString,
+                _registered_method=True)
+        self.MoveReplicas = channel.unary_unary(
+                '/logbroker.v1.Admin/MoveReplicas',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.MoveReplicasRequest.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.MoveReplicasResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -296,6 +311,25 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AlterTopicConfigs(self, request, context):
+        """Topic changes after creation, through the controller (forwarded to its leader like CreateTopics).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreatePartitions(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MoveReplicas(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -323,6 +357,21 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.DescribeGroupConfigs,
                     request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeGroupConfigsRequest.FromString,
                     response_serializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeGroupConfigsResponse.SerializeToString,
+            ),
+            'AlterTopicConfigs': grpc.unary_unary_rpc_method_handler(
+                    servicer.AlterTopicConfigs,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.AlterTopicConfigsRequest.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.AlterTopicConfigsResponse.SerializeToString,
+            ),
+            'CreatePartitions': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreatePartitions,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.CreatePartitionsRequest.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.CreatePartitionsResponse.SerializeToString,
+            ),
+            'MoveReplicas': grpc.unary_unary_rpc_method_handler(
+                    servicer.MoveReplicas,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.MoveReplicasRequest.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.MoveReplicasResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -460,6 +509,87 @@ class Admin:
             '/logbroker.v1.Admin/DescribeGroupConfigs',
             logbroker_dot_v1_dot_logbroker__pb2.DescribeGroupConfigsRequest.SerializeToString,
             logbroker_dot_v1_dot_logbroker__pb2.DescribeGroupConfigsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AlterTopicConfigs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logbroker.v1.Admin/AlterTopicConfigs',
+            logbroker_dot_v1_dot_logbroker__pb2.AlterTopicConfigsRequest.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.AlterTopicConfigsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreatePartitions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logbroker.v1.Admin/CreatePartitions',
+            logbroker_dot_v1_dot_logbroker__pb2.CreatePartitionsRequest.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.CreatePartitionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MoveReplicas(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logbroker.v1.Admin/MoveReplicas',
+            logbroker_dot_v1_dot_logbroker__pb2.MoveReplicasRequest.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.MoveReplicasResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1002,6 +1132,11 @@ class RaftStub:
                 request_serializer=logbroker_dot_v1_dot_logbroker__pb2.LeaderReport.SerializeToString,
                 response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.LeaderReportAck.FromString,
                 _registered_method=True)
+        self.FinishMove = channel.unary_unary(
+                '/logbroker.v1.Raft/FinishMove',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.MoveDone.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.LeaderReportAck.FromString,
+                _registered_method=True)
 
 
 class RaftServicer:
@@ -1024,6 +1159,13 @@ class RaftServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FinishMove(self, request, context):
+        """A partition leader tells the controller leader that a replica move reached its target.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RaftServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -1035,6 +1177,11 @@ def add_RaftServicer_to_server(servicer, server):
             'ReportLeaders': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportLeaders,
                     request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.LeaderReport.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.LeaderReportAck.SerializeToString,
+            ),
+            'FinishMove': grpc.unary_unary_rpc_method_handler(
+                    servicer.FinishMove,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.MoveDone.FromString,
                     response_serializer=logbroker_dot_v1_dot_logbroker__pb2.LeaderReportAck.SerializeToString,
             ),
     }
@@ -1094,6 +1241,33 @@ class Raft:
             target,
             '/logbroker.v1.Raft/ReportLeaders',
             logbroker_dot_v1_dot_logbroker__pb2.LeaderReport.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.LeaderReportAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FinishMove(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logbroker.v1.Raft/FinishMove',
+            logbroker_dot_v1_dot_logbroker__pb2.MoveDone.SerializeToString,
             logbroker_dot_v1_dot_logbroker__pb2.LeaderReportAck.FromString,
             options,
             channel_credentials,
