@@ -138,6 +138,10 @@ class DelayIndex:
         self._loaded_through = pairs[-1] if len(pairs) == MAX_CACHED_DELAYED else EVERYTHING
 
     # ============================================================================ views
+    def next_due_ms(self) -> int | None:
+        """When the nearest parked record the leader knows of is due (None: none known)."""
+        return self._cache[0][0] if self._cache else None
+
     def parked_count(self) -> int:
         return sum(span.parked for span in self.spans)
 

@@ -372,6 +372,12 @@ class SharePartition:
     def _runs(self) -> Iterator[tuple[int, int, RecordState]]:
         return zip(self._firsts, self._lasts, self._states, strict=True)
 
+    def next_due_ms(self) -> int | None:
+        """When the next parked record or backed-off redelivery may become available (None: none waiting)."""
+        times = [t for t in (self.delays.next_due_ms(), self._waiting[0][0] if self._waiting else None)
+                 if t is not None]
+        return min(times) if times else None
+
     def oldest_ready_offset(self, now_ms: int) -> int | None:
         """The lowest offset that is available now (released or expired, its backoff passed)."""
         for first, _, record in self._runs():

@@ -385,6 +385,12 @@ class ShareStateMachine:
                 break
         return out
 
+    def next_due_ms(self, group_id: str) -> int | None:
+        """When a delayed or backed-off record of the group may next become available here (a long-polling
+        fetch wakes then, so a due record goes out on time)."""
+        state = self.groups.get(group_id)
+        return state.next_due_ms() if state is not None else None
+
     def describe(self, group_id: str) -> dict[str, Any] | None:
         """The queue as its users watch it: depth (available records, the unread log included), in flight,
         delayed, dead-lettered, and the age of the oldest available record."""

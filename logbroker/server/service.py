@@ -7,6 +7,7 @@ fail the other partitions of the request; a malformed request as a whole gets IN
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -689,6 +690,7 @@ ACK_KINDS = {pb.AckType.ACCEPT: "accept", pb.AckType.RELEASE: "release", pb.AckT
              pb.AckType.RENEW: "renew"}
 DEFAULT_SHARE_MAX_RECORDS = 500
 MAX_SHARE_MAX_RECORDS = 10_000
+SHARE_POLL_S = 0.1  # a waiting share fetch looks again at least this often
 
 
 @dataclass(frozen=True)
@@ -753,7 +755,19 @@ class ShareService(pb_grpc.ShareServicer):
             remaining = deadline - time.monotonic()
             if budget <= 0 or remaining <= 0 or any(r.acquired or r.error_code for r in results):
                 return pb.ShareFetchResponse(partitions=results)
-            await self.broker.wait_for_data(min(remaining, 0.1))
+            await self.broker.wait_for_data(self._share_wait_s(request.group_id, results, remaining))
+
+    def _share_wait_s(self, group_id: str, results: list[pb.SharePartitionData], remaining_s: float) -> float:
+        """How long a share fetch sleeps before looking again: until new data (which wakes it), a delayed or
+        backed-off record is due, or SHARE_POLL_S passes (a lock expiring elsewhere frees records too)."""
+        wait_s = min(remaining_s, SHARE_POLL_S)
+        now = time.time() * 1000
+        for result in results:
+            with contextlib.suppress(Exception):  # not led here any more: the next round reports it
+                due_ms = self.broker.share_machine(result.topic, result.partition).next_due_ms(group_id)
+                if due_ms is not None:
+                    wait_s = min(wait_s, max(0.0, (due_ms - now) / 1000))
+        return wait_s
 
     async def _fetch_one(self, request: pb.ShareFetchRequest, result: pb.SharePartitionData, acks: list[Ack],
                          budget: int) -> int:
