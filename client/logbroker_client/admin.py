@@ -343,7 +343,8 @@ class Admin:
 
     def alter_group_configs(self, group_id: str, configs: Mapping[str, object]) -> None:
         """Change a group's configs (share.record.lock.duration.ms, share.delivery.count.limit, share.retry.backoff,
-        share.retry.backoff.ms, share.retry.backoff.max.ms, share.auto.offset.reset, share.dlq.topic); an empty
+        share.retry.backoff.ms, share.retry.backoff.max.ms, share.auto.offset.reset, share.dlq.topic,
+        share.ordering: none or key); an empty
         value puts a key back to its default. A bad key or value raises InvalidGroupConfigError."""
         self._call("AlterGroupConfigs", group_configs_request(group_id, configs), check_group_configs_answer)
 

@@ -22,11 +22,15 @@ from __future__ import annotations
 
 import bisect
 import heapq
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from logbroker.groups.delay_index import NOTHING, DelayIndex, DelayScan
+from logbroker.groups.key_order import KeyOrder
+
+# key_scan(first, last) -> (offset, key) of every data record in first..last, in log order
+KeyScan = Callable[[int, int], Iterable[tuple[int, bytes | None]]]
 
 AVAILABLE = "a"
 ACQUIRED = "q"
@@ -53,6 +57,7 @@ class ShareConfig:
     backoff_max_ms: int = DEFAULT_BACKOFF_MAX_MS
     start_at: str = "earliest"  # where a new group starts: a queue's jobs sent before the first worker count
     dlq_topic: str = ""  # "" means "<topic>.dlq"
+    ordering: str = "none"  # or "key": records with one key are never in flight at once (key_order.py)
 
     def backoff_after(self, delivery_count: int) -> int:
         """How long a released or expired record waits before it is available again (BullMQ's policy)."""
@@ -72,6 +77,7 @@ class RecordState:
 
 
 DONE_STATES = (ACKED, ARCHIVED)
+FINISHED_STATES = (ACKED, ARCHIVED, DEAD_LETTER_PENDING)  # never delivered again: a key's next record may go
 
 
 @dataclass(frozen=True)
@@ -101,6 +107,7 @@ class SharePartition:
     # Records read past while not yet due (see delay_index.py): the window moves on past them (a day-long
     # delay must not hold back everything behind it); when due, a record comes back into play below start.
     delays: DelayIndex = field(default_factory=DelayIndex)
+    keys: KeyOrder = field(default_factory=KeyOrder)  # the leader's, in key-ordered mode only
     _firsts: list[int] = field(default_factory=list)
     _lasts: list[int] = field(default_factory=list)
     _states: list[RecordState] = field(default_factory=list)
@@ -120,6 +127,7 @@ class SharePartition:
             self.dlq_next_seq = delta.get("dlq_seq", 0)
             self.start = self.cursor = delta["start"]
             self.delays.load_restated(delta.get("delays", {}))
+            self.keys.clear()
         for row in delta.get("park", ()):
             if len(row) == 2:  # written before the delay index kept spans: one record and its due time
                 self.delays.park(row[0], row[0], row[1] - 1, 1)
@@ -137,6 +145,9 @@ class SharePartition:
             first, last, state, count, member, deadline_ms, reason = row[:7]
             dlq_seq = row[7] if len(row) > 7 else -1
             self.dlq_next_seq = max(self.dlq_next_seq, dlq_seq + 1)
+            if self.keys.loaded and state in FINISHED_STATES:
+                for offset in self.keys.finished(first, last):  # the next record of each key may go now
+                    heapq.heappush(self._ready, (offset, offset))
             if state in DONE_STATES and first < self.start:
                 # Only records that came out of the delay index are in play below start; once done, they go.
                 self._replace(first, min(last, self.start - 1), None)
@@ -214,29 +225,37 @@ class SharePartition:
     # ========================================================================== acquire
     def acquire(self, member_id: str, now_ms: int, new_ranges: Sequence[tuple[int, int, bool]], max_records: int,
                 config: ShareConfig, deliver_at: dict[int, int] | None = None,
-                scan: DelayScan | None = None) -> tuple[list[Acquired], dict[str, Any]]:
+                scan: DelayScan | None = None, keys: dict[int, bytes | None] | None = None,
+                key_scan: KeyScan | None = None) -> tuple[list[Acquired], dict[str, Any]]:
         """Give member_id up to max_records: due delayed records and redeliveries first, then records never
         delivered. new_ranges are the log's next batches from ``cursor``: (first, last, is_data); control
         batches are done at once; deliver_at gives the delivery time of new records that carry one, and
         those not yet due go to the delay index. scan reads delivery times back from the log when the delay
-        index must reload. Returns the acquired ranges and the delta to write."""
+        index must reload. In key-ordered mode, keys gives the new records' keys and key_scan reads the
+        window's keys from the log when this leader first needs them. Returns the acquired ranges and the
+        delta to write."""
+        key_ordered = self._prepare_key_order(config, key_scan)
         self._refresh(now_ms)
         deadline_ms = now_ms + config.lock_ms
         due = self.delays.pop_due(now_ms, max_records, scan)
         taken: list[tuple[int, int, int]] = [(offset, offset, 1) for _, offset in due]  # (first, last, count)
         budget = self._take_ready(member_id, now_ms, deadline_ms, max_records - len(due), taken)
         parked: list[tuple[int, int]] = []
+        waiting: list[tuple[int, int, int]] = []  # key-ordered: new records whose key has an earlier one unfinished
         cursor = self.cursor
         for first, last, is_data in new_ranges:
             if first != cursor or budget <= 0 or cursor - self.start >= MAX_WINDOW_RECORDS:
                 break
             end = last if not is_data else min(last, first + budget - 1)
-            if is_data:  # a control batch (a no-op, share state) has nothing to deliver, nothing to write
+            if is_data and key_ordered:
+                budget -= self._take_new_in_key_order(first, end, now_ms, deliver_at, keys or {}, taken, parked,
+                                                      waiting)
+            elif is_data:  # a control batch (a no-op, share state) has nothing to deliver, nothing to write
                 budget -= _take_new(first, end, now_ms, deliver_at, taken, parked)
             cursor = end + 1
-        delta: dict[str, Any] = {"g": self.group_id, "cursor": cursor, "start": self.start,
-                                 "set": _coalesce([[a, b, ACQUIRED, count, member_id, deadline_ms, ""]
-                                                   for a, b, count in taken])}
+        rows = [[a, b, ACQUIRED, count, member_id, deadline_ms, ""] for a, b, count in taken]
+        rows += [[a, b, AVAILABLE, 0, "", 0, ""] for a, b, _ in waiting]
+        delta: dict[str, Any] = {"g": self.group_id, "cursor": cursor, "start": self.start, "set": _coalesce(rows)}
         if parked:
             delta["park"] = [[parked[0][1], parked[-1][1], now_ms, len(parked)]]
         if due:
@@ -244,6 +263,35 @@ class SharePartition:
             delta["dw"] = list(due[-1])
         self.replay(delta, parked)
         return _acquired(taken, deadline_ms), delta
+
+    def _prepare_key_order(self, config: ShareConfig, key_scan: KeyScan | None) -> bool:
+        if config.ordering != "key":
+            if self.keys.loaded:
+                self.keys.clear()  # stale once the mode is off: rebuilt if it comes back on
+            return False
+        if not self.keys.loaded:
+            for offset, key in key_scan(self.start, self.cursor - 1) if key_scan and self.cursor > self.start else ():
+                record = self.state_of(offset)
+                if record is not None and record.state not in FINISHED_STATES:
+                    self.keys.add(offset, key)
+            self.keys.loaded = True
+        return True
+
+    def _take_new_in_key_order(self, first: int, last: int, now_ms: int, deliver_at: dict[int, int] | None,
+                               keys: dict[int, bytes | None], taken: list[tuple[int, int, int]],
+                               parked: list[tuple[int, int]], waiting: list[tuple[int, int, int]]) -> int:
+        """_take_new, one record at a time: a record whose key has an earlier record unfinished waits."""
+        count = 0
+        for offset in range(first, last + 1):
+            due_ms = deliver_at.get(offset, 0) if deliver_at else 0
+            if due_ms > now_ms:
+                parked.append((due_ms, offset))
+            elif self.keys.add(offset, keys.get(offset)):
+                taken.append((offset, offset, 1))
+                count += 1
+            else:
+                waiting.append((offset, offset, 0))
+        return count
 
     def _take_ready(self, member_id: str, now_ms: int, deadline_ms: int, budget: int,
                     taken: list[tuple[int, int, int]]) -> int:
@@ -254,6 +302,12 @@ class SharePartition:
             for a, b, record in self._overlapping(first, last):
                 if record.state != AVAILABLE or record.deadline_ms > now_ms:
                     continue
+                if self.keys.loaded:
+                    budget = self._take_ready_in_key_order(a, b, record, member_id, deadline_ms, budget, taken)
+                    if budget == 0:
+                        heapq.heappush(self._ready, (a, last))  # what is left, looked at again next time
+                        break
+                    continue
                 end = min(b, a + budget - 1)
                 taken.append((a, end, record.count + 1))
                 self._apply_rows([[a, end, ACQUIRED, record.count + 1, member_id, deadline_ms, ""]])
@@ -262,6 +316,18 @@ class SharePartition:
                     if end < last:
                         heapq.heappush(self._ready, (end + 1, last))
                     break
+        return budget
+
+    def _take_ready_in_key_order(self, first: int, last: int, record: RecordState, member_id: str,
+                                 deadline_ms: int, budget: int, taken: list[tuple[int, int, int]]) -> int:
+        for offset in range(first, last + 1):
+            if budget == 0:
+                break
+            if self.keys.is_blocked(offset):
+                continue  # its turn comes when the earlier record of its key finishes (pushed back then)
+            taken.append((offset, offset, record.count + 1))
+            self._apply_rows([[offset, offset, ACQUIRED, record.count + 1, member_id, deadline_ms, ""]])
+            budget -= 1
         return budget
 
     # ====================================================================== acknowledge
@@ -486,6 +552,7 @@ CONFIG_KEYS = {
     "share.retry.backoff.max.ms": _ConfigKey("backoff_max_ms", 0, MAX_DELAY_MS),
     "share.auto.offset.reset": _ConfigKey("start_at", choices=("earliest", "latest")),
     "share.dlq.topic": _ConfigKey("dlq_topic", free_text=True),
+    "share.ordering": _ConfigKey("ordering", choices=("none", "key")),
 }
 
 

@@ -26,7 +26,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from logbroker_client import records as rec
 
@@ -44,6 +44,7 @@ log = logging.getLogger("logbroker.share")
 
 SHARE_CONTROL_KEY = struct.pack(">hh", 0, 102)
 CHECKPOINT_FILE = "share.checkpoint"
+T = TypeVar("T")
 SNAPSHOT_EVERY_DELTAS = 1_000  # a group's state is restated after this many deltas...
 SNAPSHOT_EVERY_MS = 60_000  # ...or this long after its last restatement, if it changed since
 SCAN_READ_BYTES = 4 << 20
@@ -122,6 +123,12 @@ def delivery_times(data: bytes) -> dict[int, int]:
                     with contextlib.suppress(ValueError):  # not a time: delivered at once
                         out[record.offset] = int(value)
     return out
+
+
+def record_keys(data: bytes) -> dict[int, bytes | None]:
+    """offset -> key of every data record in these batches (key-ordered share groups need them)."""
+    return {record.offset: record.key for pos, header in rec.iter_batch_headers(data) if not header.is_control
+            for record in rec.decode_records(data, pos, header)}
 
 
 def share_batch(deltas: Sequence[dict[str, Any]], timestamp_ms: int) -> bytes:
@@ -260,8 +267,10 @@ class ShareStateMachine:
         deltas = self._acknowledge(state, member_id, acks, now, config, outcome)
         if max_records > 0:
             new_ranges, batches = self._read_new(state)
+            keys = record_keys(batches) if batches and config.ordering == "key" else None
             acquired, delta = state.acquire(member_id, now, new_ranges, max_records, config,
-                                            delivery_times(batches) if batches else None, self._delivery_times)
+                                            delivery_times(batches) if batches else None, self._delivery_times,
+                                            keys, self._keys_between)
             # Passing control batches (its own share-state writes among them) changes nothing worth writing:
             # a new leader passes them again. Writing it would make an idle consumer grow the log forever.
             if delta["set"] or "park" in delta or "unpark" in delta:
@@ -306,13 +315,20 @@ class ShareStateMachine:
     def _delivery_times(self, first: int, last: int) -> list[tuple[int, int]]:
         """(offset, delivery time) of the records first..last that carry one: the delay index reads parked
         records' times back from the log rather than holding them all in memory."""
-        out: list[tuple[int, int]] = []
+        return self._scan_log(first, last, delivery_times)
+
+    def _keys_between(self, first: int, last: int) -> list[tuple[int, bytes | None]]:
+        """(offset, key) of the data records first..last, in log order: a new leader's key-ordered window."""
+        return self._scan_log(first, last, record_keys)
+
+    def _scan_log(self, first: int, last: int, extract: Callable[[bytes], dict[int, T]]) -> list[tuple[int, T]]:
+        out: list[tuple[int, T]] = []
         offset = first
         while offset <= last:
             data = self.replica.read_committed(offset, SCAN_READ_BYTES)
             if not data:
                 break
-            out.extend((o, due) for o, due in delivery_times(data).items() if first <= o <= last)
+            out.extend((o, value) for o, value in extract(data).items() if first <= o <= last)
             for _, header in rec.iter_batch_headers(data):
                 offset = header.base_offset + header.last_offset_delta + 1
         return out
