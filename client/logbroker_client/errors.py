@@ -112,6 +112,19 @@ class InvalidRequestError(BrokerResponseError):
     code = pb.ErrorCode.INVALID_REQUEST
 
 
+class OutOfOrderSequenceError(BrokerResponseError):
+    """A batch arrived before an earlier one of its partition: the producer resends them in order."""
+
+    code = pb.ErrorCode.OUT_OF_ORDER_SEQUENCE_NUMBER
+    retriable = True
+
+
+class InvalidProducerEpochError(BrokerResponseError):
+    """A newer epoch of this producer id wrote to the partition: this instance is fenced."""
+
+    code = pb.ErrorCode.INVALID_PRODUCER_EPOCH
+
+
 # ------------------------------------------------------------------------------------ consumer groups
 
 
@@ -206,6 +219,7 @@ _BY_CODE: dict[int, type[BrokerResponseError]] = {
         CoordinatorNotAvailableError, UnknownMemberIdError, FencedMemberEpochError, StaleMemberEpochError,
         PartitionNotOwnedError, InvalidGroupIdError, GroupIdNotFoundError, NonEmptyGroupError,
         UnreleasedInstanceIdError, GroupSubscribedToTopicError, InvalidRecordStateError, InvalidGroupConfigError,
+        OutOfOrderSequenceError, InvalidProducerEpochError,
     )
 }
 

@@ -25,7 +25,7 @@ from typing import Protocol
 
 from logbroker_client import records as rec
 
-from logbroker.cluster.producer_state import ProducerStateTable
+from logbroker.cluster.producer_state import BatchIdentity, ProducerStateTable, rebuild_from_log
 from logbroker.cluster.raft_storage import (
     DamagedLogError,
     PartitionLogStorage,
@@ -43,8 +43,6 @@ from logbroker.storage.log import PartitionLog
 
 log = logging.getLogger("logbroker.replica")
 
-PRODUCER_STATE_SCAN_OFFSETS = 200_000  # how far back start-up looks for producer sequences
-PRODUCER_STATE_SCAN_BYTES = 4 << 20
 QUIESCE_AFTER_TICKS = 4
 # Appends are written in chunks of this size: the copy of the batches never exceeds it, and a closing
 # replica waits for at most one chunk.
@@ -125,7 +123,7 @@ class Replica:
         self._persist_commit = persist_commit
         self.closed = False
         self.producers = ProducerStateTable()
-        self._rebuild_producer_state()
+        rebuild_from_log(self.log, self.producers)
         self.high_watermark = max(self.state.commit_offset + 1, plog.log_start_offset)
         self.durable_offset = plog.log_end_offset
         self._commit_waiters: list[tuple[int, asyncio.Future[None]]] = []
@@ -225,20 +223,7 @@ class Replica:
         return entries
 
     def _record_producer(self, batch: bytes | memoryview, base_offset: int, last_offset: int) -> None:
-        producer_id, _, base_sequence, count = rec.producer_fields(batch)
-        self.producers.record(producer_id, base_sequence, count, base_offset, last_offset)
-
-    def _rebuild_producer_state(self) -> None:
-        """Re-learn recent producer sequences from the log's tail (headers only)."""
-        offset = max(self.log.log_start_offset, self.log.log_end_offset - PRODUCER_STATE_SCAN_OFFSETS)
-        while offset < self.log.log_end_offset:
-            data = self.log.read(offset, PRODUCER_STATE_SCAN_BYTES)
-            if not data:
-                break
-            for pos, header in rec.iter_batch_headers(data):
-                offset = header.base_offset + header.last_offset_delta + 1
-                if not header.attributes & rec.CONTROL_FLAG:
-                    self._record_producer(data[pos:pos + rec.HEADER_SIZE], header.base_offset, offset - 1)
+        self.producers.record(BatchIdentity(*rec.producer_fields(batch)), base_offset, last_offset)
 
     def wait_committed(self, last_offset: int) -> asyncio.Future[None]:
         return self._waiter(self._commit_waiters, last_offset, self.high_watermark)

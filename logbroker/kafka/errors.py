@@ -36,6 +36,8 @@ KAFKA_CODES: dict[str, ErrorCode] = {
     "INVALID_REQUEST": ErrorCode.invalid_request,
     "LEADER_NOT_AVAILABLE": ErrorCode.leader_not_available,
     "DUPLICATE_SEQUENCE": ErrorCode.duplicate_sequence_number,
+    "OUT_OF_ORDER_SEQUENCE_NUMBER": ErrorCode.out_of_order_sequence_number,
+    "INVALID_PRODUCER_EPOCH": ErrorCode.invalid_producer_epoch,
     "NOT_COORDINATOR": ErrorCode.not_coordinator,
     "COORDINATOR_LOAD_IN_PROGRESS": ErrorCode.coordinator_load_in_progress,
     "COORDINATOR_NOT_AVAILABLE": ErrorCode.coordinator_not_available,

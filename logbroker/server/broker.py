@@ -34,6 +34,7 @@ from logbroker.cluster.metadata import (
     new_topic_id,
     place_replicas,
 )
+from logbroker.cluster.producer_state import BatchIdentity, Outcome, SequenceVerdict
 from logbroker.cluster.raft_storage import DamagedLogError, RecentEntries, ReplicaStateFile
 from logbroker.cluster.replica import NotLeaderNow, Replica, ReplicaFailedError
 from logbroker.cluster.topic_names import MAX_PARTITIONS, TopicNameError, check_topic_name
@@ -845,16 +846,13 @@ class Broker:
     def _propose_new_batches(replica: Replica, payloads: list[tuple[bytes, int]]) -> tuple[list[int], int]:
         """Propose the batches not stored yet; return every batch's base offset and the last offset to await.
 
-        A batch an idempotent producer retries after a lost answer is answered with its first copy's offset."""
-        verdicts = []
-        for payload, count in payloads:
-            producer_id, _, base_sequence, _ = rec.producer_fields(payload)
-            verdicts.append(replica.producers.check(producer_id, base_sequence, count))
-        for verdict in verdicts:
-            if verdict.already_written_unknown_offset:
-                raise errors.DuplicateSequence(
-                    f"{replica.name}: a retried batch was stored too long ago to find its offset; "
-                    f"it is not written again {errors.ALREADY_STORED_MARKER}")
+        Every batch is checked against the producer-state table first (producer_state.py), and nothing is
+        proposed if one is refused. A batch an idempotent producer retries after a lost answer is answered
+        with its first copy's offset."""
+        identities = [BatchIdentity(*rec.producer_fields(payload)) for payload, _ in payloads]
+        verdicts = replica.producers.check_request(identities)
+        for identity, verdict in zip(identities, verdicts, strict=True):
+            _refuse_if_refused(replica.name, identity, verdict)
         fresh = [payload for payload, verdict in zip(payloads, verdicts, strict=True) if verdict.duplicate_of is None]
         try:
             entries = iter(replica.propose(fresh)) if fresh else iter(())
@@ -1183,3 +1181,22 @@ class Broker:
                          replica.name, count, replica.log.log_start_offset)
             deleted += count
         return deleted
+
+
+def _refuse_if_refused(partition: str, batch: BatchIdentity, verdict: SequenceVerdict) -> None:
+    """Raise the error a refused batch is answered with (nothing of the request is written)."""
+    outcome = verdict.outcome
+    if outcome is Outcome.FENCED_EPOCH:
+        raise errors.InvalidProducerEpoch(
+            f"{partition}: producer {batch.producer_id} sent epoch {batch.epoch}, but epoch {verdict.known_epoch} "
+            "already wrote here: a newer instance of this producer took over; nothing was written. Close this "
+            "producer")
+    if outcome is Outcome.OUT_OF_ORDER:
+        raise errors.OutOfOrderSequence(
+            f"{partition}: producer {batch.producer_id} epoch {batch.epoch} sent sequence {batch.base_sequence}, "
+            f"expected {verdict.expected_sequence}: an earlier batch is missing; nothing was written. The "
+            "producer resends in order once the earlier batch is stored")
+    if outcome is Outcome.STORED_LONG_AGO:
+        raise errors.DuplicateSequence(
+            f"{partition}: producer {batch.producer_id} retried sequence {batch.base_sequence}, stored too long "
+            f"ago to find its offset; it is not written again {errors.ALREADY_STORED_MARKER}")

@@ -87,3 +87,11 @@ ALREADY_STORED_MARKER = "[already stored]"
 
 class DuplicateSequence(BrokerError):
     code = pb.ErrorCode.INVALID_REQUEST
+
+
+class OutOfOrderSequence(BrokerError):
+    code = pb.ErrorCode.OUT_OF_ORDER_SEQUENCE_NUMBER
+
+
+class InvalidProducerEpoch(BrokerError):
+    code = pb.ErrorCode.INVALID_PRODUCER_EPOCH

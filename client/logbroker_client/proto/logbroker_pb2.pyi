@@ -40,6 +40,8 @@ class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PARTITION_NOT_OWNED: _ClassVar[ErrorCode]
     INVALID_RECORD_STATE: _ClassVar[ErrorCode]
     INVALID_GROUP_CONFIG: _ClassVar[ErrorCode]
+    OUT_OF_ORDER_SEQUENCE_NUMBER: _ClassVar[ErrorCode]
+    INVALID_PRODUCER_EPOCH: _ClassVar[ErrorCode]
 
 class AckType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -78,6 +80,8 @@ GROUP_SUBSCRIBED_TO_TOPIC: ErrorCode
 PARTITION_NOT_OWNED: ErrorCode
 INVALID_RECORD_STATE: ErrorCode
 INVALID_GROUP_CONFIG: ErrorCode
+OUT_OF_ORDER_SEQUENCE_NUMBER: ErrorCode
+INVALID_PRODUCER_EPOCH: ErrorCode
 ACK_NONE: AckType
 ACCEPT: AckType
 RELEASE: AckType
