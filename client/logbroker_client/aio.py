@@ -99,6 +99,7 @@ from logbroker_client.producer_core import (
 )
 from logbroker_client.proto import logbroker_pb2 as pb
 from logbroker_client.share import subscription_lanes
+from logbroker_client.throttle import BrokerPauses, client_id_metadata, default_producer_client_id
 from logbroker_client.types import (
     ConsumerRecord,
     GroupDescription,
@@ -149,7 +150,8 @@ class AsyncMetadata(MetadataCache):
     async def _call_at(self, address: str, method: str, request: Any, service: str) -> Any:
         conn = self.connection(address)
         try:
-            return await getattr(getattr(conn, service), method)(request, timeout=self.request_timeout_s)
+            return await getattr(getattr(conn, service), method)(request, timeout=self.request_timeout_s,
+                                                                 metadata=self.call_metadata)
         except grpc.RpcError as exc:
             error = translate_rpc_error(exc, address)
             if isinstance(error, BrokerUnavailableError):
@@ -464,6 +466,7 @@ class AsyncProducer:
         delivery_timeout_ms: int = DEFAULT_DELIVERY_TIMEOUT_MS,
         max_block_ms: int = DEFAULT_MAX_BLOCK_MS,
         enable_idempotence: bool = True,
+        client_id: str | None = None,
     ) -> None:
         self._core = ProducerCore(
             new_batch=_AsyncBatch, new_future=AsyncRecordFuture, wake=self._wake, acks=acks, linger_ms=linger_ms,
@@ -474,6 +477,8 @@ class AsyncProducer:
         self.acks = self._core.acks
         self._timeout_ms = request_timeout_ms
         self._metadata = AsyncMetadata(bootstrap, request_timeout_ms)
+        self.client_id = client_id or default_producer_client_id()  # the brokers' quotas are per client id
+        self._metadata.call_metadata = client_id_metadata(self.client_id)
         # asyncio.Events bind to the running loop when first waited on: made by the first send(), in the loop
         self._wakeup: asyncio.Event | None = None
         self._changed: asyncio.Event | None = None  # set whenever batches are released: buffer room, flush()
@@ -618,6 +623,9 @@ class AsyncProducer:
             complete_all(core.unacknowledged(batches))
             self._release(slot, batches)
             return
+        if response.throttle_time_ms:  # the broker asked for a pause: its partitions send nothing until then
+            core.pause([slot, *(s for s in core.ready if s != slot and self._metadata.leader_address(*s) == address)],
+                       response.throttle_time_ms)
         self._on_answer(slot, batches, response.results[0], None, address)
 
     def _on_answer(self, slot: Slot, batches: list[CoreBatch], result: pb.PartitionProduceResult | None,
@@ -705,12 +713,15 @@ class AsyncConsumer:
         self._partition_max_bytes = max_partition_fetch_bytes
         self._max_poll_records = max_poll_records
         self._metadata = AsyncMetadata(bootstrap, request_timeout_ms)
+        self.client_id = client_id or default_client_id()  # sent with every fetch: the brokers' quotas use it
+        self._metadata.call_metadata = client_id_metadata(self.client_id)
+        self._pauses = BrokerPauses()  # brokers that answered a fetch with a throttle time
         self._closed = False
         self._group: AsyncGroupSide | None = None
         if group_id is not None:
             member = GroupMember(check_group_id(group_id), session_timeout_ms=session_timeout_ms,
                                  rebalance_timeout_ms=max_poll_interval_ms, instance_id=group_instance_id,
-                                 client_id=client_id or default_client_id(), client_host=socket.gethostname())
+                                 client_id=self.client_id, client_host=socket.gethostname())
             self._group = AsyncGroupSide(member, self._fetch, self._metadata, enable_auto_commit,
                                          auto_commit_interval_ms, request_timeout_ms / 1000)
         elif group_instance_id is not None:
@@ -846,6 +857,8 @@ class AsyncConsumer:
         for tp, offset in self._fetch.to_fetch():
             by_leader.setdefault(await self._metadata.leader(tp.topic, tp.partition), {})[tp] = offset
         for address, offsets in by_leader.items():
+            if self._pauses.paused(address):
+                continue  # it asked for a pause (throttle time): fetch from it once that is over
             request = pb.FetchRequest(
                 max_wait_ms=self._max_wait_ms, min_bytes=self._min_bytes, max_bytes=self._max_bytes,
                 partitions=[pb.FetchPartition(topic=tp.topic, partition=tp.partition, fetch_offset=offset,
@@ -857,7 +870,10 @@ class AsyncConsumer:
     async def _complete_one_fetch(self, timeout: float) -> bool:
         """Wait for the oldest fetch in flight and buffer its records; False if it did not finish in time."""
         if not self._fetch.in_flight:
-            return False
+            wait_s = min(self._pauses.wait_s(), timeout)  # fetches held back by a throttle time
+            if wait_s > 0:
+                await asyncio.sleep(wait_s)
+            return wait_s > 0
         fetch = self._fetch.in_flight[0]
         done, _ = await asyncio.wait([fetch.handle], timeout=timeout)
         if not done:
@@ -872,6 +888,7 @@ class AsyncConsumer:
                 self._metadata.invalidate(tp.topic)
             await asyncio.sleep(min(RETRY_BACKOFF_S, timeout))
             return True
+        self._pauses.note(fetch.address, response.throttle_time_ms)
         for result in response.results:
             if self._fetch.absorb(fetch, result) is FetchOutcome.FIND_LEADER:
                 self._metadata.invalidate(result.topic)

@@ -57,6 +57,7 @@ from logbroker_client.group_member import (
 from logbroker_client.groups import check_group_id, committed_offsets, fetch_offsets_request
 from logbroker_client.metadata import ClusterMetadata
 from logbroker_client.proto import logbroker_pb2 as pb
+from logbroker_client.throttle import BrokerPauses, client_id_metadata
 from logbroker_client.types import ConsumerRecord, OffsetAndMetadata, OffsetAndTimestamp, TopicPartition
 
 __all__ = ["Consumer", "EARLIEST", "LATEST", "RESETS", "decode_batch", "list_offsets"]
@@ -156,8 +157,11 @@ class Consumer:
         self._max_poll_records = max_poll_records
         self._timeout_s = request_timeout_ms / 1000
         self._metadata = ClusterMetadata(bootstrap, request_timeout_ms)
+        self.client_id = client_id or default_client_id()  # sent with every fetch: the brokers' quotas use it
+        self._metadata.call_metadata = client_id_metadata(self.client_id)
+        self._pauses = BrokerPauses()  # brokers that answered a fetch with a throttle time
         self._closed = False
-        self._group = _GroupSide.create(self, group_id, group_instance_id, client_id, session_timeout_ms,
+        self._group = _GroupSide.create(self, group_id, group_instance_id, self.client_id, session_timeout_ms,
                                         max_poll_interval_ms, enable_auto_commit, auto_commit_interval_ms)
 
     # ------------------------------------------------------------------------------ assignment
@@ -306,7 +310,8 @@ class Consumer:
             conn = self._metadata.leader_connection(tp.topic, tp.partition)
             by_leader.setdefault(conn.address, {})[tp] = offset
         for address, offsets in by_leader.items():
-            self._send_fetch(self._metadata.connection(address), offsets)
+            if not self._pauses.paused(address):  # one that asked for a pause is asked again once it is over
+                self._send_fetch(self._metadata.connection(address), offsets)
 
     def _send_fetch(self, conn: Connection, offsets: dict[TopicPartition, int]) -> None:
         request = pb.FetchRequest(
@@ -316,12 +321,16 @@ class Consumer:
                         for tp, offset in offsets.items()],
         )
         fetch = self._fetch.begin_fetch(conn.address, offsets)
-        fetch.handle = conn.broker.Fetch.future(request, timeout=self._timeout_s + self._max_wait_ms / 1000)
+        fetch.handle = conn.broker.Fetch.future(request, timeout=self._timeout_s + self._max_wait_ms / 1000,
+                                                metadata=self._metadata.call_metadata)
 
     def _complete_one_fetch(self, timeout: float) -> bool:
         """Wait for the oldest fetch in flight and buffer its records; False if it did not finish in time."""
         if not self._fetch.in_flight:
-            return False
+            wait_s = min(self._pauses.wait_s(), timeout)  # fetches held back by a throttle time
+            if wait_s > 0:
+                time.sleep(wait_s)
+            return wait_s > 0
         fetch = self._fetch.in_flight[0]
         try:
             response = fetch.handle.result(timeout=timeout)
@@ -332,6 +341,7 @@ class Consumer:
             self._on_fetch_failure(fetch, translate_rpc_error(exc, fetch.address), timeout)
             return True  # handled: poll() goes round again while its timeout lasts
         self._fetch.end_fetch(fetch)
+        self._pauses.note(fetch.address, response.throttle_time_ms)
         for result in response.results:
             if self._fetch.absorb(fetch, result) is FetchOutcome.FIND_LEADER:
                 self._metadata.invalidate(result.topic)

@@ -46,6 +46,8 @@ UP, NOT_READY, NO_ANSWER, DOWN = "up", "not ready", "no answer", "down"
 class MetadataCache:
     """Brokers and partition leaders from the last Metadata answer (shared by sync and async clients)."""
 
+    call_metadata: tuple[tuple[str, str], ...] = ()  # sent with produce and fetch calls: the client id (quotas)
+
     def __init__(self, bootstrap: str | Sequence[str] | None, request_timeout_ms: int) -> None:
         self.bootstrap = parse_bootstrap(bootstrap)
         self.bootstrap_given = bootstrap_was_given(bootstrap)

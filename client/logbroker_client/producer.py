@@ -52,6 +52,7 @@ from logbroker_client.producer_core import (  # noqa: F401  (re-exported: the pr
     whole_ms,
 )
 from logbroker_client.proto import logbroker_pb2 as pb
+from logbroker_client.throttle import client_id_metadata, default_producer_client_id
 from logbroker_client.types import RecordMetadata
 
 log = logging.getLogger("logbroker_client.producer")
@@ -142,6 +143,7 @@ class Producer:
         max_block_ms: int = DEFAULT_MAX_BLOCK_MS,
         enable_idempotence: bool = True,
         metadata_max_age_ms: int = DEFAULT_METADATA_MAX_AGE_MS,
+        client_id: str | None = None,
     ) -> None:
         self._wakeup = threading.Event()
         # A topic's partition count is asked again after this long (Kafka's metadata.max.age.ms), so partitions
@@ -157,6 +159,9 @@ class Producer:
         self.acks = self._core.acks
         self._request_timeout_s = request_timeout_ms / 1000
         self._metadata = ClusterMetadata(bootstrap, request_timeout_ms)
+        # Sent with every produce: the brokers' quotas are per client id (default: one per producer).
+        self.client_id = client_id or default_producer_client_id()
+        self._metadata.call_metadata = client_id_metadata(self.client_id)
         self._lock = threading.Lock()  # guards the core: the caller's threads and the sender thread share it
         self._space = threading.Condition(self._lock)
         self._idle = threading.Condition(threading.Lock())
@@ -283,7 +288,8 @@ class Producer:
         except LogbrokerError as exc:
             self._on_answer(slot, batches, None, exc, None)
             return
-        call = conn.broker.Produce.future(request, timeout=self._request_timeout_s)
+        call = conn.broker.Produce.future(request, timeout=self._request_timeout_s,
+                                          metadata=self._metadata.call_metadata)
         if core.acks == 0:  # nobody waits for an answer, but close() must wait for the bytes to leave
             complete_all(core.unacknowledged(batches))
             call.add_done_callback(lambda f: self._release(slot, batches))
@@ -302,7 +308,15 @@ class Producer:
         except Exception as exc:
             self._on_answer(slot, batches, None, LogbrokerError(f"produce to {address} failed: {exc}"), address)
             return
+        if response.throttle_time_ms:
+            with self._lock:
+                self._core.pause(self._led_by(address, slot), response.throttle_time_ms)
         self._on_answer(slot, batches, response.results[0], None, address)
+
+    def _led_by(self, address: str, answered: Slot) -> list[Slot]:
+        """The answered partition and every queued one the same broker leads: the broker asked for a pause."""
+        return [answered, *(slot for slot in self._core.ready
+                            if slot != answered and self._metadata.leader_address(*slot) == address)]
 
     def _on_answer(self, slot: Slot, batches: list[CoreBatch], result: pb.PartitionProduceResult | None,
                    error: LogbrokerError | None, address: str | None) -> None:

@@ -414,7 +414,7 @@ class ProducerCore:
             log.info("%s-%d: %s; retrying in %d ms", slot[0], slot[1], error, RETRY_BACKOFF_MS)
             # back at the head of the queue: a partition's batches keep their order
             self.ready.setdefault(slot, deque()).extendleft(reversed(batches))
-            self.retry_at[slot] = self.clock() + RETRY_BACKOFF_MS / 1000
+            self.retry_at[slot] = max(self.retry_at.get(slot, 0.0), self.clock() + RETRY_BACKOFF_MS / 1000)
             self.in_flight.discard(slot)
             return Verdict(True, leaderless, error, [])
         if error is not None:
@@ -445,6 +445,14 @@ class ProducerCore:
         self.ready.setdefault(slot, deque()).extendleft(reversed([b for b in batches if b is not bad]))
         self.failures.add(bad.builder.count, error)
         return Verdict(False, leaderless, error, [(bad, -1, error)])
+
+    def pause(self, slots: Sequence[Slot], throttle_ms: int) -> None:
+        """A broker answered with a throttle time (a quota, or no room for requests in flight): the partitions
+        it leads send nothing to it before the time is up."""
+        if throttle_ms > 0:
+            until = self.clock() + throttle_ms / 1000
+            for slot in slots:
+                self.retry_at[slot] = max(self.retry_at.get(slot, 0.0), until)
 
     def may_retry(self, batches: Sequence[CoreBatch]) -> bool:
         """Within delivery_timeout_ms of the oldest batch's creation, and not closed."""

@@ -48,6 +48,7 @@ from logbroker.raft.membership import Membership
 from logbroker.raft.types import Entry, EntryKind, Message, MessageType, RaftConfig, Role
 from logbroker.server import errors
 from logbroker.server.config import BrokerConfig
+from logbroker.server.quotas import Backpressure, DiskGuard, quotas_from
 from logbroker.server.topic_admin import TopicAdmin
 from logbroker.storage import filenames
 from logbroker.storage.config import InvalidConfigError, LogConfig
@@ -155,6 +156,9 @@ class Broker:
         # Set by the server layer: sends leader reports to the controller leader at an address (over gRPC).
         self.send_leader_report: Callable[[str, int, list[list[Any]]], Awaitable[bool]] | None = None
         self.topic_admin = TopicAdmin(self)  # configs, partition counts and replica moves after creation
+        self.backpressure = Backpressure(quotas_from(config), config.max_inflight_produce_bytes,
+                                         config.produce_backpressure_wait_ms / 1000, config.node_id)
+        self.disk_guard = DiskGuard(self.data_dir, config.min_free_disk_bytes)
 
     def raft_config(self) -> RaftConfig:
         return RaftConfig(node_id=self.node_id, election_timeout_ticks=self.config.raft_election_ticks,
@@ -834,6 +838,7 @@ class Broker:
         if topic.startswith("__"):
             raise errors.InvalidTopic(f"topic {topic!r} is internal: only the broker writes to it")
         replica = self.leader_replica(topic, index)
+        self.disk_guard.check(topic, index)
         payloads = self._validated(replica, records)
         del records  # the batches are copied out: an acks=all wait must not keep the request's bytes too
         base_offsets, last_offset = self._propose_new_batches(replica, payloads)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from logbroker_client.cli import package_version
 
-from logbroker.server.config import BrokerConfigError, load_config, parse_peers
+from logbroker.server.config import BrokerConfigError, load_config, parse_client_quota, parse_peers
 
 DEV_BROKERS = 3
 DEV_BASE_PORT = 9092
@@ -44,6 +44,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "peers": parse_peers(args.peers) if args.peers else None,
             "raft_tick_ms": args.raft_tick_ms, "cluster_secret_file": args.cluster_secret_file,
             "kafka_listen": args.kafka_listen,
+            **backpressure_overrides(args),
         })
     except BrokerConfigError as exc:
         print(f"logbroker: {exc}", file=sys.stderr)
@@ -55,6 +56,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logging.getLogger("logbroker").error("%s", exc)
         return 1
     return 0
+
+
+def backpressure_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """The backpressure and quota flags given (None: not given, the config file or default stands)."""
+    quotas = dict(parse_client_quota(text) for text in args.client_quota or ())
+    return {"max_inflight_produce_bytes": args.max_inflight_produce_bytes,
+            "min_free_disk_bytes": args.min_free_disk_bytes,
+            "quota_produce_bytes_per_s": args.quota_produce_bytes_per_s,
+            "quota_fetch_bytes_per_s": args.quota_fetch_bytes_per_s,
+            "client_quotas": quotas or None}
+
+
+def add_backpressure_flags(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument("--max-inflight-produce-bytes", type=int, metavar="BYTES",
+                       help="bytes of produce requests handled at once; past it producers wait and are throttled "
+                            "(default 128 MiB)")
+    serve.add_argument("--min-free-disk-bytes", type=int, metavar="BYTES",
+                       help="refuse produce requests while the data disk has less free space (default 100 MiB; "
+                            "0: no floor)")
+    serve.add_argument("--quota-produce-bytes-per-s", type=int, metavar="N",
+                       help="default produce quota of every client id, per broker (default 0: unlimited)")
+    serve.add_argument("--quota-fetch-bytes-per-s", type=int, metavar="N",
+                       help="default fetch quota of every client id, per broker (default 0: unlimited)")
+    serve.add_argument("--client-quota", action="append", metavar="ID:produce=N,fetch=N",
+                       help="one client id's quotas in bytes per second (repeatable; wins over the defaults)")
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
@@ -99,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "or set $LOGBROKER_CLUSTER_SECRET)")
     serve.add_argument("--kafka-listen", help="HOST:PORT for Kafka clients (off unless given); every broker's "
                                               "Kafka port must be its --listen port plus the same offset")
+    add_backpressure_flags(serve)
     serve.set_defaults(func=cmd_serve)
     dev = sub.add_parser("dev", help="run a local cluster of broker processes until Ctrl-C")
     dev.add_argument("--brokers", type=int, default=DEV_BROKERS)

@@ -53,6 +53,14 @@ DEFAULT_OFFSETS_RETENTION_MINUTES = 7 * 24 * 60
 # live state), the coordinator writes a snapshot and the segments below it are deleted.
 DEFAULT_OFFSETS_SNAPSHOT_TRIGGER_BYTES = 2 << 20
 DEFAULT_OFFSETS_SEGMENT_BYTES = 1 << 20
+# Backpressure (see logbroker/server/quotas.py): the produce requests a broker handles at once hold at most this
+# many bytes; past it a request waits up to DEFAULT_PRODUCE_BACKPRESSURE_WAIT_MS for room, then is answered
+# "retry" with a throttle time. 128 MiB is eight of the largest requests (max_request_bytes).
+DEFAULT_MAX_INFLIGHT_PRODUCE_BYTES = 128 * 1024 * 1024
+DEFAULT_PRODUCE_BACKPRESSURE_WAIT_MS = 5_000
+# A produce is refused while the data directory's disk has less free space than this (0: no floor), so the
+# disk never fills half-way through a write.
+DEFAULT_MIN_FREE_DISK_BYTES = 100 * 1024 * 1024
 
 
 class BrokerConfigError(ValueError):
@@ -98,6 +106,15 @@ class BrokerConfig:
     # gRPC port plus the same offset: brokers name each other's Kafka endpoints in Metadata from that.
     kafka_listen: str = ""
     kafka_auto_create_topics: bool = False  # Metadata for an unknown topic creates it (Kafka's auto.create)
+    max_inflight_produce_bytes: int = DEFAULT_MAX_INFLIGHT_PRODUCE_BYTES
+    produce_backpressure_wait_ms: int = DEFAULT_PRODUCE_BACKPRESSURE_WAIT_MS
+    min_free_disk_bytes: int = DEFAULT_MIN_FREE_DISK_BYTES
+    # Byte-rate quotas per client id, per broker (Kafka's client quotas); 0 is unlimited. The defaults apply to
+    # every client id without its own entry in client_quotas: {client id: {"produce_bytes_per_s": N,
+    # "fetch_bytes_per_s": N}} (a [client_quotas."ID"] table in the TOML file, or --client-quota flags).
+    quota_produce_bytes_per_s: int = 0
+    quota_fetch_bytes_per_s: int = 0
+    client_quotas: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def host(self) -> str:
@@ -132,7 +149,22 @@ class BrokerConfig:
                      "offsets_retention_minutes", "offsets_snapshot_trigger_bytes", "offsets_segment_bytes"):
             if getattr(self, name) < 1:
                 raise BrokerConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        self._check_backpressure()
         return self
+
+    def _check_backpressure(self) -> None:
+        for name in ("max_inflight_produce_bytes", "produce_backpressure_wait_ms"):
+            if getattr(self, name) < 1:
+                raise BrokerConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("min_free_disk_bytes", "quota_produce_bytes_per_s", "quota_fetch_bytes_per_s"):
+            if getattr(self, name) < 0:
+                raise BrokerConfigError(f"{name} must be 0 (none) or more, got {getattr(self, name)}")
+        for client_id, rates in self.client_quotas.items():
+            unknown = sorted(set(rates) - set(CLIENT_QUOTA_KEYS))
+            if unknown or any(not isinstance(v, int) or v < 0 for v in rates.values()):
+                raise BrokerConfigError(
+                    f"client_quotas for {client_id!r}: {rates} is not a table of {' and '.join(CLIENT_QUOTA_KEYS)} "
+                    "(bytes per second, 0 for unlimited)")
 
 
     def _load_secret(self) -> None:
@@ -154,6 +186,26 @@ class BrokerConfig:
                 f"a cluster of {len(self.peers)} brokers needs a shared secret, so that only its brokers can speak "
                 f"as brokers: put the same secret in a file on every broker and pass --cluster-secret-file FILE "
                 f"(or set ${CLUSTER_SECRET_ENV}); `logbroker dev` does this itself")
+
+
+CLIENT_QUOTA_KEYS = ("produce_bytes_per_s", "fetch_bytes_per_s")
+
+
+def parse_client_quota(text: str) -> tuple[str, dict[str, int]]:
+    """'ID:produce=N,fetch=N' (bytes per second; either may be left out) -> (ID, {"produce_bytes_per_s": N, ...})."""
+    client_id, sep, rates = text.rpartition(":")
+    parsed: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in rates.split(","))):
+        direction, eq, value = item.partition("=")
+        key = f"{direction.strip()}_bytes_per_s"
+        if not eq or key not in CLIENT_QUOTA_KEYS or not value.strip().isdigit():
+            parsed = {}
+            break
+        parsed[key] = int(value)
+    if not sep or not client_id or not parsed:
+        raise BrokerConfigError(f"client quota {text!r} is not CLIENT_ID:produce=BYTES_PER_S,fetch=BYTES_PER_S "
+                                "(for example billing:produce=1048576)")
+    return client_id, parsed
 
 
 def split_host_port(address: str) -> tuple[str, int]:
@@ -190,7 +242,10 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> BrokerConfig:
     unknown = sorted(set(values) - known)
     if unknown:
         raise BrokerConfigError(f"config file {path}: unknown setting(s) {', '.join(unknown)}; known: {sorted(known)}")
+    file_quotas = values.get("client_quotas", {})
     values.update({k: v for k, v in overrides.items() if v is not None})
+    values["client_quotas"] = {str(k): dict(v) for k, v in {**file_quotas, **(overrides.get("client_quotas") or {})
+                                                              }.items()}  # a flag's client wins over the file's
     if isinstance(values.get("peers"), str):
         values["peers"] = parse_peers(values["peers"])
     elif isinstance(values.get("peers"), dict):

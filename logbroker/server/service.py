@@ -27,6 +27,7 @@ from logbroker.raft.errors import NotLeaderError, ProposalDroppedError
 from logbroker.server import errors
 from logbroker.server.broker import Broker
 from logbroker.server.groups import GroupFrontEnd
+from logbroker.server.quotas import FETCH, InflightFull, client_id_of, throttle_ms
 from logbroker.server.topic_admin import MoveDoneSender
 
 log = logging.getLogger("logbroker.service")
@@ -66,8 +67,18 @@ class BrokerService(pb_grpc.BrokerServicer):
         if request.acks not in VALID_ACKS:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"acks must be -1 (all), 0 or 1, got {request.acks}")
         timeout_s = (request.timeout_ms or DEFAULT_REQUEST_TIMEOUT_MS) / 1000
-        results = await asyncio.gather(*(self._produce_one(p, request.acks, timeout_s) for p in request.partitions))
-        return pb.ProduceResponse(results=results)
+        size = sum(len(p.records) for p in request.partitions)
+        try:  # quotas and the in-flight bound may make it wait, and ask the client to wait before the next one
+            async with self.broker.backpressure.produce(client_id_of(context.invocation_metadata()), size,
+                                                        timeout_s) as ticket:
+                results = await asyncio.gather(*(self._produce_one(p, request.acks, timeout_s)
+                                                 for p in request.partitions))
+        except InflightFull as full:
+            return pb.ProduceResponse(throttle_time_ms=throttle_ms(full.throttle_s), results=[
+                pb.PartitionProduceResult(topic=p.topic, partition=p.partition, error_code=full.code,
+                                          error_message=f"{p.topic}-{p.partition}: {full.message}")
+                for p in request.partitions])
+        return pb.ProduceResponse(results=results, throttle_time_ms=ticket.throttle_ms)
 
     async def _produce_one(self, part: pb.PartitionRecords, acks: int, timeout_s: float) -> pb.PartitionProduceResult:
         result = pb.PartitionProduceResult(topic=part.topic, partition=part.partition)
@@ -91,11 +102,14 @@ class BrokerService(pb_grpc.BrokerServicer):
         deadline = time.monotonic() + max_wait_ms / 1000
         budget = min(request.max_bytes if request.max_bytes > 0 else DEFAULT_FETCH_MAX_BYTES, config.max_fetch_bytes)
         min_bytes = min(max(request.min_bytes, 1), budget)  # never wait for more than the answer may hold
+        client_id = client_id_of(context.invocation_metadata())
+        await self.broker.backpressure.hold_while_in_debt(client_id, FETCH)  # one that ignored its throttle time
         while True:
             results, total = await self._read_all(request, budget)
             remaining = deadline - time.monotonic()
             if total >= min_bytes or remaining <= 0 or any(r.error_code for r in results):
-                return pb.FetchResponse(results=results)
+                return pb.FetchResponse(results=results,
+                                        throttle_time_ms=self.broker.backpressure.fetched(client_id, total))
             await self.broker.wait_for_data(remaining)
 
     async def _read_all(self, request: pb.FetchRequest, budget: int) -> tuple[list[pb.PartitionFetchResult], int]:
