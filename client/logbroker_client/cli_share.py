@@ -325,7 +325,8 @@ def add_group_config_command(group_sub: Any, parent: argparse.ArgumentParser) ->
         description="Show a group's configs (defaults included); with --set, change them first. Share groups: "
                     "share.record.lock.duration.ms, share.delivery.count.limit, share.retry.backoff (fixed or "
                     "exponential), share.retry.backoff.ms, share.retry.backoff.max.ms, share.auto.offset.reset, "
-                    "share.dlq.topic, share.ordering (none or key). An empty value (KEY=) puts a key back to its default.")
+                    "share.dlq.topic, share.ordering (none or key). An empty value (KEY=) puts a key back to its "
+                    "default.")
     config.add_argument("group", metavar="GROUP")
     config.add_argument("--set", type=parse_config_pair, action="append", default=[], metavar="KEY=VALUE",
                         help="change a config (repeatable)")

@@ -49,7 +49,13 @@ try:  # the record walk in C, built with the package where a compiler is at hand
 except ImportError:  # the Python walk below does the same, ~60x slower
     _recordwalk = None  # type: ignore[assignment]
 
+try:  # the clients' per-record encode and decode in C, built the same way
+    from logbroker_client import _recordcodec
+except ImportError:  # the Python paths below (BatchBuilder._encode_small, _decode_record_block)
+    _recordcodec = None  # type: ignore[assignment]
+
 NATIVE_RECORD_WALK = _recordwalk is not None
+NATIVE_RECORD_CODEC = _recordcodec is not None
 
 ByteSource = bytes | bytearray | memoryview | mmap.mmap  # anything struct and crc32c read directly
 
@@ -166,6 +172,7 @@ def _zigzag_varint(value: int) -> bytes:
 _VARINT_TABLE_SIZE = 1 << 14
 _VARINTS: list[bytes] = [_zigzag_varint(i) for i in range(_VARINT_TABLE_SIZE)]
 _MINUS_ONE = _zigzag_varint(-1)
+_INT64_LIMIT = 1 << 63  # the C encoder takes deltas that fit 64 bits; Python's ints take anything
 # Decoded value of every raw varint below 2**14 (one or two bytes on the wire).
 _ZIGZAG: list[int] = [(n >> 1) ^ -(n & 1) for n in range(1 << 14)]
 
@@ -260,12 +267,15 @@ class BatchBuilder:
             self.base_timestamp = self.max_timestamp = timestamp_ms
         elif timestamp_ms > self.max_timestamp:
             self.max_timestamp = timestamp_ms
-        if headers or key is not None and len(key) >= _VARINT_TABLE_SIZE or (
+        timestamp_delta = timestamp_ms - self.base_timestamp
+        if _recordcodec is not None and not headers and -_INT64_LIMIT < timestamp_delta < _INT64_LIMIT:
+            record = _recordcodec.encode_plain(offset_delta, timestamp_delta, key, value)
+        elif headers or key is not None and len(key) >= _VARINT_TABLE_SIZE or (
             value is not None and len(value) >= _VARINT_TABLE_SIZE
         ) or offset_delta >= _VARINT_TABLE_SIZE:
-            record = encode_record(offset_delta, timestamp_ms - self.base_timestamp, key, value, headers)
+            record = encode_record(offset_delta, timestamp_delta, key, value, headers)
         else:
-            record = self._encode_small(offset_delta, timestamp_ms - self.base_timestamp, key, value)
+            record = self._encode_small(offset_delta, timestamp_delta, key, value)
         self._parts.append(record)
         self.count = offset_delta + 1
         self.size_bytes += len(record)
@@ -666,6 +676,11 @@ def decode_records(
     if out is None:
         out = []
     kept = len(out)
+    if _recordcodec is not None:
+        if _recordcodec.decode_block(data, header.records_count, header.base_offset, header.base_timestamp, topic,
+                                     partition, min_offset, out, Record, NO_HEADERS):
+            return out
+        del out[kept:]  # refused, or beyond 64 bits: the Python decode says why, or decodes it
     try:
         _decode_record_block(data, header, topic, partition, min_offset, out)
     except CorruptBatchError:
