@@ -89,13 +89,16 @@ from logbroker_client.producer_core import (
     DEFAULT_DELIVERY_TIMEOUT_MS,
     DEFAULT_LINGER_MS,
     DEFAULT_MAX_BLOCK_MS,
+    DEFAULT_MAX_IN_FLIGHT,
     DEFAULT_MAX_REQUEST_BYTES,
     CoreBatch,
     ProducerCore,
     Slot,
     complete_all,
     delivery_headers,
+    match_results,
     priority_lane,
+    requests_by_leader,
 )
 from logbroker_client.proto import logbroker_pb2 as pb
 from logbroker_client.share import subscription_lanes
@@ -448,7 +451,8 @@ class AsyncRecordFuture:
 
 class AsyncProducer:
     """The Producer's API over asyncio, on the same core (producer_core.py): batching, linger, the buffer
-    limit, idempotent sequences, one request in flight per partition, the same retry and leader-loss rules.
+    limit, idempotent sequences, one request per leader broker with up to 5 batches of a partition in flight,
+    the same retry and leader-loss rules.
     A sender task (started by the first send) plays the part of the Producer's sender thread."""
 
     def __init__(
@@ -466,6 +470,7 @@ class AsyncProducer:
         delivery_timeout_ms: int = DEFAULT_DELIVERY_TIMEOUT_MS,
         max_block_ms: int = DEFAULT_MAX_BLOCK_MS,
         enable_idempotence: bool = True,
+        max_in_flight_requests_per_connection: int = DEFAULT_MAX_IN_FLIGHT,
         client_id: str | None = None,
     ) -> None:
         self._core = ProducerCore(
@@ -473,7 +478,9 @@ class AsyncProducer:
             batch_size=batch_size, compression=compression, partitioner=partitioner,
             max_request_bytes=max_request_bytes, buffer_memory=buffer_memory,
             delivery_timeout_ms=delivery_timeout_ms, max_block_ms=max_block_ms,
-            enable_idempotence=enable_idempotence, producer_id=random.getrandbits(62))
+            enable_idempotence=enable_idempotence,
+            max_in_flight_requests_per_connection=max_in_flight_requests_per_connection,
+            producer_id=random.getrandbits(62))
         self.acks = self._core.acks
         self._timeout_ms = request_timeout_ms
         self._metadata = AsyncMetadata(bootstrap, request_timeout_ms)
@@ -591,10 +598,12 @@ class AsyncProducer:
         loop = asyncio.get_running_loop()
         while not self._closed or core.has_work():
             wait_s = core.seal_lingering()
-            for slot, batches in core.take_sendable():
-                task = loop.create_task(self._send(slot, batches))
-                self._requests.add(task)
-                task.add_done_callback(self._requests.discard)
+            taken = core.take_sendable()
+            if taken:
+                for address, parts in requests_by_leader(await self._leaders_of(taken), core.max_request_bytes):
+                    task = loop.create_task(self._send(address, parts))
+                    self._requests.add(task)
+                    task.add_done_callback(self._requests.discard)
             if not wakeup.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wakeup.wait(), wait_s)
@@ -602,31 +611,49 @@ class AsyncProducer:
         if self._requests:
             await asyncio.gather(*self._requests, return_exceptions=True)
 
-    async def _send(self, slot: Slot, batches: list[CoreBatch]) -> None:
+    async def _leaders_of(self, taken: list[tuple[Slot, list[CoreBatch]]]
+                          ) -> list[tuple[Slot, list[CoreBatch], str]]:
+        """Each batch with its partition's leader; a batch whose leader is unknown is answered with why."""
+        items = []
+        for slot, batches in taken:
+            try:
+                address = await self._metadata.leader(*slot)
+                if batches[0].attempts > 0:  # the last attempt failed: if no replica answers, fail now
+                    await self._metadata.raise_if_offline(*slot)
+            except LogbrokerError as exc:
+                self._on_answer(slot, batches, None, exc, None)
+                continue
+            except Exception as exc:  # never leave the batches unanswered: flush() waits for them
+                self._on_answer(slot, batches, None, LogbrokerError(f"no leader for {slot[0]}-{slot[1]}: {exc}"), None)
+                continue
+            items.append((slot, batches, address))
+        return items
+
+    async def _send(self, address: str, parts: list[tuple[Slot, list[CoreBatch]]]) -> None:
+        """One request to a leader broker, carrying a batch of each of its ready partitions."""
         core = self._core
-        retry = batches[0].attempts > 0
         request = pb.ProduceRequest(acks=core.acks, timeout_ms=self._timeout_ms, partitions=[
-            pb.PartitionRecords(topic=slot[0], partition=slot[1], records=core.request_records(slot, batches))])
-        address = None
+            pb.PartitionRecords(topic=slot[0], partition=slot[1], records=core.request_records(slot, batches))
+            for slot, batches in parts])
         try:
-            address = await self._metadata.leader(*slot)
-            if retry:  # the last attempt failed: if no replica of the partition answers, fail now, not in minutes
-                await self._metadata.raise_if_offline(*slot)
             response = await self._metadata.call("Produce", request, address)  # marks an unreachable broker
-        except LogbrokerError as exc:
-            self._on_answer(slot, batches, None, exc, address)
-            return
         except Exception as exc:  # never leave the batches unanswered: flush() waits for them
-            self._on_answer(slot, batches, None, LogbrokerError(f"produce to {address} failed: {exc}"), address)
+            error = exc if isinstance(exc, LogbrokerError) else LogbrokerError(f"produce to {address} failed: {exc}")
+            for slot, batches in parts:
+                self._on_answer(slot, batches, None, error, address)
             return
         if core.acks == 0:
-            complete_all(core.unacknowledged(batches))
-            self._release(slot, batches)
+            for slot, batches in parts:
+                complete_all(core.unacknowledged(batches))
+                self._release(slot, batches)
             return
         if response.throttle_time_ms:  # the broker asked for a pause: its partitions send nothing until then
-            core.pause([slot, *(s for s in core.ready if s != slot and self._metadata.leader_address(*s) == address)],
+            answered = [slot for slot, _ in parts]
+            core.pause([*answered, *(s for s in core.ready
+                                     if s not in answered and self._metadata.leader_address(*s) == address)],
                        response.throttle_time_ms)
-        self._on_answer(slot, batches, response.results[0], None, address)
+        for slot, batches, result, missing in match_results(parts, response.results):
+            self._on_answer(slot, batches, result, missing, address)
 
     def _on_answer(self, slot: Slot, batches: list[CoreBatch], result: pb.PartitionProduceResult | None,
                    error: LogbrokerError | None, address: str | None) -> None:
@@ -634,7 +661,8 @@ class AsyncProducer:
         if verdict.leaderless and address:
             self._metadata.mark_leaderless(address)
         if verdict.retry:
-            self._metadata.invalidate(slot[0])
+            if verdict.refresh_metadata:
+                self._metadata.invalidate(slot[0])
             self._wake()
             return
         complete_all(verdict.completions)

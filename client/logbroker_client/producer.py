@@ -6,8 +6,9 @@ The caller's thread does the per-record work: pick a partition, append the encod
 partition's open batch, return a RecordFuture. A RecordFuture is two slots (its batch, its index);
 the batch owns the one Event, the result and the callbacks, so a record costs no lock or condition
 of its own. The sender thread seals batches when full or when `linger_ms` passes, builds the bytes
-(header, CRC, zstd), and keeps at most one request in flight per partition so batches of a
-partition land in the order they were sent, retries included.
+(header, CRC, zstd), and sends one Produce request per leader broker carrying every ready partition, with
+up to max_in_flight_requests_per_connection (5) batches of a partition in flight; the core keeps a
+partition's batches in the order they were sent, retries included.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 import grpc
 
-from logbroker_client.connection import DEFAULT_REQUEST_TIMEOUT_MS, translate_rpc_error
+from logbroker_client.connection import DEFAULT_REQUEST_TIMEOUT_MS, Connection, translate_rpc_error
 from logbroker_client.errors import BrokerUnavailableError, LogbrokerError
 from logbroker_client.metadata import ClusterMetadata
 from logbroker_client.producer_core import (  # noqa: F401  (re-exported: the producer's public constants)
@@ -31,6 +32,7 @@ from logbroker_client.producer_core import (  # noqa: F401  (re-exported: the pr
     DEFAULT_DELIVERY_TIMEOUT_MS,
     DEFAULT_LINGER_MS,
     DEFAULT_MAX_BLOCK_MS,
+    DEFAULT_MAX_IN_FLIGHT,
     DEFAULT_MAX_REQUEST_BYTES,
     DELIVER_AT_HEADER,
     MAX_BATCHES_PER_REQUEST,
@@ -46,9 +48,10 @@ from logbroker_client.producer_core import (  # noqa: F401  (re-exported: the pr
     complete_all,
     delivery_headers,
     explain_record_too_large,
+    match_results,
     priority_lane,
     record_size_bound,
-    refused_batch,
+    requests_by_leader,
     whole_ms,
 )
 from logbroker_client.proto import logbroker_pb2 as pb
@@ -142,6 +145,7 @@ class Producer:
         delivery_timeout_ms: int = DEFAULT_DELIVERY_TIMEOUT_MS,
         max_block_ms: int = DEFAULT_MAX_BLOCK_MS,
         enable_idempotence: bool = True,
+        max_in_flight_requests_per_connection: int = DEFAULT_MAX_IN_FLIGHT,
         metadata_max_age_ms: int = DEFAULT_METADATA_MAX_AGE_MS,
         client_id: str | None = None,
     ) -> None:
@@ -155,7 +159,9 @@ class Producer:
             batch_size=batch_size, compression=compression, partitioner=partitioner,
             max_request_bytes=max_request_bytes, buffer_memory=buffer_memory,
             delivery_timeout_ms=delivery_timeout_ms, max_block_ms=max_block_ms,
-            enable_idempotence=enable_idempotence, producer_id=random.getrandbits(62))
+            enable_idempotence=enable_idempotence,
+            max_in_flight_requests_per_connection=max_in_flight_requests_per_connection,
+            producer_id=random.getrandbits(62))
         self.acks = self._core.acks
         self._request_timeout_s = request_timeout_ms / 1000
         self._metadata = ClusterMetadata(bootstrap, request_timeout_ms)
@@ -270,53 +276,67 @@ class Producer:
             with self._lock:
                 wait_s = core.seal_lingering()
                 taken = core.take_sendable()
-            for slot, batches in taken:
-                self._send(slot, batches)
+            if taken:
+                self._send_by_leader(taken)
             self._wakeup.wait(wait_s)
             self._wakeup.clear()
 
-    def _send(self, slot: Slot, batches: list[CoreBatch]) -> None:
+    def _send_by_leader(self, taken: list[tuple[Slot, list[CoreBatch]]]) -> None:
+        """One request per leader broker, carrying a batch of each of its ready partitions."""
+        connections: dict[str, Connection] = {}
+        items = []
+        for slot, batches in taken:
+            try:
+                conn = self._metadata.leader_connection(*slot)
+                if batches[0].attempts > 0:  # the last attempt failed: if no replica answers, fail now
+                    self._metadata.raise_if_offline(*slot)
+            except LogbrokerError as exc:
+                self._on_answer(slot, batches, None, exc, None)
+                continue
+            connections[conn.address] = conn
+            items.append((slot, batches, conn.address))
+        for address, parts in requests_by_leader(items, self._core.max_request_bytes):
+            self._send(connections[address], parts)
+
+    def _send(self, conn: Connection, parts: list[tuple[Slot, list[CoreBatch]]]) -> None:
         core = self._core
-        retry = batches[0].attempts > 0
-        records = core.request_records(slot, batches)  # the sender thread alone touches sequences and bytes
+        # The sender thread alone builds the bytes of batches handed out to it.
         request = pb.ProduceRequest(acks=core.acks, timeout_ms=int(self._request_timeout_s * 1000), partitions=[
-            pb.PartitionRecords(topic=slot[0], partition=slot[1], records=records)])
-        try:
-            conn = self._metadata.leader_connection(*slot)
-            if retry:  # the last attempt failed: if no replica of the partition answers, fail now, not in minutes
-                self._metadata.raise_if_offline(*slot)
-        except LogbrokerError as exc:
-            self._on_answer(slot, batches, None, exc, None)
-            return
+            pb.PartitionRecords(topic=slot[0], partition=slot[1], records=core.request_records(slot, batches))
+            for slot, batches in parts])
         call = conn.broker.Produce.future(request, timeout=self._request_timeout_s,
                                           metadata=self._metadata.call_metadata)
         if core.acks == 0:  # nobody waits for an answer, but close() must wait for the bytes to leave
-            complete_all(core.unacknowledged(batches))
-            call.add_done_callback(lambda f: self._release(slot, batches))
+            for _, batches in parts:
+                complete_all(core.unacknowledged(batches))
+            call.add_done_callback(lambda f: self._release_all(parts))
             return
-        call.add_done_callback(lambda f: self._on_call_done(slot, batches, f, conn.address))
+        call.add_done_callback(lambda f: self._on_call_done(parts, f, conn.address))
 
-    def _on_call_done(self, slot: Slot, batches: list[CoreBatch], call: Any, address: str) -> None:
+    def _on_call_done(self, parts: list[tuple[Slot, list[CoreBatch]]], call: Any, address: str) -> None:
         try:
             response = call.result()
         except grpc.RpcError as exc:
             error = translate_rpc_error(exc, address)
             if isinstance(error, BrokerUnavailableError):
                 self._metadata.mark_unreachable(address)
-            self._on_answer(slot, batches, None, error, address)
+            for slot, batches in parts:
+                self._on_answer(slot, batches, None, error, address)
             return
         except Exception as exc:
-            self._on_answer(slot, batches, None, LogbrokerError(f"produce to {address} failed: {exc}"), address)
+            for slot, batches in parts:
+                self._on_answer(slot, batches, None, LogbrokerError(f"produce to {address} failed: {exc}"), address)
             return
         if response.throttle_time_ms:
             with self._lock:
-                self._core.pause(self._led_by(address, slot), response.throttle_time_ms)
-        self._on_answer(slot, batches, response.results[0], None, address)
+                self._core.pause(self._led_by(address, [slot for slot, _ in parts]), response.throttle_time_ms)
+        for slot, batches, result, missing in match_results(parts, response.results):
+            self._on_answer(slot, batches, result, missing, address)
 
-    def _led_by(self, address: str, answered: Slot) -> list[Slot]:
-        """The answered partition and every queued one the same broker leads: the broker asked for a pause."""
-        return [answered, *(slot for slot in self._core.ready
-                            if slot != answered and self._metadata.leader_address(*slot) == address)]
+    def _led_by(self, address: str, answered: list[Slot]) -> list[Slot]:
+        """The answered partitions and every queued one the same broker leads: the broker asked for a pause."""
+        return [*answered, *(slot for slot in self._core.ready
+                             if slot not in answered and self._metadata.leader_address(*slot) == address)]
 
     def _on_answer(self, slot: Slot, batches: list[CoreBatch], result: pb.PartitionProduceResult | None,
                    error: LogbrokerError | None, address: str | None) -> None:
@@ -325,11 +345,16 @@ class Producer:
         if verdict.leaderless and address:
             self._metadata.mark_leaderless(address)
         if verdict.retry:
-            self._metadata.invalidate(slot[0])
+            if verdict.refresh_metadata:
+                self._metadata.invalidate(slot[0])
             self._wakeup.set()
             return
         complete_all(verdict.completions)  # outside the lock: callbacks run user code
         self._release(slot, verdict.finished)
+
+    def _release_all(self, parts: list[tuple[Slot, list[CoreBatch]]]) -> None:
+        for slot, batches in parts:
+            self._release(slot, batches)
 
     def _release(self, slot: Slot, batches: Sequence[CoreBatch]) -> None:
         """The partition may send again; the batches' memory is free."""

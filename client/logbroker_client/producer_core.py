@@ -2,15 +2,28 @@
 
 The accumulator appends each record to its partition's open batch, seals a batch when the next record
 would overfill it (batch_size) or when linger_ms has passed, and counts the bytes buffered against
-buffer_memory. Sealed batches wait in a queue per partition; at most one request per partition is in flight,
-so a partition's batches land in the order they were sent, retries included. A batch's bytes are built
-once, when first sent, and that is when it takes its producer sequence (idempotence): a retry resends the
-same bytes, so the leader recognises a batch it already stored, and sequences never need rewinding.
+buffer_memory. Sealed batches wait in a queue per partition. The sender drains by broker, as Kafka's and
+aiokafka's do: take_sendable() hands out at most one batch per partition per request, the I/O layer groups
+them by leader (requests_by_leader) into one Produce request per broker carrying every ready partition.
+
+With idempotence (acks 1 or all), a batch takes its producer epoch and sequence when first handed out, and
+up to max_in_flight_requests_per_connection (5) batches of a partition are in flight at once; the broker
+refuses a batch whose sequence does not follow the last one stored (OUT_OF_ORDER_SEQUENCE_NUMBER) and
+answers a retry of one of the last 5 with its first offset. So:
+- a batch that comes back to be retried (leader change, lost connection, an earlier batch missing) goes
+  back into its queue in sequence order, and a retried batch is sent alone, only once nothing of its
+  partition is in flight: retries reach the new leader one by one, in sequence order, nothing reordered;
+- a batch that fails for good leaves a hole in the sequences; the partition then waits for its in-flight
+  batches, starts a new epoch at sequence 0 and rebuilds the batches still queued (Kafka bumps the epoch
+  the same way). A batch that timed out may have been stored, and its retry under the new epoch is not
+  recognised: only there can a record be stored twice, as in Kafka.
+Without idempotence (or with acks=0, where no answer tells of a hole) one request per partition is in
+flight, so a partition's batches still land in order. A batch's bytes are built once, when first sent, and
+a retry resends them unchanged.
 
 For each answer (or failure to get one) the core says what happens next (a Verdict): retry after a
-backoff with fresh metadata (the batches go back to the head of their queue), fail the one oversized batch
-of a request and resend the others at once, or complete the batches (with their offsets, or the typed
-error they fail with, counted for flush()). The I/O layers only choose a leader, send, wait and wake up.
+backoff with fresh metadata, or complete the batches (with their offsets, or the typed error they fail
+with, counted for flush()). The I/O layers only choose a leader, send, wait and wake up.
 """
 
 from __future__ import annotations
@@ -27,6 +40,7 @@ from logbroker_client import records as rec
 from logbroker_client.errors import (
     DeliveryFailedError,
     LogbrokerError,
+    OutOfOrderSequenceError,
     RecordTooLargeError,
     RequestTimedOutError,
     error_for,
@@ -44,9 +58,12 @@ DEFAULT_BUFFER_MEMORY = 64 << 20
 DEFAULT_DELIVERY_TIMEOUT_MS = 120_000
 DEFAULT_MAX_BLOCK_MS = 60_000
 RETRY_BACKOFF_MS = 100
-# Batches of one partition in one request. The broker's idempotence window (BATCHES_PER_PRODUCER = 32 in
-# logbroker/cluster/producer_state.py) must hold a whole retried request, so keep this well below it.
-MAX_BATCHES_PER_REQUEST = 16
+# Batches of one partition in flight at once with idempotence (Kafka's max.in.flight.requests.per.connection):
+# each request carries one batch of a partition, and the broker's window (BATCHES_PER_PRODUCER = 5 in
+# logbroker/cluster/producer_state.py) holds them all, so any of them retried is recognised.
+DEFAULT_MAX_IN_FLIGHT = 5
+MAX_BATCHES_PER_REQUEST = 1  # of one partition
+MAX_PRODUCER_EPOCH = 0x7FFF  # an int16 on the wire
 RECORD_OVERHEAD_BYTES = 21  # length, attributes, timestamp and offset deltas, key and value lengths
 ACKS = {"all": -1, "-1": -1, -1: -1, "1": 1, 1: 1, "0": 0, 0: 0}
 PARTITIONERS = ("sticky", "round_robin")
@@ -117,17 +134,6 @@ def record_size_bound(payload_bytes: int, headers: Headers | None) -> int:
     return RECORD_OVERHEAD_BYTES + payload_bytes + sum(len(k) + len(v or b"") + 10 for k, v in headers)
 
 
-def refused_batch(error: LogbrokerError, sizes: Sequence[int]) -> int | None:
-    """Which batch of a several-batch request the broker refused as too large (its message gives the size), so
-    the producer fails that one alone and sends the others again: they are not at fault."""
-    if len(sizes) < 2 or not isinstance(error, RecordTooLargeError):
-        return None
-    size = re.search(r"batch of (\d+) bytes", str(error))
-    if size is None or int(size.group(1)) not in sizes:
-        return None
-    return sizes.index(int(size.group(1)))
-
-
 def explain_record_too_large(error: LogbrokerError | None, topic: str, partition: int,
                              batches: Sequence[tuple[int, int]]) -> LogbrokerError | None:
     """The broker refuses a batch over the topic's max.message.bytes and suggests smaller batches. For a batch
@@ -182,7 +188,7 @@ class CoreBatch(abc.ABC):
     """Records for one partition, sent and acknowledged together. The I/O layers subclass it with the way a
     waiter learns the outcome (complete())."""
 
-    __slots__ = ("topic", "partition", "builder", "created", "data", "attempts")
+    __slots__ = ("topic", "partition", "builder", "created", "data", "attempts", "ordinal", "epoch", "sequence")
 
     def __init__(self, topic: str, partition: int, compression: int, created: float) -> None:
         self.topic = topic
@@ -191,6 +197,13 @@ class CoreBatch(abc.ABC):
         self.created = created
         self.data: bytes | None = None  # built (with its sequence) when first sent, then resent unchanged
         self.attempts = 0
+        self.ordinal = -1  # its place in the partition's send order, once handed out (-1: never yet)
+        self.epoch = -1  # producer epoch and base sequence it was handed out with (idempotence)
+        self.sequence = -1
+
+    @property
+    def assigned(self) -> bool:
+        return self.ordinal >= 0
 
     @abc.abstractmethod
     def complete(self, base_offset: int, error: BaseException | None) -> None:
@@ -200,18 +213,22 @@ class CoreBatch(abc.ABC):
 class Verdict:
     """What to do with the batches of one answered (or failed) request.
 
-    retry: they are back at the head of their queue and go again after the backoff; refresh the topic's
-    metadata first. leaderless: the broker that answered could not name a leader, so ask the others first.
+    retry: they are back in their queue, in sequence order, and go again (after the backoff); refresh the
+    topic's metadata first when refresh_metadata says so. leaderless: the broker that answered could not name
+    a leader, so ask the others first.
     completions: (batch, base offset or -1, error or None) to complete, then release() the batches."""
 
-    __slots__ = ("retry", "leaderless", "error", "completions")
+    __slots__ = ("retry", "leaderless", "error", "completions", "refresh_metadata")
 
     def __init__(self, retry: bool, leaderless: bool, error: LogbrokerError | None,
-                 completions: list[tuple[CoreBatch, int, LogbrokerError | None]]) -> None:
+                 completions: list[tuple[CoreBatch, int, LogbrokerError | None]],
+                 refresh_metadata: bool | None = None) -> None:
         self.retry = retry
         self.leaderless = leaderless
         self.error = error
         self.completions = completions
+        # A retry after a leader problem asks for fresh metadata; one after OUT_OF_ORDER does not need to.
+        self.refresh_metadata = retry if refresh_metadata is None else refresh_metadata
 
     @property
     def finished(self) -> list[CoreBatch]:
@@ -249,6 +266,7 @@ class ProducerCore:
         delivery_timeout_ms: int = DEFAULT_DELIVERY_TIMEOUT_MS,
         max_block_ms: int = DEFAULT_MAX_BLOCK_MS,
         enable_idempotence: bool = True,
+        max_in_flight_requests_per_connection: int = DEFAULT_MAX_IN_FLIGHT,
         producer_id: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -258,11 +276,21 @@ class ProducerCore:
         self.wake = wake
         self.clock = clock
         self.acks = ACKS[acks]
-        # Idempotence: a random 62-bit producer id (no broker round trip to allocate one, chosen by the caller)
-        # and a sequence per partition let the leader recognise a batch retried after a lost answer.
-        self.idempotent = enable_idempotence
+        # Idempotence: a random 62-bit producer id (no broker round trip to allocate one, chosen by the caller),
+        # and per partition an epoch and a sequence, let the leader recognise a retried batch and refuse one
+        # that arrives before an earlier one. acks=0 gets no answer that could tell of a refusal: no sequences.
+        self.idempotent = enable_idempotence and self.acks != 0
+        if not 1 <= max_in_flight_requests_per_connection <= DEFAULT_MAX_IN_FLIGHT:
+            raise ValueError(f"max_in_flight_requests_per_connection must be 1..{DEFAULT_MAX_IN_FLIGHT} (the "
+                             f"brokers recognise retries of the last {DEFAULT_MAX_IN_FLIGHT} batches), got "
+                             f"{max_in_flight_requests_per_connection}")
+        # Without sequences the broker cannot refuse a batch that overtook a failed one: one at a time.
+        self.max_in_flight = max_in_flight_requests_per_connection if self.idempotent else 1
         self.producer_id = producer_id
         self.sequences: dict[Slot, int] = {}
+        self.epochs: dict[Slot, int] = {}
+        self.ordinals: dict[Slot, int] = {}
+        self.resetting: set[Slot] = set()  # a batch failed for good: new epoch once nothing is in flight
         self.linger_s = linger_ms / 1000
         self.batch_size = batch_size
         self.compression = rec.COMPRESSION_CODECS[compression]
@@ -274,7 +302,7 @@ class ProducerCore:
         self.partition_counts: dict[str, int] = {}  # filled by the I/O layer from metadata
         self.open: dict[Slot, CoreBatch] = {}
         self.ready: dict[Slot, deque[CoreBatch]] = {}
-        self.in_flight: set[Slot] = set()
+        self.in_flight: dict[Slot, list[CoreBatch]] = {}  # handed out and unanswered, in send order
         self.retry_at: dict[Slot, float] = {}  # backoff: no resend of a partition before then
         self.buffered_bytes = 0
         self.unfinished = 0  # batches not yet completed and released
@@ -362,25 +390,61 @@ class ProducerCore:
         return next_due
 
     def take_sendable(self) -> list[tuple[Slot, list[CoreBatch]]]:
-        """The next request of each partition that may send now (nothing in flight, backoff over): up to
-        MAX_BATCHES_PER_REQUEST batches from the head of its queue, within max_request_bytes."""
+        """The batches that may go now, one per entry, in each partition's sequence order: up to
+        max_in_flight per partition, a retried batch alone and only once nothing of its partition is in
+        flight, none during a backoff. Each gets its epoch and sequence here, under the caller's lock."""
         now = self.clock()
-        taken = []
+        taken: list[tuple[Slot, list[CoreBatch]]] = []
         for slot, queue in self.ready.items():
-            if not queue or slot in self.in_flight or self.retry_at.get(slot, 0.0) > now:
+            if not queue or self.retry_at.get(slot, 0.0) > now:
                 continue
-            picked = [queue.popleft()]
-            size = picked[0].builder.size_bytes
-            while (queue and len(picked) < MAX_BATCHES_PER_REQUEST
-                   and size + queue[0].builder.size_bytes <= self.max_request_bytes):
-                size += queue[0].builder.size_bytes
-                picked.append(queue.popleft())
-            taken.append((slot, picked))
-            self.in_flight.add(slot)
+            flying = self.in_flight.setdefault(slot, [])
+            if slot in self.resetting:
+                if flying:
+                    continue
+                self._start_new_epoch(slot, queue)
+            if queue[0].assigned:  # a retry
+                if not flying:
+                    batch = queue.popleft()
+                    flying.append(batch)
+                    taken.append((slot, [batch]))
+                continue
+            while queue and len(flying) < self.max_in_flight and not queue[0].assigned:
+                batch = queue.popleft()
+                self._assign(slot, batch)
+                flying.append(batch)
+                taken.append((slot, [batch]))
         return taken
 
+    def _assign(self, slot: Slot, batch: CoreBatch) -> None:
+        ordinal = self.ordinals.get(slot, 0)
+        self.ordinals[slot] = ordinal + 1
+        batch.ordinal = ordinal
+        if self.idempotent:
+            batch.epoch = self.epochs.get(slot, 0)
+            batch.sequence = self.sequences.get(slot, 0)
+            self.sequences[slot] = (batch.sequence + batch.builder.count) & 0x7FFFFFFF
+
+    def _start_new_epoch(self, slot: Slot, queue: deque[CoreBatch]) -> None:
+        """After a batch failed for good: the next epoch, from sequence 0; queued retries are numbered again
+        (none of them was stored, or at most one that timed out: see the module's docstring)."""
+        self.resetting.discard(slot)
+        epoch = (self.epochs.get(slot, 0) + 1) % (MAX_PRODUCER_EPOCH + 1)
+        self.epochs[slot] = epoch
+        self.sequences[slot] = 0
+        log.info("%s-%d: a batch failed for good; producer %d continues with epoch %d from sequence 0",
+                 slot[0], slot[1], self.producer_id, epoch)
+        renumbered = []
+        while queue and queue[0].assigned:
+            batch = queue.popleft()
+            batch.data = None
+            batch.ordinal = -1
+            renumbered.append(batch)
+        queue.extendleft(reversed(renumbered))
+
     def request_records(self, slot: Slot, batches: Sequence[CoreBatch]) -> bytes:
-        """The records field of the request: each batch built once (taking its sequences), resent as built."""
+        """The records field for the batches: each built once with the sequence it was handed out with,
+        resent as built. Safe outside the lock: a batch handed out is touched by its sender alone."""
         for batch in batches:
             if batch.data is None:
                 batch.data = self.build(slot, batch)
@@ -392,35 +456,33 @@ class ProducerCore:
         """Seal the bytes once; a retry resends them unchanged, sequence included, so the broker can dedupe."""
         if not self.idempotent:
             return batch.builder.build()
-        sequence = self.sequences.get(slot, 0)
-        self.sequences[slot] = (sequence + batch.builder.count) & 0x7FFFFFFF
-        return batch.builder.build(producer_id=self.producer_id, producer_epoch=0, base_sequence=sequence)
+        return batch.builder.build(producer_id=self.producer_id, producer_epoch=batch.epoch,
+                                   base_sequence=batch.sequence)
 
     def on_answer(self, slot: Slot, batches: list[CoreBatch], result: pb.PartitionProduceResult | None,
                   error: LogbrokerError | None) -> Verdict:
         """The partition's answer (result) or the failure to get one (error): requeue, or say how each batch
         completes. The caller completes them (outside any lock: callbacks run user code), then release()s."""
+        self._land(slot, batches)
         leaderless = False
         if result is not None and result.error_code:
             error = error_for(result.error_code, result.error_message, *slot)
             # That broker cannot say who leads (it may be cut off from its peers): ask the others first.
             leaderless = result.error_code in LEADERLESS_CODES and not result.leader.leader_address
-        if error is not None:
-            refused = refused_batch(error, [len(b.data or b"") for b in batches])
-            if refused is not None:
-                return self._fail_one_resend_rest(slot, batches, refused, error, leaderless)
         error = explain_record_too_large(error, *slot, [(b.builder.count, len(b.data or b"")) for b in batches])
+        if isinstance(error, OutOfOrderSequenceError) and self.may_retry(batches):
+            return self._out_of_order(slot, batches, error)
         if error is not None and error.retriable and self.may_retry(batches):
             log.info("%s-%d: %s; retrying in %d ms", slot[0], slot[1], error, RETRY_BACKOFF_MS)
-            # back at the head of the queue: a partition's batches keep their order
-            self.ready.setdefault(slot, deque()).extendleft(reversed(batches))
+            self._requeue(slot, batches)
             self.retry_at[slot] = max(self.retry_at.get(slot, 0.0), self.clock() + RETRY_BACKOFF_MS / 1000)
-            self.in_flight.discard(slot)
             return Verdict(True, leaderless, error, [])
         if error is not None:
             failed = sum(b.builder.count for b in batches)
             log.warning("%s-%d: %d record(s) failed: %s", slot[0], slot[1], failed, error)
             self.failures.add(failed, error)
+            if self.idempotent:
+                self.resetting.add(slot)  # their sequences will never be stored: a hole the broker refuses
             return Verdict(False, leaderless, error, [(b, -1, error) for b in batches])
         assert result is not None
         if len(result.batch_base_offsets) == len(batches):
@@ -435,16 +497,35 @@ class ProducerCore:
                 next_offset += batch.builder.count
         return Verdict(False, False, None, completions)
 
-    def _fail_one_resend_rest(self, slot: Slot, batches: list[CoreBatch], refused: int, error: LogbrokerError,
-                              leaderless: bool) -> Verdict:
-        """The broker refuses a request whole for one oversized batch; the others go again at once, in order
-        (their sequences stay theirs: the broker accepts a gap where the refused batch was)."""
-        bad = batches[refused]
-        error = explain_record_too_large(error, *slot, [(bad.builder.count, len(bad.data or b""))]) or error
-        log.warning("%s-%d: %d record(s) failed: %s", slot[0], slot[1], bad.builder.count, error)
-        self.ready.setdefault(slot, deque()).extendleft(reversed([b for b in batches if b is not bad]))
-        self.failures.add(bad.builder.count, error)
-        return Verdict(False, leaderless, error, [(bad, -1, error)])
+    def _out_of_order(self, slot: Slot, batches: list[CoreBatch], error: LogbrokerError) -> Verdict:
+        """The broker has not stored the batch before this one. If that batch is still unanswered or queued,
+        this one overtook it: resend after it. If not, the broker lost it (or never will store it): start a
+        new epoch once nothing is in flight."""
+        first = min(b.ordinal for b in batches)
+        earlier_pending = any(b.ordinal < first for b in self.in_flight.get(slot, ())) or any(
+            b.assigned and b.ordinal < first for b in self.ready.get(slot, ()))
+        if not earlier_pending and self.idempotent:
+            log.info("%s-%d: %s; nothing earlier is pending, so a new epoch starts", slot[0], slot[1], error)
+            self.resetting.add(slot)
+        self._requeue(slot, batches)
+        return Verdict(True, False, error, [], refresh_metadata=False)
+
+    def _land(self, slot: Slot, batches: Sequence[CoreBatch]) -> None:
+        """The batches are no longer in flight (answered, or the send failed)."""
+        flying = self.in_flight.get(slot)
+        if flying:
+            for batch in batches:
+                if batch in flying:
+                    flying.remove(batch)
+
+    def _requeue(self, slot: Slot, batches: Sequence[CoreBatch]) -> None:
+        """Back into the queue in sequence order: before every batch handed out later, after earlier ones."""
+        queue = self.ready.setdefault(slot, deque())
+        for batch in sorted(batches, key=lambda b: b.ordinal):
+            index = 0
+            while index < len(queue) and queue[index].assigned and queue[index].ordinal < batch.ordinal:
+                index += 1
+            queue.insert(index, batch)
 
     def pause(self, slots: Sequence[Slot], throttle_ms: int) -> None:
         """A broker answered with a throttle time (a quota, or no room for requests in flight): the partitions
@@ -463,12 +544,59 @@ class ProducerCore:
         return [(batch, -1, None) for batch in batches]
 
     def release(self, slot: Slot, batches: Sequence[CoreBatch]) -> None:
-        """The partition may send again; the batches' memory is free (after they were completed)."""
+        """The batches are done (after they were completed): their partition may send more, their memory is
+        free."""
+        self._land(slot, batches)
         freed = 0
         for batch in batches:
             freed += batch.builder.size_bytes
             batch.builder = None  # type: ignore[assignment]  # the record bytes can go now
             batch.data = None
-        self.in_flight.discard(slot)
         self.buffered_bytes -= freed
         self.unfinished -= len(batches)
+
+
+class _Request:
+    __slots__ = ("leader", "slots", "size", "parts")
+
+    def __init__(self, leader: Any) -> None:
+        self.leader = leader
+        self.slots: set[Slot] = set()
+        self.size = 0
+        self.parts: list[tuple[Slot, list[CoreBatch]]] = []
+
+
+def requests_by_leader(items: Sequence[tuple[Slot, list[CoreBatch], Any]], max_request_bytes: int
+                       ) -> list[tuple[Any, list[tuple[Slot, list[CoreBatch]]]]]:
+    """Group (slot, batches, leader) into requests: one per leader carrying every ready partition, at most one
+    batch of a partition per request (a partition's next batch goes in the leader's next request, so its
+    batches leave in order), within max_request_bytes (a larger batch still goes, alone)."""
+    requests: list[_Request] = []
+    by_leader: dict[Any, list[_Request]] = {}
+    for slot, batches, leader in items:
+        size = sum(b.builder.size_bytes for b in batches)
+        candidates = by_leader.setdefault(leader, [])
+        request = next((r for r in candidates if slot not in r.slots and r.size + size <= max_request_bytes), None)
+        if request is None:
+            request = _Request(leader)
+            candidates.append(request)
+            requests.append(request)
+        request.slots.add(slot)
+        request.size += size
+        request.parts.append((slot, batches))
+    return [(r.leader, r.parts) for r in requests]
+
+
+def match_results(parts: Sequence[tuple[Slot, list[CoreBatch]]], results: Sequence[pb.PartitionProduceResult]
+                  ) -> list[tuple[Slot, list[CoreBatch], pb.PartitionProduceResult | None, LogbrokerError | None]]:
+    """Pair each partition of a request with its result (the broker answers in request order); a partition
+    the answer lacks fails with an error saying so (and is retried)."""
+    paired: list[tuple[Slot, list[CoreBatch], pb.PartitionProduceResult | None, LogbrokerError | None]] = []
+    for index, (slot, batches) in enumerate(parts):
+        result = results[index] if index < len(results) else None
+        if result is not None and (result.topic, result.partition) == slot:
+            paired.append((slot, batches, result, None))
+        else:
+            paired.append((slot, batches, None, RequestTimedOutError(
+                f"{slot[0]}-{slot[1]}: the broker's answer has no result for this partition; resending")))
+    return paired

@@ -8,17 +8,19 @@ import pytest
 from logbroker_client import records as rec
 from logbroker_client.errors import (
     NotLeaderError,
+    OutOfOrderSequenceError,
     PartitionOfflineError,
     RecordTooLargeError,
     RequestTimedOutError,
     UnknownTopicOrPartitionError,
 )
 from logbroker_client.producer_core import (
-    MAX_BATCHES_PER_REQUEST,
+    DEFAULT_MAX_IN_FLIGHT,
     RETRY_BACKOFF_MS,
     CoreBatch,
     ProducerCore,
     complete_all,
+    requests_by_leader,
 )
 from logbroker_client.proto import logbroker_pb2 as pb
 
@@ -73,6 +75,10 @@ def refused(code: int, message: str = "no", leader: str = "") -> pb.PartitionPro
 def sequences(data: bytes) -> list[tuple[int, int]]:
     """(producer id, base sequence) of each batch in a request's records."""
     return [(header.producer_id, header.base_sequence) for _, header in rec.iter_batch_headers(data)]
+
+
+def epochs_and_sequences(data: bytes) -> list[tuple[int, int]]:
+    return [(header.producer_epoch, header.base_sequence) for _, header in rec.iter_batch_headers(data)]
 
 
 # ------------------------------------------------------------------------------------------ accumulator
@@ -145,42 +151,136 @@ def sealed(core: ProducerCore, clock: Clock, batches: int) -> None:
         core.seal_all()
 
 
-def test_one_request_in_flight_per_partition_of_at_most_max_batches_per_request() -> None:
+def taken_batches(core: ProducerCore) -> list[CoreBatch]:
+    """What take_sendable hands out, checking it is one batch per entry (each goes in its own request)."""
+    taken = core.take_sendable()
+    assert all(len(batches) == 1 and slot == SLOT for slot, batches in taken)
+    return [batches[0] for _, batches in taken]
+
+
+def answer(core: ProducerCore, batch: CoreBatch, result: pb.PartitionProduceResult | None,
+           error: Any = None) -> Any:
+    verdict = core.on_answer(SLOT, [batch], result, error)
+    complete_all(verdict.completions)
+    core.release(SLOT, verdict.finished)
+    return verdict
+
+
+def test_up_to_five_batches_of_a_partition_are_in_flight_and_each_answer_lets_one_more_go() -> None:
     core, clock, _ = make()
-    sealed(core, clock, MAX_BATCHES_PER_REQUEST + 2)
-    (slot, first), = core.take_sendable()
-    assert len(first) == MAX_BATCHES_PER_REQUEST
-    assert core.take_sendable() == []  # in flight
-    core.request_records(slot, first)
-    complete_all(core.on_answer(slot, first, ok(*range(16)), None).completions)
-    core.release(slot, first)
-    (_, rest), = core.take_sendable()
-    assert len(rest) == 2
+    sealed(core, clock, DEFAULT_MAX_IN_FLIGHT + 2)
+    first = taken_batches(core)
+    assert len(first) == DEFAULT_MAX_IN_FLIGHT
+    assert [sequences(core.request_records(SLOT, [b])) for b in first] == [[(77, i)] for i in range(5)]
+    assert core.take_sendable() == []  # five in flight
+    answer(core, first[0], ok(0))
+    (sixth,) = taken_batches(core)
+    assert sequences(core.request_records(SLOT, [sixth])) == [(77, 5)]
 
 
-def test_sequences_are_taken_when_a_batch_is_first_built_and_a_retry_resends_the_same_bytes() -> None:
+def test_retries_go_back_in_sequence_order_and_reach_the_new_leader_one_at_a_time() -> None:
     core, clock, _ = make()
     sealed(core, clock, 2)
     send(core, b"a")
     send(core, b"b")
     core.seal_all()  # a third batch of two records
-    (slot, batches), = core.take_sendable()
-    data = core.request_records(slot, batches)
-    assert sequences(data) == [(77, 0), (77, 1), (77, 2)]
-    verdict = core.on_answer(slot, batches, refused(pb.ErrorCode.NOT_LEADER, leader="b2:9092"), None)
-    assert verdict.retry and not verdict.leaderless and verdict.completions == []
-    assert isinstance(verdict.error, NotLeaderError)
+    batches = taken_batches(core)
+    datas = [core.request_records(SLOT, [b]) for b in batches]
+    assert [sequences(d) for d in datas] == [[(77, 0)], [(77, 1)], [(77, 2)]]
+    # The leader died: the answers come back in any order.
+    for batch in (batches[2], batches[0], batches[1]):
+        verdict = core.on_answer(SLOT, [batch], refused(pb.ErrorCode.NOT_LEADER, leader="b2:9092"), None)
+        assert verdict.retry and verdict.refresh_metadata and verdict.completions == []
+        assert isinstance(verdict.error, NotLeaderError)
     assert core.take_sendable() == []  # backing off
     clock.now += RETRY_BACKOFF_MS / 1000
-    (_, again), = core.take_sendable()
-    assert again == batches and again[0].attempts == 1
-    assert core.request_records(slot, again) == data and again[0].attempts == 2
-    complete_all(core.on_answer(slot, again, ok(5, 6, 7), None).completions)
-    core.release(slot, again)
+    for expected, data in zip(batches, datas, strict=True):
+        (again,) = taken_batches(core)  # alone: the next retry waits for this one's answer
+        assert again is expected and core.take_sendable() == []
+        assert core.request_records(SLOT, [again]) == data and again.attempts == 2
+        answer(core, again, ok(5))
     send(core, b"c")
     core.seal_all()
-    (_, later), = core.take_sendable()
-    assert sequences(core.request_records(slot, later)) == [(77, 4)]
+    (later,) = taken_batches(core)
+    assert sequences(core.request_records(SLOT, [later])) == [(77, 4)]
+
+
+def test_a_batch_that_overtook_an_earlier_one_is_resent_after_it_without_asking_for_metadata() -> None:
+    core, clock, _ = make()
+    sealed(core, clock, 3)
+    first, second, third = taken_batches(core)
+    for batch in (first, second, third):
+        core.request_records(SLOT, [batch])
+    gap = core.on_answer(SLOT, [second], refused(pb.ErrorCode.OUT_OF_ORDER_SEQUENCE_NUMBER, "expected 0"), None)
+    assert gap.retry and not gap.refresh_metadata and isinstance(gap.error, OutOfOrderSequenceError)
+    assert core.take_sendable() == []  # the first is still in flight
+    core.on_answer(SLOT, [third], refused(pb.ErrorCode.OUT_OF_ORDER_SEQUENCE_NUMBER, "expected 0"), None)
+    answer(core, first, ok(0))
+    assert core.resetting == set()
+    for expected in (second, third):
+        (again,) = taken_batches(core)
+        assert again is expected and sequences(core.request_records(SLOT, [again]))[0][1] == expected.sequence
+        answer(core, again, ok(1))
+    assert core.unfinished == 0
+
+
+def test_a_batch_failed_for_good_makes_the_partition_start_a_new_epoch_at_sequence_zero() -> None:
+    core, clock, _ = make()
+    sealed(core, clock, 3)
+    batches = taken_batches(core)
+    for batch in batches:
+        core.request_records(SLOT, [batch])
+    message = "batch of 2000 bytes exceeds max.message.bytes=1000; send smaller batches"
+    verdict = answer(core, batches[0], refused(pb.ErrorCode.RECORD_TOO_LARGE, message))
+    assert not verdict.retry and isinstance(verdict.completions[0][2], RecordTooLargeError)
+    for batch in batches[1:]:  # the broker refuses them: the sequence before theirs never arrives
+        assert core.on_answer(SLOT, [batch], refused(pb.ErrorCode.OUT_OF_ORDER_SEQUENCE_NUMBER), None).retry
+    renumbered = taken_batches(core)  # numbered afresh, so pipelined again
+    assert renumbered == batches[1:]
+    assert [epochs_and_sequences(core.request_records(SLOT, [b])) for b in renumbered] == [[(1, 0)], [(1, 1)]]
+    for offset, batch in enumerate(renumbered):
+        answer(core, batch, ok(offset))
+    assert core.take_failures().records == 1 and core.unfinished == 0
+
+
+def test_an_out_of_order_answer_with_nothing_earlier_pending_starts_a_new_epoch() -> None:
+    """An acks=1 leader lost acknowledged batches in a failover: the new one expects an older sequence."""
+    core, clock, _ = make(acks=1)
+    sealed(core, clock, 1)
+    (batch,) = taken_batches(core)
+    core.request_records(SLOT, [batch])
+    assert core.on_answer(SLOT, [batch], refused(pb.ErrorCode.OUT_OF_ORDER_SEQUENCE_NUMBER), None).retry
+    (again,) = taken_batches(core)
+    assert epochs_and_sequences(core.request_records(SLOT, [again])) == [(1, 0)]
+
+
+def test_requests_carry_one_batch_of_each_partition_a_leader_leads() -> None:
+    core, clock, _ = make()
+    for partition in (0, 1, 2):
+        send(core, b"v", partition=partition, count=3)
+        core.seal_all()
+    send(core, b"w", partition=0, count=3)
+    core.seal_all()
+    leaders = {0: "a", 1: "a", 2: "b"}
+    items = [(slot, batches, leaders[slot[1]]) for slot, batches in core.take_sendable()]
+    grouped = requests_by_leader(items, core.max_request_bytes)
+    shape = [(leader, [slot[1] for slot, _ in parts]) for leader, parts in grouped]
+    assert shape == [("a", [0, 1]), ("a", [0]), ("b", [2])]
+    assert len(requests_by_leader(items, 1)) == 4  # no room for two batches in one request
+
+
+def test_without_answers_or_idempotence_one_batch_of_a_partition_is_in_flight() -> None:
+    for options in ({"acks": 0}, {"enable_idempotence": False}):
+        core, clock, _ = make(**options)
+        sealed(core, clock, 3)
+        (batch,) = taken_batches(core)
+        assert sequences(core.request_records(SLOT, [batch])) == [(-1, -1)]
+        assert core.take_sendable() == []
+
+
+def test_max_in_flight_is_checked() -> None:
+    with pytest.raises(ValueError, match="max_in_flight_requests_per_connection must be 1..5"):
+        make(max_in_flight_requests_per_connection=6)
 
 
 def test_without_idempotence_batches_carry_no_producer_id() -> None:
@@ -194,8 +294,8 @@ def test_without_idempotence_batches_carry_no_producer_id() -> None:
 
 def in_flight(core: ProducerCore, clock: Clock, batches: int = 1) -> list[CoreBatch]:
     sealed(core, clock, batches)
-    (slot, taken), = core.take_sendable()
-    core.request_records(slot, taken)
+    taken = taken_batches(core)
+    core.request_records(SLOT, taken)
     return taken
 
 
@@ -223,7 +323,8 @@ def test_a_lost_connection_is_retried_until_the_delivery_timeout_then_fails_with
     lost = RequestTimedOutError("no answer")
     assert core.on_answer(SLOT, batches, None, lost).retry
     clock.now += 1.0
-    (slot, again), = core.take_sendable()
+    again = taken_batches(core)
+    slot = SLOT
     verdict = core.on_answer(slot, again, None, lost)
     assert not verdict.retry and verdict.completions == [(batches[0], -1, lost)]
     complete_all(verdict.completions)
@@ -245,29 +346,6 @@ def test_errors_that_retrying_cannot_fix_fail_at_once_typed_and_a_closed_produce
     batches = in_flight(core, clock)
     core.closed = True
     assert not core.on_answer(SLOT, batches, None, RequestTimedOutError("late")).retry
-
-
-def test_one_oversized_batch_of_a_request_fails_alone_and_the_others_go_again_at_once_in_order() -> None:
-    core, clock, _ = make()
-    send(core, b"small")
-    core.seal_all()
-    send(core, b"x" * 5000)
-    core.seal_all()
-    send(core, b"after")
-    core.seal_all()
-    (slot, batches), = core.take_sendable()
-    core.request_records(slot, batches)
-    size = len(batches[1].data or b"")
-    message = f"batch of {size} bytes exceeds max.message.bytes=1000; send smaller batches"
-    verdict = core.on_answer(slot, batches, refused(pb.ErrorCode.RECORD_TOO_LARGE, message), None)
-    assert not verdict.retry and verdict.finished == [batches[1]]
-    error = verdict.completions[0][2]
-    assert isinstance(error, RecordTooLargeError) and "a single record of" in str(error)
-    complete_all(verdict.completions)
-    core.release(slot, verdict.finished)
-    (_, rest), = core.take_sendable()  # no backoff: they were not at fault
-    assert rest == [batches[0], batches[2]]
-    assert core.take_failures().records == 1
 
 
 def test_acks_0_completes_without_offsets() -> None:
