@@ -19,6 +19,8 @@ PARTITION_METADATA_FILE = "partition.metadata"
 # The partition's Raft state (term, vote, commit offset), kept inside the partition directory so that it is
 # created and deleted with the log it describes.
 RAFT_STATE_FILE = "raft.state"
+# Where each leader epoch begins in the log (Kafka's leader-epoch-checkpoint; leader_epochs.py).
+LEADER_EPOCH_CHECKPOINT_FILE = "leader-epoch-checkpoint"
 # Written and removed again to learn whether a full disk takes writes again.
 WRITE_PROBE_FILE = ".write-probe"
 # Suffix of a file being written that is renamed into place once complete; leftovers are garbage.

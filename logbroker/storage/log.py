@@ -16,6 +16,7 @@ import struct
 import threading
 import time
 from bisect import bisect_right
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -33,6 +34,7 @@ from logbroker.storage.errors import (
     StorageFullError,
 )
 from logbroker.storage.files import fsync_dir, write_file_atomically
+from logbroker.storage.leader_epochs import LeaderEpochCache
 from logbroker.storage.recovery import RecoveryReport, recover_segment
 from logbroker.storage.segment import BatchInfo, LogSegment, LogSegmentBrokenError
 
@@ -82,6 +84,7 @@ class PartitionLog:
         self._durable_offset = 0
         self._closed = False
         self._broken: str | None = None
+        self.epochs = LeaderEpochCache(directory, self.name)
 
     # =========================================================================================== opening
 
@@ -113,6 +116,7 @@ class PartitionLog:
             segment.flush()  # what recovery kept is now durable, so the checkpoint may cover it
         self._durable_offset = self._next_offset
         self._write_checkpoint(durable=True)
+        self.epochs.load(self.log_start_offset, self._next_offset, self._epoch_on_disk, self._batch_epochs_from)
         if clean:
             # The log is open for writing again: a crash from now on must not skip recovery.
             marker.unlink()
@@ -293,15 +297,24 @@ class PartitionLog:
         self._check_writable()
         first = self._next_offset
         infos, next_offset, max_timestamp = self._stamp(batches, first, leader_epoch)
-        return self._write(batches, infos, next_offset, max_timestamp, leader_epoch, now_ms)
+        result = self._write(batches, infos, next_offset, max_timestamp, leader_epoch, now_ms)
+        self._note_epochs([(leader_epoch, first)])
+        return result
 
     def append_replicated(self, batches: bytes | bytearray, now_ms: int | None = None) -> AppendResult:
         """Append batches copied from the leader, keeping their offsets and epochs; they must continue
         exactly at the log end (truncate_to the divergence point first)."""
         self._check_writable()
-        infos, next_offset, max_timestamp, last_epoch = self._check_replicated(batches)
-        return self._write(batches, infos, next_offset, max_timestamp, last_epoch,
-                           wall_clock_ms() if now_ms is None else now_ms)
+        infos, next_offset, max_timestamp, epoch_starts = self._check_replicated(batches)
+        result = self._write(batches, infos, next_offset, max_timestamp, epoch_starts[-1][0],
+                             wall_clock_ms() if now_ms is None else now_ms)
+        self._note_epochs(epoch_starts)
+        return result
+
+    def _note_epochs(self, epoch_starts: list[tuple[int, int]]) -> None:
+        """Record where new epochs begin, once their batches are written (O(1) unless an epoch is new)."""
+        if any([self.epochs.assign(epoch, start) for epoch, start in epoch_starts if epoch >= 0]):
+            self.epochs.save()
 
     def _stamp(self, buf: bytearray, offset: int, epoch: int) -> tuple[list[BatchInfo], int, int]:
         infos: list[BatchInfo] = []
@@ -326,10 +339,11 @@ class PartitionLog:
         self._require_batches(infos)
         return infos, offset, max_timestamp
 
-    def _check_replicated(self, buf: bytes | bytearray) -> tuple[list[BatchInfo], int, int, int]:
+    def _check_replicated(self, buf: bytes | bytearray) -> tuple[list[BatchInfo], int, int, list[tuple[int, int]]]:
+        """The batches' infos, the next offset, the max timestamp, and (epoch, first offset) at each change."""
         infos: list[BatchInfo] = []
         max_timestamp = -1
-        epoch = -1
+        epoch_starts: list[tuple[int, int]] = []
         expected = self._next_offset
         position = 0
         end = len(buf)
@@ -342,11 +356,13 @@ class PartitionLog:
                     f"continues at {expected}; truncate_to() the divergence point before appending"
                 )
             infos.append(BatchInfo(position, base, base + last_delta, batch_max_timestamp, size))
+            if not epoch_starts or epoch_starts[-1][0] != epoch:
+                epoch_starts.append((epoch, base))
             max_timestamp = max(max_timestamp, batch_max_timestamp)
             expected = base + last_delta + 1
             position += size
         self._require_batches(infos)
-        return infos, expected, max_timestamp, epoch
+        return infos, expected, max_timestamp, epoch_starts
 
     def _unpack(self, fields: struct.Struct, buf: bytes | bytearray, position: int) -> tuple:
         if len(buf) - position < HEADER_SIZE:
@@ -495,7 +511,26 @@ class PartitionLog:
         return -1
 
     def epoch_at(self, offset: int) -> int:
-        """partitionLeaderEpoch of the batch holding offset (read from its header)."""
+        """partitionLeaderEpoch of the batch holding offset: from the leader-epoch cache, never a disk read
+        (the disk answers only for batches written without an epoch)."""
+        if self.log_start_offset <= offset < self._next_offset:
+            epoch = self.epochs.epoch_at(offset)
+            if epoch is not None:
+                return epoch
+        return self._epoch_on_disk(offset)
+
+    def _batch_epochs_from(self, offset: int) -> Iterator[tuple[int, int]]:
+        """(base offset, epoch) of every batch from the one holding offset to the log end, from the headers."""
+        segments = self._segments
+        for segment in segments[max(0, bisect_right(self._bases, offset) - 1):]:
+            found = segment.find_batch(offset)
+            if found is None:
+                continue
+            for _, header in segment.iter_headers(found[0], segment.size_bytes):
+                yield header.base_offset, header.leader_epoch
+
+    def _epoch_on_disk(self, offset: int) -> int:
+        """partitionLeaderEpoch of the batch holding offset, read from its header."""
         segments = self._segments
         end = self._next_offset
         if offset < segments[0].base_offset or offset >= end:
@@ -548,6 +583,8 @@ class PartitionLog:
                 keep[-1].flush()
                 fsync_dir(self.directory)
                 self._write_checkpoint(durable=True)
+                if self.epochs.cut_from(self._next_offset):
+                    self.epochs.save()
             except OSError as exc:
                 self._broken = f"truncation failed: {exc}"
                 raise self._io_error(f"truncating to offset {offset}", exc) from exc
@@ -576,6 +613,8 @@ class PartitionLog:
             self._durable_offset = start_offset
             fsync_dir(self.directory)
             self._write_checkpoint(durable=True)
+            self.epochs.clear()
+            self.epochs.save()
         except OSError as exc:
             self._broken = f"reset failed: {exc}"
             raise self._io_error(f"resetting to offset {start_offset}", exc) from exc
@@ -596,6 +635,8 @@ class PartitionLog:
                 return 0
             doomed, kept = segments[:count], segments[count:]
             self._set_segments(kept)
+            if self.epochs.cut_before(self.log_start_offset):
+                self.epochs.save()
             try:
                 for segment in doomed:
                     segment.delete()
@@ -637,6 +678,8 @@ class PartitionLog:
                 return 0
             doomed, kept = segments[:count], segments[count:]
             self._set_segments(kept)
+            if self.epochs.cut_before(self.log_start_offset):
+                self.epochs.save()
             try:
                 for segment in doomed:
                     segment.delete()

@@ -9,6 +9,7 @@ from kio.schema.errors import ErrorCode
 
 from logbroker.kafka.context import Context
 from logbroker.kafka.errors import kafka_error
+from logbroker.kafka.handlers.epochs import epoch_of_offset, leader_epoch_error
 from logbroker.kafka.versions import api, make, nested, response_class
 
 DEFAULT_PARTITION_MAX_BYTES = 1 << 20
@@ -29,12 +30,16 @@ def _read_all(ctx: Context, cls: type, request: Any) -> tuple[list[Any], int, bo
             limit = min(part.partition_max_bytes if part.partition_max_bytes > 0 else DEFAULT_PARTITION_MAX_BYTES,
                         config.max_partition_fetch_bytes)
             try:
+                fenced = leader_epoch_error(ctx, topic.topic, part.partition,
+                                            getattr(part, "current_leader_epoch", -1))
+                if fenced is not None:
+                    raise _Fenced(fenced)
                 # Once some bytes are in, the request's budget caps the rest; the first batch always comes
                 # whole, however large (Kafka's rule, so a consumer never gets stuck behind a big batch).
                 fetched = ctx.broker.read(topic.topic, part.partition, part.fetch_offset,
                                           max(1, min(limit, budget - total)) if total else limit)
             except Exception as exc:
-                code, _ = kafka_error(exc, f"{topic.topic}-{part.partition}")
+                code = exc.code if isinstance(exc, _Fenced) else kafka_error(exc, f"{topic.topic}-{part.partition}")[0]
                 failed = True
                 parts.append(make(part_cls, partition_index=part.partition, error_code=code, high_watermark=-1,
                                   last_stable_offset=-1, log_start_offset=-1, aborted_transactions=None,
@@ -79,13 +84,25 @@ async def list_offsets(ctx: Context, request: Any, version: int) -> Any:
     for topic in request.topics:
         parts = []
         for part in topic.partitions:
+            offset, timestamp, epoch = -1, -1, -1
             try:
-                offset, timestamp = ctx.broker.list_offset(topic.name, part.partition_index, part.timestamp)
-                code = ErrorCode.none
+                code = leader_epoch_error(ctx, topic.name, part.partition_index,
+                                          getattr(part, "current_leader_epoch", -1)) or ErrorCode.none
+                if code is ErrorCode.none:
+                    offset, timestamp = ctx.broker.list_offset(topic.name, part.partition_index, part.timestamp)
+                    epoch = epoch_of_offset(ctx, topic.name, part.partition_index, offset) if offset >= 0 else -1
             except Exception as exc:
                 code, _ = kafka_error(exc, f"{topic.name}-{part.partition_index}")
-                offset, timestamp = -1, -1
+                offset, timestamp, epoch = -1, -1, -1
             parts.append(make(part_cls, partition_index=part.partition_index, error_code=code,
-                              timestamp=timestamp, offset=offset, leader_epoch=-1))
+                              timestamp=timestamp, offset=offset, leader_epoch=epoch))
         topics.append(make(topic_cls, name=topic.name, partitions=tuple(parts)))
     return make(cls, throttle_time=0, topics=tuple(topics))
+
+
+class _Fenced(Exception):
+    """The request's leader epoch is not the leader's (its Kafka code rides along)."""
+
+    def __init__(self, code: ErrorCode) -> None:
+        super().__init__(code.name)
+        self.code = code

@@ -72,14 +72,23 @@ def topic_description(ctx: Context, cls: type, name: str) -> Any:
         partitions.append(make(
             part_cls, error_code=ErrorCode.none if leader is not None else ErrorCode.leader_not_available,
             partition_index=index, leader_id=leader if leader is not None else -1,
-            # Leader epochs are not advertised: clients then neither fence fetches by epoch nor ask
-            # OffsetForLeaderEpoch, which this broker does not serve.
-            leader_epoch=-1, replica_nodes=tuple(assignment),
+            # The leader epoch (the Raft term) lets clients fence their fetches and, after a leader change, ask
+            # OffsetForLeaderEpoch whether their position survived (KIP-320; handlers/epochs.py).
+            leader_epoch=_leader_epoch(broker, name, index, replica), replica_nodes=tuple(assignment),
             isr_nodes=tuple(broker.in_sync_replicas(replica, assignment)),
             offline_replicas=tuple(n for n in assignment if n not in live)))
     return make(topic_cls, error_code=ErrorCode.none, name=name, topic_id=_topic_uuid(spec.topic_id),
                 is_internal=name.startswith("__"), partitions=tuple(partitions),
                 topic_authorized_operations=-2147483648)
+
+
+def _leader_epoch(broker: Any, name: str, index: int, replica: Any) -> int:
+    """This broker's replica's term (it has heard from the leader of that term, or is it), else the epoch the
+    leader reported to the controller; -1 when neither is known."""
+    if replica is not None and not replica.closed:
+        return int(replica.term)
+    reported = broker.cluster.leaders.get((name, index))
+    return int(reported[1]) if reported is not None else -1
 
 
 def _topic_uuid(topic_id: str) -> uuid.UUID | None:
