@@ -668,13 +668,17 @@ def decode_records(
 ) -> list[Record]:
     """Records of the batch at pos with offset >= min_offset, appended to out (or a new list).
 
-    A batch whose records contradict its header raises CorruptBatchError and appends nothing to out."""
+    A batch whose records contradict its header raises CorruptBatchError and appends nothing to out. An empty
+    batch (no records, nothing after the header: what Kafka's compaction leaves, and what the Kafka port sends
+    in place of a control batch) has nothing to give."""
+    if out is None:
+        out = []
+    if header.records_count == 0 and header.size == HEADER_SIZE:
+        return out
     _check_counts(header)
     data = batch_records_bytes(buf, pos, header)
     if isinstance(data, memoryview):
         data = data.tobytes()
-    if out is None:
-        out = []
     kept = len(out)
     if _recordcodec is not None:
         if _recordcodec.decode_block(data, header.records_count, header.base_offset, header.base_timestamp, topic,

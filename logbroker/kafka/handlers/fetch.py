@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import struct
 import time
 from typing import Any
 
 from kio.schema.errors import ErrorCode
+from logbroker_client import records as rec
 
 from logbroker.kafka.context import Context
 from logbroker.kafka.errors import kafka_error
@@ -16,7 +18,8 @@ DEFAULT_PARTITION_MAX_BYTES = 1 << 20
 
 
 def _read_all(ctx: Context, cls: type, request: Any) -> tuple[list[Any], int, bool]:
-    """One pass over the requested partitions: (topic responses, bytes, whether any partition failed)."""
+    """One pass over the requested partitions: (topic responses, bytes of data batches, whether any partition
+    failed)."""
     topic_cls = nested(cls, "FetchableTopicResponse")
     part_cls = nested(cls, "PartitionData")
     config = ctx.broker.config  # its caps win over the request's limits, as on the gRPC port
@@ -48,7 +51,8 @@ def _read_all(ctx: Context, cls: type, request: Any) -> tuple[list[Any], int, bo
             records = fetched.records
             if total and total + len(records) > budget:
                 records = b""
-            total += len(records)
+            records, data_bytes = emptied_control_batches(records)
+            total += data_bytes
             parts.append(make(part_cls, partition_index=part.partition, error_code=ErrorCode.none,
                               high_watermark=fetched.high_watermark, last_stable_offset=fetched.high_watermark,
                               log_start_offset=fetched.log_start_offset, aborted_transactions=(),
@@ -106,3 +110,33 @@ class _Fenced(Exception):
     def __init__(self, code: ErrorCode) -> None:
         super().__init__(code.name)
         self.code = code
+
+
+def emptied_control_batches(records: bytes) -> tuple[bytes, int]:
+    """The fetched batches with each control batch (Raft no-ops, share-group state: logbroker's own) turned into
+    an empty data batch over the same offsets, and the bytes of the data batches.
+
+    Kafka clients skip both kinds the same way, past the batch's last offset (compaction leaves empty batches
+    too), but clients older than transactions (kafka-python 2.0.2 among them) hand a control batch's records to
+    the application as if they were data. Only the data bytes count toward a fetch's min_bytes, so a consumer
+    at the end of the log long-polls rather than spinning on a no-op."""
+    control = [(pos, header) for pos, header in rec.iter_batch_headers(records) if header.is_control]
+    if not control:
+        return records, len(records)
+    out = bytearray()
+    start = 0
+    for pos, header in control:
+        out += records[start:pos]
+        out += _empty_batch(header)
+        start = pos + header.size
+    out += records[start:]
+    return bytes(out), len(records) - sum(header.size for _, header in control)
+
+
+def _empty_batch(header: rec.BatchHeader) -> bytes:
+    batch = bytearray(rec.HEADER.pack(
+        header.base_offset, rec.HEADER_SIZE - rec.LOG_OVERHEAD, header.leader_epoch, rec.MAGIC, 0, 0,
+        header.last_offset_delta, header.base_timestamp, header.max_timestamp, rec.NO_PRODUCER_ID,
+        rec.NO_PRODUCER_EPOCH, rec.NO_SEQUENCE, 0))
+    struct.pack_into(">I", batch, rec.CRC_POSITION, rec.crc32c(batch[rec.CRC_START:]))
+    return bytes(batch)
