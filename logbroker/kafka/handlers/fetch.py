@@ -138,5 +138,5 @@ def _empty_batch(header: rec.BatchHeader) -> bytes:
         header.base_offset, rec.HEADER_SIZE - rec.LOG_OVERHEAD, header.leader_epoch, rec.MAGIC, 0, 0,
         header.last_offset_delta, header.base_timestamp, header.max_timestamp, rec.NO_PRODUCER_ID,
         rec.NO_PRODUCER_EPOCH, rec.NO_SEQUENCE, 0))
-    struct.pack_into(">I", batch, rec.CRC_POSITION, rec.crc32c(batch[rec.CRC_START:]))
+    struct.pack_into(">I", batch, rec.CRC_POSITION, rec.crc32c(memoryview(batch)[rec.CRC_START:]))
     return bytes(batch)
