@@ -1,6 +1,7 @@
-"""Topic creation and deletion for the Kafka front end: on the controller leader through the broker core,
-elsewhere forwarded to the controller leader (broker to broker, as the gRPC Admin service forwards), then
-answered once this broker has applied the change too, so the client's next Metadata sees it."""
+"""Topic changes for the Kafka front end (create, delete, add partitions, alter configs): on the controller
+leader through the broker core, elsewhere forwarded to the controller leader (broker to broker, as the gRPC
+Admin service forwards), then answered once this broker has applied the change too, so the client's next
+Metadata sees it."""
 
 from __future__ import annotations
 
@@ -31,8 +32,12 @@ async def _forward(broker: Any, method: str, request: Any, timeout_s: float) -> 
 
 
 def _outcome(results: Any) -> Outcome:
-    return {r.name: (KAFKA_CODES.get(pb.ErrorCode.Name(r.error_code), ErrorCode.unknown_server_error),
-                     r.error_message) if r.error_code else None for r in results}
+    return {r.name: _problem(r.error_code, r.error_message) if r.error_code else None for r in results}
+
+
+def _problem(code: int, message: str) -> tuple[ErrorCode, str]:
+    """A gRPC error code from the controller leader, as the Kafka code for the same failure."""
+    return KAFKA_CODES.get(pb.ErrorCode.Name(code), ErrorCode.unknown_server_error), message
 
 
 async def create_topics(broker: Any, specs: list[TopicSpec], validate_only: bool, timeout_s: float) -> Outcome:
@@ -78,3 +83,49 @@ async def delete_topics(broker: Any, names: list[str], timeout_s: float) -> Outc
         except Exception as exc:
             outcome[name] = kafka_error(exc, f"topic {name!r}")
     return outcome
+
+
+async def add_partitions(broker: Any, name: str, total: int, timeout_s: float) -> tuple[ErrorCode, str] | None:
+    """Grow a topic to ``total`` partitions through the controller; None when done (and applied here)."""
+    try:
+        request = pb.CreatePartitionsRequest(topic=name, total=total, timeout_ms=int(timeout_s * 1000))
+        forwarded = await _forward(broker, "CreatePartitions", request, timeout_s)
+        if forwarded is None:
+            await broker.topic_admin.add_partitions(name, total, timeout_s)
+            return None
+    except Exception as exc:
+        return kafka_error(exc, f"topic {name!r}")
+    if forwarded.error_code:
+        return _problem(forwarded.error_code, forwarded.error_message)
+    await broker.wait_for_metadata(lambda: _partitions(broker, name) >= total, timeout_s)
+    return None
+
+
+async def alter_topic_configs(broker: Any, name: str, changes: dict[str, str], deletes: list[str],
+                              validate_only: bool, timeout_s: float) -> tuple[ErrorCode, str] | None:
+    """Set and remove a topic's config overrides through the controller; None when done (and applied here)."""
+    try:
+        request = pb.AlterTopicConfigsRequest(topic=name, configs=changes, delete_configs=deletes,
+                                              validate_only=validate_only, timeout_ms=int(timeout_s * 1000))
+        forwarded = await _forward(broker, "AlterTopicConfigs", request, timeout_s)
+        if forwarded is None:
+            await broker.topic_admin.alter_configs(name, changes, deletes, timeout_s, validate_only=validate_only)
+            return None
+    except Exception as exc:
+        return kafka_error(exc, f"topic {name!r}")
+    if forwarded.error_code:
+        return _problem(forwarded.error_code, forwarded.error_message)
+    if not validate_only:
+        wanted = dict(forwarded.configs)
+        await broker.wait_for_metadata(lambda: _configs(broker, name) == wanted, timeout_s)
+    return None
+
+
+def _partitions(broker: Any, name: str) -> int:
+    topic = broker.cluster.topics.get(name)
+    return int(topic.partitions) if topic is not None else 0
+
+
+def _configs(broker: Any, name: str) -> dict[str, str] | None:
+    topic = broker.cluster.topics.get(name)
+    return dict(topic.configs) if topic is not None else None

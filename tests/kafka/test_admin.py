@@ -5,10 +5,19 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
+import pytest
 from confluent_kafka import KafkaException
 from confluent_kafka import Producer as CKProducer
-from confluent_kafka.admin import AdminClient, ConfigResource, NewPartitions, NewTopic
+from confluent_kafka.admin import (
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    NewPartitions,
+    NewTopic,
+)
 from logbroker_client import Admin
 
 from tests.support.cluster import BrokerCluster
@@ -31,14 +40,52 @@ def test_create_describe_and_delete_topics(kafka_cluster: BrokerCluster, topic_n
     configs = admin.describe_configs([resource])[resource].result(15)
     assert configs["retention.ms"].value == "3600000" and not configs["retention.ms"].is_default
     assert configs["segment.bytes"].is_default
-    more = admin.create_partitions([NewPartitions(topic_name, 6)])[topic_name]
-    try:
-        more.result(15)
-        raise AssertionError("partitions were added")
-    except KafkaException as exc:
-        assert "not supported" in exc.args[0].str()
     admin.delete_topics([topic_name], request_timeout=15)[topic_name].result(15)
     assert topic_name not in admin.list_topics(timeout=10).topics
+
+
+def test_partitions_are_added_and_configs_altered_through_the_controller(kafka_cluster: BrokerCluster,
+                                                                        topic_name: str) -> None:
+    admin = AdminClient({"bootstrap.servers": kafka_cluster.brokers[2].kafka_address})
+    admin.create_topics([NewTopic(topic_name, num_partitions=2, replication_factor=3)])[topic_name].result(15)
+    admin.create_partitions([NewPartitions(topic_name, 4)], validate_only=True)[topic_name].result(15)
+    assert len(admin.list_topics(topic_name, timeout=10).topics[topic_name].partitions) == 2  # only validated
+    admin.create_partitions([NewPartitions(topic_name, 4)], request_timeout=20)[topic_name].result(20)
+    assert len(admin.list_topics(topic_name, timeout=10).topics[topic_name].partitions) == 4
+    fewer = admin.create_partitions([NewPartitions(topic_name, 3)])[topic_name]
+    assert error_of(fewer).name() == "INVALID_PARTITIONS"
+
+    resource = incremental(topic_name, "retention.ms", "60000")
+    admin.incremental_alter_configs([resource])[resource].result(15)
+    assert described_configs(admin, topic_name)["retention.ms"] == ("60000", False)
+    bad = incremental(topic_name, "retention.ms", "soon")
+    problem = error_of(admin.incremental_alter_configs([bad])[bad])
+    assert problem.name() == "INVALID_CONFIG" and "retention.ms" in problem.str()
+    assert described_configs(admin, topic_name)["retention.ms"] == ("60000", False)  # nothing applied
+    replaced = ConfigResource(ConfigResource.Type.TOPIC, topic_name, set_config={"segment.ms": "3600000"})
+    with pytest.warns(DeprecationWarning):  # confluent-kafka's warning: the older call is still served
+        admin.alter_configs([replaced])[replaced].result(15)  # and replaces every override
+    after = described_configs(admin, topic_name)
+    assert after["segment.ms"] == ("3600000", False) and after["retention.ms"][1]
+
+
+def incremental(topic: str, name: str, value: str) -> ConfigResource:
+    return ConfigResource(ConfigResource.Type.TOPIC, topic, incremental_configs=[
+        ConfigEntry(name, value, incremental_operation=AlterConfigOpType.SET)])
+
+
+def error_of(future: object) -> Any:
+    try:
+        future.result(15)  # type: ignore[attr-defined]
+    except KafkaException as exc:
+        return exc.args[0]
+    raise AssertionError("the change was accepted")
+
+
+def described_configs(admin: AdminClient, topic: str) -> dict[str, tuple[str, bool]]:
+    resource = ConfigResource(ConfigResource.Type.TOPIC, topic)
+    return {name: (entry.value, entry.is_default) for name, entry in admin.describe_configs([resource])[resource]
+            .result(15).items()}
 
 
 def test_describe_cluster_names_every_broker(kafka_cluster: BrokerCluster) -> None:
