@@ -97,6 +97,31 @@ def raise_described_errors(topics: Sequence[pb.TopicDescription]) -> None:
             raise error_for(described.error_code, described.error_message, described.name)
 
 
+def alter_topic_configs_request(name: str, configs: Mapping[str, object] | None, delete: Sequence[str],
+                                validate_only: bool, timeout_s: float) -> pb.AlterTopicConfigsRequest:
+    return pb.AlterTopicConfigsRequest(topic=name, configs={k: str(v) for k, v in (configs or {}).items()},
+                                       delete_configs=list(delete), validate_only=validate_only,
+                                       timeout_ms=int(timeout_s * 1000))
+
+
+def add_partitions_request(name: str, total: int, timeout_s: float) -> pb.CreatePartitionsRequest:
+    return pb.CreatePartitionsRequest(topic=name, total=total, timeout_ms=int(timeout_s * 1000))
+
+
+def move_replicas_request(name: str, partition: int, replicas: Sequence[int],
+                          timeout_s: float) -> pb.MoveReplicasRequest:
+    target = pb.PartitionTarget(topic=name, partition=partition, replicas=list(replicas))
+    return pb.MoveReplicasRequest(targets=[target], drain_broker=-1, timeout_ms=int(timeout_s * 1000))
+
+
+def drain_request(broker_id: int, timeout_s: float) -> pb.MoveReplicasRequest:
+    return pb.MoveReplicasRequest(drain_broker=broker_id, timeout_ms=int(timeout_s * 1000))
+
+
+def drained_targets(response: pb.MoveReplicasResponse) -> dict[TopicPartition, list[int]]:
+    return {TopicPartition(m.topic, m.partition): list(m.replicas) for m in response.moves}
+
+
 def group_configs_request(group_id: str, configs: Mapping[str, object]) -> pb.AlterGroupConfigsRequest:
     """Values as text; an empty value puts a key back to its default."""
     for key in configs:
@@ -203,34 +228,29 @@ class Admin:
         """Set topic configs (retention.ms, segment.bytes, ...) and put others back to the broker default; every
         broker applies them to the topic's open logs at once. Refused whole (InvalidConfigError naming the key
         or value) when any is wrong. Returns the topic's overrides after the change."""
-        request = pb.AlterTopicConfigsRequest(topic=name, configs={k: str(v) for k, v in (configs or {}).items()},
-                                              delete_configs=list(delete), validate_only=validate_only,
-                                              timeout_ms=int(self._timeout_s * 1000))
+        request = alter_topic_configs_request(name, configs, delete, validate_only, self._timeout_s)
         response = self._call("AlterTopicConfigs", request, lambda answer: raise_answer_error(answer, name))
         return dict(response.configs)
 
     def add_partitions(self, name: str, total: int) -> None:
         """Grow a topic to ``total`` partitions (never fewer); producers and consumers see the new ones at their
         next metadata refresh, and consumer groups subscribed to the topic rebalance onto them."""
-        request = pb.CreatePartitionsRequest(topic=name, total=total, timeout_ms=int(self._timeout_s * 1000))
-        self._call("CreatePartitions", request, lambda answer: raise_answer_error(answer, name))
+        self._call("CreatePartitions", add_partitions_request(name, total, self._timeout_s),
+                   lambda answer: raise_answer_error(answer, name))
 
     def move_replicas(self, name: str, partition: int, replicas: Sequence[int]) -> None:
         """Start moving a partition's replicas to ``replicas`` (the first is the preferred leader). Returns once
         the controller has recorded the target; the partition's leader then adds, catches up and promotes
         the new replicas and removes the old ones. Follow it with describe_topics() (target_replicas empty and
         replicas equal to the target once done)."""
-        target = pb.PartitionTarget(topic=name, partition=partition, replicas=list(replicas))
-        self._call("MoveReplicas", pb.MoveReplicasRequest(targets=[target], drain_broker=-1,
-                                                          timeout_ms=int(self._timeout_s * 1000)),
+        self._call("MoveReplicas", move_replicas_request(name, partition, replicas, self._timeout_s),
                    lambda answer: raise_answer_error(answer, name))
 
     def drain_broker(self, broker_id: int) -> dict[TopicPartition, list[int]]:
         """Start moving every replica off a broker; returns the target the controller chose for each partition."""
-        response = self._call("MoveReplicas", pb.MoveReplicasRequest(drain_broker=broker_id,
-                                                                     timeout_ms=int(self._timeout_s * 1000)),
+        response = self._call("MoveReplicas", drain_request(broker_id, self._timeout_s),
                               lambda answer: raise_answer_error(answer, None))
-        return {TopicPartition(m.topic, m.partition): list(m.replicas) for m in response.moves}
+        return drained_targets(response)
 
     def list_topics(self) -> list[str]:
         response = self._call("DescribeTopics", pb.DescribeTopicsRequest(),

@@ -24,8 +24,14 @@ from grpc_health.v1 import health_pb2
 from logbroker_client.admin import (
     DESCRIBE_ATTEMPT_TIMEOUT_S,
     RetryNote,
+    add_partitions_request,
+    alter_topic_configs_request,
     check_group_configs_answer,
+    drain_request,
+    drained_targets,
     group_configs_request,
+    move_replicas_request,
+    raise_answer_error,
     raise_described_errors,
     raise_topic_errors,
     share_describe_requests,
@@ -91,12 +97,14 @@ from logbroker_client.producer_core import (
     DEFAULT_MAX_BLOCK_MS,
     DEFAULT_MAX_IN_FLIGHT,
     DEFAULT_MAX_REQUEST_BYTES,
+    DEFAULT_METADATA_MAX_AGE_MS,
     CoreBatch,
     ProducerCore,
     Slot,
     complete_all,
     delivery_headers,
     match_results,
+    partition_count_stale,
     priority_lane,
     requests_by_leader,
 )
@@ -255,6 +263,7 @@ class AsyncAdmin:
                  request_timeout_ms: int = DEFAULT_REQUEST_TIMEOUT_MS) -> None:
         self._metadata = AsyncMetadata(bootstrap, request_timeout_ms)
         self._coordinators = AsyncCoordinators(self._metadata)
+        self._timeout_s = request_timeout_ms / 1000
 
     async def create_topic(self, name: str, partitions: int = 0, replication_factor: int = 0,
                            configs: Mapping[str, str] | None = None) -> None:
@@ -283,6 +292,30 @@ class AsyncAdmin:
             check=lambda answer: raise_described_errors(answer.topics), attempt_timeout_s=DESCRIBE_ATTEMPT_TIMEOUT_S)
         states = await self.broker_states() if broker_states is None else broker_states
         return [topic_description(t, states) for t in response.topics]
+
+    async def alter_topic_configs(self, name: str, configs: Mapping[str, object] | None = None,
+                                  delete: Sequence[str] = (), validate_only: bool = False) -> dict[str, str]:
+        """As Admin.alter_topic_configs: returns the topic's overrides after the change."""
+        request = alter_topic_configs_request(name, configs, delete, validate_only, self._timeout_s)
+        response = await self._metadata.call("AlterTopicConfigs", request, admin=True,
+                                             check=lambda answer: raise_answer_error(answer, name))
+        return dict(response.configs)
+
+    async def add_partitions(self, name: str, total: int) -> None:
+        """As Admin.add_partitions: grow a topic to ``total`` partitions."""
+        await self._metadata.call("CreatePartitions", add_partitions_request(name, total, self._timeout_s),
+                                  admin=True, check=lambda answer: raise_answer_error(answer, name))
+
+    async def move_replicas(self, name: str, partition: int, replicas: Sequence[int]) -> None:
+        """As Admin.move_replicas: record the target; the partition's leader does the moving."""
+        await self._metadata.call("MoveReplicas", move_replicas_request(name, partition, replicas, self._timeout_s),
+                                  admin=True, check=lambda answer: raise_answer_error(answer, name))
+
+    async def drain_broker(self, broker_id: int) -> dict[TopicPartition, list[int]]:
+        """As Admin.drain_broker: the target chosen for each partition."""
+        response = await self._metadata.call("MoveReplicas", drain_request(broker_id, self._timeout_s), admin=True,
+                                             check=lambda answer: raise_answer_error(answer, None))
+        return drained_targets(response)
 
     async def describe_cluster(self) -> pb.MetadataResponse:
         return await self._metadata.refresh()
@@ -472,7 +505,10 @@ class AsyncProducer:
         enable_idempotence: bool = True,
         max_in_flight_requests_per_connection: int = DEFAULT_MAX_IN_FLIGHT,
         client_id: str | None = None,
+        metadata_max_age_ms: int = DEFAULT_METADATA_MAX_AGE_MS,
     ) -> None:
+        self._metadata_max_age_s = metadata_max_age_ms / 1000
+        self._counts_asked_s: dict[str, float] = {}  # when each topic's partition count was last asked for
         self._core = ProducerCore(
             new_batch=_AsyncBatch, new_future=AsyncRecordFuture, wake=self._wake, acks=acks, linger_ms=linger_ms,
             batch_size=batch_size, compression=compression, partitioner=partitioner,
@@ -529,11 +565,19 @@ class AsyncProducer:
             self._start()
         core = self._core
         count = core.partition_counts.get(topic)
-        if count is None:
-            count = core.partition_counts[topic] = await self._metadata.partitions_for(topic)
+        if count is None or partition_count_stale(count, partition, self._counts_asked_s.get(topic, 0.0),
+                                                  self._metadata_max_age_s):
+            count = core.partition_counts[topic] = await self._partition_count(topic, known=count is not None)
         if core.buffered_bytes >= core.buffer_memory:
             await self._wait_for_space()
         return core.append(topic, value, key, headers, partition, timestamp_ms, count)  # type: ignore[no-any-return]
+
+    async def _partition_count(self, topic: str, known: bool) -> int:
+        """As Producer._partition_count: the cached metadata first, a broker when the known count may be old."""
+        if known:
+            await self._metadata.refresh([topic])
+        self._counts_asked_s[topic] = time.monotonic()
+        return await self._metadata.partitions_for(topic)
 
     async def send_and_wait(self, topic: str, value: bytes | str | None = None, **kwargs: Any) -> RecordMetadata:
         return await (await self.send(topic, value, **kwargs))

@@ -34,6 +34,7 @@ from logbroker_client.producer_core import (  # noqa: F401  (re-exported: the pr
     DEFAULT_MAX_BLOCK_MS,
     DEFAULT_MAX_IN_FLIGHT,
     DEFAULT_MAX_REQUEST_BYTES,
+    DEFAULT_METADATA_MAX_AGE_MS,
     DELIVER_AT_HEADER,
     MAX_BATCHES_PER_REQUEST,
     RECORD_OVERHEAD_BYTES,
@@ -49,6 +50,7 @@ from logbroker_client.producer_core import (  # noqa: F401  (re-exported: the pr
     delivery_headers,
     explain_record_too_large,
     match_results,
+    partition_count_stale,
     priority_lane,
     record_size_bound,
     requests_by_leader,
@@ -60,7 +62,6 @@ from logbroker_client.types import RecordMetadata
 
 log = logging.getLogger("logbroker_client.producer")
 
-DEFAULT_METADATA_MAX_AGE_MS = 300_000  # Kafka's metadata.max.age.ms
 
 
 class ProducerBatch(CoreBatch):
@@ -203,8 +204,8 @@ class Producer:
             headers = delivery_headers(headers, deliver_at_ms, delay_ms)
         core = self._core
         count = core.partition_counts.get(topic)
-        if count is None or (partition is not None and partition >= count) or \
-                time.monotonic() - self._counts_asked_s.get(topic, 0.0) > self._metadata_max_age_s:
+        if count is None or partition_count_stale(count, partition, self._counts_asked_s.get(topic, 0.0),
+                                                  self._metadata_max_age_s):
             count = core.partition_counts[topic] = self._partition_count(topic, known=count is not None)
         if core.buffered_bytes >= core.buffer_memory:
             self._wait_for_space()

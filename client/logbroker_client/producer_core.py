@@ -62,6 +62,7 @@ RETRY_BACKOFF_MS = 100
 # each request carries one batch of a partition, and the broker's window (BATCHES_PER_PRODUCER = 5 in
 # logbroker/cluster/producer_state.py) holds them all, so any of them retried is recognised.
 DEFAULT_MAX_IN_FLIGHT = 5
+DEFAULT_METADATA_MAX_AGE_MS = 300_000  # Kafka's metadata.max.age.ms: partition counts are asked again then
 MAX_BATCHES_PER_REQUEST = 1  # of one partition
 MAX_PRODUCER_EPOCH = 0x7FFF  # an int16 on the wire
 RECORD_OVERHEAD_BYTES = 21  # length, attributes, timestamp and offset deltas, key and value lengths
@@ -600,3 +601,9 @@ def match_results(parts: Sequence[tuple[Slot, list[CoreBatch]]], results: Sequen
             paired.append((slot, batches, None, RequestTimedOutError(
                 f"{slot[0]}-{slot[1]}: the broker's answer has no result for this partition; resending")))
     return paired
+
+
+def partition_count_stale(count: int, partition: int | None, asked_s: float, max_age_s: float) -> bool:
+    """Must the producer ask for a topic's partition count again? When a partition beyond the count known is
+    named (partitions were added), or the count is older than metadata_max_age_ms."""
+    return (partition is not None and partition >= count) or time.monotonic() - asked_s > max_age_s

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 from logbroker_client import AsyncAdmin, AsyncConsumer, AsyncProducer, TopicPartition
-from logbroker_client.errors import RecordTooLargeError, TopicAlreadyExistsError, UnknownTopicOrPartitionError
+from logbroker_client.errors import (
+    InvalidConfigError,
+    InvalidPartitionsError,
+    RecordTooLargeError,
+    TopicAlreadyExistsError,
+    UnknownTopicOrPartitionError,
+)
 
 from tests.support.brokers import InProcessBroker
 
@@ -33,6 +39,28 @@ async def test_async_admin_creates_lists_describes_and_deletes(bootstrap: str) -
         assert (len(described.partitions), described.configs["retention.ms"]) == (2, "60000")
         await admin.delete_topic("async-admin")
         assert "async-admin" not in await admin.list_topics()
+
+
+async def test_async_admin_alters_configs_and_adds_partitions(bootstrap: str) -> None:
+    async with AsyncAdmin(bootstrap) as admin:
+        await admin.create_topic("async-grow", partitions=1, configs={"retention.ms": "60000"})
+        overrides = await admin.alter_topic_configs("async-grow", {"segment.ms": 3_600_000}, delete=["retention.ms"])
+        assert overrides == {"segment.ms": "3600000"}
+        with pytest.raises(InvalidConfigError, match="retention.ms"):
+            await admin.alter_topic_configs("async-grow", {"retention.ms": "soon"})
+        await admin.add_partitions("async-grow", 3)
+        described = (await admin.describe_topics(["async-grow"]))[0]
+        assert len(described.partitions) == 3 and described.configs.get("retention.ms") != "soon"
+        with pytest.raises(InvalidPartitionsError):
+            await admin.add_partitions("async-grow", 2)
+
+
+async def test_an_async_producer_sees_partitions_added_after_it_started(bootstrap: str) -> None:
+    async with AsyncAdmin(bootstrap) as admin, AsyncProducer(bootstrap, linger_ms=0) as producer:
+        await admin.create_topic("async-later", partitions=1)
+        assert (await producer.send_and_wait("async-later", b"first", partition=0)).partition == 0
+        await admin.add_partitions("async-later", 3)
+        assert (await producer.send_and_wait("async-later", b"later", partition=2)).partition == 2
 
 
 async def test_async_records_come_back_at_their_offsets(bootstrap: str) -> None:
