@@ -62,8 +62,9 @@ class WireClient:
         except ConnectionResetError:
             return True
 
-    def call(self, request: Any, correlation_id: int = 1, header_v0: bool = False) -> Any:
-        self.send_bytes(encode_request(request, correlation_id))
+    def call(self, request: Any, correlation_id: int = 1, header_v0: bool = False,
+             client_id: str = "wire-test") -> Any:
+        self.send_bytes(encode_request(request, correlation_id, client_id))
         frame = self.read_frame()
         assert _SIZE.unpack_from(frame, 0)[0] == correlation_id
         response_cls = load_response_schema(int(request.__api_key__), int(request.__version__))

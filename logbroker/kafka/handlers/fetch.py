@@ -13,6 +13,7 @@ from logbroker.kafka.context import Context
 from logbroker.kafka.errors import kafka_error
 from logbroker.kafka.handlers.epochs import epoch_of_offset, leader_epoch_error
 from logbroker.kafka.versions import api, make, nested, response_class
+from logbroker.server.quotas import FETCH
 
 DEFAULT_PARTITION_MAX_BYTES = 1 << 20
 
@@ -71,11 +72,14 @@ async def fetch(ctx: Context, request: Any, version: int) -> Any:
     max_wait_ms = min(max(int(request.max_wait.total_seconds() * 1000), 0), ctx.broker.config.max_fetch_wait_ms)
     deadline = time.monotonic() + max_wait_ms / 1000
     min_bytes = max(request.min_bytes, 1)
+    backpressure = ctx.broker.backpressure
+    await backpressure.hold_while_in_debt(ctx.client_id, FETCH)  # a client that ignored its last throttle time
     while True:
         topics, total, failed = _read_all(ctx, cls, request)
         remaining = deadline - time.monotonic()
         if total >= min_bytes or remaining <= 0 or failed:
-            return make(cls, throttle_time=0, error_code=ErrorCode.none, session_id=0, responses=tuple(topics))
+            return make(cls, throttle_time=backpressure.fetched(ctx.client_id, total), error_code=ErrorCode.none,
+                        session_id=0, responses=tuple(topics))
         await ctx.broker.wait_for_data(remaining)
 
 

@@ -11,6 +11,7 @@ from kio.schema.errors import ErrorCode
 from logbroker.kafka.context import Context
 from logbroker.kafka.errors import kafka_error
 from logbroker.kafka.versions import api, make, nested, response_class
+from logbroker.server.quotas import InflightFull, throttle_ms
 
 log = logging.getLogger("logbroker.kafka")
 
@@ -48,17 +49,28 @@ async def produce(ctx: Context, request: Any, version: int) -> Any:
                      base_offset=-1, log_append_time=None, log_start_offset=-1, record_errors=(),
                      error_message="transactions are not supported by logbroker") for p in t.partition_data))
             for t in request.topic_data))
-    # Started in request order: each partition's batches are proposed before any later request's.
-    work = [(t.name, [_produce_one(ctx, part_cls, t.name, p, acks, timeout_s) for p in t.partition_data])
-            for t in request.topic_data]
-    done = await asyncio.gather(*(c for _, parts in work for c in parts))
+    size = sum(len(p.records or b"") for t in request.topic_data for p in t.partition_data)
+    try:  # the gRPC port's admission: the client's quota and the broker's in-flight bound (KIP-219 throttling)
+        async with ctx.broker.backpressure.produce(ctx.client_id, size, timeout_s) as ticket:
+            # Started in request order: each partition's batches are proposed before any later request's.
+            work = [(t.name, [_produce_one(ctx, part_cls, t.name, p, acks, timeout_s) for p in t.partition_data])
+                    for t in request.topic_data]
+            done = await asyncio.gather(*(c for _, parts in work for c in parts))
+    except InflightFull as full:
+        if acks == 0:
+            return None
+        return make(cls, throttle_time=throttle_ms(full.throttle_s), responses=tuple(
+            make(topic_cls, name=t.name, partition_responses=tuple(
+                make(part_cls, index=p.index, error_code=ErrorCode.request_timed_out, base_offset=-1,
+                     log_append_time=None, log_start_offset=-1, record_errors=(), error_message=full.message)
+                for p in t.partition_data)) for t in request.topic_data))
     if acks == 0:
         return None
     responses, i = [], 0
     for name, parts in work:
         responses.append(make(topic_cls, name=name, partition_responses=tuple(done[i:i + len(parts)])))
         i += len(parts)
-    return make(cls, throttle_time=0, responses=tuple(responses))
+    return make(cls, throttle_time=ticket.throttle_ms, responses=tuple(responses))
 
 
 @api(22, "InitProducerId", 0, 4)
