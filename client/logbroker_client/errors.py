@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from logbroker_client.error_codes import spec_for_code
 from logbroker_client.proto import logbroker_pb2 as pb
 
 
@@ -71,7 +72,11 @@ class OffsetOutOfRangeError(BrokerResponseError):
     code = pb.ErrorCode.OFFSET_OUT_OF_RANGE
 
 
-class CorruptBatchError(BrokerResponseError):
+class CorruptBatchError(BrokerResponseError, ValueError):
+    """Bytes that are not a valid v2 record batch, or records that contradict their batch's header: raised by
+    the codec (records.py) wherever it reads them, and for the broker's CORRUPT_BATCH answer. The message
+    says which check failed."""
+
     code = pb.ErrorCode.CORRUPT_BATCH
 
 
@@ -225,8 +230,8 @@ _BY_CODE: dict[int, type[BrokerResponseError]] = {
 
 
 def error_for(code: int, message: str, topic: str | None = None, partition: int | None = None) -> LogbrokerError:
+    """The exception of a broker's answer: the class of its code (error_codes.py says which codes are retried)."""
     if code == pb.ErrorCode.REQUEST_TIMED_OUT:
         return RequestTimedOutError(message)
     cls = _BY_CODE.get(code, BrokerResponseError)
-    name = pb.ErrorCode.Name(code) if code in pb.ErrorCode.values() else str(code)
-    return cls(message or name, topic, partition)
+    return cls(message or spec_for_code(code).name, topic, partition)

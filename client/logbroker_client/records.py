@@ -43,6 +43,7 @@ import crc32c as _crc32c
 import zstandard
 
 from logbroker_client import compression as _compression
+from logbroker_client.errors import CorruptBatchError
 
 try:  # the record walk in C, built with the package where a compiler is at hand (pyproject.toml)
     from logbroker_client import _recordwalk
@@ -97,10 +98,6 @@ _BASE_OFFSET_AND_LENGTH = struct.Struct(">qi")
 _STAMP = struct.Struct(">qii")  # baseOffset, batchLength, partitionLeaderEpoch
 _EPOCH = struct.Struct(">i")
 _UINT32 = struct.Struct(">I")
-
-
-class CorruptBatchError(ValueError):
-    """The bytes are not a valid v2 record batch; the message says which check failed."""
 
 
 class BatchHeader(NamedTuple):
