@@ -737,6 +737,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_share.add_share_commands(sub, parent)
     cli_share.add_dlq_commands(sub, parent)
+    from logbroker_client import cli_health
+
+    cli_health.add_health_command(sub, parent)
     return parser
 
 

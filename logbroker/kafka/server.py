@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import io
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,7 @@ from logbroker.kafka.context import Context, ListenerSettings
 from logbroker.kafka.handlers.meta import unsupported_api_versions
 from logbroker.kafka.legacy import legacy_produce_answer
 from logbroker.kafka.versions import APIS, is_flexible, request_class, response_class
+from logbroker.server.metrics import kafka_error_names
 
 log = logging.getLogger("logbroker.kafka")
 
@@ -194,13 +196,27 @@ class KafkaListener:
             raise framing.FrameError(f"{found.name} v{version} request does not decode: {exc}") from None
         ctx = Context(self.broker, self.groups, self.settings, header.client_id or "", host, version)
         flexible_response = bool(response_class(key, version).__flexible__) and key != API_VERSIONS_KEY
-        return self._answer(found.handler(ctx, request, version), correlation_id, flexible_response)
+        return self._answer(found.handler(ctx, request, version), correlation_id, flexible_response, found.name)
 
-    @staticmethod
-    async def _answer(handling: Any, correlation_id: int, flexible_response: bool) -> bytes | None:
-        response = await handling
+    async def _answer(self, handling: Any, correlation_id: int, flexible_response: bool, api: str) -> bytes | None:
+        metrics = getattr(self.broker, "metrics", None)  # the broker's Prometheus metrics (none in some tests)
+        started = time.perf_counter()
+        try:
+            response = await handling
+        except asyncio.CancelledError:
+            raise  # the client went away: neither an error nor a latency
+        except BaseException as exc:
+            if metrics is not None:
+                metrics.timer("kafka", api).observe(time.perf_counter() - started)
+                metrics.record_error("kafka", api, type(exc).__name__)
+            raise
+        if metrics is not None:
+            metrics.timer("kafka", api).observe(time.perf_counter() - started)
         if response is None:
             return None
+        if metrics is not None:
+            for error in kafka_error_names(response):
+                metrics.record_error("kafka", api, error)
         return framing.response_frame(correlation_id, encode(response), flexible_response)
 
 

@@ -20,6 +20,8 @@ from logbroker.kafka.server import KafkaListener
 from logbroker.server.broker import Broker
 from logbroker.server.config import BrokerConfig, split_host_port
 from logbroker.server.groups import GroupFrontEnd
+from logbroker.server.metrics import instrument_servicer
+from logbroker.server.metrics_server import MetricsServer
 from logbroker.server.service import (
     AdminService,
     BrokerService,
@@ -93,14 +95,24 @@ class BrokerServer:
         self._maintenance: asyncio.Task[None] | None = None
         self.port = config.port
         self.kafka: KafkaListener | None = None
+        self.metrics_server: MetricsServer | None = None
 
     async def start(self) -> None:
+        if self.config.metrics_listen:  # first: a port in use stops the start before anything else runs
+            self.metrics_server = MetricsServer(self.broker.metrics, self.config.metrics_listen)
+            await self.metrics_server.start()
         server = grpc.aio.server(options=grpc_options(self.config))
-        pb_grpc.add_BrokerServicer_to_server(BrokerService(self.broker), server)
-        pb_grpc.add_AdminServicer_to_server(AdminService(self.broker), server)
-        pb_grpc.add_RaftServicer_to_server(RaftService(self.broker), server)
-        pb_grpc.add_GroupsServicer_to_server(GroupsService(self.broker), server)
-        pb_grpc.add_ShareServicer_to_server(ShareService(self.broker), server)
+        services = pb.DESCRIPTOR.services_by_name
+        metrics = self.broker.metrics
+
+        def timed(servicer: object, name: str) -> object:  # request latency and errors per method
+            return instrument_servicer(servicer, services[name], metrics)
+
+        pb_grpc.add_BrokerServicer_to_server(timed(BrokerService(self.broker), "Broker"), server)
+        pb_grpc.add_AdminServicer_to_server(timed(AdminService(self.broker), "Admin"), server)
+        pb_grpc.add_RaftServicer_to_server(timed(RaftService(self.broker), "Raft"), server)
+        pb_grpc.add_GroupsServicer_to_server(timed(GroupsService(self.broker), "Groups"), server)
+        pb_grpc.add_ShareServicer_to_server(timed(ShareService(self.broker), "Share"), server)
         self.broker.dead_letter_sender = send_dead_letter
         self.broker.topic_creator = create_topic_at
         self.broker.send_leader_report = leader_report_sender(self.config.cluster_secret)
@@ -150,6 +162,8 @@ class BrokerServer:
         await self._health.enter_graceful_shutdown()
         if self.kafka is not None:
             await self.kafka.stop()
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
         # Peers' inbound Raft streams end once our transport stops; without this the server's grace
         # period would wait them out in full.
         await self.broker.transport.stop()

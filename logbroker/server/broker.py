@@ -48,6 +48,7 @@ from logbroker.raft.membership import Membership
 from logbroker.raft.types import Entry, EntryKind, Message, MessageType, RaftConfig, Role
 from logbroker.server import errors
 from logbroker.server.config import BrokerConfig
+from logbroker.server.metrics import BrokerMetrics
 from logbroker.server.quotas import Backpressure, DiskGuard, quotas_from
 from logbroker.server.topic_admin import TopicAdmin
 from logbroker.storage import filenames
@@ -156,6 +157,7 @@ class Broker:
         # Set by the server layer: sends leader reports to the controller leader at an address (over gRPC).
         self.send_leader_report: Callable[[str, int, list[list[Any]]], Awaitable[bool]] | None = None
         self.topic_admin = TopicAdmin(self)  # configs, partition counts and replica moves after creation
+        self.metrics = BrokerMetrics(self)  # Prometheus: counters bumped below, gauges read when scraped
         self.backpressure = Backpressure(quotas_from(config), config.max_inflight_produce_bytes,
                                          config.produce_backpressure_wait_ms / 1000, config.node_id)
         self.disk_guard = DiskGuard(self.data_dir, config.min_free_disk_bytes)
@@ -182,6 +184,7 @@ class Broker:
                      on_commit: Callable[[Replica, Sequence[Entry]], None], controller: bool = False,
                      applied_offset: int = -1) -> Replica:
         state_file = ReplicaStateFile(self._raft_state_path(plog))
+        plog.flush_observer = self.metrics.observe_fsync
         replica = Replica(group, plog, state_file, membership, self.raft_config(), self.transport, self._executor,
                           on_commit, self._on_leader_change, applied_offset=applied_offset if controller else None,
                           persist_commit=controller, name=plog.directory.name, on_failure=self._on_replica_failed,
@@ -236,6 +239,8 @@ class Broker:
 
     def _on_leader_change(self, replica: Replica) -> None:
         self._wake_fetchers()
+        if replica.group != CONTROLLER_GROUP:
+            self.metrics.record_leader_change(replica.log.topic, replica.log.partition, replica.is_leader)
         if replica.is_leader and replica.group != CONTROLLER_GROUP:
             topic = self.cluster.topics.get(replica.log.topic)
             if topic is not None and topic.raft_group(replica.log.partition) == replica.group:
@@ -801,6 +806,14 @@ class Broker:
                 f"topic {topic!r} has partitions 0..{spec.partitions - 1}; partition {index} does not exist")
         return self._partitions.get((topic, index))
 
+    def local_partitions(self) -> list[tuple[tuple[str, int], Replica]]:
+        """Every partition replica this broker holds now, with its (topic, partition)."""
+        return list(self._partitions.items())
+
+    def local_replica(self, topic: str, index: int) -> Replica | None:
+        """This broker's replica of the partition, if it holds one (no error for an unknown topic)."""
+        return self._partitions.get((topic, index))
+
     def leader_replica(self, topic: str, index: int) -> Replica:
         replica = self.replica(topic, index)
         if replica is not None and replica.is_leader and not replica.closed:
@@ -842,6 +855,7 @@ class Broker:
         payloads = self._validated(replica, records)
         del records  # the batches are copied out: an acks=all wait must not keep the request's bytes too
         base_offsets, last_offset = self._propose_new_batches(replica, payloads)
+        self.metrics.record_produced(topic, index, payloads)
         if acks != 0:
             waiter = replica.wait_committed(last_offset) if acks == -1 else replica.wait_durable(last_offset)
             await self._await_write(replica, waiter, acks, timeout_s)
@@ -1132,6 +1146,7 @@ class Broker:
         replica = self.leader_replica(topic, index)
         payloads = self._validated(replica, batch)
         _, last_offset = self._propose_new_batches(replica, payloads)
+        self.metrics.record_produced(topic, index, payloads)
         await self._await_write(replica, replica.wait_committed(last_offset), -1, 30.0)
 
     async def flush_interval_partitions(self, now_s: float) -> None:

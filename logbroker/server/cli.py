@@ -43,7 +43,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "data_dir": args.data_dir, "listen": args.listen, "node_id": args.node_id,
             "peers": parse_peers(args.peers) if args.peers else None,
             "raft_tick_ms": args.raft_tick_ms, "cluster_secret_file": args.cluster_secret_file,
-            "kafka_listen": args.kafka_listen,
+            "kafka_listen": args.kafka_listen, "metrics_listen": args.metrics_listen,
             **backpressure_overrides(args),
         })
     except BrokerConfigError as exc:
@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "or set $LOGBROKER_CLUSTER_SECRET)")
     serve.add_argument("--kafka-listen", help="HOST:PORT for Kafka clients (off unless given); every broker's "
                                               "Kafka port must be its --listen port plus the same offset")
+    serve.add_argument("--metrics-listen", metavar="HOST:PORT",
+                       help="serve Prometheus metrics over HTTP at http://HOST:PORT/metrics (off unless given)")
     add_backpressure_flags(serve)
     serve.set_defaults(func=cmd_serve)
     dev = sub.add_parser("dev", help="run a local cluster of broker processes until Ctrl-C")

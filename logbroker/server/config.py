@@ -106,6 +106,8 @@ class BrokerConfig:
     # gRPC port plus the same offset: brokers name each other's Kafka endpoints in Metadata from that.
     kafka_listen: str = ""
     kafka_auto_create_topics: bool = False  # Metadata for an unknown topic creates it (Kafka's auto.create)
+    # Prometheus metrics over HTTP (GET /metrics): HOST:PORT, empty for none.
+    metrics_listen: str = ""
     max_inflight_produce_bytes: int = DEFAULT_MAX_INFLIGHT_PRODUCE_BYTES
     produce_backpressure_wait_ms: int = DEFAULT_PRODUCE_BACKPRESSURE_WAIT_MS
     min_free_disk_bytes: int = DEFAULT_MIN_FREE_DISK_BYTES
@@ -131,6 +133,8 @@ class BrokerConfig:
         split_host_port(self.listen)
         if self.kafka_listen:
             split_host_port(self.kafka_listen)
+        if self.metrics_listen:
+            split_host_port(self.metrics_listen)
         for address in self.peers.values():
             split_host_port(address)
         if self.peers and self.node_id not in self.peers:

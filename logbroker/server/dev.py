@@ -41,6 +41,7 @@ HEALTH_CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max
 PR_SET_PDEATHSIG = 1
 RUN_MARKER = "---- "  # begins the line written to a broker's log before each start
 KAFKA_PORT_OFFSET = 100  # broker n: gRPC on base port + n - 1, Kafka clients on that + 100
+METRICS_PORT_OFFSET = 200  # ... and Prometheus metrics (HTTP) on that + 200
 
 
 @dataclass
@@ -165,6 +166,8 @@ class DevCluster:
         self.say(f"export LOGBROKER_BOOTSTRAP={bootstrap}   # Ctrl-C stops the cluster")
         kafka = ",".join(kafka_address(b.address) for b in self.brokers)
         self.say(f"Kafka clients: bootstrap.servers={kafka}")
+        metrics = " ".join(f"http://{metrics_address(b.address)}/metrics" for b in self.brokers)
+        self.say(f"Prometheus metrics: {metrics}")
 
     def run(self) -> int:
         """Supervise until asked to stop (0), or until no broker is left and none will be restarted (1)."""
@@ -301,6 +304,11 @@ def kafka_address(address: str) -> str:
     return f"{host}:{int(port) + KAFKA_PORT_OFFSET}"
 
 
+def metrics_address(address: str) -> str:
+    host, _, port = address.rpartition(":")
+    return f"{host}:{int(port) + METRICS_PORT_OFFSET}"
+
+
 def dev_brokers(count: int, base_port: int, host: str, data_dir: Path, secret_file: Path,
                 log_level: str | None) -> list[DevBroker]:
     """The brokers of a local cluster on consecutive ports, each with the command that runs it."""
@@ -314,6 +322,7 @@ def dev_brokers(count: int, base_port: int, host: str, data_dir: Path, secret_fi
         broker_dir = data_dir / f"broker-{node_id}"
         command = [*launcher, "serve", "--node-id", str(node_id), "--data-dir", str(broker_dir),
                    "--listen", address, "--peers", peers, "--cluster-secret-file", str(secret_file),
-                   "--kafka-listen", f"{host}:{base_port + KAFKA_PORT_OFFSET + node_id - 1}"]
+                   "--kafka-listen", f"{host}:{base_port + KAFKA_PORT_OFFSET + node_id - 1}",
+                   "--metrics-listen", f"{host}:{base_port + METRICS_PORT_OFFSET + node_id - 1}"]
         brokers.append(DevBroker(node_id, address, broker_dir, data_dir / f"broker-{node_id}.log", command))
     return brokers

@@ -105,17 +105,22 @@ class BrokerService(pb_grpc.BrokerServicer):
         client_id = client_id_of(context.invocation_metadata())
         await self.broker.backpressure.hold_while_in_debt(client_id, FETCH)  # one that ignored its throttle time
         while True:
-            results, total = await self._read_all(request, budget)
+            results, total, delivered = await self._read_all(request, budget)
             remaining = deadline - time.monotonic()
             if total >= min_bytes or remaining <= 0 or any(r.error_code for r in results):
+                for topic, partition, data in delivered:
+                    self.broker.metrics.record_fetched(topic, partition, data)
                 return pb.FetchResponse(results=results,
                                         throttle_time_ms=self.broker.backpressure.fetched(client_id, total))
             await self.broker.wait_for_data(remaining)
 
-    async def _read_all(self, request: pb.FetchRequest, budget: int) -> tuple[list[pb.PartitionFetchResult], int]:
-        """Read every partition asked for, within the budget; a long request lets other work run between reads."""
+    async def _read_all(self, request: pb.FetchRequest, budget: int
+                        ) -> tuple[list[pb.PartitionFetchResult], int, list[tuple[str, int, bytes]]]:
+        """Read every partition asked for, within the budget; a long request lets other work run between reads.
+        Also returns what each partition's answer carries (for the fetch metrics, counted once answered)."""
         partition_cap = self.broker.config.max_partition_fetch_bytes
         results = []
+        delivered: list[tuple[str, int, bytes]] = []
         total = 0
         unyielded_bytes = 0
         for index, part in enumerate(request.partitions):
@@ -123,13 +128,16 @@ class BrokerService(pb_grpc.BrokerServicer):
                 await asyncio.sleep(0)
                 unyielded_bytes = 0
             asked = part.partition_max_bytes if part.partition_max_bytes > 0 else DEFAULT_PARTITION_FETCH_MAX_BYTES
-            result = self._read_one(part, min(asked, partition_cap), budget, total)
-            total += len(result.records)
-            unyielded_bytes += len(result.records)
+            result, data = self._read_one(part, min(asked, partition_cap), budget, total)
+            total += len(data)
+            unyielded_bytes += len(data)
             results.append(result)
-        return results, total
+            if data:
+                delivered.append((part.topic, part.partition, data))
+        return results, total, delivered
 
-    def _read_one(self, part: pb.FetchPartition, limit: int, budget: int, total: int) -> pb.PartitionFetchResult:
+    def _read_one(self, part: pb.FetchPartition, limit: int, budget: int, total: int
+                  ) -> tuple[pb.PartitionFetchResult, bytes]:
         result = pb.PartitionFetchResult(topic=part.topic, partition=part.partition)
         try:
             # Once some bytes are in, the budget caps the rest; the first batch always fits (Kafka's rule).
@@ -137,12 +145,13 @@ class BrokerService(pb_grpc.BrokerServicer):
                                        max(1, min(limit, budget - total)) if total else limit)
         except Exception as exc:
             _fill_error(result, exc, f"{part.topic}-{part.partition}")
-            return result
+            return result, b""
+        data = b""
         if not total or total + len(fetched.records) <= budget:
-            result.records = fetched.records
+            data = result.records = fetched.records
         result.high_watermark = fetched.high_watermark
         result.log_start_offset = fetched.log_start_offset
-        return result
+        return result, data
 
     async def ListOffsets(
         self, request: pb.ListOffsetsRequest, context: grpc.aio.ServicerContext
@@ -793,12 +802,14 @@ class ShareService(pb_grpc.ShareServicer):
             _fill_error(result, _as_broker_error(exc, where), where)
             return 0
         result.ack_results.extend(_ack_results(outcome.acks))
+        taken = sum(a.last_offset - a.first_offset + 1 for a in outcome.acquired)
         if outcome.acquired:
             result.records += outcome.records
             result.acquired.extend(pb.AcquiredRange(first_offset=a.first_offset, last_offset=a.last_offset,
                                                     delivery_count=a.delivery_count,
                                                     lock_deadline_ms=a.lock_deadline_ms) for a in outcome.acquired)
-        return sum(a.last_offset - a.first_offset + 1 for a in outcome.acquired)
+            self.broker.metrics.record_delivered(result.topic, result.partition, taken, len(outcome.records))
+        return taken
 
     async def ShareAcknowledge(self, request: pb.ShareAcknowledgeRequest,
                                context: grpc.aio.ServicerContext) -> pb.ShareAcknowledgeResponse:

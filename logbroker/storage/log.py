@@ -16,7 +16,7 @@ import struct
 import threading
 import time
 from bisect import bisect_right
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -85,6 +85,9 @@ class PartitionLog:
         self._closed = False
         self._broken: str | None = None
         self.epochs = LeaderEpochCache(directory, self.name)
+        # Told how long each flush() that made new data durable took, in seconds (the broker's fsync metric);
+        # called in the flushing thread.
+        self.flush_observer: Callable[[float], None] | None = None
 
     # =========================================================================================== opening
 
@@ -550,12 +553,15 @@ class PartitionLog:
             if self._closed:
                 return self._durable_offset
             target = self._next_offset  # read first: every byte below it is already written
+            started = time.perf_counter()
             try:
                 for segment in self._segments:
                     segment.flush()
                 if target > self._durable_offset:
                     self._durable_offset = target
                     self._write_checkpoint(durable=False)
+                    if self.flush_observer is not None:
+                        self.flush_observer(time.perf_counter() - started)
             except OSError as exc:
                 raise self._io_error("flushing", exc) from exc
             return self._durable_offset

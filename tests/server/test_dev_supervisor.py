@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import IO
 
@@ -26,12 +27,13 @@ START_TIMEOUT_S = 60.0
 
 
 def consecutive_free_ports(count: int) -> int:
-    """A base port with `count` free ports from it on (dev brokers listen on consecutive ports)."""
+    """A base port with `count` free ports from it on (dev brokers listen on consecutive ports), and the same
+    from base + 100 (their Kafka ports) and base + 200 (their metrics ports)."""
     for _ in range(100):
         base = random.randint(20_000, 60_000)
         try:
             sockets = []
-            for port in range(base, base + count):
+            for port in [p + offset for offset in (0, 100, 200) for p in range(base, base + count)]:
                 s = socket.socket()
                 sockets.append(s)
                 s.bind(("127.0.0.1", port))
@@ -114,7 +116,11 @@ def test_dev_reports_a_killed_broker_keeps_serving_and_restarts_it(tmp_path: Pat
             pids[node] = int(found.group(1))
             assert found.group(2) == str(data_dir.resolve() / f"broker-{node}.log")
             out.wait_for(rf"^  \S*logbroker\S* serve --node-id {node} .*--listen {addresses[node]} ", 1)
+        metrics = [f"http://127.0.0.1:{base + 200 + n - 1}/metrics" for n in (1, 2, 3)]
+        out.wait_for(re.escape(f"Prometheus metrics: {' '.join(metrics)}"), 1)
         out.wait_for(r"^cluster serving: all 3 brokers up", START_TIMEOUT_S)
+        with urllib.request.urlopen(metrics[0], timeout=5) as scraped:  # `make run` serves metrics
+            assert b"logbroker_controller_active" in scraped.read()
         bootstrap = ",".join(addresses.values())
         with Admin(bootstrap) as admin:
             admin.create_topic("dev", partitions=1, replication_factor=3)

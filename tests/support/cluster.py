@@ -107,6 +107,12 @@ class ClusterBroker(BrokerProcess):
         self.paused = False
         self.extra_args: list[str] = []
         self.kafka_port: int | None = None  # set by BrokerCluster(kafka=True)
+        self.metrics_port: int | None = None  # set by BrokerCluster(metrics=True)
+
+    @property
+    def metrics_url(self) -> str:
+        assert self.metrics_port is not None, "the cluster was started without metrics=True"
+        return f"http://{HOST}:{self.metrics_port}/metrics"
 
     @property
     def kafka_address(self) -> str:
@@ -119,7 +125,9 @@ class ClusterBroker(BrokerProcess):
                 "--node-id", str(self.node_id), "--data-dir", str(self.data_dir), "--listen", self.address,
                 "--peers", peers, "--raft-tick-ms", str(self.raft_tick_ms),
                 "--cluster-secret-file", str(self.secret_file),
-                *(["--kafka-listen", self.kafka_address] if self.kafka_port is not None else []), *self.extra_args]
+                *(["--kafka-listen", self.kafka_address] if self.kafka_port is not None else []),
+                *(["--metrics-listen", f"{HOST}:{self.metrics_port}"] if self.metrics_port is not None else []),
+                *self.extra_args]
 
     def launch(self) -> None:
         assert not self.running, f"broker {self.node_id} is already running"
@@ -190,7 +198,7 @@ class ClusterBroker(BrokerProcess):
 class BrokerCluster:
     def __init__(self, root: Path, size: int = 3, raft_tick_ms: int = 20, proxied: bool = False,
                  log_level: str = "info", broker_config: Mapping[str, int | str | bool] | None = None,
-                 kafka: bool = False) -> None:
+                 kafka: bool = False, metrics: bool = False) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         if not (self.root / CLUSTER_SECRET_FILE).exists():  # shared by every broker of this cluster
@@ -206,6 +214,9 @@ class BrokerCluster:
             offset = kafka_port_offset([b.port for b in self.brokers.values()])
             for broker in self.brokers.values():
                 broker.kafka_port = broker.port + offset
+        if metrics:  # Prometheus metrics over HTTP, on a free port of each broker's own
+            for broker in self.brokers.values():
+                broker.metrics_port = free_port()
         self.disks: dict[int, SizeLimitedDir] = {}  # set by fixtures that put data on size-limited disks
         if broker_config:  # settings for every broker, as a TOML file (e.g. lower group timeouts)
             config_path = self.root / "broker.toml"

@@ -62,6 +62,17 @@ def _read_all(ctx: Context, cls: type, request: Any) -> tuple[list[Any], int, bo
     return topics, total, failed
 
 
+def _count_fetched(ctx: Context, topics: list[Any]) -> None:
+    """The fetch metrics (records and bytes sent), for the answer that goes out."""
+    metrics = getattr(ctx.broker, "metrics", None)
+    if metrics is None:
+        return
+    for topic in topics:
+        for part in topic.partitions:
+            if part.records:
+                metrics.record_fetched(topic.topic, part.partition_index, part.records)
+
+
 @api(1, "Fetch", 4, 12)
 async def fetch(ctx: Context, request: Any, version: int) -> Any:
     cls = response_class(1, version)
@@ -78,6 +89,7 @@ async def fetch(ctx: Context, request: Any, version: int) -> Any:
         topics, total, failed = _read_all(ctx, cls, request)
         remaining = deadline - time.monotonic()
         if total >= min_bytes or remaining <= 0 or failed:
+            _count_fetched(ctx, topics)
             return make(cls, throttle_time=backpressure.fetched(ctx.client_id, total), error_code=ErrorCode.none,
                         session_id=0, responses=tuple(topics))
         await ctx.broker.wait_for_data(remaining)
