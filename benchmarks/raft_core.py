@@ -98,7 +98,7 @@ class Cluster:
                 self.storage[node_id].apply(ready)
                 if ready.entries:
                     node.persisted(ready.entries[-1].last_offset, ready.entries[-1].term)
-                outbox.extend(ready.messages)
+                outbox.extend(ready.all_messages)
                 if node.role is Role.LEADER:
                     self.committed += sum(1 for e in ready.committed_entries)
                 node.advance(ready)

@@ -1,12 +1,13 @@
 """The Raft runtime for one group: drives a pure RaftNode with the partition log as its Raft log.
 
 The node is pure; this class does its I/O, following the Ready contract (docs/raft.md):
-1. persist: reset and truncate on the event loop thread; append in the thread pool, in chunks, since a
+1. send the Ready's messages (a leader's appends) through the transport at once;
+2. persist: reset and truncate on the event loop thread; append in the thread pool, in chunks, since a
    write blocks while the kernel writes back; then one fsync of the log and, when term or vote changed,
    of the state file, in the thread pool;
-2. send the Ready's messages through the transport;
-3. apply committed entries (advance the high watermark, or the controller's state machine);
-4. advance().
+3. send the messages that wait for the persist (acknowledgements, votes), then report the log durable;
+4. apply committed entries (advance the high watermark, or the controller's state machine);
+5. advance().
 Ready batches are handled one at a time, so proposals that arrive during an fsync share the next one:
 that is group commit.
 """
@@ -83,7 +84,12 @@ class Replica:
         name: str | None = None,
         on_failure: Callable[[Replica, Exception], None] = lambda replica, exc: None,
         cache: RecentEntries | None = None,
+        clock_ms: Callable[[], int] = now_ms,
+        rng: random.Random | None = None,
     ) -> None:
+        """transport, executor (the blocking appends and fsyncs run there), clock_ms (wall-clock milliseconds for
+        the timestamps of the batches it writes) and rng (the node's election timeouts) are what a simulation
+        replaces (tests/raft/runtime_sim); the file layer comes with plog and state_file."""
         self.group = group  # the Raft group's key on the wire
         self.name = name or group  # what logs and errors call it: topic-partition
         self.node_id = raft_config.node_id
@@ -101,7 +107,10 @@ class Replica:
                       self.state.commit_offset, log_last + 1, self.state.commit_offset)
             self.state.commit_offset = log_last
         self._storage = PartitionLogStorage(plog, self.state, cache)
-        self.node = RaftNode(raft_config, self._storage, random.Random(hash((group, self.node_id))),
+        self._clock_ms = clock_ms
+        if rng is None:
+            rng = random.Random(hash((group, self.node_id)))
+        self.node = RaftNode(raft_config, self._storage, rng,
                              self.state.membership, self.state.hard_state, applied_offset)
         self._transport = transport
         self._executor = executor
@@ -276,17 +285,23 @@ class Replica:
         self.failure = exc
         if isinstance(exc, DamagedLogError):
             self.damaged_from = exc.offset
+        unsynced = self.log.unsynced_from
+        if unsynced is not None and (self.damaged_from is None or unsynced < self.damaged_from):
+            # An fsync failed: what was written since the last good one may be lost on the disk although reads
+            # still show it, and no later fsync would write it. The reopened replica cuts its log there and
+            # fetches the rest again, rather than acknowledge entries it does not hold.
+            self.damaged_from = unsynced
         self._fail_waiters(ReplicaFailedError(self.name, self.node_id, exc))
         self._on_failure(self, exc)
 
     async def _handle(self, ready: Ready) -> None:
+        # A leader's appends leave before its own write and fsync, which then run while followers write
+        # theirs; the node counts the leader's log toward the commit only once persisted() reports it.
+        self._send(ready.messages)
         if ready.must_persist:
             await self._persist(ready)
-        if ready.messages:
-            for message in ready.messages:
-                if message.entries:
-                    check_outgoing(self.name, message.entries)
-            self._transport.send_many([(self.group, m) for m in ready.messages])
+        # Acknowledgements and votes only now: they promise what the persist just made durable.
+        self._send(ready.messages_after_persist)
         if ready.entries:
             last = ready.entries[-1]
             self.node.persisted(last.last_offset, last.term)
@@ -304,6 +319,14 @@ class Replica:
             self._on_leader_change(self)
             for machine in self.state_machines:
                 machine.on_leader_change(change.role is Role.LEADER, change.term)
+
+    def _send(self, messages: Sequence[Message]) -> None:
+        if not messages:
+            return
+        for message in messages:
+            if message.entries:
+                check_outgoing(self.name, message.entries)
+        self._transport.send_many([(self.group, m) for m in messages])
 
     async def _persist(self, ready: Ready) -> None:
         state_changed = False
@@ -352,7 +375,7 @@ class Replica:
         p99): on the event loop that would silence the broker's liveness heartbeats, and its peers would
         take its leaderships away. Only appends leave the loop; every other change to the log stays on it,
         and readers there see new batches only once whole (the log's end offset moves last)."""
-        timestamp_ms = now_ms()
+        timestamp_ms = self._clock_ms()
         loop = asyncio.get_running_loop()
         for chunk in _chunks(entries, APPEND_CHUNK_BYTES):
             # Copied here, not in the pool: glibc gives each thread its own heap, and the pool threads' heaps

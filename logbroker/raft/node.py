@@ -4,19 +4,25 @@ Inputs are method calls: step(message), tick(), propose(...), propose_membership
 transfer_leadership(...), persisted(...). The node never does I/O; everything it wants done comes out
 of ready() as a Ready, which the runtime carries out and acknowledges with advance().
 
-THE READY CONTRACT. For each Ready, the runtime must, in this order:
-  1. Persist. Apply ``reset_log`` (discard the whole log, restart it empty at reset_log.start_offset and
+THE READY CONTRACT (etcd's, with messages-after-append; Raft thesis 10.2.1). For each Ready, the runtime
+must, in this order:
+  1. Send ``messages``. They may leave at once, before the persist of step 2 starts or while it runs: they
+     are only a leader's own messages (APPEND, HEARTBEAT, RESET_LOG, TIMEOUT_NOW) in a term that is
+     already durable, so a leader replicates its new entries while it writes them itself.
+  2. Persist. Apply ``reset_log`` (discard the whole log, restart it empty at reset_log.start_offset and
      remember reset_log.prev_term and reset_log.membership), then cut the log at ``truncate_from``, then
      append ``entries``, and store ``hard_state`` (term, vote, commit). fsync all of it.
-  2. Send ``messages``. Only after step 1 is durable: a vote granted, a term adopted or an entry
-     acknowledged in these messages relies on it. Term and vote are always in the hard_state of the
-     Ready whose messages depend on them, or of an earlier one.
-  3. Apply ``committed_entries`` (for the broker: advance the high watermark). They are always already
+  3. Send ``messages_after_persist``, only once step 2 is durable: acknowledgements, vote grants and every
+     message of a Ready that changes the term or vote rely on it. Term and vote are always in the
+     hard_state of the Ready whose messages depend on them, or of an earlier one.
+  4. Apply ``committed_entries`` (for the broker: advance the high watermark). They are always already
      in the log, in this Ready or an earlier one.
-  4. Call advance(ready). Call ready() again only after that; step() and tick() may be called at any time.
-Separately, call persisted(last_offset, term) whenever the log is durable up to last_offset (after step 1
-is the simplest). The leader counts its own log toward the commit quorum only up to what persisted() has
-reported; followers acknowledge entries only in messages, which step 2 sends after the fsync.
+  5. Call advance(ready). Call ready() again only after that; step(), tick() and propose() may be called at
+     any time, also while steps 1-3 run.
+Call persisted(last_offset, term) once the log is durable up to last_offset (after step 2 is the simplest).
+The leader counts its own log toward the commit quorum only up to what persisted() has reported, so an
+entry it has sent but not yet fsynced commits only on a majority of others; followers acknowledge entries
+only in messages_after_persist. has_ready() only looks: it changes no state.
 
 On restart, build a new RaftNode over the durable storage with the durable hard state and the base
 membership (the bootstrap membership, or the last reset_log.membership the runtime stored).
@@ -57,6 +63,10 @@ from logbroker.raft.types import (
 
 # Messages through which a leader of their term speaks; receiving one means "this node is the leader".
 _LEADER_MESSAGES = (MessageType.APPEND, MessageType.HEARTBEAT, MessageType.RESET_LOG)
+# A leader's own messages: they may leave before the Ready that holds them is persisted (see ready()).
+_SEND_BEFORE_PERSIST = frozenset(
+    (MessageType.APPEND, MessageType.HEARTBEAT, MessageType.RESET_LOG, MessageType.TIMEOUT_NOW)
+)
 # Chunk size for scanning the log for CONFIG entries on restart.
 _SCAN_CHUNK_BYTES = 1 << 20
 
@@ -221,9 +231,10 @@ class RaftNode:
 
     # ================================================================================ output
     def has_ready(self) -> bool:
-        self._flush_appends()
+        """Whether ready() would return a Ready. Changes no state (appends are prepared only by ready())."""
         return (
             bool(self._outbox)
+            or self._has_appends_to_send()
             or self.log.has_unstable()
             or self.hard_state != self._last_hard_state
             or (self.leader_id, self.role) != self._last_leader_change
@@ -233,17 +244,20 @@ class RaftNode:
     def ready(self) -> Ready | None:
         """The next batch of work for the runtime, or None if there is none. See the module docstring."""
         check(not self._ready_outstanding, "ready() called again before advance() of the previous Ready")
+        self._flush_appends()
         if not self.has_ready():
             return None
         hard_state = self.hard_state
         reset, truncate_from, entries = self.log.take_unstable()
         soft = (self.leader_id, self.role)
+        now, after = self._split_outbox(hard_state)
         ready = Ready(
             hard_state=hard_state if hard_state != self._last_hard_state else None,
             reset_log=reset,
             truncate_from=truncate_from,
             entries=entries,
-            messages=tuple(self._outbox),
+            messages=now,
+            messages_after_persist=after,
             committed_entries=self._committed_to_apply(),
             leader_change=LeaderChange(soft[0], soft[1], self.term)
             if soft != self._last_leader_change
@@ -254,6 +268,23 @@ class RaftNode:
         self._last_leader_change = soft
         self._ready_outstanding = True
         return ready
+
+    def _split_outbox(self, hard_state: HardState) -> tuple[tuple[Message, ...], tuple[Message, ...]]:
+        """(messages that may go before the persist, messages that must wait for it).
+
+        Every earlier Ready is durable by now (ready() follows advance()). A leader's own messages depend on
+        nothing this Ready persists, unless it changes the term or vote: a leader's term is durable before
+        anyone votes for it (vote requests wait for the persist), except for a group of one voter, whose
+        candidate wins alone in the Ready that persists its term. Everything else (acknowledgements, votes,
+        vote requests, answers to stale nodes) waits for the persist.
+        """
+        last = self._last_hard_state
+        if (hard_state.term, hard_state.vote) != (last.term, last.vote):
+            return (), tuple(self._outbox)
+        now = tuple(m for m in self._outbox if m.type in _SEND_BEFORE_PERSIST)
+        if len(now) == len(self._outbox):
+            return now, ()
+        return now, tuple(m for m in self._outbox if m.type not in _SEND_BEFORE_PERSIST)
 
     def advance(self, ready: Ready) -> None:
         """The runtime has carried out ``ready`` (persisted, sent, applied)."""
@@ -746,8 +777,33 @@ class RaftNode:
                     break
         self._dirty.clear()
 
+    def _has_appends_to_send(self) -> bool:
+        """Whether _flush_appends would send anything now; changes nothing."""
+        if self.role is not Role.LEADER:
+            return False
+        for node in self._dirty:
+            progress = self._progress.get(node)
+            if progress is not None and node != self.id and self._append_due(progress):
+                return True
+        return False
+
+    def _append_due(self, progress: Progress) -> bool:
+        """Whether _send_append(progress) would send something (an append, an empty probe or a reset)."""
+        if progress.is_paused(self.config.max_inflight_bytes):
+            return False
+        prev = progress.next_offset - 1
+        next_offset = progress.next_offset
+        if self.log.term_at(prev) is None:
+            if prev < self.log.first_offset - 1:
+                return True  # a log reset
+            prev, next_offset = self.log.last_offset, self.log.last_offset + 1
+        if next_offset > self.log.last_offset:
+            return progress.state is ProgressState.PROBE and progress.match_offset < prev
+        return True
+
     def _send_append(self, node: int, progress: Progress) -> bool:
-        """Send the next append (or a log reset) to ``node``; False if nothing could be sent."""
+        """Send the next append (or a log reset) to ``node``; False if nothing could be sent.
+        _append_due is the same decision without the sending: keep the two in step."""
         if progress.is_paused(self.config.max_inflight_bytes):
             return False
         prev = progress.next_offset - 1

@@ -176,10 +176,11 @@ class ResetLog:
 class Ready:
     """Everything the node asks the runtime to do, in this order (see node.py for the full contract):
 
-    1. persist: apply reset_log, then truncate_from, then append entries; persist hard_state; fsync.
-    2. send messages.
-    3. apply committed_entries (for a broker: advance the high watermark).
-    4. call RaftNode.advance(ready).
+    1. send messages: they may leave at once, before or while step 2 runs (a leader's appends);
+    2. persist: apply reset_log, then truncate_from, then append entries; persist hard_state; fsync;
+    3. send messages_after_persist, only once step 2 is durable (acknowledgements, vote grants);
+    4. apply committed_entries (for a broker: advance the high watermark);
+    5. call RaftNode.advance(ready).
     """
 
     hard_state: HardState | None = None
@@ -187,18 +188,24 @@ class Ready:
     truncate_from: int | None = None
     entries: tuple[Entry, ...] = ()
     messages: tuple[Message, ...] = ()
+    messages_after_persist: tuple[Message, ...] = ()
     committed_entries: tuple[Entry, ...] = ()
     leader_change: LeaderChange | None = None
 
     @property
     def must_persist(self) -> bool:
-        """True when step 1 has any work, i.e. an fsync is needed before the messages may go out."""
+        """True when step 2 has any work, i.e. an fsync is needed before messages_after_persist may go out."""
         return (
             self.hard_state is not None
             or self.reset_log is not None
             or self.truncate_from is not None
             or bool(self.entries)
         )
+
+    @property
+    def all_messages(self) -> tuple[Message, ...]:
+        """Both kinds of messages, for a runtime that sends everything after the persist (always correct)."""
+        return self.messages + self.messages_after_persist
 
 
 @dataclass(frozen=True, slots=True)

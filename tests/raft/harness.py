@@ -89,7 +89,7 @@ class Harness:
             replica.storage.fsync()
             if ready.entries:
                 node.persisted(ready.entries[-1].last_offset, ready.entries[-1].term)
-            self.mailbox.extend(ready.messages)
+            self.mailbox.extend(ready.all_messages)
             replica.applied.extend(ready.committed_entries)
             node.advance(ready)
 

@@ -63,7 +63,7 @@ def answer(node: RaftNode, m: Message) -> list[Message]:
     """Step ``m`` into the node and return the messages it sends in reply."""
     node.step(m)
     ready = drain(node)
-    return list(ready.messages) if ready is not None else []
+    return list(ready.all_messages) if ready is not None else []
 
 
 def only(messages: list[Message]) -> Message:

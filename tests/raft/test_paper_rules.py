@@ -26,7 +26,7 @@ def test_a_follower_grants_a_vote_to_a_candidate_with_an_up_to_date_log_when_it_
     node.step(vote_request(2, term=2, last_offset=1, last_term=1))
     ready = drain(node)
     assert ready is not None
-    reply = only(list(ready.messages))
+    reply = only(list(ready.all_messages))
     assert reply.type is MessageType.VOTE_RESP and not reply.reject and reply.term == 2
     # The vote must be persisted before the grant leaves: it is in the same Ready's hard state.
     assert ready.hard_state == HardState(term=2, vote=2, commit_offset=-1)
@@ -110,7 +110,7 @@ def test_a_follower_deletes_a_conflicting_entry_and_all_that_follow_it() -> None
     assert ready.truncate_from == 2
     assert ready.entries == (new,)
     assert node.log.last_offset == 2 and node.log.term_at(2) == 2
-    assert only(list(ready.messages)).match_offset == 2
+    assert only(list(ready.all_messages)).match_offset == 2
 
 
 def test_a_follower_appends_only_entries_it_does_not_already_hold() -> None:
@@ -176,7 +176,7 @@ def test_a_follower_that_hears_nothing_for_an_election_timeout_starts_a_pre_vote
     ready = drain(node)
     assert node.role is Role.PRE_CANDIDATE and node.term == 1  # pre-vote: the term is not bumped yet
     assert ready is not None
-    kinds = {(m.type, m.term, m.to_node) for m in ready.messages}
+    kinds = {(m.type, m.term, m.to_node) for m in ready.all_messages}
     assert kinds == {(MessageType.PRE_VOTE, 2, 2), (MessageType.PRE_VOTE, 2, 3)}
 
 
@@ -187,8 +187,8 @@ def test_a_candidate_increments_its_term_votes_for_itself_and_asks_for_votes() -
     ready = drain(node)
     assert node.role is Role.CANDIDATE and node.term == 2 and node.vote == 1
     assert ready is not None and ready.hard_state == HardState(2, 1, -1)
-    assert {m.to_node for m in ready.messages if m.type is MessageType.VOTE} == {2, 3}
-    assert all(m.last_log_offset == 0 and m.last_log_term == 1 for m in ready.messages)
+    assert {m.to_node for m in ready.all_messages if m.type is MessageType.VOTE} == {2, 3}
+    assert all(m.last_log_offset == 0 and m.last_log_term == 1 for m in ready.all_messages)
 
 
 def test_a_candidate_with_votes_from_a_majority_becomes_leader() -> None:
@@ -267,7 +267,7 @@ def exchange(nodes: dict[int, RaftNode], max_rounds: int = 50) -> list[Message]:
     """Run nodes against each other over a perfect network until they fall silent; every message sent."""
     sent: list[Message] = []
     for _ in range(max_rounds):
-        batch = [m for node in nodes.values() if (ready := drain(node)) is not None for m in ready.messages]
+        batch = [m for node in nodes.values() if (ready := drain(node)) is not None for m in ready.all_messages]
         if not batch:
             return sent
         sent.extend(batch)
@@ -341,7 +341,7 @@ def test_a_leader_stops_sending_to_a_follower_whose_in_flight_window_is_full() -
         leader.propose(b"x" * 30, 1)
     ready = leader.ready()
     assert ready is not None
-    appends = [m for m in ready.messages if m.type is MessageType.APPEND]
+    appends = [m for m in ready.all_messages if m.type is MessageType.APPEND]
     in_flight = sum(e.size_bytes for m in appends for e in m.entries)
     assert 100 <= in_flight < 100 + 50  # stopped at the first message that filled the window
     progress = leader.progress(2)

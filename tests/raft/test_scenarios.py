@@ -157,7 +157,7 @@ def test_a_node_in_a_leaders_lease_ignores_a_vote_request_from_a_higher_term() -
     follower.step(Message(MessageType.VOTE, 3, 2, follower.term + 1, last_log_offset=99, last_log_term=99))
     assert follower.term == h.node(1).term and follower.vote != 3
     ready = follower.ready()
-    assert ready is None or not [m for m in ready.messages if m.type is MessageType.VOTE_RESP]
+    assert ready is None or not [m for m in ready.all_messages if m.type is MessageType.VOTE_RESP]
 
 
 def test_check_quorum_steps_down_a_leader_that_cannot_hear_a_majority() -> None:

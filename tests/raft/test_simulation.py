@@ -10,6 +10,7 @@ from tests.raft.sim.run import main, run_seed
 PYTEST_SEEDS = 400
 PYTEST_CHAOS_STEPS = 300
 MUTANT_SEEDS = 40
+ANSWER_BEFORE_PERSIST_SEEDS = 100
 
 
 @pytest.mark.parametrize("block", range(4))
@@ -42,6 +43,7 @@ def test_the_simulator_injects_every_kind_of_fault() -> None:
         "retention",
         "transfer",
         "crash_mid_save",
+        "crash_mid_fsync",
         "cut_tail",
     }
     assert faults <= seen
@@ -57,6 +59,13 @@ def test_the_simulator_catches_a_broken_node(mutant: str) -> None:
         if (outcome := run_seed(seed, chaos_steps=PYTEST_CHAOS_STEPS, mutant=mutant)).violation is not None
     ]
     assert caught, f"mutant {mutant} survived {MUTANT_SEEDS} seeds"
+
+
+def test_the_simulator_catches_a_node_that_answers_before_its_persist() -> None:
+    # Rarer to catch: a lost acknowledgement or vote breaks safety only with other faults around it.
+    caught = next((seed for seed in range(ANSWER_BEFORE_PERSIST_SEEDS)
+                   if run_seed(seed, chaos_steps=PYTEST_CHAOS_STEPS, mutant="answer-before-persist").violation), None)
+    assert caught is not None, f"answer-before-persist survived {ANSWER_BEFORE_PERSIST_SEEDS} seeds"
 
 
 def test_the_runner_exits_non_zero_and_prints_the_replay_command_for_a_violation(

@@ -46,6 +46,7 @@ class Checkers:
         self.entry_identity: dict[tuple[int, int], tuple[int, EntryKind, bytes, int | None]] = {}
         self.durable_term: dict[int, tuple[int, int | None]] = {}
         self.durable_commit: dict[int, int] = {}
+        self._prev_term_at_write: dict[int, int | None] = {}
 
     # ---------------------------------------------------------------------------- per Ready
     def before_write(self, node_id: int, storage: MemoryLogStorage, ready: Ready) -> None:
@@ -69,10 +70,18 @@ class Checkers:
                     f"[{entry.base_offset}..{entry.last_offset}] of term {entry.term}",
                 )
 
+    def on_write(self, node_id: int, node: RaftNode, ready: Ready) -> None:
+        """The runtime writes the Ready now; its fsync may end later, when the node's log may have moved on
+        (a reset stepped in meanwhile), so the term before its first entry is taken now."""
+        if ready.entries:
+            self._prev_term_at_write[node_id] = node.log.term_at(ready.entries[0].base_offset - 1)
+
     def after_persist(self, node_id: int, node: RaftNode, ready: Ready) -> None:
         self._check_hard_state(node_id, ready)
+        prev_term = self._prev_term_at_write.pop(node_id, None)
         for entry in ready.entries:
-            self._check_log_matching(node_id, node, entry)
+            self._check_log_matching(node_id, entry, prev_term)
+            prev_term = entry.term
 
     def _check_hard_state(self, node_id: int, ready: Ready) -> None:
         state = ready.hard_state
@@ -96,9 +105,9 @@ class Checkers:
             )
         self.durable_commit[node_id] = state.commit_offset
 
-    def _check_log_matching(self, node_id: int, node: RaftNode, entry: Entry) -> None:
+    def _check_log_matching(self, node_id: int, entry: Entry, prev_term: int | None) -> None:
         key = (entry.last_offset, entry.term)
-        identity = (entry.base_offset, entry.kind, entry.payload, node.log.term_at(entry.base_offset - 1))
+        identity = (entry.base_offset, entry.kind, entry.payload, prev_term)
         known = self.entry_identity.setdefault(key, identity)
         if known != identity:
             raise InvariantViolation(

@@ -3,7 +3,10 @@ crashes, restarts, clock skew, retention, membership changes, leadership transfe
 
 Everything random comes from one ``random.Random(seed)``, so a seed replays exactly. Time advances in
 steps; in each step the simulator maybe injects a fault, lets clients propose, delivers due messages,
-ticks the nodes (each at its own rate), runs every node's Ready loop, then runs the checkers.
+ticks the nodes (each at its own rate), runs every node's Ready loop, then runs the checkers. A Ready's
+fsync may take several steps: its early messages (a leader's appends) leave when it is written, so
+followers may acknowledge entries before the leader's own fsync, which counts only once it is done; the
+node meanwhile steps messages and ticks, and a crash in between loses the write.
 
 A run has two phases. Chaos: faults at random for ``chaos_steps`` steps. Then healing: the network is
 repaired, every node restarted, and within ``liveness_steps`` a leader must commit a fresh proposal, and
@@ -46,6 +49,7 @@ class SimProfile:
     crash_before_fsync_rate: float
     propose_rate: float
     persisted_lag_steps: int
+    fsync_steps: int  # a Ready's persist takes up to this many steps; its early messages leave at its start
     max_msg_bytes: int
     max_inflight_bytes: int
 
@@ -67,6 +71,7 @@ class SimProfile:
             crash_before_fsync_rate=rng.choice((0.0, 0.005, 0.02)),
             propose_rate=rng.choice((0.1, 0.3, 0.7)),
             persisted_lag_steps=rng.choice((0, 0, 2)),
+            fsync_steps=rng.choice((0, 1, 2, 3)),
             max_msg_bytes=rng.choice((64, 256, 4096)),
             max_inflight_bytes=rng.choice((128, 1024, 1 << 20)),
         )
@@ -83,6 +88,8 @@ class SimNode:
     incarnation: int = 0
     pending_persisted: deque[tuple[int, int, int]] = field(default_factory=deque)  # (due step, offset, term)
     crash_in_next_save: bool = False  # fault crash_mid_save: crash while saving the next hard state
+    persisting: Ready | None = None  # written, its early messages sent, its fsync not done yet
+    persist_due: int = 0  # the step at which that fsync completes
     refill_to: int | None = None  # after a tail cut: the log end it had; "damaged" until it holds that again
 
 
@@ -107,6 +114,7 @@ class Simulation:
         self.rng = random.Random(seed)
         self.profile = profile if profile is not None else SimProfile.draw(self.rng)
         self.chaos_steps = chaos_steps
+        self.fsync_steps = self.profile.fsync_steps
         self.node_class = node_class
         self.network = Network(random.Random(self.rng.random()), self.profile.network)
         self.checkers = Checkers()
@@ -205,35 +213,56 @@ class Simulation:
             sim_node.node.persisted(offset, term)
 
     def process(self, sim_node: SimNode, chaos: bool) -> None:
-        """The runtime's Ready loop, following the contract: write, fsync, send, apply, advance."""
+        """The runtime's Ready loop, following the contract: send the early messages, write, fsync (which may
+        take a few steps, during which the node goes on stepping messages and ticking), send the messages
+        that wait for the fsync, apply, advance."""
         for _ in range(MAX_READIES_PER_STEP):
-            ready = sim_node.node.ready() if sim_node.up else None
+            if not sim_node.up:
+                return
+            if sim_node.persisting is not None:
+                if sim_node.persist_due > self.now or not self.finish_persist(sim_node, chaos):
+                    return
+                continue
+            ready = sim_node.node.ready()
             if ready is None:
                 return
             self.checkers.before_write(sim_node.node_id, sim_node.storage, ready)
+            self.send(ready.messages)  # a leader's appends go out before its own write and fsync
+            self.checkers.on_write(sim_node.node_id, sim_node.node, ready)
             sim_node.storage.write_ready(ready)
-            if sim_node.crash_in_next_save and ready.hard_state is not None:
-                self.crash_during_save(sim_node)
-                return
-            crash_rate = self.profile.crash_before_fsync_rate if chaos else 0.0
-            if ready.must_persist and self.rng.random() < crash_rate:
-                self.crash(sim_node, "before fsync")
-                return
-            sim_node.storage.fsync()
-            self.checkers.after_persist(sim_node.node_id, sim_node.node, ready)
-            self.handle_persisted_entries(sim_node, ready)
-            if ready.leader_change is not None:
-                change = ready.leader_change
-                self.note(
-                    f"node {sim_node.node_id}: {change.role.value}, leader {change.leader_id}, t{change.term}"
-                )
-            for message in ready.messages:
-                interference = self.network.send(self.now, message)
-                if interference is not None:
-                    self.note(f"{interference} {message!r}")
-            self.checkers.on_committed(sim_node.node_id, sim_node.node, ready.committed_entries)
-            sim_node.node.advance(ready)
+            sim_node.persisting = ready
+            slow = ready.must_persist and self.fsync_steps
+            sim_node.persist_due = self.now + (self.rng.randint(0, self.fsync_steps) if slow else 0)
         raise InvariantViolation("livelock", f"node {sim_node.node_id} kept producing Readies without input")
+
+    def finish_persist(self, sim_node: SimNode, chaos: bool) -> bool:
+        """The fsync of the Ready being persisted completes (or a crash comes first: False)."""
+        ready = sim_node.persisting
+        assert ready is not None
+        if sim_node.crash_in_next_save and ready.hard_state is not None:
+            self.crash_during_save(sim_node)
+            return False
+        crash_rate = self.profile.crash_before_fsync_rate if chaos else 0.0
+        if ready.must_persist and self.rng.random() < crash_rate:
+            self.crash(sim_node, "before fsync")
+            return False
+        sim_node.persisting = None
+        sim_node.storage.fsync()
+        self.checkers.after_persist(sim_node.node_id, sim_node.node, ready)
+        self.handle_persisted_entries(sim_node, ready)
+        if ready.leader_change is not None:
+            change = ready.leader_change
+            self.note(f"node {sim_node.node_id}: {change.role.value}, leader {change.leader_id}, t{change.term}")
+        self.send(ready.messages_after_persist)
+        self.checkers.on_committed(sim_node.node_id, sim_node.node, ready.committed_entries)
+        sim_node.node.advance(ready)
+        return True
+
+    def send(self, messages: tuple[Message, ...]) -> None:
+        for message in messages:
+            interference = self.network.send(self.now, message)
+            if interference is not None:
+                self.note(f"{interference} {message!r}")
 
     def handle_persisted_entries(self, sim_node: SimNode, ready: Ready) -> None:
         if not ready.entries:
@@ -262,6 +291,7 @@ class Simulation:
                 "transfer",
                 "member",
                 "crash_mid_save",
+                "crash_mid_fsync",
                 "cut_tail",
             )
         )
@@ -301,10 +331,18 @@ class Simulation:
         if up:
             self.crash(self.rng.choice(up), "at random")
 
+    def fault_crash_mid_fsync(self) -> None:
+        """Crash a node whose fsync is still running: what it wrote since its last fsync is lost, though the
+        messages sent before the fsync (a leader's appends) are on their way."""
+        persisting = [n for n in self.nodes.values() if n.up and n.persisting is not None and n.storage.dirty]
+        if persisting:
+            self.crash(self.rng.choice(persisting), "in the middle of an fsync")
+
     def crash(self, sim_node: SimNode, why: str) -> None:
         sim_node.storage.crash()
         sim_node.up = False
         sim_node.crash_in_next_save = False
+        sim_node.persisting = None
         sim_node.pending_persisted.clear()
         self.note(f"crash node {sim_node.node_id} ({why})")
 
@@ -389,10 +427,12 @@ class Simulation:
 
     def fault_retention(self) -> None:
         """Delete an applied, durable prefix of one node's log, as segment retention would."""
-        up = [n for n in self.nodes.values() if n.up]
+        up = [n for n in self.nodes.values() if n.up and n.persisting is None]  # retention cuts a synced log
         if not up:
             return
         leader = self.leader()
+        if leader is not None and leader.persisting is not None:
+            leader = None
         # Retention on the leader is what forces lagging followers through a log reset, so favour it.
         sim_node = leader if leader is not None and self.rng.random() < 0.5 else self.rng.choice(up)
         node, storage = sim_node.node, sim_node.storage
@@ -467,6 +507,9 @@ class Simulation:
         """Repair everything, then require a leader to commit a new proposal within a bounded time."""
         self.network.heal()
         self.network.profile = replace(self.network.profile, drop_rate=0.0)
+        # Slow disks, like lossy links, are a fault: with both, an election's round trip (two fsyncs and two
+        # network delays) can outlast the election timeout, and elections then fail for ever.
+        self.fsync_steps = min(self.fsync_steps, 1)
         for sim_node in self.nodes.values():
             sim_node.crash_in_next_save = False
             if not sim_node.up:

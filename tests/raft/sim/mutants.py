@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from logbroker.raft.node import RaftNode
 from logbroker.raft.quorum import committed_offset
-from logbroker.raft.types import MessageType, Role
+from logbroker.raft.types import HardState, Message, MessageType, Role
 
 
 class VoteWithoutLogCheck(RaftNode):
@@ -40,8 +40,21 @@ class UncappedHeartbeatCommit(RaftNode):
                 self._send(MessageType.HEARTBEAT, node, commit_offset=self.commit_offset)
 
 
+class AnswerBeforePersist(RaftNode):
+    """Every message may leave before the persist: a follower acknowledges entries, and a voter grants its
+    vote, before they are durable, so a crash in the middle of its fsync takes back what it promised.
+
+    (A leader counting its own entries before persisted() reports them is no mutant here: a commit reaches
+    a Ready only after the Ready that wrote those entries is persisted, so no runtime that handles one Ready
+    at a time can tell the difference. tests/raft/test_paper_rules.py checks the rule directly.)"""
+
+    def _split_outbox(self, hard_state: HardState) -> tuple[tuple[Message, ...], tuple[Message, ...]]:
+        return tuple(self._outbox), ()
+
+
 MUTANTS: dict[str, type[RaftNode]] = {
     "vote-without-log-check": VoteWithoutLogCheck,
     "commit-previous-term": CommitPreviousTermByCounting,
     "uncapped-heartbeat-commit": UncappedHeartbeatCommit,
+    "answer-before-persist": AnswerBeforePersist,
 }
