@@ -5,8 +5,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 SEEDS ?= 200
 START ?= 0
+# make sim runs the runtime simulation too, on a tenth as many seeds (make sim-runtime SEEDS=N for more)
+RUNTIME_SEEDS ?= $(shell expr $(SEEDS) / 10)
 
-.PHONY: install run test test-slow lint proto bench sim clean
+.PHONY: install run test test-slow lint proto bench sim sim-runtime clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +42,10 @@ bench: $(STAMP)
 
 sim: $(STAMP)
 	$(BIN)/python -m tests.raft.sim.run --seeds $(SEEDS) --start $(START)
+	$(BIN)/python -m tests.raft.sim.run --runtime --seeds $(RUNTIME_SEEDS) --start $(START)
+
+sim-runtime: $(STAMP)
+	$(BIN)/python -m tests.raft.sim.run --runtime --seeds $(SEEDS) --start $(START)
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

@@ -23,6 +23,7 @@ from logbroker_client import records as rec
 
 from logbroker.raft.membership import Membership
 from logbroker.raft.types import NO_TERM, Entry, EntryKind, HardState
+from logbroker.storage.files import OS_FILES, FileSystem
 from logbroker.storage.log import PartitionLog
 
 # Control record keys: version i16, type i16. Kafka uses types 0 (abort) and 1 (commit).
@@ -114,8 +115,9 @@ class ReplicaStateFile:
     was read.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, fs: FileSystem = OS_FILES) -> None:
         self.path = path
+        self.fs = fs
         self._lock = threading.Lock()  # the flush thread and a closing broker may both save
         self._fd: int | None = None
         self._seq = 0
@@ -129,9 +131,9 @@ class ReplicaStateFile:
     def _load(self, default_membership: Membership) -> ReplicaState:
         fresh = ReplicaState(voters=tuple(sorted(default_membership.voters)),
                              learners=tuple(sorted(default_membership.learners)))
-        if not self.path.exists():
+        if not self.fs.exists(self.path):
             return fresh
-        slots, problems = _read_slots(self.path.read_bytes())
+        slots, problems = _read_slots(self.fs.read_bytes(self.path))
         best = max((slot for slot in slots if slot is not None), key=lambda s: (s.layout, s.seq), default=None)
         if best is None:
             return self._first_save_torn(fresh, problems)
@@ -170,28 +172,25 @@ class ReplicaStateFile:
         with self._lock:
             fd = self._open()
             self._seq += 1
-            os.pwrite(fd, _encode_slot(self._seq, body), (self._seq % 2) * SLOT_BYTES)
-            os.fdatasync(fd)
+            self.fs.pwrite(fd, _encode_slot(self._seq, body), (self._seq % 2) * SLOT_BYTES)
+            self.fs.fdatasync(fd)
             self.last_saved = replace(state)
 
     def _open(self) -> int:
         if self._fd is None:
-            created = not self.path.exists()
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fs = self.fs
+            created = not fs.exists(self.path)
+            self._fd = fs.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             if created:  # the file's existence must survive a crash too
-                os.ftruncate(self._fd, 2 * SLOT_BYTES)
-                os.fsync(self._fd)
-                dir_fd = os.open(self.path.parent, os.O_RDONLY)
-                try:
-                    os.fsync(dir_fd)
-                finally:
-                    os.close(dir_fd)
+                fs.ftruncate(self._fd, 2 * SLOT_BYTES)
+                fs.fsync(self._fd)
+                fs.fsync_dir(self.path.parent)
         return self._fd
 
     def close(self) -> None:
         with self._lock:
             if self._fd is not None:
-                os.close(self._fd)
+                self.fs.close(self._fd)
                 self._fd = None
 
 

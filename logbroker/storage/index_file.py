@@ -14,16 +14,17 @@ from array import array
 from bisect import bisect_left
 from pathlib import Path
 
-from logbroker.storage.files import write_all
+from logbroker.storage.files import OS_FILES, FileSystem, write_all
 
 
 class SparseIndexFile(abc.ABC):
     ENTRY: struct.Struct  # two fields, in the order of _columns()
 
-    def __init__(self, path: Path, base_offset: int) -> None:
+    def __init__(self, path: Path, base_offset: int, fs: FileSystem = OS_FILES) -> None:
         self.path = path
         self.base_offset = base_offset
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        self.fs = fs
+        self._fd = fs.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         self._relative = array("I")  # offsets relative to base_offset: both indexes have this column
         self._pending = bytearray()
         self._written_entries = 0  # entries on disk; the rest of the arrays is in _pending
@@ -44,7 +45,7 @@ class SparseIndexFile(abc.ABC):
     def write_pending(self) -> None:
         """Write staged entries; raises OSError (then call rollback_to)."""
         if self._pending:
-            write_all(self._fd, self._pending)
+            write_all(self._fd, self._pending, self.fs)
             self._written_entries = len(self._relative)
             self._pending = bytearray()
             self._changes += 1
@@ -58,7 +59,7 @@ class SparseIndexFile(abc.ABC):
         self._pending = bytearray()
         for i in range(self._written_entries, entries):
             self._pending += self.ENTRY.pack(first[i], second[i])
-        os.ftruncate(self._fd, self._written_entries * self.ENTRY.size)
+        self.fs.ftruncate(self._fd, self._written_entries * self.ENTRY.size)
         self._changes += 1
 
     def truncate_to(self, offset: int) -> None:
@@ -77,10 +78,10 @@ class SparseIndexFile(abc.ABC):
         """fsync what write_pending() wrote. Safe from a flusher thread: it never touches staged entries."""
         changes = self._changes
         if changes != self._synced_changes:
-            os.fsync(self._fd)
+            self.fs.fsync(self._fd)
             self._synced_changes = changes
 
     def close(self) -> None:
         if self._fd >= 0:
-            os.close(self._fd)
+            self.fs.close(self._fd)
             self._fd = -1

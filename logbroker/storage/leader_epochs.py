@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from logbroker.storage import filenames
-from logbroker.storage.files import write_file_atomically
+from logbroker.storage.files import OS_FILES, FileSystem, write_file_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -34,9 +34,10 @@ UNDEFINED_OFFSET = -1
 
 
 class LeaderEpochCache:
-    def __init__(self, directory: Path, name: str) -> None:
+    def __init__(self, directory: Path, name: str, fs: FileSystem = OS_FILES) -> None:
         self.path = directory / filenames.LEADER_EPOCH_CHECKPOINT_FILE
         self.name = name
+        self.fs = fs
         self._table: tuple[list[int], list[int]] = ([], [])  # (epochs, their start offsets), replaced whole
 
     # ============================================================================ queries
@@ -104,7 +105,7 @@ class LeaderEpochCache:
         entries = self.entries()
         lines = [str(CHECKPOINT_VERSION), str(len(entries))]
         lines += [f"{epoch} {start}" for epoch, start in entries]
-        write_file_atomically(self.path, ("\n".join(lines) + "\n").encode("ascii"), durable=False)
+        write_file_atomically(self.path, ("\n".join(lines) + "\n").encode("ascii"), False, self.fs)
 
     def load(self, log_start: int, log_end: int, epoch_on_disk: Callable[[int], int],
              scan_from: Callable[[int], Iterable[tuple[int, int]]]) -> None:
@@ -126,7 +127,7 @@ class LeaderEpochCache:
 
     def _read_file(self) -> list[tuple[int, int]] | None:
         try:
-            lines = self.path.read_text(encoding="ascii").split("\n")
+            lines = self.fs.read_bytes(self.path).decode("ascii").split("\n")
         except FileNotFoundError:
             return None
         except (OSError, UnicodeDecodeError) as exc:
@@ -146,6 +147,8 @@ class LeaderEpochCache:
     def _confirmed(self, entries: list[tuple[int, int]], log_start: int, log_end: int,
                    epoch_on_disk: Callable[[int], int]) -> list[tuple[int, int]] | None:
         """The file's entries the log agrees with (cut to the log's range); None if the log contradicts one."""
+        if log_start >= log_end:
+            return []  # an empty log holds no epoch (the file may predate a reset that failed half way)
         kept: list[tuple[int, int]] = []
         for epoch, start in entries:
             if start >= log_end:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import shutil
 import struct
 import threading
 import time
@@ -33,7 +32,7 @@ from logbroker.storage.errors import (
     RecordTooLargeError,
     StorageFullError,
 )
-from logbroker.storage.files import fsync_dir, write_file_atomically
+from logbroker.storage.files import OS_FILES, FileSystem, fsync_dir, write_file_atomically
 from logbroker.storage.leader_epochs import LeaderEpochCache
 from logbroker.storage.recovery import RecoveryReport, recover_segment
 from logbroker.storage.segment import BatchInfo, LogSegment, LogSegmentBrokenError
@@ -70,9 +69,11 @@ def wall_clock_ms() -> int:
 
 
 class PartitionLog:
-    def __init__(self, directory: Path, config: LogConfig, topic: str, partition: int) -> None:
+    def __init__(self, directory: Path, config: LogConfig, topic: str, partition: int,
+                 fs: FileSystem = OS_FILES) -> None:
         """Use PartitionLog.open(); this only sets up an empty, unloaded object."""
         self.directory = directory
+        self.fs = fs  # every file access goes through it (the real OS unless a simulation passes its disk)
         self.config = config
         self.topic = topic
         self.partition = partition
@@ -84,7 +85,10 @@ class PartitionLog:
         self._durable_offset = 0
         self._closed = False
         self._broken: str | None = None
-        self.epochs = LeaderEpochCache(directory, self.name)
+        # Set by a failed fsync: from this offset on, what reads still show may never reach the disk (Linux
+        # marks the pages clean after the error, and a later fsync succeeds without writing them).
+        self._unsynced_from: int | None = None
+        self.epochs = LeaderEpochCache(directory, self.name, fs)
         # Told how long each flush() that made new data durable took, in seconds (the broker's fsync metric);
         # called in the flushing thread.
         self.flush_observer: Callable[[float], None] | None = None
@@ -92,11 +96,12 @@ class PartitionLog:
     # =========================================================================================== opening
 
     @classmethod
-    def open(cls, directory: Path, config: LogConfig, topic: str, partition: int) -> PartitionLog:
+    def open(cls, directory: Path, config: LogConfig, topic: str, partition: int,
+             fs: FileSystem = OS_FILES) -> PartitionLog:
         """Load the partition in directory (created if missing), recovering whatever a crash left behind."""
-        log = cls(Path(directory), config, topic, partition)
+        log = cls(Path(directory), config, topic, partition, fs)
         try:
-            log.directory.mkdir(parents=True, exist_ok=True)
+            fs.mkdir(log.directory)
             log._load()
         except OSError as exc:
             log._close_files()
@@ -106,13 +111,14 @@ class PartitionLog:
     def _load(self) -> None:
         started = time.monotonic()
         marker = self.directory / filenames.CLEAN_SHUTDOWN_FILE
-        clean = marker.exists()
+        clean = self.fs.exists(marker)
         checkpoint = None if clean else self._read_checkpoint()
         self._remove_stray_files()
         segments, recovered = self._load_segments(self._segment_bases(), clean, checkpoint)
         if not segments:
-            segments = [LogSegment.create(self.directory, 0, self.config.index_interval_bytes, wall_clock_ms())]
-            fsync_dir(self.directory)
+            segments = [LogSegment.create(self.directory, 0, self.config.index_interval_bytes, wall_clock_ms(),
+                                          self.fs)]
+            fsync_dir(self.directory, self.fs)
         self._set_segments(segments)
         self._next_offset = segments[-1].next_offset
         for segment in recovered:
@@ -122,8 +128,8 @@ class PartitionLog:
         self.epochs.load(self.log_start_offset, self._next_offset, self._epoch_on_disk, self._batch_epochs_from)
         if clean:
             # The log is open for writing again: a crash from now on must not skip recovery.
-            marker.unlink()
-            fsync_dir(self.directory)
+            self.fs.unlink(marker)
+            fsync_dir(self.directory, self.fs)
         if recovered:
             logger.info(
                 "%s: loaded %d segments (%d recovered) in %.0f ms; offsets %d..%d",
@@ -133,8 +139,8 @@ class PartitionLog:
 
     def _segment_bases(self) -> list[int]:
         bases = []
-        for path in self.directory.iterdir():
-            parsed = filenames.parse_segment_file_name(path.name)
+        for name in self.fs.listdir(self.directory):
+            parsed = filenames.parse_segment_file_name(name)
             if parsed is not None and parsed[1] == filenames.LOG_SUFFIX:
                 bases.append(parsed[0])
         return sorted(bases)
@@ -143,11 +149,12 @@ class PartitionLog:
         """Temp files of an interrupted write, and indexes whose .log is gone, are garbage."""
         logs = set()
         indexes = []
-        for path in self.directory.iterdir():
-            if path.name.endswith((filenames.TEMP_SUFFIX, filenames.CLEANED_SUFFIX)):
-                path.unlink()
+        for name in sorted(self.fs.listdir(self.directory)):
+            path = self.directory / name
+            if name.endswith((filenames.TEMP_SUFFIX, filenames.CLEANED_SUFFIX)):
+                self.fs.unlink(path)
                 continue
-            parsed = filenames.parse_segment_file_name(path.name)
+            parsed = filenames.parse_segment_file_name(name)
             if parsed is None:
                 continue
             if parsed[1] == filenames.LOG_SUFFIX:
@@ -156,7 +163,7 @@ class PartitionLog:
                 indexes.append((parsed[0], path))
         for base, path in indexes:
             if base not in logs:
-                path.unlink()
+                self.fs.unlink(path)
 
     def _load_segments(
         self, bases: list[int], clean: bool, checkpoint: int | None
@@ -180,7 +187,7 @@ class PartitionLog:
         allow_gaps = self._allows_gaps()
         for i, base in enumerate(bases):
             later = bases[i + 1:]
-            segment = LogSegment.open_existing(self.directory, base, interval)
+            segment = LogSegment.open_existing(self.directory, base, interval, self.fs)
             if segments and not self._continues(segments[-1], base):
                 segment.close()
                 self._drop_segments([base, *later], f"segment {filenames.log_file_name(base)} does not continue "
@@ -207,7 +214,7 @@ class PartitionLog:
             segments.append(segment)
 
     def _allows_gaps(self) -> bool:
-        return self.config.compacted or (self.directory / filenames.COMPACTED_MARKER_FILE).exists()
+        return self.config.compacted or self.fs.exists(self.directory / filenames.COMPACTED_MARKER_FILE)
 
     def _continues(self, previous: LogSegment, base: int) -> bool:
         if self._allows_gaps():
@@ -218,7 +225,7 @@ class PartitionLog:
         for base in bases:
             for name in (filenames.log_file_name(base), filenames.index_file_name(base),
                          filenames.time_index_file_name(base)):
-                (self.directory / name).unlink(missing_ok=True)
+                self.fs.unlink(self.directory / name, missing_ok=True)
         logger.error(
             "%s: %s; deleted %d later segment(s) from %s on, since the log must stay contiguous",
             self.name, why, len(bases), filenames.log_file_name(bases[0]),
@@ -236,7 +243,7 @@ class PartitionLog:
         """The offset below which everything was fsynced, or None (recover every segment)."""
         path = self.directory / filenames.RECOVERY_CHECKPOINT_FILE
         try:
-            text = path.read_text(encoding="ascii")
+            text = self.fs.read_bytes(path).decode("ascii")
         except FileNotFoundError:
             return None
         except (OSError, UnicodeDecodeError) as exc:
@@ -252,7 +259,7 @@ class PartitionLog:
         """Persist the durable offset. On the flush path it is not fsynced itself: losing it only means
         recovering more, and it is written after the data it covers was fsynced."""
         data = f"{CHECKPOINT_VERSION}\n{self._durable_offset}\n".encode("ascii")
-        write_file_atomically(self.directory / filenames.RECOVERY_CHECKPOINT_FILE, data, durable)
+        write_file_atomically(self.directory / filenames.RECOVERY_CHECKPOINT_FILE, data, durable, self.fs)
 
     # =========================================================================================== state
 
@@ -274,6 +281,16 @@ class PartitionLog:
     def durable_offset(self) -> int:
         """Every offset below this one has been fsynced."""
         return self._durable_offset
+
+    @property
+    def unsynced_from(self) -> int | None:
+        """After a failed fsync: the durable offset then. Offsets from it on may be lost on the disk whatever
+        reads show, so whoever reopens the log must cut it there (Replica reports it as damaged_from)."""
+        return self._unsynced_from
+
+    def _fsync_failed(self) -> None:
+        if self._unsynced_from is None:
+            self._unsynced_from = self._durable_offset
 
     @property
     def size_bytes(self) -> int:
@@ -457,11 +474,13 @@ class PartitionLog:
             old = self._segments[-1]
             try:
                 old.seal()
-                new = LogSegment.create(self.directory, self._next_offset, self.config.index_interval_bytes, now_ms)
+                new = LogSegment.create(self.directory, self._next_offset, self.config.index_interval_bytes, now_ms,
+                                        self.fs)
             except OSError as exc:
+                self._fsync_failed()  # sealing the old segment fsyncs it
                 raise self._io_error(f"rolling a new segment after {old.log_path.name}", exc, unchanged=True) from exc
             try:
-                fsync_dir(self.directory)
+                fsync_dir(self.directory, self.fs)
             except OSError as exc:
                 new.delete()
                 raise self._io_error(f"creating {new.log_path.name}", exc) from exc
@@ -563,6 +582,7 @@ class PartitionLog:
                     if self.flush_observer is not None:
                         self.flush_observer(time.perf_counter() - started)
             except OSError as exc:
+                self._fsync_failed()
                 raise self._io_error("flushing", exc) from exc
             return self._durable_offset
 
@@ -587,7 +607,7 @@ class PartitionLog:
                 self._next_offset = keep[-1].next_offset
                 self._durable_offset = min(self._durable_offset, self._next_offset)
                 keep[-1].flush()
-                fsync_dir(self.directory)
+                fsync_dir(self.directory, self.fs)
                 self._write_checkpoint(durable=True)
                 if self.epochs.cut_from(self._next_offset):
                     self.epochs.save()
@@ -612,12 +632,12 @@ class PartitionLog:
             for segment in self._segments:
                 segment.delete()
             segment = LogSegment.create(
-                self.directory, start_offset, self.config.index_interval_bytes, wall_clock_ms()
+                self.directory, start_offset, self.config.index_interval_bytes, wall_clock_ms(), self.fs
             )
             self._set_segments([segment])
             self._next_offset = start_offset
             self._durable_offset = start_offset
-            fsync_dir(self.directory)
+            fsync_dir(self.directory, self.fs)
             self._write_checkpoint(durable=True)
             self.epochs.clear()
             self.epochs.save()
@@ -646,7 +666,7 @@ class PartitionLog:
             try:
                 for segment in doomed:
                     segment.delete()
-                fsync_dir(self.directory)
+                fsync_dir(self.directory, self.fs)
             except OSError as exc:
                 raise self._io_error("deleting expired segments", exc) from exc
         logger.info("%s: retention deleted %d segment(s); log start offset is now %d",
@@ -689,7 +709,7 @@ class PartitionLog:
             try:
                 for segment in doomed:
                     segment.delete()
-                fsync_dir(self.directory)
+                fsync_dir(self.directory, self.fs)
             except OSError as exc:
                 raise self._io_error("deleting segments below a snapshot", exc) from exc
         logger.info("%s: deleted %d segment(s) below offset %d; the log now starts at offset %d",
@@ -745,22 +765,23 @@ class PartitionLog:
         cleaned = directory / (old.log_path.name + filenames.CLEANED_SUFFIX)
         marker = directory / filenames.COMPACTED_MARKER_FILE
         try:
-            write_file_atomically(cleaned, data, durable=True)  # complete and fsynced before the swap
-            if not marker.exists():
-                write_file_atomically(marker, b"", durable=True)
+            write_file_atomically(cleaned, data, True, self.fs)  # complete and fsynced before the swap
+            if not self.fs.exists(marker):
+                write_file_atomically(marker, b"", True, self.fs)
         except OSError as exc:
-            cleaned.unlink(missing_ok=True)
+            self.fs.unlink(cleaned, missing_ok=True)
             raise self._io_error(f"compacting {old.log_path.name}", exc, unchanged=True) from exc
         try:
             with self._lock:
                 old.close()
                 # Indexes go first, so a crash can never pair the new .log with the old indexes.
-                old.offset_index.path.unlink(missing_ok=True)
-                old.time_index.path.unlink(missing_ok=True)
-                fsync_dir(directory)
-                cleaned.replace(old.log_path)
-                fsync_dir(directory)
-                new = LogSegment.open_existing(directory, old.base_offset, self.config.index_interval_bytes)
+                self.fs.unlink(old.offset_index.path, missing_ok=True)
+                self.fs.unlink(old.time_index.path, missing_ok=True)
+                fsync_dir(directory, self.fs)
+                self.fs.replace(cleaned, old.log_path)
+                fsync_dir(directory, self.fs)
+                new = LogSegment.open_existing(directory, old.base_offset, self.config.index_interval_bytes,
+                                               self.fs)
                 report = recover_segment(new, old.base_offset, allow_gaps=True)
                 if report.truncated:
                     logger.error("%s", report.describe(self.name))
@@ -784,7 +805,7 @@ class PartitionLog:
                         segment.flush()
                     self._durable_offset = self._next_offset
                     self._write_checkpoint(durable=True)
-                    write_file_atomically(self.directory / filenames.CLEAN_SHUTDOWN_FILE, b"", durable=True)
+                    write_file_atomically(self.directory / filenames.CLEAN_SHUTDOWN_FILE, b"", True, self.fs)
         except OSError as exc:
             raise self._io_error("closing", exc) from exc
         finally:
@@ -794,7 +815,7 @@ class PartitionLog:
         """Close the files and remove the partition directory."""
         self._close_files()
         try:
-            shutil.rmtree(self.directory)
+            self.fs.rmtree(self.directory)
         except FileNotFoundError:
             pass
         except OSError as exc:

@@ -14,7 +14,7 @@ from array import array
 from bisect import bisect_right
 from pathlib import Path
 
-from logbroker.storage.files import read_all
+from logbroker.storage.files import OS_FILES, FileSystem, read_all
 from logbroker.storage.index_file import SparseIndexFile
 
 ENTRY = struct.Struct(">II")
@@ -28,8 +28,8 @@ assert array(_U32).itemsize == 4, "array('I') must hold 32-bit values on this pl
 class OffsetIndex(SparseIndexFile):
     ENTRY = ENTRY
 
-    def __init__(self, path: Path, base_offset: int) -> None:
-        super().__init__(path, base_offset)
+    def __init__(self, path: Path, base_offset: int, fs: FileSystem = OS_FILES) -> None:
+        super().__init__(path, base_offset, fs)
         self._positions = array(_U32)
 
     def _columns(self) -> tuple[array, array]:  # type: ignore[type-arg]
@@ -39,7 +39,7 @@ class OffsetIndex(SparseIndexFile):
 
     def load(self, log_size: int) -> str | None:
         """Read the file into memory; return why it cannot be trusted (then the index is left empty)."""
-        data = read_all(self._fd)
+        data = read_all(self._fd, self.fs)
         problem = self._parse(data, log_size)
         if problem is not None:
             self._relative = array(_U32)

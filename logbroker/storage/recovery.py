@@ -9,13 +9,12 @@ rebuilds a missing or corrupt index. Bad bytes never raise out of here: they bec
 
 from __future__ import annotations
 
-import mmap
-import os
 import struct
 from dataclasses import dataclass
 
 from logbroker_client.records import LOG_OVERHEAD, BatchHeader, iter_batch_headers, validate_batch
 
+from logbroker.storage.files import Buffer
 from logbroker.storage.offset_index import MAX_U32
 from logbroker.storage.segment import LogSegment
 
@@ -53,10 +52,10 @@ def recover_segment(segment: LogSegment, expected_offset: int, allow_gaps: bool)
     """Rebuild the segment's state and indexes from its .log; the first batch must start at expected_offset
     (or, when allow_gaps, at or after it)."""
     segment.begin_rebuild()
-    size = os.path.getsize(segment.log_path)
+    size = segment.fs.getsize(segment.log_path)
     valid_bytes, valid_batches, dropped, reason = 0, 0, 0, None
     if size:
-        with open(segment.log_path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        with segment.fs.map_file(segment.log_path) as buf:
             valid_bytes, valid_batches, reason = _walk(buf, size, segment, expected_offset, allow_gaps)
             if reason is not None:
                 dropped = _count_headers(buf, valid_bytes, size)
@@ -73,7 +72,7 @@ def recover_segment(segment: LogSegment, expected_offset: int, allow_gaps: bool)
 
 
 def _walk(
-    buf: mmap.mmap, size: int, segment: LogSegment, expected_offset: int, allow_gaps: bool
+    buf: Buffer, size: int, segment: LogSegment, expected_offset: int, allow_gaps: bool
 ) -> tuple[int, int, str | None]:
     """(valid bytes, valid batches, reason the walk stopped early or None)."""
     position = 0
@@ -106,7 +105,7 @@ def _offset_problem(
     return None
 
 
-def _count_headers(buf: mmap.mmap, start: int, end: int) -> int:
+def _count_headers(buf: Buffer, start: int, end: int) -> int:
     """How many batch headers chain through the dropped bytes; only a hint for the log line."""
     view = memoryview(buf)[start:end]
     try:

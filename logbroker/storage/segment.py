@@ -1,15 +1,14 @@
 """One segment: a .log file of whole record batches plus its offset and time indexes.
 
-Writes go through an O_APPEND descriptor, reads through os.pread, so reads never move a file position and
-need no lock. The in-memory size only grows after the bytes are written, so a reader (or a flusher thread)
-that looks at it never sees a half-written batch.
+Writes go through an O_APPEND descriptor, reads through pread (of its FileSystem, the OS by default), so
+reads never move a file position and need no lock. The in-memory size only grows after the bytes are
+written, so a reader (or a flusher thread) that looks at it never sees a half-written batch.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import mmap
 import os
 import struct
 from collections.abc import Iterator, Sequence
@@ -20,7 +19,7 @@ from logbroker_client.records import HEADER_SIZE, LOG_OVERHEAD, MAGIC, BatchHead
 
 from logbroker.storage.errors import StorageError
 from logbroker.storage.filenames import index_file_name, log_file_name, time_index_file_name
-from logbroker.storage.files import write_all
+from logbroker.storage.files import OS_FILES, FileSystem, write_all
 from logbroker.storage.offset_index import MAX_U32, OffsetIndex
 from logbroker.storage.time_index import TimeIndex
 
@@ -58,14 +57,16 @@ class _IndexState(NamedTuple):
 
 
 class LogSegment:
-    def __init__(self, directory: Path, base_offset: int, index_interval_bytes: int) -> None:
+    def __init__(self, directory: Path, base_offset: int, index_interval_bytes: int,
+                 fs: FileSystem = OS_FILES) -> None:
         self.directory = directory
         self.base_offset = base_offset
         self.log_path = directory / log_file_name(base_offset)
         self.index_interval_bytes = index_interval_bytes
-        self._fd = os.open(self.log_path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
-        self.offset_index = OffsetIndex(directory / index_file_name(base_offset), base_offset)
-        self.time_index = TimeIndex(directory / time_index_file_name(base_offset), base_offset)
+        self.fs = fs
+        self._fd = fs.open(self.log_path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        self.offset_index = OffsetIndex(directory / index_file_name(base_offset), base_offset, fs)
+        self.time_index = TimeIndex(directory / time_index_file_name(base_offset), base_offset, fs)
         self._size = 0
         self._flushed_size = 0
         self._next_offset = base_offset
@@ -79,20 +80,22 @@ class LogSegment:
         self.last_modified_ms = 0
 
     @classmethod
-    def create(cls, directory: Path, base_offset: int, index_interval_bytes: int, now_ms: int) -> LogSegment:
+    def create(cls, directory: Path, base_offset: int, index_interval_bytes: int, now_ms: int,
+               fs: FileSystem = OS_FILES) -> LogSegment:
         """A new, empty segment. Stale files of the same name (a crash during an earlier delete) are emptied."""
-        segment = cls(directory, base_offset, index_interval_bytes)
-        os.ftruncate(segment._fd, 0)
+        segment = cls(directory, base_offset, index_interval_bytes, fs)
+        fs.ftruncate(segment._fd, 0)
         segment.offset_index.reset()
         segment.time_index.reset()
         segment.last_modified_ms = now_ms
         return segment
 
     @classmethod
-    def open_existing(cls, directory: Path, base_offset: int, index_interval_bytes: int) -> LogSegment:
+    def open_existing(cls, directory: Path, base_offset: int, index_interval_bytes: int,
+                      fs: FileSystem = OS_FILES) -> LogSegment:
         """Open the files; call load_trusted() or recovery.recover_segment() before using the segment."""
-        segment = cls(directory, base_offset, index_interval_bytes)
-        stat = os.fstat(segment._fd)
+        segment = cls(directory, base_offset, index_interval_bytes, fs)
+        stat = fs.fstat(segment._fd)
         segment.last_modified_ms = stat.st_mtime_ns // 1_000_000
         return segment
 
@@ -149,7 +152,7 @@ class LogSegment:
         for info in batches:
             self._index_batch(start + info.position, info.base_offset, info.size, info.max_timestamp)
         try:
-            write_all(self._fd, data)
+            write_all(self._fd, data, self.fs)
             self.offset_index.write_pending()
             self.time_index.write_pending()
         except OSError:
@@ -163,7 +166,7 @@ class LogSegment:
         if self.rolling_base_ms is None:
             self.rolling_base_ms = now_ms
         self.last_modified_ms = now_ms
-        assert os.fstat(self._fd).st_size == self._size, "the .log file must grow by exactly the batches"
+        assert self.fs.fstat(self._fd).st_size == self._size, "the .log file must grow by exactly the batches"
         return start
 
     def _index_batch(self, position: int, base_offset: int, size: int, max_timestamp: int) -> None:
@@ -185,7 +188,7 @@ class LogSegment:
 
     def _undo_append(self, start: int, saved: _IndexState) -> None:
         try:
-            os.ftruncate(self._fd, start)
+            self.fs.ftruncate(self._fd, start)
             self.offset_index.rollback_to(saved.offset_entries)
             self.time_index.rollback_to(saved.time_entries)
         except OSError as exc:
@@ -228,9 +231,9 @@ class LogSegment:
 
     def finish_rebuild(self) -> int:
         """Cut the .log after the last tracked batch and write the indexes; return the bytes cut off."""
-        file_size = os.fstat(self._fd).st_size
+        file_size = self.fs.fstat(self._fd).st_size
         if file_size > self._size:
-            os.ftruncate(self._fd, self._size)
+            self.fs.ftruncate(self._fd, self._size)
         self.time_index.maybe_append(self._max_timestamp, self._offset_of_max_timestamp)
         self.offset_index.write_pending()
         self.time_index.write_pending()
@@ -244,7 +247,7 @@ class LogSegment:
         With check_tail, also check the batches after the last offset-index entry as recovery would (CRC,
         offsets without gaps unless allow_gaps): see _tail_batch_problem.
         """
-        log_size = os.fstat(self._fd).st_size
+        log_size = self.fs.fstat(self._fd).st_size
         problem = self.offset_index.load(log_size)
         if problem is not None:
             return problem
@@ -331,7 +334,7 @@ class LogSegment:
         expected_offset, position = entry if entry is not None else (self.base_offset, 0)
         if position >= self._size:
             return None
-        with mmap.mmap(self._fd, self._size, access=mmap.ACCESS_READ) as buf:
+        with self.fs.map_fd(self._fd, self._size) as buf:
             while position < self._size:
                 try:
                     header = validate_batch(buf, position, self._size)
@@ -380,9 +383,9 @@ class LogSegment:
 
     def iter_headers(self, position: int, end: int) -> Iterator[tuple[int, BatchHeader]]:
         """(position, header) of each batch from position up to end; stops at a partial or absurd header."""
-        fd = self._fd
+        fd, pread = self._fd, self.fs.pread
         while end - position >= HEADER_SIZE:
-            block = os.pread(fd, min(SCAN_BLOCK_BYTES, end - position), position)
+            block = pread(fd, min(SCAN_BLOCK_BYTES, end - position), position)
             available = len(block)
             cursor = 0
             while available - cursor >= HEADER_SIZE:
@@ -456,7 +459,7 @@ class LogSegment:
         stop = self._stop_position(start, size, max_bytes, max_offset, min_one)
         if stop <= start:
             return b"", False
-        data = os.pread(self._fd, stop - start, start)
+        data = self.fs.pread(self._fd, stop - start, start)
         if len(data) != stop - start:
             raise OSError(f"{self.log_path.name}: short read of {len(data)} bytes at {start}, wanted {stop - start}")
         return data, stop == size
@@ -505,10 +508,10 @@ class LogSegment:
         return None
 
     def read_header_at(self, position: int) -> BatchHeader:
-        return read_header(os.pread(self._fd, HEADER_SIZE, position))
+        return read_header(self.fs.pread(self._fd, HEADER_SIZE, position))
 
     def pread(self, position: int, size: int) -> bytes:
-        return os.pread(self._fd, size, position)
+        return self.fs.pread(self._fd, size, position)
 
     # ---------------------------------------------------------------------------------------- truncation
 
@@ -522,7 +525,7 @@ class LogSegment:
         removed = self._size - position
         self.offset_index.truncate_to(found[1].base_offset)
         self.time_index.truncate_to(found[1].base_offset)
-        os.ftruncate(self._fd, position)
+        self.fs.ftruncate(self._fd, position)
         self._flushed_size = min(self._flushed_size, position)
         problem = self._scan_tail(position, check_time_index=False)
         if problem is not None:
@@ -540,7 +543,7 @@ class LogSegment:
         and only claims the size it saw before the fsync started."""
         size = self._size
         if size != self._flushed_size:
-            os.fsync(self._fd)
+            self.fs.fsync(self._fd)
         self.offset_index.sync()
         self.time_index.sync()
         self._flushed_size = max(self._flushed_size, size)
@@ -551,7 +554,7 @@ class LogSegment:
 
     def close(self) -> None:
         if self._fd >= 0:
-            os.close(self._fd)
+            self.fs.close(self._fd)
             self._fd = -1
         self.offset_index.close()
         self.time_index.close()
@@ -559,7 +562,7 @@ class LogSegment:
     def delete(self) -> None:
         self.close()
         for path in (self.log_path, self.offset_index.path, self.time_index.path):
-            path.unlink(missing_ok=True)
+            self.fs.unlink(path, missing_ok=True)
 
     def __repr__(self) -> str:
         return f"LogSegment({self.log_path.name}, size={self._size}, next_offset={self._next_offset})"

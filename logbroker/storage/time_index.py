@@ -13,7 +13,7 @@ from array import array
 from bisect import bisect_left
 from pathlib import Path
 
-from logbroker.storage.files import read_all
+from logbroker.storage.files import OS_FILES, FileSystem, read_all
 from logbroker.storage.index_file import SparseIndexFile
 
 ENTRY = struct.Struct(">qI")
@@ -24,8 +24,8 @@ MAX_U32 = 0xFFFFFFFF
 class TimeIndex(SparseIndexFile):
     ENTRY = ENTRY
 
-    def __init__(self, path: Path, base_offset: int) -> None:
-        super().__init__(path, base_offset)
+    def __init__(self, path: Path, base_offset: int, fs: FileSystem = OS_FILES) -> None:
+        super().__init__(path, base_offset, fs)
         self._timestamps = array("q")
 
     def _columns(self) -> tuple[array, array]:  # type: ignore[type-arg]
@@ -35,7 +35,7 @@ class TimeIndex(SparseIndexFile):
 
     def load(self, next_offset: int) -> str | None:
         """Read the file into memory; return why it cannot be trusted (then the index is left empty)."""
-        data = read_all(self._fd)
+        data = read_all(self._fd, self.fs)
         problem = self._parse(data, next_offset)
         if problem is not None:
             self._timestamps = array("q")

@@ -35,7 +35,7 @@ def test_a_full_disk_fails_the_write_and_keeps_what_was_acknowledged(
 
     real_write_all = segment.write_all
 
-    def disk_full(fd: int, data: object) -> None:
+    def disk_full(fd: int, data: object, *fs: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(segment, "write_all", disk_full)
@@ -66,7 +66,7 @@ def test_once_space_is_freed_the_replica_reopens_without_a_restart(
             producer.send("refill", value=b"before").result(timeout=10)
         real_write_all = segment.write_all
 
-        def disk_full(fd: int, data: object) -> None:
+        def disk_full(fd: int, data: object, *fs: object) -> None:
             raise OSError(errno.ENOSPC, "No space left on device")
 
         monkeypatch.setattr(segment, "write_all", disk_full)

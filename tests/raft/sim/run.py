@@ -1,5 +1,8 @@
 """Run the Raft simulator over many seeds: ``python -m tests.raft.sim.run --seeds N --start S``.
 
+``--runtime`` runs the runtime simulation instead (tests/raft/runtime_sim: production Replica objects over
+production partition logs on simulated disks); ``--seconds`` is then its virtual chaos time per seed.
+
 Exits non-zero on the first invariant violation, printing the seed, the invariant, the last events and
 the one command that replays it.
 """
@@ -7,6 +10,7 @@ the one command that replays it.
 from __future__ import annotations
 
 import argparse
+import logging
 import multiprocessing
 import os
 import sys
@@ -20,6 +24,7 @@ from tests.raft.sim.cluster import Simulation
 from tests.raft.sim.mutants import MUTANTS
 
 DEFAULT_CHAOS_STEPS = 600
+DEFAULT_RUNTIME_SECONDS = 3.0
 
 
 @dataclass
@@ -43,12 +48,31 @@ def run_seed(seed: int, chaos_steps: int = DEFAULT_CHAOS_STEPS, mutant: str | No
     return Outcome(seed)
 
 
-def _run_seed_star(args: tuple[int, int, str | None]) -> Outcome:
-    return run_seed(*args)
+def run_runtime_seed(seed: int, chaos_s: float = DEFAULT_RUNTIME_SECONDS, mutant: str | None = None) -> Outcome:
+    """One seed of the runtime simulation (imported here: it pulls in the whole broker runtime)."""
+    from tests.raft.runtime_sim.cluster import ObservedReplica, RuntimeSimulation
+    from tests.raft.runtime_sim.mutants import MUTANTS as RUNTIME_MUTANTS
+
+    logging.disable(logging.CRITICAL)  # the replicas log every disk failure the simulation injects
+    replica_class = RUNTIME_MUTANTS[mutant] if mutant else ObservedReplica
+    simulation = RuntimeSimulation(seed, chaos_s=chaos_s, replica_class=replica_class)
+    try:
+        simulation.run()
+    except InvariantViolation as violation:
+        return Outcome(seed, violation.invariant, violation.detail, tuple(simulation.format_trace()))
+    finally:
+        logging.disable(logging.NOTSET)
+    return Outcome(seed)
 
 
-def outcomes(seeds: range, chaos_steps: int, mutant: str | None, jobs: int) -> Iterator[Outcome]:
-    work = [(seed, chaos_steps, mutant) for seed in seeds]
+def _run_seed_star(args: tuple[int, float, str | None, bool]) -> Outcome:
+    seed, length, mutant, runtime = args
+    return run_runtime_seed(seed, length, mutant) if runtime else run_seed(seed, int(length), mutant)
+
+
+def outcomes(seeds: range, chaos_steps: float, mutant: str | None, jobs: int, runtime: bool = False
+             ) -> Iterator[Outcome]:
+    work = [(seed, chaos_steps, mutant, runtime) for seed in seeds]
     if jobs <= 1 or len(work) < 2:
         yield from map(_run_seed_star, work)
         return
@@ -56,10 +80,14 @@ def outcomes(seeds: range, chaos_steps: int, mutant: str | None, jobs: int) -> I
         yield from pool.imap(_run_seed_star, work, chunksize=4)
 
 
-def replay_command(seed: int, chaos_steps: int, mutant: str | None) -> str:
+def replay_command(seed: int, chaos_steps: float, mutant: str | None, runtime: bool = False) -> str:
+    extra = f" --mutant {mutant}" if mutant else ""
+    if runtime:
+        if mutant is None and chaos_steps == DEFAULT_RUNTIME_SECONDS:
+            return f"make sim-runtime SEEDS=1 START={seed}"
+        return f"python -m tests.raft.sim.run --runtime --seeds 1 --start {seed} --seconds {chaos_steps}{extra}"
     if mutant is None and chaos_steps == DEFAULT_CHAOS_STEPS:
         return f"make sim SEEDS=1 START={seed}"
-    extra = f" --mutant {mutant}" if mutant else ""
     return f"python -m tests.raft.sim.run --seeds 1 --start {seed} --steps {chaos_steps}{extra}"
 
 
@@ -93,13 +121,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=200, help="how many seeds to run")
     parser.add_argument("--start", type=int, default=0, help="first seed")
     parser.add_argument("--steps", type=int, default=DEFAULT_CHAOS_STEPS, help="chaos steps per seed")
-    parser.add_argument("--mutant", choices=sorted(MUTANTS), help="run against a deliberately broken node")
+    parser.add_argument("--runtime", action="store_true",
+                        help="simulate the real runtime (Replica, PartitionLog, simulated disks) instead of the core")
+    parser.add_argument("--seconds", type=float, default=DEFAULT_RUNTIME_SECONDS,
+                        help="--runtime: virtual seconds of chaos per seed")
+    parser.add_argument("--mutant", help="run against a deliberately broken node (with --runtime: runtime); one of "
+                        f"{', '.join(sorted(MUTANTS))} / {', '.join(sorted(_runtime_mutants()))}")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes")
     args = parser.parse_args(argv)
+    if args.mutant is not None and args.mutant not in (_runtime_mutants() if args.runtime else MUTANTS):
+        parser.error(f"unknown {'runtime ' if args.runtime else ''}mutant {args.mutant!r}")
+    length = args.seconds if args.runtime else args.steps
 
     seeds = range(args.start, args.start + args.seeds)
     progress = Progress(len(seeds))
-    for done, outcome in enumerate(outcomes(seeds, args.steps, args.mutant, args.jobs), start=1):
+    for done, outcome in enumerate(outcomes(seeds, length, args.mutant, args.jobs, args.runtime), start=1):
         if outcome.violation is not None:
             if progress.live:
                 sys.stderr.write("\n")
@@ -107,11 +143,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {outcome.detail}")
             print(f"last {len(outcome.trace)} events:")
             print("\n".join(outcome.trace))
-            print(f"replay: {replay_command(outcome.seed, args.steps, args.mutant)}")
+            print(f"replay: {replay_command(outcome.seed, length, args.mutant, args.runtime)}")
             return 1
         progress.update(done)
-    print(f"sim: {len(seeds)} seeds from {args.start} passed ({args.steps} chaos steps each)")
+    elapsed = time.monotonic() - progress.started
+    what = f"{args.seconds:g} virtual seconds of chaos" if args.runtime else f"{args.steps} chaos steps"
+    print(f"sim{' (runtime)' if args.runtime else ''}: {len(seeds)} seeds from {args.start} passed "
+          f"({what} each) in {elapsed:.0f} s")
     return 0
+
+
+def _runtime_mutants() -> list[str]:
+    from tests.raft.runtime_sim.mutants import MUTANTS as RUNTIME_MUTANTS
+
+    return sorted(RUNTIME_MUTANTS)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,102 @@
+"""The runtime simulation (tests/raft/runtime_sim): production Replica objects over production partition logs
+on simulated disks, over a few hundred short seeds, replayed exactly, and against deliberately broken
+runtimes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.raft.runtime_sim.cluster import RuntimeSimulation
+from tests.raft.runtime_sim.mutants import MUTANTS
+from tests.raft.sim.run import main, run_runtime_seed
+
+PYTEST_SEEDS = 300
+PYTEST_CHAOS_S = 1.0
+BLOCKS = 4
+MUTANT_SEEDS = {"answer-before-fsync": 40, "release-before-fsync": 150}
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("block", range(BLOCKS))
+def test_no_invariant_is_violated_and_the_cluster_recovers_on_every_seed(block: int) -> None:
+    per_block = PYTEST_SEEDS // BLOCKS
+    for seed in range(block * per_block, (block + 1) * per_block):
+        outcome = run_runtime_seed(seed, PYTEST_CHAOS_S)
+        assert outcome.violation is None, (seed, outcome.violation, outcome.detail, "\n".join(outcome.trace))
+
+
+def run_quietly(simulation: RuntimeSimulation) -> None:
+    logging.disable(logging.CRITICAL)
+    try:
+        simulation.run()
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def test_a_seed_replays_exactly() -> None:
+    first, second = RuntimeSimulation(23, chaos_s=1.0), RuntimeSimulation(23, chaos_s=1.0)
+    run_quietly(first)
+    run_quietly(second)
+    assert list(first.trace) == list(second.trace)
+    assert first.stats == second.stats
+    assert first.checkers.committed == second.checkers.committed
+
+
+def test_a_seed_replays_exactly_in_another_process_with_other_string_hashes() -> None:
+    script = ("import logging; logging.disable(logging.CRITICAL)\n"
+              "from tests.raft.runtime_sim.cluster import RuntimeSimulation\n"
+              "s = RuntimeSimulation(29, chaos_s=0.6); s.run(); print(repr(list(s.trace)), sorted(s.stats.items()))\n")
+    outputs = {
+        subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONHASHSEED": hash_seed}).stdout
+        for hash_seed in ("1", "2")
+    }
+    assert len(outputs) == 1
+
+
+def test_the_simulation_injects_every_kind_of_fault() -> None:
+    seen: Counter[str] = Counter()
+    torn = enospc = fsync_errors = 0
+    for seed in range(40):
+        simulation = RuntimeSimulation(seed, chaos_s=1.5)
+        run_quietly(simulation)
+        seen.update(simulation.stats)
+        for sim_node in simulation.nodes.values():
+            torn += sim_node.disk.stats.torn_files
+            enospc += sim_node.disk.stats.enospc
+            fsync_errors += sim_node.disk.stats.fsync_errors
+    faults = {"partition", "isolate_leader", "heal", "power_cut", "power_cut_leader", "kill", "restart",
+              "disk_full", "fsync_errors", "retention", "transfer"}
+    assert faults <= set(seen)
+    # ... and they took effect: replicas stopped on disk errors and came back, segments were deleted, lagging
+    # followers were sent log resets, power cuts tore unsynced writes.
+    assert {"replica_failed", "replica_reopened", "segments_deleted", "reset_log", "timeout_now"} <= set(seen)
+    assert torn and enospc and fsync_errors
+
+
+@pytest.mark.parametrize("mutant", sorted(MUTANTS))
+def test_the_simulation_catches_a_runtime_that_acknowledges_before_its_fsync(mutant: str) -> None:
+    budget = MUTANT_SEEDS[mutant]
+    caught = next((seed for seed in range(budget) if run_runtime_seed(seed, 1.5, mutant).violation), None)
+    assert caught is not None, f"runtime mutant {mutant} survived {budget} seeds"
+
+
+def test_the_runner_runs_the_runtime_simulation(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--runtime", "--seeds", "2", "--start", "3", "--seconds", "0.5", "--jobs", "1"]) == 0
+    assert "2 seeds from 3 passed" in capsys.readouterr().out
+    assert main(["--runtime", "--seeds", "30", "--seconds", "1.5", "--jobs", "1",
+                 "--mutant", "answer-before-fsync"]) == 1
+    printed = capsys.readouterr().out
+    assert "VIOLATION" in printed and "--runtime" in printed and "--mutant answer-before-fsync" in printed
+
+
+@pytest.mark.slow
+def test_two_thousand_runtime_seeds_pass() -> None:
+    assert main(["--runtime", "--seeds", "2000", "--start", "200000"]) == 0
