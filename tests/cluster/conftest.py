@@ -37,6 +37,8 @@ def _cluster(request: pytest.FixtureRequest, tmp_path: Path, proxied: bool,
                              for node, broker in cluster.brokers.items()}
             for disk in cluster.disks.values():
                 disk.mount()
+            for broker in cluster.brokers.values():  # these tests fill the disk for real: no free-space floor
+                broker.extra_args += ["--min-free-disk-bytes", "0"]
         cluster.start()
         yield cluster
     finally:
