@@ -508,7 +508,6 @@ class AsyncProducer:
         metadata_max_age_ms: int = DEFAULT_METADATA_MAX_AGE_MS,
     ) -> None:
         self._metadata_max_age_s = metadata_max_age_ms / 1000
-        self._counts_asked_s: dict[str, float] = {}  # when each topic's partition count was last asked for
         self._core = ProducerCore(
             new_batch=_AsyncBatch, new_future=AsyncRecordFuture, wake=self._wake, acks=acks, linger_ms=linger_ms,
             batch_size=batch_size, compression=compression, partitioner=partitioner,
@@ -565,19 +564,20 @@ class AsyncProducer:
             self._start()
         core = self._core
         count = core.partition_counts.get(topic)
-        if count is None or partition_count_stale(count, partition, self._counts_asked_s.get(topic, 0.0),
-                                                  self._metadata_max_age_s):
-            count = core.partition_counts[topic] = await self._partition_count(topic, known=count is not None)
+        if count is None or partition_count_stale(count, partition):
+            count = await self._partition_count(topic)
         if core.buffered_bytes >= core.buffer_memory:
             await self._wait_for_space()
         return core.append(topic, value, key, headers, partition, timestamp_ms, count)  # type: ignore[no-any-return]
 
-    async def _partition_count(self, topic: str, known: bool) -> int:
+    async def _partition_count(self, topic: str) -> int:
         """As Producer._partition_count: the cached metadata first, a broker when the known count may be old."""
-        if known:
+        if topic in self._core.counts_asked_s:
             await self._metadata.refresh([topic])
-        self._counts_asked_s[topic] = time.monotonic()
-        return await self._metadata.partitions_for(topic)
+        asked_s = time.monotonic()
+        count = await self._metadata.partitions_for(topic)
+        self._core.set_partition_count(topic, count, asked_s)
+        return count
 
     async def send_and_wait(self, topic: str, value: bytes | str | None = None, **kwargs: Any) -> RecordMetadata:
         return await (await self.send(topic, value, **kwargs))
@@ -641,6 +641,7 @@ class AsyncProducer:
         assert wakeup is not None
         loop = asyncio.get_running_loop()
         while not self._closed or core.has_work():
+            core.forget_old_partition_counts(self._metadata_max_age_s, time.monotonic())
             wait_s = core.seal_lingering()
             taken = core.take_sendable()
             if taken:
@@ -674,7 +675,7 @@ class AsyncProducer:
         return items
 
     async def _send(self, address: str, parts: list[tuple[Slot, list[CoreBatch]]]) -> None:
-        """One request to a leader broker, carrying a batch of each of its ready partitions."""
+        """One request to a leader broker, carrying an entry of each of its ready partitions."""
         core = self._core
         request = pb.ProduceRequest(acks=core.acks, timeout_ms=self._timeout_ms, partitions=[
             pb.PartitionRecords(topic=slot[0], partition=slot[1], records=core.request_records(slot, batches))

@@ -6,9 +6,10 @@ The caller's thread does the per-record work: pick a partition, append the encod
 partition's open batch, return a RecordFuture. A RecordFuture is two slots (its batch, its index);
 the batch owns the one Event, the result and the callbacks, so a record costs no lock or condition
 of its own. The sender thread seals batches when full or when `linger_ms` passes, builds the bytes
-(header, CRC, zstd), and sends one Produce request per leader broker carrying every ready partition, with
-up to max_in_flight_requests_per_connection (5) batches of a partition in flight; the core keeps a
-partition's batches in the order they were sent, retries included.
+(header, CRC, zstd), and sends one Produce request per leader broker carrying every ready partition (all of
+a partition's new ready batches in one entry), with up to max_in_flight_requests_per_connection (5) batches
+of a partition in flight; the core keeps a partition's batches in the order they were sent, retries
+included.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from logbroker_client.producer_core import (  # noqa: F401  (re-exported: the pr
     DEFAULT_MAX_REQUEST_BYTES,
     DEFAULT_METADATA_MAX_AGE_MS,
     DELIVER_AT_HEADER,
-    MAX_BATCHES_PER_REQUEST,
     RECORD_OVERHEAD_BYTES,
     RETRY_BACKOFF_MS,
     CoreBatch,
@@ -154,7 +154,6 @@ class Producer:
         # A topic's partition count is asked again after this long (Kafka's metadata.max.age.ms), so partitions
         # added to a topic get records; a record sent to a partition beyond the known count asks at once.
         self._metadata_max_age_s = metadata_max_age_ms / 1000
-        self._counts_asked_s: dict[str, float] = {}
         self._core = ProducerCore(
             new_batch=ProducerBatch, new_future=RecordFuture, wake=self._wakeup.set, acks=acks, linger_ms=linger_ms,
             batch_size=batch_size, compression=compression, partitioner=partitioner,
@@ -204,21 +203,23 @@ class Producer:
             headers = delivery_headers(headers, deliver_at_ms, delay_ms)
         core = self._core
         count = core.partition_counts.get(topic)
-        if count is None or partition_count_stale(count, partition, self._counts_asked_s.get(topic, 0.0),
-                                                  self._metadata_max_age_s):
-            count = core.partition_counts[topic] = self._partition_count(topic, known=count is not None)
+        if count is None or (partition is not None and partition >= count):  # partition_count_stale, inlined
+            count = self._partition_count(topic)
         if core.buffered_bytes >= core.buffer_memory:
             self._wait_for_space()
         with self._lock:
             return core.append(topic, value, key, headers, partition, timestamp_ms, count)  # type: ignore[no-any-return]
 
-    def _partition_count(self, topic: str, known: bool) -> int:
+    def _partition_count(self, topic: str) -> int:
         """The topic's partition count: from the cached metadata the first time, from a broker when the count
-        known may be out of date."""
-        if known:
+        known may be out of date (partitions beyond it named, or forgotten as older than metadata_max_age_ms)."""
+        if topic in self._core.counts_asked_s:
             self._metadata.refresh([topic])
-        self._counts_asked_s[topic] = time.monotonic()
-        return self._metadata.partitions_for(topic)
+        asked_s = time.monotonic()
+        count = self._metadata.partitions_for(topic)
+        with self._lock:
+            self._core.set_partition_count(topic, count, asked_s)
+        return count
 
     def _wait_for_space(self) -> None:
         self._wakeup.set()
@@ -275,6 +276,7 @@ class Producer:
         core = self._core
         while not self._closed or core.has_work():
             with self._lock:
+                core.forget_old_partition_counts(self._metadata_max_age_s, time.monotonic())
                 wait_s = core.seal_lingering()
                 taken = core.take_sendable()
             if taken:
@@ -283,7 +285,7 @@ class Producer:
             self._wakeup.clear()
 
     def _send_by_leader(self, taken: list[tuple[Slot, list[CoreBatch]]]) -> None:
-        """One request per leader broker, carrying a batch of each of its ready partitions."""
+        """One request per leader broker, carrying an entry of each of its ready partitions."""
         connections: dict[str, Connection] = {}
         items = []
         for slot, batches in taken:

@@ -3,16 +3,25 @@
 The accumulator appends each record to its partition's open batch, seals a batch when the next record
 would overfill it (batch_size) or when linger_ms has passed, and counts the bytes buffered against
 buffer_memory. Sealed batches wait in a queue per partition. The sender drains by broker, as Kafka's and
-aiokafka's do: take_sendable() hands out at most one batch per partition per request, the I/O layer groups
-them by leader (requests_by_leader) into one Produce request per broker carrying every ready partition.
+aiokafka's do: take_sendable() hands out one entry per ready partition, the I/O layer groups them by leader
+(requests_by_leader) into one Produce request per broker carrying every ready partition.
 
 With idempotence (acks 1 or all), a batch takes its producer epoch and sequence when first handed out, and
-up to max_in_flight_requests_per_connection (5) batches of a partition are in flight at once; the broker
-refuses a batch whose sequence does not follow the last one stored (OUT_OF_ORDER_SEQUENCE_NUMBER) and
-answers a retry of one of the last 5 with its first offset. So:
+up to max_in_flight_requests_per_connection (5) batches of a partition are in flight at once, counted batch
+by batch whether they travel in one entry or in several; the broker refuses a batch whose sequence does not
+follow the last one stored (OUT_OF_ORDER_SEQUENCE_NUMBER) and answers a retry of one of the last 5 with its
+first offset. So:
+- a partition's ready batches that have never been sent travel together in one entry (consecutive
+  sequences, checked in order by the broker, proposed together), as many as the partition's window of 5
+  leaves room for: the broker's window of 5 batches per producer and partition (producer_state.py) then
+  still holds every batch a retry may carry, however the batches were grouped into requests;
+- while the window is full, a partition's open batch is not sealed at linger_ms but keeps taking records
+  up to batch_size (Kafka's accumulator does the same): batches grow when the pipeline is the bottleneck;
 - a batch that comes back to be retried (leader change, lost connection, an earlier batch missing) goes
   back into its queue in sequence order, and a retried batch is sent alone, only once nothing of its
-  partition is in flight: retries reach the new leader one by one, in sequence order, nothing reordered;
+  partition is in flight: retries reach the new leader one by one, in sequence order, nothing reordered.
+  An entry of several batches refused as too large is retried the same way, batch by batch, so only the
+  batch at fault fails;
 - a batch that fails for good leaves a hole in the sequences; the partition then waits for its in-flight
   batches, starts a new epoch at sequence 0 and rebuilds the batches still queued (Kafka bumps the epoch
   the same way). A batch that timed out may have been stored, and its retry under the new epoch is not
@@ -58,12 +67,11 @@ DEFAULT_BUFFER_MEMORY = 64 << 20
 DEFAULT_DELIVERY_TIMEOUT_MS = 120_000
 DEFAULT_MAX_BLOCK_MS = 60_000
 RETRY_BACKOFF_MS = 100
-# Batches of one partition in flight at once with idempotence (Kafka's max.in.flight.requests.per.connection):
-# each request carries one batch of a partition, and the broker's window (BATCHES_PER_PRODUCER = 5 in
+# Batches of one partition in flight at once with idempotence (Kafka's max.in.flight.requests.per.connection),
+# however many entries they travel in: the broker's window (BATCHES_PER_PRODUCER = 5 in
 # logbroker/cluster/producer_state.py) holds them all, so any of them retried is recognised.
 DEFAULT_MAX_IN_FLIGHT = 5
 DEFAULT_METADATA_MAX_AGE_MS = 300_000  # Kafka's metadata.max.age.ms: partition counts are asked again then
-MAX_BATCHES_PER_REQUEST = 1  # of one partition
 MAX_PRODUCER_EPOCH = 0x7FFF  # an int16 on the wire
 RECORD_OVERHEAD_BYTES = 21  # length, attributes, timestamp and offset deltas, key and value lengths
 ACKS = {"all": -1, "-1": -1, -1: -1, "1": 1, 1: 1, "0": 0, 0: 0}
@@ -301,6 +309,7 @@ class ProducerCore:
         self.max_block_s = max_block_ms / 1000
         self.partitioner = StickyPartitioner() if partitioner == "sticky" else RoundRobinPartitioner()
         self.partition_counts: dict[str, int] = {}  # filled by the I/O layer from metadata
+        self.counts_asked_s: dict[str, float] = {}  # when each count was asked for (time.monotonic)
         self.open: dict[Slot, CoreBatch] = {}
         self.ready: dict[Slot, deque[CoreBatch]] = {}
         self.in_flight: dict[Slot, list[CoreBatch]] = {}  # handed out and unanswered, in send order
@@ -315,35 +324,61 @@ class ProducerCore:
     def append(self, topic: str, value: Any, key: Any, headers: Headers | None, partition: int | None,
                timestamp_ms: int | None, count: int) -> Any:
         """Add one record to its partition's open batch (the hot path: per record, no allocation a batch could
-        share). count is the topic's partition count. Returns new_future(batch, index, timestamp_ms)."""
+        share, and as few Python calls as the checks allow: a keyless record without headers, the common
+        case, makes five). count is the topic's partition count. Returns new_future(batch, index,
+        timestamp_ms)."""
         if value.__class__ is str:
             value = value.encode()
-        if key.__class__ is str:
-            key = key.encode()
-        partition = choose_partition(topic, key, partition, count, self.partitioner)
+        if key is None and partition is None:
+            partition = self.partitioner.partition(topic, count)
+        else:
+            if key.__class__ is str:
+                key = key.encode()
+            partition = choose_partition(topic, key, partition, count, self.partitioner)
         if timestamp_ms is None:
             timestamp_ms = time.time_ns() // 1_000_000
-        payload_bytes = check_record_size(topic, partition, key, value, self.max_request_bytes)
-        record_bytes = record_size_bound(payload_bytes, headers)
+        payload_bytes = (len(value) if value else 0) + (len(key) if key else 0)
+        if payload_bytes > self.max_request_bytes:
+            check_record_size(topic, partition, key, value, self.max_request_bytes)  # raises, naming the limit
+        record_bytes = record_size_bound(payload_bytes, headers) if headers else RECORD_OVERHEAD_BYTES + payload_bytes
         slot = (topic, partition)
         batch = self.open.get(slot)
-        if batch is not None and batch.builder.size_bytes + record_bytes > self.batch_size:
-            self.seal(slot, batch)  # a record that would overfill the batch starts a new one
-            self.wake()
-            batch = None
-        if batch is None:
-            batch = self.open[slot] = self.new_batch(topic, partition, self.compression, self.clock())
-            self.unfinished += 1
-            self.buffered_bytes += batch.builder.size_bytes  # its header: release() frees the whole size
-            self.wake()  # once per batch: the sender must start this batch's linger clock
+        if batch is None or batch.builder.size_bytes + record_bytes > self.batch_size:
+            batch = self._open_batch(slot, batch)
         builder = batch.builder
         before = builder.size_bytes
         index = builder.append(timestamp_ms, key, value, headers or ())
-        self.buffered_bytes += builder.size_bytes - before
-        if builder.size_bytes >= self.batch_size:
+        after = builder.size_bytes
+        self.buffered_bytes += after - before
+        if after >= self.batch_size:
             self.seal(slot, batch)
             self.wake()
         return self.new_future(batch, index, timestamp_ms)
+
+    def _open_batch(self, slot: Slot, full: CoreBatch | None) -> CoreBatch:
+        """A new open batch for the partition; the open one (full: the next record would overfill it) is sealed
+        first."""
+        if full is not None:
+            self.seal(slot, full)
+            self.wake()
+        batch = self.open[slot] = self.new_batch(slot[0], slot[1], self.compression, self.clock())
+        self.unfinished += 1
+        self.buffered_bytes += batch.builder.size_bytes  # its header: release() frees the whole size
+        self.wake()  # once per batch: the sender must start this batch's linger clock
+        return batch
+
+    def set_partition_count(self, topic: str, count: int, now_s: float) -> None:
+        """The topic's partition count, as a broker or the cached metadata gave it at now_s (time.monotonic)."""
+        self.partition_counts[topic] = count
+        self.counts_asked_s[topic] = now_s
+
+    def forget_old_partition_counts(self, max_age_s: float, now_s: float) -> None:
+        """The sender, once a turn: forget counts asked for more than max_age_s ago (metadata_max_age_ms), so
+        the next send() to the topic asks a broker again (partitions may have been added). send() itself then
+        needs no clock: a count it finds is fresh enough."""
+        for topic, asked_s in self.counts_asked_s.items():
+            if now_s - asked_s > max_age_s:
+                self.partition_counts.pop(topic, None)
 
     def buffer_full(self) -> bool:
         return self.buffered_bytes >= self.buffer_memory
@@ -376,24 +411,36 @@ class ProducerCore:
         return bool(self.open) or any(self.ready.values())
 
     def seal_lingering(self) -> float:
-        """Seal batches older than linger_ms; return how long the sender may sleep before something is due."""
+        """Seal batches older than linger_ms whose partition could send them now; return how long the sender
+        may sleep before something is due. A lingering batch whose partition's window is full (or backing off)
+        stays open and keeps taking records: an answer wakes the sender, which seals it then."""
         now = self.clock()
         next_due = IDLE_WAIT_S
         for slot, batch in list(self.open.items()):
             due = batch.created + self.linger_s - now
-            if due <= 0:
-                self.seal(slot, batch)
-            else:
+            if due > 0:
                 next_due = min(next_due, due)
+            elif self._could_send(slot, now):
+                self.seal(slot, batch)
         for retry_at in self.retry_at.values():
             if retry_at > now:
                 next_due = min(next_due, retry_at - now)
         return next_due
 
+    def _could_send(self, slot: Slot, now: float) -> bool:
+        """Would one more sealed batch of the partition go at once (room in its window, no backoff)?"""
+        room = self.max_in_flight - len(self.in_flight.get(slot, ()))
+        queue = self.ready.get(slot)
+        if queue:
+            room -= len(queue)
+        return room > 0 and self.retry_at.get(slot, 0.0) <= now
+
     def take_sendable(self) -> list[tuple[Slot, list[CoreBatch]]]:
-        """The batches that may go now, one per entry, in each partition's sequence order: up to
-        max_in_flight per partition, a retried batch alone and only once nothing of its partition is in
-        flight, none during a backoff. Each gets its epoch and sequence here, under the caller's lock."""
+        """The entries that may go now, at most one per partition, in sequence order: the partition's batches
+        never sent yet, together, up to max_in_flight batches of the partition in flight and within
+        max_request_bytes (the first always goes); or a retried batch alone, once nothing of its partition is
+        in flight. None during a backoff. Each batch gets its epoch and sequence here, under the caller's
+        lock."""
         now = self.clock()
         taken: list[tuple[Slot, list[CoreBatch]]] = []
         for slot, queue in self.ready.items():
@@ -410,12 +457,25 @@ class ProducerCore:
                     flying.append(batch)
                     taken.append((slot, [batch]))
                 continue
-            while queue and len(flying) < self.max_in_flight and not queue[0].assigned:
-                batch = queue.popleft()
-                self._assign(slot, batch)
-                flying.append(batch)
-                taken.append((slot, [batch]))
+            entry = self._take_new(slot, queue, flying)
+            if entry:
+                taken.append((slot, entry))
         return taken
+
+    def _take_new(self, slot: Slot, queue: deque[CoreBatch], flying: list[CoreBatch]) -> list[CoreBatch]:
+        """Batches never sent yet from the head of the queue, numbered in order, as one entry."""
+        entry: list[CoreBatch] = []
+        size = 0
+        while queue and len(flying) < self.max_in_flight and not queue[0].assigned:
+            next_size = queue[0].builder.size_bytes
+            if entry and size + next_size > self.max_request_bytes:
+                break
+            batch = queue.popleft()
+            self._assign(slot, batch)
+            flying.append(batch)
+            entry.append(batch)
+            size += next_size
+        return entry
 
     def _assign(self, slot: Slot, batch: CoreBatch) -> None:
         ordinal = self.ordinals.get(slot, 0)
@@ -470,6 +530,8 @@ class ProducerCore:
             error = error_for(result.error_code, result.error_message, *slot)
             # That broker cannot say who leads (it may be cut off from its peers): ask the others first.
             leaderless = result.error_code in LEADERLESS_CODES and not result.leader.leader_address
+        if isinstance(error, RecordTooLargeError) and len(batches) > 1 and self.may_retry(batches):
+            return self._split_refused(slot, batches, error)
         error = explain_record_too_large(error, *slot, [(b.builder.count, len(b.data or b"")) for b in batches])
         if isinstance(error, OutOfOrderSequenceError) and self.may_retry(batches):
             return self._out_of_order(slot, batches, error)
@@ -508,6 +570,14 @@ class ProducerCore:
         if not earlier_pending and self.idempotent:
             log.info("%s-%d: %s; nothing earlier is pending, so a new epoch starts", slot[0], slot[1], error)
             self.resetting.add(slot)
+        self._requeue(slot, batches)
+        return Verdict(True, False, error, [], refresh_metadata=False)
+
+    def _split_refused(self, slot: Slot, batches: list[CoreBatch], error: LogbrokerError) -> Verdict:
+        """An entry of several batches was refused as too large, and nothing of it stored: one of them is at
+        fault. They go again as retries, each alone, so that one fails by itself (and the partition starts a
+        new epoch) while the others are stored."""
+        log.info("%s-%d: %s; resending the entry's %d batches one by one", slot[0], slot[1], error, len(batches))
         self._requeue(slot, batches)
         return Verdict(True, False, error, [], refresh_metadata=False)
 
@@ -570,8 +640,8 @@ class _Request:
 def requests_by_leader(items: Sequence[tuple[Slot, list[CoreBatch], Any]], max_request_bytes: int
                        ) -> list[tuple[Any, list[tuple[Slot, list[CoreBatch]]]]]:
     """Group (slot, batches, leader) into requests: one per leader carrying every ready partition, at most one
-    batch of a partition per request (a partition's next batch goes in the leader's next request, so its
-    batches leave in order), within max_request_bytes (a larger batch still goes, alone)."""
+    entry of a partition per request (a partition's next entry goes in the leader's next request, so its
+    batches leave in order), within max_request_bytes (a larger entry still goes, alone)."""
     requests: list[_Request] = []
     by_leader: dict[Any, list[_Request]] = {}
     for slot, batches, leader in items:
@@ -603,7 +673,8 @@ def match_results(parts: Sequence[tuple[Slot, list[CoreBatch]]], results: Sequen
     return paired
 
 
-def partition_count_stale(count: int, partition: int | None, asked_s: float, max_age_s: float) -> bool:
-    """Must the producer ask for a topic's partition count again? When a partition beyond the count known is
-    named (partitions were added), or the count is older than metadata_max_age_ms."""
-    return (partition is not None and partition >= count) or time.monotonic() - asked_s > max_age_s
+def partition_count_stale(count: int | None, partition: int | None) -> bool:
+    """Must send() ask for a topic's partition count? When none is known (never asked, or forgotten by
+    forget_old_partition_counts once older than metadata_max_age_ms), or a partition beyond it is named
+    (partitions were added)."""
+    return count is None or (partition is not None and partition >= count)

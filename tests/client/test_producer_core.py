@@ -20,6 +20,7 @@ from logbroker_client.producer_core import (
     CoreBatch,
     ProducerCore,
     complete_all,
+    partition_count_stale,
     requests_by_leader,
 )
 from logbroker_client.proto import logbroker_pb2 as pb
@@ -143,6 +144,17 @@ def test_null_key_records_stick_to_a_partition_until_its_batch_is_sealed() -> No
     assert keyed[0].partition == send(core, b"b", partition=None, count=3, key=b"user-1")[0].partition
 
 
+def test_partition_counts_older_than_the_max_age_are_forgotten_so_send_asks_again() -> None:
+    core, _, _ = make()
+    core.set_partition_count("t", 3, now_s=10.0)
+    core.set_partition_count("u", 1, now_s=12.0)
+    assert not partition_count_stale(core.partition_counts.get("t"), None)
+    assert partition_count_stale(core.partition_counts.get("t"), 3)  # beyond the count: partitions were added
+    core.forget_old_partition_counts(max_age_s=1.5, now_s=12.0)
+    assert "t" not in core.partition_counts and core.partition_counts["u"] == 1
+    assert partition_count_stale(core.partition_counts.get("t"), None) and "t" in core.counts_asked_s
+
+
 # ------------------------------------------------------------------------------------------ sending
 
 def sealed(core: ProducerCore, clock: Clock, batches: int) -> None:
@@ -151,110 +163,186 @@ def sealed(core: ProducerCore, clock: Clock, batches: int) -> None:
         core.seal_all()
 
 
-def taken_batches(core: ProducerCore) -> list[CoreBatch]:
-    """What take_sendable hands out, checking it is one batch per entry (each goes in its own request)."""
+def entries(core: ProducerCore) -> list[list[CoreBatch]]:
+    """What take_sendable hands out for SLOT: at most one entry of the partition per call."""
     taken = core.take_sendable()
-    assert all(len(batches) == 1 and slot == SLOT for slot, batches in taken)
-    return [batches[0] for _, batches in taken]
+    assert all(slot == SLOT for slot, _ in taken) and len(taken) <= 1
+    return [batches for _, batches in taken]
 
 
-def answer(core: ProducerCore, batch: CoreBatch, result: pb.PartitionProduceResult | None,
+def entry(core: ProducerCore) -> list[CoreBatch]:
+    (batches,) = entries(core)
+    return batches
+
+
+def answer(core: ProducerCore, batches: list[CoreBatch], result: pb.PartitionProduceResult | None,
            error: Any = None) -> Any:
-    verdict = core.on_answer(SLOT, [batch], result, error)
+    verdict = core.on_answer(SLOT, batches, result, error)
     complete_all(verdict.completions)
     core.release(SLOT, verdict.finished)
     return verdict
 
 
-def test_up_to_five_batches_of_a_partition_are_in_flight_and_each_answer_lets_one_more_go() -> None:
+def test_a_partitions_new_batches_travel_in_one_entry_and_at_most_five_are_in_flight() -> None:
     core, clock, _ = make()
-    sealed(core, clock, DEFAULT_MAX_IN_FLIGHT + 2)
-    first = taken_batches(core)
-    assert len(first) == DEFAULT_MAX_IN_FLIGHT
-    assert [sequences(core.request_records(SLOT, [b])) for b in first] == [[(77, i)] for i in range(5)]
-    assert core.take_sendable() == []  # five in flight
-    answer(core, first[0], ok(0))
-    (sixth,) = taken_batches(core)
-    assert sequences(core.request_records(SLOT, [sixth])) == [(77, 5)]
+    sealed(core, clock, 2)
+    first = entry(core)  # both ready batches, one entry, consecutive sequences
+    assert len(first) == 2 and sequences(core.request_records(SLOT, first)) == [(77, 0), (77, 1)]
+    sealed(core, clock, DEFAULT_MAX_IN_FLIGHT)
+    second = entry(core)  # only three more fit in the window of five batches
+    assert len(second) == 3 and sequences(core.request_records(SLOT, second)) == [(77, 2), (77, 3), (77, 4)]
+    assert entries(core) == [] and len(core.ready[SLOT]) == 2  # five in flight
+    answer(core, first, ok(0, 1))  # two batches answered: two more may go
+    third = entry(core)
+    assert sequences(core.request_records(SLOT, third)) == [(77, 5), (77, 6)]
+    assert [b.outcome for b in first] == [(0, None), (1, None)]  # type: ignore[attr-defined]
+
+
+def test_an_entry_stays_within_max_request_bytes_and_the_next_batch_waits_for_the_next_request() -> None:
+    core, clock, _ = make(max_request_bytes=250)
+    for value in (b"x" * 100, b"y" * 100, b"z" * 100):
+        send(core, value)
+        core.seal_all()
+    one = entry(core)  # two batches of about 180 bytes do not fit in 250
+    assert len(one) == 1
+    two = entry(core)  # the window has room: the next one goes in the next request
+    assert len(two) == 1 and sequences(core.request_records(SLOT, one + two)) == [(77, 0), (77, 1)]
+
+
+def test_a_lingering_batch_keeps_taking_records_while_the_window_is_full_and_goes_once_there_is_room() -> None:
+    core, clock, _ = make(linger_ms=5, max_in_flight_requests_per_connection=1)
+    send(core, b"a")
+    clock.now += 0.005
+    core.seal_lingering()
+    first = entry(core)
+    lingering = send(core, b"b")[0]
+    clock.now += 0.010
+    core.seal_lingering()  # past linger_ms, but the window is full: it stays open
+    assert core.open[SLOT] is lingering and entries(core) == []
+    assert send(core, b"c")[0] is lingering  # and takes more records
+    answer(core, first, ok(0))
+    core.seal_lingering()  # room now: sealed and sent
+    assert entry(core) == [lingering] and lingering.builder.count == 2
+
+
+def test_a_lingering_batch_is_not_sealed_during_a_backoff() -> None:
+    core, clock, _ = make(linger_ms=0)
+    sealed(core, clock, 1)
+    batches = entry(core)
+    assert core.on_answer(SLOT, batches, refused(pb.ErrorCode.NOT_LEADER), None).retry
+    lingering = send(core, b"b")[0]
+    core.seal_lingering()
+    assert core.open[SLOT] is lingering
+    clock.now += RETRY_BACKOFF_MS / 1000
+    core.seal_lingering()
+    assert list(core.ready[SLOT]) == [batches[0], lingering]
 
 
 def test_retries_go_back_in_sequence_order_and_reach_the_new_leader_one_at_a_time() -> None:
     core, clock, _ = make()
     sealed(core, clock, 2)
+    first = entry(core)
     send(core, b"a")
     send(core, b"b")
-    core.seal_all()  # a third batch of two records
-    batches = taken_batches(core)
+    core.seal_all()  # a third batch of two records, in an entry of its own
+    second = entry(core)
+    batches = first + second
     datas = [core.request_records(SLOT, [b]) for b in batches]
     assert [sequences(d) for d in datas] == [[(77, 0)], [(77, 1)], [(77, 2)]]
     # The leader died: the answers come back in any order.
-    for batch in (batches[2], batches[0], batches[1]):
-        verdict = core.on_answer(SLOT, [batch], refused(pb.ErrorCode.NOT_LEADER, leader="b2:9092"), None)
+    for lost in (second, first):
+        verdict = core.on_answer(SLOT, lost, refused(pb.ErrorCode.NOT_LEADER, leader="b2:9092"), None)
         assert verdict.retry and verdict.refresh_metadata and verdict.completions == []
         assert isinstance(verdict.error, NotLeaderError)
-    assert core.take_sendable() == []  # backing off
+    sealed(core, clock, 1)  # a new batch waits behind the retries
+    assert entries(core) == []  # backing off
     clock.now += RETRY_BACKOFF_MS / 1000
-    for expected, data in zip(batches, datas, strict=True):
-        (again,) = taken_batches(core)  # alone: the next retry waits for this one's answer
-        assert again is expected and core.take_sendable() == []
-        assert core.request_records(SLOT, [again]) == data and again.attempts == 2
+    for expected, data in zip(batches[:-1], datas, strict=False):
+        again = entry(core)  # alone: the next retry (and the new batch) waits for this one's answer
+        assert again == [expected] and entries(core) == []
+        assert core.request_records(SLOT, again) == data and expected.attempts == 2
         answer(core, again, ok(5))
-    send(core, b"c")
-    core.seal_all()
-    (later,) = taken_batches(core)
-    assert sequences(core.request_records(SLOT, [later])) == [(77, 4)]
+    last = entry(core)
+    assert last == [batches[-1]] and core.request_records(SLOT, last) == datas[-1]
+    later = entry(core)  # no retry left queued: the new batch follows the last retry in flight
+    assert sequences(core.request_records(SLOT, later)) == [(77, 4)]
+    assert core.in_flight[SLOT] == [batches[-1], *later]
 
 
 def test_a_batch_that_overtook_an_earlier_one_is_resent_after_it_without_asking_for_metadata() -> None:
     core, clock, _ = make()
-    sealed(core, clock, 3)
-    first, second, third = taken_batches(core)
-    for batch in (first, second, third):
-        core.request_records(SLOT, [batch])
-    gap = core.on_answer(SLOT, [second], refused(pb.ErrorCode.OUT_OF_ORDER_SEQUENCE_NUMBER, "expected 0"), None)
+    sealed(core, clock, 1)
+    first = entry(core)
+    sealed(core, clock, 2)
+    overtaking = entry(core)
+    core.request_records(SLOT, first + overtaking)
+    gap = core.on_answer(SLOT, overtaking, refused(pb.ErrorCode.OUT_OF_ORDER_SEQUENCE_NUMBER, "expected 0"), None)
     assert gap.retry and not gap.refresh_metadata and isinstance(gap.error, OutOfOrderSequenceError)
-    assert core.take_sendable() == []  # the first is still in flight
-    core.on_answer(SLOT, [third], refused(pb.ErrorCode.OUT_OF_ORDER_SEQUENCE_NUMBER, "expected 0"), None)
+    assert entries(core) == []  # the first is still in flight
     answer(core, first, ok(0))
     assert core.resetting == set()
-    for expected in (second, third):
-        (again,) = taken_batches(core)
-        assert again is expected and sequences(core.request_records(SLOT, [again]))[0][1] == expected.sequence
+    for expected in overtaking:
+        again = entry(core)
+        assert again == [expected] and sequences(core.request_records(SLOT, again))[0][1] == expected.sequence
         answer(core, again, ok(1))
     assert core.unfinished == 0
 
 
 def test_a_batch_failed_for_good_makes_the_partition_start_a_new_epoch_at_sequence_zero() -> None:
     core, clock, _ = make()
-    sealed(core, clock, 3)
-    batches = taken_batches(core)
-    for batch in batches:
-        core.request_records(SLOT, [batch])
+    sealed(core, clock, 1)
+    first = entry(core)
+    sealed(core, clock, 2)
+    rest = entry(core)
+    core.request_records(SLOT, first + rest)
     message = "batch of 2000 bytes exceeds max.message.bytes=1000; send smaller batches"
-    verdict = answer(core, batches[0], refused(pb.ErrorCode.RECORD_TOO_LARGE, message))
+    verdict = answer(core, first, refused(pb.ErrorCode.RECORD_TOO_LARGE, message))
     assert not verdict.retry and isinstance(verdict.completions[0][2], RecordTooLargeError)
-    for batch in batches[1:]:  # the broker refuses them: the sequence before theirs never arrives
-        assert core.on_answer(SLOT, [batch], refused(pb.ErrorCode.OUT_OF_ORDER_SEQUENCE_NUMBER), None).retry
-    renumbered = taken_batches(core)  # numbered afresh, so pipelined again
-    assert renumbered == batches[1:]
-    assert [epochs_and_sequences(core.request_records(SLOT, [b])) for b in renumbered] == [[(1, 0)], [(1, 1)]]
-    for offset, batch in enumerate(renumbered):
-        answer(core, batch, ok(offset))
+    # The broker refuses the rest: the sequence before theirs never arrives.
+    assert core.on_answer(SLOT, rest, refused(pb.ErrorCode.OUT_OF_ORDER_SEQUENCE_NUMBER), None).retry
+    renumbered = entry(core)  # numbered afresh, so new batches again: one entry
+    assert renumbered == rest
+    assert epochs_and_sequences(core.request_records(SLOT, renumbered)) == [(1, 0), (1, 1)]
+    answer(core, renumbered, ok(0, 1))
     assert core.take_failures().records == 1 and core.unfinished == 0
+
+
+def test_an_entry_refused_as_too_large_is_resent_batch_by_batch_so_only_the_one_at_fault_fails() -> None:
+    core, clock, _ = make()
+    for value in (b"a", b"b" * 500, b"c"):
+        send(core, value)
+        core.seal_all()
+    batches = entry(core)
+    core.request_records(SLOT, batches)
+    too_large = len(batches[1].data or b"")
+    message = f"batch of {too_large} bytes exceeds max.message.bytes=300; send smaller batches"
+    split = core.on_answer(SLOT, batches, refused(pb.ErrorCode.RECORD_TOO_LARGE, message), None)
+    assert split.retry and not split.refresh_metadata and split.completions == []
+    assert entry(core) == [batches[0]]  # no backoff: the first goes again at once, alone
+    assert entries(core) == [] and core.in_flight[SLOT] == [batches[0]]
+    answer(core, [batches[0]], ok(0))
+    assert entry(core) == [batches[1]]
+    failed = answer(core, [batches[1]], refused(pb.ErrorCode.RECORD_TOO_LARGE, message))
+    assert not failed.retry and isinstance(failed.completions[0][2], RecordTooLargeError)
+    last = entry(core)  # after the hole: a new epoch from sequence 0
+    assert last == [batches[2]] and epochs_and_sequences(core.request_records(SLOT, last)) == [(1, 0)]
+    answer(core, last, ok(2))
+    assert [b.outcome[0] for b in batches] == [0, -1, 2]  # type: ignore[attr-defined]
+    assert core.take_failures().records == 1
 
 
 def test_an_out_of_order_answer_with_nothing_earlier_pending_starts_a_new_epoch() -> None:
     """An acks=1 leader lost acknowledged batches in a failover: the new one expects an older sequence."""
     core, clock, _ = make(acks=1)
     sealed(core, clock, 1)
-    (batch,) = taken_batches(core)
-    core.request_records(SLOT, [batch])
-    assert core.on_answer(SLOT, [batch], refused(pb.ErrorCode.OUT_OF_ORDER_SEQUENCE_NUMBER), None).retry
-    (again,) = taken_batches(core)
-    assert epochs_and_sequences(core.request_records(SLOT, [again])) == [(1, 0)]
+    batches = entry(core)
+    core.request_records(SLOT, batches)
+    assert core.on_answer(SLOT, batches, refused(pb.ErrorCode.OUT_OF_ORDER_SEQUENCE_NUMBER), None).retry
+    again = entry(core)
+    assert epochs_and_sequences(core.request_records(SLOT, again)) == [(1, 0)]
 
 
-def test_requests_carry_one_batch_of_each_partition_a_leader_leads() -> None:
+def test_requests_carry_one_entry_of_each_partition_a_leader_leads() -> None:
     core, clock, _ = make()
     for partition in (0, 1, 2):
         send(core, b"v", partition=partition, count=3)
@@ -263,18 +351,19 @@ def test_requests_carry_one_batch_of_each_partition_a_leader_leads() -> None:
     core.seal_all()
     leaders = {0: "a", 1: "a", 2: "b"}
     items = [(slot, batches, leaders[slot[1]]) for slot, batches in core.take_sendable()]
+    assert [(slot[1], len(batches)) for slot, batches, _ in items] == [(0, 2), (1, 1), (2, 1)]
     grouped = requests_by_leader(items, core.max_request_bytes)
     shape = [(leader, [slot[1] for slot, _ in parts]) for leader, parts in grouped]
-    assert shape == [("a", [0, 1]), ("a", [0]), ("b", [2])]
-    assert len(requests_by_leader(items, 1)) == 4  # no room for two batches in one request
+    assert shape == [("a", [0, 1]), ("b", [2])]
+    assert len(requests_by_leader(items, 1)) == 3  # no room for two entries in one request
 
 
 def test_without_answers_or_idempotence_one_batch_of_a_partition_is_in_flight() -> None:
     for options in ({"acks": 0}, {"enable_idempotence": False}):
         core, clock, _ = make(**options)
         sealed(core, clock, 3)
-        (batch,) = taken_batches(core)
-        assert sequences(core.request_records(SLOT, [batch])) == [(-1, -1)]
+        batches = entry(core)
+        assert len(batches) == 1 and sequences(core.request_records(SLOT, batches)) == [(-1, -1)]
         assert core.take_sendable() == []
 
 
@@ -294,7 +383,7 @@ def test_without_idempotence_batches_carry_no_producer_id() -> None:
 
 def in_flight(core: ProducerCore, clock: Clock, batches: int = 1) -> list[CoreBatch]:
     sealed(core, clock, batches)
-    taken = taken_batches(core)
+    taken = entry(core)
     core.request_records(SLOT, taken)
     return taken
 
@@ -323,7 +412,7 @@ def test_a_lost_connection_is_retried_until_the_delivery_timeout_then_fails_with
     lost = RequestTimedOutError("no answer")
     assert core.on_answer(SLOT, batches, None, lost).retry
     clock.now += 1.0
-    again = taken_batches(core)
+    again = entry(core)
     slot = SLOT
     verdict = core.on_answer(slot, again, None, lost)
     assert not verdict.retry and verdict.completions == [(batches[0], -1, lost)]
