@@ -3,6 +3,8 @@ the same records out of the decoder, and no batch the Python decoder refuses is 
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -110,3 +112,11 @@ def test_without_the_c_codec_the_python_paths_build_and_read_the_same_batches(
         decoded = rec.decode_records(batch, 0, rec.read_header(batch), "t", 3)
     assert python_section == native_section
     assert decoded == c_decode(native_section, header)
+
+
+def test_records_without_headers_are_left_out_of_the_cycle_collector_and_those_with_headers_are_not() -> None:
+    section, header = section_of([(0, None, b"plain", []), (1, b"k", b"v", [("h", b"x")])])
+    plain, with_headers = c_decode(section, header) or []
+    assert plain.headers is rec.NO_HEADERS and not gc.is_tracked(plain)  # cannot be part of a cycle
+    assert with_headers.headers == [("h", b"x")] and gc.is_tracked(with_headers)  # its list could be made one
+    assert plain == python_decode(section, header)[0]
