@@ -27,7 +27,7 @@ from logbroker_client.proto import logbroker_pb2 as pb
 from logbroker_client.proto import logbroker_pb2_grpc as pb_grpc
 
 from logbroker.cluster.peer_auth import peer_metadata
-from logbroker.cluster.raft_codec import RaftCodecError, decode_message, encode_message
+from logbroker.cluster.raft_codec import RaftCodecError, decode_message, encode_message_into
 from logbroker.raft.types import Message
 
 log = logging.getLogger("logbroker.transport")
@@ -303,21 +303,22 @@ class RaftTransport:
                     break  # the message stays queued and opens the next envelope
                 peer.queue.popleft()
                 peer.queued_bytes -= message_bytes
-                encoded = self._encode(peer, group, message)
-                if encoded is not None:
-                    envelope.messages.append(encoded)
+                if self._encode_into(envelope, peer, group, message):
                     size_bytes += message_bytes
             if envelope.messages:
                 yield envelope
 
-    def _encode(self, peer: _Peer, group: str, message: Message) -> pb.RaftMessage | None:
+    def _encode_into(self, envelope: pb.RaftEnvelope, peer: _Peer, group: str, message: Message) -> bool:
+        """Add the message to the envelope, encoded in place (no copy of its payloads); False if dropped."""
         try:
-            return encode_message(group, message)
+            encode_message_into(envelope.messages.add(), group, message)
+            return True
         except (ValueError, KeyError, TypeError):
             # One unencodable message (a bug upstream) must not wedge the whole queue behind it.
+            del envelope.messages[-1]
             log.exception("dropping a Raft message for node %d that cannot be encoded: %r", peer.node_id, message)
             self._dropped[peer.node_id] += 1
-            return None
+            return False
 
     def _mark_up(self, peer: _Peer) -> None:
         if peer.connected is not True:
