@@ -77,6 +77,11 @@ _SPECS = (
 
 ERRORS: dict[str, ErrorSpec] = {spec.name: spec for spec in _SPECS}
 
+# Said in the message of a DUPLICATE_SEQUENCE answer, which shares INVALID_REQUEST's gRPC code: "this batch was
+# stored long ago, where is no longer known". A producer completes it as stored (offset unknown), and a broker
+# writing dead letters to another broker tells it from a refusal.
+ALREADY_STORED_MARKER = "[already stored]"
+
 
 def spec_for_code(code: int) -> ErrorSpec:
     """The registry entry of a logbroker.v1.ErrorCode value (UNKNOWN_SERVER_ERROR for one this client does not

@@ -46,6 +46,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from logbroker_client import records as rec
+from logbroker_client.error_codes import ALREADY_STORED_MARKER
 from logbroker_client.errors import (
     DeliveryFailedError,
     LogbrokerError,
@@ -429,11 +430,21 @@ class ProducerCore:
 
     def _could_send(self, slot: Slot, now: float) -> bool:
         """Would one more sealed batch of the partition go at once (room in its window, no backoff)?"""
-        room = self.max_in_flight - len(self.in_flight.get(slot, ()))
+        room = self._window_room(slot, self.in_flight.get(slot, []))
         queue = self.ready.get(slot)
         if queue:
             room -= len(queue)
         return room > 0 and self.retry_at.get(slot, 0.0) <= now
+
+    def _window_room(self, slot: Slot, flying: list[CoreBatch]) -> int:
+        """How many more new batches of the partition may go. The window runs from the oldest batch still
+        unanswered, not over the count in flight: gRPC answers requests in any order, so while one batch's
+        answer is slow, later ones can be stored and answered; if they kept going, the slow batch's retry
+        would fall behind the broker's window of its last 5 batches and could not be recognised (the broker
+        can only say it was stored, not where). Kafka's in-order answers per connection give it this rule."""
+        if not flying:
+            return self.max_in_flight
+        return self.max_in_flight - (self.ordinals.get(slot, 0) - flying[0].ordinal)
 
     def take_sendable(self) -> list[tuple[Slot, list[CoreBatch]]]:
         """The entries that may go now, at most one per partition, in sequence order: the partition's batches
@@ -466,7 +477,8 @@ class ProducerCore:
         """Batches never sent yet from the head of the queue, numbered in order, as one entry."""
         entry: list[CoreBatch] = []
         size = 0
-        while queue and len(flying) < self.max_in_flight and not queue[0].assigned:
+        room = self._window_room(slot, flying)
+        while queue and len(entry) < room and not queue[0].assigned:
             next_size = queue[0].builder.size_bytes
             if entry and size + next_size > self.max_request_bytes:
                 break
@@ -535,6 +547,12 @@ class ProducerCore:
         error = explain_record_too_large(error, *slot, [(b.builder.count, len(b.data or b"")) for b in batches])
         if isinstance(error, OutOfOrderSequenceError) and self.may_retry(batches):
             return self._out_of_order(slot, batches, error)
+        if error is not None and ALREADY_STORED_MARKER in str(error):
+            # A retry of batches the broker stored so long ago it cannot find their offsets: they are in the
+            # log, once. Kafka's producer completes a DUPLICATE_SEQUENCE_NUMBER the same way: success, offset
+            # unknown (-1).
+            log.warning("%s-%d: %s; the records are stored, their offsets unknown", slot[0], slot[1], error)
+            return Verdict(False, False, None, [(b, -1, None) for b in batches])
         if error is not None and error.retriable and self.may_retry(batches):
             log.info("%s-%d: %s; retrying in %d ms", slot[0], slot[1], error, RETRY_BACKOFF_MS)
             self._requeue(slot, batches)

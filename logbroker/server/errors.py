@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from logbroker_client.error_codes import ALREADY_STORED_MARKER  # noqa: F401  (re-exported: the broker says it)
 from logbroker_client.proto import logbroker_pb2 as pb
 
 
@@ -80,9 +81,6 @@ class RequestTimedOut(BrokerError):
     code = pb.ErrorCode.REQUEST_TIMED_OUT
 
 
-# Said in the message of a DuplicateSequence answer (it shares INVALID_REQUEST's wire code), so that a broker
-# writing dead letters to another broker can tell "already stored" from a refusal.
-ALREADY_STORED_MARKER = "[already stored]"
 
 
 class DuplicateSequence(BrokerError):

@@ -198,6 +198,33 @@ def test_a_partitions_new_batches_travel_in_one_entry_and_at_most_five_are_in_fl
     assert [b.outcome for b in first] == [(0, None), (1, None)]  # type: ignore[attr-defined]
 
 
+def test_a_slow_oldest_batch_holds_the_window_so_its_retry_stays_within_the_brokers_last_five() -> None:
+    core, clock, _ = make()
+    oldest_and_later = []
+    for _ in range(DEFAULT_MAX_IN_FLIGHT):  # one batch per request: five requests in flight
+        sealed(core, clock, 1)
+        oldest_and_later.append(entry(core))
+    oldest, later = oldest_and_later[0], oldest_and_later[1:]
+    for offset, batches in enumerate(later, start=1):  # gRPC answers them first; the oldest's answer is slow
+        answer(core, batches, ok(offset))
+    sealed(core, clock, 3)
+    # Five batches are unanswered no more, yet none may go: a retry of the oldest must find it among the
+    # broker's last five batches, so nothing goes more than four batches past it.
+    assert entries(core) == []
+    answer(core, oldest, ok(0))
+    assert len(entry(core)) == 3
+
+
+def test_batches_the_broker_stored_too_long_ago_to_place_complete_as_stored() -> None:
+    core, clock, _ = make()
+    sealed(core, clock, 2)
+    batches = entry(core)
+    verdict = answer(core, batches, refused(pb.ErrorCode.INVALID_REQUEST, "t-0: producer 77 retried sequence 0, "
+                                            "stored too long ago to find its offset [already stored]"))
+    assert not verdict.retry and [b.outcome for b in batches] == [(-1, None), (-1, None)]  # type: ignore[attr-defined]
+    assert core.failures.records == 0 and SLOT not in core.resetting
+
+
 def test_an_entry_stays_within_max_request_bytes_and_the_next_batch_waits_for_the_next_request() -> None:
     core, clock, _ = make(max_request_bytes=250)
     for value in (b"x" * 100, b"y" * 100, b"z" * 100):
