@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from logbroker.cluster.raft_storage import DamagedLogError
 from logbroker.raft.types import Ready
 from tests.raft.runtime_sim.cluster import ObservedReplica
 
@@ -28,7 +29,18 @@ class ReleaseBeforeFsync(ObservedReplica):
         self._release(self._durable_waiters, self.durable_offset)
 
 
+class TrustCacheAfterFailedFsync(ObservedReplica):
+    """After a failed fsync, lets its log be reopened whole, trusting what reads show: with Linux's fsync
+    semantics the unwritten pages are dropped, so a power cut later takes entries it acknowledged since."""
+
+    def _stop_after_failure(self, exc: Exception) -> None:
+        super()._stop_after_failure(exc)
+        if not isinstance(exc, DamagedLogError):
+            self.damaged_from = None
+
+
 MUTANTS: dict[str, type[ObservedReplica]] = {
     "answer-before-fsync": AnswerBeforeFsync,
     "release-before-fsync": ReleaseBeforeFsync,
+    "trust-cache-after-failed-fsync": TrustCacheAfterFailedFsync,
 }
