@@ -661,7 +661,7 @@ class PartitionLog:
                 return 0
             doomed, kept = segments[:count], segments[count:]
             self._set_segments(kept)
-            if self.epochs.cut_before(self.log_start_offset):
+            if self._cut_epochs_before_start():
                 self.epochs.save()
             try:
                 for segment in doomed:
@@ -704,7 +704,7 @@ class PartitionLog:
                 return 0
             doomed, kept = segments[:count], segments[count:]
             self._set_segments(kept)
-            if self.epochs.cut_before(self.log_start_offset):
+            if self._cut_epochs_before_start():
                 self.epochs.save()
             try:
                 for segment in doomed:
@@ -715,6 +715,12 @@ class PartitionLog:
         logger.info("%s: deleted %d segment(s) below offset %d; the log now starts at offset %d",
                     self.name, count, new_start, self.log_start_offset)
         return count
+
+    def _cut_epochs_before_start(self) -> bool:
+        """Forget the epochs below the new log start; when the log is now empty (its only segment had no batch
+        yet, say an append to it failed), the epoch that held the start holds nothing, and goes too."""
+        cut = self.epochs.cut_before(self.log_start_offset)
+        return self.epochs.cut_from(self._next_offset) or cut
 
     def _expired_prefix(self, segments: list[LogSegment], now_ms: int, max_offset: int | None) -> int:
         closed = segments[:-1]

@@ -118,3 +118,16 @@ def test_a_checkpoint_older_than_a_reset_to_an_empty_log_is_dropped(log_dir: Pat
     (log_dir / filenames.LEADER_EPOCH_CHECKPOINT_FILE).write_bytes(saved)
     log = open_log(log_dir)
     assert (log.log_start_offset, log.log_end_offset) == (13, 13) and log.epochs.entries() == []
+
+
+def test_deleting_every_batch_below_an_empty_active_segment_forgets_every_epoch(log_dir: Path) -> None:
+    # An append that failed right after a roll leaves the new active segment empty; deleting the segments below
+    # it left epoch 7 "beginning" at the log end, and the next leader's first append then tripped an assertion
+    # (found by the runtime simulation).
+    log = written(log_dir, segment_bytes=100)
+    log._roll(T0)  # the active segment is now empty, at the log end
+    end = log.log_end_offset
+    log.delete_segments_before(log.prefix_cut_point(end))
+    assert (log.log_start_offset, log.log_end_offset) == (end, end) and log.epochs.entries() == []
+    log.append(bytearray(make_batch(1)), 9, T0)
+    assert log.epochs.entries() == [(9, end)] and log.epoch_at(end) == 9
