@@ -20,7 +20,7 @@ Outcome = dict[str, tuple[ErrorCode, str] | None]  # name -> None when done, els
 
 
 async def _forward(broker: Any, method: str, request: Any, timeout_s: float) -> Any | None:
-    address = await broker.controller_leader_address(timeout_s)
+    address = await broker.controller_client.controller_leader_address(timeout_s)
     if address is None:
         return None
     try:
@@ -52,13 +52,14 @@ async def create_topics(broker: Any, specs: list[TopicSpec], validate_only: bool
     if forwarded is not None:
         answered = _outcome(forwarded.results)
         created = [n for n, problem in answered.items() if problem is None and not validate_only]
-        await broker.wait_for_metadata(lambda: all(n in broker.cluster.topics for n in created), timeout_s)
+        await broker.controller_client.wait_for_metadata(lambda: all(n in broker.cluster.topics for n in created),
+                                                         timeout_s)
         return answered
     outcome: Outcome = {}
     for name, partitions, replication, configs in specs:
         try:
-            await broker.create_topic(name, partitions, replication, configs, validate_only=validate_only,
-                                      timeout_s=timeout_s)
+            await broker.controller_client.create_topic(name, partitions, replication, configs,
+                                                        validate_only=validate_only, timeout_s=timeout_s)
             outcome[name] = None
         except Exception as exc:
             outcome[name] = kafka_error(exc, f"topic {name!r}")
@@ -73,12 +74,13 @@ async def delete_topics(broker: Any, names: list[str], timeout_s: float) -> Outc
     if forwarded is not None:
         answered = _outcome(forwarded.results)
         deleted = [n for n, problem in answered.items() if problem is None]
-        await broker.wait_for_metadata(lambda: not any(n in broker.cluster.topics for n in deleted), timeout_s)
+        await broker.controller_client.wait_for_metadata(lambda: not any(n in broker.cluster.topics for n in deleted),
+                                                         timeout_s)
         return answered
     outcome: Outcome = {}
     for name in names:
         try:
-            await broker.delete_topic(name, timeout_s)
+            await broker.controller_client.delete_topic(name, timeout_s)
             outcome[name] = None
         except Exception as exc:
             outcome[name] = kafka_error(exc, f"topic {name!r}")
@@ -97,7 +99,7 @@ async def add_partitions(broker: Any, name: str, total: int, timeout_s: float) -
         return kafka_error(exc, f"topic {name!r}")
     if forwarded.error_code:
         return _problem(forwarded.error_code, forwarded.error_message)
-    await broker.wait_for_metadata(lambda: _partitions(broker, name) >= total, timeout_s)
+    await broker.controller_client.wait_for_metadata(lambda: _partitions(broker, name) >= total, timeout_s)
     return None
 
 
@@ -117,7 +119,7 @@ async def alter_topic_configs(broker: Any, name: str, changes: dict[str, str], d
         return _problem(forwarded.error_code, forwarded.error_message)
     if not validate_only:
         wanted = dict(forwarded.configs)
-        await broker.wait_for_metadata(lambda: _configs(broker, name) == wanted, timeout_s)
+        await broker.controller_client.wait_for_metadata(lambda: _configs(broker, name) == wanted, timeout_s)
     return None
 
 

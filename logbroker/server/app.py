@@ -153,12 +153,12 @@ class BrokerServer:
         for name in [*SERVICE_NAMES, ""]:  # the overall status last: it is what start-up waits on
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("broker %d: controller leader is broker %d; serving", self.config.node_id, controller.leader_id)
-        await self.broker.run_maintenance()
+        await self.broker.maintenance.run()
 
     async def stop(self) -> None:
         """Stop taking requests, let in-flight ones finish, then close every log cleanly."""
         log.info("broker %d shutting down", self.config.node_id)
-        await self.broker.hand_over_leadership()
+        await self.broker.replicas.hand_over_leadership()
         await self._health.enter_graceful_shutdown()
         if self.kafka is not None:
             await self.kafka.stop()

@@ -46,7 +46,7 @@ class GroupFrontEnd:
         if partitions is None:
             raise CoordinatorNotAvailable(f"{OFFSETS_TOPIC} is being created; retry shortly")
         index = partition_for_group(group_id, partitions)
-        leader = self.broker.known_leader(OFFSETS_TOPIC, index)
+        leader = self.broker.replicas.known_leader(OFFSETS_TOPIC, index)
         if leader is None or leader not in self.broker.peers:
             raise CoordinatorNotAvailable(f"{OFFSETS_TOPIC}-{index}, which holds group {group_id!r}, has no leader "
                                           "now (a majority of its replicas must be up); retry shortly")
@@ -54,7 +54,7 @@ class GroupFrontEnd:
 
     def runtime_for(self, group_id: str) -> GroupShardRuntime:
         check_group_id(group_id)
-        if not self.broker.metadata_loaded():
+        if not self.broker.controller_client.metadata_loaded():
             # Assignments are computed from the topics this broker knows: a broker that has just started
             # must not compute them from a partial list (every member would lose its partitions).
             raise CoordinatorLoadInProgress(f"broker {self.broker.node_id} is still loading the cluster "

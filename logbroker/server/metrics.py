@@ -145,10 +145,10 @@ class BrokerMetrics:
         broker = self.broker
         wanted: dict[int, set[str]] = {}
         for topic, partition in self._committed_partitions():
-            replica = broker.local_replica(topic, partition)
+            replica = broker.replicas.local_replica(topic, partition)
             if replica is not None and replica.is_leader:
                 continue
-            leader = broker.known_leader(topic, partition) if topic in broker.cluster.topics else None
+            leader = broker.replicas.known_leader(topic, partition) if topic in broker.cluster.topics else None
             if leader is not None and leader != broker.node_id and leader in broker.peers:
                 wanted.setdefault(leader, set()).add(topic)
         return wanted
@@ -186,7 +186,7 @@ class BrokerMetrics:
 
     def high_watermark(self, topic: str, partition: int) -> int | None:
         """The partition's high watermark as its leader knows it, if this broker leads it or has asked."""
-        replica = self.broker.local_replica(topic, partition)
+        replica = self.broker.replicas.local_replica(topic, partition)
         if replica is not None and replica.is_leader:
             return int(replica.high_watermark)
         return self.remote_high_watermarks.get((topic, partition))
@@ -283,7 +283,7 @@ class BrokerStateCollector:
             ("partition_in_sync_replicas", "Replicas in sync with the leader (reported by its leader)"),
         )}
         leaders = 0
-        for (topic, partition), replica in broker.local_partitions():
+        for (topic, partition), replica in broker.replicas.local_partitions():
             if replica.closed:
                 continue
             labels = [topic, str(partition)]
@@ -300,7 +300,7 @@ class BrokerStateCollector:
                 continue
             leaders += 1
             assignment = spec.assignment[partition]
-            isr = broker.in_sync_replicas(replica, assignment)
+            isr = broker.replicas.in_sync_replicas(replica, assignment)
             led["partition_under_replicated"].add_metric(labels, 1 if len(isr) < len(assignment) else 0)
             led["partition_replicas"].add_metric(labels, len(assignment))
             led["partition_in_sync_replicas"].add_metric(labels, len(isr))
@@ -318,10 +318,10 @@ class BrokerStateCollector:
         brokers_up = GaugeMetricFamily(f"{PREFIX}brokers_alive", "Brokers this broker hears from, itself included")
         brokers_up.add_metric([], sum(1 for node in broker.peers if broker.liveness.is_alive(node)))
         if active:
-            for topic in broker.topics():
+            for topic in broker.controller_client.topics():
                 for partition in range(topic.partitions):
                     offline.add_metric([topic.name, str(partition)],
-                                       1 if broker.known_leader(topic.name, partition) is None else 0)
+                                       1 if broker.replicas.known_leader(topic.name, partition) is None else 0)
         yield offline
         yield brokers_up
 

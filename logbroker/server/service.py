@@ -83,7 +83,7 @@ class BrokerService(pb_grpc.BrokerServicer):
     async def _produce_one(self, part: pb.PartitionRecords, acks: int, timeout_s: float) -> pb.PartitionProduceResult:
         result = pb.PartitionProduceResult(topic=part.topic, partition=part.partition)
         try:
-            produced = await self.broker.produce(part.topic, part.partition, part.records, acks, timeout_s)
+            produced = await self.broker.data.produce(part.topic, part.partition, part.records, acks, timeout_s)
         except Exception as exc:
             _fill_error(result, exc, f"{part.topic}-{part.partition}")
             return result
@@ -112,7 +112,7 @@ class BrokerService(pb_grpc.BrokerServicer):
                     self.broker.metrics.record_fetched(topic, partition, data)
                 return pb.FetchResponse(results=results,
                                         throttle_time_ms=self.broker.backpressure.fetched(client_id, total))
-            await self.broker.wait_for_data(remaining)
+            await self.broker.data.wait_for_data(remaining)
 
     async def _read_all(self, request: pb.FetchRequest, budget: int
                         ) -> tuple[list[pb.PartitionFetchResult], int, list[tuple[str, int, bytes]]]:
@@ -141,7 +141,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         result = pb.PartitionFetchResult(topic=part.topic, partition=part.partition)
         try:
             # Once some bytes are in, the budget caps the rest; the first batch always fits (Kafka's rule).
-            fetched = self.broker.read(part.topic, part.partition, part.fetch_offset,
+            fetched = self.broker.data.read(part.topic, part.partition, part.fetch_offset,
                                        max(1, min(limit, budget - total)) if total else limit)
         except Exception as exc:
             _fill_error(result, exc, f"{part.topic}-{part.partition}")
@@ -160,7 +160,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         for part in request.partitions:
             result = pb.ListOffsetsResult(topic=part.topic, partition=part.partition)
             try:
-                result.offset, result.timestamp_ms = self.broker.list_offset(
+                result.offset, result.timestamp_ms = self.broker.data.list_offset(
                     part.topic, part.partition, part.timestamp_ms
                 )
             except Exception as exc:
@@ -176,20 +176,20 @@ class BrokerService(pb_grpc.BrokerServicer):
         for node_id, address in sorted(broker.peers.items()):
             host, _, port = address.rpartition(":")
             response.brokers.add(node_id=node_id, host=host, port=int(port))
-        for name in list(request.topics) or [t.name for t in broker.topics()]:
+        for name in list(request.topics) or [t.name for t in broker.controller_client.topics()]:
             topic = response.topics.add(name=name)
             try:
-                spec = broker.topic(name)
+                spec = broker.controller_client.topic(name)
             except Exception as exc:
                 topic.error_code, topic.error_message = _error(exc, name)
                 continue
             for index, assignment in enumerate(spec.assignment):
-                replica = broker.replica(name, index)
-                leader = broker.known_leader(name, index)
+                replica = broker.replicas.replica(name, index)
+                leader = broker.replicas.known_leader(name, index)
                 topic.partitions.add(
                     partition=index, leader_id=leader if leader is not None else -1,
                     leader_epoch=replica.term if replica is not None else -1,
-                    replicas=assignment, isr=broker.in_sync_replicas(replica, assignment),
+                    replicas=assignment, isr=broker.replicas.in_sync_replicas(replica, assignment),
                     error_code=pb.ErrorCode.NONE if leader is not None else pb.ErrorCode.LEADER_NOT_AVAILABLE,
                 )
         return response
@@ -218,7 +218,7 @@ class AdminService(pb_grpc.AdminServicer):
 
     async def _forward(self, method: str, request: Any) -> Any | None:
         """The controller leader's answer, or None when this broker is the leader."""
-        address = await self.broker.controller_leader_address(FORWARD_TIMEOUT_S)
+        address = await self.broker.controller_client.controller_leader_address(FORWARD_TIMEOUT_S)
         if address is None:
             return None
         try:
@@ -242,15 +242,15 @@ class AdminService(pb_grpc.AdminServicer):
         if forwarded is not None:
             # Read-your-writes for the client: answer once this broker has applied the new topics too.
             created = [r.name for r in forwarded.results if not r.error_code]
-            await self.broker.wait_for_metadata(lambda: all(n in self.broker.cluster.topics for n in created),
-                                                FORWARD_TIMEOUT_S)
+            await self.broker.controller_client.wait_for_metadata(
+                lambda: all(n in self.broker.cluster.topics for n in created), FORWARD_TIMEOUT_S)
             return forwarded  # type: ignore[no-any-return]
         timeout_s = (request.timeout_ms or DEFAULT_REQUEST_TIMEOUT_MS) / 1000
         results = []
         for topic in request.topics:
             result = pb.TopicResult(name=topic.name)
             try:
-                await self.broker.create_topic(
+                await self.broker.controller_client.create_topic(
                     topic.name, topic.partitions or -1, topic.replication_factor or -1, dict(topic.configs),
                     validate_only=request.validate_only, timeout_s=timeout_s,
                 )
@@ -269,14 +269,14 @@ class AdminService(pb_grpc.AdminServicer):
                 pb.TopicResult(name=n, error_code=exc.code, error_message=exc.message) for n in request.names])
         if forwarded is not None:
             deleted = [r.name for r in forwarded.results if not r.error_code]
-            await self.broker.wait_for_metadata(lambda: not any(n in self.broker.cluster.topics for n in deleted),
-                                                FORWARD_TIMEOUT_S)
+            await self.broker.controller_client.wait_for_metadata(
+                lambda: not any(n in self.broker.cluster.topics for n in deleted), FORWARD_TIMEOUT_S)
             return forwarded  # type: ignore[no-any-return]
         results = []
         for name in request.names:
             result = pb.TopicResult(name=name)
             try:
-                await self.broker.delete_topic(name)
+                await self.broker.controller_client.delete_topic(name)
             except Exception as exc:
                 result.error_code, result.error_message = _error(exc, name)
             results.append(result)
@@ -290,11 +290,12 @@ class AdminService(pb_grpc.AdminServicer):
             if forwarded is not None and forwarded.error_code:
                 return forwarded  # type: ignore[no-any-return]
             if forwarded is not None:
-                await self.broker.wait_for_metadata(
+                await self.broker.controller_client.wait_for_metadata(
                     lambda: all(self.broker.cluster.group_configs.get(request.group_id, {}).get(k, "") == v
                                 for k, v in request.configs.items()), FORWARD_TIMEOUT_S)
                 return forwarded  # type: ignore[no-any-return]
-            await self.broker.alter_group_configs(request.group_id, dict(request.configs), FORWARD_TIMEOUT_S)
+            await self.broker.share_groups.alter_group_configs(request.group_id, dict(request.configs),
+                                                               FORWARD_TIMEOUT_S)
         except Exception as exc:
             code, message = _group_error(exc, f"group {request.group_id!r}")
             return pb.AlterGroupConfigsResponse(error_code=code, error_message=message)
@@ -308,7 +309,7 @@ class AdminService(pb_grpc.AdminServicer):
             code, message = _group_error(exc, f"group {request.group_id!r}")
             return pb.DescribeGroupConfigsResponse(error_code=code, error_message=message)
         return pb.DescribeGroupConfigsResponse(
-            configs=share_config_mapping(self.broker.share_config(request.group_id)))
+            configs=share_config_mapping(self.broker.share_groups.share_config(request.group_id)))
 
     async def AlterTopicConfigs(self, request: pb.AlterTopicConfigsRequest,
                                 context: grpc.aio.ServicerContext) -> pb.AlterTopicConfigsResponse:
@@ -316,8 +317,8 @@ class AdminService(pb_grpc.AdminServicer):
             forwarded = await self._forward("AlterTopicConfigs", request)
             if forwarded is not None:
                 if not forwarded.error_code:  # read-your-writes: answer once applied here too
-                    await self.broker.wait_for_metadata(lambda: self._configs_are(request.topic, forwarded.configs),
-                                                        FORWARD_TIMEOUT_S)
+                    await self.broker.controller_client.wait_for_metadata(
+                        lambda: self._configs_are(request.topic, forwarded.configs), FORWARD_TIMEOUT_S)
                 return forwarded  # type: ignore[no-any-return]
             configs = await self.broker.topic_admin.alter_configs(
                 request.topic, dict(request.configs), list(request.delete_configs), _timeout_s(request),
@@ -337,8 +338,8 @@ class AdminService(pb_grpc.AdminServicer):
             forwarded = await self._forward("CreatePartitions", request)
             if forwarded is not None:
                 if not forwarded.error_code:
-                    await self.broker.wait_for_metadata(lambda: self._partitions_reach(request.topic, request.total),
-                                                        FORWARD_TIMEOUT_S)
+                    await self.broker.controller_client.wait_for_metadata(
+                        lambda: self._partitions_reach(request.topic, request.total), FORWARD_TIMEOUT_S)
                 return forwarded  # type: ignore[no-any-return]
             await self.broker.topic_admin.add_partitions(request.topic, request.total, _timeout_s(request))
         except Exception as exc:
@@ -356,8 +357,8 @@ class AdminService(pb_grpc.AdminServicer):
             forwarded = await self._forward("MoveReplicas", request)
             if forwarded is not None:
                 if not forwarded.error_code:
-                    await self.broker.wait_for_metadata(lambda: self._moves_recorded(forwarded.moves),
-                                                        FORWARD_TIMEOUT_S)
+                    await self.broker.controller_client.wait_for_metadata(
+                        lambda: self._moves_recorded(forwarded.moves), FORWARD_TIMEOUT_S)
                 return forwarded  # type: ignore[no-any-return]
             moves = await self._move(request)
         except Exception as exc:
@@ -398,22 +399,22 @@ class AdminService(pb_grpc.AdminServicer):
     def _describe_local(self, request: pb.DescribeTopicsRequest) -> pb.DescribeTopicsResponse:
         broker = self.broker
         response = pb.DescribeTopicsResponse()
-        for name in list(request.names) or [t.name for t in broker.topics()]:
+        for name in list(request.names) or [t.name for t in broker.controller_client.topics()]:
             described = response.topics.add(name=name)
             try:
-                spec = broker.topic(name)
+                spec = broker.controller_client.topic(name)
             except Exception as exc:
                 described.error_code, described.error_message = _error(exc, name)
                 continue
             described.replication_factor = spec.replication_factor
             described.topic_id = spec.topic_id
-            described.configs.update(broker.effective_configs(name))
+            described.configs.update(broker.controller_client.effective_configs(name))
             for index, assignment in enumerate(spec.assignment):
-                replica = broker.replica(name, index)
-                leader = broker.known_leader(name, index)
+                replica = broker.replicas.replica(name, index)
+                leader = broker.replicas.known_leader(name, index)
                 part = described.partitions.add(partition=index, replicas=assignment,
                                                 leader_id=leader if leader is not None else -1,
-                                                isr=broker.in_sync_replicas(replica, assignment),
+                                                isr=broker.replicas.in_sync_replicas(replica, assignment),
                                                 target_replicas=broker.cluster.moves.get((name, index), []))
                 if replica is not None:
                     membership = replica.node.membership
@@ -487,7 +488,7 @@ class RaftService(pb_grpc.RaftServicer):
         await self._require_peer(context, "Raft.ReportLeaders")
         leaders = [[x.topic, x.partition, x.leader_id, x.epoch, x.topic_id] for x in request.leaders]
         try:
-            await self.broker.accept_leader_report(request.from_node, leaders)
+            await self.broker.controller_client.accept_leader_report(request.from_node, leaders)
         except Exception as exc:
             code, message = _error(exc, f"leader report from broker {request.from_node}")
             return pb.LeaderReportAck(error_code=code, error_message=message)
@@ -570,11 +571,12 @@ class GroupsService(pb_grpc.GroupsServicer):
 
     async def FindCoordinator(self, request: pb.FindCoordinatorRequest,
                               context: grpc.aio.ServicerContext) -> pb.FindCoordinatorResponse:
-        if not await self.broker.ensure_offsets_topic(FORWARD_TIMEOUT_S) and not request_is_forwarded(context):
+        controller_client = self.broker.controller_client
+        if not await controller_client.ensure_offsets_topic(FORWARD_TIMEOUT_S) and not request_is_forwarded(context):
             forwarded = await self._forward_to_controller(request)
             if forwarded is not None:
-                await self.broker.wait_for_metadata(lambda: self.groups.offsets_partitions() is not None,
-                                                    FORWARD_TIMEOUT_S)
+                await controller_client.wait_for_metadata(lambda: self.groups.offsets_partitions() is not None,
+                                                          FORWARD_TIMEOUT_S)
         response = pb.FindCoordinatorResponse()
         for group_id in request.group_ids:
             found = response.coordinators.add(group_id=group_id, node_id=-1)
@@ -589,7 +591,7 @@ class GroupsService(pb_grpc.GroupsServicer):
     async def _forward_to_controller(self, request: pb.FindCoordinatorRequest) -> pb.FindCoordinatorResponse | None:
         """Only the controller leader creates __consumer_offsets: ask it once, so the topic comes to be."""
         try:
-            address = await self.broker.controller_leader_address(FORWARD_TIMEOUT_S)
+            address = await self.broker.controller_client.controller_leader_address(FORWARD_TIMEOUT_S)
             if address is None:
                 return None
             async with grpc.aio.insecure_channel(address) as channel:
@@ -778,7 +780,7 @@ class ShareService(pb_grpc.ShareServicer):
             remaining = deadline - time.monotonic()
             if budget <= 0 or remaining <= 0 or any(r.acquired or r.error_code for r in results):
                 return pb.ShareFetchResponse(partitions=results)
-            await self.broker.wait_for_data(self._share_wait_s(request.group_id, results, remaining))
+            await self.broker.data.wait_for_data(self._share_wait_s(request.group_id, results, remaining))
 
     def _share_wait_s(self, group_id: str, results: list[pb.SharePartitionData], remaining_s: float) -> float:
         """How long a share fetch sleeps before looking again: until new data (which wakes it), a delayed or
@@ -787,7 +789,7 @@ class ShareService(pb_grpc.ShareServicer):
         now = time.time() * 1000
         for result in results:
             with contextlib.suppress(Exception):  # not led here any more: the next round reports it
-                due_ms = self.broker.share_machine(result.topic, result.partition).next_due_ms(group_id)
+                due_ms = self.broker.share_groups.share_machine(result.topic, result.partition).next_due_ms(group_id)
                 if due_ms is not None:
                     wait_s = min(wait_s, max(0.0, (due_ms - now) / 1000))
         return wait_s
@@ -796,7 +798,7 @@ class ShareService(pb_grpc.ShareServicer):
                          budget: int) -> int:
         where = f"{result.topic}-{result.partition}"
         try:
-            machine = self.broker.share_machine(result.topic, result.partition)
+            machine = self.broker.share_groups.share_machine(result.topic, result.partition)
             outcome = await machine.fetch(request.group_id, request.member_id, acks, max(budget, 0))
         except Exception as exc:
             _fill_error(result, _as_broker_error(exc, where), where)
@@ -823,7 +825,7 @@ class ShareService(pb_grpc.ShareServicer):
                 result.error_code, result.error_message = _group_error(exc, f"share group {request.group_id!r}")
                 continue
             try:
-                machine = self.broker.share_machine(part.topic, part.partition)
+                machine = self.broker.share_groups.share_machine(part.topic, part.partition)
                 outcomes = await machine.acknowledge(request.group_id, request.member_id, _acks_from_pb(part.acks))
             except Exception as exc:
                 _fill_error(result, _as_broker_error(exc, where), where)
@@ -837,7 +839,7 @@ class ShareService(pb_grpc.ShareServicer):
         for topic, partition in sorted(_tps_from_pb(request.partitions)):
             described = response.partitions.add(topic=topic, partition=partition)
             try:
-                state = self.broker.share_machine(topic, partition).describe(request.group_id)
+                state = self.broker.share_groups.share_machine(topic, partition).describe(request.group_id)
             except Exception as exc:
                 described.error_code, described.error_message = _error(_as_broker_error(exc, topic), topic)
                 continue

@@ -64,7 +64,7 @@ class TopicAdmin:
                             timeout_s: float, validate_only: bool = False) -> dict[str, str]:
         """Set and remove a topic's config overrides; returns the new overrides. Refused whole, naming the
         bad key or value, when any of them is wrong."""
-        topic = self.broker.topic(name)
+        topic = self.broker.controller_client.topic(name)
         if name.startswith("__"):
             raise errors.InvalidConfig(f"topic {name!r} is internal; its settings are the broker's own")
         unknown = [key for key in deletes if key not in LOG_CONFIG_KEYS]
@@ -74,17 +74,17 @@ class TopicAdmin:
         overrides = {**topic.configs, **changes}
         for key in deletes:
             overrides.pop(key, None)
-        self.broker.checked_log_config(name, overrides)
+        self.broker.controller_client.checked_log_config(name, overrides)
         if validate_only:
             return overrides
-        await self.broker.propose_command({"op": "alter_topic_configs", "name": name, "topic_id": topic.topic_id,
-                                           "configs": overrides}, timeout_s)
+        await self.broker.controller_client.propose_command(
+            {"op": "alter_topic_configs", "name": name, "topic_id": topic.topic_id, "configs": overrides}, timeout_s)
         log.info("topic %s: config overrides now %s", name, overrides or "none (broker defaults)")
         return overrides
 
     async def add_partitions(self, name: str, total: int, timeout_s: float) -> None:
         """Grow the topic to ``total`` partitions, the new ones placed over the live brokers."""
-        topic = self.broker.topic(name)
+        topic = self.broker.controller_client.topic(name)
         if name.startswith("__"):
             raise errors.InvalidPartitions(f"topic {name!r} is internal; its partition count is fixed")
         if total <= topic.partitions:
@@ -93,24 +93,24 @@ class TopicAdmin:
                 f"map elsewhere); ask for more than {topic.partitions}")
         if total > MAX_PARTITIONS:
             raise errors.InvalidPartitions(f"topic {name!r}: at most {MAX_PARTITIONS} partitions, asked {total}")
-        live = self.broker.live_brokers()
+        live = self.broker.replicas.live_brokers()
         if topic.replication_factor > len(live):
             raise errors.InvalidReplicationFactor(
                 f"topic {name!r} has replication factor {topic.replication_factor} but only {len(live)} broker(s) "
                 f"are up ({', '.join(map(str, live))}); start the others and try again")
         placed = place_replicas(live, total, topic.replication_factor, salt=hash(name) & 0xFFFF)
-        await self.broker.propose_command({"op": "add_partitions", "name": name, "topic_id": topic.topic_id,
-                                           "from": topic.partitions, "assignment": placed[topic.partitions:]},
-                                          timeout_s)
+        await self.broker.controller_client.propose_command(
+            {"op": "add_partitions", "name": name, "topic_id": topic.topic_id, "from": topic.partitions,
+             "assignment": placed[topic.partitions:]}, timeout_s)
         if self.broker.cluster.topics.get(name) is not topic or topic.partitions != total:
             raise errors.InvalidPartitions(f"topic {name!r} was changed by a concurrent request; it now has "
                                            f"{topic.partitions} partition(s): describe it and try again")
-        await self.broker.wait_for_leaders(name, timeout_s)
+        await self.broker.controller_client.wait_for_leaders(name, timeout_s)
         log.info("topic %s: grown to %d partitions", name, total)
 
     async def move_replicas(self, name: str, targets: dict[int, list[int]], timeout_s: float) -> None:
         """Record where each named partition's replicas must go; the partition leaders do the moving."""
-        topic = self.broker.topic(name)
+        topic = self.broker.controller_client.topic(name)
         brokers = sorted(self.broker.peers)
         for partition, target in targets.items():
             if not 0 <= partition < topic.partitions:
@@ -121,8 +121,9 @@ class TopicAdmin:
             except MoveRefused as exc:
                 refused = errors.InvalidRequest(str(exc)) if target else errors.InvalidReplicationFactor(str(exc))
                 raise refused from None
-        await self.broker.propose_command({"op": "move_replicas", "name": name, "topic_id": topic.topic_id,
-                                           "moves": sorted([p, t] for p, t in targets.items())}, timeout_s)
+        await self.broker.controller_client.propose_command(
+            {"op": "move_replicas", "name": name, "topic_id": topic.topic_id,
+             "moves": sorted([p, t] for p, t in targets.items())}, timeout_s)
         log.info("topic %s: moving %s", name, ", ".join(f"partition {p} to {t}" for p, t in sorted(targets.items())))
 
     async def drain(self, node: int, timeout_s: float) -> dict[tuple[str, int], list[int]]:
@@ -134,7 +135,7 @@ class TopicAdmin:
         current = {(name, p): cluster.moves.get((name, p), replicas)
                    for name, topic in cluster.topics.items() for p, replicas in enumerate(topic.assignment)}
         try:
-            plan = plan_drain(node, current, sorted(self.broker.peers), self.broker.live_brokers())
+            plan = plan_drain(node, current, sorted(self.broker.peers), self.broker.replicas.live_brokers())
         except MoveRefused as exc:
             raise errors.InvalidRequest(str(exc)) from None
         by_topic: dict[str, dict[int, list[int]]] = {}
@@ -154,15 +155,16 @@ class TopicAdmin:
             raise errors.InvalidRequest(f"broker {from_node} is not in {replicas}: it cannot lead {name}-{partition}")
         if self.broker.cluster.moves.get((name, partition)) != replicas:
             return  # finished already, or retargeted: the leader goes on towards the new target
-        await self.broker.propose_command({"op": "move_done", "name": name, "topic_id": topic_id,
-                                           "partition": partition, "replicas": replicas}, MOVE_DONE_TIMEOUT_S)
+        await self.broker.controller_client.propose_command(
+            {"op": "move_done", "name": name, "topic_id": topic_id, "partition": partition, "replicas": replicas},
+            MOVE_DONE_TIMEOUT_S)
 
     # ------------------------------------------------------------------ on each partition leader
 
     def drive_moves(self) -> None:
         """One step of every move of a partition this broker leads (called every maintenance round)."""
         for key, target in list(self.broker.cluster.moves.items()):
-            replica = self.broker.hosted_replica(*key)
+            replica = self.broker.replicas.hosted_replica(*key)
             if replica is None or not replica.is_leader or replica.closed:
                 continue
             step = next_move_step(replica.node.membership, target, self.broker.node_id,

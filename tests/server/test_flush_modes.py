@@ -12,7 +12,7 @@ WRITES = 20
 def count_flushes(broker: InProcessBroker, topic: str) -> list[int]:
     """Wrap the partition log's flush so the test can count fsyncs."""
     assert broker.server is not None
-    replica = broker.server.broker.replica(topic, 0)
+    replica = broker.server.broker.replicas.replica(topic, 0)
     assert replica is not None
     calls = [0]
     real_flush = replica.log.flush

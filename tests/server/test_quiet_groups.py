@@ -9,7 +9,7 @@ from tests.support.brokers import InProcessBroker, wait_until
 
 def replicas(broker: InProcessBroker) -> list:
     assert broker.server is not None
-    return list(broker.server.broker._replicas.values())
+    return broker.server.broker.replicas.all_replicas()
 
 
 def test_idle_groups_go_quiet_and_a_write_wakes_its_group(broker: InProcessBroker) -> None:
@@ -19,5 +19,5 @@ def test_idle_groups_go_quiet_and_a_write_wakes_its_group(broker: InProcessBroke
         meta = producer.send("calm", value=b"wake", partition=2).result(timeout=10)
     assert meta.offset >= 0
     wait_until(lambda: all(r.quiet for r in replicas(broker)), 10, "the written group to go quiet again")
-    woken = broker.call(lambda: broker.server.broker.replica("calm", 2))  # type: ignore[union-attr]
+    woken = broker.call(lambda: broker.server.broker.replicas.replica("calm", 2))  # type: ignore[union-attr]
     assert woken.high_watermark == meta.offset + 1  # type: ignore[attr-defined]

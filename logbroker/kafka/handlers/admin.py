@@ -78,8 +78,8 @@ async def delete_topics_api(ctx: Context, request: Any, version: int) -> Any:
 def _describe_topic(ctx: Context, cls: type, resource: Any) -> Any:
     result_cls, config_cls = nested(cls, "DescribeConfigsResult"), nested(cls, "DescribeConfigsResourceResult")
     try:
-        spec = ctx.broker.topic(resource.resource_name)
-        effective = ctx.broker.effective_configs(resource.resource_name)
+        spec = ctx.broker.controller_client.topic(resource.resource_name)
+        effective = ctx.broker.controller_client.effective_configs(resource.resource_name)
     except Exception as exc:
         code, message = kafka_error(exc, resource.resource_name)
         return make(result_cls, error_code=code, error_message=message, resource_type=resource.resource_type,

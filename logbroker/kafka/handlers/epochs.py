@@ -23,7 +23,7 @@ def leader_epoch_error(ctx: Context, topic: str, partition: int, current_leader_
     """The error for a request made in current_leader_epoch (-1: the client does not say), if any."""
     if current_leader_epoch < 0:
         return None
-    term = ctx.broker.leader_replica(topic, partition).term  # not the leader: raises, mapped by the caller
+    term = ctx.broker.replicas.leader_replica(topic, partition).term  # not the leader: raises, mapped by the caller
     if current_leader_epoch < term:
         return ErrorCode.fenced_leader_epoch
     if current_leader_epoch > term:
@@ -33,7 +33,7 @@ def leader_epoch_error(ctx: Context, topic: str, partition: int, current_leader_
 
 def epoch_of_offset(ctx: Context, topic: str, partition: int, offset: int) -> int:
     """The leader epoch of the batch holding offset on the leader (the latest epoch for the log end)."""
-    log = ctx.broker.leader_replica(topic, partition).log
+    log = ctx.broker.replicas.leader_replica(topic, partition).log
     if log.log_start_offset <= offset < log.log_end_offset:
         return log.epoch_at(offset)
     return log.epochs.latest_epoch()
@@ -58,7 +58,7 @@ def _end_offset(ctx: Context, part_cls: type, topic: str, part: Any) -> Any:
         code = leader_epoch_error(ctx, topic, part.partition, getattr(part, "current_leader_epoch", -1))
         if code is not None:
             return make(part_cls, error_code=code, partition=part.partition, leader_epoch=-1, end_offset=-1)
-        log = ctx.broker.leader_replica(topic, part.partition).log
+        log = ctx.broker.replicas.leader_replica(topic, part.partition).log
         epoch, end_offset = log.epochs.end_offset_for(part.leader_epoch, log.log_end_offset)
     except Exception as exc:
         code, _ = kafka_error(exc, f"{topic}-{part.partition}")

@@ -40,7 +40,7 @@ def _read_all(ctx: Context, cls: type, request: Any) -> tuple[list[Any], int, bo
                     raise _Fenced(fenced)
                 # Once some bytes are in, the request's budget caps the rest; the first batch always comes
                 # whole, however large (Kafka's rule, so a consumer never gets stuck behind a big batch).
-                fetched = ctx.broker.read(topic.topic, part.partition, part.fetch_offset,
+                fetched = ctx.broker.data.read(topic.topic, part.partition, part.fetch_offset,
                                           max(1, min(limit, budget - total)) if total else limit)
             except Exception as exc:
                 code = exc.code if isinstance(exc, _Fenced) else kafka_error(exc, f"{topic.topic}-{part.partition}")[0]
@@ -92,7 +92,7 @@ async def fetch(ctx: Context, request: Any, version: int) -> Any:
             _count_fetched(ctx, topics)
             return make(cls, throttle_time=backpressure.fetched(ctx.client_id, total), error_code=ErrorCode.none,
                         session_id=0, responses=tuple(topics))
-        await ctx.broker.wait_for_data(remaining)
+        await ctx.broker.data.wait_for_data(remaining)
 
 
 @api(2, "ListOffsets", 1, 6)
@@ -109,7 +109,7 @@ async def list_offsets(ctx: Context, request: Any, version: int) -> Any:
                 code = leader_epoch_error(ctx, topic.name, part.partition_index,
                                           getattr(part, "current_leader_epoch", -1)) or ErrorCode.none
                 if code is ErrorCode.none:
-                    offset, timestamp = ctx.broker.list_offset(topic.name, part.partition_index, part.timestamp)
+                    offset, timestamp = ctx.broker.data.list_offset(topic.name, part.partition_index, part.timestamp)
                     epoch = epoch_of_offset(ctx, topic.name, part.partition_index, offset) if offset >= 0 else -1
             except Exception as exc:
                 code, _ = kafka_error(exc, f"{topic.name}-{part.partition_index}")

@@ -40,10 +40,11 @@ KIP848_STATES = {"empty": "Empty", "assigning": "PreparingRebalance", "reconcili
 
 async def _ensure_offsets_topic(ctx: Context) -> None:
     """__consumer_offsets is made on first use, by the controller leader (asked over gRPC from elsewhere)."""
-    if await ctx.broker.ensure_offsets_topic(FORWARD_TIMEOUT_S) or ctx.groups.offsets_partitions() is not None:
+    controller_client = ctx.broker.controller_client
+    if await controller_client.ensure_offsets_topic(FORWARD_TIMEOUT_S) or ctx.groups.offsets_partitions() is not None:
         return
     try:
-        address = await ctx.broker.controller_leader_address(FORWARD_TIMEOUT_S)
+        address = await controller_client.controller_leader_address(FORWARD_TIMEOUT_S)
         if address is None:
             return
         async with grpc.aio.insecure_channel(address) as channel:
@@ -53,7 +54,7 @@ async def _ensure_offsets_topic(ctx: Context) -> None:
     except Exception as exc:
         log.debug("asking the controller leader to create the offsets topic failed: %s", exc)
         return
-    await ctx.broker.wait_for_metadata(lambda: ctx.groups.offsets_partitions() is not None, FORWARD_TIMEOUT_S)
+    await controller_client.wait_for_metadata(lambda: ctx.groups.offsets_partitions() is not None, FORWARD_TIMEOUT_S)
 
 
 def _find(ctx: Context, key: str, key_type: int) -> tuple[ErrorCode, str | None, int, str, int]:

@@ -59,15 +59,15 @@ def topic_description(ctx: Context, cls: type, name: str) -> Any:
     part_cls = nested(cls, "MetadataResponsePartition")
     broker = ctx.broker
     try:
-        spec = broker.topic(name)
+        spec = broker.controller_client.topic(name)
     except Exception as exc:
         code, _ = kafka_error(exc, name)
         return make(topic_cls, error_code=code, name=name, topic_id=None, is_internal=False, partitions=(),
                     topic_authorized_operations=-2147483648)
     partitions = []
     for index, assignment in enumerate(spec.assignment):
-        replica = broker.replica(name, index)
-        leader = broker.known_leader(name, index)
+        replica = broker.replicas.replica(name, index)
+        leader = broker.replicas.known_leader(name, index)
         live = [node for node in assignment if broker.liveness.is_alive(node)]
         partitions.append(make(
             part_cls, error_code=ErrorCode.none if leader is not None else ErrorCode.leader_not_available,
@@ -75,7 +75,7 @@ def topic_description(ctx: Context, cls: type, name: str) -> Any:
             # The leader epoch (the Raft term) lets clients fence their fetches and, after a leader change, ask
             # OffsetForLeaderEpoch whether their position survived (KIP-320; handlers/epochs.py).
             leader_epoch=_leader_epoch(broker, name, index, replica), replica_nodes=tuple(assignment),
-            isr_nodes=tuple(broker.in_sync_replicas(replica, assignment)),
+            isr_nodes=tuple(broker.replicas.in_sync_replicas(replica, assignment)),
             offline_replicas=tuple(n for n in assignment if n not in live)))
     return make(topic_cls, error_code=ErrorCode.none, name=name, topic_id=_topic_uuid(spec.topic_id),
                 is_internal=name.startswith("__"), partitions=tuple(partitions),
@@ -103,7 +103,7 @@ async def metadata(ctx: Context, request: Any, version: int) -> Any:
     cls = response_class(3, version)
     broker = ctx.broker
     if request.topics is None or (version == 0 and not request.topics):
-        names = [t.name for t in broker.topics()]
+        names = [t.name for t in broker.controller_client.topics()]
     else:
         names = [t.name for t in request.topics if t.name is not None]
         allow = getattr(request, "allow_auto_topic_creation", True)

@@ -24,7 +24,7 @@ async def _produce_one(ctx: Context, cls: type, topic: str, part: Any, acks: int
             return make(cls, index=part.index, error_code=ErrorCode.invalid_required_acks, base_offset=-1,
                         log_append_time=None, log_start_offset=-1, record_errors=(),
                         error_message=f"acks must be -1, 0 or 1, got {acks}")
-        result = await ctx.broker.produce(topic, part.index, bytes(part.records or b""), acks, timeout_s)
+        result = await ctx.broker.data.produce(topic, part.index, bytes(part.records or b""), acks, timeout_s)
     except Exception as exc:
         code, message = kafka_error(exc, f"{topic}-{part.index}")
         return make(cls, index=part.index, error_code=code, base_offset=-1, log_append_time=None,

@@ -1,0 +1,500 @@
+"""The broker's replicas: opening, ticking, failing, handing over, reopening and forgetting them, and finding them.
+
+Every Raft group this broker takes part in, the controller's included, is one Replica here. The controller
+client (controller_client.py) decides which partitions this broker holds; this module opens and closes them
+and answers "which replica serves this partition, and who leads it".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from logbroker.cluster.metadata import CONTROLLER_GROUP, TopicMetadata
+from logbroker.cluster.raft_storage import RecentEntries, ReplicaStateFile
+from logbroker.cluster.replica import Replica
+from logbroker.groups.coordinator import OFFSETS_TOPIC, GroupCoordinatorShard
+from logbroker.groups.runtime import GroupShardRuntime
+from logbroker.groups.share_runtime import ShareStateMachine
+from logbroker.raft.membership import Membership
+from logbroker.raft.types import Entry, Message, MessageType, RaftConfig, Role
+from logbroker.server import errors
+from logbroker.storage import filenames
+from logbroker.storage.files import probe_write
+from logbroker.storage.log import PartitionLog
+from logbroker.storage.partition_metadata import TopicIdentity, read_identity, write_identity
+
+if TYPE_CHECKING:
+    from logbroker.server.broker import Broker
+
+log = logging.getLogger("logbroker.broker")
+
+LEGACY_RAFT_STATE_DIR = "__raft"  # where Raft state files lived before they moved into partition directories
+LEGACY_RAFT_STATE_SUFFIX = ".raftstate"
+SHUTDOWN_TRANSFER_TIMEOUT_S = 3.0
+FAILED_REPLICA_RETRY_S = 1.0  # how often a replica that could not write tries again
+# A producer request carries up to 16 MiB; the pipe to each follower holds one such request, in 1 MiB
+# appends. Small appends keep something arriving from a leader every few milliseconds even while it
+# streams bulk (any message counts for liveness; one 4 MiB append took 170 ms on a loaded host), and the
+# window bounds what a follower buffers per group before it is written.
+RAFT_MAX_MESSAGE_BYTES = 1 << 20
+RAFT_MAX_INFLIGHT_BYTES = 16 << 20
+
+
+@dataclass
+class Handover:
+    """A failed leader's request that another replica campaign, repeated until a later leader is heard."""
+
+    name: str
+    term: int
+    voters: list[int]
+    asked: int = 0
+
+
+class ReplicaManager:
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self.node_id = broker.node_id
+        self._recent_entries = RecentEntries(broker.config.raft_entry_cache_bytes)  # shared by every replica
+        self._replicas: dict[str, Replica] = {}  # group name -> replica, the controller included
+        self._partitions: dict[tuple[str, int], Replica] = {}
+        self._handovers: dict[str, Handover] = {}  # Raft group -> leadership a failed replica is giving away
+        self._next_handover_s = 0.0
+        # (topic, partition) -> (replica that could not write, when to try again)
+        self._failed_replicas: dict[tuple[str, int], tuple[Replica, float]] = {}
+        self._ticker: asyncio.Task[None] | None = None
+
+    def raft_config(self) -> RaftConfig:
+        config = self.broker.config
+        return RaftConfig(node_id=self.node_id, election_timeout_ticks=config.raft_election_ticks,
+                          heartbeat_timeout_ticks=config.raft_heartbeat_ticks,
+                          max_msg_bytes=RAFT_MAX_MESSAGE_BYTES, max_inflight_bytes=RAFT_MAX_INFLIGHT_BYTES)
+
+    # ------------------------------------------------------------------------------- registry
+
+    def add_replica(self, group: str, plog: PartitionLog, membership: Membership,
+                    on_commit: Callable[[Replica, Sequence[Entry]], None], controller: bool = False,
+                    applied_offset: int = -1) -> Replica:
+        broker = self.broker
+        state_file = ReplicaStateFile(self._raft_state_path(plog))
+        plog.flush_observer = broker.metrics.observe_fsync
+        replica = Replica(group, plog, state_file, membership, self.raft_config(), broker.transport, broker.executor,
+                          on_commit, self._on_leader_change, applied_offset=applied_offset if controller else None,
+                          persist_commit=controller, name=plog.directory.name, on_failure=self._on_replica_failed,
+                          cache=self._recent_entries)
+        self._replicas[group] = replica
+        return replica
+
+    def _raft_state_path(self, plog: PartitionLog) -> Path:
+        """The Raft state file inside the partition directory; one left where older versions kept it moves in."""
+        path = plog.directory / filenames.RAFT_STATE_FILE
+        legacy = self.broker.data_dir / LEGACY_RAFT_STATE_DIR / f"{plog.directory.name}{LEGACY_RAFT_STATE_SUFFIX}"
+        if not path.exists() and legacy.exists():
+            legacy.replace(path)
+            log.info("%s: moved its Raft state from %s into the partition directory", plog.directory.name, legacy)
+        return path
+
+    def all_replicas(self) -> list[Replica]:
+        """Every Raft group's replica on this broker, the controller's included."""
+        return list(self._replicas.values())
+
+    def forget_replica(self, replica: Replica) -> None:
+        broker = self.broker
+        self._replicas.pop(replica.group, None)
+        key = (replica.log.topic, replica.log.partition)
+        if key[0] == OFFSETS_TOPIC and key[1] in broker.group_runtimes \
+                and broker.group_runtimes[key[1]].replica is replica:
+            del broker.group_runtimes[key[1]]
+        machine = broker.share_machines.get(key)
+        if machine is not None and machine.replica is replica:
+            del broker.share_machines[key]
+        if self._partitions.get(key) is replica:
+            del self._partitions[key]
+        with contextlib.suppress(Exception):  # its files may be what failed; reopening recovers them
+            replica.close()
+
+    # ---------------------------------------------------------------------------------- ticking
+
+    def start_ticking(self) -> None:
+        self._ticker = asyncio.get_running_loop().create_task(self._tick_forever())
+
+    async def _tick_forever(self) -> None:
+        # One timer for every group on this broker, not one per partition; quiet groups cost nothing.
+        interval_s = self.broker.config.raft_tick_ms / 1000
+        while True:
+            await asyncio.sleep(interval_s)
+            self.tick_once()
+
+    def tick_once(self) -> None:
+        liveness = self.broker.liveness
+        self.broker.transport.send_many(liveness.heartbeats())
+        for peer in liveness.tick():
+            self._on_peer_down(peer)
+        is_alive = liveness.is_alive
+        for replica in list(self._replicas.values()):
+            if not replica.quiet and not replica.closed:
+                replica.tick()
+                replica.maybe_quiesce(is_alive)
+
+    def _on_peer_down(self, peer: int) -> None:
+        """A broker went silent: the groups it led must elect, now rather than after another timeout."""
+        woken = [r for r in self._replicas.values() if not r.closed and (
+            r.leader_id == peer or (r.leader_id is None and r.preferred_leader == peer))]
+        log.warning("broker %d silent for %d ticks; %d group(s) it led elect new leaders",
+                    peer, self.broker.liveness.timeout_ticks, len(woken))
+        for replica in woken:
+            replica.wake(fast_forward_ticks=self.broker.config.raft_election_ticks)
+
+    def on_raft_messages(self, items: list[tuple[str, Message]]) -> None:
+        heard = self.broker.liveness.heard_from
+        for group, message in items:
+            heard(message.from_node)
+            replica = self._replicas.get(group)
+            if replica is not None and not replica.closed:
+                replica.step(message)
+            elif self._handovers:
+                self._note_leader_elsewhere(group, message)
+
+    def _on_leader_change(self, replica: Replica) -> None:
+        broker = self.broker
+        broker.data.wake_fetchers()
+        if replica.group != CONTROLLER_GROUP:
+            broker.metrics.record_leader_change(replica.log.topic, replica.log.partition, replica.is_leader)
+            if replica.is_leader:
+                broker.controller_client.note_leadership(replica)
+
+    # --------------------------------------------------------------------- failures and handovers
+
+    def _on_replica_failed(self, replica: Replica, exc: Exception) -> None:
+        """A replica could not write (a full or failing disk): it must not keep a leadership it cannot use,
+        nor take one back, until writes succeed again (Kafka takes a failed log directory offline)."""
+        led = replica.node.role is Role.LEADER
+        if led:
+            self._hand_over_failed_leadership(replica)
+        key = (replica.log.topic, replica.log.partition)
+        self._failed_replicas[key] = (replica, time.monotonic() + FAILED_REPLICA_RETRY_S)
+        log.error("%s: %sbroker %d retries every %.0f s and reopens the replica once a write succeeds; free "
+                  "space or fix the disk under %s", replica.name,
+                  "leadership handed to another replica; " if led else "", self.node_id, FAILED_REPLICA_RETRY_S,
+                  replica.log.directory)
+
+    def _hand_over_failed_leadership(self, replica: Replica) -> None:
+        """Ask the most caught-up live follower to campaign at once (TIMEOUT_NOW), since this replica can
+        neither write nor go on heartbeating; without it, quiet followers would wait for a leader forever."""
+        node = replica.node
+        followers = [(progress.match_offset, voter) for voter in node.membership.voters
+                     if voter != self.node_id and (progress := node.progress(voter)) is not None
+                     and self.broker.liveness.is_alive(voter)]
+        # Asked again every retry round, of the next follower, until a leader of a later term is heard:
+        # the first one asked may itself be unable to win (down, or its own disk full).
+        self._handovers[replica.group] = Handover(replica.name, replica.term, sorted(node.membership.voters))
+        if not followers:
+            return
+        _, target = max(followers)
+        self._send_timeout_now(replica.group, target)
+
+    def _send_timeout_now(self, group: str, target: int) -> None:
+        handover = self._handovers[group]
+        self.broker.transport.send(group, Message(MessageType.TIMEOUT_NOW, self.node_id, target, handover.term))
+        handover.asked += 1
+        log.warning("%s: asked broker %d to take over leadership from broker %d, which cannot write (term %d)",
+                    handover.name, target, self.node_id, handover.term)
+
+    def _repeat_handovers(self) -> None:
+        for group, handover in list(self._handovers.items()):
+            live = [v for v in handover.voters if v != self.node_id and self.broker.liveness.is_alive(v)]
+            if live:
+                self._send_timeout_now(group, live[handover.asked % len(live)])
+
+    def _note_leader_elsewhere(self, group: str, message: Message) -> None:
+        """A message for a group whose replica here has failed: a leader of a later term ends the hand-over."""
+        handover = self._handovers.get(group)
+        if handover is None:
+            return
+        if message.term > handover.term and message.type in (MessageType.APPEND, MessageType.HEARTBEAT):
+            del self._handovers[group]
+            log.info("%s: broker %d leads now (term %d)", handover.name, message.from_node, message.term)
+        else:
+            handover.term = max(handover.term, message.term)
+
+    def retry_failed_replicas(self, now_s: float) -> int:
+        """Reopen failed replicas whose disk takes writes again; returns how many were reopened."""
+        if now_s >= self._next_handover_s:
+            self._next_handover_s = now_s + FAILED_REPLICA_RETRY_S
+            self._repeat_handovers()
+        reopened = 0
+        for key, (replica, retry_at_s) in list(self._failed_replicas.items()):
+            if now_s >= retry_at_s and self._retry_failed_replica(key, replica, now_s):
+                reopened += 1
+        return reopened
+
+    def _retry_failed_replica(self, key: tuple[str, int], replica: Replica, now_s: float) -> bool:
+        """Reopen one failed replica if its disk takes a write now; True when it was reopened."""
+        topic = self.broker.cluster.topics.get(key[0])
+        is_controller = replica.group == CONTROLLER_GROUP
+        if not is_controller and (topic is None or topic.raft_group(key[1]) != replica.group):
+            del self._failed_replicas[key]  # deleted meanwhile
+            return False
+        try:
+            probe_write(replica.log.directory)
+        except OSError as exc:
+            log.debug("%s: still cannot write (%s); retrying", replica.name, exc)
+            self._failed_replicas[key] = (replica, now_s + FAILED_REPLICA_RETRY_S)
+            return False
+        del self._failed_replicas[key]
+        self._handovers.pop(replica.group, None)
+        self.forget_replica(replica)
+        if is_controller:
+            self.broker.controller_client.reopen(replica)
+            return True
+        if topic is not None and self.open_partition(topic, key[1], damaged_from=replica.damaged_from):
+            log.info("%s: writes succeed again on broker %d; the replica is reopened and catches up from "
+                     "the leader", replica.name, self.node_id)
+            return True
+        return False
+
+    # --------------------------------------------------------------------- opening and closing
+
+    def open_partition(self, topic: TopicMetadata, index: int, damaged_from: int | None = None) -> Replica | None:
+        directory = self.broker.data_dir / filenames.partition_dir_name(topic.name, index)
+        try:
+            if not self._claim_directory(topic, directory):
+                return None
+            plog = PartitionLog.open(directory, self.broker.controller_client.log_config(topic.configs),
+                                     topic.name, index)
+            if damaged_from is not None and plog.log_start_offset <= damaged_from < plog.log_end_offset:
+                # A damaged batch stopped the replica: what follows it here is lost; the leader resends it.
+                plog.truncate_to(damaged_from)
+                log.error("%s: cut the log at offset %d, where a damaged batch was found; the other replicas "
+                          "send the rest again", directory.name, damaged_from)
+            replica = self.add_replica(topic.raft_group(index), plog, Membership.of(topic.assignment[index]),
+                                       self._on_partition_commit)
+        except Exception:
+            # One unreadable partition must not take the broker (and every other partition) down.
+            log.exception("%s: cannot open this replica; the partition is unavailable on broker %d until "
+                          "the problem above is fixed and the broker restarted", directory.name, self.node_id)
+            return None
+        self._partitions[(topic.name, index)] = replica
+        replica.preferred_leader = self.preferred_leader(topic, index)
+        self._attach_state_machines(replica, topic.name, index, directory)
+        self._start_election(replica, topic.assignment[index])
+        return replica
+
+    def _attach_state_machines(self, replica: Replica, name: str, index: int, directory: Path) -> None:
+        if name == OFFSETS_TOPIC:
+            self._attach_group_runtime(replica, index)
+        elif not name.startswith("__"):
+            machine = ShareStateMachine(replica, directory, name, index, self.broker.share_groups.share_config)
+            replica.attach(machine)
+            self.broker.share_machines[(name, index)] = machine
+
+    def _start_election(self, replica: Replica, replicas: list[int]) -> None:
+        if replica.term == 0:
+            # A new group: its preferred leader campaigns at once and the others stay quiet until it
+            # calls (or its broker is found dead), so a thousand new partitions elect without split
+            # votes, and leadership spreads as the placement intended. When the preferred broker is
+            # already down, the first live one in the placement stands in (nobody would wake the others).
+            first_live = next((n for n in replicas if self.broker.liveness.is_alive(n)), self.node_id)
+            if first_live == self.node_id:
+                replica.campaign_now()
+            else:
+                replica.quiet = True
+
+    def _attach_group_runtime(self, replica: Replica, index: int) -> None:
+        broker = self.broker
+        runtime = GroupShardRuntime(replica, lambda: GroupCoordinatorShard(
+            broker.controller_client.topic_partition_counts, broker.group_config))
+        replica.attach(runtime)
+        broker.group_runtimes[index] = runtime
+
+    def _on_partition_commit(self, replica: Replica, entries: Sequence[Entry]) -> None:
+        self.broker.data.wake_fetchers()
+
+    def preferred_leader(self, topic: TopicMetadata, index: int) -> int:
+        """The first broker of a move's target while it runs (so balancing does not pull leadership back to a
+        broker on its way out), else of the assignment."""
+        return self.broker.cluster.moves.get((topic.name, index), topic.assignment[index])[0]
+
+    def _claim_directory(self, topic: TopicMetadata, directory: Path) -> bool:
+        """Make directory hold this topic's partition; False when it belongs to a newer topic of the name.
+
+        At start-up the controller re-applies its whole log, so the create of a topic deleted long ago is
+        applied again while the directory already holds the partition of a newer topic of that name: that
+        directory is not this topic's to open, and the replayed delete that follows will not touch it."""
+        identity = read_identity(directory)
+        ours = TopicIdentity(topic.topic_id, topic.created_offset)
+        if identity is None:
+            write_identity(directory, ours)  # a new partition, or one written before topic IDs existed
+            return True
+        if identity.topic_id == topic.topic_id:
+            return True
+        if identity.created_offset > topic.created_offset:
+            log.debug("%s: holds topic ID %s, newer than the replayed %s; left alone", directory.name,
+                      identity.topic_id, topic.topic_id)
+            return False
+        # Left by an older topic of this name whose delete did not finish (a crash in between): it is garbage.
+        log.warning("%s: removing the leftover replica of an older, deleted topic (ID %s) before creating topic "
+                    "ID %s", directory.name, identity.topic_id, topic.topic_id)
+        shutil.rmtree(directory)
+        write_identity(directory, ours)
+        return True
+
+    def close_partition(self, topic: TopicMetadata, index: int) -> None:
+        """Close this broker's replica of a deleted topic's partition, if it is that topic's (by topic ID)."""
+        replica = self._partitions.get((topic.name, index))
+        if replica is not None and replica.group == topic.raft_group(index):
+            del self._partitions[(topic.name, index)]
+            del self._replicas[replica.group]
+            replica.close()
+            if topic.name == OFFSETS_TOPIC:
+                self.broker.group_runtimes.pop(index, None)
+            self.broker.share_machines.pop((topic.name, index), None)
+
+    def drop_moved_replica(self, topic: TopicMetadata, index: int) -> None:
+        """This broker's replica was moved away and is no longer a member of the group: delete it."""
+        replica = self._partitions.pop((topic.name, index), None)
+        if replica is not None:
+            self.forget_replica(replica)
+        directory = self.remove_directory(topic, index)
+        if directory is not None:
+            log.info("%s: replica moved to brokers %s; deleted here", directory.name, topic.assignment[index])
+
+    def remove_directory(self, topic: TopicMetadata, index: int) -> Path | None:
+        """Delete the partition's directory if it holds this topic ID (never a newer topic's); the path if so."""
+        directory = self.broker.data_dir / filenames.partition_dir_name(topic.name, index)
+        identity = read_identity(directory) if directory.exists() else None
+        if identity is None or identity.topic_id != topic.topic_id:
+            return None
+        shutil.rmtree(directory)
+        return directory
+
+    async def hand_over_leadership(self) -> None:
+        """Graceful shutdown: move every group this broker leads to another voter, then wait briefly."""
+        led = [r for r in self._replicas.values() if r.is_leader and len(r.node.membership.voters) > 1]
+        for replica in led:
+            target = next((v for v in sorted(replica.node.membership.voters) if v != self.node_id), None)
+            if target is not None:
+                with contextlib.suppress(Exception):
+                    replica.transfer_leadership(target)
+        deadline = time.monotonic() + SHUTDOWN_TRANSFER_TIMEOUT_S
+        while any(r.is_leader for r in led) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        still = [r.group for r in led if r.is_leader]
+        if still:
+            log.warning("leadership of %s not handed over in time; followers will elect after a timeout", still)
+        elif led:
+            log.info("handed leadership of %d group(s) to other brokers", len(led))
+
+    async def stop_ticking(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+
+    def close_all(self) -> None:
+        for replica in list(self._replicas.values()):
+            try:
+                replica.close()
+            except Exception as exc:  # a replica whose disk failed may fail to close too; recovery handles it
+                log.warning("%s: not closed cleanly (%s); the next start recovers its log", replica.name, exc)
+        self._replicas.clear()
+        self._partitions.clear()
+
+    # ---------------------------------------------------------------------------------- lookups
+
+    def hosted_replica(self, topic: str, index: int) -> Replica | None:
+        """This broker's replica of the partition, if it holds one (no check that the topic exists)."""
+        return self._partitions.get((topic, index))
+
+    def local_partitions(self) -> list[tuple[tuple[str, int], Replica]]:
+        """Every partition replica this broker holds now, with its (topic, partition)."""
+        return list(self._partitions.items())
+
+    def local_replica(self, topic: str, index: int) -> Replica | None:
+        """This broker's replica of the partition, if it holds one (no error for an unknown topic)."""
+        return self._partitions.get((topic, index))
+
+    def replica(self, topic: str, index: int) -> Replica | None:
+        """The local replica, or None if this broker holds none (UnknownTopicOrPartition if none exists)."""
+        spec = self.broker.controller_client.topic(topic)
+        if not 0 <= index < spec.partitions:
+            raise errors.UnknownTopicOrPartition(
+                f"topic {topic!r} has partitions 0..{spec.partitions - 1}; partition {index} does not exist")
+        return self._partitions.get((topic, index))
+
+    def leader_replica(self, topic: str, index: int) -> Replica:
+        replica = self.replica(topic, index)
+        if replica is not None and replica.is_leader and not replica.closed:
+            return replica
+        if replica is not None and replica.failure is not None:
+            raise self._failed_replica_error(replica, topic, index)
+        peers = self.broker.peers
+        if replica is None:  # no local replica: the reported leader, else a replica that knows it
+            hint = self.known_leader(topic, index) or self.broker.cluster.topics[topic].assignment[index][0]
+            raise errors.NotLeader(f"{topic}-{index}: broker {self.node_id} holds no replica; ask broker {hint}",
+                                   leader_id=hint, leader_address=peers.get(hint, ""))
+        leader = replica.leader_id
+        address = peers.get(leader, "") if leader is not None else ""
+        if leader is None or not address:
+            # Either an election is under way or a majority of the replicas is unreachable; both clear
+            # up only when enough replicas talk to each other again.
+            raise errors.NotEnoughReplicas(
+                f"{topic}-{index}: no leader: a majority of replicas {sorted(replica.node.membership.voters)} "
+                "must be up and connected to elect one; retrying clients succeed once it is")
+        raise errors.NotLeader(f"{topic}-{index}: broker {self.node_id} is not the leader; broker {leader} at "
+                               f"{address} is", leader_id=leader, leader_address=address)
+
+    def _failed_replica_error(self, replica: Replica, topic: str, index: int) -> errors.BrokerError:
+        if len(replica.node.membership.voters) == 1:
+            return errors.StorageFailure(
+                f"{replica.name}: broker {self.node_id} cannot write this partition's only replica "
+                f"({replica.failure}); free space or fix the disk under {replica.log.directory}: the broker "
+                f"reopens it by itself once a write succeeds")
+        hint = self.known_leader(topic, index)
+        return errors.NotLeader(
+            f"{replica.name}: broker {self.node_id} cannot write its replica ({replica.failure}); "
+            + (f"broker {hint} leads now" if hint is not None else "another replica takes over; retry"),
+            leader_id=hint if hint is not None else -1,
+            leader_address=self.broker.peers.get(hint, "") if hint is not None else "")
+
+    def known_leader(self, topic: str, index: int) -> int | None:
+        """The partition's leader: from the local replica if there is one, else as reported to the controller."""
+        replica = self._partitions.get((topic, index))
+        if replica is not None and not replica.closed:
+            return replica.leader_id
+        reported = self.broker.cluster.leaders.get((topic, index))
+        if reported is None or (replica is not None and reported[0] == self.node_id):
+            return None  # this broker's own replica failed: it leads nothing, whatever was reported
+        if not self.broker.liveness.is_alive(reported[0]):
+            return None  # reported before its broker went down: the partition is offline or electing
+        return reported[0]
+
+    def in_sync_replicas(self, replica: Replica | None, assignment: list[int]) -> list[int]:
+        """The leader's view: live replicas whose log reaches the high watermark; others see the assignment.
+
+        A follower's match offset is what it last acknowledged; one that lost its data since (a wiped or
+        truncated disk) says so in its next answer, which moves its match back (see RaftNode), and one that
+        is down is not in sync however far it had got."""
+        if replica is None or not replica.is_leader:
+            return list(assignment)
+        caught_up = [self.node_id]
+        for node in assignment:
+            progress = replica.node.progress(node) if node != self.node_id else None
+            if (progress is not None and progress.match_offset >= replica.high_watermark - 1
+                    and self.broker.liveness.is_alive(node)):
+                caught_up.append(node)
+        return sorted(caught_up)
+
+    def live_brokers(self) -> list[int]:
+        return [node for node in self.broker.peers if self.broker.liveness.is_alive(node)]
+
+    def hosted_partitions_of(self, name: str) -> list[Replica]:
+        """This broker's replicas of a topic's partitions."""
+        return [r for (topic, _), r in self._partitions.items() if topic == name]
