@@ -1,34 +1,21 @@
 """Topic changes for the Kafka front end (create, delete, add partitions, alter configs): on the controller
-leader through the broker core, elsewhere forwarded to the controller leader (broker to broker, as the gRPC
-Admin service forwards), then answered once this broker has applied the change too, so the client's next
-Metadata sees it."""
+leader through the broker core, elsewhere forwarded to the controller leader (broker to broker, by the same
+helper as the gRPC Admin service: logbroker/server/forwarding.py), then answered once this broker has applied
+the change too, so the client's next Metadata sees it."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import grpc
 from kio.schema.errors import ErrorCode
 from logbroker_client.proto import logbroker_pb2 as pb
-from logbroker_client.proto import logbroker_pb2_grpc as pb_grpc
 
 from logbroker.kafka.errors import KAFKA_CODES, kafka_error
 from logbroker.server import errors
+from logbroker.server.forwarding import forward_to_controller
 
 TopicSpec = tuple[str, int, int, dict[str, str]]  # name, partitions (-1: default), replication (-1), configs
 Outcome = dict[str, tuple[ErrorCode, str] | None]  # name -> None when done, else (code, message)
-
-
-async def _forward(broker: Any, method: str, request: Any, timeout_s: float) -> Any | None:
-    address = await broker.controller_client.controller_leader_address(timeout_s)
-    if address is None:
-        return None
-    try:
-        async with grpc.aio.insecure_channel(address) as channel:
-            return await getattr(pb_grpc.AdminStub(channel), method)(request, timeout=timeout_s)
-    except grpc.aio.AioRpcError as exc:
-        raise errors.LeaderNotAvailable(f"{method} could not reach the controller leader at {address} "
-                                        f"({exc.code().name}); retry") from None
 
 
 def _outcome(results: Any) -> Outcome:
@@ -46,7 +33,7 @@ async def create_topics(broker: Any, specs: list[TopicSpec], validate_only: bool
                                                               replication_factor=max(r, 0), configs=c)
                                                  for n, p, r, c in specs],
                                          validate_only=validate_only, timeout_ms=int(timeout_s * 1000))
-        forwarded = await _forward(broker, "CreateTopics", request, timeout_s)
+        forwarded = await forward_to_controller(broker, "CreateTopics", request, timeout_s)
     except errors.BrokerError as exc:
         return dict.fromkeys((s[0] for s in specs), kafka_error(exc))
     if forwarded is not None:
@@ -68,7 +55,7 @@ async def create_topics(broker: Any, specs: list[TopicSpec], validate_only: bool
 
 async def delete_topics(broker: Any, names: list[str], timeout_s: float) -> Outcome:
     try:
-        forwarded = await _forward(broker, "DeleteTopics", pb.DeleteTopicsRequest(names=names), timeout_s)
+        forwarded = await forward_to_controller(broker, "DeleteTopics", pb.DeleteTopicsRequest(names=names), timeout_s)
     except errors.BrokerError as exc:
         return dict.fromkeys(names, kafka_error(exc))
     if forwarded is not None:
@@ -91,7 +78,7 @@ async def add_partitions(broker: Any, name: str, total: int, timeout_s: float) -
     """Grow a topic to ``total`` partitions through the controller; None when done (and applied here)."""
     try:
         request = pb.CreatePartitionsRequest(topic=name, total=total, timeout_ms=int(timeout_s * 1000))
-        forwarded = await _forward(broker, "CreatePartitions", request, timeout_s)
+        forwarded = await forward_to_controller(broker, "CreatePartitions", request, timeout_s)
         if forwarded is None:
             await broker.topic_admin.add_partitions(name, total, timeout_s)
             return None
@@ -109,7 +96,7 @@ async def alter_topic_configs(broker: Any, name: str, changes: dict[str, str], d
     try:
         request = pb.AlterTopicConfigsRequest(topic=name, configs=changes, delete_configs=deletes,
                                               validate_only=validate_only, timeout_ms=int(timeout_s * 1000))
-        forwarded = await _forward(broker, "AlterTopicConfigs", request, timeout_s)
+        forwarded = await forward_to_controller(broker, "AlterTopicConfigs", request, timeout_s)
         if forwarded is None:
             await broker.topic_admin.alter_configs(name, changes, deletes, timeout_s, validate_only=validate_only)
             return None

@@ -240,6 +240,12 @@ class ControllerClient:
 
     # ---------------------------------------------------------------------------- waiting and proposing
 
+    def controller_id(self) -> int:
+        """The controller leader's node id as this broker knows it; -1 when none is known."""
+        controller = self.broker.controller
+        leader = controller.leader_id if controller is not None else None
+        return leader if leader is not None else -1
+
     def metadata_loaded(self) -> bool:
         """Whether this broker has loaded the cluster metadata since it started: a controller leader is known
         and every command known to be committed is applied. Until then "no such topic" may mean "not yet"."""

@@ -2,16 +2,19 @@
 
 A produce is validated batch by batch, checked against the producer-state table, proposed to the
 partition's Raft group and awaited as its acks ask; a read returns whole stored batches up to the high
-watermark. The front-ends (gRPC service.py, the Kafka listener) translate requests into these calls and
-exceptions into their own error codes.
+watermark, and a fetch long-polls over reads (fetch_long_poll: min_bytes, max_wait, the fetch quota) with
+the request's byte budget shared by its partitions (read_within_budget). The front-ends (gRPC service.py,
+the Kafka listener) translate requests into these calls and exceptions into their own error codes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from logbroker_client import records as rec
 
@@ -19,6 +22,7 @@ from logbroker.cluster.producer_state import BatchIdentity, Outcome, SequenceVer
 from logbroker.cluster.replica import NotLeaderNow, Replica, ReplicaFailedError, now_ms
 from logbroker.raft.errors import NotLeaderError, ProposalDroppedError
 from logbroker.server import errors
+from logbroker.server.quotas import FETCH
 from logbroker.storage.errors import OffsetOutOfRangeError, StorageError
 
 if TYPE_CHECKING:
@@ -41,6 +45,19 @@ class FetchResult:
     records: bytes
     high_watermark: int
     log_start_offset: int
+
+
+Answer = TypeVar("Answer")
+
+
+@dataclass
+class FetchPass(Generic[Answer]):
+    """One pass of a fetch over its partitions, in the front-end's own response shape."""
+
+    answer: Answer
+    total: int  # the bytes that count toward min_bytes and the fetch quota
+    failed: bool  # a partition was answered with an error: answer at once
+    delivered: list[tuple[str, int, bytes]] = field(default_factory=list)  # (topic, partition, bytes) sent
 
 
 class DataPlane:
@@ -162,6 +179,36 @@ class DataPlane:
         except OffsetOutOfRangeError as exc:
             raise errors.OffsetOutOfRange(str(exc)) from None
         return FetchResult(data, hw, start)
+
+    def read_within_budget(self, topic: str, index: int, offset: int, limit: int, budget: int,
+                           total: int) -> FetchResult:
+        """Read one partition of a fetch whose earlier partitions already returned total bytes.
+
+        Once some bytes are in, the request's budget caps the rest; the first batch always comes whole,
+        however large (Kafka's rule, so a consumer never gets stuck behind a big batch). Records that would
+        take the answer past the budget are left for the next fetch."""
+        fetched = self.read(topic, index, offset, max(1, min(limit, budget - total)) if total else limit)
+        if total and total + len(fetched.records) > budget:
+            fetched.records = b""
+        return fetched
+
+    async def fetch_long_poll(self, client_id: str, max_wait_ms: int, min_bytes: int,
+                              read_pass: Callable[[], Awaitable[FetchPass[Answer]]]) -> tuple[Answer, int]:
+        """Read until min_bytes are in, a partition fails or max_wait_ms (capped by the broker) passes; wake
+        for new data in between. Returns the last pass's answer and the throttle time (ms) the client's fetch
+        quota asks of it; the fetch metrics count what is answered."""
+        broker = self.broker
+        max_wait_ms = min(max(max_wait_ms, 0), broker.config.max_fetch_wait_ms)
+        deadline = time.monotonic() + max_wait_ms / 1000
+        await broker.backpressure.hold_while_in_debt(client_id, FETCH)  # one that ignored its throttle time
+        while True:
+            done = await read_pass()
+            remaining = deadline - time.monotonic()
+            if done.total >= min_bytes or remaining <= 0 or done.failed:
+                for topic, partition, data in done.delivered:
+                    broker.metrics.record_fetched(topic, partition, data)
+                return done.answer, broker.backpressure.fetched(client_id, done.total)
+            await self.wait_for_data(remaining)
 
     async def wait_for_data(self, timeout_s: float) -> None:
         """Sleep until any partition's high watermark or leadership moves, or the timeout passes."""

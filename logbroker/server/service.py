@@ -26,9 +26,17 @@ from logbroker.groups.share_runtime import NotShareLeader
 from logbroker.raft.errors import NotLeaderError, ProposalDroppedError
 from logbroker.server import errors
 from logbroker.server.broker import Broker
+from logbroker.server.data_plane import FetchPass
+from logbroker.server.forwarding import (
+    FORWARD_TIMEOUT_S,
+    FORWARDED_METADATA_KEY,
+    forward_find_coordinator,
+    forward_to_controller,
+)
 from logbroker.server.groups import GroupFrontEnd
-from logbroker.server.quotas import FETCH, InflightFull, client_id_of, throttle_ms
+from logbroker.server.quotas import InflightFull, client_id_of, throttle_ms
 from logbroker.server.topic_admin import MoveDoneSender
+from logbroker.server.topic_view import partition_views
 
 log = logging.getLogger("logbroker.service")
 
@@ -40,7 +48,6 @@ FETCH_PARTITIONS_PER_TURN = 256
 MAX_FETCH_PARTITIONS = 10_000  # per request: each costs a result in the answer, data or not
 VALID_ACKS = (-1, 0, 1)
 DEFAULT_REQUEST_TIMEOUT_MS = 30_000  # when a Produce or CreateTopics request names no timeout
-FORWARD_TIMEOUT_S = 30.0
 DESCRIBE_TIMEOUT_S = 5.0
 
 
@@ -98,24 +105,14 @@ class BrokerService(pb_grpc.BrokerServicer):
         if problem:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         config = self.broker.config
-        max_wait_ms = min(max(request.max_wait_ms, 0), config.max_fetch_wait_ms)
-        deadline = time.monotonic() + max_wait_ms / 1000
         budget = min(request.max_bytes if request.max_bytes > 0 else DEFAULT_FETCH_MAX_BYTES, config.max_fetch_bytes)
         min_bytes = min(max(request.min_bytes, 1), budget)  # never wait for more than the answer may hold
-        client_id = client_id_of(context.invocation_metadata())
-        await self.broker.backpressure.hold_while_in_debt(client_id, FETCH)  # one that ignored its throttle time
-        while True:
-            results, total, delivered = await self._read_all(request, budget)
-            remaining = deadline - time.monotonic()
-            if total >= min_bytes or remaining <= 0 or any(r.error_code for r in results):
-                for topic, partition, data in delivered:
-                    self.broker.metrics.record_fetched(topic, partition, data)
-                return pb.FetchResponse(results=results,
-                                        throttle_time_ms=self.broker.backpressure.fetched(client_id, total))
-            await self.broker.data.wait_for_data(remaining)
+        results, throttle = await self.broker.data.fetch_long_poll(
+            client_id_of(context.invocation_metadata()), request.max_wait_ms, min_bytes,
+            lambda: self._read_all(request, budget))
+        return pb.FetchResponse(results=results, throttle_time_ms=throttle)
 
-    async def _read_all(self, request: pb.FetchRequest, budget: int
-                        ) -> tuple[list[pb.PartitionFetchResult], int, list[tuple[str, int, bytes]]]:
+    async def _read_all(self, request: pb.FetchRequest, budget: int) -> FetchPass[list[pb.PartitionFetchResult]]:
         """Read every partition asked for, within the budget; a long request lets other work run between reads.
         Also returns what each partition's answer carries (for the fetch metrics, counted once answered)."""
         partition_cap = self.broker.config.max_partition_fetch_bytes
@@ -134,21 +131,18 @@ class BrokerService(pb_grpc.BrokerServicer):
             results.append(result)
             if data:
                 delivered.append((part.topic, part.partition, data))
-        return results, total, delivered
+        return FetchPass(results, total, any(r.error_code for r in results), delivered)
 
     def _read_one(self, part: pb.FetchPartition, limit: int, budget: int, total: int
                   ) -> tuple[pb.PartitionFetchResult, bytes]:
         result = pb.PartitionFetchResult(topic=part.topic, partition=part.partition)
         try:
-            # Once some bytes are in, the budget caps the rest; the first batch always fits (Kafka's rule).
-            fetched = self.broker.data.read(part.topic, part.partition, part.fetch_offset,
-                                       max(1, min(limit, budget - total)) if total else limit)
+            fetched = self.broker.data.read_within_budget(part.topic, part.partition, part.fetch_offset, limit,
+                                                          budget, total)
         except Exception as exc:
             _fill_error(result, exc, f"{part.topic}-{part.partition}")
             return result, b""
-        data = b""
-        if not total or total + len(fetched.records) <= budget:
-            data = result.records = fetched.records
+        data = result.records = fetched.records
         result.high_watermark = fetched.high_watermark
         result.log_start_offset = fetched.log_start_offset
         return result, data
@@ -170,9 +164,7 @@ class BrokerService(pb_grpc.BrokerServicer):
 
     async def Metadata(self, request: pb.MetadataRequest, context: grpc.aio.ServicerContext) -> pb.MetadataResponse:
         broker = self.broker
-        controller = broker.controller.leader_id if broker.controller is not None else None
-        response = pb.MetadataResponse(controller_id=controller if controller is not None else -1,
-                                       cluster_id="logbroker")
+        response = pb.MetadataResponse(controller_id=broker.controller_client.controller_id(), cluster_id="logbroker")
         for node_id, address in sorted(broker.peers.items()):
             host, _, port = address.rpartition(":")
             response.brokers.add(node_id=node_id, host=host, port=int(port))
@@ -183,14 +175,12 @@ class BrokerService(pb_grpc.BrokerServicer):
             except Exception as exc:
                 topic.error_code, topic.error_message = _error(exc, name)
                 continue
-            for index, assignment in enumerate(spec.assignment):
-                replica = broker.replicas.replica(name, index)
-                leader = broker.replicas.known_leader(name, index)
+            for view in partition_views(broker, spec):
                 topic.partitions.add(
-                    partition=index, leader_id=leader if leader is not None else -1,
-                    leader_epoch=replica.term if replica is not None else -1,
-                    replicas=assignment, isr=broker.replicas.in_sync_replicas(replica, assignment),
-                    error_code=pb.ErrorCode.NONE if leader is not None else pb.ErrorCode.LEADER_NOT_AVAILABLE,
+                    partition=view.index, leader_id=view.leader if view.leader is not None else -1,
+                    leader_epoch=view.replica.term if view.replica is not None else -1,
+                    replicas=view.replicas, isr=view.isr,
+                    error_code=pb.ErrorCode.NONE if view.leader is not None else pb.ErrorCode.LEADER_NOT_AVAILABLE,
                 )
         return response
 
@@ -218,18 +208,7 @@ class AdminService(pb_grpc.AdminServicer):
 
     async def _forward(self, method: str, request: Any) -> Any | None:
         """The controller leader's answer, or None when this broker is the leader."""
-        address = await self.broker.controller_client.controller_leader_address(FORWARD_TIMEOUT_S)
-        if address is None:
-            return None
-        try:
-            async with grpc.aio.insecure_channel(address) as channel:
-                return await getattr(pb_grpc.AdminStub(channel), method)(request, timeout=FORWARD_TIMEOUT_S)
-        except grpc.aio.AioRpcError as exc:
-            # The controller leader moved or went down mid-request: a retriable condition, said as such (a
-            # raw AioRpcError would reach the client as UNKNOWN, which clients take as final).
-            raise errors.LeaderNotAvailable(
-                f"{method} could not be forwarded to the controller leader at {address} "
-                f"({exc.code().name}: {exc.details()}); it may be moving, retry") from None
+        return await forward_to_controller(self.broker, method, request, FORWARD_TIMEOUT_S)
 
     async def CreateTopics(
         self, request: pb.CreateTopicsRequest, context: grpc.aio.ServicerContext
@@ -409,13 +388,12 @@ class AdminService(pb_grpc.AdminServicer):
             described.replication_factor = spec.replication_factor
             described.topic_id = spec.topic_id
             described.configs.update(broker.controller_client.effective_configs(name))
-            for index, assignment in enumerate(spec.assignment):
-                replica = broker.replicas.replica(name, index)
-                leader = broker.replicas.known_leader(name, index)
-                part = described.partitions.add(partition=index, replicas=assignment,
-                                                leader_id=leader if leader is not None else -1,
-                                                isr=broker.replicas.in_sync_replicas(replica, assignment),
-                                                target_replicas=broker.cluster.moves.get((name, index), []))
+            for view in partition_views(broker, spec):
+                part = described.partitions.add(partition=view.index, replicas=view.replicas,
+                                                leader_id=view.leader if view.leader is not None else -1,
+                                                isr=view.isr,
+                                                target_replicas=broker.cluster.moves.get((name, view.index), []))
+                replica = view.replica
                 if replica is not None:
                     membership = replica.node.membership
                     part.voters.extend(sorted(membership.voters))
@@ -573,7 +551,7 @@ class GroupsService(pb_grpc.GroupsServicer):
                               context: grpc.aio.ServicerContext) -> pb.FindCoordinatorResponse:
         controller_client = self.broker.controller_client
         if not await controller_client.ensure_offsets_topic(FORWARD_TIMEOUT_S) and not request_is_forwarded(context):
-            forwarded = await self._forward_to_controller(request)
+            forwarded = await forward_find_coordinator(self.broker, request, FORWARD_TIMEOUT_S)
             if forwarded is not None:
                 await controller_client.wait_for_metadata(lambda: self.groups.offsets_partitions() is not None,
                                                           FORWARD_TIMEOUT_S)
@@ -587,19 +565,6 @@ class GroupsService(pb_grpc.GroupsServicer):
                 continue
             found.node_id, found.address = coordinator.node_id, coordinator.address
         return response
-
-    async def _forward_to_controller(self, request: pb.FindCoordinatorRequest) -> pb.FindCoordinatorResponse | None:
-        """Only the controller leader creates __consumer_offsets: ask it once, so the topic comes to be."""
-        try:
-            address = await self.broker.controller_client.controller_leader_address(FORWARD_TIMEOUT_S)
-            if address is None:
-                return None
-            async with grpc.aio.insecure_channel(address) as channel:
-                return await pb_grpc.GroupsStub(channel).FindCoordinator(  # type: ignore[no-any-return]
-                    request, timeout=FORWARD_TIMEOUT_S, metadata=((FORWARDED_METADATA_KEY, "1"),))
-        except (grpc.aio.AioRpcError, errors.BrokerError) as exc:
-            log.debug("FindCoordinator not forwarded to the controller leader: %s", exc)
-            return None
 
     async def Heartbeat(self, request: pb.GroupHeartbeatRequest,
                         context: grpc.aio.ServicerContext) -> pb.GroupHeartbeatResponse:
@@ -702,9 +667,6 @@ class GroupsService(pb_grpc.GroupsServicer):
             except Exception as exc:
                 result.error_code, result.error_message = _group_error(exc, f"group {group_id!r}")
         return response
-
-
-FORWARDED_METADATA_KEY = "x-logbroker-forwarded"
 
 
 def request_is_forwarded(context: grpc.aio.ServicerContext) -> bool:

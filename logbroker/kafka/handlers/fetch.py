@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import struct
-import time
 from typing import Any
 
 from kio.schema.errors import ErrorCode
@@ -13,14 +12,14 @@ from logbroker.kafka.context import Context
 from logbroker.kafka.errors import kafka_error
 from logbroker.kafka.handlers.epochs import epoch_of_offset, leader_epoch_error
 from logbroker.kafka.versions import api, make, nested, response_class
-from logbroker.server.quotas import FETCH
+from logbroker.server.data_plane import FetchPass
 
 DEFAULT_PARTITION_MAX_BYTES = 1 << 20
 
 
-def _read_all(ctx: Context, cls: type, request: Any) -> tuple[list[Any], int, bool]:
-    """One pass over the requested partitions: (topic responses, bytes of data batches, whether any partition
-    failed)."""
+async def _read_all(ctx: Context, cls: type, request: Any) -> FetchPass[list[Any]]:
+    """One pass over the requested partitions: the topic responses, the bytes of data batches (what counts
+    toward min_bytes), whether any partition failed, and what each partition's answer carries."""
     topic_cls = nested(cls, "FetchableTopicResponse")
     part_cls = nested(cls, "PartitionData")
     config = ctx.broker.config  # its caps win over the request's limits, as on the gRPC port
@@ -28,6 +27,7 @@ def _read_all(ctx: Context, cls: type, request: Any) -> tuple[list[Any], int, bo
     total = 0
     failed = False
     topics = []
+    delivered: list[tuple[str, int, bytes]] = []
     for topic in request.topics:
         parts = []
         for part in topic.partitions:
@@ -38,10 +38,8 @@ def _read_all(ctx: Context, cls: type, request: Any) -> tuple[list[Any], int, bo
                                             getattr(part, "current_leader_epoch", -1))
                 if fenced is not None:
                     raise _Fenced(fenced)
-                # Once some bytes are in, the request's budget caps the rest; the first batch always comes
-                # whole, however large (Kafka's rule, so a consumer never gets stuck behind a big batch).
-                fetched = ctx.broker.data.read(topic.topic, part.partition, part.fetch_offset,
-                                          max(1, min(limit, budget - total)) if total else limit)
+                fetched = ctx.broker.data.read_within_budget(topic.topic, part.partition, part.fetch_offset, limit,
+                                                             budget, total)
             except Exception as exc:
                 code = exc.code if isinstance(exc, _Fenced) else kafka_error(exc, f"{topic.topic}-{part.partition}")[0]
                 failed = True
@@ -49,28 +47,16 @@ def _read_all(ctx: Context, cls: type, request: Any) -> tuple[list[Any], int, bo
                                   last_stable_offset=-1, log_start_offset=-1, aborted_transactions=None,
                                   preferred_read_replica=-1, records=None))
                 continue
-            records = fetched.records
-            if total and total + len(records) > budget:
-                records = b""
-            records, data_bytes = emptied_control_batches(records)
+            records, data_bytes = emptied_control_batches(fetched.records)
             total += data_bytes
+            if records:
+                delivered.append((topic.topic, part.partition, records))
             parts.append(make(part_cls, partition_index=part.partition, error_code=ErrorCode.none,
                               high_watermark=fetched.high_watermark, last_stable_offset=fetched.high_watermark,
                               log_start_offset=fetched.log_start_offset, aborted_transactions=(),
                               preferred_read_replica=-1, records=records))
         topics.append(make(topic_cls, topic=topic.topic, partitions=tuple(parts)))
-    return topics, total, failed
-
-
-def _count_fetched(ctx: Context, topics: list[Any]) -> None:
-    """The fetch metrics (records and bytes sent), for the answer that goes out."""
-    metrics = getattr(ctx.broker, "metrics", None)
-    if metrics is None:
-        return
-    for topic in topics:
-        for part in topic.partitions:
-            if part.records:
-                metrics.record_fetched(topic.topic, part.partition_index, part.records)
+    return FetchPass(topics, total, failed, delivered)
 
 
 @api(1, "Fetch", 4, 12)
@@ -80,19 +66,10 @@ async def fetch(ctx: Context, request: Any, version: int) -> Any:
         # No fetch sessions (KIP-227) are created here (we answer session id 0), so none can be named.
         return make(cls, throttle_time=0, error_code=ErrorCode.fetch_session_id_not_found, session_id=0,
                     responses=())
-    max_wait_ms = min(max(int(request.max_wait.total_seconds() * 1000), 0), ctx.broker.config.max_fetch_wait_ms)
-    deadline = time.monotonic() + max_wait_ms / 1000
-    min_bytes = max(request.min_bytes, 1)
-    backpressure = ctx.broker.backpressure
-    await backpressure.hold_while_in_debt(ctx.client_id, FETCH)  # a client that ignored its last throttle time
-    while True:
-        topics, total, failed = _read_all(ctx, cls, request)
-        remaining = deadline - time.monotonic()
-        if total >= min_bytes or remaining <= 0 or failed:
-            _count_fetched(ctx, topics)
-            return make(cls, throttle_time=backpressure.fetched(ctx.client_id, total), error_code=ErrorCode.none,
-                        session_id=0, responses=tuple(topics))
-        await ctx.broker.data.wait_for_data(remaining)
+    topics, throttle = await ctx.broker.data.fetch_long_poll(
+        ctx.client_id, int(request.max_wait.total_seconds() * 1000), max(request.min_bytes, 1),
+        lambda: _read_all(ctx, cls, request))
+    return make(cls, throttle_time=throttle, error_code=ErrorCode.none, session_id=0, responses=tuple(topics))
 
 
 @api(2, "ListOffsets", 1, 6)

@@ -14,23 +14,21 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import grpc
 from kio.schema.errors import ErrorCode
 from logbroker_client.proto import logbroker_pb2 as pb
-from logbroker_client.proto import logbroker_pb2_grpc as pb_grpc
 
 from logbroker.groups.classic import STABLE, ClassicGroups, MemberIdRequired, RebalanceInProgress, UnknownMemberId
 from logbroker.groups.errors import GroupError
 from logbroker.kafka.context import Context
 from logbroker.kafka.errors import kafka_error
 from logbroker.kafka.versions import api, make, nested, response_class
+from logbroker.server.forwarding import forward_find_coordinator
 
 log = logging.getLogger("logbroker.kafka")
 
 T = TypeVar("T")
 FORWARD_TIMEOUT_S = 10.0
 POLL_S = 0.02
-FORWARDED_METADATA_KEY = "x-logbroker-forwarded"  # as the gRPC Groups service marks a forwarded request
 GROUP_KEY_TYPE = 0
 KIP848_STATES = {"empty": "Empty", "assigning": "PreparingRebalance", "reconciling": "CompletingRebalance",
                  "stable": "Stable"}
@@ -43,16 +41,8 @@ async def _ensure_offsets_topic(ctx: Context) -> None:
     controller_client = ctx.broker.controller_client
     if await controller_client.ensure_offsets_topic(FORWARD_TIMEOUT_S) or ctx.groups.offsets_partitions() is not None:
         return
-    try:
-        address = await controller_client.controller_leader_address(FORWARD_TIMEOUT_S)
-        if address is None:
-            return
-        async with grpc.aio.insecure_channel(address) as channel:
-            await pb_grpc.GroupsStub(channel).FindCoordinator(
-                pb.FindCoordinatorRequest(group_ids=["-"]), timeout=FORWARD_TIMEOUT_S,
-                metadata=((FORWARDED_METADATA_KEY, "1"),))
-    except Exception as exc:
-        log.debug("asking the controller leader to create the offsets topic failed: %s", exc)
+    if await forward_find_coordinator(ctx.broker, pb.FindCoordinatorRequest(group_ids=["-"]),
+                                      FORWARD_TIMEOUT_S) is None:
         return
     await controller_client.wait_for_metadata(lambda: ctx.groups.offsets_partitions() is not None, FORWARD_TIMEOUT_S)
 

@@ -14,6 +14,7 @@ from logbroker.kafka.context import Context
 from logbroker.kafka.errors import kafka_error
 from logbroker.kafka.topics import create_topics
 from logbroker.kafka.versions import APIS, api, make, nested, response_class
+from logbroker.server.topic_view import partition_views
 
 log = logging.getLogger("logbroker.kafka")
 
@@ -48,9 +49,7 @@ def _brokers(ctx: Context, cls: type) -> tuple[Any, ...]:
 
 
 def _controller_id(ctx: Context) -> int:
-    controller = ctx.broker.controller
-    leader = controller.leader_id if controller is not None else None
-    return leader if leader is not None else -1
+    return ctx.broker.controller_client.controller_id()
 
 
 def topic_description(ctx: Context, cls: type, name: str) -> Any:
@@ -65,18 +64,16 @@ def topic_description(ctx: Context, cls: type, name: str) -> Any:
         return make(topic_cls, error_code=code, name=name, topic_id=None, is_internal=False, partitions=(),
                     topic_authorized_operations=-2147483648)
     partitions = []
-    for index, assignment in enumerate(spec.assignment):
-        replica = broker.replicas.replica(name, index)
-        leader = broker.replicas.known_leader(name, index)
-        live = [node for node in assignment if broker.liveness.is_alive(node)]
+    for view in partition_views(broker, spec):
+        leader = view.leader
+        live = [node for node in view.replicas if broker.liveness.is_alive(node)]
         partitions.append(make(
             part_cls, error_code=ErrorCode.none if leader is not None else ErrorCode.leader_not_available,
-            partition_index=index, leader_id=leader if leader is not None else -1,
+            partition_index=view.index, leader_id=leader if leader is not None else -1,
             # The leader epoch (the Raft term) lets clients fence their fetches and, after a leader change, ask
             # OffsetForLeaderEpoch whether their position survived (KIP-320; handlers/epochs.py).
-            leader_epoch=_leader_epoch(broker, name, index, replica), replica_nodes=tuple(assignment),
-            isr_nodes=tuple(broker.replicas.in_sync_replicas(replica, assignment)),
-            offline_replicas=tuple(n for n in assignment if n not in live)))
+            leader_epoch=_leader_epoch(broker, name, view.index, view.replica), replica_nodes=tuple(view.replicas),
+            isr_nodes=tuple(view.isr), offline_replicas=tuple(n for n in view.replicas if n not in live)))
     return make(topic_cls, error_code=ErrorCode.none, name=name, topic_id=_topic_uuid(spec.topic_id),
                 is_internal=name.startswith("__"), partitions=tuple(partitions),
                 topic_authorized_operations=-2147483648)
