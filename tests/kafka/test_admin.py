@@ -22,6 +22,8 @@ from logbroker_client import Admin
 
 from tests.support.cluster import BrokerCluster
 
+ADMIN_TIMEOUT_S = 45  # controller changes forwarded between brokers: generous on a loaded 2-core machine
+
 
 def test_create_describe_and_delete_topics(kafka_cluster: BrokerCluster, topic_name: str) -> None:
     admin = AdminClient({"bootstrap.servers": kafka_cluster.brokers[3].kafka_address})
@@ -46,17 +48,20 @@ def test_create_describe_and_delete_topics(kafka_cluster: BrokerCluster, topic_n
 
 def test_partitions_are_added_and_configs_altered_through_the_controller(kafka_cluster: BrokerCluster,
                                                                         topic_name: str) -> None:
-    admin = AdminClient({"bootstrap.servers": kafka_cluster.brokers[2].kafka_address})
-    admin.create_topics([NewTopic(topic_name, num_partitions=2, replication_factor=3)])[topic_name].result(15)
-    admin.create_partitions([NewPartitions(topic_name, 4)], validate_only=True)[topic_name].result(15)
-    assert len(admin.list_topics(topic_name, timeout=10).topics[topic_name].partitions) == 2  # only validated
-    admin.create_partitions([NewPartitions(topic_name, 4)], request_timeout=20)[topic_name].result(20)
-    assert len(admin.list_topics(topic_name, timeout=10).topics[topic_name].partitions) == 4
+    admin = AdminClient({"bootstrap.servers": kafka_cluster.brokers[2].kafka_address,
+                         "socket.timeout.ms": ADMIN_TIMEOUT_S * 1000})
+    admin.create_topics([NewTopic(topic_name, num_partitions=2, replication_factor=3)],
+                        request_timeout=ADMIN_TIMEOUT_S)[topic_name].result(ADMIN_TIMEOUT_S)
+    admin.create_partitions([NewPartitions(topic_name, 4)], validate_only=True)[topic_name].result(ADMIN_TIMEOUT_S)
+    assert len(admin.list_topics(topic_name, timeout=20).topics[topic_name].partitions) == 2  # only validated
+    grown = admin.create_partitions([NewPartitions(topic_name, 4)], request_timeout=ADMIN_TIMEOUT_S)[topic_name]
+    grown.result(ADMIN_TIMEOUT_S)
+    assert len(admin.list_topics(topic_name, timeout=20).topics[topic_name].partitions) == 4
     fewer = admin.create_partitions([NewPartitions(topic_name, 3)])[topic_name]
     assert error_of(fewer).name() == "INVALID_PARTITIONS"
 
     resource = incremental(topic_name, "retention.ms", "60000")
-    admin.incremental_alter_configs([resource])[resource].result(15)
+    admin.incremental_alter_configs([resource])[resource].result(ADMIN_TIMEOUT_S)
     assert described_configs(admin, topic_name)["retention.ms"] == ("60000", False)
     bad = incremental(topic_name, "retention.ms", "soon")
     problem = error_of(admin.incremental_alter_configs([bad])[bad])
@@ -64,7 +69,7 @@ def test_partitions_are_added_and_configs_altered_through_the_controller(kafka_c
     assert described_configs(admin, topic_name)["retention.ms"] == ("60000", False)  # nothing applied
     replaced = ConfigResource(ConfigResource.Type.TOPIC, topic_name, set_config={"segment.ms": "3600000"})
     with pytest.warns(DeprecationWarning):  # confluent-kafka's warning: the older call is still served
-        admin.alter_configs([replaced])[replaced].result(15)  # and replaces every override
+        admin.alter_configs([replaced])[replaced].result(ADMIN_TIMEOUT_S)  # and replaces every override
     after = described_configs(admin, topic_name)
     assert after["segment.ms"] == ("3600000", False) and after["retention.ms"][1]
 
@@ -76,7 +81,7 @@ def incremental(topic: str, name: str, value: str) -> ConfigResource:
 
 def error_of(future: object) -> Any:
     try:
-        future.result(15)  # type: ignore[attr-defined]
+        future.result(ADMIN_TIMEOUT_S)  # type: ignore[attr-defined]
     except KafkaException as exc:
         return exc.args[0]
     raise AssertionError("the change was accepted")
@@ -85,7 +90,7 @@ def error_of(future: object) -> Any:
 def described_configs(admin: AdminClient, topic: str) -> dict[str, tuple[str, bool]]:
     resource = ConfigResource(ConfigResource.Type.TOPIC, topic)
     return {name: (entry.value, entry.is_default) for name, entry in admin.describe_configs([resource])[resource]
-            .result(15).items()}
+            .result(ADMIN_TIMEOUT_S).items()}
 
 
 def test_describe_cluster_names_every_broker(kafka_cluster: BrokerCluster) -> None:
