@@ -334,7 +334,7 @@ class PartitionLog:
     def _note_epochs(self, epoch_starts: list[tuple[int, int]]) -> None:
         """Record where new epochs begin, once their batches are written (O(1) unless an epoch is new)."""
         if any([self.epochs.assign(epoch, start) for epoch, start in epoch_starts if epoch >= 0]):
-            self.epochs.save()
+            self._save_epochs()
 
     def _stamp(self, buf: bytearray, offset: int, epoch: int) -> tuple[list[BatchInfo], int, int]:
         infos: list[BatchInfo] = []
@@ -610,7 +610,7 @@ class PartitionLog:
                 fsync_dir(self.directory, self.fs)
                 self._write_checkpoint(durable=True)
                 if self.epochs.cut_from(self._next_offset):
-                    self.epochs.save()
+                    self._save_epochs()
             except OSError as exc:
                 self._broken = f"truncation failed: {exc}"
                 raise self._io_error(f"truncating to offset {offset}", exc) from exc
@@ -640,7 +640,7 @@ class PartitionLog:
             fsync_dir(self.directory, self.fs)
             self._write_checkpoint(durable=True)
             self.epochs.clear()
-            self.epochs.save()
+            self._save_epochs()
         except OSError as exc:
             self._broken = f"reset failed: {exc}"
             raise self._io_error(f"resetting to offset {start_offset}", exc) from exc
@@ -662,7 +662,7 @@ class PartitionLog:
             doomed, kept = segments[:count], segments[count:]
             self._set_segments(kept)
             if self._cut_epochs_before_start():
-                self.epochs.save()
+                self._save_epochs()
             try:
                 for segment in doomed:
                     segment.delete()
@@ -705,7 +705,7 @@ class PartitionLog:
             doomed, kept = segments[:count], segments[count:]
             self._set_segments(kept)
             if self._cut_epochs_before_start():
-                self.epochs.save()
+                self._save_epochs()
             try:
                 for segment in doomed:
                     segment.delete()
@@ -715,6 +715,17 @@ class PartitionLog:
         logger.info("%s: deleted %d segment(s) below offset %d; the log now starts at offset %d",
                     self.name, count, new_start, self.log_start_offset)
         return count
+
+    def _save_epochs(self) -> None:
+        """The epoch file is a cache the next open checks against the segments (a stale or missing one costs a
+        scan): failing to write it (a full disk) must not fail, or leave half done, the change it follows. A
+        retention that raised here had dropped its segments from the list but not from the disk, and the next
+        open found them, then a gap, and cut everything after it (found by the runtime simulation)."""
+        try:
+            self.epochs.save()
+        except OSError as exc:
+            logger.warning("%s: could not write %s (%s); the next open rebuilds it from the segments", self.name,
+                           self.epochs.path.name, exc)
 
     def _cut_epochs_before_start(self) -> bool:
         """Forget the epochs below the new log start; when the log is now empty (its only segment had no batch

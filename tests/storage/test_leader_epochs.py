@@ -3,6 +3,7 @@ truncation, retention, resets and restarts, and rebuilt from the log when its fi
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,25 @@ def test_deleting_every_batch_below_an_empty_active_segment_forgets_every_epoch(
     assert (log.log_start_offset, log.log_end_offset) == (end, end) and log.epochs.entries() == []
     log.append(bytearray(make_batch(1)), 9, T0)
     assert log.epochs.entries() == [(9, end)] and log.epoch_at(end) == 9
+
+
+def test_a_full_disk_when_saving_the_epochs_does_not_half_do_a_retention(log_dir: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # The save came between dropping the segments from the list and deleting their files: a failure left the
+    # files, and the next open found them, then a gap, and cut every later segment (runtime simulation).
+    log = written(log_dir, segment_bytes=100)  # every batch in a segment of its own
+    log.append(bytearray(make_batch(1)), 7, T0)
+
+    def disk_full() -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(log.epochs, "save", disk_full)
+    log.delete_segments_before(log.prefix_cut_point(9))
+    assert log.log_start_offset == 9
+    monkeypatch.undo()
+    log.append(bytearray(make_batch(1)), 8, T0)
+    end = log.log_end_offset
+    log.close()
+    reopened = open_log(log_dir)
+    assert (reopened.log_start_offset, reopened.log_end_offset) == (9, end)
+    assert reopened.epochs.entries() == [(7, 9), (8, end - 1)]
