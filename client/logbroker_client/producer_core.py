@@ -46,7 +46,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from logbroker_client import records as rec
-from logbroker_client.error_codes import ALREADY_STORED_MARKER
 from logbroker_client.errors import (
     DeliveryFailedError,
     LogbrokerError,
@@ -301,6 +300,7 @@ class ProducerCore:
         self.epochs: dict[Slot, int] = {}
         self.ordinals: dict[Slot, int] = {}
         self.resetting: set[Slot] = set()  # a batch failed for good: new epoch once nothing is in flight
+        self.confirmed: set[Slot] = set()  # partitions with a batch of the current epoch stored (see _window_room)
         self.linger_s = linger_ms / 1000
         self.batch_size = batch_size
         self.compression = rec.COMPRESSION_CODECS[compression]
@@ -442,6 +442,11 @@ class ProducerCore:
         answer is slow, later ones can be stored and answered; if they kept going, the slow batch's retry
         would fall behind the broker's window of its last 5 batches and could not be recognised (the broker
         can only say it was stored, not where). Kafka's in-order answers per connection give it this rule."""
+        if self.idempotent and slot not in self.confirmed:
+            # A broker accepts a producer it does not know at any sequence (Kafka 3.x's rule), so a later batch
+            # overtaking the first one would be stored first, and the first one then taken for "stored long
+            # ago": until one batch of the epoch is stored, one goes at a time.
+            return 1 - len(flying)
         if not flying:
             return self.max_in_flight
         return self.max_in_flight - (self.ordinals.get(slot, 0) - flying[0].ordinal)
@@ -502,6 +507,7 @@ class ProducerCore:
         """After a batch failed for good: the next epoch, from sequence 0; queued retries are numbered again
         (none of them was stored, or at most one that timed out: see the module's docstring)."""
         self.resetting.discard(slot)
+        self.confirmed.discard(slot)
         epoch = (self.epochs.get(slot, 0) + 1) % (MAX_PRODUCER_EPOCH + 1)
         self.epochs[slot] = epoch
         self.sequences[slot] = 0
@@ -547,12 +553,6 @@ class ProducerCore:
         error = explain_record_too_large(error, *slot, [(b.builder.count, len(b.data or b"")) for b in batches])
         if isinstance(error, OutOfOrderSequenceError) and self.may_retry(batches):
             return self._out_of_order(slot, batches, error)
-        if error is not None and ALREADY_STORED_MARKER in str(error):
-            # A retry of batches the broker stored so long ago it cannot find their offsets: they are in the
-            # log, once. Kafka's producer completes a DUPLICATE_SEQUENCE_NUMBER the same way: success, offset
-            # unknown (-1).
-            log.warning("%s-%d: %s; the records are stored, their offsets unknown", slot[0], slot[1], error)
-            return Verdict(False, False, None, [(b, -1, None) for b in batches])
         if error is not None and error.retriable and self.may_retry(batches):
             log.info("%s-%d: %s; retrying in %d ms", slot[0], slot[1], error, RETRY_BACKOFF_MS)
             self._requeue(slot, batches)
@@ -566,6 +566,7 @@ class ProducerCore:
                 self.resetting.add(slot)  # their sequences will never be stored: a hole the broker refuses
             return Verdict(False, leaderless, error, [(b, -1, error) for b in batches])
         assert result is not None
+        self.confirmed.add(slot)
         if len(result.batch_base_offsets) == len(batches):
             return Verdict(False, False, None, list(zip(batches, result.batch_base_offsets, [None] * len(batches),
                                                         strict=True)))

@@ -48,11 +48,15 @@ class Batch(CoreBatch):
         self.outcome = (base_offset, error)
 
 
-def make(**options: Any) -> tuple[ProducerCore, Clock, list[int]]:
+def make(first_batch_stored: bool = True, **options: Any) -> tuple[ProducerCore, Clock, list[int]]:
+    """A core for SLOT; by default one whose first batch of the epoch was stored, so its pipeline is open (a
+    fresh partition sends one batch at a time until then: tested on its own)."""
     clock = Clock()
     wakes: list[int] = []
     core = ProducerCore(new_batch=Batch, new_future=lambda batch, index, ts: (batch, index, ts),
                         wake=lambda: wakes.append(1), clock=clock, producer_id=77, **options)
+    if first_batch_stored:
+        core.confirmed.add(SLOT)
     return core, clock, wakes
 
 
@@ -215,14 +219,16 @@ def test_a_slow_oldest_batch_holds_the_window_so_its_retry_stays_within_the_brok
     assert len(entry(core)) == 3
 
 
-def test_batches_the_broker_stored_too_long_ago_to_place_complete_as_stored() -> None:
-    core, clock, _ = make()
-    sealed(core, clock, 2)
-    batches = entry(core)
-    verdict = answer(core, batches, refused(pb.ErrorCode.INVALID_REQUEST, "t-0: producer 77 retried sequence 0, "
-                                            "stored too long ago to find its offset [already stored]"))
-    assert not verdict.retry and [b.outcome for b in batches] == [(-1, None), (-1, None)]  # type: ignore[attr-defined]
-    assert core.failures.records == 0 and SLOT not in core.resetting
+def test_until_one_batch_of_the_epoch_is_stored_the_partition_sends_one_at_a_time() -> None:
+    core, clock, _ = make(first_batch_stored=False)
+    sealed(core, clock, 3)
+    first = entry(core)
+    assert len(first) == 1 and entries(core) == []  # a later batch must not overtake the first one
+    answer(core, first, refused(pb.ErrorCode.NOT_LEADER))
+    clock.now += RETRY_BACKOFF_MS / 1000
+    assert entry(core) == first  # the retry, alone
+    answer(core, first, ok(0))
+    assert len(entry(core)) == 2  # stored: the pipeline opens
 
 
 def test_an_entry_stays_within_max_request_bytes_and_the_next_batch_waits_for_the_next_request() -> None:
@@ -327,10 +333,14 @@ def test_a_batch_failed_for_good_makes_the_partition_start_a_new_epoch_at_sequen
     assert not verdict.retry and isinstance(verdict.completions[0][2], RecordTooLargeError)
     # The broker refuses the rest: the sequence before theirs never arrives.
     assert core.on_answer(SLOT, rest, refused(pb.ErrorCode.OUT_OF_ORDER_SEQUENCE_NUMBER), None).retry
-    renumbered = entry(core)  # numbered afresh, so new batches again: one entry
-    assert renumbered == rest
-    assert epochs_and_sequences(core.request_records(SLOT, renumbered)) == [(1, 0), (1, 1)]
-    answer(core, renumbered, ok(0, 1))
+    # Numbered afresh under the next epoch, one at a time until the epoch's first batch is stored.
+    renumbered = entry(core)
+    assert renumbered == rest[:1] and entries(core) == []
+    assert epochs_and_sequences(core.request_records(SLOT, renumbered)) == [(1, 0)]
+    answer(core, renumbered, ok(0))
+    last = entry(core)
+    assert last == rest[1:] and epochs_and_sequences(core.request_records(SLOT, last)) == [(1, 1)]
+    answer(core, last, ok(1))
     assert core.take_failures().records == 1 and core.unfinished == 0
 
 
