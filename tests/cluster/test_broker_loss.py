@@ -79,6 +79,9 @@ def test_a_partition_whose_only_replica_is_down_is_offline_and_refuses_writes_fa
     with Admin(cluster.bootstrap) as admin:
         admin.create_topic("single", partitions=1, replication_factor=1)
         holder = admin.describe_topics(["single"])[0].partitions[0].replicas[0]
+    # The create is answered once the controller leader applied it; the others apply it a moment later.
+    wait_until(lambda: all(cluster.describe(node, "single") is not None for node in cluster.live()), 20,
+               "every broker to know topic single")
     cluster.kill(holder)
     holder_at = f"broker {holder} at {cluster.address(holder)}"
 
