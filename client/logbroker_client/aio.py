@@ -904,6 +904,8 @@ class AsyncConsumer:
             if self._group is not None:
                 await self._group.on_poll()
             records = self._fetch.take(limit)
+            if records and self._group is not None:
+                records = self._group.still_owned(records)
             if records:
                 await self._prefetch()
                 return records

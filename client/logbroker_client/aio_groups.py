@@ -38,7 +38,7 @@ from logbroker_client.groups import (
     find_coordinator_request,
 )
 from logbroker_client.proto import logbroker_pb2 as pb
-from logbroker_client.types import OffsetAndMetadata, TopicPartition
+from logbroker_client.types import ConsumerRecord, OffsetAndMetadata, TopicPartition
 
 if TYPE_CHECKING:
     from logbroker_client.aio import AsyncMetadata
@@ -204,6 +204,15 @@ class AsyncGroupSide:
                      "session timeout", self.group_id, exc)
 
     # -------------------------------------------------------------------------------- poll side
+
+    def still_owned(self, records: list[ConsumerRecord]) -> list[ConsumerRecord]:
+        """As GroupSide.still_owned: less the records of partitions a session that lapsed meanwhile lost."""
+        before = self.member.owned
+        self.member.check_session(monotonic_ms())
+        owned = self.member.owned
+        if owned == before:
+            return records
+        return [r for r in records if TopicPartition(r.topic, r.partition) in owned]
 
     async def on_poll(self) -> None:
         """Carry out the coordinator's decisions, auto-commit when due, raise a fatal group error."""

@@ -282,6 +282,8 @@ class Consumer:
             if self._group is not None:
                 self._group.on_poll()
             records = self._fetch.take(limit)
+            if records and self._group is not None:
+                records = self._group.still_owned(records)
             if records:
                 self._prefetch()
                 return records
@@ -522,6 +524,17 @@ class _GroupSide:
                      "session timeout", self.group_id, exc)
 
     # --------------------------------------------------------------------------------- poll side
+
+    def still_owned(self, records: list[ConsumerRecord]) -> list[ConsumerRecord]:
+        """The records about to be handed out, less those of partitions a session that lapsed meanwhile lost (the
+        process may have been paused between on_poll's check and now)."""
+        with self.lock:
+            before = self.member.owned
+            self.member.check_session(monotonic_ms())
+            owned = self.member.owned
+        if owned == before:
+            return records
+        return [r for r in records if TopicPartition(r.topic, r.partition) in owned]
 
     def on_poll(self) -> None:
         """Carry out the coordinator's decisions, auto-commit when due, raise a fatal group error."""

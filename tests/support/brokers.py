@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -24,10 +25,35 @@ TEST_RAFT_TICK_MS = 10  # elections within 100-200 ms keep tests quick
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+LOWEST_TEST_PORT = 10_000
+_handed_out: set[int] = set()  # ports given to a test already: each goes to one listener only
+
+
+def _ephemeral_low() -> int:
+    """Where the kernel's range for outgoing connections starts: a port below it is never taken by a client's
+    socket between the moment a test picks it and the moment its broker binds it (a port the kernel handed us
+    from that range was, now and then, and the broker failed to start)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A port that is free now, below the ephemeral range, and not handed out before in this test run."""
+    high = _ephemeral_low()
+    for _ in range(1_000):
+        port = random.randrange(LOWEST_TEST_PORT, high)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise AssertionError(f"no free port between {LOWEST_TEST_PORT} and {high} on {host}")
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.02) -> None:
