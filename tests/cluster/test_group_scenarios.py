@@ -452,6 +452,7 @@ def test_the_coordinators_broker_killed_and_restarted_during_commits(scenario: S
           f"failed {summary['commits failed']}; ownerships ended {summary['ended']}")
 
 
+@pytest.mark.slow  # 25-35 s: make test-slow; the default suite keeps test_failover's rolling restart under load
 def test_a_rolling_restart_of_every_broker_reassigns_nothing_among_static_members(scenario: Scenario) -> None:
     scenario.start_load()
     for name in ("a", "b", "c"):

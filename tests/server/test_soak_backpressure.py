@@ -109,6 +109,7 @@ def report(cluster: BrokerCluster, baseline_mb: dict[int, int], final_mb: dict[i
               f"(growth {final_mb[node] - baseline_mb[node]:+d} MB, peak {peak_mb[node]} MB)")
 
 
+@pytest.mark.slow  # 30 s: with make test-slow, beside the three-minute soak; keeps the default suite under 10 min
 def test_a_fast_producer_and_a_ten_times_slower_group_keep_broker_memory_flat_briefly(tmp_path: Path) -> None:
     soak(tmp_path, SHORT_SOAK_S, SHORT_WARM_UP_S)
 
