@@ -43,7 +43,7 @@ DEFAULT_LOCK_MS = 30_000
 DEFAULT_DELIVERY_LIMIT = 5
 DEFAULT_BACKOFF_MS = 1_000
 DEFAULT_BACKOFF_MAX_MS = 60_000
-MAX_WINDOW_RECORDS = 20_000  # records past start the group may have read from the log and not finished
+MAX_WINDOW_RECORDS = 50_000  # records past start a group may have read and not finished (runs keep it cheap)
 MAX_LOCK_MS = 12 * 3_600_000
 MAX_DELAY_MS = 7 * 24 * 3_600_000
 

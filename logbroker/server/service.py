@@ -766,6 +766,8 @@ class ShareService(pb_grpc.ShareServicer):
             _fill_error(result, _as_broker_error(exc, where), where)
             return 0
         result.ack_results.extend(_ack_results(outcome.acks))
+        if outcome.acks:  # finished records may move the window on: other members waiting for records look again
+            self.broker.data.wake_fetchers()
         taken = sum(a.last_offset - a.first_offset + 1 for a in outcome.acquired)
         if outcome.acquired:
             result.records += outcome.records
@@ -789,6 +791,7 @@ class ShareService(pb_grpc.ShareServicer):
             try:
                 machine = self.broker.share_groups.share_machine(part.topic, part.partition)
                 outcomes = await machine.acknowledge(request.group_id, request.member_id, _acks_from_pb(part.acks))
+                self.broker.data.wake_fetchers()  # as in ShareFetch: the window may have moved on
             except Exception as exc:
                 _fill_error(result, _as_broker_error(exc, where), where)
                 continue
