@@ -117,8 +117,9 @@ class MetricsServer:
             if method != "HEAD":
                 writer.write(body)
             await writer.drain()
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ConnectionError, ValueError):
-            pass  # a client that went away or sent something else than HTTP
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ConnectionError,
+                ValueError) as exc:  # a client that went away or sent something else than HTTP: its loss only
+            log.debug("metrics connection dropped: %s", exc)
         finally:
             writer.close()
             with contextlib.suppress(Exception):

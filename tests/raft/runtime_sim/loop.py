@@ -51,10 +51,11 @@ class SimEventLoop(asyncio.BaseEventLoop):
         return self._virtual_now
 
     def _process_events(self, event_list: list[Any]) -> None:
-        pass
+        """No file descriptors are watched: the virtual selector never reports events, so none to process."""
 
     def _write_to_self(self) -> None:
-        pass  # call_soon_threadsafe wakes a selector; there is none to wake
+        """call_soon_threadsafe wakes a real selector from another thread; the virtual loop has no selector to
+        wake and runs every callback on its own next step."""
 
     def _record_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exception = context.get("exception")
