@@ -24,6 +24,7 @@ from logbroker_client.proto import logbroker_pb2_grpc as pb_grpc
 
 from tests.support.brokers import BrokerProcess, wait_until
 from tests.support.checker import AckLog, assert_clean, make_value, read_log
+from tests.support.disk import bytes_of_files
 
 INFLIGHT_BOUND_BYTES = 256 * 1024
 CONCURRENT_REQUESTS = 32
@@ -156,15 +157,7 @@ def test_a_client_id_with_a_quota_is_held_near_its_rate_while_another_is_not(tmp
 # ------------------------------------------------------------------------------------- disk use
 
 def directory_bytes(path: Path) -> int:
-    """Bytes of the segment files in `path`; one that retention deletes between the listing and
-    its stat counts as gone, which it is."""
-    total = 0
-    for segment in path.rglob("*.log"):
-        try:
-            total += segment.stat().st_size
-        except FileNotFoundError:
-            continue
-    return total
+    return bytes_of_files(path.rglob("*.log"))
 
 
 def test_retention_bytes_keeps_a_partition_bounded_on_disk(tmp_path: Path) -> None:

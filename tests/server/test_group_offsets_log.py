@@ -11,6 +11,7 @@ from logbroker_client.proto import logbroker_pb2 as pb
 from logbroker_client.proto import logbroker_pb2_grpc as pb_grpc
 
 from tests.support.brokers import InProcessBroker, wait_until
+from tests.support.disk import bytes_of_files
 
 TOPIC = "wide"
 PARTITIONS = 20
@@ -21,7 +22,7 @@ BOUND_BYTES = 1 << 20  # far below the 3 MB written, far above one snapshot (~10
 
 
 def offsets_dir_bytes(data_dir: Path) -> int:
-    return sum(p.stat().st_size for p in data_dir.glob("__consumer_offsets-*/*.log"))
+    return bytes_of_files(data_dir.glob("__consumer_offsets-*/*.log"))
 
 
 def groups_stub(address: str) -> pb_grpc.GroupsStub:

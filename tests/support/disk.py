@@ -12,6 +12,7 @@ import errno
 import os
 import subprocess
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 FILLER_FILE = "filler.bin"
@@ -68,3 +69,15 @@ class SizeLimitedDir:
             with contextlib.suppress(subprocess.CalledProcessError):
                 subprocess.run(["umount", "-l", str(self.path)], check=True, capture_output=True)
             self.mounted = False
+
+
+def bytes_of_files(paths: Iterable[Path]) -> int:
+    """Total size of the listed files; one deleted between the listing and its stat (retention or a
+    snapshot cutting segments while a test watches) counts as gone, which it is."""
+    total = 0
+    for path in paths:
+        try:
+            total += path.stat().st_size
+        except FileNotFoundError:
+            continue
+    return total
