@@ -83,6 +83,7 @@ class PartitionLog:
         self._segments: list[LogSegment] = []
         self._next_offset = 0
         self._durable_offset = 0
+        self._checkpointed_offset = 0  # the offset the recovery checkpoint file holds
         self._closed = False
         self._broken: str | None = None
         # Set by a failed fsync: from this offset on, what reads still show may never reach the disk (Linux
@@ -257,9 +258,15 @@ class PartitionLog:
 
     def _write_checkpoint(self, durable: bool) -> None:
         """Persist the durable offset. On the flush path it is not fsynced itself: losing it only means
-        recovering more, and it is written after the data it covers was fsynced."""
+        recovering more, and it is written after the data it covers was fsynced.
+
+        Recovery trusts a segment when the next one starts at or below the checkpoint, so a newer
+        checkpoint changes nothing until the durable offset passes a segment base the last one did not
+        cover: flush() writes it only then (once per segment roll, not once per fsync; the file's
+        write, close and rename were a third of a lone record's flush)."""
         data = f"{CHECKPOINT_VERSION}\n{self._durable_offset}\n".encode("ascii")
         write_file_atomically(self.directory / filenames.RECOVERY_CHECKPOINT_FILE, data, durable, self.fs)
+        self._checkpointed_offset = self._durable_offset
 
     # =========================================================================================== state
 
@@ -578,7 +585,8 @@ class PartitionLog:
                     segment.flush()
                 if target > self._durable_offset:
                     self._durable_offset = target
-                    self._write_checkpoint(durable=False)
+                    if self._bases[-1] > self._checkpointed_offset:
+                        self._write_checkpoint(durable=False)
                     if self.flush_observer is not None:
                         self.flush_observer(time.perf_counter() - started)
             except OSError as exc:

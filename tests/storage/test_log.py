@@ -325,14 +325,29 @@ def test_close_then_open_skips_recovery_and_removes_marker(log_dir: Path, caplog
         log.append(bytearray(make_batch()), 1, T0)
 
 
-def test_flush_returns_durable_offset_and_writes_checkpoint(log_dir: Path) -> None:
-    log = open_log(log_dir)
-    append(log, make_batch(4))
+def checkpoint_offset(log_dir: Path) -> int:
+    version, offset = (log_dir / filenames.RECOVERY_CHECKPOINT_FILE).read_text().split()
+    assert version == "1"
+    return int(offset)
+
+
+def test_flush_returns_durable_offset_and_checkpoints_once_it_passes_a_segment_base(log_dir: Path) -> None:
+    batch = make_batch(4, value_size=50)
+    log = open_log(log_dir, segment_bytes=len(batch) * 2)
+    append(log, batch)
     assert log.durable_offset == 0
     assert log.flush() == 4
     assert log.durable_offset == 4
-    text = (log_dir / filenames.RECOVERY_CHECKPOINT_FILE).read_text()
-    assert text.split() == ["1", "4"]
+    # Recovery decides per segment, and no segment starts in 1..4: the file need not change.
+    assert checkpoint_offset(log_dir) == 0
+    append(log, batch)
+    append(log, batch)  # rolls: a segment starts at 8
+    assert [segment.base_offset for segment in log.segments] == [0, 8]
+    assert log.flush() == 12
+    assert checkpoint_offset(log_dir) == 12
+    append(log, batch)
+    assert log.flush() == 16
+    assert checkpoint_offset(log_dir) == 12  # still no new segment base below 16
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name fsynced files")
