@@ -4,7 +4,9 @@ The node is pure; this class does its I/O, following the Ready contract (docs/ra
 1. send the Ready's messages (a leader's appends) through the transport at once;
 2. persist: reset and truncate on the event loop thread; append in the thread pool, in chunks, since a
    write blocks while the kernel writes back; then one fsync of the log and, when term or vote changed,
-   of the state file, in the thread pool;
+   of the state file, in the same trip to the pool as the last chunk's write (a Ready that only moves a
+   partition's volatile commit offset skips the pool); a failed fsync cuts the log back to what is durable
+   at once (PartitionLog.forget_unsynced);
 3. send the messages that wait for the persist (acknowledgements, votes), then report the log durable;
 4. apply committed entries (advance the high watermark, or the controller's state machine);
 5. advance().
@@ -352,8 +354,6 @@ class Replica:
             self.log.truncate_to(ready.truncate_from)
             self._storage.forget_from(ready.truncate_from)
             self.producers.truncate(ready.truncate_from)
-        if ready.entries:
-            await self._append(ready.entries)
         hard = ready.hard_state
         if hard is not None and (hard.term != self.state.term or hard.vote != self.state.vote):
             self.state.term, self.state.vote = hard.term, hard.vote
@@ -363,12 +363,19 @@ class Replica:
                 state_changed = True
             self.state.commit_offset = hard.commit_offset
         snapshot = replace(self.state) if state_changed else None
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._fsync, snapshot)
+        if ready.entries:
+            await self._append(ready.entries, snapshot)
+        elif snapshot is not None or ready.reset_log is not None or ready.truncate_from is not None:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._fsync, snapshot)
+        # Else only a partition's commit offset moved, which Raft keeps volatile: nothing to make durable, and
+        # a trip to the pool for nothing would delay the commit it carries (a lone record's acks=all answer).
         self.durable_offset = self.log.log_end_offset
         self._release(self._durable_waiters, self.durable_offset)
 
-    async def _append(self, entries: Sequence[Entry]) -> None:
-        """Write entries in the thread pool, then cache them and learn their producers' sequences.
+    async def _append(self, entries: Sequence[Entry], state: ReplicaState | None) -> None:
+        """Write entries in the thread pool and fsync them (with state, if given), then cache them and learn
+        their producers' sequences. The last chunk's write and the fsync are one trip to the pool: each trip
+        costs a thread wake-up and a loop wake-up, a tenth of a lone record's commit.
 
         One Ready may carry many producers' requests or a follower's whole catch-up, and a write into the
         page cache blocks while the kernel writes back (measured: 4 MiB writes beside fsyncs, 100 ms at
@@ -377,11 +384,14 @@ class Replica:
         and readers there see new batches only once whole (the log's end offset moves last)."""
         timestamp_ms = self._clock_ms()
         loop = asyncio.get_running_loop()
-        for chunk in _chunks(entries, APPEND_CHUNK_BYTES):
+        chunks = list(_chunks(entries, APPEND_CHUNK_BYTES))
+        for chunk in chunks[:-1]:
             # Copied here, not in the pool: glibc gives each thread its own heap, and the pool threads' heaps
             # kept the freed chunks (measured: tens of MB more RSS on an idle broker).
-            data = entries_to_batches(chunk, timestamp_ms)
-            await loop.run_in_executor(self._executor, self._write, data, timestamp_ms)
+            await loop.run_in_executor(self._executor, self._write, entries_to_batches(chunk, timestamp_ms),
+                                       timestamp_ms)
+        await loop.run_in_executor(self._executor, self._write_and_fsync,
+                                   entries_to_batches(chunks[-1], timestamp_ms), timestamp_ms, state)
         if self.is_leader:  # a leader's followers read recent entries back; a follower's never are
             self._storage.remember(entries)
         for entry in entries:
@@ -394,16 +404,37 @@ class Replica:
         with self._write_lock:
             if self.closed:
                 raise ReplicaClosedError(f"{self.name}: replica closed while appending")
-            self.log.append_replicated(data, timestamp_ms)
+            try:
+                self.log.append_replicated(data, timestamp_ms)
+            except StorageError:
+                self._forget_unsynced()  # sealing a full segment fsyncs it, and that may have failed
+                raise
+
+    def _write_and_fsync(self, data: bytearray, timestamp_ms: int, state: ReplicaState | None) -> None:
+        """In the thread pool: a Ready's last (usually only) write, then its fsync (the runtime simulation
+        runs the two steps apart, so a power cut can fall between them)."""
+        self._write(data, timestamp_ms)
+        self._fsync(state)
 
     def _fsync(self, state: ReplicaState | None) -> None:
         if self.log.config.flush == "always":
-            self.log.flush()
+            try:
+                self.log.flush()
+            except StorageError:
+                self._forget_unsynced()
+                raise
         # flush="interval": entries count as durable once written (the page cache), and the broker fsyncs
         # them every flush.interval.ms; a write then survives a process crash on one replica, and a machine
         # crash only if a majority of replicas is not lost at once: Kafka's default trade.
         if state is not None:  # term and vote must be durable before any message that depends on them
             self._state_file.save(state)
+
+    def _forget_unsynced(self) -> None:
+        """In the thread pool, right after a failed fsync, before the process can die: cut what may not be on
+        the disk (PartitionLog.forget_unsynced says why). The replica stops anyway; this keeps a restart
+        after kill -9, which never hears of the failure, from trusting those entries."""
+        if self.log.unsynced_from is not None:
+            self.log.forget_unsynced()
 
     def _apply(self, entries: Sequence[Entry]) -> None:
         self.high_watermark = max(self.high_watermark, entries[-1].last_offset + 1)

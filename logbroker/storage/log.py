@@ -299,6 +299,35 @@ class PartitionLog:
         if self._unsynced_from is None:
             self._unsynced_from = self._durable_offset
 
+    def forget_unsynced(self) -> int | None:
+        """After a failed fsync, cut the files back to unsynced_from at once and refuse writes from then on;
+        returns the new log end (None when nothing was cut).
+
+        Linux drops the pages a failed fsync could not write, yet reads keep showing them and a later fsync
+        succeeds without writing them: a process killed now would reopen the log whole and trust them, and a
+        power cut later would take entries it acknowledged since. Cut in the page cache, a restart sees the
+        log as the disk may hold it. Nothing is fsynced here (the disk is failing); whoever reopens the log
+        cuts at the same offset again, durably."""
+        with self._lock:
+            cut = self._unsynced_from
+            if cut is None or cut >= self._next_offset or self._closed:
+                return None
+            self._broken = self._broken or f"an fsync failed; offsets from {cut} on may not be on the disk"
+            keep = [segment for segment in self._segments if segment.base_offset < cut] or self._segments[:1]
+            try:
+                for segment in self._segments[len(keep):]:
+                    segment.delete()
+                keep[-1].truncate_to(cut)
+            except (OSError, LogSegmentBrokenError) as exc:
+                logger.warning("%s: could not cut the log back to offset %d after a failed fsync (%s); reopening "
+                               "it cuts there", self.name, cut, exc)
+            self._set_segments(keep)
+            self._next_offset = keep[-1].next_offset
+            self.epochs.cut_from(self._next_offset)  # in memory only: saving it would need an fsync
+        logger.warning("%s: an fsync failed, so offsets from %d on may never reach the disk; cut them from the "
+                       "log (other replicas send them again)", self.name, cut)
+        return self._next_offset
+
     @property
     def size_bytes(self) -> int:
         return sum(segment.size_bytes for segment in self._segments)

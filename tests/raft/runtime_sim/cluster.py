@@ -48,7 +48,7 @@ from logbroker.storage.errors import StorageError
 from logbroker.storage.files import probe_write
 from logbroker.storage.log import PartitionLog
 from tests.raft.runtime_sim.disk import SimDisk
-from tests.raft.runtime_sim.loop import SimEventLoop, SimExecutor
+from tests.raft.runtime_sim.loop import Job, SimEventLoop, SimExecutor
 from tests.raft.sim.checkers import Checkers, InvariantViolation
 
 GROUP = "sim-0"
@@ -176,6 +176,7 @@ class RuntimeSimulation:
         self.write_count = 0
         self.acked_all: dict[int, Entry] = {}  # last offset -> the acks=all write acknowledged there
         self.violation: InvariantViolation | None = None
+        self.healed = False  # the chaos is over: faults scheduled earlier no longer fire
         self.nodes: dict[int, SimNode] = {}
         for node_id in NODES:
             disk = SimDisk(random.Random(self.rng.random()), self._clock_ns)
@@ -262,7 +263,7 @@ class RuntimeSimulation:
         """Start (or restart) the node's replica from its disk, as the broker opens a partition."""
         if sim_node.executor is None or sim_node.executor.dead:
             latency = self._latency(sim_node)
-            sim_node.executor = SimExecutor(self.loop, latency)
+            sim_node.executor = SimExecutor(self.loop, latency, split_replica_jobs)
         try:
             plog = PartitionLog.open(sim_node.directory, self.log_config, TOPIC, 0, fs=sim_node.disk)
             if damaged_from is not None and plog.log_start_offset <= damaged_from < plog.log_end_offset:
@@ -540,7 +541,7 @@ class RuntimeSimulation:
         fault = self.rng.choice((
             "partition", "isolate_leader", "heal", "heal",
             "power_cut", "power_cut_leader", "kill", "restart", "restart",
-            "disk_full", "fsync_errors", "retention", "transfer",
+            "disk_full", "fsync_errors", "failing_disk", "retention", "transfer",
         ))
         self.stats[fault] += 1
         getattr(self, f"fault_{fault}")()
@@ -594,15 +595,38 @@ class RuntimeSimulation:
         self.note(f"node {sim_node.node_id}'s disk has room again")
 
     def fault_fsync_errors(self) -> None:
+        self._fail_fsyncs()
+
+    def _fail_fsyncs(self) -> SimNode:
         sim_node = self.rng.choice(list(self.nodes.values()))
         sim_node.disk.fsync_error_rate = self.rng.choice((0.05, 0.3))
         duration = self.rng.uniform(0.02, 0.5)
         self.note(f"node {sim_node.node_id}'s fsyncs fail with EIO at rate {sim_node.disk.fsync_error_rate} "
                   f"for {duration * 1000:.0f} ms")
         self.loop.call_later(duration, self._disk_healthy, sim_node)
+        return sim_node
 
     def _disk_healthy(self, sim_node: SimNode) -> None:
         sim_node.disk.fsync_error_rate = 0.0
+
+    def fault_failing_disk(self) -> None:
+        """What an operator of a dying disk sees: fsyncs fail for a while, the process is killed (or crashes)
+        and restarted at once, and later the machine loses power. A restart that trusts pages a failed fsync
+        dropped acknowledges entries the power cut then takes."""
+        sim_node = self._fail_fsyncs()
+        kill_after_s = self.rng.uniform(0.01, 0.3)
+        self._during_chaos(kill_after_s, self.crash, sim_node, False, "its disk was failing")
+        self._during_chaos(kill_after_s + 0.05, self._restart_if_down, sim_node)
+        self._during_chaos(kill_after_s + self.rng.uniform(0.2, 0.8), self.crash, sim_node, True,
+                           "after its disk had failed")
+
+    def _during_chaos(self, delay_s: float, fault: Callable[..., None], *args: Any) -> None:
+        """Run fault after delay_s, unless the chaos is over by then (the liveness check runs undisturbed)."""
+        self.loop.call_later(delay_s, lambda: None if self.healed else fault(*args))
+
+    def _restart_if_down(self, sim_node: SimNode) -> None:
+        if not sim_node.up:
+            self.restart(sim_node)
 
     def fault_retention(self) -> None:
         """Delete closed segments below the high watermark, as the broker's retention does (the leader's, half
@@ -635,6 +659,7 @@ class RuntimeSimulation:
     # ================================================================================== healing
     async def heal_and_check_liveness(self) -> None:
         """Repair everything; a fresh write must then commit, and reach every node."""
+        self.healed = True
         self.partitioned = {}
         self.profile = replace(self.profile, drop_rate=0.0)
         for sim_node in self.nodes.values():
@@ -703,3 +728,13 @@ class _Transport:
 
     def send_many(self, items: Sequence[tuple[str, Message]]) -> None:
         self._sim.send(self._node, self._incarnation, items)
+
+
+def split_replica_jobs(fn: Callable[..., Any], args: tuple[Any, ...]) -> list[Job] | None:
+    """Replica._write_and_fsync is a write and then an fsync in one trip to the thread pool: run the two as
+    separate steps, so a simulated crash can land between them (written to the page cache, not yet durable)."""
+    if getattr(fn, "__name__", "") != "_write_and_fsync":
+        return None
+    replica = fn.__self__  # type: ignore[attr-defined]
+    data, timestamp_ms, state = args
+    return [(replica._write, (data, timestamp_ms)), (replica._fsync, (state,))]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import random
 from collections.abc import Callable
 from typing import Any
@@ -62,12 +63,22 @@ class SimEventLoop(asyncio.BaseEventLoop):
         self.errors.append(exception if exception is not None else str(context.get("message")))
 
 
-class SimExecutor(concurrent.futures.Executor):
-    """Runs each submitted job on the loop after a latency drawn by ``latency(job)`` (virtual seconds)."""
+Job = tuple[Callable[..., Any], tuple[Any, ...]]
 
-    def __init__(self, loop: SimEventLoop, latency: Callable[[Callable[..., Any]], float]) -> None:
+
+class SimExecutor(concurrent.futures.Executor):
+    """Runs each submitted job on the loop after a latency drawn by ``latency(job)`` (virtual seconds).
+
+    ``split(fn, args)`` may name the steps a job takes (each a function and its arguments): they then run one
+    after the other, each after its own latency, so a crash can fall between them as it can in a real thread
+    (a write that reached the page cache before the process died, its fsync never begun)."""
+
+    def __init__(self, loop: SimEventLoop, latency: Callable[[Callable[..., Any]], float],
+                 split: Callable[[Callable[..., Any], tuple[Any, ...]], list[Job] | None] = lambda fn, args: None,
+                 ) -> None:
         self._loop = loop
         self._latency = latency
+        self._split = split
         self.dead = False
         self._pending: list[concurrent.futures.Future[Any]] = []
 
@@ -77,24 +88,33 @@ class SimExecutor(concurrent.futures.Executor):
             future.cancel()
             return future
         self._pending.append(future)
-        self._loop.call_later(self._latency(fn), self._run, future, fn, args, kwargs)
+        if kwargs:
+            fn = functools.partial(fn, **kwargs)
+        self._next_step(future, self._split(fn, args) or [(fn, args)])
         return future
 
-    def _run(self, future: concurrent.futures.Future[Any], fn: Callable[..., Any], args: tuple[Any, ...],
-             kwargs: dict[str, Any]) -> None:
-        if future in self._pending:
+    def _next_step(self, future: concurrent.futures.Future[Any], steps: list[Job]) -> None:
+        self._loop.call_later(self._latency(steps[0][0]), self._run, future, steps)
+
+    def _run(self, future: concurrent.futures.Future[Any], steps: list[Job]) -> None:
+        if future not in self._pending:
+            return  # the process was killed meanwhile
+        if future.done() or self.dead:
             self._pending.remove(future)
-        if future.done():
-            return
-        if self.dead:
             future.cancel()
             return
+        fn, args = steps[0]
         try:
-            result = fn(*args, **kwargs)
+            result = fn(*args)
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting coroutine, as a thread pool does
+            self._pending.remove(future)
             future.set_exception(exc)
-        else:
-            future.set_result(result)
+            return
+        if len(steps) > 1:
+            self._next_step(future, steps[1:])
+            return
+        self._pending.remove(future)
+        future.set_result(result)
 
     def kill(self) -> None:
         """The process died: pending jobs never run, and whoever waits for them is cancelled."""

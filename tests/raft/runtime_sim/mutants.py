@@ -21,17 +21,22 @@ class AnswerBeforeFsync(ObservedReplica):
 
 
 class ReleaseBeforeFsync(ObservedReplica):
-    """Releases acks=1 producers as soon as the entries are written, before the fsync."""
+    """Releases acks=1 producers as soon as the entries are written, before the fsync. (The simulation runs a
+    pool job's write on its loop thread, so the write step may release waiters, as this mutant does.)"""
 
-    async def _append(self, entries):  # type: ignore[no-untyped-def]
-        await super()._append(entries)
+    def _write(self, data, timestamp_ms):  # type: ignore[no-untyped-def]
+        super()._write(data, timestamp_ms)
         self.durable_offset = self.log.log_end_offset
         self._release(self._durable_waiters, self.durable_offset)
 
 
 class TrustCacheAfterFailedFsync(ObservedReplica):
-    """After a failed fsync, lets its log be reopened whole, trusting what reads show: with Linux's fsync
-    semantics the unwritten pages are dropped, so a power cut later takes entries it acknowledged since."""
+    """After a failed fsync, neither cuts its log at once nor lets the reopen cut it, trusting what reads show:
+    with Linux's fsync semantics the unwritten pages are dropped, so a power cut later takes entries it
+    acknowledged since."""
+
+    def _forget_unsynced(self) -> None:
+        pass  # leaves the dropped pages in the log: reads still show them
 
     def _stop_after_failure(self, exc: Exception) -> None:
         super()._stop_after_failure(exc)
