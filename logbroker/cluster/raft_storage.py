@@ -172,9 +172,30 @@ class ReplicaStateFile:
         with self._lock:
             fd = self._open()
             self._seq += 1
-            self.fs.pwrite(fd, _encode_slot(self._seq, body), (self._seq % 2) * SLOT_BYTES)
-            self.fs.fdatasync(fd)
+            slot = _encode_slot(self._seq, body)
+            slot_at = (self._seq % 2) * SLOT_BYTES
+            self.fs.pwrite(fd, slot, slot_at)
+            try:
+                self.fs.fdatasync(fd)
+            except OSError:
+                self._void_unsynced_slot(fd, slot, slot_at)
+                raise
             self.last_saved = replace(state)
+
+    def _void_unsynced_slot(self, fd: int, slot: bytes, slot_at: int) -> None:
+        """The fdatasync after writing a slot failed: Linux may have dropped the write from the disk while
+        reads still show it, so a process killed now would load that state after a restart, speak in its term,
+        and lose it to a power cut later. Break the slot's CRC in the page cache (no fsync: the disk is
+        failing) so a load takes the other slot, the last state known durable; the next save rewrites this
+        slot, never the good one."""
+        self._seq -= 1
+        crc_at = slot_at + len(SLOT_MAGIC)
+        broken_crc = bytes(b ^ 0xFF for b in slot[len(SLOT_MAGIC):len(SLOT_MAGIC) + _CRC.size])
+        try:
+            self.fs.pwrite(fd, broken_crc, crc_at)
+        except OSError as exc:
+            logger.warning("%s: could not void a Raft state slot whose fsync failed (%s); a restart before the next "
+                        "save may read a state that is not on the disk", self.path, exc)
 
     def _open(self) -> int:
         if self._fd is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import struct
 import tempfile
 from dataclasses import asdict
@@ -27,6 +28,7 @@ from logbroker.raft.membership import Membership
 from logbroker.raft.types import Entry, EntryKind
 from logbroker.storage.config import LogConfig
 from logbroker.storage.log import PartitionLog
+from tests.raft.runtime_sim.disk import SimDisk
 
 MEMBERS = Membership.of([1, 2, 3])
 
@@ -56,6 +58,31 @@ def test_a_torn_save_falls_back_to_the_previous_state(tmp_path: Path) -> None:
     path.write_bytes(bytes(data))
     loaded = ReplicaStateFile(path).load(MEMBERS)
     assert (loaded.term, loaded.vote) == (4, 1)
+
+
+def test_a_save_whose_fsync_failed_is_not_loaded_after_a_kill_and_the_next_save_keeps_the_good_slot() -> None:
+    """Linux drops a write whose fsync failed from the disk but keeps showing it to reads: a process killed
+    then must not come back in a term it never made durable (a power cut later would take it away)."""
+    disk = SimDisk(random.Random(3), clock_ns=lambda: 0)
+    path = Path("/sim/g.raftstate")
+    disk.mkdir(path.parent)
+    f = ReplicaStateFile(path, fs=disk)
+    f.save(ReplicaState(term=4, vote=1, voters=(1, 2, 3)))
+    disk.fsync_error_rate = 1.0
+    with pytest.raises(OSError):
+        f.save(ReplicaState(term=5, vote=3, voters=(1, 2, 3)))
+    disk.kill()  # kill -9: the page cache stays
+    disk.fsync_error_rate = 0.0
+    restarted = ReplicaStateFile(path, fs=disk)
+    loaded = restarted.load(MEMBERS)
+    assert (loaded.term, loaded.vote) == (4, 1)
+    restarted.save(ReplicaState(term=6, vote=2, voters=(1, 2, 3)))  # into the voided slot, not over term 4
+    disk.power_cut()
+    assert (ReplicaStateFile(path, fs=disk).load(MEMBERS).term) == 6
+    data = disk.read_bytes(path)
+    terms = sorted(json.loads(data[start + 20:start + 20 + struct.unpack_from(">I", data, start + 16)[0]])["term"]
+                   for start in (0, SLOT_BYTES))
+    assert terms == [4, 6]
 
 
 def test_both_slots_damaged_is_a_clear_error(tmp_path: Path) -> None:
