@@ -186,6 +186,16 @@ class Consumer:
     def assignment(self) -> set[TopicPartition]:
         return set(self._fetch.assigned)
 
+    @property
+    def ownership_checked_at_ms(self) -> float | None:
+        """When (time.monotonic(), in ms) the last poll() that returned group records confirmed, right before
+        handing them out, that this member's session still held their partitions; None outside a group or
+        before such a poll. A process paused after that instant (SIGSTOP, a long GC, a swapped-out VM) hands
+        the records to the application later, possibly after the coordinator gave the partitions to another
+        member: no client can close that window, so work that must not overlap another member's checks this
+        instant, or relies on commits being refused once fenced."""
+        return self._group.owned_checked_ms if self._group is not None else None
+
     def subscribe(self, topics: Sequence[str] | str | None = None, *, pattern: str | None = None,
                   on_assigned: Callable[[set[TopicPartition]], Any] | None = None,
                   on_revoked: Callable[[set[TopicPartition]], Any] | None = None,
@@ -426,6 +436,7 @@ class _GroupSide:
         self.stopping = False
         self.thread: threading.Thread | None = None
         self.committer: concurrent.futures.ThreadPoolExecutor | None = None
+        self.owned_checked_ms: float | None = None  # monotonic ms of still_owned's last check
         session_s = member.session_timeout_ms / 1000
         self.heartbeat_timeout_s = min(consumer._timeout_s, max(1.0, session_s / 3))
 
@@ -530,8 +541,10 @@ class _GroupSide:
         process may have been paused between on_poll's check and now)."""
         with self.lock:
             before = self.member.owned
-            self.member.check_session(monotonic_ms())
+            checked_ms = monotonic_ms()
+            self.member.check_session(checked_ms)
             owned = self.member.owned
+            self.owned_checked_ms = checked_ms
         if owned == before:
             return records
         return [r for r in records if TopicPartition(r.topic, r.partition) in owned]

@@ -342,6 +342,26 @@ def test_a_pattern_subscription_and_a_simple_group_commit(broker: InProcessBroke
         assert resumed.position(tp) == 2
 
 
+def test_a_poll_reports_when_it_last_confirmed_the_session_owning_its_records(broker: InProcessBroker) -> None:
+    make_topic(broker.address, "jobs", partitions=1, records=5)
+    with member(broker.address, group="workers") as consumer:
+        assert consumer.ownership_checked_at_ms is None  # no group records handed out yet
+        consumer.subscribe(["jobs"])
+        got = 0
+        deadline = time.monotonic() + 20
+        while got < 5 and time.monotonic() < deadline:
+            before_ms = time.monotonic() * 1000
+            got += len(consumer.poll(timeout=0.5))
+        after_ms = time.monotonic() * 1000  # the last poll returned records: it checked within [before, after]
+        assert got == 5
+        checked_ms = consumer.ownership_checked_at_ms
+        assert checked_ms is not None and before_ms <= checked_ms <= after_ms
+    with member(broker.address, group=None) as plain:  # no group: nothing to confirm
+        plain.assign([TopicPartition("jobs", 0)])
+        assert len(plain.poll(timeout=2.0)) == 5
+        assert plain.ownership_checked_at_ms is None
+
+
 def test_bad_group_requests_are_named_and_change_nothing(broker: InProcessBroker) -> None:
     make_topic(broker.address, "bad", partitions=1, records=2)
     admin = Admin(broker.address)

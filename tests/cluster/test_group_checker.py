@@ -163,6 +163,19 @@ def test_a_fenced_member_that_kept_consuming_after_the_new_owner_took_over_is_an
     assert "overlap" in kinds(violations) and "not-owned" not in kinds(violations), describe_violations(violations)
 
 
+def test_records_checked_before_a_pause_end_the_fenced_ownership_at_the_check_not_at_the_return() -> None:
+    """A's poll confirmed its session at 2.99 s, then A was stopped; it returned the records at 7 s, after B
+    took partition 0 at 6 s. The member reports the check's instant (owned_at_us): no overlap, since no client
+    can close the window between its last check and the return. Had the check been at 6.5 s, it would be one."""
+    for checked_ms, expected in ((2990, set()), (6500, {"overlap"})):
+        events = clean_events()
+        late = consumed("A", 7000, [(0, 6)])
+        late["owned_at_us"] = checked_ms * MS
+        events.insert(index_of(events, "consumed", "B", 6100) + 1, late)
+        violations = check(events)
+        assert kinds(violations) == expected, describe_violations(violations)
+
+
 def test_a_fenced_member_whose_commit_succeeded_after_the_takeover_is_an_overlap() -> None:
     events = clean_events()
     events.insert(index_of(events, "consumed", "B", 6100) + 1, commit("A", 6500, {0: 6}))

@@ -25,9 +25,11 @@ times (the host's wall clock, microseconds) compare events of different processe
   overlap           two owners of one partition at once: their ownership intervals overlap in time. An
                     interval ends at its revoked (or closed) event; one that ended in ``lost`` (fenced) or
                     with the process's death ends at the last sign of ownership the member gave: its last
-                    poll that returned records of the partition, or the sending of its last successful commit
-                    of it (it may have been fenced long before it was told, while it was stopped, and a
-                    fenced member that does nothing does no harm; one that still consumes does)
+                    poll that returned records of the partition (the instant the client confirmed its session
+                    before handing them out, owned_at_us when the member reports it: a process paused after
+                    that check hands them out later, which no client can prevent), or the sending of its last
+                    successful commit of it (it may have been fenced long before it was told, while it was
+                    stopped, and a fenced member that does nothing does no harm; one that still consumes does)
   commit-not-owned  a successful commit of a partition the member did not own at the time
   commit-ahead      a successful commit beyond what the member had polled of the partition in its current
                     ownership (beyond its start position when it had polled nothing): with the log, an offset
@@ -258,7 +260,7 @@ class _OwnerReplay:
                 continue
             self._follows(interval, offset, t)
             interval.last_polled = offset if interval.last_polled is None else max(interval.last_polled, offset)
-            interval.last_evidence_us = max(interval.last_evidence_us, t)
+            interval.last_evidence_us = max(interval.last_evidence_us, int(event.get("owned_at_us", t)))
             interval.records += 1
 
     def _follows(self, interval: Interval, offset: int, t: int) -> None:

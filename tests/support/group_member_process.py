@@ -16,7 +16,8 @@ host's wall clock, microseconds since the epoch, the same clock in every process
     lost        partitions (on_lost: taken away without a chance to commit)
     consumed    records [[partition, offset, seq], ...] returned by one poll(), seq read from the value
                 (-1 when it does not start with a sequence number); poll_start_us; t_us is when poll()
-                returned, so the records were handed out at or before t_us
+                returned, so the records were handed out at or before t_us; owned_at_us is when the
+                consumer last confirmed its session owned them (Consumer.ownership_checked_at_ms)
     commit      offsets [[partition, offset], ...], sent_us, t_us (answered), ok, error
     error       where, error (class name), message: a call that raised (poll keeps being called)
     closed      after close() returned (it commits in auto mode, revokes, and leaves the group)
@@ -171,11 +172,23 @@ class GroupMemberRunner:
             time.sleep(0.1)
             return
         if records:
-            self.events.write("consumed", poll_start_us=started,
+            self.events.write("consumed", poll_start_us=started, owned_at_us=self._owned_at_us(),
                               records=[[r.partition, r.offset, seq_or_unknown(r.value)] for r in records])
             self._uncommitted = True
         if self.settings.commit == "sync" and self._commit_due():
             self._commit(self.consumer.assignment())
+
+    def _owned_at_us(self) -> int:
+        """The wall-clock instant the consumer last confirmed its session owned what poll() returned (asked of
+        the consumer, which made that check; the monotonic clock read first, so a pause between the two reads
+        can only make the instant later, never hide a late check)."""
+        assert self.consumer is not None
+        checked_ms = self.consumer.ownership_checked_at_ms
+        monotonic_now_ms = time.monotonic() * 1000
+        wall_us = now_us()
+        if checked_ms is None:
+            return wall_us
+        return wall_us - int((monotonic_now_ms - checked_ms) * 1000)
 
     def _commit_due(self) -> bool:
         elapsed_ms = (time.monotonic() - self._last_commit) * 1000
