@@ -818,6 +818,12 @@ class AsyncConsumer:
     def assignment(self) -> set[TopicPartition]:
         return set(self._fetch.assigned)
 
+    @property
+    def ownership_checked_at_ms(self) -> float | None:
+        """As Consumer.ownership_checked_at_ms: when (time.monotonic(), in ms) the last poll() that returned
+        group records confirmed the session owning them."""
+        return self._group.owned_checked_ms if self._group is not None else None
+
     def subscribe(self, topics: Sequence[str] | str | None = None, *, pattern: str | None = None,
                   on_assigned: Callable[[set[TopicPartition]], Any] | None = None,
                   on_revoked: Callable[[set[TopicPartition]], Any] | None = None,

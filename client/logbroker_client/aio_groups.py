@@ -138,6 +138,7 @@ class AsyncGroupSide:
         self.task: asyncio.Task[None] | None = None
         self.commits: asyncio.Lock | None = None
         self.heartbeat_timeout_s = min(request_timeout_s, max(1.0, member.session_timeout_ms / 3000))
+        self.owned_checked_ms: float | None = None  # monotonic ms of still_owned's last check
 
     @property
     def group_id(self) -> str:
@@ -208,8 +209,10 @@ class AsyncGroupSide:
     def still_owned(self, records: list[ConsumerRecord]) -> list[ConsumerRecord]:
         """As GroupSide.still_owned: less the records of partitions a session that lapsed meanwhile lost."""
         before = self.member.owned
-        self.member.check_session(monotonic_ms())
+        checked_ms = monotonic_ms()
+        self.member.check_session(checked_ms)
         owned = self.member.owned
+        self.owned_checked_ms = checked_ms
         if owned == before:
             return records
         return [r for r in records if TopicPartition(r.topic, r.partition) in owned]

@@ -407,12 +407,18 @@ async def test_async_members_share_hand_over_and_commit(broker: InProcessBroker)
 
     first.subscribe(["async-orders"], on_revoked=on_revoked)
     second.subscribe(["async-orders"])
+    assert first.ownership_checked_at_ms is None
     got: list[bytes | None] = []
     deadline = time.monotonic() + DEADLINE_S
     while not (len(first.assignment()) == len(second.assignment()) == 2 and len(got) == len(values)):
         assert time.monotonic() < deadline, "the async members did not share and read everything"
         for consumer in (first, second):
-            got += [r.value for r in await consumer.poll(timeout=0.05)]
+            before_ms = time.monotonic() * 1000
+            polled = await consumer.poll(timeout=0.05)
+            if polled:  # it confirmed the session owning them while it polled
+                checked_ms = consumer.ownership_checked_at_ms
+                assert checked_ms is not None and before_ms <= checked_ms <= time.monotonic() * 1000
+            got += [r.value for r in polled]
             assert not first.assignment() & second.assignment()
     await first.commit()
     owned = first.assignment()
