@@ -78,8 +78,11 @@ class BrokerService(pb_grpc.BrokerServicer):
         try:  # quotas and the in-flight bound may make it wait, and ask the client to wait before the next one
             async with self.broker.backpressure.produce(client_id_of(context.invocation_metadata()), size,
                                                         timeout_s) as ticket:
-                results = await asyncio.gather(*(self._produce_one(p, request.acks, timeout_s)
-                                                 for p in request.partitions))
+                if len(request.partitions) == 1:  # the usual request: no task of its own for one partition
+                    results = [await self._produce_one(request.partitions[0], request.acks, timeout_s)]
+                else:
+                    results = await asyncio.gather(*(self._produce_one(p, request.acks, timeout_s)
+                                                     for p in request.partitions))
         except InflightFull as full:
             return pb.ProduceResponse(throttle_time_ms=throttle_ms(full.throttle_s), results=[
                 pb.PartitionProduceResult(topic=p.topic, partition=p.partition, error_code=full.code,
