@@ -266,7 +266,8 @@ class BrokerEvents:
 
 
 def leader_times(leader: BrokerEvents, offset: int) -> dict[str, int | None]:
-    times = {event: leader.at(event, offset) for _, who, event in LEADER_STAGES + ANSWER_STAGES if who == "leader"}
+    times = {event: leader.at(event, offset) for _, who, event in LEADER_STAGES + REPLICATION_STAGES + ANSWER_STAGES
+             if who == "leader" and event not in ACK_EVENTS}  # acknowledgements: replication_times
     streamed = [leader.at("streamed_append", offset, peer) for peer in leader.peers("streamed_append")]
     if streamed and None not in streamed:
         times["streamed_append_first"] = min(t for t in streamed if t is not None)
