@@ -85,6 +85,8 @@ ANSWER_STAGES = (
     ("client_caller_woke", "client", "caller_woke"),  # result() returned in the sending thread
 )
 ACK_EVENTS = frozenset({"received_ack", "stepped_ack", "ack_sent", "streamed_ack"})  # offsets: a match offset
+# Events about a Raft message, recorded with the node at its other end (the others with node 0).
+MESSAGE_EVENTS = ACK_EVENTS | {"streamed_append", "received_append", "stepped_append"}
 
 
 def stages_for(replication_factor: int) -> tuple[tuple[str, str, str], ...]:
@@ -287,9 +289,7 @@ def replication_times(brokers: dict[int, BrokerEvents], leader_node: int, offset
     follower = brokers[follower_node]
     on_leader = {"received_ack": heard[follower_node],
                  "stepped_ack": leader.at("stepped_ack", offset, follower_node)}
-    on_follower = {event: follower.at(event, offset, leader_node if event in ("received_append", "ack_sent",
-                                                                            "streamed_ack", "stepped_append")
-                                      else 0)
+    on_follower = {event: follower.at(event, offset, leader_node if event in MESSAGE_EVENTS else 0)
                    for _, who, event in REPLICATION_STAGES if who == "follower"}
     return on_leader, on_follower
 
