@@ -543,10 +543,26 @@ class LogSegment:
         and only claims the size it saw before the fsync started."""
         size = self._size
         if size != self._flushed_size:
-            self.fs.fsync(self._fd)
+            try:
+                self.fs.fsync(self._fd)
+            except OSError:
+                self._redirty(self._flushed_size, size)
+                raise
         self.offset_index.sync()
         self.time_index.sync()
         self._flushed_size = max(self._flushed_size, size)
+
+    def _redirty(self, start: int, end: int) -> None:
+        """After a failed fsync, write bytes start..end again, the same bytes the page cache shows. Linux marks
+        the pages a failed fsync could not write clean, so no later fsync would write them, yet reads keep
+        showing them: a recovery that read them (this process's, or the next one's after kill -9) would take
+        them for durable. Dirty again, the next fsync writes them or fails again. Best effort: the caller
+        raises the fsync's error either way."""
+        try:
+            self.fs.pwrite(self._fd, self.fs.pread(self._fd, end - start, start), start)
+        except OSError as exc:
+            logger.warning("%s: could not rewrite bytes %d..%d after a failed fsync (%s); they may not be on the "
+                           "disk although reads show them", self.log_path, start, end, exc)
 
     @property
     def dirty(self) -> bool:

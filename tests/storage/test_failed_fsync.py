@@ -68,3 +68,23 @@ def test_nothing_is_cut_when_every_fsync_succeeded() -> None:
     log.append(bytearray(make_batch(1)), 1, T0)  # still writable
     assert log.log_end_offset == 4
 
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_an_open_whose_recovery_fsync_failed_leaves_the_bytes_dirty_so_the_next_open_makes_them_durable(
+        seed: int) -> None:
+    """kill -9 after writes nobody fsynced; the restart's recovery reads them and fsyncs them, and that fsync
+    fails. The open fails; the retry reads the same bytes and must really get them onto the disk, or a power
+    cut takes entries the reopened replica goes on to acknowledge."""
+    disk = SimDisk(random.Random(seed), clock_ns=lambda: T0 * 1_000_000)
+    log = open_on(disk)
+    for batch_seed in range(5):
+        log.append(bytearray(make_batch(2, seed=batch_seed)), 1, T0)
+    disk.kill()
+    disk.fsync_error_rate = 1.0
+    with pytest.raises(StorageError):
+        open_on(disk)
+    disk.fsync_error_rate = 0.0
+    assert open_on(disk).log_end_offset == 10  # the retry recovers and fsyncs all of it
+    disk.power_cut()
+    assert open_on(disk).log_end_offset == 10
