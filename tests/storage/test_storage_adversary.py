@@ -13,6 +13,7 @@ two.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import random
@@ -444,10 +445,8 @@ class LogUnderTest:
 
     @staticmethod
     def _close_quietly(plog: PartitionLog) -> None:
-        try:
+        with contextlib.suppress(StorageError):
             plog.close()
-        except StorageError:
-            pass
 
     def _accept(self, plog: PartitionLog) -> None:
         context = f"after {self.history[-25:]}"
