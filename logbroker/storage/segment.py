@@ -69,6 +69,7 @@ class LogSegment:
         self.time_index = TimeIndex(directory / time_index_file_name(base_offset), base_offset, fs)
         self._size = 0
         self._flushed_size = 0
+        self._cut_unsynced = False  # truncate_to shortened the file and no fsync has made that durable yet
         self._next_offset = base_offset
         self._max_timestamp = -1
         self._offset_of_max_timestamp = base_offset
@@ -527,6 +528,9 @@ class LogSegment:
         self.time_index.truncate_to(found[1].base_offset)
         self.fs.ftruncate(self._fd, position)
         self._flushed_size = min(self._flushed_size, position)
+        # A cut of fsynced bytes leaves size == flushed size: without this, no flush would fsync the new size,
+        # and a power cut would bring the cut batches back under offsets written since.
+        self._cut_unsynced = True
         problem = self._scan_tail(position, check_time_index=False)
         if problem is not None:
             raise LogSegmentBrokenError(f"after truncating to byte {position}: {problem}")
@@ -542,10 +546,13 @@ class LogSegment:
         """fsync the log and indexes. Safe from a flusher thread while the owner appends: it only fsyncs,
         and only claims the size it saw before the fsync started."""
         size = self._size
-        if size != self._flushed_size:
+        if size != self._flushed_size or self._cut_unsynced:
+            cut = self._cut_unsynced
+            self._cut_unsynced = False
             try:
                 self.fs.fsync(self._fd)
             except OSError:
+                self._cut_unsynced = self._cut_unsynced or cut
                 self._redirty(self._flushed_size, size)
                 raise
         self.offset_index.sync()
@@ -559,14 +566,21 @@ class LogSegment:
         them for durable. Dirty again, the next fsync writes them or fails again. Best effort: the caller
         raises the fsync's error either way."""
         try:
-            self.fs.pwrite(self._fd, self.fs.pread(self._fd, end - start, start), start)
+            data = self.fs.pread(self._fd, end - start, start)
+            # A descriptor of its own: on Linux, pwrite on the segment's O_APPEND descriptor appends (pwrite(2)).
+            # fsync is per file, so the segment's next fsync writes these pages whichever descriptor dirtied them.
+            fd = self.fs.open(self.log_path, os.O_WRONLY)
+            try:
+                self.fs.pwrite(fd, data, start)
+            finally:
+                self.fs.close(fd)
         except OSError as exc:
             logger.warning("%s: could not rewrite bytes %d..%d after a failed fsync (%s); they may not be on the "
                            "disk although reads show them", self.log_path, start, end, exc)
 
     @property
     def dirty(self) -> bool:
-        return self._size != self._flushed_size
+        return self._size != self._flushed_size or self._cut_unsynced
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -220,7 +220,10 @@ class SimDisk(FileSystem):
         return written
 
     def pwrite(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
-        return self._write_at(self._file(fd), bytes(data), offset)
+        descriptor = self._descriptor(fd)
+        if descriptor.append:  # Linux: pwrite on an O_APPEND descriptor appends, whatever the offset (pwrite(2))
+            offset = len(descriptor.file.data)
+        return self._write_at(descriptor.file, bytes(data), offset)
 
     def _write_at(self, file: _File, chunk: bytes, offset: int) -> int:
         if self.full and offset + len(chunk) > len(file.data):
