@@ -1,0 +1,140 @@
+"""Adversarial durability tests on three real broker processes: what operators really do to a cluster.
+
+The promise: a record acknowledged with acks=all on a 3-broker cluster survives kill -9 of any broker, of
+all of them at once, restarts, damaged files and a replica whose data directory was lost, as long as one
+replica that held it comes back with its disk. Every test checks every acknowledged record is present
+exactly once, at its acknowledged offset, in order (tests/support/checker.py).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from logbroker_client import Admin, Producer
+
+from logbroker.storage import filenames
+from logbroker.storage.filenames import partition_dir_name
+from tests.support.checker import AckLog, ProducerLoad, assert_clean, make_value, read_log
+from tests.support.cluster import BrokerCluster
+
+SMALL_SEGMENT_BYTES = 4096  # rolls every few dozen records: recovery crosses segments, the checkpoint lags
+LOAD_RATE_PER_S = 1500.0
+ACKS_PER_ROUND = 300
+
+
+def create_topic(cluster: BrokerCluster, topic: str, partitions: int = 1) -> None:
+    with Admin(cluster.bootstrap) as admin:
+        admin.create_topic(topic, partitions=partitions, replication_factor=3,
+                           configs={"segment.bytes": str(SMALL_SEGMENT_BYTES)})
+    for partition in range(partitions):
+        cluster.leader_of(topic, partition)
+
+
+def produce_sequence(bootstrap: str, topic: str, first_seq: int, count: int, acks: AckLog) -> None:
+    """acks=all records with sequence numbers first_seq.. to partition 0; every one must be acknowledged."""
+    before = acks.count()
+    with Producer(bootstrap, acks="all", linger_ms=2) as producer:
+        for seq in range(first_seq, first_seq + count):
+            value = make_value(seq)
+            producer.send(topic, value=value, partition=0).add_done_callback(acks.callback(value))
+        producer.flush(timeout=60)
+    assert acks.count() == before + count, acks.summary()
+
+
+def restart_all(cluster: BrokerCluster) -> None:
+    for broker in cluster.brokers.values():
+        broker.launch()
+    cluster.wait_serving()
+
+
+def kill_all_at_once(cluster: BrokerCluster) -> None:
+    """SIGKILL to every broker before waiting for any: none sees another go first."""
+    for broker in cluster.brokers.values():
+        assert broker.proc is not None
+        broker.proc.kill()
+    for broker in cluster.brokers.values():
+        broker.stop()  # reaps it
+
+
+def partition_dir(cluster: BrokerCluster, node: int, topic: str, partition: int = 0) -> Path:
+    return cluster.brokers[node].data_dir / partition_dir_name(topic, partition)
+
+
+def check_everything_acknowledged(cluster: BrokerCluster, topic: str, acks: AckLog, partitions: int = 1,
+                                  context: str = "") -> None:
+    log = read_log(cluster.bootstrap, topic, range(partitions))
+    assert_clean(acks.snapshot(), log, context)
+
+
+@pytest.mark.slow
+def test_kill_every_broker_at_once_under_load_repeatedly(cluster: BrokerCluster) -> None:
+    """kill -9 of the three brokers together, three times, in the middle of an acks=all load on two
+    partitions whose segments roll every few dozen records."""
+    topic = "kill-all"
+    create_topic(cluster, topic, partitions=2)
+    acks = AckLog()
+    load = ProducerLoad(cluster.bootstrap, topic, 2, acks, rate_per_s=LOAD_RATE_PER_S, value_size=100).start()
+    try:
+        for round_number in range(1, 4):
+            load.wait_acked(ACKS_PER_ROUND * round_number, timeout_s=60, what=f"before crash {round_number}")
+            kill_all_at_once(cluster)
+            restart_all(cluster)
+        load.wait_acked(ACKS_PER_ROUND * 4, timeout_s=60, what="after the last restart")
+    finally:
+        load.stop()
+    for broker in cluster.brokers.values():
+        segments = [name for name in (broker.data_dir / partition_dir_name(topic, 0)).iterdir()
+                    if name.suffix == filenames.LOG_SUFFIX]
+        assert len(segments) > 1, f"broker {broker.node_id}: the test needs segments to roll, found {segments}"
+    check_everything_acknowledged(cluster, topic, acks, partitions=2, context=f"{acks.summary()}: ")
+
+
+def _others(cluster: BrokerCluster, *nodes: int) -> list[int]:
+    return [node for node in cluster.brokers if node not in nodes]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "A replica whose data directory was deleted restarts as a fresh Raft voter (term 0, no vote, empty log: "
+    "no raft.state means a new ReplicaState) and grants its vote to any candidate whose log is at least as "
+    "long as its empty one, although it acknowledged entries before. Sequence (3 brokers, 1 partition, "
+    "segment.bytes 4096): 50 records acknowledged by all; follower B frozen (SIGSTOP); 200 records "
+    "acknowledged by leader L and follower C; kill -9 C, delete its data directory, kill -9 L; B resumed, C "
+    "restarted: B wins the election in term 2 with C's vote; L restarts and truncates to offset 51: the 200 "
+    "acknowledged records are lost. Nothing marks C as having lost what it acknowledged before it votes "
+    "(Raft needs a voter that lost its state not to vote until it caught up; Kafka keeps B out of the ISR)"))
+def test_wiped_replica_does_not_elect_a_leader_that_lacks_acknowledged_records(cluster: BrokerCluster) -> None:
+    """Records are acknowledged by the leader L and one follower C while the other follower B is frozen
+    (SIGSTOP), so only L and C hold them. Then C's disk is replaced (kill -9, its data directory deleted) and
+    L is killed; B resumes and C restarts empty. B and C are a majority, but C holds nothing it acknowledged:
+    if C's vote makes B leader, B's log (which lacks the records) wins and L's copy is cut when L returns.
+    The records must survive: no leader without them until L is back (as Kafka keeps B out of the ISR)."""
+    topic = "wiped"
+    create_topic(cluster, topic)
+    acks = AckLog()
+    produce_sequence(cluster.bootstrap, topic, 0, 50, acks)
+    leader = cluster.leader_of(topic, 0)
+    behind, wiped = _others(cluster, leader)
+    cluster.wait_caught_up(topic, 0)
+    cluster.pause(behind)
+    produce_sequence(cluster.bootstrap_of(leader, wiped), topic, 50, 200, acks)
+    cluster.kill(wiped)
+    shutil.rmtree(cluster.brokers[wiped].data_dir)
+    cluster.brokers[wiped].data_dir.mkdir()
+    cluster.kill(leader)
+    cluster.resume(behind)
+    cluster.brokers[wiped].launch()
+    # Give B and the empty C every chance to elect each other (election timeouts are ticks of 20 ms).
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        view = cluster.partition_view(behind, topic, 0)
+        if view is not None and view.leader_id == behind:
+            break
+        time.sleep(0.1)
+    cluster.brokers[leader].launch()
+    cluster.wait_serving()
+    cluster.wait_caught_up(topic, 0, timeout_s=60)
+    check_everything_acknowledged(cluster, topic, acks, context=(
+        f"leader {leader}, frozen {behind}, wiped {wiped}; {acks.summary()}: "))
