@@ -36,9 +36,10 @@ def create_topic(cluster: BrokerCluster, topic: str, partitions: int = 1) -> Non
 def produce_sequence(bootstrap: str, topic: str, first_seq: int, count: int, acks: AckLog) -> None:
     """acks=all records with sequence numbers first_seq.. to partition 0; every one must be acknowledged."""
     before = acks.count()
-    with Producer(bootstrap, acks="all", linger_ms=2) as producer:
+    # Small batches, so the log has many of them and its 4 KiB segments roll often.
+    with Producer(bootstrap, acks="all", linger_ms=2, batch_size=512) as producer:
         for seq in range(first_seq, first_seq + count):
-            value = make_value(seq)
+            value = make_value(seq, size=100)
             producer.send(topic, value=value, partition=0).add_done_callback(acks.callback(value))
         producer.flush(timeout=60)
     assert acks.count() == before + count, acks.summary()
@@ -216,3 +217,49 @@ def test_wiped_follower_is_repaired_by_the_next_writes(cluster: BrokerCluster) -
     values = {stored.value for stored in local}
     missing = [value for value in acks.snapshot() if value not in values]
     assert not missing, f"the repaired replica on broker {wiped} lacks {len(missing)} acknowledged records"
+
+
+def damage_partition_files(directory: Path) -> str:
+    """What a bad disk or a careless operator leaves: a middle segment cut inside a batch, a recovery
+    checkpoint that claims every offset was fsynced, and a leader-epoch file of garbage."""
+    segments = sorted(path for path in directory.iterdir() if path.suffix == filenames.LOG_SUFFIX)
+    assert len(segments) >= 4, f"the test needs several segments in {directory}, found {len(segments)}"
+    middle = segments[len(segments) // 2]
+    size = middle.stat().st_size
+    with open(middle, "r+b") as file:
+        file.truncate(size - 37)  # inside the last batch (every batch is longer than 37 bytes)
+    (directory / filenames.RECOVERY_CHECKPOINT_FILE).write_text("1\n999999999\n")
+    (directory / filenames.LEADER_EPOCH_CHECKPOINT_FILE).write_bytes(b"0\n2\n7 0\n\xff\xfe garbage")
+    return f"{middle.name} cut from {size} to {size - 37} bytes"
+
+
+@pytest.mark.parametrize("stop", ["kill -9", "clean shutdown"])
+def test_follower_with_damaged_files_is_repaired_and_loses_nothing(cluster: BrokerCluster, stop: str) -> None:
+    """A follower stopped (kill -9, or a clean shutdown, whose marker makes the next open trust every
+    segment), its files damaged, restarted: it must cut the damage, fetch the rest from the leader, and end
+    up holding every acknowledged record; reads through the cluster must never show a hole."""
+    topic = "damaged"
+    create_topic(cluster, topic)
+    acks = AckLog()
+    produce_sequence(cluster.bootstrap, topic, 0, 400, acks)
+    leader = cluster.leader_of(topic, 0)
+    follower = _others(cluster, leader)[0]
+    cluster.wait_caught_up(topic, 0)
+    if stop == "kill -9":
+        cluster.kill(follower)
+    else:
+        cluster.terminate(follower)
+        assert (partition_dir(cluster, follower, topic) / filenames.CLEAN_SHUTDOWN_FILE).exists()
+    damage = damage_partition_files(partition_dir(cluster, follower, topic))
+    cluster.brokers[follower].launch()
+    cluster.wait_serving(follower)
+    produce_sequence(cluster.bootstrap, topic, 400, 100, acks)
+    views = cluster.wait_caught_up(topic, 0, timeout_s=30)
+    check_everything_acknowledged(cluster, topic, acks, context=f"{damage}: ")
+    cluster.terminate(follower)
+    local = cluster.read_local_partition(follower, topic, 0, high_watermark=views[leader].high_watermark)
+    assert [stored.offset for stored in local] == list(range(1, views[leader].high_watermark)), (
+        f"{damage}: the follower's own log is not the whole committed log")
+    values = {stored.value for stored in local}
+    missing = [value for value in acks.snapshot() if value not in values]
+    assert not missing, f"{damage}: the follower's log lacks {len(missing)} acknowledged records"
