@@ -263,3 +263,70 @@ def test_follower_with_damaged_files_is_repaired_and_loses_nothing(cluster: Brok
     values = {stored.value for stored in local}
     missing = [value for value in acks.snapshot() if value not in values]
     assert not missing, f"{damage}: the follower's log lacks {len(missing)} acknowledged records"
+
+
+def test_full_disks_then_kill_every_broker_loses_nothing(disk_cluster: BrokerCluster) -> None:
+    """Under an acks=all load: the leader's disk fills (its replica stops, leadership moves), then the new
+    leader's disk fills too (no majority can write), then kill -9 of every broker at once; the disks are
+    freed and the brokers restarted. Every acknowledged record must be there once, in order."""
+    cluster = disk_cluster
+    topic = "full"
+    create_topic(cluster, topic)
+    acks = AckLog()
+    load = ProducerLoad(cluster.bootstrap, topic, 1, acks, rate_per_s=LOAD_RATE_PER_S, value_size=100).start()
+    try:
+        load.wait_acked(ACKS_PER_ROUND, timeout_s=60, what="before any disk fills")
+        first = cluster.leader_of(topic, 0)
+        cluster.disks[first].fill()
+        second = cluster.leader_of(topic, 0, timeout_s=30, exclude=(first,))
+        load.wait_acked(acks.count() + ACKS_PER_ROUND, timeout_s=60, what=f"after broker {first}'s disk filled")
+        cluster.disks[second].fill()
+        kill_all_at_once(cluster)
+        for disk in cluster.disks.values():
+            disk.free()
+        restart_all(cluster)
+        load.wait_acked(acks.count() + ACKS_PER_ROUND, timeout_s=60, what="after the restart")
+    finally:
+        load.stop()
+    check_everything_acknowledged(cluster, topic, acks, context=f"{acks.summary()}: ")
+
+
+RAFT_STATE_DAMAGE = {
+    "zero-length": lambda data: b"",
+    "cut short": lambda data: data[:len(data) * 6 // 10],
+    "garbage": lambda data: bytes(b ^ 0x5A for b in data),
+}
+BROKER_RAFT_STATE_LOG = "raft-states.log"  # the broker-wide state log, where a broker keeps one
+
+
+def raft_state_path(cluster: BrokerCluster, node: int, topic: str) -> Path:
+    """The file that holds the partition's Raft term and vote on this broker: its own raft.state, or the
+    broker's shared state log."""
+    own = partition_dir(cluster, node, topic) / filenames.RAFT_STATE_FILE
+    return own if own.exists() else cluster.brokers[node].data_dir / BROKER_RAFT_STATE_LOG
+
+
+@pytest.mark.parametrize("damage", sorted(RAFT_STATE_DAMAGE))
+def test_damaged_raft_state_on_a_follower_loses_nothing(cluster: BrokerCluster, damage: str) -> None:
+    """A follower killed -9 and its Raft state file damaged before the restart: whatever the broker makes of it
+    (a fresh state, the older slot, or the replica refused), the other replicas keep serving and every
+    acknowledged record stays readable, before and after more writes and a restart of everything."""
+    topic = "state"
+    create_topic(cluster, topic)
+    acks = AckLog()
+    produce_sequence(cluster.bootstrap, topic, 0, 200, acks)
+    leader = cluster.leader_of(topic, 0)
+    follower = _others(cluster, leader)[0]
+    cluster.wait_caught_up(topic, 0)
+    cluster.kill(follower)
+    path = raft_state_path(cluster, follower, topic)
+    assert path.exists(), f"broker {follower} keeps its Raft state neither in raft.state nor in {path}"
+    path.write_bytes(RAFT_STATE_DAMAGE[damage](path.read_bytes()))
+    cluster.brokers[follower].launch()
+    cluster.wait_serving(follower)
+    produce_sequence(cluster.bootstrap, topic, 200, 100, acks)
+    check_everything_acknowledged(cluster, topic, acks, context=f"raft.state {damage}: ")
+    kill_all_at_once(cluster)
+    restart_all(cluster)
+    produce_sequence(cluster.bootstrap, topic, 300, 100, acks)
+    check_everything_acknowledged(cluster, topic, acks, context=f"raft.state {damage}, then kill -9 of all: ")
