@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from logbroker_client import records as rec
 
@@ -89,6 +89,19 @@ class ReplicaState:
     @property
     def membership(self) -> Membership:
         return Membership.of(self.voters, self.learners)
+
+
+class StateFile(Protocol):
+    """What a Replica needs of where its Raft state is kept: ReplicaStateFile (a file of its own) or
+    state_log.GroupStateFile (its records in the broker's one state log)."""
+
+    last_saved: ReplicaState | None
+
+    def load(self, default_membership: Membership) -> ReplicaState: ...
+
+    def save(self, state: ReplicaState) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class ReplicaStateCorruptError(RuntimeError):

@@ -34,7 +34,7 @@ from logbroker.cluster.raft_storage import (
     PartitionLogStorage,
     RecentEntries,
     ReplicaState,
-    ReplicaStateFile,
+    StateFile,
     check_outgoing,
     entries_to_batches,
 )
@@ -74,7 +74,7 @@ class Replica:
         self,
         group: str,
         plog: PartitionLog,
-        state_file: ReplicaStateFile,
+        state_file: StateFile,
         membership: Membership,
         raft_config: RaftConfig,
         transport: MessageSender,

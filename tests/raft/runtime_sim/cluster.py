@@ -37,12 +37,12 @@ from typing import Any
 from logbroker_client import records as rec
 
 from logbroker.cluster import raft_codec
-from logbroker.cluster.raft_storage import DamagedLogError, ReplicaStateFile
+from logbroker.cluster.raft_storage import DamagedLogError
 from logbroker.cluster.replica import Replica
+from logbroker.cluster.state_log import GroupStateFile, RaftStateLog
 from logbroker.raft.errors import RaftError
 from logbroker.raft.membership import Membership
 from logbroker.raft.types import Entry, EntryKind, Message, MessageType, RaftConfig, Ready
-from logbroker.storage import filenames
 from logbroker.storage.config import LogConfig
 from logbroker.storage.errors import StorageError
 from logbroker.storage.files import probe_write
@@ -59,6 +59,7 @@ ELECTION_TICKS = 10
 STEP_S = 0.005
 FAILED_REPLICA_RETRY_S = 0.5  # as the broker's retry of a replica that could not write, but sooner
 TRACE_LENGTH = 40
+STATE_LOG_COMPACT_BYTES = 2048  # the shared Raft state log is rewritten this often (production: MiBs)
 MAX_UNCOMMITTED_OFFSETS = 60
 HEAL_BUDGET_S = 30.0  # after healing, a fresh write must commit within this much virtual time...
 CATCH_UP_BUDGET_S = 30.0  # ...and then reach every node within this much more
@@ -120,6 +121,8 @@ class SimNode:
     incarnation: int = 0
     replica: Replica | None = None
     executor: SimExecutor | None = None
+    # The broker's shared Raft state log: one per process, so a crash drops it and the next open reloads it.
+    state_log: RaftStateLog | None = None
     promise: Promise = field(default_factory=Promise)
     spoken_term: int = 0  # the highest term of any message it sent (pre-votes aside)
     granted: dict[int, int] = field(default_factory=dict)  # term -> the candidate it voted for
@@ -271,7 +274,11 @@ class RuntimeSimulation:
                     self.fail("committed entry truncated", f"node {sim_node.node_id} reopens its replica cut at "
                               f"{damaged_from}, below its high watermark {high_watermark}")
                 plog.truncate_to(damaged_from)
-            state_file = ReplicaStateFile(sim_node.directory / filenames.RAFT_STATE_FILE, fs=sim_node.disk)
+            if sim_node.state_log is None:
+                # Small, so that runs rewrite it often (a rewrite is a crash window of its own).
+                sim_node.state_log = RaftStateLog.open(sim_node.directory.parent, fs=sim_node.disk,
+                                                       min_compact_bytes=STATE_LOG_COMPACT_BYTES)
+            state_file = GroupStateFile(sim_node.state_log, GROUP)
             replica = self.replica_class(
                 GROUP, plog, state_file, self.membership,
                 RaftConfig(node_id=sim_node.node_id, election_timeout_ticks=ELECTION_TICKS,
@@ -335,6 +342,7 @@ class RuntimeSimulation:
         sim_node.hw_at_crash = replica.high_watermark
         replica.closed = True  # the process is gone: nothing of it runs any more
         sim_node.executor.kill()
+        sim_node.state_log = None
         if power:
             sim_node.disk.power_cut()
             self.stats["power_cut"] += 1
