@@ -46,6 +46,12 @@ log = logging.getLogger("logbroker.broker")
 
 CONTROLLER_DIR = "__controller-0"
 LEADER_REPORT_INTERVAL_S = 0.2
+# A topic's first replicas open at once, on the event loop; the rest this many per trip to the opening thread.
+OPEN_PARTITIONS_AT_ONCE = 32
+OPEN_PARTITIONS_PER_TURN = 64
+MAX_FLUSH_BACKLOG_TO_OPEN = 32  # jobs queued for the flush pool above which opening more replicas waits
+MAX_GROUPS_ELECTING = 128  # new groups here without a leader above which opening more replicas waits
+MAX_OPEN_WAIT_S = 5.0  # ...but no longer than this per chunk
 LEADER_REPORT_TIMEOUT_S = 5.0
 # __consumer_offsets: kept forever (snapshots bound it), in small segments (offsets_segment_bytes) so that
 # the segments below a snapshot can be deleted soon.
@@ -61,6 +67,8 @@ class ControllerClient:
         self._leader_reports: dict[tuple[str, int], tuple[int, str]] = {}
         self._reporter: asyncio.Task[None] | None = None
         self._metadata_loaded = False  # see metadata_loaded()
+        self._opening: set[asyncio.Task[None]] = set()  # big topics' replicas being opened (_open_in_turns)
+        self._opening_lock = asyncio.Lock()
 
     # ------------------------------------------------------------------------------- lifecycle
 
@@ -76,6 +84,8 @@ class ControllerClient:
         self._reporter = asyncio.get_running_loop().create_task(self._report_leaders_forever())
 
     async def stop_reporting(self) -> None:
+        for task in list(self._opening):  # shutting down: open no more replicas
+            task.cancel()
         if self._reporter is not None:
             self._reporter.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -120,6 +130,7 @@ class ControllerClient:
                 self._stop_topic(event.topic)
             else:
                 self._on_topic_changed(event)
+        self.broker.replicas.check_replicas_holding_nothing()
         self.broker.data.wake_fetchers()
 
     def _on_topic_changed(self, event: TopicEvent) -> None:
@@ -153,9 +164,50 @@ class ControllerClient:
                 replica.log.update_config(config)
 
     def _start_topic(self, topic: TopicMetadata) -> None:
-        for index, replicas in enumerate(topic.assignment):
-            if self.node_id in replicas:
-                self.broker.replicas.open_partition(topic, index)
+        local = [index for index, replicas in enumerate(topic.assignment) if self.node_id in replicas]
+        # A small topic opens at once, as it always did; a big one's files are created off the event loop.
+        for index in local[:OPEN_PARTITIONS_AT_ONCE]:
+            self.broker.replicas.open_partition(topic, index)
+        if len(local) > OPEN_PARTITIONS_AT_ONCE:
+            task = asyncio.get_running_loop().create_task(
+                self._open_in_turns(topic, local[OPEN_PARTITIONS_AT_ONCE:]))
+            self._opening.add(task)
+            task.add_done_callback(self._opening.discard)
+
+    async def _open_in_turns(self, topic: TopicMetadata, indexes: list[int]) -> None:
+        """Open a big topic's replicas a chunk at a time, their files created off the event loop: opening a
+        thousand at once on it held it for seconds, the brokers' heartbeats stopped, and their peers took
+        every group's leadership away (an election storm).
+
+        And no faster than their groups elect: every new group's first election and first entry are fsyncs
+        in the flush pool, and a group whose Ready waits in a long queue sends no heartbeat meanwhile, so its
+        followers elect again, which queues more (10,000 new partitions never settled). A chunk is opened
+        once few of the groups opened before it still lack a leader, or after a while regardless (another
+        broker may be slow to open its side)."""
+        async with self._opening_lock:  # one topic at a time: topics created back to back share the pace
+            await self._open_paced(topic, indexes)
+
+    async def _open_paced(self, topic: TopicMetadata, indexes: list[int]) -> None:
+        tick_s = self.broker.config.raft_tick_ms / 1000
+        opened: list[int] = []
+        for start in range(0, len(indexes), OPEN_PARTITIONS_PER_TURN):
+            waited_s = 0.0
+            while (self._electing(topic, opened) > MAX_GROUPS_ELECTING
+                   or self.broker.replicas.flush_backlog() > MAX_FLUSH_BACKLOG_TO_OPEN) and waited_s < MAX_OPEN_WAIT_S:
+                await asyncio.sleep(tick_s)
+                waited_s += tick_s
+            current = self.broker.cluster.topics.get(topic.name)
+            if current is None or current.topic_id != topic.topic_id:
+                return  # deleted meanwhile (its delete closed what was opened)
+            chunk = indexes[start:start + OPEN_PARTITIONS_PER_TURN]
+            await self.broker.replicas.open_partitions(current, chunk)
+            opened = [*opened[-MAX_GROUPS_ELECTING:], *chunk]
+
+    def _electing(self, topic: TopicMetadata, indexes: list[int]) -> int:
+        """How many of these partitions' replicas here know no leader yet."""
+        replicas = self.broker.replicas
+        return sum(1 for index in indexes
+                   if (replica := replicas.hosted_replica(topic.name, index)) is not None and replica.leader_id is None)
 
     def _stop_topic(self, topic: TopicMetadata) -> None:
         """Close and delete this topic's replicas, and only its own: found by topic ID, not by name."""
@@ -284,9 +336,14 @@ class ControllerClient:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             hosted = self.broker.replicas.hosted_partitions_of(name)
+            topic = self.broker.cluster.topics.get(name)
+            placed_here = 0 if topic is None else sum(
+                1 for index in range(topic.partitions) if self.node_id in self.broker.cluster.hosts(topic, index))
             # A leader is ready once its no-op entry is committed: the high watermark then reaches the log end.
-            if all(r.leader_id is not None and (not r.is_leader or r.node.commit_offset >= r.node.log.last_offset)
-                   for r in hosted):
+            # A big topic's replicas open a few per loop turn (_open_in_turns): wait for all of them.
+            if len(hosted) >= placed_here and all(
+                    r.leader_id is not None and (not r.is_leader or r.node.commit_offset >= r.node.log.last_offset)
+                    for r in hosted):
                 return
             await asyncio.sleep(self.broker.config.raft_tick_ms / 1000)
 

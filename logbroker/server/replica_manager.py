@@ -13,13 +13,15 @@ import logging
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from logbroker.cluster.metadata import CONTROLLER_GROUP, TopicMetadata
-from logbroker.cluster.raft_storage import RecentEntries, ReplicaStateFile
+from logbroker.cluster.raft_storage import RecentEntries
 from logbroker.cluster.replica import Replica
+from logbroker.cluster.state_log import GroupStateFile, RaftStateLog
 from logbroker.groups.coordinator import OFFSETS_TOPIC, GroupCoordinatorShard
 from logbroker.groups.runtime import GroupShardRuntime
 from logbroker.groups.share_runtime import ShareStateMachine
@@ -27,9 +29,9 @@ from logbroker.raft.membership import Membership
 from logbroker.raft.types import Entry, Message, MessageType, RaftConfig, Role
 from logbroker.server import errors
 from logbroker.storage import filenames
-from logbroker.storage.files import probe_write
+from logbroker.storage.files import fsync_dir, fsync_file, probe_write
 from logbroker.storage.log import PartitionLog
-from logbroker.storage.partition_metadata import TopicIdentity, read_identity, write_identity
+from logbroker.storage.partition_metadata import TopicIdentity, read_identity, sync_identity, write_identity
 
 if TYPE_CHECKING:
     from logbroker.server.broker import Broker
@@ -46,6 +48,8 @@ FAILED_REPLICA_RETRY_S = 1.0  # how often a replica that could not write tries a
 # window bounds what a follower buffers per group before it is written.
 RAFT_MAX_MESSAGE_BYTES = 1 << 20
 RAFT_MAX_INFLIGHT_BYTES = 16 << 20
+_NEW_DIRECTORY, _OURS = "new", "ours"  # what _claim_directory found
+OPENER_THREADS = 4
 
 
 @dataclass
@@ -63,8 +67,20 @@ class ReplicaManager:
         self.broker = broker
         self.node_id = broker.node_id
         self._recent_entries = RecentEntries(broker.config.raft_entry_cache_bytes)  # shared by every replica
+        # Every group's term and vote in one file, fsynced for many groups at once (docs/raft.md): thousands
+        # of new or failed-over groups elect without an fsync, a file and a descriptor each.
+        self.state_log = RaftStateLog.open(broker.data_dir)
+        # The controller's writes get a thread of their own: behind a thousand new partitions' first fsyncs in
+        # the shared pool, its heartbeats (sent between its Readys) stopped and the controller lost its leader.
+        self._controller_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="controller-flush")
+        # New replicas' files are created here (see open_partitions), several at a time: a creation waits while
+        # the file system's journal commits, and concurrent ones share the commit.
+        self._opener = ThreadPoolExecutor(max_workers=OPENER_THREADS, thread_name_prefix="open")
         self._replicas: dict[str, Replica] = {}  # group name -> replica, the controller included
         self._partitions: dict[tuple[str, int], Replica] = {}
+        # Replicas opened holding nothing (no term, vote or log) of a group with no known leader yet: checked
+        # again as leader reports arrive (check_replicas_holding_nothing).
+        self._holding_nothing: dict[tuple[str, int], Replica] = {}
         self._handovers: dict[str, Handover] = {}  # Raft group -> leadership a failed replica is giving away
         self._next_handover_s = 0.0
         # (topic, partition) -> (replica that could not write, when to try again)
@@ -83,9 +99,10 @@ class ReplicaManager:
                     on_commit: Callable[[Replica, Sequence[Entry]], None], controller: bool = False,
                     applied_offset: int = -1) -> Replica:
         broker = self.broker
-        state_file = ReplicaStateFile(self._raft_state_path(plog))
+        state_file = GroupStateFile(self.state_log, group, legacy_path=self._raft_state_path(plog))
         plog.flush_observer = broker.metrics.observe_fsync
-        replica = Replica(group, plog, state_file, membership, self.raft_config(), broker.transport, broker.executor,
+        executor = self._controller_executor if controller else broker.executor
+        replica = Replica(group, plog, state_file, membership, self.raft_config(), broker.transport, executor,
                           on_commit, self._on_leader_change, applied_offset=applied_offset if controller else None,
                           persist_commit=controller, name=plog.directory.name, on_failure=self._on_replica_failed,
                           cache=self._recent_entries)
@@ -93,7 +110,7 @@ class ReplicaManager:
         return replica
 
     def _raft_state_path(self, plog: PartitionLog) -> Path:
-        """The Raft state file inside the partition directory; one left where older versions kept it moves in."""
+        """Where an older version kept this group's Raft state file (moved into the state log at its load)."""
         path = plog.directory / filenames.RAFT_STATE_FILE
         legacy = self.broker.data_dir / LEGACY_RAFT_STATE_DIR / f"{plog.directory.name}{LEGACY_RAFT_STATE_SUFFIX}"
         if not path.exists() and legacy.exists():
@@ -119,6 +136,12 @@ class ReplicaManager:
             del self._partitions[key]
         with contextlib.suppress(Exception):  # its files may be what failed; reopening recovers them
             replica.close()
+
+    def forget_group_state(self, group: str) -> None:
+        """The replica's directory is deleted here: its term, vote and log start go too, as they did with the
+        state file in that directory (a replica moved back must not find a log start its new log lacks)."""
+        if self.state_log.state_of(group) is not None:
+            self.state_log.forget(group)
 
     # ---------------------------------------------------------------------------------- ticking
 
@@ -263,28 +286,75 @@ class ReplicaManager:
     # --------------------------------------------------------------------- opening and closing
 
     def open_partition(self, topic: TopicMetadata, index: int, damaged_from: int | None = None) -> Replica | None:
+        plog = self._open_log(topic, index, damaged_from)
+        return self._start_replica(topic, index, plog) if plog is not None else None
+
+    async def open_partitions(self, topic: TopicMetadata, indexes: list[int]) -> None:
+        """Open many of a new topic's replicas: their files are created in a thread of their own, so the event
+        loop never waits for the disk (creating a file waits while the journal commits the pool's fsyncs: a
+        millisecond each, thousands of times). The replicas start on the loop, if the topic is still this one
+        and the partition still unopened (a delete or move may have come meanwhile)."""
+        loop = asyncio.get_running_loop()
+        logs = await asyncio.gather(*(loop.run_in_executor(self._opener, self._open_log, topic, index, None, True)
+                                      for index in indexes))
+        # The new directories' names in the data directory: one fsync for the chunk, before any replica starts.
+        await loop.run_in_executor(self._opener, fsync_dir, self.broker.data_dir)
+        for index, plog in zip(indexes, logs, strict=True):
+            if plog is None:
+                continue
+            current = self.broker.cluster.topics.get(topic.name)
+            if (current is not None and current.topic_id == topic.topic_id and self.hosted_replica(topic.name, index)
+                    is None and self.node_id in self.broker.cluster.hosts(current, index)):
+                self._start_replica(current, index, plog)
+                continue
+            plog.close()
+            if current is None or current.topic_id != topic.topic_id:
+                self.remove_directory(topic, index)  # deleted while its files were being created
+
+    def _open_log(self, topic: TopicMetadata, index: int, damaged_from: int | None = None,
+                  in_opener: bool = False) -> PartitionLog | None:
+        """The partition's log, its directory claimed for this topic (created if new); None if it cannot be.
+
+        A new directory is made durable before anything in it is: its identity file and its name in the data
+        directory by the opening thread (in_opener: open_partitions fsyncs the data directory once per chunk)
+        or else by the log's first flush, and the directory's own entries by that flush in either case."""
         directory = self.broker.data_dir / filenames.partition_dir_name(topic.name, index)
         try:
-            if not self._claim_directory(topic, directory):
+            claim = self._claim_directory(topic, directory)
+            if claim is None:
                 return None
             plog = PartitionLog.open(directory, self.broker.controller_client.log_config(topic.configs),
                                      topic.name, index)
+            if claim is _NEW_DIRECTORY and in_opener:
+                fsync_file(directory / filenames.PARTITION_METADATA_FILE)
+            elif claim is _NEW_DIRECTORY:
+                plog.sync_at_first_flush(lambda: sync_identity(directory))
             if damaged_from is not None and plog.log_start_offset <= damaged_from < plog.log_end_offset:
                 # A damaged batch stopped the replica: what follows it here is lost; the leader resends it.
                 plog.truncate_to(damaged_from)
                 log.error("%s: cut the log at offset %d, where a damaged batch was found; the other replicas "
                           "send the rest again", directory.name, damaged_from)
-            replica = self.add_replica(topic.raft_group(index), plog, Membership.of(topic.assignment[index]),
-                                       self._on_partition_commit)
+            return plog
         except Exception:
             # One unreadable partition must not take the broker (and every other partition) down.
             log.exception("%s: cannot open this replica; the partition is unavailable on broker %d until "
                           "the problem above is fixed and the broker restarted", directory.name, self.node_id)
             return None
+
+    def _start_replica(self, topic: TopicMetadata, index: int, plog: PartitionLog) -> Replica | None:
+        try:
+            replica = self.add_replica(topic.raft_group(index), plog, Membership.of(topic.assignment[index]),
+                                       self._on_partition_commit)
+        except Exception:
+            log.exception("%s: cannot open this replica; the partition is unavailable on broker %d until "
+                          "the problem above is fixed and the broker restarted", plog.directory.name, self.node_id)
+            with contextlib.suppress(Exception):
+                plog.close()
+            return None
         self._partitions[(topic.name, index)] = replica
         replica.preferred_leader = self.preferred_leader(topic, index)
-        self._attach_state_machines(replica, topic.name, index, directory)
-        self._start_election(replica, topic.assignment[index])
+        self._attach_state_machines(replica, topic.name, index, plog.directory)
+        self._start_election(replica, topic.assignment[index], topic.name, index)
         return replica
 
     def _attach_state_machines(self, replica: Replica, name: str, index: int, directory: Path) -> None:
@@ -295,7 +365,28 @@ class ReplicaManager:
             replica.attach(machine)
             self.broker.share_machines[(name, index)] = machine
 
-    def _start_election(self, replica: Replica, replicas: list[int]) -> None:
+    def rejoin_if_state_lost(self, topic_name: str, index: int, replica: Replica) -> bool:
+        """A replica holding nothing of a group the metadata says has had a leader must catch up before it
+        votes (Replica.rejoin_after_losing_state); True if that is this one."""
+        known = self.broker.cluster.leaders.get((topic_name, index))
+        if known is None or not replica.holds_nothing or replica.node.catching_up:
+            return False
+        replica.rejoin_after_losing_state(known[0], known[1])
+        return True
+
+    def check_replicas_holding_nothing(self) -> None:
+        """After leader reports were applied: the replicas opened holding nothing whose group has had a leader
+        since (at start-up, the metadata log names a partition's leader after the partition itself)."""
+        for key, replica in list(self._holding_nothing.items()):
+            settled = replica.closed or not replica.holds_nothing or replica.node.catching_up
+            if settled or self.rejoin_if_state_lost(key[0], key[1], replica):
+                del self._holding_nothing[key]
+
+    def _start_election(self, replica: Replica, replicas: list[int], topic_name: str, index: int) -> None:
+        if replica.holds_nothing:
+            if self.rejoin_if_state_lost(topic_name, index, replica):
+                return
+            self._holding_nothing[(topic_name, index)] = replica
         if replica.term == 0:
             # A new group: its preferred leader campaigns at once and the others stay quiet until it
             # calls (or its broker is found dead), so a thousand new partitions elect without split
@@ -322,8 +413,9 @@ class ReplicaManager:
         broker on its way out), else of the assignment."""
         return self.broker.cluster.moves.get((topic.name, index), topic.assignment[index])[0]
 
-    def _claim_directory(self, topic: TopicMetadata, directory: Path) -> bool:
-        """Make directory hold this topic's partition; False when it belongs to a newer topic of the name.
+    def _claim_directory(self, topic: TopicMetadata, directory: Path) -> str | None:
+        """Make directory hold this topic's partition; None when it belongs to a newer topic of the name, else
+        _NEW_DIRECTORY (created now, not yet durable: its log's first flush makes it so) or _OURS.
 
         At start-up the controller re-applies its whole log, so the create of a topic deleted long ago is
         applied again while the directory already holds the partition of a newer topic of that name: that
@@ -331,20 +423,25 @@ class ReplicaManager:
         identity = read_identity(directory)
         ours = TopicIdentity(topic.topic_id, topic.created_offset)
         if identity is None:
-            write_identity(directory, ours)  # a new partition, or one written before topic IDs existed
-            return True
+            if not directory.exists():
+                # Thousands of partitions are created at once: no fsync here, on the event loop, but in the
+                # first flush of the new log, in the thread pool, before anything in it is durable.
+                write_identity(directory, ours, durable=False)
+                return _NEW_DIRECTORY
+            write_identity(directory, ours)  # one written before topic IDs existed
+            return _OURS
         if identity.topic_id == topic.topic_id:
-            return True
+            return _OURS
         if identity.created_offset > topic.created_offset:
             log.debug("%s: holds topic ID %s, newer than the replayed %s; left alone", directory.name,
                       identity.topic_id, topic.topic_id)
-            return False
+            return None
         # Left by an older topic of this name whose delete did not finish (a crash in between): it is garbage.
         log.warning("%s: removing the leftover replica of an older, deleted topic (ID %s) before creating topic "
                     "ID %s", directory.name, identity.topic_id, topic.topic_id)
         shutil.rmtree(directory)
         write_identity(directory, ours)
-        return True
+        return _OURS
 
     def close_partition(self, topic: TopicMetadata, index: int) -> None:
         """Close this broker's replica of a deleted topic's partition, if it is that topic's (by topic ID)."""
@@ -362,6 +459,7 @@ class ReplicaManager:
         replica = self._partitions.pop((topic.name, index), None)
         if replica is not None:
             self.forget_replica(replica)
+        self.forget_group_state(topic.raft_group(index))
         directory = self.remove_directory(topic, index)
         if directory is not None:
             log.info("%s: replica moved to brokers %s; deleted here", directory.name, topic.assignment[index])
@@ -372,6 +470,7 @@ class ReplicaManager:
         identity = read_identity(directory) if directory.exists() else None
         if identity is None or identity.topic_id != topic.topic_id:
             return None
+        self.forget_group_state(topic.raft_group(index))
         shutil.rmtree(directory)
         return directory
 
@@ -406,6 +505,14 @@ class ReplicaManager:
                 log.warning("%s: not closed cleanly (%s); the next start recovers its log", replica.name, exc)
         self._replicas.clear()
         self._partitions.clear()
+        self._controller_executor.shutdown(wait=True)
+        self._opener.shutdown(wait=True)
+        self.state_log.close()
+
+    def flush_backlog(self) -> int:
+        """Jobs waiting for a thread of the flush pool (appends, fsyncs, state saves of every partition)."""
+        # CPython's ThreadPoolExecutor keeps its queue here; no public way to ask how long it is.
+        return self.broker.executor._work_queue.qsize()
 
     # ---------------------------------------------------------------------------------- lookups
 

@@ -133,6 +133,15 @@ def fsync_dir(directory: Path, fs: FileSystem = OS_FILES) -> None:
     fs.fsync_dir(directory)
 
 
+def fsync_file(path: Path, fs: FileSystem = OS_FILES) -> None:
+    """Make a file's bytes durable (its name needs its directory's fsync too)."""
+    fd = fs.open(path, os.O_RDONLY)
+    try:
+        fs.fsync(fd)
+    finally:
+        fs.close(fd)
+
+
 def write_file_atomically(path: Path, data: bytes, durable: bool, fs: FileSystem = OS_FILES) -> None:
     """Replace path by a complete new copy: readers see the old or the new content, never a mix."""
     temp = path.with_name(path.name + TEMP_SUFFIX)

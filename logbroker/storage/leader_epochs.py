@@ -122,8 +122,8 @@ class LeaderEpochCache:
         for base_offset, epoch in scan_from(starts[-1] if starts else log_start):
             if epoch >= 0 and epoch > self.latest_epoch():
                 self.assign(epoch, max(base_offset, log_start))
-        if self.entries() != entries:
-            self.save()
+        if self.entries() != entries and (entries is not None or self.entries() or self.fs.exists(self.path)):
+            self.save()  # not for a new, empty log: no file and no entries say the same
 
     def _read_file(self) -> list[tuple[int, int]] | None:
         try:

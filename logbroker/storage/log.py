@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import resource
 import struct
 import threading
 import time
@@ -64,6 +65,17 @@ class AppendResult(NamedTuple):
     position_in_log: int  # byte position of the first appended batch inside its segment's .log file
 
 
+def too_many_open_files(what: str, exc: OSError) -> str:
+    """What to tell the operator when the process runs out of file descriptors."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    scope = "the machine's (fs.file-max)" if exc.errno == errno.ENFILE else f"this process's ({soft}; hard {hard})"
+    return (f"{what}: out of file descriptors: {exc}. Every partition replica keeps its active segment open "
+            f"(one descriptor, two more once its indexes get entries), so the open-file limit must exceed "
+            f"about 3 x the partitions this broker holds plus its connections; {scope} limit is reached. Raise it "
+            "(`ulimit -n 65536` before starting, LimitNOFILE= in a systemd unit, or nofile in "
+            "/etc/security/limits.conf) and restart the broker")
+
+
 def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -89,6 +101,7 @@ class PartitionLog:
         # Set by a failed fsync: from this offset on, what reads still show may never reach the disk (Linux
         # marks the pages clean after the error, and a later fsync succeeds without writing them).
         self._unsynced_from: int | None = None
+        self._first_flush_syncs: list[Callable[[], None]] = []  # see sync_at_first_flush
         self.epochs = LeaderEpochCache(directory, self.name, fs)
         # Told how long each flush() that made new data durable took, in seconds (the broker's fsync metric);
         # called in the flushing thread.
@@ -116,16 +129,21 @@ class PartitionLog:
         checkpoint = None if clean else self._read_checkpoint()
         self._remove_stray_files()
         segments, recovered = self._load_segments(self._segment_bases(), clean, checkpoint)
-        if not segments:
+        created = not segments
+        if created:
             segments = [LogSegment.create(self.directory, 0, self.config.index_interval_bytes, wall_clock_ms(),
                                           self.fs)]
-            fsync_dir(self.directory, self.fs)
+            # The new file's name needs to be durable only before anything in it counts as durable: the first
+            # flush does it (creating thousands of partitions at once paid this fsync on the event loop each).
+            self.sync_at_first_flush(lambda: fsync_dir(self.directory, self.fs))
         self._set_segments(segments)
         self._next_offset = segments[-1].next_offset
         for segment in recovered:
             segment.flush()  # what recovery kept is now durable, so the checkpoint may cover it
         self._durable_offset = self._next_offset
-        self._write_checkpoint(durable=True)
+        if not (created and checkpoint is None and not clean):
+            # A new log has nothing a checkpoint could let recovery skip (its one segment is always checked).
+            self._write_checkpoint(durable=True)
         self.epochs.load(self.log_start_offset, self._next_offset, self._epoch_on_disk, self._batch_epochs_from)
         if clean:
             # The log is open for writing again: a crash from now on must not skip recovery.
@@ -610,6 +628,7 @@ class PartitionLog:
             target = self._next_offset  # read first: every byte below it is already written
             started = time.perf_counter()
             try:
+                self._run_first_flush_syncs()
                 for segment in self._segments:
                     segment.flush()
                 if target > self._durable_offset:
@@ -622,6 +641,18 @@ class PartitionLog:
                 self._fsync_failed()
                 raise self._io_error("flushing", exc) from exc
             return self._durable_offset
+
+    def sync_at_first_flush(self, sync: Callable[[], None]) -> None:
+        """Run sync (an fsync of a file or directory this partition's creation left unsynced) in the next
+        flush, before the data that flush makes durable: creating a partition costs no fsync of its own, and
+        nothing that depends on its files is durable before they are."""
+        with self._lock:
+            self._first_flush_syncs.append(sync)
+
+    def _run_first_flush_syncs(self) -> None:
+        while self._first_flush_syncs:
+            self._first_flush_syncs[0]()  # kept until it succeeds: a failed flush retries it
+            del self._first_flush_syncs[0]
 
     # =========================================================================================== truncation
 
@@ -903,6 +934,8 @@ class PartitionLog:
                 f"{self.name}: disk full while {action} in {self.directory}{outcome}. "
                 f"Free space on that disk (or lower retention.bytes / retention.ms) and retry"
             )
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            return LogDirectoryError(too_many_open_files(f"{self.name}: {action} in {self.directory}", exc))
         return LogDirectoryError(
             f"{self.name}: I/O error while {action} in {self.directory}: {exc}. "
             f"Check the disk and permissions; the broker may need to move this partition elsewhere"

@@ -14,7 +14,7 @@ from array import array
 from bisect import bisect_right
 from pathlib import Path
 
-from logbroker.storage.files import OS_FILES, FileSystem, read_all
+from logbroker.storage.files import OS_FILES, FileSystem
 from logbroker.storage.index_file import SparseIndexFile
 
 ENTRY = struct.Struct(">II")
@@ -39,7 +39,7 @@ class OffsetIndex(SparseIndexFile):
 
     def load(self, log_size: int) -> str | None:
         """Read the file into memory; return why it cannot be trusted (then the index is left empty)."""
-        data = read_all(self._fd, self.fs)
+        data = self._read_file()
         problem = self._parse(data, log_size)
         if problem is not None:
             self._relative = array(_U32)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from logbroker.storage import filenames
-from logbroker.storage.files import write_file_atomically
+from logbroker.storage.files import fsync_dir, fsync_file, write_file_atomically
 
 FORMAT_VERSION = 1
 
@@ -56,7 +56,16 @@ def read_identity(directory: Path) -> TopicIdentity | None:
         raise PartitionMetadataError(f"{path}: malformed topic identity ({exc}); content {text[:200]!r}") from None
 
 
-def write_identity(directory: Path, identity: TopicIdentity) -> None:
-    """Record identity durably (the directory is created if missing)."""
+def write_identity(directory: Path, identity: TopicIdentity, durable: bool = True) -> None:
+    """Record identity (the directory is created if missing); durably unless durable=False, when the caller
+    runs sync_identity before anything in the directory becomes durable."""
     directory.mkdir(parents=True, exist_ok=True)
-    write_file_atomically(directory / filenames.PARTITION_METADATA_FILE, identity.encode(), durable=True)
+    write_file_atomically(directory / filenames.PARTITION_METADATA_FILE, identity.encode(), durable=durable)
+
+
+def sync_identity(directory: Path) -> None:
+    """Make a new partition directory's identity durable: the file's bytes and the directory's name in the
+    data directory (the partition log's first flush fsyncs the directory's own entries, this file's name
+    among them). Until then a crash may lose them all, which is safe while nothing in it is durable."""
+    fsync_file(directory / filenames.PARTITION_METADATA_FILE)
+    fsync_dir(directory.parent)

@@ -13,7 +13,7 @@ from array import array
 from bisect import bisect_left
 from pathlib import Path
 
-from logbroker.storage.files import OS_FILES, FileSystem, read_all
+from logbroker.storage.files import OS_FILES, FileSystem
 from logbroker.storage.index_file import SparseIndexFile
 
 ENTRY = struct.Struct(">qI")
@@ -35,7 +35,7 @@ class TimeIndex(SparseIndexFile):
 
     def load(self, next_offset: int) -> str | None:
         """Read the file into memory; return why it cannot be trusted (then the index is left empty)."""
-        data = read_all(self._fd, self.fs)
+        data = self._read_file()
         problem = self._parse(data, next_offset)
         if problem is not None:
             self._timestamps = array("q")

@@ -175,8 +175,10 @@ def test_roll_by_size_and_reads_across_segments(log_dir: Path) -> None:
     assert headers(log.read(5, len(batch) * 2)) == [(4, 5), (6, 7)]  # crosses the 0 -> 6 boundary
     assert headers(log.read(11, 1)) == [(10, 11)]
     files = sorted(p.name for p in log_dir.iterdir())
-    assert "00000000000000000006.log" in files and "00000000000000000006.index" in files
+    assert "00000000000000000006.log" in files
     assert "00000000000000000006.timeindex" in files
+    # Segments of three small batches get no offset-index entry, so their .index files are never created.
+    assert "00000000000000000006.index" not in files
 
 
 def test_roll_by_time(log_dir: Path) -> None:
@@ -489,3 +491,66 @@ def test_one_append_of_many_batches_rolls_between_them(tmp_path: Path) -> None:
     assert all(segment.size_bytes <= 4096 for segment in plog.segments)
     assert plog.read(7, 1) == bytes(batches[7])
     plog.close()
+
+
+# ------------------------------------------------------------------------------------------- many partitions
+
+def test_a_new_log_costs_no_fsync_until_its_first_flush_makes_its_file_names_durable() -> None:
+    import random
+
+    from tests.raft.runtime_sim.disk import SimDisk
+
+    disk = SimDisk(random.Random(3), lambda: 0)
+    directory = Path("/sim/orders-3")
+    log = PartitionLog.open(directory, LogConfig(), "orders", 3, fs=disk)
+    assert disk.stats.fsyncs == 0  # neither a directory fsync nor a recovery checkpoint at creation
+    disk.power_cut()  # may keep any part of the new files, or none: the log opens empty either way
+    log = PartitionLog.open(directory, LogConfig(), "orders", 3, fs=disk)
+    assert log.log_end_offset == 0
+    append(log, make_batch(2))
+    assert log.flush() == 2
+    disk.power_cut()
+    reopened = PartitionLog.open(directory, LogConfig(), "orders", 3, fs=disk)
+    assert reopened.log_end_offset == 2  # the flush made the segment's name durable with its bytes
+
+
+def test_a_first_flush_sync_that_fails_is_run_again_by_the_next_flush(log_dir: Path) -> None:
+    log = open_log(log_dir)
+    calls: list[str] = []
+
+    def failing_once() -> None:
+        calls.append("sync")
+        if len(calls) == 1:
+            raise OSError(errno.EIO, "simulated")
+
+    log.sync_at_first_flush(failing_once)
+    append(log, make_batch(1))
+    with pytest.raises(LogDirectoryError):
+        log.flush()
+    log2 = open_log(log_dir.parent / "other-0")
+    log2.sync_at_first_flush(failing_once)
+    log2.flush()
+    log2.flush()
+    assert calls == ["sync", "sync"]  # retried once, then never again
+
+
+def test_a_new_segment_holds_one_descriptor_until_its_indexes_get_entries(log_dir: Path) -> None:
+    log = open_log(log_dir)
+    append(log, make_batch(1))
+    log.flush()
+    assert [p.name for p in log_dir.iterdir() if p.suffix in (".index", ".timeindex")] == []
+    segment = log.segments[0]
+    assert segment.offset_index._fd < 0 and segment.time_index._fd < 0  # no entry yet: no file, no descriptor
+    log.close()
+    reopened = open_log(log_dir)
+    assert reopened.log_end_offset == 1 and reopened.segments[0].offset_index._fd < 0
+
+
+def test_running_out_of_descriptors_says_which_limit_and_how_to_raise_it(
+        log_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_descriptors(*args: object, **kwargs: object) -> int:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(os, "open", no_descriptors)
+    with pytest.raises(LogDirectoryError, match=r"out of file descriptors.*ulimit -n"):
+        open_log(log_dir)
