@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -50,6 +51,9 @@ class BenchCluster:
         self.ports = {node: free_port() for node in range(1, size + 1)}
         self.raft_tick_ms = raft_tick_ms
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        # A cluster of several brokers needs a secret they share (peer authentication).
+        self.secret_file = self.workdir / "cluster.secret"
+        self.secret_file.write_text(secrets.token_hex(32))
 
     def address(self, node: int) -> str:
         return f"{HOST}:{self.ports[node]}"
@@ -61,7 +65,8 @@ class BenchCluster:
     def launch(self, node: int) -> None:
         peers = ",".join(f"{n}={self.address(n)}" for n in self.ports)
         cmd = [sys.executable, "-m", "logbroker.server.cli", "--log-level", "info", "serve", "--node-id", str(node),
-               "--data-dir", str(self.workdir / f"broker-{node}"), "--listen", self.address(node), "--peers", peers]
+               "--data-dir", str(self.workdir / f"broker-{node}"), "--listen", self.address(node), "--peers", peers,
+               "--cluster-secret-file", str(self.secret_file)]
         if self.raft_tick_ms is not None:
             cmd += ["--raft-tick-ms", str(self.raft_tick_ms)]
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}

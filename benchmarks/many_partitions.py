@@ -1,0 +1,177 @@
+"""Many partitions: create thousands of RF3 partitions, measure idle CPU, then fail over a third of them.
+
+Starts a temporary three-broker cluster (benchmarks/failover.py BenchCluster, production tick settings
+unless --raft-tick-ms), and measures three things:
+
+1. creation: `--partitions` partitions at replication factor 3, in topics of at most --per-topic
+   partitions each, from the first CreateTopics call until every live broker reports the same leader
+   for every partition (each broker's Metadata answer: its own replica's view of the leader);
+2. idle CPU: each broker's utime+stime from /proc/<pid>/stat over `--seconds` of idleness, in percent
+   of one core;
+3. failover: SIGKILL of the broker that leads the most partitions, then the seconds until both
+   surviving brokers report, for every partition, the same leader and that leader is one of them. The
+   time includes the survivors noticing the silence (the liveness timeout) and the elections.
+
+    python -m benchmarks.many_partitions --partitions 10000 --seconds 20
+
+Prints one JSON line on stdout; progress lines on stderr. 10,000 partitions at RF3 are 30,000 replicas,
+each holding several open files: raise the open-file limit first (`ulimit -n 65536`, see docs/raft.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import resource
+import sys
+import time
+from collections import Counter
+
+from benchmarks.common import emit, rounded, run_main
+from benchmarks.failover import BenchCluster
+from benchmarks.idle_cpu import cpu_seconds
+from logbroker.server.config import DEFAULT_LIVENESS_TIMEOUT_TICKS, DEFAULT_RAFT_TICK_MS
+
+READY_TIMEOUT_S = 600.0
+FAILOVER_GIVE_UP_S = 120.0
+POLL_INTERVAL_S = 0.05
+METADATA_TIMEOUT_S = 30.0
+
+Partition = tuple[str, int]
+
+
+def reported_leaders(cluster: BenchCluster, node: int) -> dict[Partition, int] | None:
+    """Every partition's leader as broker `node` reports it (-1: none known); None if it does not answer."""
+    import grpc
+    from logbroker_client.proto import logbroker_pb2 as pb
+    from logbroker_client.proto import logbroker_pb2_grpc as pb_grpc
+
+    options = [("grpc.max_receive_message_length", 64 << 20)]
+    with grpc.insecure_channel(cluster.address(node), options=options) as channel:
+        try:
+            answer = pb_grpc.BrokerStub(channel).Metadata(pb.MetadataRequest(), timeout=METADATA_TIMEOUT_S)
+        except grpc.RpcError:
+            return None
+    return {(topic.name, p.partition): p.leader_id for topic in answer.topics for p in topic.partitions}
+
+
+def agreed_leaders(cluster: BenchCluster, nodes: list[int], expected: int) -> tuple[dict[Partition, int], int]:
+    """The partitions whose leader every broker in `nodes` reports alike and that is one of `nodes`, and how
+    many of the `expected` partitions are still without such a leader."""
+    views = [reported_leaders(cluster, node) for node in nodes]
+    if any(view is None for view in views):
+        return {}, expected
+    first, *others = [view for view in views if view is not None]
+    agreed = {part: leader for part, leader in first.items()
+              if leader in nodes and all(other.get(part) == leader for other in others)}
+    return agreed, expected - len(agreed)
+
+
+def wait_for_leaders(cluster: BenchCluster, nodes: list[int], expected: int, give_up_s: float,
+                     what: str) -> dict[Partition, int]:
+    deadline = time.monotonic() + give_up_s
+    last_report = 0.0
+    while True:
+        agreed, missing = agreed_leaders(cluster, nodes, expected)
+        if missing == 0:
+            return agreed
+        now = time.monotonic()
+        if now > deadline:
+            raise RuntimeError(f"{what}: {missing} of {expected} partitions still without an agreed live leader "
+                               f"after {give_up_s:.0f} s")
+        if now - last_report > 2:
+            print(f"{what}: {missing} of {expected} partitions without an agreed leader", file=sys.stderr,
+                  flush=True)
+            last_report = now
+        time.sleep(POLL_INTERVAL_S)
+
+
+def create_partitions(cluster: BenchCluster, total: int, per_topic: int) -> list[str]:
+    from logbroker_client import Admin
+    from logbroker_client.errors import TopicAlreadyExistsError
+
+    topics: list[str] = []
+    left = total
+    with Admin(cluster.bootstrap, request_timeout_ms=300_000) as admin:
+        while left > 0:
+            count = min(left, per_topic)
+            name = f"many-{len(topics)}"
+            # An attempt of this very call, answered while the controller moved, may have created it already.
+            with contextlib.suppress(TopicAlreadyExistsError):
+                admin.create_topic(name, partitions=count, replication_factor=3)
+            topics.append(name)
+            left -= count
+            print(f"created {name} ({count} partitions); {left} to go", file=sys.stderr, flush=True)
+    return topics
+
+
+def idle_cpu_percent(cluster: BenchCluster, seconds: float) -> dict[str, float]:
+    pids = {node: cluster.pid(node) for node in cluster.ports}
+    before = {node: cpu_seconds(pid) for node, pid in pids.items()}
+    started = time.monotonic()
+    time.sleep(seconds)  # the measurement itself: nothing else runs
+    wall_s = time.monotonic() - started
+    after = {node: cpu_seconds(pid) for node, pid in pids.items()}
+    return {str(node): rounded((after[node] - before[node]) / wall_s * 100, 1) for node in pids}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--partitions", type=int, default=10_000)
+    parser.add_argument("--per-topic", type=int, default=1000, help="partitions per CreateTopics call")
+    parser.add_argument("--seconds", type=float, default=20.0, help="idle CPU is measured over this long")
+    parser.add_argument("--raft-tick-ms", type=int, default=None,
+                        help="the brokers' Raft tick (default: theirs, the production setting)")
+    args = parser.parse_args()
+    if args.partitions < 1 or args.per_topic < 1 or args.seconds <= 0:
+        parser.error("--partitions, --per-topic and --seconds must be positive")
+    # The brokers inherit the open-file limit: raise the soft limit to the hard one (each broker needs about
+    # one descriptor per idle replica it holds, more for replicas with data; docs/raft.md).
+    soft_files, hard_files = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft_files < hard_files:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard_files, hard_files))
+        soft_files = hard_files
+
+    with BenchCluster(3, args.raft_tick_ms) as cluster:
+        cluster.start()
+        nodes = list(cluster.ports)
+        started = time.monotonic()
+        create_partitions(cluster, args.partitions, args.per_topic)
+        created_s = time.monotonic() - started
+        leaders = wait_for_leaders(cluster, nodes, args.partitions, READY_TIMEOUT_S, "creation")
+        ready_s = time.monotonic() - started
+        print(f"all {args.partitions} partitions have leaders after {ready_s:.1f} s; measuring {args.seconds:.0f} s "
+              "of idleness", file=sys.stderr, flush=True)
+        cpu = idle_cpu_percent(cluster, args.seconds)
+        # Leaders may have moved during the idle period (leader balancing): ask again before choosing.
+        leaders = wait_for_leaders(cluster, nodes, args.partitions, READY_TIMEOUT_S, "before the kill")
+        led = Counter(leaders.values())
+        victim, victim_led = led.most_common(1)[0]
+        survivors = [node for node in nodes if node != victim]
+        print(f"killing broker {victim}, which leads {victim_led} partitions", file=sys.stderr, flush=True)
+        killed_at = time.monotonic()
+        cluster.kill(victim)
+        wait_for_leaders(cluster, survivors, args.partitions, FAILOVER_GIVE_UP_S, "failover")
+        failover_s = time.monotonic() - killed_at
+        print(f"every partition has a live leader {failover_s:.2f} s after the kill", file=sys.stderr, flush=True)
+    emit({
+        "tool": "many_partitions",
+        "partitions": args.partitions,
+        "replication_factor": 3,
+        "brokers": 3,
+        "raft_tick_ms": args.raft_tick_ms or DEFAULT_RAFT_TICK_MS,
+        "liveness_timeout_ticks": DEFAULT_LIVENESS_TIMEOUT_TICKS,
+        "create_calls_s": rounded(created_s, 2),
+        "leaders_ready_s": rounded(ready_s, 2),
+        "idle_seconds": args.seconds,
+        "idle_cpu_percent_of_one_core": cpu,
+        "max_idle_cpu_percent": max(cpu.values()),
+        "killed_broker_led": victim_led,
+        "failover_s": rounded(failover_s, 2),
+        "open_files_limit": soft_files,
+    })
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
