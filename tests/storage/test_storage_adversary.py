@@ -6,9 +6,9 @@ whole recovered log durable), every offset below D keeps its bytes through kill 
 fsyncs and full disks; and a ReplicaStateFile never loads a state older than its last save that returned.
 
 Linux detail the simulation must respect: pwrite() on a descriptor opened with O_APPEND writes at the end
-of the file whatever offset it is given (pwrite(2), BUGS). LinuxAppendDisk models that; SimDisk writes at
-the offset. Segments are opened O_APPEND, so a rewrite in place through pwrite behaves differently on the
-two.
+of the file whatever offset it is given (pwrite(2), BUGS). Segments are opened O_APPEND, so a rewrite in
+place through pwrite on their descriptor appends. LinuxAppendDisk models that explicitly (SimDisk does too
+since ca94ffd; it first wrote at the offset, which hid the bug).
 """
 
 from __future__ import annotations
@@ -193,11 +193,11 @@ def test_linux_pwrite_on_an_o_append_descriptor_appends(tmp_path: Path) -> None:
     assert path.read_bytes() == b"abcdefXY"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "LogSegment._redirty rewrites the unsynced bytes with fs.pwrite(fd, ..., start), but the segment's "
-    "descriptor is opened O_RDWR|O_CREAT|O_APPEND (LogSegment.__init__), and on Linux pwrite on an O_APPEND "
-    "descriptor appends: after a failed fsync the .log file grows by a copy of its unsynced bytes instead of "
-    "having them dirtied again in place"))
+# Regression (found by this file, fixed in ca94ffd):
+# LogSegment._redirty rewrites the unsynced bytes with fs.pwrite(fd, ..., start), but the segment's descriptor
+# is opened O_RDWR|O_CREAT|O_APPEND (LogSegment.__init__), and on Linux pwrite on an O_APPEND descriptor
+# appends: after a failed fsync the .log file grows by a copy of its unsynced bytes instead of having them
+# dirtied again in place
 def test_failed_fsync_on_real_files_leaves_the_segment_file_as_the_log_sees_it(tmp_path: Path) -> None:
     fs = FsyncFailsOnce()
     plog = open_log(tmp_path / "p", fs)
@@ -242,17 +242,17 @@ def _recovery_fsync_fails_then_power_cut(disk: ScriptedDisk, directory: Path) ->
 
 
 def test_recovery_whose_fsync_failed_then_power_cut_on_simdisk(tmp_path: Path) -> None:
-    """Control: on SimDisk (pwrite writes in place) the rewrite of the unsynced bytes protects them."""
+    """The same sequence on SimDisk as it is: the rewrite of the unsynced bytes protects them."""
     _recovery_fsync_fails_then_power_cut(ScriptedDisk(), tmp_path / "p")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Same sequence on a disk with Linux's pwrite semantics: kill -9 with 10 unsynced records; the reopen's "
-    "recovery fsync fails (EIO, nothing written back, pages marked clean); LogSegment._redirty's pwrite on "
-    "the O_APPEND descriptor appends a copy of the whole segment instead of dirtying its bytes in place; the "
-    "retried open cuts the copy (offsets go backwards), its fsync succeeds without writing the clean pages, "
-    "and it reports offsets 10..19 durable; records 20..29 are flushed; a power cut leaves zeros at 10..19 "
-    "and recovery cuts the log at offset 10, losing 20 records flush() and open() had reported durable"))
+# Regression (found by this file, fixed in ca94ffd):
+# Same sequence on a disk with Linux's pwrite semantics: kill -9 with 10 unsynced records; the reopen's
+# recovery fsync fails (EIO, nothing written back, pages marked clean); LogSegment._redirty's pwrite on the
+# O_APPEND descriptor appends a copy of the whole segment instead of dirtying its bytes in place; the retried
+# open cuts the copy (offsets go backwards), its fsync succeeds without writing the clean pages, and it
+# reports offsets 10..19 durable; records 20..29 are flushed; a power cut leaves zeros at 10..19 and recovery
+# cuts the log at offset 10, losing 20 records flush() and open() had reported durable
 def test_recovery_whose_fsync_failed_then_power_cut_with_linux_pwrite(tmp_path: Path) -> None:
     _recovery_fsync_fails_then_power_cut(LinuxAppendDisk(), tmp_path / "p")
 
@@ -270,14 +270,13 @@ def _append_singles(plog: PartitionLog, count: int, generation: int) -> dict[int
     return values
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "LogSegment.truncate_to sets _flushed_size = min(_flushed_size, position): a segment whose bytes were all "
-    "fsynced looks clean after the cut, so neither PartitionLog.truncate_to's keep[-1].flush() nor seal() at "
-    "the next roll fsyncs the ftruncate. Sequence: offsets 0..7 flushed in segment 0; truncate_to(5) (a Raft "
-    "follower dropping a divergent suffix); offset 5 appended again with other bytes, in a new segment because "
-    "it does not fit (roll); flush() returns 6; power cut: segment 0 comes back with its old offsets 5..7, "
-    "segment 5 no longer continues the log and is deleted, and the durable offset 5 now holds the old, "
-    "truncated record"))
+# Regression (found by this file, fixed in ca94ffd):
+# LogSegment.truncate_to sets _flushed_size = min(_flushed_size, position): a segment whose bytes were all
+# fsynced looks clean after the cut, so neither PartitionLog.truncate_to's keep[-1].flush() nor seal() at the
+# next roll fsyncs the ftruncate. Sequence: offsets 0..7 flushed in segment 0; truncate_to(5) (a Raft follower
+# dropping a divergent suffix); offset 5 appended again with other bytes, in a new segment because it does not
+# fit (roll); flush() returns 6; power cut: segment 0 comes back with its old offsets 5..7, segment 5 no
+# longer continues the log and is deleted, and the durable offset 5 now holds the old, truncated record
 def test_follower_truncation_then_roll_then_power_cut(tmp_path: Path) -> None:
     disk = ScriptedDisk()
     directory = tmp_path / "p"
@@ -297,13 +296,13 @@ def test_follower_truncation_then_roll_then_power_cut(tmp_path: Path) -> None:
         plog.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "The cut ReplicaManager._open_log makes at damaged_from is not durable (LogSegment.truncate_to marks the "
-    "cut segment flushed, see test_follower_truncation_then_roll_then_power_cut). Sequence: offsets 0..4 "
-    "flushed; 5..7 appended; the fsync fails (EIO) although the disk did get 5..7; forget_unsynced cuts them "
-    "in the page cache; power cut; the reopened log holds 0..7 again and is cut at damaged_from=5 as "
-    "ReplicaManager does; a record appended at 5 rolls a new segment; flush() returns 6; power cut: offsets "
-    "5..7 of the failed write come back in segment 0 and the flushed record at offset 5 is lost"))
+# Regression (found by this file, fixed in ca94ffd):
+# The cut ReplicaManager._open_log makes at damaged_from is not durable (LogSegment.truncate_to marks the cut
+# segment flushed, see test_follower_truncation_then_roll_then_power_cut). Sequence: offsets 0..4 flushed;
+# 5..7 appended; the fsync fails (EIO) although the disk did get 5..7; forget_unsynced cuts them in the page
+# cache; power cut; the reopened log holds 0..7 again and is cut at damaged_from=5 as ReplicaManager does; a
+# record appended at 5 rolls a new segment; flush() returns 6; power cut: offsets 5..7 of the failed write
+# come back in segment 0 and the flushed record at offset 5 is lost
 def test_cut_at_damaged_from_then_roll_then_power_cut(tmp_path: Path) -> None:
     disk = ScriptedDisk()
     directory = tmp_path / "p"
@@ -572,10 +571,9 @@ def test_random_kills_power_cuts_and_full_disks_keep_every_durable_offset(tmp_pa
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "Adds failed fsyncs (Linux semantics: partial write-back, pages marked clean) and follower truncations to "
-    "the random sequences; some seeds lose offsets reported durable, through the bugs of "
-    "test_follower_truncation_then_roll_then_power_cut, test_cut_at_damaged_from_then_roll_then_power_cut and "
-    "test_cut_dropped_by_a_failed_fsync_then_power_cut (the failing seeds and their histories are listed)"))
+    "Adds failed fsyncs (SimDisk: partial write-back, the rest dropped for good, pages marked clean) and "
+    "follower truncations to the random sequences; seeds 13 and 17 lose offsets reported durable through the "
+    "bug of test_cut_dropped_by_a_failed_fsync_then_power_cut (the failing seeds and histories are listed)"))
 def test_random_failed_fsyncs_and_truncations_keep_every_durable_offset(tmp_path: Path) -> None:
     failures: list[str] = []
     for seed in range(60):
