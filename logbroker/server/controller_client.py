@@ -46,7 +46,8 @@ log = logging.getLogger("logbroker.broker")
 
 CONTROLLER_DIR = "__controller-0"
 LEADER_REPORT_INTERVAL_S = 0.2
-# A topic's first replicas open at once, on the event loop; the rest this many per trip to the opening thread.
+# A topic of up to this many replicas here opens at once, on the event loop; a bigger one this many per trip to
+# the opening threads.
 OPEN_PARTITIONS_AT_ONCE = 32
 OPEN_PARTITIONS_PER_TURN = 64
 MAX_FLUSH_BACKLOG_TO_OPEN = 32  # jobs queued for the flush pool above which opening more replicas waits
@@ -165,12 +166,11 @@ class ControllerClient:
 
     def _start_topic(self, topic: TopicMetadata) -> None:
         local = [index for index, replicas in enumerate(topic.assignment) if self.node_id in replicas]
-        # A small topic opens at once, as it always did; a big one's files are created off the event loop.
-        for index in local[:OPEN_PARTITIONS_AT_ONCE]:
-            self.broker.replicas.open_partition(topic, index)
-        if len(local) > OPEN_PARTITIONS_AT_ONCE:
-            task = asyncio.get_running_loop().create_task(
-                self._open_in_turns(topic, local[OPEN_PARTITIONS_AT_ONCE:]))
+        if len(local) <= OPEN_PARTITIONS_AT_ONCE:  # a small topic opens at once, as it always did
+            for index in local:
+                self.broker.replicas.open_partition(topic, index)
+        else:  # a big one's files are created off the event loop, all of them (on a loaded disk, 32 took 0.5 s)
+            task = asyncio.get_running_loop().create_task(self._open_in_turns(topic, local))
             self._opening.add(task)
             task.add_done_callback(self._opening.discard)
 

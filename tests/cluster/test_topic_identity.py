@@ -12,6 +12,7 @@ import pytest
 from logbroker_client import Admin
 from logbroker_client.errors import TopicAlreadyExistsError
 
+from logbroker.server.controller_client import OPEN_PARTITIONS_AT_ONCE
 from logbroker.storage.filenames import PARTITION_METADATA_FILE, partition_dir_name
 from logbroker.storage.partition_metadata import read_identity
 from tests.support.brokers import wait_until
@@ -70,6 +71,23 @@ def test_a_delete_removes_only_the_directories_of_the_deleted_topic(cluster: Bro
         assert all((d / PARTITION_METADATA_FILE).exists() for d in directories)
         admin.delete_topic(TOPIC)
     wait_until(lambda: not any(d.exists() for d in directories), 10, "the deleted topic's directories to go")
+
+
+def test_a_big_topic_opened_off_the_event_loop_gets_leaders_and_its_delete_leaves_no_directories(
+        cluster: BrokerCluster) -> None:
+    # More replicas per broker than ControllerClient opens at once: these open in the opening threads, in chunks.
+    partitions = OPEN_PARTITIONS_AT_ONCE + 8
+    with Admin(cluster.bootstrap, request_timeout_ms=60_000) as admin:
+        admin.create_topic(TOPIC, partitions=partitions, replication_factor=3)
+        for partition in range(partitions):
+            wait_until(lambda p=partition: all(  # type: ignore[misc]
+                (view := cluster.partition_view(node, TOPIC, p)) is not None and view.leader_id > 0
+                for node in cluster.brokers), 60, f"{TOPIC}-{partition} to have a leader on every broker")
+        directories = [broker.data_dir / partition_dir_name(TOPIC, p)
+                       for broker in cluster.brokers.values() for p in range(partitions)]
+        assert all(read_identity(d) is not None for d in directories)
+        admin.delete_topic(TOPIC)
+    wait_until(lambda: not any(d.exists() for d in directories), 20, "the deleted topic's directories to go")
 
 
 def test_concurrent_creates_of_one_name_leave_one_winner_and_tell_the_others(cluster: BrokerCluster) -> None:
