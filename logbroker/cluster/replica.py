@@ -17,6 +17,7 @@ that is group commit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import threading
@@ -40,7 +41,7 @@ from logbroker.cluster.raft_storage import (
 )
 from logbroker.raft.membership import Membership
 from logbroker.raft.node import RaftNode
-from logbroker.raft.types import Entry, EntryKind, Message, RaftConfig, Ready, Role
+from logbroker.raft.types import Entry, EntryKind, Message, MessageType, RaftConfig, Ready, Role
 from logbroker.storage.errors import StorageError
 from logbroker.storage.log import PartitionLog
 
@@ -189,6 +190,30 @@ class Replica:
             self.node.tick()
         self._kick()
 
+    @property
+    def holds_nothing(self) -> bool:
+        """No term, no vote and an empty log: a replica that never took part in its group, or lost its disk."""
+        return self.node.term == 0 and self.node.vote is None and self.node.log.last_offset < 0
+
+    def rejoin_after_losing_state(self, leader_hint: int | None, leader_term: int = 0) -> None:
+        """This replica holds nothing (holds_nothing) of a group that has had a leader: its data is gone (a wiped
+        or replaced disk), or it never had any. Either way it must not vote until it has caught up from a
+        leader (RaftNode.wait_to_catch_up), or it could help elect a leader lacking what it once acknowledged.
+        The stale answer sent to the last known leader wakes it if its group is quiescent: its heartbeats
+        then show this replica's empty log, and it resends the log and counts the replica out of sync
+        meanwhile. Sent in the leader's term as the metadata reports it (leader_term), the answer itself tells
+        the leader where this log ends; if that term is out of date the leader's core drops it, and the
+        wake-up alone leads to the same. It promises nothing (no vote, no entry), so it needs no saved term."""
+        if self.node.catching_up:
+            return
+        self.node.wait_to_catch_up()
+        log.warning("%s: broker %d holds no Raft state or log for this partition, which has had a leader: it "
+                    "takes no part in elections until it has caught up from the leader", self.name, self.node_id)
+        if leader_hint is not None and leader_hint != self.node_id:
+            self._transport.send_many([(self.group, Message(
+                MessageType.HEARTBEAT_RESP, self.node_id, leader_hint, max(leader_term, self.node.term),
+                last_log_offset=self.node.log.last_offset, last_log_term=self.node.log.last_term))])
+
     def maybe_quiesce(self, is_alive: Callable[[int], bool]) -> None:
         """Go quiet when nothing is left to do: a leader whose log is committed on every replica and that
         has had no proposal for a while, or a follower whose leader's broker is alive but silent."""
@@ -272,6 +297,15 @@ class Replica:
             self._busy = False
             if not self.closed and self.node.has_ready():
                 self._kick()
+
+    def stop_after_write_failure(self, exc: Exception) -> None:
+        """A write or fsync made outside the Ready loop failed (the broker's flush.interval.ms fsync): stop as a
+        failed Ready would, with what a failed fsync may have dropped cut from the log first."""
+        if self.closed:
+            return
+        with contextlib.suppress(StorageError, OSError):
+            self._forget_unsynced()
+        self._stop_after_failure(exc)
 
     def _stop_after_failure(self, exc: Exception) -> None:
         """A write the Ready contract promised cannot be half undone: stop this replica (the group goes on

@@ -113,6 +113,7 @@ class RaftNode:
         self._last_hard_state = HardState(self.term, self.vote, self.commit_offset)
         self._last_leader_change: tuple[int | None, Role] = (None, Role.FOLLOWER)
         self._ready_outstanding = False
+        self._catching_up = False  # see wait_to_catch_up
         self._reset_randomized_timeout()
 
     def _load_config_entries(self) -> None:
@@ -149,7 +150,24 @@ class RaftNode:
         return self._progress.get(node_id)
 
     def _promotable(self) -> bool:
-        return self.id in self.membership.voters
+        return self.id in self.membership.voters and not self._catching_up
+
+    def wait_to_catch_up(self) -> None:
+        """This node once held the group's log and Raft state and lost them (a wiped or replaced disk): until
+        its log holds a leader's commit offset, it neither votes nor campaigns. Raft assumes a voter keeps
+        what it acknowledged; one that forgot could vote in a leader that lacks committed entries, which
+        would then cut them from the replicas that kept them. Appends it still acknowledges (it holds them)."""
+        self._catching_up = True
+
+    @property
+    def catching_up(self) -> bool:
+        return self._catching_up
+
+    def _note_leader_commit(self, leader_commit: int) -> None:
+        """A catching-up node that holds the leader's commit offset holds every committed entry: the leader
+        only reports it once its own term's first entry is committed, which commits everything before."""
+        if self._catching_up and 0 <= leader_commit <= self.log.last_offset:
+            self._catching_up = False
 
     # ================================================================================ inputs
     def tick(self) -> None:
@@ -449,7 +467,9 @@ class RaftNode:
         return last_term > my_term or (last_term == my_term and last_offset >= self.log.last_offset)
 
     def _handle_vote_request(self, m: Message) -> None:
-        if m.type is MessageType.VOTE:
+        if self._catching_up:
+            can_vote = False  # our log may lack what we once acknowledged (wait_to_catch_up)
+        elif m.type is MessageType.VOTE:
             # One vote per term, and none while we know a leader of this term.
             can_vote = self.vote == m.from_node or (self.vote is None and self.leader_id is None)
         else:
@@ -557,6 +577,7 @@ class RaftNode:
     def _handle_heartbeat(self, m: Message) -> None:
         # The leader caps commit_offset at what it knows we hold, so this never commits unknown entries.
         self._commit_to(min(m.commit_offset, self.log.last_offset))
+        self._note_leader_commit(m.last_log_offset)
         # Our log end lets the leader notice that we lost entries we once acknowledged (a wiped disk).
         self._send(MessageType.HEARTBEAT_RESP, m.from_node, last_log_offset=self.log.last_offset,
                    last_log_term=self.log.last_term)
@@ -667,7 +688,13 @@ class RaftNode:
         for node in sorted(self._progress):
             if node != self.id:
                 match = self._progress[node].match_offset
-                self._send(MessageType.HEARTBEAT, node, commit_offset=min(match, self.commit_offset))
+                self._send(MessageType.HEARTBEAT, node, commit_offset=min(match, self.commit_offset),
+                           last_log_offset=self._settled_commit_offset())
+
+    def _settled_commit_offset(self) -> int:
+        """The commit offset, uncapped, once this term's first entry is committed (so it covers every entry
+        committed in earlier terms too); -1 before. Heartbeats carry it for nodes catching up."""
+        return self.commit_offset if self.commit_offset >= self._term_start_offset >= 0 else -1
 
     def _step_leader(self, m: Message) -> None:
         progress = self._progress.get(m.from_node)

@@ -90,7 +90,9 @@ class Message:
       APPEND: prev_last_offset, prev_term, entries, commit_offset
       APPEND_RESP: match_offset on success; on reject, prev_last_offset echoes the rejected position and
         reject_hint_term / reject_hint_offset say where to retry (see RaftNode for the exact rule)
-      HEARTBEAT: commit_offset (already capped at what the receiver is known to hold)
+      HEARTBEAT: commit_offset (already capped at what the receiver is known to hold); last_log_offset: the
+        leader's own commit offset, uncapped, once its term's first entry is committed (-1 before), which a
+        node that lost its log waits for before it votes again (RaftNode.wait_to_catch_up)
       RESET_LOG: log_start_offset, prev_term (term at log_start_offset - 1), membership, commit_offset
     """
 

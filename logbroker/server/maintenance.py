@@ -10,6 +10,7 @@ import time
 from typing import TYPE_CHECKING
 
 from logbroker.cluster.replica import now_ms
+from logbroker.storage.errors import StorageError
 
 if TYPE_CHECKING:
     from logbroker.server.broker import Broker
@@ -60,7 +61,11 @@ class Maintenance:
                 continue
             if now_s - self._last_flush_s.setdefault(replica.group, now_s) >= config.flush_interval_ms / 1000:
                 self._last_flush_s[replica.group] = now_s
-                await loop.run_in_executor(self.broker.executor, replica.log.flush)
+                try:
+                    await loop.run_in_executor(self.broker.executor, replica.log.flush)
+                except (StorageError, OSError) as exc:
+                    # One partition's disk trouble must not end the loop that fsyncs and retries every other.
+                    replica.stop_after_write_failure(exc)
 
     def balance_leaders(self) -> int:
         """Hand groups this broker leads back to their preferred leader (the first replica placed), when

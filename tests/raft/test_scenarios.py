@@ -329,6 +329,55 @@ def test_a_follower_that_lost_its_whole_log_is_sent_everything_again() -> None:
     assert leader.progress(3).match_offset == last  # type: ignore[union-attr]
 
 
+def test_a_voter_that_lost_its_log_does_not_elect_a_leader_lacking_what_it_had_acknowledged() -> None:
+    # Entries committed by the leader and node 3 alone (node 2 cut off); node 3's disk is then replaced and
+    # the leader crashes. Nodes 2 and 3 are a majority, but node 3 no longer holds what it acknowledged: it
+    # must not vote, or node 2 would win without the committed entries and cut them from node 1 later.
+    h = Harness([1, 2, 3])
+    h.elect(1)
+    h.propose(1, b"before")
+    h.stabilize()
+    h.isolated.add(2)
+    for i in range(3):
+        h.propose(1, f"acked-by-1-and-3-{i}".encode())
+    h.stabilize()
+    committed = h.node(1).commit_offset
+    assert h.node(3).log.last_offset == committed > h.node(2).log.last_offset
+    h.crash(3)
+    h.add_node(3).wait_to_catch_up()  # a wiped disk: empty log, no term, no vote
+    h.crash(1)
+    h.isolated.clear()
+    h.tick_all(6 * ELECTION_TICKS)
+    assert h.leaders() == []  # node 2 asked node 3 for votes, in vain
+    assert h.node(3).catching_up and h.node(3).vote is None
+    h.restart(1)  # the leader comes back: it wins with node 2's vote and repairs node 3
+    h.elect(1, attempts=5)
+    h.tick_all(2 * ELECTION_TICKS)
+    assert h.log_of(3) == h.log_of(1) and h.node(3).log.last_offset >= committed
+    assert not h.node(3).catching_up  # it holds the leader's commit offset: it may vote again
+    h.crash(1)
+    for _ in range(10 * ELECTION_TICKS):  # node 3 votes (or campaigns) again: nodes 2 and 3 elect a leader
+        if h.leaders():
+            break
+        h.tick_all()
+    assert h.leaders() and h.node(h.leaders()[0]).log.last_offset >= committed
+
+
+def test_a_node_catching_up_neither_campaigns_nor_takes_a_leadership_transfer() -> None:
+    h = Harness([1, 2, 3])
+    h.elect(1)
+    h.propose(1, b"x")
+    h.stabilize()
+    h.crash(3)
+    h.add_node(3).wait_to_catch_up()
+    h.isolated.add(3)
+    h.tick(3, 10 * ELECTION_TICKS)
+    assert h.node(3).role is Role.FOLLOWER and h.node(3).term == 0  # it never campaigned
+    h.node(3).step(Message(MessageType.TIMEOUT_NOW, 1, 3, h.node(1).term))
+    h.process(3)
+    assert h.node(3).role is Role.FOLLOWER
+
+
 def test_a_follower_whose_tail_was_cut_by_recovery_is_repaired_even_while_the_leader_is_idle() -> None:
     h = Harness([1, 2, 3])
     leader = h.elect(1)
