@@ -104,15 +104,15 @@ def _others(cluster: BrokerCluster, *nodes: int) -> list[int]:
     return [node for node in cluster.brokers if node not in nodes]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "A replica whose data directory was deleted restarts as a fresh Raft voter (term 0, no vote, empty log: "
-    "no raft.state means a new ReplicaState) and grants its vote to any candidate whose log is at least as "
-    "long as its empty one, although it acknowledged entries before. Sequence (3 brokers, 1 partition, "
-    "segment.bytes 4096): 50 records acknowledged by all; follower B frozen (SIGSTOP); 200 records "
-    "acknowledged by leader L and follower C; kill -9 C, delete its data directory, kill -9 L; B resumed, C "
-    "restarted: B wins the election in term 2 with C's vote; L restarts and truncates to offset 51: the 200 "
-    "acknowledged records are lost. Nothing marks C as having lost what it acknowledged before it votes "
-    "(Raft needs a voter that lost its state not to vote until it caught up; Kafka keeps B out of the ISR)"))
+# Regression (found by this file, fixed in 14b1b2a):
+# A replica whose data directory was deleted restarts as a fresh Raft voter (term 0, no vote, empty log: no
+# raft.state means a new ReplicaState) and grants its vote to any candidate whose log is at least as long as
+# its empty one, although it acknowledged entries before. Sequence (3 brokers, 1 partition, segment.bytes
+# 4096): 50 records acknowledged by all; follower B frozen (SIGSTOP); 200 records acknowledged by leader L and
+# follower C; kill -9 C, delete its data directory, kill -9 L; B resumed, C restarted: B wins the election in
+# term 2 with C's vote; L restarts and truncates to offset 51: the 200 acknowledged records are lost. Nothing
+# marks C as having lost what it acknowledged before it votes (Raft needs a voter that lost its state not to
+# vote until it caught up; Kafka keeps B out of the ISR)
 def test_wiped_replica_does_not_elect_a_leader_that_lacks_acknowledged_records(cluster: BrokerCluster) -> None:
     """Records are acknowledged by the leader L and one follower C while the other follower B is frozen
     (SIGSTOP), so only L and C hold them. Then C's disk is replaced (kill -9, its data directory deleted) and
@@ -180,14 +180,14 @@ def watch_in_sync(cluster: BrokerCluster, topic: str, leader: int, wiped: int, t
     return early
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "A follower whose data directory was deleted and whose broker restarted, of a partition with no writes: "
-    "the leader lists it in the in-sync set (describe: isr [1, 2, 3]) while its replica reports log end 0 "
-    "below high watermark 401, for as long as no record is written (observed for 30 s), and nothing repairs "
-    "it meanwhile: the idle group is quiescent, so no heartbeat carries the follower's real log end to the "
-    "leader (Replica.maybe_quiesce; Progress.forget_beyond is only reached from heartbeat answers and "
-    "append rejections). README: 'the in-sync set leaves it out ... until it has caught up'. An operator "
-    "trusting that ISR to take down or replace another replica removes the last copies but one"))
+# Regression (found by this file, fixed in 14b1b2a):
+# A follower whose data directory was deleted and whose broker restarted, of a partition with no writes: the
+# leader lists it in the in-sync set (describe: isr [1, 2, 3]) while its replica reports log end 0 below high
+# watermark 401, for as long as no record is written (observed for 30 s), and nothing repairs it meanwhile:
+# the idle group is quiescent, so no heartbeat carries the follower's real log end to the leader
+# (Replica.maybe_quiesce; Progress.forget_beyond is only reached from heartbeat answers and append
+# rejections). README: 'the in-sync set leaves it out ... until it has caught up'. An operator trusting that
+# ISR to take down or replace another replica removes the last copies but one
 def test_wiped_follower_of_an_idle_partition_is_not_listed_in_sync(cluster: BrokerCluster) -> None:
     topic = "repair-idle"
     create_topic(cluster, topic)
