@@ -8,6 +8,7 @@ control batches as records, so Raft's own entries stay invisible to them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -216,9 +217,18 @@ class ReplicaStateFile:
             created = not fs.exists(self.path)
             self._fd = fs.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             if created:  # the file's existence must survive a crash too
-                fs.ftruncate(self._fd, 2 * SLOT_BYTES)
-                fs.fsync(self._fd)
-                fs.fsync_dir(self.path.parent)
+                try:
+                    fs.ftruncate(self._fd, 2 * SLOT_BYTES)
+                    fs.fsync(self._fd)
+                    fs.fsync_dir(self.path.parent)
+                except OSError:
+                    # Gone again, so the next save creates it anew and fsyncs its directory then; kept, it would
+                    # exist in the page cache only and no later save would make its name durable.
+                    fs.close(self._fd)
+                    self._fd = None
+                    with contextlib.suppress(OSError):
+                        fs.unlink(self.path)
+                    raise
         return self._fd
 
     def close(self) -> None:

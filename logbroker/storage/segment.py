@@ -572,6 +572,7 @@ class LogSegment:
             fd = self.fs.open(self.log_path, os.O_WRONLY)
             try:
                 self.fs.pwrite(fd, data, start)
+                self.fs.ftruncate(fd, end)  # and the size again: a cut the failed fsync dropped is redone
             finally:
                 self.fs.close(fd)
         except OSError as exc:

@@ -333,15 +333,6 @@ def test_cut_at_damaged_from_then_roll_then_power_cut(tmp_path: Path) -> None:
         plog.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Under SimDisk's model a failed fsync may drop the file's unsynced changes for good, the size change of an "
-    "ftruncate included, and LogSegment._redirty writes the bytes again but not the size. Sequence: offsets "
-    "0..4 flushed; a 3-record batch 5..7 appended; its fsync fails after the disk got it; forget_unsynced "
-    "cuts it in the page cache; kill -9; the reopen's recovery fsync fails and drops that cut; the retried "
-    "open succeeds, so the file on the disk still holds the old batch 5..7 past the log's end; a smaller "
-    "record is written at 5 over its head and flushed, then a record at 6 in a new segment, flushed "
-    "(flush() returns 7); power cut: recovery of segment 0 meets the old batch's remaining bytes after "
-    "offset 5, cuts there and deletes segment 6, losing durable offset 6"))
 def test_cut_dropped_by_a_failed_fsync_then_power_cut(tmp_path: Path) -> None:
     disk = ScriptedDisk()
     directory = tmp_path / "p"
@@ -571,10 +562,6 @@ def test_random_kills_power_cuts_and_full_disks_keep_every_durable_offset(tmp_pa
     _run_random_sequence(tmp_path / "p", seed, fsync_errors=False, truncations=False)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Adds failed fsyncs (SimDisk: partial write-back, the rest dropped for good, pages marked clean) and "
-    "follower truncations to the random sequences; seeds 13 and 17 lose offsets reported durable through the "
-    "bug of test_cut_dropped_by_a_failed_fsync_then_power_cut (the failing seeds and histories are listed)"))
 def test_random_failed_fsyncs_and_truncations_keep_every_durable_offset(tmp_path: Path) -> None:
     failures: list[str] = []
     for seed in range(60):
@@ -646,14 +633,6 @@ def test_raft_state_file_never_loads_a_state_older_than_its_last_save(tmp_path: 
         term = max(term, got[0])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ReplicaStateFile._open fsyncs the new file and its directory only when the file did not exist: when "
-    "that fsync fails (EIO) the file exists in the page cache only, and no later save ever fsyncs the "
-    "directory. Sequence: first save fails in _open's fsync; kill -9; reopen, load (fresh), save term 2 vote 3 "
-    "returns; power cut: the file's name never reached the disk, the load gives term 0 and no vote, so the "
-    "replica may vote again in term 2. Since c263b33 the broker keeps term and vote in RaftStateLog and only "
-    "reads a ReplicaStateFile to migrate it (its load may still save, for an old layout), so this now bites "
-    "only other users of the class"))
 def test_raft_state_file_whose_creation_failed(tmp_path: Path) -> None:
     disk = ScriptedDisk()
     directory = tmp_path / "p"
