@@ -42,6 +42,7 @@ CAUSAL_PAIRS = [
 ]
 
 
+@pytest.mark.slow  # 10-15 s of brokers for a benchmark tool: make test-slow
 def test_every_stage_of_a_lone_acks_all_record_is_traced_in_causal_order(capsys: pytest.CaptureFixture[str]) -> None:
     code = latency_breakdown.main(["--brokers", "3", "--replication-factor", "3", "--acks", "all",
                                    "--records", "60", "--warmup", "10", "--rate", "100"])

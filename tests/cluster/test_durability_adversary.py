@@ -240,7 +240,8 @@ def damage_partition_files(directory: Path) -> str:
     return f"{middle.name} cut from {size} to {size - 37} bytes"
 
 
-@pytest.mark.parametrize("stop", ["kill -9", "clean shutdown"])
+# One of each in the default suite; the others run with make test-slow (the default suite stays near 10 minutes).
+@pytest.mark.parametrize("stop", ["kill -9", pytest.param("clean shutdown", marks=pytest.mark.slow)])
 def test_follower_with_damaged_files_is_repaired_and_loses_nothing(cluster: BrokerCluster, stop: str) -> None:
     """A follower stopped (kill -9, or a clean shutdown, whose marker makes the next open trust every
     segment), its files damaged, restarted: it must cut the damage, fetch the rest from the leader, and end
@@ -313,7 +314,8 @@ def raft_state_path(cluster: BrokerCluster, node: int, topic: str) -> Path:
     return own if own.exists() else cluster.brokers[node].data_dir / BROKER_RAFT_STATE_LOG
 
 
-@pytest.mark.parametrize("damage", sorted(RAFT_STATE_DAMAGE))
+@pytest.mark.parametrize("damage", [damage if damage == "garbage" else pytest.param(damage, marks=pytest.mark.slow)
+                                    for damage in sorted(RAFT_STATE_DAMAGE)])
 def test_damaged_raft_state_on_a_follower_loses_nothing(cluster: BrokerCluster, damage: str) -> None:
     """A follower killed -9 and its Raft state file damaged before the restart: whatever the broker makes of it
     (a fresh state, the older slot, or the replica refused), the other replicas keep serving and every
