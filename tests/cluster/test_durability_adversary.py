@@ -273,6 +273,7 @@ def test_follower_with_damaged_files_is_repaired_and_loses_nothing(cluster: Brok
     assert not missing, f"{damage}: the follower's log lacks {len(missing)} acknowledged records"
 
 
+@pytest.mark.slow  # about 6 s on a tmpfs: make test-slow
 def test_full_disks_then_kill_every_broker_loses_nothing(disk_cluster: BrokerCluster) -> None:
     """Under an acks=all load: the leader's disk fills (its replica stops, leadership moves), then the new
     leader's disk fills too (no majority can write), then kill -9 of every broker at once; the disks are
@@ -314,8 +315,8 @@ def raft_state_path(cluster: BrokerCluster, node: int, topic: str) -> Path:
     return own if own.exists() else cluster.brokers[node].data_dir / BROKER_RAFT_STATE_LOG
 
 
-@pytest.mark.parametrize("damage", [damage if damage == "garbage" else pytest.param(damage, marks=pytest.mark.slow)
-                                    for damage in sorted(RAFT_STATE_DAMAGE)])
+@pytest.mark.slow  # about 7 s each: make test-slow (the broker's state log is checked for damage in test_state_log)
+@pytest.mark.parametrize("damage", sorted(RAFT_STATE_DAMAGE))
 def test_damaged_raft_state_on_a_follower_loses_nothing(cluster: BrokerCluster, damage: str) -> None:
     """A follower killed -9 and its Raft state file damaged before the restart: whatever the broker makes of it
     (a fresh state, the older slot, or the replica refused), the other replicas keep serving and every
