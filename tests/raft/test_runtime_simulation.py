@@ -110,3 +110,16 @@ def test_the_runner_runs_the_runtime_simulation(capsys: pytest.CaptureFixture[st
 @pytest.mark.slow
 def test_two_thousand_runtime_seeds_pass() -> None:
     assert main(["--runtime", "--seeds", "2000", "--start", "200000"]) == 0
+
+
+# Seeds that found production bugs (3 virtual seconds of chaos each): a restart after a failed fsync trusting
+# the Raft state file's dropped slot (30109), a retried open trusting pages its recovery's failed fsync
+# dropped (33015), and a leader whose failed retention left the state's log start ahead of its log, so its
+# probes of a follower needing the log from its start never settled (50990).
+BUG_SEEDS = (30109, 33015, 50990)
+
+
+@pytest.mark.parametrize("seed", BUG_SEEDS)
+def test_the_seeds_that_found_runtime_bugs_stay_clean(seed: int) -> None:
+    outcome = run_runtime_seed(seed, 3.0)
+    assert outcome.violation is None, f"seed {seed}: {outcome.violation}"
