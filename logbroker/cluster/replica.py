@@ -536,12 +536,13 @@ class Replica:
             self.save_state()
             return plog.delete_segments_before(new_start)
         except BaseException:
-            # The log still starts where it did (a full disk): so must the state Raft reads the term before
-            # the log start from, or that term reads as unknown and the leader's probes of a follower that
-            # needs the log from its start never settle (runtime simulation seed 50990). A saved cut is
-            # finished by the next open (finish_log_cut).
-            self.state.start_prev_term, self.state.voters = before.start_prev_term, before.voters
-            self.state.learners, self.state.log_start_offset = before.learners, before.log_start_offset
+            if plog.log_start_offset != new_start:
+                # The log still starts where it did (a full disk): so must the state Raft reads the term before
+                # the log start from, or that term reads as unknown and the leader's probes of a follower that
+                # needs the log from its start never settle (runtime simulation seed 50990). A saved cut is
+                # finished by the next open (finish_log_cut).
+                self.state.start_prev_term, self.state.voters = before.start_prev_term, before.voters
+                self.state.learners, self.state.log_start_offset = before.learners, before.log_start_offset
             raise
 
     def save_state(self) -> None:

@@ -114,9 +114,10 @@ def test_two_thousand_runtime_seeds_pass() -> None:
 
 # Seeds that found production bugs (3 virtual seconds of chaos each): a restart after a failed fsync trusting
 # the Raft state file's dropped slot (30109), a retried open trusting pages its recovery's failed fsync
-# dropped (33015), and a leader whose failed retention left the state's log start ahead of its log, so its
-# probes of a follower needing the log from its start never settled (50990).
-BUG_SEEDS = (30109, 33015, 50990)
+# dropped (33015), a leader whose failed retention left the state's log start ahead of its log, so its
+# probes of a follower needing the log from its start never settled (50990), and the first fix of that one,
+# which put the old start back after a retention that had deleted segments before failing (56004).
+BUG_SEEDS = (30109, 33015, 50990, 56004)
 
 
 @pytest.mark.parametrize("seed", BUG_SEEDS)
