@@ -208,14 +208,8 @@ class AsyncGroupSide:
 
     def still_owned(self, records: list[ConsumerRecord]) -> list[ConsumerRecord]:
         """As GroupSide.still_owned: less the records of partitions a session that lapsed meanwhile lost."""
-        before = self.member.owned
-        checked_ms = monotonic_ms()
-        self.member.check_session(checked_ms)
-        owned = self.member.owned
-        self.owned_checked_ms = checked_ms
-        if owned == before:
-            return records
-        return [r for r in records if TopicPartition(r.topic, r.partition) in owned]
+        self.owned_checked_ms = monotonic_ms()
+        return self.member.keep_owned(records, self.owned_checked_ms)
 
     async def on_poll(self) -> None:
         """Carry out the coordinator's decisions, auto-commit when due, raise a fatal group error."""

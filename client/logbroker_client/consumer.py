@@ -540,14 +540,8 @@ class _GroupSide:
         """The records about to be handed out, less those of partitions a session that lapsed meanwhile lost (the
         process may have been paused between on_poll's check and now)."""
         with self.lock:
-            before = self.member.owned
-            checked_ms = monotonic_ms()
-            self.member.check_session(checked_ms)
-            owned = self.member.owned
-            self.owned_checked_ms = checked_ms
-        if owned == before:
-            return records
-        return [r for r in records if TopicPartition(r.topic, r.partition) in owned]
+            self.owned_checked_ms = monotonic_ms()
+            return self.member.keep_owned(records, self.owned_checked_ms)
 
     def on_poll(self) -> None:
         """Carry out the coordinator's decisions, auto-commit when due, raise a fatal group error."""

@@ -222,6 +222,16 @@ class GroupMember:
             self._lose_everything()
             self._start_joining(now_ms)
 
+    def keep_owned(self, records: list[Any], now_ms: float) -> list[Any]:
+        """The records about to be handed out (anything with .topic and .partition), less those of partitions a
+        session that lapsed by now_ms lost (the process may have been paused since the last check)."""
+        before = self.owned
+        self.check_session(now_ms)
+        owned = self.owned
+        if owned == before:
+            return records
+        return [r for r in records if TopicPartition(r.topic, r.partition) in owned]
+
     # -------------------------------------------------------------------------------- heartbeats
 
     def heartbeat_request(self, now_ms: float) -> pb.GroupHeartbeatRequest:

@@ -41,7 +41,7 @@ class TrustCacheAfterFailedFsync(ObservedReplica):
         super()._fsync(state)
 
     def _forget_unsynced(self) -> None:
-        pass  # leaves the dropped pages in the log: reads still show them
+        """The mutation: no cut, so the dropped pages stay in the log and reads still show them."""
 
     def _stop_after_failure(self, exc: Exception) -> None:
         super()._stop_after_failure(exc)
