@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -14,9 +15,6 @@ from logbroker_client.proto import logbroker_pb2 as pb
 from logbroker_client.proto import logbroker_pb2_grpc as pb_grpc
 
 from logbroker.cluster.transport import SERVER_OPTIONS
-from logbroker.kafka.context import ListenerSettings
-from logbroker.kafka.producer_ids import ProducerIdAllocator
-from logbroker.kafka.server import KafkaListener
 from logbroker.server.broker import Broker
 from logbroker.server.config import BrokerConfig, split_host_port
 from logbroker.server.groups import GroupFrontEnd
@@ -33,6 +31,9 @@ from logbroker.server.service import (
     move_done_sender,
     send_dead_letter,
 )
+
+if TYPE_CHECKING:
+    from logbroker.kafka.server import KafkaListener
 
 log = logging.getLogger("logbroker.server")
 
@@ -137,6 +138,12 @@ class BrokerServer:
                  self.config.node_id, self.config.host, self.port, self.config.data_dir)
 
     async def _start_kafka(self) -> None:
+        # Imported here: kio's message classes take over half a second to import, which every broker start
+        # without a Kafka listener (most test clusters, a gRPC-only deployment) would pay.
+        from logbroker.kafka.context import ListenerSettings
+        from logbroker.kafka.producer_ids import ProducerIdAllocator
+        from logbroker.kafka.server import KafkaListener
+
         host, port = split_host_port(self.config.kafka_listen)
         settings = ListenerSettings(host, port, self.config.max_request_bytes, self.config.kafka_auto_create_topics,
                                     port_offset=port - self.port,
