@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from logbroker.server.app import BrokerServer
 from logbroker.server.config import BrokerConfig
 
 STARTUP_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 60.0  # a stop waits out the gRPC grace period (5 s) and hands leadership over (a few s)
 TEST_RAFT_TICK_MS = 10  # elections within 100-200 ms keep tests quick
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -104,11 +106,28 @@ class InProcessBroker:
 
     def stop(self) -> None:
         if self.server is not None:
-            self.run(self.server.stop())
+            try:
+                self.run(self.server.stop(), STOP_TIMEOUT_S)
+            except TimeoutError:
+                raise AssertionError(f"broker on {self.address} did not stop within {STOP_TIMEOUT_S}s; "
+                                     f"what its loop was doing:\n{self.loop_state()}") from None
             self.server = None
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
         self.loop.close()
+
+
+    def loop_state(self) -> str:
+        """Every task of the broker's loop and the loop thread's stack: what a stop that overran waits on."""
+        lines: list[str] = []
+        for task in asyncio.all_tasks(self.loop):
+            lines.append(f"task {task.get_name()}: {task.get_coro()!r}")
+            lines.extend("    " + "".join(traceback.format_stack(frame, 1)).strip().replace("\n", " ")
+                         for frame in task.get_stack())
+        frame = sys._current_frames().get(self._thread.ident or -1)
+        if frame is not None:
+            lines.append("loop thread:\n" + "".join(traceback.format_stack(frame)))
+        return "\n".join(lines)
 
 
 class BrokerProcess:
