@@ -9,11 +9,12 @@ import os
 import subprocess
 import sys
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.raft.runtime_sim.cluster import RuntimeSimulation
+from tests.raft.runtime_sim.cluster import Promise, RuntimeSimulation
 from tests.raft.runtime_sim.mutants import MUTANTS
 from tests.raft.sim.run import main, run_runtime_seed
 
@@ -124,3 +125,39 @@ BUG_SEEDS = (30109, 33015, 50990, 56004)
 def test_the_seeds_that_found_runtime_bugs_stay_clean(seed: int) -> None:
     outcome = run_runtime_seed(seed, 3.0)
     assert outcome.violation is None, f"seed {seed}: {outcome.violation}"
+
+
+# A seed the checker itself got wrong: a follower's log reset (its term-1 log replaced by the leader's start at
+# 39, term 2 before it) failed on fsync, and a power cut brought back the log from before the reset, which the
+# node had answered nothing about. The checker demanded the reset's state; either state is correct.
+CHECKER_SEEDS = (75126,)
+
+
+@pytest.mark.parametrize("seed", CHECKER_SEEDS)
+def test_a_log_reset_lost_to_a_crash_before_it_was_durable_is_no_violation(seed: int) -> None:
+    outcome = run_runtime_seed(seed, 3.0)
+    assert outcome.violation is None, f"seed {seed}: {outcome.violation}"
+
+
+@dataclass
+class RecoveredLog:
+    """What Promise.held_by reads of a recovered partition log: its bounds and the term of each offset."""
+
+    log_start_offset: int
+    terms: list[int]
+
+    @property
+    def log_end_offset(self) -> int:
+        return self.log_start_offset + len(self.terms)
+
+    def epoch_at(self, offset: int) -> int:
+        return self.terms[offset - self.log_start_offset]
+
+
+def test_a_pending_reset_accepts_the_log_before_it_or_after_it_but_not_a_shorter_one() -> None:
+    before = Promise(offset=73, term=1, why="reported persisted")
+    pending = Promise(offset=38, term=2, why="log reset to start at 39", before_reset=before)
+    assert pending.held_by(RecoveredLog(0, [1] * 74))  # the crash came first: the old log, whole
+    assert pending.held_by(RecoveredLog(39, []))  # the reset is durable: nothing below 39 is held
+    assert not pending.held_by(RecoveredLog(0, [1] * 50))  # the old log, cut short: acknowledged entries lost
+    assert not Promise(offset=73, term=1).held_by(RecoveredLog(39, []))  # no reset pending: 73 is gone

@@ -109,6 +109,17 @@ class Promise:
     offset: int = -1
     term: int = 0
     why: str = ""
+    # While a log reset (a follower's whole log replaced by a leader's later start) is not yet reported durable,
+    # a crash may bring back the log from before it, which is as good: the node answered nothing about the
+    # reset. Either this promise or the one from before the reset must hold after recovery.
+    before_reset: Promise | None = None
+
+    def held_by(self, plog: PartitionLog) -> bool:
+        """Whether a recovered log keeps this promise (or, a reset still pending, the one before it)."""
+        kept = True
+        if self.offset >= plog.log_start_offset:
+            kept = self.offset < plog.log_end_offset and plog.epoch_at(self.offset) == self.term
+        return kept or (self.before_reset is not None and self.before_reset.held_by(plog))
 
 
 @dataclass
@@ -367,13 +378,13 @@ class RuntimeSimulation:
                       f"node {node_id} ({why}): Raft log ends at {node.log.last_offset}/t{node.log.last_term}, "
                       f"the partition log at {last}")
         promise = sim_node.promise
-        if promise.offset >= plog.log_start_offset:
-            held = plog.epoch_at(promise.offset) if promise.offset <= last else None
-            if held != promise.term:
-                self.fail("promised entry lost",
-                          f"node {node_id} ({why}) promised offset {promise.offset} of term {promise.term} durable "
-                          f"({promise.why}), but its log after recovery ends at {last}"
-                          + (f" with term {held} there" if held is not None else ""))
+        if not promise.held_by(plog):
+            held = plog.epoch_at(promise.offset) if plog.log_start_offset <= promise.offset <= last else None
+            self.fail("promised entry lost",
+                      f"node {node_id} ({why}) promised offset {promise.offset} of term {promise.term} durable "
+                      f"({promise.why}), but its log after recovery ends at {last}"
+                      + (f" with term {held} there" if held is not None else "")
+                      + (f" (nor does it keep {promise.before_reset})" if promise.before_reset else ""))
         if plog.log_end_offset < sim_node.hw_at_crash:
             self.fail("committed entry truncated",
                       f"node {node_id} ({why}) had high watermark {sim_node.hw_at_crash}, its log after recovery "
@@ -414,10 +425,15 @@ class RuntimeSimulation:
                 self.fail("committed entry truncated", f"node {node_id} truncates its log at {ready.truncate_from}, "
                           f"below its high watermark {replica.high_watermark}")
             cut = ready.truncate_from if cut is None else min(cut, ready.truncate_from)
-        if cut is not None and sim_node.promise.offset >= cut:
+        if ready.reset_log is not None:
+            # The node's entries give way to the leader's start (prev_term is the leader's term there, not
+            # something this node wrote): until the reset is durable, the log from before it may come back.
+            start = ready.reset_log.start_offset
+            sim_node.promise = Promise(start - 1, ready.reset_log.prev_term, f"log reset to start at {start}",
+                                       before_reset=sim_node.promise)
+        elif cut is not None and sim_node.promise.offset >= cut:
             # Raft may cut what a node acknowledged but was never committed; the promise moves back with it.
-            term = replica._storage.term_at(cut - 1) if ready.reset_log is None else ready.reset_log.prev_term
-            sim_node.promise = Promise(cut - 1, term or 0, f"cut back at {cut}")
+            sim_node.promise = Promise(cut - 1, replica._storage.term_at(cut - 1) or 0, f"cut back at {cut}")
 
     def after_ready(self, replica: Replica, ready: Ready) -> None:
         sim_node = self.current(replica)
@@ -425,6 +441,8 @@ class RuntimeSimulation:
             return
         canonical_ready = replace(ready, entries=tuple(canonical(e) for e in ready.entries))
         self.checkers.after_persist(sim_node.node_id, replica.node, canonical_ready)
+        if ready.reset_log is not None and sim_node.promise.before_reset is not None:
+            sim_node.promise = replace(sim_node.promise, before_reset=None)  # the reset is durable now
         if ready.entries:
             last = ready.entries[-1]
             self.promise(sim_node, last.last_offset, last.term, "reported persisted")
