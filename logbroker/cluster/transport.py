@@ -15,6 +15,7 @@ backoff.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
@@ -28,6 +29,7 @@ from logbroker_client.proto import logbroker_pb2_grpc as pb_grpc
 
 from logbroker.cluster.peer_auth import peer_metadata
 from logbroker.cluster.raft_codec import RaftCodecError, decode_message, encode_message_into
+from logbroker.cluster.tasks import cancel_and_wait
 from logbroker.raft.types import Message
 
 log = logging.getLogger("logbroker.transport")
@@ -185,10 +187,9 @@ class RaftTransport:
         if self._stopped:
             return
         self._stopped = True
-        tasks = list(self._senders)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        for task in list(self._senders):
+            with contextlib.suppress(Exception):  # a sender's failure was its own; the stop goes on
+                await cancel_and_wait(task)
         for peer in self._peers.values():
             self._mark_down(peer, "transport stopped")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 from typing import TYPE_CHECKING
@@ -14,6 +13,7 @@ from grpc_reflection.v1alpha import reflection
 from logbroker_client.proto import logbroker_pb2 as pb
 from logbroker_client.proto import logbroker_pb2_grpc as pb_grpc
 
+from logbroker.cluster.tasks import cancel_and_wait
 from logbroker.cluster.transport import SERVER_OPTIONS
 from logbroker.server.broker import Broker
 from logbroker.server.config import BrokerConfig, split_host_port
@@ -177,9 +177,7 @@ class BrokerServer:
         if self._server is not None:
             await self._server.stop(self.config.shutdown_grace_ms / 1000)
         if self._maintenance is not None:
-            self._maintenance.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._maintenance
+            await cancel_and_wait(self._maintenance)
         await self.broker.close()
 
     async def wait(self) -> None:

@@ -30,6 +30,7 @@ from logbroker.cluster.metadata import (
 )
 from logbroker.cluster.raft_storage import DamagedLogError
 from logbroker.cluster.replica import Replica, now_ms
+from logbroker.cluster.tasks import cancel_and_wait
 from logbroker.cluster.topic_names import MAX_PARTITIONS, TopicNameError, check_topic_name
 from logbroker.groups.coordinator import OFFSETS_TOPIC
 from logbroker.raft.errors import NotLeaderError, ProposalDroppedError
@@ -88,9 +89,7 @@ class ControllerClient:
         for task in list(self._opening):  # shutting down: open no more replicas
             task.cancel()
         if self._reporter is not None:
-            self._reporter.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reporter
+            await cancel_and_wait(self._reporter)
 
     def reopen(self, failed: Replica) -> None:
         """The metadata is already applied up to where the failed replica got: carry on from there."""

@@ -23,6 +23,7 @@ from logbroker.cluster.metadata import CONTROLLER_GROUP, TopicMetadata
 from logbroker.cluster.raft_storage import RecentEntries
 from logbroker.cluster.replica import Replica
 from logbroker.cluster.state_log import GroupStateFile, RaftStateLog
+from logbroker.cluster.tasks import cancel_and_wait
 from logbroker.groups.coordinator import OFFSETS_TOPIC, GroupCoordinatorShard
 from logbroker.groups.runtime import GroupShardRuntime
 from logbroker.groups.share_runtime import ShareStateMachine
@@ -499,9 +500,7 @@ class ReplicaManager:
 
     async def stop_ticking(self) -> None:
         if self._ticker is not None:
-            self._ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ticker
+            await cancel_and_wait(self._ticker)
 
     def close_all(self) -> None:
         for replica in list(self._replicas.values()):
