@@ -146,6 +146,9 @@ class ShareStateMachine:
         self.topic, self.partition = topic, partition
         self.config_of = config_of
         self.groups: dict[str, SharePartition] = {}
+        # Told when the partition gets its first share group, so the broker's periodic tick visits only
+        # partitions that have one (thousands of partitions without any cost nothing per tick).
+        self.on_group_added: Callable[[], None] | None = None
         self._snapshot_offsets: dict[str, int] = {}
         self._deltas_since_snapshot: dict[str, int] = {}
         self._snapshot_at_ms: dict[str, int] = {}
@@ -183,7 +186,7 @@ class ShareStateMachine:
         state = self.groups.get(group_id)
         if state is None:
             start = delta.get("start", 0)
-            state = self.groups[group_id] = SharePartition(group_id, start, start)
+            state = self._add_group(group_id, start)
         state.replay(delta)
         self._count_delta(delta, offset)
         self._note_checkpoint()
@@ -254,7 +257,13 @@ class ShareStateMachine:
         state = self.groups.get(group_id)
         if state is None:
             start = self.replica.log_start() if config.start_at == "earliest" else self.replica.high_watermark
-            state = self.groups[group_id] = SharePartition(group_id, start, start)
+            state = self._add_group(group_id, start)
+        return state
+
+    def _add_group(self, group_id: str, start: int) -> SharePartition:
+        state = self.groups[group_id] = SharePartition(group_id, start, start)
+        if self.on_group_added is not None:
+            self.on_group_added()
         return state
 
     async def fetch(self, group_id: str, member_id: str, acks: Sequence[Any], max_records: int) -> FetchOutcome:

@@ -34,6 +34,19 @@ class ShareGroups:
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
         self._ticks: dict[tuple[str, int], asyncio.Task[None]] = {}
+        self._with_groups: dict[tuple[str, int], ShareStateMachine] = {}  # the partitions tick() visits
+
+    def watch(self, topic: str, index: int, machine: ShareStateMachine) -> None:
+        """Visit this partition's share state in tick() from its first share group on (at once if it has one)."""
+        key = (topic, index)
+
+        def added() -> None:
+            if self.broker.share_machines.get(key) is machine:  # not a replaced machine's late call
+                self._with_groups[key] = machine
+
+        machine.on_group_added = added
+        if machine.groups:
+            added()
 
     def share_config(self, group_id: str) -> ShareConfig:
         try:
@@ -61,9 +74,12 @@ class ShareGroups:
 
     def tick(self) -> None:
         """Lock expiry, dead letters and snapshots of every share-group partition this broker leads."""
-        for key, machine in list(self.broker.share_machines.items()):
+        for key, machine in list(self._with_groups.items()):
+            if self.broker.share_machines.get(key) is not machine or not machine.groups:
+                del self._with_groups[key]  # closed or replaced (its replica went), or its state rebuilt empty
+                continue
             running = self._ticks.get(key)
-            if machine.groups and machine.replica.is_leader and (running is None or running.done()):
+            if machine.replica.is_leader and (running is None or running.done()):
                 self._ticks[key] = asyncio.get_running_loop().create_task(self._tick_share(key, machine))
 
     async def _tick_share(self, key: tuple[str, int], machine: ShareStateMachine) -> None:
