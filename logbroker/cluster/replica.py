@@ -125,7 +125,9 @@ class Replica:
         self.state_machines: list[StateMachine] = []
         self._busy = False
         self._write_lock = threading.Lock()
-        self.quiet = False  # an idle group neither ticks nor heartbeats; any message or proposal wakes it
+        self._quiet = False  # an idle group neither ticks nor heartbeats; any message or proposal wakes it
+        # Told when the group wakes from quiescence: the broker's ticker visits only awake groups.
+        self.on_wake: Callable[[Replica], None] | None = None
         self.preferred_leader: int | None = None
         self._idle_ticks = 0
         self._settled_ticks = 0  # consecutive ticks a leader had nothing left to replicate
@@ -160,6 +162,17 @@ class Replica:
     def start(self) -> None:
         """Hand out what the node has ready at once (on restart: committed entries to re-apply)."""
         self._kick()
+
+    @property
+    def quiet(self) -> bool:
+        return self._quiet
+
+    @quiet.setter
+    def quiet(self, quiet: bool) -> None:
+        woken = self._quiet and not quiet
+        self._quiet = quiet
+        if woken and self.on_wake is not None:
+            self.on_wake(self)
 
     def tick(self) -> None:
         self._idle_ticks += 1
