@@ -180,9 +180,11 @@ class Replica:
         self._kick()
 
     def step(self, message: Message) -> None:
-        if self.quiet or self.node.role is not Role.LEADER:
-            # A leader's own heartbeat answers must not keep it awake; anything else does.
-            self.quiet = False
+        if self._quiet or self.node.role is not Role.LEADER:
+            # A leader's own heartbeat answers must not keep it awake; anything else does. (The setter, which
+            # tells the broker's ticker, only when the group actually wakes: this runs for every message.)
+            if self._quiet:
+                self.quiet = False
             self._idle_ticks = 0
         self.node.step(message)
         self._kick()

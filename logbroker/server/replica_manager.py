@@ -380,8 +380,7 @@ class ReplicaManager:
         elif not name.startswith("__"):
             machine = ShareStateMachine(replica, directory, name, index, self.broker.share_groups.share_config)
             replica.attach(machine)
-            self.broker.share_machines[(name, index)] = machine
-            self.broker.share_groups.watch(name, index, machine)
+            self.broker.share_groups.add_machine(name, index, machine)
 
     def rejoin_if_state_lost(self, topic_name: str, index: int, replica: Replica) -> bool:
         """A replica holding nothing of a group the metadata says has had a leader must catch up before it

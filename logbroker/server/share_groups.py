@@ -34,15 +34,17 @@ class ShareGroups:
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
         self._ticks: dict[tuple[str, int], asyncio.Task[None]] = {}
-        self._with_groups: dict[tuple[str, int], ShareStateMachine] = {}  # the partitions tick() visits
+        # The share states tick() visits, with their partitions: keyed by the machine, so a replaced one (its
+        # replica reopened) and its successor are both present until tick() drops the one no longer in use.
+        self._with_groups: dict[ShareStateMachine, tuple[str, int]] = {}
 
-    def watch(self, topic: str, index: int, machine: ShareStateMachine) -> None:
-        """Visit this partition's share state in tick() from its first share group on (at once if it has one)."""
+    def add_machine(self, topic: str, index: int, machine: ShareStateMachine) -> None:
+        """Serve this partition's share groups from machine, and visit it in tick() from its first group on."""
         key = (topic, index)
+        self.broker.share_machines[key] = machine
 
         def added() -> None:
-            if self.broker.share_machines.get(key) is machine:  # not a replaced machine's late call
-                self._with_groups[key] = machine
+            self._with_groups[machine] = key
 
         machine.on_group_added = added
         if machine.groups:
@@ -74,9 +76,9 @@ class ShareGroups:
 
     def tick(self) -> None:
         """Lock expiry, dead letters and snapshots of every share-group partition this broker leads."""
-        for key, machine in list(self._with_groups.items()):
+        for machine, key in list(self._with_groups.items()):
             if self.broker.share_machines.get(key) is not machine or not machine.groups:
-                del self._with_groups[key]  # closed or replaced (its replica went), or its state rebuilt empty
+                del self._with_groups[machine]  # closed or replaced (its replica went), or its state rebuilt empty
                 continue
             running = self._ticks.get(key)
             if machine.replica.is_leader and (running is None or running.done()):

@@ -45,7 +45,7 @@ def test_the_share_tick_visits_only_partitions_with_a_share_group(tmp_path: Path
         admin.create_topic("jobs", partitions=3)
         assert broker.server is not None
         share_groups = broker.server.broker.share_groups
-        visited = lambda: set(broker.call(lambda: dict(share_groups._with_groups)))  # noqa: E731
+        visited = lambda: set(broker.call(lambda: list(share_groups._with_groups.values())))  # noqa: E731
         assert visited() == set()
         share = pb_grpc.ShareStub(grpc.insecure_channel(broker.address))
         answer = share.ShareFetch(pb.ShareFetchRequest(
