@@ -25,6 +25,7 @@ from typing import Any
 
 from kio.serial import entity_reader, entity_writer
 
+from logbroker.cluster.tasks import cancel_and_wait
 from logbroker.kafka import framing
 from logbroker.kafka import handlers as _handlers  # noqa: F401  (registers every API)
 from logbroker.kafka.context import Context, ListenerSettings
@@ -123,13 +124,15 @@ class KafkaListener:
         finally:
             # The peer went away, the responder could not write, or the answers due are out: stop everything
             # this connection started.
-            for part in (requests, responder):
-                part.cancel()
             while not pending.empty():
                 queued = pending.get_nowait()
                 if queued is not None:
                     queued.cancel()
-            await asyncio.wait((requests, responder))
+            for part in (requests, responder):
+                # cancel_and_wait: a responder awaiting a long-poll answer could outlive one cancel() (Python
+                # 3.11's wait_for), and this connection then stayed open and listed for good.
+                with contextlib.suppress(Exception):
+                    await cancel_and_wait(part)
             writer.transport.abort()
             self._connections.pop(task, None)
 
