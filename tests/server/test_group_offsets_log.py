@@ -31,7 +31,9 @@ def groups_stub(address: str) -> pb_grpc.GroupsStub:
 
     def coordinating() -> bool:
         found = stub.FindCoordinator(pb.FindCoordinatorRequest(group_ids=["g"]), timeout=30).coordinators[0]
-        return not found.error_code
+        # and serving: a broker that has not yet applied the committed metadata answers "still loading"
+        return not found.error_code and not stub.FetchOffsets(pb.FetchOffsetsRequest(group_id="g"),
+                                                              timeout=30).error_code
 
     wait_until(coordinating, 20, "the broker to coordinate group g")
     return stub
