@@ -24,6 +24,7 @@ from logbroker.storage import filenames
 from logbroker.storage.config import LogConfig
 from logbroker.storage.errors import LogDirectoryError
 from logbroker.storage.filenames import partition_dir_name
+from tests.support.brokers import wait_until
 from tests.support.checker import AckLog, ProducerLoad, assert_clean, make_value, read_log
 from tests.support.cluster import BrokerCluster
 
@@ -218,6 +219,9 @@ def test_wiped_follower_is_repaired_by_the_next_writes(cluster: BrokerCluster) -
     wiped = _others(cluster, leader)[0]
     cluster.wait_caught_up(topic, 0)
     wipe_and_restart(cluster, wiped)
+    # The producer may ask the restarted broker for metadata: wait until it has replayed the topic's creation.
+    wait_until(lambda: cluster.partition_view(wiped, topic, 0) is not None, 30,
+               f"broker {wiped} to know {topic} again after its restart")
     produce_sequence(cluster.bootstrap, topic, 400, 100, acks)
     problems = watch_in_sync(cluster, topic, leader, wiped, timeout_s=30.0)
     assert not problems, f"broker {wiped} (wiped): {problems[:3]} ({len(problems)} observations)"
