@@ -49,6 +49,7 @@ class BenchCluster:
     def __init__(self, size: int, raft_tick_ms: int | None) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix="logbroker-failover-"))
         self.ports = {node: free_port() for node in range(1, size + 1)}
+        self.raft_ports = {node: free_port() for node in range(1, size + 1)}
         self.raft_tick_ms = raft_tick_ms
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         # A cluster of several brokers needs a secret they share (peer authentication).
@@ -62,11 +63,16 @@ class BenchCluster:
     def bootstrap(self) -> str:
         return ",".join(self.address(n) for n in self.ports)
 
+    def raft_args(self, node: int) -> list[str]:
+        """Each broker's Raft port on a free port of its own (the default, client port + 300, may be taken)."""
+        raft_peers = ",".join(f"{n}={HOST}:{port}" for n, port in self.raft_ports.items())
+        return ["--raft-listen", f"{HOST}:{self.raft_ports[node]}", "--raft-peers", raft_peers]
+
     def launch(self, node: int) -> None:
         peers = ",".join(f"{n}={self.address(n)}" for n in self.ports)
         cmd = [sys.executable, "-m", "logbroker.server.cli", "--log-level", "info", "serve", "--node-id", str(node),
                "--data-dir", str(self.workdir / f"broker-{node}"), "--listen", self.address(node), "--peers", peers,
-               "--cluster-secret-file", str(self.secret_file)]
+               "--cluster-secret-file", str(self.secret_file), *self.raft_args(node)]
         if self.raft_tick_ms is not None:
             cmd += ["--raft-tick-ms", str(self.raft_tick_ms)]
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}

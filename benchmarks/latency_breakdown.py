@@ -113,7 +113,7 @@ class TracedCluster(BenchCluster):
         cmd = [sys.executable, "-m", "benchmarks.traced_broker", "--trace-file", str(self.trace_file(node)),
                "--trace-topic", TOPIC, "--log-level", "warning", "serve", "--node-id", str(node),
                "--data-dir", str(self.workdir / f"broker-{node}"), "--listen", self.address(node),
-               "--peers", peers, "--cluster-secret-file", str(self.peer_secret_file)]
+               "--peers", peers, "--cluster-secret-file", str(self.peer_secret_file), *self.raft_args(node)]
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
         with open(self.workdir / f"broker-{node}.log", "ab") as log_file:
             self.procs[node] = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)

@@ -174,9 +174,9 @@ def wrap_transport(trace: Trace) -> None:
     receive, deliver = transport._receive, transport._deliver
     encode_into, envelopes = transport._encode_into, transport._envelopes
 
-    def traced_receive(self: Any, envelope: Any, remote: str) -> None:
+    def traced_receive(self: Any, envelope: Any, remote: str, proven_from: int) -> None:
         trace.received_at_ns = time.monotonic_ns()  # before decoding: the decode is part of the hop
-        receive(self, envelope, remote)
+        receive(self, envelope, remote, proven_from)
 
     def traced_deliver(self: Any, messages: list[tuple[str, Message]], from_node: int) -> None:
         for group, message in messages:
@@ -195,7 +195,7 @@ def wrap_transport(trace: Trace) -> None:
     def traced_envelopes(self: Any, peer: Any) -> Iterator[Any]:
         for envelope in envelopes(self, peer):
             carried = trace.streaming.pop(id(envelope), ())
-            at_ns = time.monotonic_ns()  # the envelope goes to the gRPC stream's write() right after this
+            at_ns = time.monotonic_ns()  # the envelope is written to the peer's socket right after this
             for event in carried:
                 trace.add(*event, at_ns=at_ns)
             yield envelope

@@ -1,4 +1,4 @@
-"""Who may speak as a broker: peer RPCs (the Raft stream, leader reports) carry the cluster secret.
+"""Who may speak as a broker: peer RPCs (leader reports, moves) carry the cluster secret.
 
 Clients and brokers share one port, so the broker-to-broker methods must tell a peer from a client. Until
 TLS with client certificates arrives, every broker of a cluster is given the same secret (a file or an

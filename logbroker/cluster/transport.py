@@ -1,9 +1,9 @@
-"""Broker-to-broker Raft transport: one gRPC stream per ordered broker pair, carrying every Raft group.
+"""Broker-to-broker Raft transport: one TCP connection per ordered broker pair, carrying every Raft group.
 
-Each broker opens one client-streaming ``Raft.Exchange`` call to each peer and writes its messages for all
-groups on it; the peer answers on its own stream back to us, so the two directions are independent. What a
-caller sends during one event-loop turn leaves as one ``RaftEnvelope``: with a thousand partitions, the
-heartbeats of a tick are one write, not a thousand.
+Each broker connects to each peer's Raft port (``--raft-listen``; raft_wire.py has the bytes), proves the
+cluster secret, and writes its messages for all groups there; the peer sends its own on its own connection back
+to us, so the two directions are independent. What a caller sends during one event-loop turn leaves as one
+``RaftEnvelope`` frame: with a thousand partitions, the heartbeats of a tick are one write, not a thousand.
 
 Raft tolerates lost messages, and the transport relies on that: it never blocks the caller and never buffers
 without bound. Per peer it keeps a queue capped at ``max_queue_messages`` (the oldest are dropped and
@@ -18,16 +18,15 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import cast
 
-import grpc
+from google.protobuf.message import DecodeError
 from logbroker_client.proto import logbroker_pb2 as pb
-from logbroker_client.proto import logbroker_pb2_grpc as pb_grpc
 
-from logbroker.cluster.peer_auth import peer_metadata
+from logbroker.cluster import raft_wire as wire
 from logbroker.cluster.raft_codec import RaftCodecError, decode_message, encode_message_into
 from logbroker.cluster.tasks import cancel_and_wait
 from logbroker.raft.types import Message
@@ -39,44 +38,22 @@ DEFAULT_MAX_QUEUE_MESSAGES = 100_000
 # (Raft's max_inflight_bytes) could pile up here at once.
 DEFAULT_MAX_QUEUE_BYTES = 32 << 20
 DEFAULT_MAX_ENVELOPE_BYTES = 1 << 20  # small, so that heartbeats never wait long behind appends
-MAX_GRPC_MESSAGE_BYTES = 64 << 20
 INITIAL_BACKOFF_S = 0.05
 MAX_BACKOFF_S = 1.0
-# A stream must have lived this long before its end resets the backoff: a peer that accepts streams and then
-# ends them at once (no Raft service there, or a broker shutting down) is retried at MAX_BACKOFF_S, not 20/s.
+CONNECT_TIMEOUT_S = 5.0
+# A connection must have lived this long before its end resets the backoff: a peer that accepts connections and
+# then ends them at once (a broker shutting down, a wrong secret) is retried at MAX_BACKOFF_S, not 20/s.
 STABLE_STREAM_S = MAX_BACKOFF_S
+# The socket's own send buffer aside, what may wait in the event loop's buffer for one peer before the sender
+# stops draining its queue (the queue's bounds then apply, and Raft resends what they drop).
+WRITE_BUFFER_HIGH_BYTES = 4 << 20
 # Upper bounds of the protobuf framing (tags, varints, length prefixes) of one RaftMessage inside an envelope
 # and of one RaftEntry inside a message. Sizing envelopes by these bounds keeps them within max_envelope_bytes
 # without serialising anything twice, and decides whether a message fits before it is encoded.
 MESSAGE_FRAMING_BYTES = 256
 ENTRY_FRAMING_BYTES = 64
-
-CHANNEL_OPTIONS: list[tuple[str, int]] = [
-    ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_BYTES),
-    # Ping every 2 s, even on an idle stream, so a peer that vanished without a FIN is noticed in seconds.
-    ("grpc.keepalive_time_ms", 2000),
-    ("grpc.keepalive_timeout_ms", 2000),
-    # Recent gRPC cores wait for a ping's ack under this separate limit (default 1 min), not keepalive_timeout.
-    ("grpc.http2.ping_timeout_ms", 2000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-    # gRPC's own reconnect backoff defaults to 1 s growing to 120 s; a broker that restarts must be reached
-    # again within our backoff, not minutes later.
-    ("grpc.initial_reconnect_backoff_ms", int(INITIAL_BACKOFF_S * 1000)),
-    ("grpc.min_reconnect_backoff_ms", int(INITIAL_BACKOFF_S * 1000)),
-    ("grpc.max_reconnect_backoff_ms", int(MAX_BACKOFF_S * 1000)),
-    # Raft resends what matters; gRPC retries would only buffer stale messages behind our back.
-    ("grpc.enable_retries", 0),
-]
-
-# For the broker's grpc.aio server: accept the peers' 2-second keepalive pings instead of answering them
-# with GOAWAY "too_many_pings" when a stream happens to be idle.
-SERVER_OPTIONS: list[tuple[str, int]] = [
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
-    ("grpc.http2.max_ping_strikes", 0),
-]
+# Refused handshakes and undecodable frames are logged on the first and every this-many-th, not each.
+LOG_EVERY = 1000
 
 OnMessages = Callable[[list[tuple[str, Message]]], None]
 
@@ -86,7 +63,7 @@ class _Peer:
     """The sending side towards one peer: its queue, its sender task and what we last knew of its link."""
 
     node_id: int
-    address: str
+    address: str  # the peer's Raft port, HOST:PORT
     queue: deque[tuple[str, Message]] = field(default_factory=deque)
     queued_bytes: int = 0  # _wire_bytes_bound of what is in the queue
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
@@ -107,10 +84,11 @@ class RaftTransport:
         secret: str = "",
         max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES,
     ) -> None:
+        """``peers`` maps node ids to their Raft ports (HOST:PORT); this node's own entry, if any, is ignored."""
         if max_queue_messages < 1 or max_envelope_bytes < 1 or max_queue_bytes < 1:
             raise ValueError("max_queue_messages, max_envelope_bytes and max_queue_bytes must be positive")
         self.node_id = node_id
-        self._metadata = peer_metadata(secret)
+        self._secret = secret
         self._on_messages = on_messages
         self._max_queue_messages = max_queue_messages
         self._max_envelope_bytes = max_envelope_bytes
@@ -123,15 +101,15 @@ class RaftTransport:
         self._senders: set[asyncio.Task[None]] = set()  # every live sender, including replaced ones
         self._started = False
         self._stopped = False
-        self._servicer = _RaftServicer(self)
+        self._server: asyncio.Server | None = None
+        self._inbound: set[_Inbound] = set()
         self.misaddressed_envelopes = 0
         self.undecodable_envelopes = 0
+        self.refused_connections = 0
+        self._refusals_logged: set[str] = set()
+        self._bad_frames = 0  # frames that were not RaftEnvelopes at all (logged first and every LOG_EVERY-th)
 
     # ------------------------------------------------------------------ public API
-
-    @property
-    def servicer(self) -> pb_grpc.RaftServicer:
-        return self._servicer
 
     @property
     def dropped_messages(self) -> Mapping[int, int]:
@@ -149,6 +127,11 @@ class RaftTransport:
     def peer_connected(self, node_id: int) -> bool:
         peer = self._peers.get(node_id)
         return peer is not None and peer.connected is True
+
+    @property
+    def inbound_connections(self) -> int:
+        """Connections on our Raft port, authenticated or still in their handshake."""
+        return len(self._inbound)
 
     def send(self, group: str, message: Message) -> None:
         """Queue ``message`` for ``message.to_node``; never blocks. The sender task wakes on a later turn."""
@@ -175,6 +158,29 @@ class RaftTransport:
         for group, message in items:
             self.send(group, message)
 
+    async def listen(self, host: str, port: int) -> int:
+        """Accept peers' connections on HOST:PORT (port 0: any free one); returns the port bound."""
+        if self._server is not None:
+            raise RuntimeError("the Raft port is already listening")
+        loop = asyncio.get_running_loop()
+        try:
+            self._server = await loop.create_server(lambda: _Inbound(self), host, port, reuse_address=True)
+        except OSError as exc:
+            raise OSError(f"cannot listen for Raft peers on {host}:{port}: {exc.strerror or exc} (is another "
+                          "broker using the port? set --raft-listen)") from None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def stop_listening(self) -> None:
+        """Close the Raft port and every connection on it (peers reconnect with backoff)."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        for inbound in list(self._inbound):
+            inbound.close()
+        if server is not None:
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
+
     async def start(self) -> None:
         if self._started or self._stopped:
             return
@@ -183,10 +189,11 @@ class RaftTransport:
             self._spawn_sender(peer)
 
     async def stop(self) -> None:
-        """Cancel the sender tasks, which close their streams and channels. Safe to call more than once."""
+        """Stop listening and cancel the sender tasks, which close their connections. Safe to call more than once."""
         if self._stopped:
             return
         self._stopped = True
+        await self.stop_listening()
         for task in list(self._senders):
             with contextlib.suppress(Exception):  # a sender's failure was its own; the stop goes on
                 await cancel_and_wait(task)
@@ -194,7 +201,7 @@ class RaftTransport:
             self._mark_down(peer, "transport stopped")
 
     def set_peer_address(self, node_id: int, address: str) -> None:
-        """Add a peer or re-point one; a re-pointed peer drops its stream and reconnects at once."""
+        """Add a peer or re-point one; a re-pointed peer drops its connection and reconnects at once."""
         if node_id == self.node_id or self._stopped:
             return
         peer = self._peers.get(node_id)
@@ -230,61 +237,63 @@ class RaftTransport:
 
     async def _run_sender(self, peer: _Peer, previous: asyncio.Task[None] | None) -> None:
         if previous is not None:
-            # Let the old task close its channel first, so two streams never interleave towards one peer.
+            # Let the old task close its connection first, so two connections never interleave towards one peer.
             await asyncio.wait([previous])
-        channel = grpc.aio.insecure_channel(peer.address, options=CHANNEL_OPTIONS)
-        try:
-            await self._sender_loop(peer, pb_grpc.RaftStub(channel))
-        finally:
-            await channel.close()
-
-    async def _sender_loop(self, peer: _Peer, stub: pb_grpc.RaftStub) -> None:
         backoff_s = INITIAL_BACKOFF_S
         while True:
             await self._wait_for_work(peer, None)
-            if await self._stream_to(peer, stub) >= STABLE_STREAM_S:
+            if await self._connect_and_send(peer) >= STABLE_STREAM_S:
                 backoff_s = INITIAL_BACKOFF_S
             # Messages keep queueing (bounded) while we wait; Raft retransmits whatever gets dropped.
             await asyncio.sleep(backoff_s)
             backoff_s = min(backoff_s * 2, MAX_BACKOFF_S)
 
-    async def _stream_to(self, peer: _Peer, stub: pb_grpc.RaftStub) -> float:
-        """Run one Exchange call until it ends; returns how long it was connected, in seconds (0 if never)."""
+    async def _connect_and_send(self, peer: _Peer) -> float:
+        """Run one connection until it ends; returns how long it was up, in seconds (0 if never)."""
         loop = asyncio.get_running_loop()
-        call = stub.Exchange(wait_for_ready=False, metadata=self._metadata)
-        # Wake the sender when the call ends, so a closed stream is noticed even with nothing to send.
-        call.add_done_callback(lambda _: peer.wakeup.set())
+        link: _Link | None = None
         connected_at_s: float | None = None
         try:
-            await call.wait_for_connection()
+            host, _, port = peer.address.rpartition(":")
+            async with asyncio.timeout(CONNECT_TIMEOUT_S + wire.HANDSHAKE_TIMEOUT_S):
+                _, link = await loop.create_connection(lambda: _Link(peer.wakeup), host, int(port))
+                nonce = await link.hello
+                link.write(wire.proof(self._secret, nonce, self.node_id, peer.node_id))
+                await link.accepted
             connected_at_s = loop.time()
             self._mark_up(peer)
-            await self._write_envelopes(peer, call)
-            reason = f"stream ended: {(await call.code()).name}"
-        except grpc.aio.AioRpcError as e:
-            reason = f"{e.code().name}: {e.details()}"
-        except asyncio.InvalidStateError as e:  # written to a call that had just finished
-            reason = str(e)
+            await self._write_envelopes(peer, link)
+            reason = link.closed_reason
+        except TimeoutError:
+            reason = "no answer to the handshake in time" if link is not None else "connection timed out"
+        except (OSError, ValueError, ConnectionError) as e:
+            reason = str(e) or type(e).__name__
+        except asyncio.CancelledError:
+            raise
         except Exception as e:
             # Not a network failure but a bug; keep the sender alive, since it serves every group of this peer.
             log.exception("raft sender for peer %d failed", peer.node_id)
             reason = repr(e)
         finally:
-            if not call.done():
-                call.cancel()
+            if link is not None:
+                link.abort()
         self._mark_down(peer, reason)
         return 0.0 if connected_at_s is None else loop.time() - connected_at_s
 
-    async def _write_envelopes(self, peer: _Peer, call: Any) -> None:
+    async def _write_envelopes(self, peer: _Peer, link: _Link) -> None:
         while True:
-            await self._wait_for_work(peer, call)
-            if call.done():
-                return
+            await self._wait_for_work(peer, link)
             for envelope in self._envelopes(peer):
-                await call.write(envelope)
+                if link.closed:
+                    return
+                link.write(wire.frame(envelope.SerializeToString()))
+                if link.paused:
+                    await link.drained()
+            if link.closed:
+                return
 
-    async def _wait_for_work(self, peer: _Peer, call: Any) -> None:
-        while not peer.queue and not (call is not None and call.done()):
+    async def _wait_for_work(self, peer: _Peer, link: _Link | None) -> None:
+        while not peer.queue and not (link is not None and link.closed):
             peer.wakeup.clear()
             await peer.wakeup.wait()
 
@@ -335,14 +344,39 @@ class RaftTransport:
 
     # ------------------------------------------------------------------ receiving
 
-    def _receive(self, envelope: pb.RaftEnvelope, remote: str) -> None:
+    def _authenticate(self, inbound: _Inbound, data: bytes) -> int | None:
+        """The proven sender's node id, or None (logged, counted) for a connection to close."""
+        try:
+            from_node, to_node = wire.check_proof(data, self._secret, inbound.nonce)
+        except wire.HandshakeError as e:
+            self._refuse(inbound.remote, str(e), e.kind)
+            return None
+        if to_node != self.node_id:
+            self._note_misaddressed(from_node, to_node, inbound.remote)
+            return None
+        if from_node not in self._peers:
+            self._refuse(inbound.remote, f"node {from_node} is not a peer of node {self.node_id} "
+                                         f"(peers: {sorted(self._peers)})", "unknown node")
+            return None
+        return from_node
+
+    def _refuse(self, remote: str, why: str, kind: str) -> None:
+        """Count and log a refused connection: the first of each kind, then every LOG_EVERY-th (a flood of
+        hostile connections must not flood the log)."""
+        self.refused_connections += 1
+        if kind not in self._refusals_logged or self.refused_connections % LOG_EVERY == 0:
+            self._refusals_logged.add(kind)
+            log.warning("refused a connection to the Raft port of node %d from %s: %s (%d refused so far)",
+                        self.node_id, remote, why, self.refused_connections)
+
+    def _receive(self, envelope: pb.RaftEnvelope, remote: str, proven_from: int) -> None:
         if envelope.to_node != self.node_id:
-            self._drop_misaddressed(envelope, remote)
+            self._note_misaddressed(envelope.from_node, envelope.to_node, remote)
             return
-        if envelope.from_node not in self._peers:
+        if envelope.from_node != proven_from:
             self.undecodable_envelopes += 1
-            log.error("dropping a Raft envelope from %s that claims to come from node %d, which is not a peer of "
-                      "node %d (peers: %s)", remote, envelope.from_node, self.node_id, sorted(self._peers))
+            log.error("dropping a Raft envelope from %s that claims to come from node %d on a connection that "
+                      "proved to be node %d's", remote, envelope.from_node, proven_from)
             return
         try:
             messages = [decode_message(raw, envelope.from_node, self.node_id) for raw in envelope.messages]
@@ -353,25 +387,28 @@ class RaftTransport:
         if messages:
             self._deliver(messages, envelope.from_node)
 
-    def _drop_misaddressed(self, envelope: pb.RaftEnvelope, remote: str) -> None:
-        # A broker whose --peers maps a node id to the wrong address; warn on the first envelope of a burst.
+    def _undecodable_frame(self, remote: str, proven_from: int, error: Exception) -> None:
+        self.undecodable_envelopes += 1
+        self._bad_frames += 1
+        if self._bad_frames == 1 or self._bad_frames % LOG_EVERY == 0:
+            log.error("dropping a Raft frame from node %d (%s) that is not a RaftEnvelope: %s", proven_from,
+                      remote, error)
+
+    def _note_misaddressed(self, from_node: int, to_node: int, remote: str) -> None:
+        # A broker whose --peers (or --raft-peers) maps a node id to the wrong address; warn on the first of a burst.
         self.misaddressed_envelopes += 1
-        if self.misaddressed_envelopes == 1 or self.misaddressed_envelopes % 1000 == 0:
+        if self.misaddressed_envelopes == 1 or self.misaddressed_envelopes % LOG_EVERY == 0:
             log.warning(
-                "dropping Raft envelope from node %d (%s) addressed to node %d: this is node %d "
-                "(%d misaddressed so far; check --peers)",
-                envelope.from_node,
-                remote,
-                envelope.to_node,
-                self.node_id,
-                self.misaddressed_envelopes,
+                "dropping Raft traffic from node %d (%s) addressed to node %d: this is node %d "
+                "(%d misaddressed so far; check --peers and --raft-peers)",
+                from_node, remote, to_node, self.node_id, self.misaddressed_envelopes,
             )
 
     def _deliver(self, messages: list[tuple[str, Message]], from_node: int) -> None:
         try:
             self._on_messages(messages)
         except Exception:
-            # The stream carries every group from that peer; one failing handler must not cut them all off.
+            # The connection carries every group from that peer; one failing handler must not cut them all off.
             log.exception("on_messages failed for an envelope from node %d", from_node)
 
 
@@ -385,18 +422,191 @@ def _wire_bytes_bound(group: str, message: Message) -> int:
     return size_bytes
 
 
-class _RaftServicer(pb_grpc.RaftServicer):
-    """The receiving end: one Exchange call per peer, each envelope handed to on_messages as one list."""
+class _Link(asyncio.Protocol):
+    """The sending end of one connection: the HELLO's nonce, keepalives heard, write flow control."""
 
-    def __init__(self, transport: RaftTransport) -> None:
-        self._transport = transport
+    def __init__(self, wakeup: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._wakeup = wakeup
+        self.hello: asyncio.Future[bytes] = loop.create_future()
+        self.accepted: asyncio.Future[None] = loop.create_future()  # the receiver's first byte after our PROOF
+        self._greeting = bytearray()
+        self._transport: asyncio.Transport | None = None
+        self._heard_s = loop.time()
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._drained: asyncio.Future[None] | None = None
+        self.paused = False
+        self.closed = False
+        self.closed_reason = "connection closed"
 
-    async def Exchange(  # the name is fixed by the generated servicer
-        self, request_iterator: AsyncIterator[pb.RaftEnvelope], context: grpc.aio.ServicerContext
-    ) -> pb.RaftStreamClosed:
-        remote = context.peer()
-        async for envelope in request_iterator:
-            if self._transport._stopped:
-                break  # ending the call tells the peer to stop writing to a broker that is shutting down
-            self._transport._receive(envelope, remote)
-        return pb.RaftStreamClosed()
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's transports are not its subclasses
+        wire.tune_socket(transport.get_extra_info("socket"))
+        self._transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH_BYTES)
+        self._watchdog = self._loop.call_later(wire.KEEPALIVE_TIMEOUT_S, self._check_alive)
+
+    def data_received(self, data: bytes) -> None:
+        self._heard_s = self._loop.time()
+        if not self.hello.done():
+            self._greeting += data
+            if len(self._greeting) < wire.HELLO_BYTES:
+                return
+            try:
+                self.hello.set_result(wire.parse_hello(self._greeting))
+            except wire.HandshakeError as e:
+                self.hello.set_exception(e)
+                self.abort(str(e))
+                return
+            data = bytes(self._greeting[wire.HELLO_BYTES:])
+        if data and not self.accepted.done():
+            self.accepted.set_result(None)
+        if data.strip(wire.KEEPALIVE):
+            self.abort("the peer wrote something other than keepalives")
+
+    def _check_alive(self) -> None:
+        silent_s = self._loop.time() - self._heard_s
+        if silent_s >= wire.KEEPALIVE_TIMEOUT_S:
+            self.abort(f"nothing heard from the peer for {silent_s:.1f} s")
+        else:
+            self._watchdog = self._loop.call_later(wire.KEEPALIVE_TIMEOUT_S - silent_s, self._check_alive)
+
+    def write(self, data: bytes) -> None:
+        if self._transport is not None and not self.closed:
+            self._transport.write(data)
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    async def drained(self) -> None:
+        if self.paused and not self.closed:
+            self._drained = self._loop.create_future()
+            await self._drained
+
+    def abort(self, reason: str | None = None) -> None:
+        if reason is not None and not self.closed:
+            self.closed_reason = reason
+        if self._transport is not None:
+            self._transport.abort()
+        self._closed()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None and self.closed_reason == "connection closed":
+            self.closed_reason = str(exc) or type(exc).__name__
+        self._closed()
+
+    def _closed(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        if not self.hello.done():
+            self.hello.set_exception(ConnectionError(self.closed_reason))
+            self.hello.exception()  # retrieved: the sender may be gone already
+        elif not self.accepted.done():
+            self.accepted.set_exception(ConnectionError(
+                "the peer closed the connection at our handshake: its log says why (a different cluster secret, "
+                "or it does not know this node id)"))
+            self.accepted.exception()
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+        self._wakeup.set()
+
+
+class _Inbound(asyncio.Protocol):
+    """The receiving end of one connection: HELLO out, PROOF in, then frames, with keepalives going back."""
+
+    def __init__(self, owner: RaftTransport) -> None:
+        self._owner = owner
+        self._loop = asyncio.get_running_loop()
+        self.nonce = wire.new_nonce()
+        self.remote = "?"
+        self._transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._from_node: int | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        peername = transport.get_extra_info("peername")
+        self.remote = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
+        pending = sum(1 for other in self._owner._inbound if other._from_node is None)
+        self._owner._inbound.add(self)
+        if self._owner._stopped or pending >= wire.MAX_PENDING_HANDSHAKES:
+            self._owner._refuse(self.remote, f"{pending} connections are still in their handshake", "too many")
+            self.close()
+            return
+        wire.tune_socket(transport.get_extra_info("socket"))
+        self._transport.write(wire.hello(self.nonce))
+        self._timer = self._loop.call_later(wire.HANDSHAKE_TIMEOUT_S, self._handshake_timed_out)
+
+    def _handshake_timed_out(self) -> None:
+        self._owner._refuse(self.remote, f"no handshake within {wire.HANDSHAKE_TIMEOUT_S:.0f} s", "timeout")
+        self.close()
+
+    def _keepalive(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(wire.KEEPALIVE)
+            self._timer = self._loop.call_later(wire.KEEPALIVE_INTERVAL_S, self._keepalive)
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        if self._from_node is None:
+            if len(buffer) < wire.PROOF_BYTES:
+                return
+            self._from_node = self._owner._authenticate(self, bytes(buffer[:wire.PROOF_BYTES]))
+            if self._from_node is None:
+                self.close()
+                return
+            del buffer[:wire.PROOF_BYTES]
+            if self._transport is not None:
+                self._transport.write(wire.KEEPALIVE)  # the acceptance: the sender starts writing frames now
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self._loop.call_later(wire.KEEPALIVE_INTERVAL_S, self._keepalive)
+        self._read_frames(buffer, self._from_node)
+
+    def _read_frames(self, buffer: bytearray, from_node: int) -> None:
+        header_bytes = wire.FRAME_HEADER.size
+        start = 0
+        while len(buffer) - start >= header_bytes:
+            (length,) = wire.FRAME_HEADER.unpack_from(buffer, start)
+            if length > wire.MAX_FRAME_BYTES:
+                self._owner._undecodable_frame(self.remote, from_node, ValueError(
+                    f"a frame of {length} bytes exceeds {wire.MAX_FRAME_BYTES}; closing the connection"))
+                self.close()
+                return
+            end = start + header_bytes + length
+            if len(buffer) < end:
+                break
+            body = bytes(buffer[start + header_bytes:end])
+            start = end
+            try:
+                envelope = pb.RaftEnvelope.FromString(body)
+            except DecodeError as e:
+                self._owner._undecodable_frame(self.remote, from_node, e)
+                continue
+            self._owner._receive(envelope, self.remote, from_node)
+            if self._transport is None or self._transport.is_closing():
+                return
+        if start:
+            del buffer[:start]
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._transport is not None:
+            self._transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._owner._inbound.discard(self)
+        self._transport = None

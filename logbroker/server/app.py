@@ -14,7 +14,6 @@ from logbroker_client.proto import logbroker_pb2 as pb
 from logbroker_client.proto import logbroker_pb2_grpc as pb_grpc
 
 from logbroker.cluster.tasks import cancel_and_wait
-from logbroker.cluster.transport import SERVER_OPTIONS
 from logbroker.server.broker import Broker
 from logbroker.server.config import BrokerConfig, split_host_port
 from logbroker.server.groups import GroupFrontEnd
@@ -61,7 +60,7 @@ KEEPALIVE_TIMEOUT_MS = 20_000
 # - a connection with no request for this long is closed gracefully (clients reconnect on their next
 #   request; Kafka's connections.max.idle.ms is the same).
 CONNECTION_IDLE_MS = 10 * 60_000
-# No maximum connection age: it would cut peers' long-lived Raft streams and consumers' long polls.
+# No maximum connection age: it would cut consumers' long polls.
 # Calls that arrived but were not yet handed to a handler. Past gRPC's defaults (1,000, and 3,000 for
 # sure) it cancels new calls at random, and a burst of streams from slow clients that never send their
 # message pushed a well-behaved producer's request out that way. max_concurrent_streams per connection
@@ -70,10 +69,19 @@ MAX_PENDING_CALLS = 20_000
 MAX_PENDING_CALLS_HARD_LIMIT = 40_000
 
 
+# Accept clients' keepalive pings (a consumer's channel pings during long polls) instead of answering them with
+# GOAWAY "too_many_pings" when a connection happens to be idle.
+KEEPALIVE_PERMIT_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
+    ("grpc.http2.max_ping_strikes", 0),
+]
+
+
 def grpc_options(config: BrokerConfig) -> list[tuple[str, int]]:
     largest_answer_bytes = max(config.max_fetch_bytes, config.max_request_bytes)  # a lone batch may fill one
     return [
-        *SERVER_OPTIONS,  # accept the keepalive pings of peers and clients rather than answer them with GOAWAY
+        *KEEPALIVE_PERMIT_OPTIONS,
         ("grpc.max_receive_message_length", config.max_request_bytes + REQUEST_FRAMING_BYTES),
         ("grpc.max_send_message_length", largest_answer_bytes + ANSWER_FRAMING_BYTES),
         ("grpc.max_concurrent_streams", config.max_concurrent_streams),
@@ -96,6 +104,7 @@ class BrokerServer:
         self._maintenance: asyncio.Task[None] | None = None
         self.port = config.port
         self.kafka: KafkaListener | None = None
+        self.raft_port: int | None = None  # the Raft port bound, for a broker with peers
         self.metrics_server: MetricsServer | None = None
 
     async def start(self) -> None:
@@ -130,6 +139,9 @@ class BrokerServer:
             raise OSError(f"cannot listen on {self.config.listen}: the address is in use or not local")
         await server.start()
         self._server = server
+        if len(self.broker.peers) > 1:  # a cluster of one has no one to talk Raft with
+            host, port = self.config.raft_listen_address()
+            self.raft_port = await self.broker.transport.listen(host, port)
         await self.broker.open()
         if self.config.kafka_listen:
             await self._start_kafka()
@@ -171,8 +183,7 @@ class BrokerServer:
             await self.kafka.stop()
         if self.metrics_server is not None:
             await self.metrics_server.stop()
-        # Peers' inbound Raft streams end once our transport stops; without this the server's grace
-        # period would wait them out in full.
+        # The Raft transport (its port and its connections to peers) stops before the gRPC server's grace period.
         await self.broker.transport.stop()
         if self._server is not None:
             await self._server.stop(self.config.shutdown_grace_ms / 1000)

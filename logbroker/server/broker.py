@@ -72,7 +72,7 @@ class Broker:
                                          config.produce_backpressure_wait_ms / 1000, config.node_id)
         self.disk_guard = DiskGuard(self.data_dir, config.min_free_disk_bytes)
         self.replicas = ReplicaManager(self)
-        self.transport = RaftTransport(self.node_id, self.peers, self.replicas.on_raft_messages,
+        self.transport = RaftTransport(self.node_id, config.raft_peer_addresses(), self.replicas.on_raft_messages,
                                        secret=config.cluster_secret)
         self.controller_client = ControllerClient(self)
         self.data = DataPlane(self)

@@ -61,6 +61,8 @@ DEFAULT_PRODUCE_BACKPRESSURE_WAIT_MS = 5_000
 # A produce is refused while the data directory's disk has less free space than this (0: no floor), so the
 # disk never fills half-way through a write.
 DEFAULT_MIN_FREE_DISK_BYTES = 100 * 1024 * 1024
+# A broker's Raft port (for the other brokers) is its client port plus this, unless --raft-listen says otherwise.
+DEFAULT_RAFT_PORT_OFFSET = 300
 
 
 class BrokerConfigError(ValueError):
@@ -86,6 +88,11 @@ class BrokerConfig:
     flush_threads: int = DEFAULT_FLUSH_THREADS
     # The brokers of the cluster, node id -> HOST:PORT, this one included; empty means a cluster of one.
     peers: dict[int, str] = field(default_factory=dict)
+    # The Raft port, for the other brokers only (cluster/raft_wire.py): HOST:PORT, by default the --listen host
+    # and port plus DEFAULT_RAFT_PORT_OFFSET. Every broker's Raft port is its --peers port plus the same offset,
+    # unless raft_peers names each broker's Raft address (node id -> HOST:PORT, e.g. behind a proxy or NAT).
+    raft_listen: str = ""
+    raft_peers: dict[int, str] = field(default_factory=dict)
     raft_tick_ms: int = DEFAULT_RAFT_TICK_MS
     raft_election_ticks: int = DEFAULT_RAFT_ELECTION_TICKS
     raft_heartbeat_ticks: int = DEFAULT_RAFT_HEARTBEAT_TICKS
@@ -129,6 +136,39 @@ class BrokerConfig:
     def peer_addresses(self) -> dict[int, str]:
         return dict(self.peers) if self.peers else {self.node_id: self.listen}
 
+    def raft_listen_address(self) -> tuple[str, int]:
+        if self.raft_listen:
+            return split_host_port(self.raft_listen)
+        host, port = split_host_port(self.listen)
+        return host, port + DEFAULT_RAFT_PORT_OFFSET
+
+    def raft_peer_addresses(self) -> dict[int, str]:
+        """Every broker's Raft port, node id -> HOST:PORT: raft_peers, else each --peers port plus this broker's
+        offset between its Raft port and its --listen port (the same on every broker, as Kafka ports are)."""
+        if self.raft_peers:
+            return dict(self.raft_peers)
+        offset = self.raft_listen_address()[1] - self.port
+        addresses = {}
+        for node, address in self.peer_addresses().items():
+            host, port = split_host_port(address)
+            addresses[node] = f"{host}:{port + offset}"
+        return addresses
+
+    def _check_raft_addresses(self) -> None:
+        if len(self.peers) < 2:
+            return  # a cluster of one has no peers to talk Raft with: no Raft port
+        if self.raft_peers and set(self.raft_peers) != set(self.peers):
+            raise BrokerConfigError(f"raft_peers names nodes {sorted(self.raft_peers)} but --peers names "
+                                    f"{sorted(self.peers)}; give every broker's Raft address, or none")
+        for address in [self.raft_listen or f"{self.host}:{self.raft_listen_address()[1]}",
+                        *self.raft_peer_addresses().values()]:
+            host, sep, port = address.rpartition(":")
+            if not port.isdigit() or not 0 < int(port) < 65536:
+                raise BrokerConfigError(
+                    f"the Raft address {address} is not a usable port (Raft ports default to each broker's port "
+                    f"plus {DEFAULT_RAFT_PORT_OFFSET}); set --raft-listen HOST:PORT (and --raft-peers if the "
+                    "brokers' offsets differ)")
+
     def validate(self) -> BrokerConfig:
         split_host_port(self.listen)
         if self.kafka_listen:
@@ -137,6 +177,9 @@ class BrokerConfig:
             split_host_port(self.metrics_listen)
         for address in self.peers.values():
             split_host_port(address)
+        for address in self.raft_peers.values():
+            split_host_port(address)
+        self._check_raft_addresses()
         if self.peers and self.node_id not in self.peers:
             raise BrokerConfigError(
                 f"node id {self.node_id} is not among the peers {sorted(self.peers)}; "
@@ -250,10 +293,11 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> BrokerConfig:
     values.update({k: v for k, v in overrides.items() if v is not None})
     values["client_quotas"] = {str(k): dict(v) for k, v in {**file_quotas, **(overrides.get("client_quotas") or {})
                                                               }.items()}  # a flag's client wins over the file's
-    if isinstance(values.get("peers"), str):
-        values["peers"] = parse_peers(values["peers"])
-    elif isinstance(values.get("peers"), dict):
-        values["peers"] = {int(k): str(v) for k, v in values["peers"].items()}
+    for key in ("peers", "raft_peers"):
+        if isinstance(values.get(key), str):
+            values[key] = parse_peers(values[key])
+        elif isinstance(values.get(key), dict):
+            values[key] = {int(k): str(v) for k, v in values[key].items()}
     if "data_dir" in values:
         values["data_dir"] = Path(values["data_dir"])
     if values.get("cluster_secret_file") is not None:

@@ -376,7 +376,7 @@ def instrument_servicer(servicer: Any, service: Any, metrics: BrokerMetrics) -> 
     """Wrap the unary methods of a servicer (before it is added to the server) so that each call is timed in
     logbroker_request_duration_seconds{protocol="grpc",api=<method>} and its errors are counted: a call that
     fails as a whole by its gRPC status, and each per-partition (or per-group) error of its answer by its
-    ErrorCode name. Streaming methods (the Raft stream) are left alone: they live as long as a connection."""
+    ErrorCode name. Streaming methods, if any, are left alone: they live as long as a connection."""
     for method in service.methods:
         if method.client_streaming or method.server_streaming:
             continue

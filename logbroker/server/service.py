@@ -447,7 +447,6 @@ class RaftService(pb_grpc.RaftServicer):
 
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
-        self._exchange = broker.transport.servicer
         self.refused_calls = 0
 
     async def _require_peer(self, context: grpc.aio.ServicerContext, method: str) -> None:
@@ -460,10 +459,6 @@ class RaftService(pb_grpc.RaftServicer):
                         method, context.peer(), self.refused_calls)
         await context.abort(grpc.StatusCode.UNAUTHENTICATED,
                             f"{method} is for the brokers of this cluster only; it needs the cluster secret")
-
-    async def Exchange(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> pb.RaftStreamClosed:
-        await self._require_peer(context, "Raft.Exchange")
-        return await self._exchange.Exchange(request_iterator, context)  # type: ignore[no-any-return]
 
     async def ReportLeaders(self, request: pb.LeaderReport, context: grpc.aio.ServicerContext) -> pb.LeaderReportAck:
         await self._require_peer(context, "Raft.ReportLeaders")

@@ -1,4 +1,4 @@
-"""Only brokers speak as brokers: peer RPCs need the cluster secret, and every field of them is checked.
+"""Only brokers speak as brokers: peer RPCs and the Raft port need the cluster secret, and every field is checked.
 
 Over three real brokers. A client without the secret is refused outright; a peer with the secret that
 sends forged fields (a term beyond a 32-bit epoch, a report naming another leader) is refused field by
@@ -21,6 +21,7 @@ from logbroker.cluster.raft_codec import encode_message
 from logbroker.raft.types import Message, MessageType
 from tests.support.brokers import REPO_ROOT, free_port, wait_until
 from tests.support.cluster import CLUSTER_SECRET_FILE, BrokerCluster
+from tests.support.raft_peer import RaftPeerSocket
 
 TOPIC = "guarded"
 HOSTILE_TERM = 2**31 + 7
@@ -30,14 +31,20 @@ def secret_of(cluster: BrokerCluster) -> tuple[tuple[str, str], ...]:
     return ((SECRET_METADATA_KEY, (cluster.root / CLUSTER_SECRET_FILE).read_text()),)
 
 
-def forged_heartbeat_stream(address: str, group: str, metadata: tuple[tuple[str, str], ...],
-                            from_node: int = 1, to_node: int = 2) -> None:
-    """One Exchange call carrying a heartbeat with a term no epoch can hold."""
+def forged_heartbeat(raft_address: str, group: str, secret: str, from_node: int = 1,
+                     to_node: int = 2) -> RaftPeerSocket:
+    """A connection to a broker's Raft port that proves ``secret`` and sends a heartbeat with a term no epoch
+    can hold; returned open, for the caller to see whether the broker closes it."""
     heartbeat = encode_message(group, Message(MessageType.HEARTBEAT, from_node, to_node, 5))
     heartbeat.term = HOSTILE_TERM
-    envelope = pb.RaftEnvelope(from_node=from_node, to_node=to_node, messages=[heartbeat])
-    with grpc.insecure_channel(address) as channel:
-        pb_grpc.RaftStub(channel).Exchange(iter([envelope]), timeout=5, metadata=metadata)
+    peer = RaftPeerSocket(raft_address)
+    peer.prove(secret, from_node, to_node)
+    peer.send_envelope(pb.RaftEnvelope(from_node=from_node, to_node=to_node, messages=[heartbeat]))
+    return peer
+
+
+def raft_address(cluster: BrokerCluster, node: int) -> str:
+    return f"127.0.0.1:{cluster.brokers[node].raft_port}"
 
 
 def forged_report(address: str, from_node: int, leader: int, topic_id: str,
@@ -69,11 +76,18 @@ def test_peer_rpcs_without_the_secret_are_refused(cluster: BrokerCluster) -> Non
             forged_report(controller, other, other, view.topic_id, metadata)
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert "cluster secret" in (refused.value.details() or "")
-        with pytest.raises(grpc.RpcError) as refused:
-            forged_heartbeat_stream(cluster.brokers[2].address, view.topic_id, metadata)
-        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # The Raft port: a wrong secret, none at all, and bytes that are no handshake are each cut off unheard.
+    for secret in ("", "wrong-secret-of-enough-length"):
+        with forged_heartbeat(raft_address(cluster, 2), view.topic_id, secret, from_node=1, to_node=2) as peer:
+            assert peer.closed_by_broker(), "the broker kept a connection that did not prove the secret"
+    with RaftPeerSocket(raft_address(cluster, 2)) as peer:
+        peer.send_raw(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"\xff" * 64)
+        assert peer.closed_by_broker()
     still_serves(cluster, leader)
-    assert "does not carry this cluster's secret" in cluster.brokers[2].log_text()
+    assert "does not carry this cluster's secret" in cluster.brokers[1].log_text()
+    log = cluster.brokers[2].log_text()
+    assert "refused a connection to the Raft port of node 2" in log and "does not prove this cluster's secret" in log
+    assert "wrong greeting" in log
 
 
 def test_forged_fields_from_a_peer_are_refused_and_change_nothing(cluster: BrokerCluster) -> None:
@@ -91,7 +105,9 @@ def test_forged_fields_from_a_peer_are_refused_and_change_nothing(cluster: Broke
         assert all(a.error_code for a in answers), f"a forged report was accepted: {answers}"
     # A heartbeat whose term no 32-bit epoch can hold, in the partition's real group, to its leader.
     group = f"{TOPIC}-0@{view.topic_id}"
-    forged_heartbeat_stream(cluster.brokers[leader].address, group, secret, from_node=other, to_node=leader)
+    raft_secret = (cluster.root / CLUSTER_SECRET_FILE).read_text()
+    with forged_heartbeat(raft_address(cluster, leader), group, raft_secret, from_node=other, to_node=leader):
+        pass
     wait_until(lambda: f"term {HOSTILE_TERM} is outside" in cluster.brokers[leader].log_text(), 10,
                f"broker {leader} to refuse the forged term")
     still_serves(cluster, leader)

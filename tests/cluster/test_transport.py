@@ -1,4 +1,4 @@
-"""RaftTransport over loopback: in-process grpc.aio servers on free 127.0.0.1 ports, one per node."""
+"""RaftTransport over loopback: each node's Raft port on a free 127.0.0.1 port, in one event loop."""
 
 from __future__ import annotations
 
@@ -8,22 +8,22 @@ import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-import grpc
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from logbroker_client import records as rec
 from logbroker_client.proto import logbroker_pb2 as pb
-from logbroker_client.proto import logbroker_pb2_grpc as pb_grpc
 
+from logbroker.cluster import raft_wire as wire
 from logbroker.cluster.raft_codec import encode_message
-from logbroker.cluster.transport import SERVER_OPTIONS, RaftTransport, _wire_bytes_bound
+from logbroker.cluster.transport import RaftTransport, _wire_bytes_bound
 from logbroker.raft.membership import Membership
 from logbroker.raft.types import Entry, EntryKind, Message, MessageType
 from tests.cluster.test_raft_codec import messages
 
 DEADLINE_S = 10.0
 POLL_S = 0.005
+SECRET = "test-cluster-secret-0123456789"
 
 
 async def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = DEADLINE_S) -> None:
@@ -48,13 +48,13 @@ def address(port: int) -> str:
 
 @dataclass
 class Node:
-    """One broker's Raft endpoint: its transport, its server, and every envelope it was handed."""
+    """One broker's Raft endpoint: its transport, its Raft port, and every envelope it was handed."""
 
     node_id: int
     port: int
     envelopes: list[list[tuple[str, Message]]] = field(default_factory=list)
     transport: RaftTransport | None = None
-    server: grpc.aio.Server | None = None
+    listening: bool = False
 
     @property
     def received(self) -> list[tuple[str, Message]]:
@@ -64,20 +64,18 @@ class Node:
         self.envelopes.append(batch)
 
     def make_transport(self, peers: dict[int, str], **limits: int) -> RaftTransport:
-        self.transport = RaftTransport(self.node_id, peers, self.on_messages, **limits)
+        self.transport = RaftTransport(self.node_id, peers, self.on_messages, secret=SECRET, **limits)
         return self.transport
 
     async def serve(self) -> None:
         assert self.transport is not None
-        self.server = grpc.aio.server(options=[*SERVER_OPTIONS, ("grpc.so_reuseport", 0)])
-        pb_grpc.add_RaftServicer_to_server(self.transport.servicer, self.server)
-        assert self.server.add_insecure_port(address(self.port)) == self.port
-        await self.server.start()
+        assert await self.transport.listen("127.0.0.1", self.port) == self.port
+        self.listening = True
 
     async def halt_server(self) -> None:
-        if self.server is not None:
-            await self.server.stop(None)
-            self.server = None
+        if self.transport is not None and self.listening:
+            await self.transport.stop_listening()
+        self.listening = False
 
     async def close(self) -> None:
         if self.transport is not None:
@@ -277,14 +275,36 @@ async def test_an_envelope_for_another_node_is_dropped(
     assert "addressed to node 2: this is node 3" in caplog.text
 
 
-async def raw_stream(node: Node, envelopes: list[pb.RaftEnvelope]) -> None:
-    """Write ``envelopes`` to ``node`` on one Exchange call, as a peer with its own codec would."""
-    async with grpc.aio.insecure_channel(address(node.port)) as channel:
-        call = pb_grpc.RaftStub(channel).Exchange()
-        for envelope in envelopes:
-            await call.write(envelope)
-        await call.done_writing()
-        await call
+async def raw_connection(node: Node, from_node: int = 1, secret: str = SECRET,
+                         to_node: int | None = None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to ``node``'s Raft port that has read the HELLO and sent a PROOF, as a peer with its own
+    code would."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+    nonce = wire.parse_hello(await reader.readexactly(wire.HELLO_BYTES))
+    writer.write(wire.proof(secret, nonce, from_node, node.node_id if to_node is None else to_node))
+    return reader, writer
+
+
+async def raw_stream(node: Node, envelopes: list[pb.RaftEnvelope | bytes]) -> None:
+    """Write ``envelopes`` (or raw frame bodies) to ``node`` on one proven connection, then close it."""
+    _, writer = await raw_connection(node)
+    for envelope in envelopes:
+        writer.write(wire.frame(envelope if isinstance(envelope, bytes) else envelope.SerializeToString()))
+    await writer.drain()
+    writer.close()
+
+
+async def closed_by_peer(reader: asyncio.StreamReader, timeout_s: float = DEADLINE_S) -> bool:
+    """Whether the other end closes the connection within the time (keepalive bytes are skipped)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            while chunk := await reader.read(4096):
+                assert not chunk.strip(wire.KEEPALIVE), f"unexpected bytes {chunk!r}"
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        pass
+    return True
 
 
 async def test_bad_envelopes_are_dropped_without_killing_the_stream(
@@ -296,11 +316,15 @@ async def test_bad_envelopes_are_dropped_without_killing_the_stream(
     misaddressed = pb.RaftEnvelope(from_node=1, to_node=3, messages=[encode_message("g", heartbeat(1, 3))])
     undecodable = pb.RaftEnvelope(from_node=1, to_node=2, messages=[pb.RaftMessage(group="g", type=77)])
 
-    await raw_stream(b, [misaddressed, undecodable, good])
-    assert b.received == [("g", heartbeat(1, 2))]  # the stream stays in order, so the others were seen
-    assert tx(b).misaddressed_envelopes == 1 and tx(b).undecodable_envelopes == 1
-    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
-    assert len(errors) == 1 and "from node 1" in errors[0].getMessage()
+    forged_sender = pb.RaftEnvelope(from_node=3, to_node=2, messages=[encode_message("g", heartbeat(3, 2))])
+    not_protobuf = b"\xff\xfe not a RaftEnvelope"
+
+    await raw_stream(b, [misaddressed, undecodable, forged_sender, not_protobuf, good])
+    await wait_until(lambda: b.received != [], "the good envelope at B")
+    assert b.received == [("g", heartbeat(1, 2))]  # the connection stays in order, so the others were seen
+    assert tx(b).misaddressed_envelopes == 1 and tx(b).undecodable_envelopes == 3
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 3 and all("from node 1" in e or "proved to be node 1" in e for e in errors), errors
 
 
 async def test_a_failing_handler_does_not_cut_the_stream(
@@ -314,12 +338,13 @@ async def test_a_failing_handler_does_not_cut_the_stream(
         if len(delivered) == 1:
             raise RuntimeError("handler bug")
 
-    b.transport = RaftTransport(2, {1: address(nodes[1].port)}, on_messages)
+    b.transport = RaftTransport(2, {1: address(nodes[1].port)}, on_messages, secret=SECRET)
     await start(b)
     first, second = heartbeat(1, 2, commit_offset=1), heartbeat(1, 2, commit_offset=2)
     await raw_stream(
         b, [pb.RaftEnvelope(from_node=1, to_node=2, messages=[encode_message("g", m)]) for m in (first, second)]
     )
+    await wait_until(lambda: len(delivered) == 2, "both envelopes handed over")
     assert delivered == [[("g", first)], [("g", second)]]
     assert "on_messages failed" in caplog.text
 
@@ -369,8 +394,7 @@ async def test_stop_is_idempotent_and_leaves_no_tasks(nodes: dict[int, Node]) ->
     tx(a).send("g", heartbeat(1, 2))  # after stop: dropped, not raised, not queued for ever
     assert tx(a).queued_messages(2) == 0 and not tx(a).peer_connected(2)
     assert not any(task.get_name().startswith("raft-sender") for task in asyncio.all_tasks())
-    await b.halt_server()
-    await a.halt_server()
+    assert tx(a).inbound_connections == 0 and tx(b).inbound_connections == 0
     current = asyncio.current_task()
     await wait_until(lambda: not (asyncio.all_tasks() - baseline - {current}), "server tasks to end", 5.0)
 
@@ -457,3 +481,111 @@ async def test_appends_for_a_down_peer_stay_within_the_byte_bound(nodes: dict[in
     await wait_until(lambda: len(b.received) == kept + 1, "the queued messages at B")
     assert b.received == [*appends[:kept], ("t-0", heartbeat(1, 2))]  # the oldest kept: a gap-free run
     assert tx(a).queued_bytes(2) == 0
+
+
+# ---------------------------------------------------------------------------- the Raft port's handshake
+
+
+async def test_connections_that_do_not_prove_the_secret_are_closed_unheard(
+    nodes: dict[int, Node], caplog: pytest.LogCaptureFixture
+) -> None:
+    b = nodes[2]
+    await start(b)
+    envelope = pb.RaftEnvelope(from_node=1, to_node=2, messages=[encode_message("g", heartbeat(1, 2))])
+    attempts = [
+        dict(secret="another-cluster-secret-0123456789"),  # a broker of another cluster
+        dict(secret=""),                                    # no secret at all
+        dict(from_node=9),                                  # the right secret, but not a peer
+        dict(to_node=3),                                    # meant for another node (a wrong --raft-peers)
+    ]
+    for attempt in attempts:
+        reader, writer = await raw_connection(b, **attempt)  # type: ignore[arg-type]
+        writer.write(wire.frame(envelope.SerializeToString()))
+        assert await closed_by_peer(reader), f"B kept a connection after {attempt}"
+        writer.close()
+    reader, writer = await asyncio.open_connection("127.0.0.1", b.port)
+    await reader.readexactly(wire.HELLO_BYTES)
+    writer.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00" * 64)  # a gRPC client at the wrong port
+    assert await closed_by_peer(reader)
+    writer.close()
+
+    assert b.envelopes == []
+    assert tx(b).refused_connections == 4 and tx(b).misaddressed_envelopes == 1
+    text = caplog.text
+    assert "does not prove this cluster's secret" in text and "node 9 is not a peer of node 2" in text
+    assert "wrong greeting" in text and "addressed to node 3: this is node 2" in text
+
+
+async def test_a_frame_beyond_the_limit_closes_the_connection(nodes: dict[int, Node]) -> None:
+    b = nodes[2]
+    await start(b)
+    reader, writer = await raw_connection(b)
+    writer.write(wire.FRAME_HEADER.pack(wire.MAX_FRAME_BYTES + 1) + b"\x00" * 1024)
+    assert await closed_by_peer(reader)
+    writer.close()
+    assert tx(b).undecodable_envelopes == 1 and b.envelopes == []
+
+
+async def test_silent_and_surplus_handshakes_are_cut_off(
+    nodes: dict[int, Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(wire, "HANDSHAKE_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(wire, "MAX_PENDING_HANDSHAKES", 3)
+    b = nodes[2]
+    await start(b)
+    idle = [await asyncio.open_connection("127.0.0.1", b.port) for _ in range(3)]
+    for reader, _ in idle:
+        await reader.readexactly(wire.HELLO_BYTES)
+    surplus_reader, surplus_writer = await asyncio.open_connection("127.0.0.1", b.port)
+    assert await closed_by_peer(surplus_reader, 2.0), "a fourth pending handshake was let in"
+    for reader, writer in idle:  # then the three silent ones time out
+        assert await closed_by_peer(reader, 2.0)
+        writer.close()
+    surplus_writer.close()
+    await wait_until(lambda: tx(b).inbound_connections == 0, "every refused connection to be let go")
+    assert tx(b).refused_connections == 4
+
+    # A real peer still gets through afterwards.
+    a = nodes[1]
+    await start(a)
+    tx(a).send("g", heartbeat(1, 2))
+    await wait_until(lambda: len(b.received) == 1, "delivery from a real peer")
+
+
+async def test_a_sender_refused_by_its_peer_keeps_retrying_and_delivers_nothing(
+    nodes: dict[int, Node], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="logbroker.transport")
+    a, b = nodes[1], nodes[2]
+    a.transport = RaftTransport(1, {2: address(b.port)}, a.on_messages, secret="another-cluster-secret-0123456789")
+    await start(a, b)
+    for _ in range(2):  # Raft keeps sending (heartbeats): each message finds a refused connection and a retry
+        refused = tx(b).refused_connections
+        tx(a).send("g", heartbeat(1, 2))
+        await wait_until(lambda refused=refused: tx(b).refused_connections > refused, "B refusing A again")
+    assert b.envelopes == []
+    assert "does not prove this cluster's secret" in caplog.text
+    assert "closed the connection at our handshake" in caplog.text
+    assert not tx(a).peer_connected(2) and " connected" not in caplog.text  # never counted as up
+
+
+async def test_a_port_that_is_not_a_raft_port_is_named_in_the_log(
+    nodes: dict[int, Node], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="logbroker.transport")
+
+    async def http_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n" + b" " * 64)
+        await writer.drain()
+
+    server = await asyncio.start_server(http_server, "127.0.0.1", 0)
+    try:
+        a = nodes[1]
+        a.make_transport({2: address(server.sockets[0].getsockname()[1])})
+        await start(a)
+        tx(a).send("g", heartbeat(1, 2))
+        await wait_until(lambda: "did not answer with the logbroker Raft greeting" in caplog.text,
+                         "A to say what it found at the port")
+        assert not tx(a).peer_connected(2)
+    finally:
+        server.close()

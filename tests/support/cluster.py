@@ -3,8 +3,8 @@
 ``BrokerCluster(tmp_path, size=3, raft_tick_ms=20)`` starts ``size`` ``logbroker serve`` subprocesses,
 each a voter of the controller group, with node ids 1..size. Each broker listens for clients on its own
 real port (``cluster.bootstrap`` lists them). With ``proxied=True`` the brokers reach each other only
-through ``FaultProxy`` instances, one per ordered pair (i -> j), so a test can cut any link, or every link
-of one broker (``isolate``), without touching the processes.
+through ``FaultProxy`` instances, two per ordered pair (i -> j: j's client port and j's Raft port), so a test
+can cut any link, or every link of one broker (``isolate``), without touching the processes.
 
 Caveat of the proxied set-up: a broker has one address per peer (``--peers``) and advertises exactly those
 addresses in Metadata and NOT_LEADER hints, so clients that follow those hints also go through broker i's
@@ -103,6 +103,8 @@ class ClusterBroker(BrokerProcess):
         self.raft_tick_ms = raft_tick_ms
         self.log_level = log_level
         self.peers: dict[int, str] = {}
+        self.raft_port = free_port()  # the Raft port (--raft-listen); peers reach it directly or through a proxy
+        self.raft_peers: dict[int, str] = {}
         self.log_path = root / f"broker-{node_id}.log"
         self.paused = False
         self.extra_args: list[str] = []
@@ -121,9 +123,11 @@ class ClusterBroker(BrokerProcess):
 
     def command(self) -> list[str]:
         peers = ",".join(f"{node}={address}" for node, address in sorted(self.peers.items()))
+        raft_peers = ",".join(f"{node}={address}" for node, address in sorted(self.raft_peers.items()))
         return [sys.executable, "-m", "logbroker.server.cli", "--log-level", self.log_level, "serve",
                 "--node-id", str(self.node_id), "--data-dir", str(self.data_dir), "--listen", self.address,
                 "--peers", peers, "--raft-tick-ms", str(self.raft_tick_ms),
+                "--raft-listen", f"{HOST}:{self.raft_port}", "--raft-peers", raft_peers,
                 "--cluster-secret-file", str(self.secret_file),
                 *(["--kafka-listen", self.kafka_address] if self.kafka_port is not None else []),
                 *(["--metrics-listen", f"{HOST}:{self.metrics_port}"] if self.metrics_port is not None else []),
@@ -208,7 +212,8 @@ class BrokerCluster:
         self.brokers: dict[int, ClusterBroker] = {
             node: ClusterBroker(node, self.root, free_port(), raft_tick_ms, log_level) for node in range(1, size + 1)
         }
-        self.proxies: dict[tuple[int, int], FaultProxy] = {}
+        self.proxies: dict[tuple[int, int], FaultProxy] = {}  # (from, to) -> the proxy of to's client port
+        self.raft_proxies: dict[tuple[int, int], FaultProxy] = {}  # (from, to) -> the proxy of to's Raft port
         if kafka:  # Kafka ports: every broker's gRPC port plus one offset (how brokers name each other's)
             assert not proxied, "Kafka endpoints are derived from peer addresses, which proxies would change"
             offset = kafka_port_offset([b.port for b in self.brokers.values()])
@@ -229,12 +234,17 @@ class BrokerCluster:
             for peer, other in self.brokers.items():
                 if peer == node:
                     broker.peers[peer] = broker.address
+                    broker.raft_peers[peer] = f"{HOST}:{broker.raft_port}"
                 elif proxied:
                     proxy = FaultProxy(free_port(), other.port, name=f"proxy {node}->{peer}")
                     self.proxies[(node, peer)] = proxy
                     broker.peers[peer] = proxy.address
+                    raft_proxy = FaultProxy(free_port(), other.raft_port, name=f"raft proxy {node}->{peer}")
+                    self.raft_proxies[(node, peer)] = raft_proxy
+                    broker.raft_peers[peer] = raft_proxy.address
                 else:
                     broker.peers[peer] = other.address
+                    broker.raft_peers[peer] = f"{HOST}:{other.raft_port}"
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -252,8 +262,11 @@ class BrokerCluster:
     def address(self, node: int) -> str:
         return self.brokers[node].address
 
+    def all_proxies(self) -> list[tuple[tuple[int, int], FaultProxy]]:
+        return [*self.proxies.items(), *self.raft_proxies.items()]
+
     def start(self) -> BrokerCluster:
-        for proxy in self.proxies.values():
+        for _, proxy in self.all_proxies():
             proxy.start()
         for broker in self.brokers.values():
             broker.launch()
@@ -287,7 +300,7 @@ class BrokerCluster:
     def stop_all(self) -> None:
         for broker in self.brokers.values():
             broker.stop()
-        for proxy in self.proxies.values():
+        for _, proxy in self.all_proxies():
             proxy.close()
 
     def __enter__(self) -> BrokerCluster:
@@ -304,16 +317,17 @@ class BrokerCluster:
 
     def cut_link(self, from_node: int, to_node: int, blackhole: bool = False) -> None:
         self.proxies[(from_node, to_node)].cut(blackhole)
+        self.raft_proxies[(from_node, to_node)].cut(blackhole)
 
     def isolate(self, node: int, blackhole: bool = False) -> None:
         """Cut every link to and from `node` (needs proxied=True)."""
         assert self.proxies, "isolate() needs BrokerCluster(..., proxied=True)"
-        for (a, b), proxy in self.proxies.items():
+        for (a, b), proxy in self.all_proxies():
             if node in (a, b):
                 proxy.cut(blackhole)
 
     def heal(self) -> None:
-        for proxy in self.proxies.values():
+        for _, proxy in self.all_proxies():
             proxy.heal()
 
     # ------------------------------------------------------------------------------ metadata

@@ -697,10 +697,6 @@ class RaftEnvelope(_message.Message):
     messages: _containers.RepeatedCompositeFieldContainer[RaftMessage]
     def __init__(self, from_node: _Optional[int] = ..., to_node: _Optional[int] = ..., messages: _Optional[_Iterable[_Union[RaftMessage, _Mapping]]] = ...) -> None: ...
 
-class RaftStreamClosed(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
-
 class RaftEntry(_message.Message):
     __slots__ = ("base_offset", "last_offset", "term", "kind", "payload")
     BASE_OFFSET_FIELD_NUMBER: _ClassVar[int]
