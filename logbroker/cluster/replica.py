@@ -197,6 +197,14 @@ class Replica:
             self.node.tick()
         self._kick()
 
+    def leader_lost(self, leader_id: int, successor: bool) -> None:
+        """The leader's broker went silent (the broker's liveness says so): forget it and, as the group's picked
+        successor, campaign now; otherwise wait longer than the successor (RaftNode.leader_lost)."""
+        self.quiet = False
+        self._idle_ticks = 0
+        self.node.leader_lost(leader_id, successor)
+        self._kick()
+
     def campaign_now(self) -> None:
         """Start an election at once (a new group's preferred leader), instead of after a random timeout."""
         for _ in range(2 * self.node.config.election_timeout_ticks):

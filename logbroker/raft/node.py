@@ -7,8 +7,9 @@ of ready() as a Ready, which the runtime carries out and acknowledges with advan
 THE READY CONTRACT (etcd's, with messages-after-append; Raft thesis 10.2.1). For each Ready, the runtime
 must, in this order:
   1. Send ``messages``. They may leave at once, before the persist of step 2 starts or while it runs: they
-     are only a leader's own messages (APPEND, HEARTBEAT, RESET_LOG, TIMEOUT_NOW) in a term that is
-     already durable, so a leader replicates its new entries while it writes them itself.
+     are a leader's own messages (APPEND, HEARTBEAT, RESET_LOG, TIMEOUT_NOW) and a follower's heartbeat
+     answers (HEARTBEAT_RESP, which acknowledge nothing), in a term that is already durable, so a leader
+     replicates its new entries while it writes them itself.
   2. Persist. Apply ``reset_log`` (discard the whole log, restart it empty at reset_log.start_offset and
      remember reset_log.prev_term and reset_log.membership), then cut the log at ``truncate_from``, then
      append ``entries``, and store ``hard_state`` (term, vote, commit). fsync all of it.
@@ -63,9 +64,13 @@ from logbroker.raft.types import (
 
 # Messages through which a leader of their term speaks; receiving one means "this node is the leader".
 _LEADER_MESSAGES = (MessageType.APPEND, MessageType.HEARTBEAT, MessageType.RESET_LOG)
-# A leader's own messages: they may leave before the Ready that holds them is persisted (see ready()).
+# Messages that may leave before the Ready that holds them is persisted (see ready()): a leader's own, and a
+# follower's heartbeat answers, which promise nothing (etcd sends them at once too). Held behind a follower's
+# fsyncs, the answers of a busy follower (thousands of groups electing after a broker died) reached their
+# leaders after the election timeout, and check-quorum made the new leaders step down again.
 _SEND_BEFORE_PERSIST = frozenset(
-    (MessageType.APPEND, MessageType.HEARTBEAT, MessageType.RESET_LOG, MessageType.TIMEOUT_NOW)
+    (MessageType.APPEND, MessageType.HEARTBEAT, MessageType.RESET_LOG, MessageType.TIMEOUT_NOW,
+     MessageType.HEARTBEAT_RESP)
 )
 # Chunk size for scanning the log for CONFIG entries on restart.
 _SCAN_CHUNK_BYTES = 1 << 20
@@ -209,6 +214,25 @@ class RaftNode:
         self._append_as_leader(entry)
         return entry
 
+    def leader_lost(self, leader_id: int, campaign: bool) -> None:
+        """The runtime learned out of band that ``leader_id`` is gone (its broker stopped answering everything).
+
+        A follower of it forgets it, so its lease no longer holds and it grants another candidate's vote at once,
+        and then either campaigns now (``campaign``: the runtime picked this node as the group's successor, the
+        same pick on every survivor) or waits two to three election timeouts first, so that the picked
+        successor's campaign meets no rival and no split vote, while a successor that cannot win is still
+        replaced. Thousands of groups losing their leader at once elect in one round this way instead of
+        colliding for many. Only soft state changes: no term, vote or log."""
+        if self.role is not Role.FOLLOWER or self.leader_id != leader_id:
+            return  # already electing, or following someone else: this news is not about us
+        self.leader_id = None
+        if campaign and self._promotable():
+            self._campaign(pre_vote=self.config.pre_vote, transfer=False)
+            return
+        timeout = self.config.election_timeout_ticks
+        self._election_elapsed = 0
+        self._randomized_timeout = 2 * timeout + self._rng.randrange(timeout)
+
     def transfer_leadership(self, to_node: int) -> None:
         """Hand leadership to ``to_node`` once it has caught up; proposals are refused meanwhile."""
         if self.role is not Role.LEADER:
@@ -299,7 +323,7 @@ class RaftNode:
         nothing this Ready persists, unless it changes the term or vote: a leader's term is durable before
         anyone votes for it (vote requests wait for the persist), except for a group of one voter, whose
         candidate wins alone in the Ready that persists its term. Everything else (acknowledgements, votes,
-        vote requests, answers to stale nodes) waits for the persist.
+        vote requests, answers to stale nodes) waits for the persist; a heartbeat answer does not.
         """
         last = self._last_hard_state
         if (hard_state.term, hard_state.vote) != (last.term, last.vote):

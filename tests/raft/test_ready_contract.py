@@ -144,3 +144,14 @@ def test_has_ready_agrees_with_ready_over_a_whole_run() -> None:
                 node.advance(ready)
     harness.stabilize()
     assert harness.log_of(1) == harness.log_of(2) == harness.log_of(3)
+
+
+def test_a_followers_heartbeat_answer_leaves_before_its_persist() -> None:
+    follower = make_node(terms=[1], term=1)
+    entries = entries_with_terms([1], start=1)
+    follower.step(append(2, term=1, prev=0, prev_term=1, entries=entries))
+    follower.step(Message(MessageType.HEARTBEAT, 2, 1, 1, commit_offset=0))
+    ready = follower.ready()
+    assert ready is not None and ready.entries == entries
+    assert [m.type for m in ready.messages] == [MessageType.HEARTBEAT_RESP]  # promises nothing: goes at once
+    assert [m.type for m in ready.messages_after_persist] == [MessageType.APPEND_RESP]  # waits for the fsync
