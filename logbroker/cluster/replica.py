@@ -430,8 +430,15 @@ class Replica:
                 state_changed = True
             self.state.commit_offset = hard.commit_offset
         snapshot = replace(self.state) if state_changed else None
+        save_soon = getattr(self._state_file, "save_soon", None)
         if ready.entries:
             await self._append(ready.entries, snapshot)
+        elif (snapshot is not None and ready.reset_log is None and ready.truncate_from is None
+              and save_soon is not None):
+            # Only term, vote or membership changed (an election): the broker's state log writes the record now
+            # and one fdatasync covers every group's saves made meanwhile, with no pool worker held per save.
+            # The log has nothing to fsync: every earlier Ready's entries were flushed in their own persist.
+            await save_soon(snapshot, self._executor)
         elif snapshot is not None or ready.reset_log is not None or ready.truncate_from is not None:
             await asyncio.get_running_loop().run_in_executor(self._executor, self._fsync, snapshot)
         # Else only a partition's commit offset moved, which Raft keeps volatile: nothing to make durable, and

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -178,3 +180,89 @@ def test_the_group_handle_tracks_what_it_saved(tmp_path: Path) -> None:
     assert handle.last_saved == state(2, vote=1)
     handle.close()
     assert log.state_of("g") == state(2, vote=1)
+
+
+# ------------------------------------------------------------------ saves from the event loop (SharedStateSync)
+
+
+class CountingExecutor(ThreadPoolExecutor):
+    """One worker, like a busy pool; counts the jobs it was given."""
+
+    def __init__(self) -> None:
+        super().__init__(max_workers=1)
+        self.jobs = 0
+
+    def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def,override]
+        self.jobs += 1
+        return super().submit(fn, *args, **kwargs)
+
+
+def test_a_thousand_saves_from_the_loop_share_a_few_fdatasyncs_and_all_survive(tmp_path: Path) -> None:
+    log = RaftStateLog.open(tmp_path)
+    executor = CountingExecutor()
+    handles = [GroupStateFile(log, f"g{i}") for i in range(1000)]
+
+    async def elect_all() -> None:
+        await asyncio.gather(*(h.save_soon(state(2, vote=int(h.group[1:]) % 3 + 1), executor) for h in handles))
+
+    asyncio.run(elect_all())
+    executor.shutdown()
+    # Every save waited for an fdatasync, and they shared them: one job ran at a time, each covering every
+    # record written before it began (with a pool of 8 blocking saves it took at least 125).
+    assert 1 <= log.fdatasyncs <= 5 and executor.jobs == log.fdatasyncs
+    assert all(h.last_saved == state(2, vote=int(h.group[1:]) % 3 + 1) for h in handles)
+    log.close()
+    again = RaftStateLog.open(tmp_path)
+    assert all(again.state_of(f"g{i}") == state(2, vote=i % 3 + 1) for i in range(1000))
+
+
+class GatedFdatasync(FileSystem):
+    """The real OS, with fdatasync held at a gate: `started` is set when one begins, `release` lets it run."""
+
+    def __init__(self) -> None:
+        self.started, self.release = threading.Event(), threading.Event()
+
+    def fdatasync(self, fd: int) -> None:
+        self.started.set()
+        self.release.wait(10)
+        OS_FILES.fdatasync(fd)
+
+
+def test_a_save_written_while_an_fdatasync_runs_waits_for_the_next(tmp_path: Path) -> None:
+    fs = GatedFdatasync()
+    log = RaftStateLog.open(tmp_path, fs=fs)
+    executor = ThreadPoolExecutor(max_workers=1)
+
+    async def scenario() -> None:
+        first = asyncio.ensure_future(GroupStateFile(log, "a").save_soon(state(1, vote=1), executor))
+        await asyncio.get_running_loop().run_in_executor(None, fs.started.wait, 10)
+        second = asyncio.ensure_future(GroupStateFile(log, "b").save_soon(state(1, vote=2), executor))
+        await asyncio.sleep(0.05)
+        assert not first.done() and not second.done()
+        fs.release.set()
+        await first
+        await second
+        assert log.is_durable((0, log.size_bytes))
+
+    asyncio.run(scenario())
+    executor.shutdown()
+    assert log.fdatasyncs == 2  # the second record was written after the first fdatasync began
+
+
+def test_a_failed_fdatasync_fails_the_loops_saves_and_the_next_ones_succeed_after_a_rewrite(tmp_path: Path) -> None:
+    fs = FailingFdatasync()
+    log = RaftStateLog.open(tmp_path, fs=fs)
+    executor = ThreadPoolExecutor(max_workers=1)
+
+    async def save(group: str, term: int) -> None:
+        await GroupStateFile(log, group).save_soon(state(term, vote=1), executor)
+
+    fs.failing = True
+    with pytest.raises(OSError):
+        asyncio.run(save("a", 1))
+    fs.failing = False
+    asyncio.run(save("b", 2))  # the append rewrites the file from memory first
+    executor.shutdown()
+    log.close()
+    again = RaftStateLog.open(tmp_path)
+    assert again.state_of("b") == state(2, vote=1)
