@@ -341,40 +341,59 @@ class SharedStateSync:
 
     def __init__(self, log: RaftStateLog) -> None:
         self._log = log
-        self._waiting: list[tuple[tuple[int, int], asyncio.Future[None]]] = []
+        # (target, future, executor) per save not yet known durable, in the order written.
+        self._waiting: list[tuple[tuple[int, int], asyncio.Future[None], Executor]] = []
         self._job: asyncio.Future[None] | None = None
 
     async def save(self, group: str, state: ReplicaState, executor: Executor) -> None:
         """Make group's state durable; returns once an fdatasync that began after its write has succeeded."""
         target = self._log.append(group, replace(state))
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiting.append((target, future))
+        self._waiting.append((target, future, executor))
         if self._job is None:
-            self._start(executor)
+            self._start()
         await future
 
-    def _start(self, executor: Executor) -> None:
-        target = self._waiting[-1][0]  # the newest: syncing to it covers every earlier one
-        job = asyncio.get_running_loop().run_in_executor(executor, self._log.sync_to, target)
+    def _start(self) -> None:
+        target, _, executor = self._waiting[-1]  # the newest: syncing to it covers every earlier one
+        try:
+            job = asyncio.get_running_loop().run_in_executor(executor, self._log.sync_to, target)
+        except RuntimeError as exc:  # the pool is shut down: the broker is closing
+            self._fail_up_to(target, exc)
+            return
         self._job = job
-        job.add_done_callback(lambda done: self._synced(done, executor))
+        job.add_done_callback(lambda done: self._synced(done, target))
 
-    def _synced(self, job: asyncio.Future[None], executor: Executor) -> None:
+    def _synced(self, job: asyncio.Future[None], synced_to: tuple[int, int]) -> None:
         self._job = None
-        failure = None if job.cancelled() else job.exception()
-        still: list[tuple[tuple[int, int], asyncio.Future[None]]] = []
-        for target, future in self._waiting:
+        failure: BaseException | None = asyncio.CancelledError() if job.cancelled() else job.exception()
+        still = []
+        for waiter in self._waiting:
+            target, future, _ = waiter
             if future.done():
                 continue  # its replica stopped waiting (closed)
-            if failure is not None:
-                future.set_exception(failure)
-            elif self._log.is_durable(target):
+            if failure is None and self._log.is_durable(target):
                 future.set_result(None)
+            elif failure is not None and target <= synced_to:
+                self._fail(future, failure)  # the fdatasync meant to cover it failed, or never ran (shutdown)
             else:
-                still.append((target, future))  # written after the fdatasync began: the next one covers it
+                still.append(waiter)  # written after the fdatasync began: the next one covers it
         self._waiting = still
         if still:
-            self._start(executor)
+            self._start()
+
+    def _fail_up_to(self, synced_to: tuple[int, int], failure: BaseException) -> None:
+        for target, future, _ in self._waiting:
+            if not future.done() and target <= synced_to:
+                self._fail(future, failure)
+        self._waiting = [w for w in self._waiting if not w[1].done()]
+
+    @staticmethod
+    def _fail(future: asyncio.Future[None], failure: BaseException) -> None:
+        if isinstance(failure, asyncio.CancelledError):
+            future.cancel()
+        else:
+            future.set_exception(failure)
 
 
 class GroupStateFile:

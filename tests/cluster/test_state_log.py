@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -266,3 +267,37 @@ def test_a_failed_fdatasync_fails_the_loops_saves_and_the_next_ones_succeed_afte
     log.close()
     again = RaftStateLog.open(tmp_path)
     assert again.state_of("b") == state(2, vote=1)
+
+
+class KilledExecutor(concurrent.futures.Executor):
+    """A process that died: every job is cancelled, never run (as the runtime simulation's executor does)."""
+
+    def __init__(self) -> None:
+        self.jobs = 0
+
+    def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def,override]
+        self.jobs += 1
+        assert self.jobs < 10, "the saves keep resubmitting their fdatasync to a dead executor"
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        future.cancel()
+        return future
+
+
+def test_saves_whose_fdatasync_never_runs_are_cancelled_not_retried_for_ever(tmp_path: Path) -> None:
+    log = RaftStateLog.open(tmp_path)
+    killed = KilledExecutor()
+
+    async def save() -> None:
+        await GroupStateFile(log, "a").save_soon(state(1, vote=1), killed)
+
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(save())
+    assert killed.jobs == 1
+    shut = ThreadPoolExecutor(max_workers=1)
+    shut.shutdown()
+    with pytest.raises(RuntimeError, match="shutdown"):
+        asyncio.run(GroupStateFile(log, "b").save_soon(state(1, vote=2), shut))
+    executor = ThreadPoolExecutor(max_workers=1)  # a live pool: saves work again
+    asyncio.run(GroupStateFile(log, "c").save_soon(state(1, vote=3), executor))
+    executor.shutdown()
+    assert log.is_durable((0, log.size_bytes))
