@@ -450,6 +450,12 @@ class ControllerClient:
     def topic(self, name: str) -> TopicMetadata:
         topic = self.broker.cluster.topics.get(name)
         if topic is None:
+            if not self.metadata_loaded():
+                # Just started and still replaying the controller's log (or no controller leader yet): "no such
+                # topic" may mean "not yet", and a client told so would give up on a topic that exists.
+                raise errors.LeaderNotAvailable(
+                    f"broker {self.broker.node_id} is still loading the cluster metadata and does not know topic "
+                    f"{name!r} yet; retry shortly (or ask another broker)")
             raise errors.UnknownTopicOrPartition(
                 f"topic {name!r} does not exist; create it with `lb topic create {name} --partitions N`")
         return topic

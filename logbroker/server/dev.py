@@ -28,6 +28,8 @@ from typing import TextIO
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from logbroker.server.config import DEFAULT_RAFT_PORT_OFFSET
+
 RESTART_DELAY_S = 1.0
 MAX_RESTARTS = 3
 RESTART_WINDOW_S = 60.0
@@ -41,7 +43,7 @@ HEALTH_CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max
 PR_SET_PDEATHSIG = 1
 RUN_MARKER = "---- "  # begins the line written to a broker's log before each start
 KAFKA_PORT_OFFSET = 100  # broker n: gRPC on base port + n - 1, Kafka clients on that + 100
-METRICS_PORT_OFFSET = 200  # ... and Prometheus metrics (HTTP) on that + 200
+METRICS_PORT_OFFSET = 200  # ... and Prometheus metrics (HTTP) on that + 200 (and the Raft port on + 300)
 
 
 @dataclass
@@ -323,6 +325,8 @@ def dev_brokers(count: int, base_port: int, host: str, data_dir: Path, secret_fi
         command = [*launcher, "serve", "--node-id", str(node_id), "--data-dir", str(broker_dir),
                    "--listen", address, "--peers", peers, "--cluster-secret-file", str(secret_file),
                    "--kafka-listen", f"{host}:{base_port + KAFKA_PORT_OFFSET + node_id - 1}",
-                   "--metrics-listen", f"{host}:{base_port + METRICS_PORT_OFFSET + node_id - 1}"]
+                   "--metrics-listen", f"{host}:{base_port + METRICS_PORT_OFFSET + node_id - 1}",
+                   # Named, not left to the default (the same port), so that each printed command says it.
+                   "--raft-listen", f"{host}:{base_port + DEFAULT_RAFT_PORT_OFFSET + node_id - 1}"]
         brokers.append(DevBroker(node_id, address, broker_dir, data_dir / f"broker-{node_id}.log", command))
     return brokers
