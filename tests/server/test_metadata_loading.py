@@ -29,9 +29,9 @@ def test_a_broker_still_loading_says_so_and_the_error_is_retriable(tmp_path: Pat
 
 
 def test_a_loaded_broker_says_the_topic_does_not_exist(broker: InProcessBroker) -> None:
-    with Producer(broker.address, request_timeout_ms=5_000) as producer:
-        with pytest.raises(UnknownTopicOrPartitionError, match="does not exist"):
-            producer.send("never-created", b"x").result(timeout=10)
+    with Producer(broker.address, request_timeout_ms=5_000) as producer, \
+            pytest.raises(UnknownTopicOrPartitionError, match="does not exist"):
+        producer.send("never-created", b"x").result(timeout=10)
     with Admin(broker.address) as admin:
         admin.create_topic("orders", partitions=1)
         assert admin.describe_topics(["orders"])[0].partitions
