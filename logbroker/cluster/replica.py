@@ -89,10 +89,12 @@ class Replica:
         cache: RecentEntries | None = None,
         clock_ms: Callable[[], int] = now_ms,
         rng: random.Random | None = None,
+        state_executor: Executor | None = None,
     ) -> None:
         """transport, executor (the blocking appends and fsyncs run there), clock_ms (wall-clock milliseconds for
         the timestamps of the batches it writes) and rng (the node's election timeouts) are what a simulation
-        replaces (tests/raft/runtime_sim); the file layer comes with plog and state_file."""
+        replaces (tests/raft/runtime_sim); the file layer comes with plog and state_file. state_executor runs
+        the state log's shared fdatasyncs (GroupStateFile.save_soon); executor unless given."""
         self.group = group  # the Raft group's key on the wire
         self.name = name or group  # what logs and errors call it: topic-partition
         self.node_id = raft_config.node_id
@@ -117,6 +119,7 @@ class Replica:
                              self.state.membership, self.state.hard_state, applied_offset)
         self._transport = transport
         self._executor = executor
+        self._state_executor = state_executor or executor
         self._on_commit = on_commit
         self._on_leader_change = on_leader_change
         self._on_failure = on_failure
@@ -187,6 +190,10 @@ class Replica:
                 self.quiet = False
             self._idle_ticks = 0
         self.node.step(message)
+        if self._busy and message.type is MessageType.HEARTBEAT:
+            # A Ready is being persisted (its fsync may wait behind a thousand others after a failover): answer
+            # the leader's heartbeat now, or it hears nothing for an election timeout and steps down.
+            self._send(self.node.take_messages_before_persist())
         self._kick()
 
     def wake(self, fast_forward_ticks: int = 0) -> None:
@@ -438,7 +445,7 @@ class Replica:
             # Only term, vote or membership changed (an election): the broker's state log writes the record now
             # and one fdatasync covers every group's saves made meanwhile, with no pool worker held per save.
             # The log has nothing to fsync: every earlier Ready's entries were flushed in their own persist.
-            await save_soon(snapshot, self._executor)
+            await save_soon(snapshot, self._state_executor)
         elif snapshot is not None or ready.reset_log is not None or ready.truncate_from is not None:
             await asyncio.get_running_loop().run_in_executor(self._executor, self._fsync, snapshot)
         # Else only a partition's commit offset moved, which Raft keeps volatile: nothing to make durable, and

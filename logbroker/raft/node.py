@@ -19,7 +19,8 @@ must, in this order:
   4. Apply ``committed_entries`` (for the broker: advance the high watermark). They are always already
      in the log, in this Ready or an earlier one.
   5. Call advance(ready). Call ready() again only after that; step(), tick() and propose() may be called at
-     any time, also while steps 1-3 run.
+     any time, also while steps 1-3 run, and so may take_messages_before_persist(), whose messages (those of
+     step 1's kind, in a term and vote already durable) may leave at once.
 Call persisted(last_offset, term) once the log is durable up to last_offset (after step 2 is the simplest).
 The leader counts its own log toward the commit quorum only up to what persisted() has reported, so an
 entry it has sent but not yet fsynced commits only on a majority of others; followers acknowledge entries
@@ -116,6 +117,7 @@ class RaftNode:
         self._outbox: list[Message] = []
         self._dirty: set[int] = set()  # followers that may have entries to send
         self._last_hard_state = HardState(self.term, self.vote, self.commit_offset)
+        self._durable_term_vote = (self.term, self.vote)  # as of the last Ready carried out (advance())
         self._last_leader_change: tuple[int | None, Role] = (None, Role.FOLLOWER)
         self._ready_outstanding = False
         self._catching_up = False  # see wait_to_catch_up
@@ -316,6 +318,18 @@ class RaftNode:
         self._ready_outstanding = True
         return ready
 
+    def take_messages_before_persist(self) -> tuple[Message, ...]:
+        """The messages that may leave before any persist (_SEND_BEFORE_PERSIST), taken out of the next Ready:
+        for a runtime whose Ready is still being persisted, so that a follower answers heartbeats while its
+        fsyncs queue (a leader that hears nothing for an election timeout steps down). None while the term or
+        vote differs from what the last carried-out Ready made durable: then everything waits, as in ready()."""
+        if (self.term, self.vote) != self._durable_term_vote or not self._outbox:
+            return ()
+        early = tuple(m for m in self._outbox if m.type in _SEND_BEFORE_PERSIST)
+        if early:
+            self._outbox = [m for m in self._outbox if m.type not in _SEND_BEFORE_PERSIST]
+        return early
+
     def _split_outbox(self, hard_state: HardState) -> tuple[tuple[Message, ...], tuple[Message, ...]]:
         """(messages that may go before the persist, messages that must wait for it).
 
@@ -337,6 +351,7 @@ class RaftNode:
         """The runtime has carried out ``ready`` (persisted, sent, applied)."""
         check(self._ready_outstanding, "advance() without an outstanding Ready")
         self._ready_outstanding = False
+        self._durable_term_vote = (self._last_hard_state.term, self._last_hard_state.vote)
         self.log.advance(ready.reset_log)
         if ready.committed_entries:
             self.applied_offset = max(self.applied_offset, ready.committed_entries[-1].last_offset)

@@ -86,6 +86,10 @@ class ReplicaManager:
         # The controller's writes get a thread of their own: behind a thousand new partitions' first fsyncs in
         # the shared pool, its heartbeats (sent between its Readys) stopped and the controller lost its leader.
         self._controller_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="controller-flush")
+        # The state log's shared fdatasyncs (elections' term and vote saves) too: queued behind the pool's appends
+        # (a failover makes thousands, each a write and fsyncs), the votes of one survivor's own campaigns waited
+        # seconds, and its groups' Ready loops with them, so their leaders heard nothing and stepped down.
+        self._state_sync_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-sync")
         # New replicas' files are created here (see open_partitions), several at a time: a creation waits while
         # the file system's journal commits, and concurrent ones share the commit.
         self._opener = ThreadPoolExecutor(max_workers=OPENER_THREADS, thread_name_prefix="open")
@@ -121,7 +125,7 @@ class ReplicaManager:
         replica = Replica(group, plog, state_file, membership, self.raft_config(), broker.transport, executor,
                           on_commit, self._on_leader_change, applied_offset=applied_offset if controller else None,
                           persist_commit=controller, name=plog.directory.name, on_failure=self._on_replica_failed,
-                          cache=self._recent_entries)
+                          cache=self._recent_entries, state_executor=self._state_sync_executor)
         self._replicas[group] = replica
         replica.on_wake = self._note_awake
         self._awake[replica] = None
@@ -547,6 +551,7 @@ class ReplicaManager:
         self._replicas.clear()
         self._partitions.clear()
         self._controller_executor.shutdown(wait=True)
+        self._state_sync_executor.shutdown(wait=True)
         self._opener.shutdown(wait=True)
         self.state_log.close()
 

@@ -155,3 +155,28 @@ def test_a_followers_heartbeat_answer_leaves_before_its_persist() -> None:
     assert ready is not None and ready.entries == entries
     assert [m.type for m in ready.messages] == [MessageType.HEARTBEAT_RESP]  # promises nothing: goes at once
     assert [m.type for m in ready.messages_after_persist] == [MessageType.APPEND_RESP]  # waits for the fsync
+
+
+def test_a_follower_answers_a_heartbeat_while_its_ready_is_being_persisted() -> None:
+    follower = make_node(terms=[1], term=1)
+    follower.step(append(2, term=1, prev=0, prev_term=1, entries=entries_with_terms([1], start=1)))
+    outstanding = follower.ready()  # its write and fsync are still running
+    assert outstanding is not None and outstanding.entries
+    follower.step(Message(MessageType.HEARTBEAT, 2, 1, 1, commit_offset=0))
+    (answer,) = follower.take_messages_before_persist()
+    assert answer.type is MessageType.HEARTBEAT_RESP and answer.to_node == 2
+    assert follower.take_messages_before_persist() == ()  # taken once
+
+
+def test_nothing_leaves_early_while_a_new_term_is_not_yet_durable() -> None:
+    follower = make_node(terms=[1], term=1)
+    follower.step(append(2, term=2, prev=0, prev_term=1, entries=entries_with_terms([2], start=1)))
+    outstanding = follower.ready()  # persists term 2
+    assert outstanding is not None and outstanding.hard_state is not None and outstanding.hard_state.term == 2
+    follower.step(Message(MessageType.HEARTBEAT, 2, 1, 2, commit_offset=0))
+    assert follower.take_messages_before_persist() == ()
+    storage = follower.log._storage
+    storage.write_ready(outstanding)  # type: ignore[attr-defined]
+    storage.fsync()  # type: ignore[attr-defined]
+    follower.advance(outstanding)  # term 2 is durable now
+    assert [m.type for m in follower.take_messages_before_persist()] == [MessageType.HEARTBEAT_RESP]
