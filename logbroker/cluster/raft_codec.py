@@ -38,6 +38,10 @@ WIRE_TO_ENTRY_KIND: dict[int, EntryKind] = {wire: k for k, wire in ENTRY_KIND_TO
 
 
 MAX_TERM = (1 << 31) - 1  # a term is stored as a batch's partitionLeaderEpoch, an i32
+# The highest term accepted from the wire: below MAX_TERM by room for a million more elections, so that one
+# message at the very top (a forged or corrupt term that a group adopts) cannot leave the group unable to ever
+# elect again, every next campaign needing a term no batch can hold. No real group gets near it.
+MAX_WIRE_TERM = MAX_TERM - (1 << 20)
 MAX_OFFSET = (1 << 62)  # far beyond any real log, and still safe to add to
 MAX_ENTRIES_PER_MESSAGE = 100_000
 _TERM_FIELDS = ("term", "prev_term", "reject_hint_term", "last_log_term")
@@ -57,8 +61,8 @@ def _check_fields(raw: pb.RaftMessage, from_node: int | None, to_node: int | Non
         raise RaftCodecError(f"{where} is addressed to node {raw.to_node}, not this node {to_node}")
     for name in _TERM_FIELDS:
         value = getattr(raw, name)
-        if not 0 <= value <= MAX_TERM:
-            raise RaftCodecError(f"{where}: {name} {value} is outside 0..{MAX_TERM}")
+        if not 0 <= value <= MAX_WIRE_TERM:
+            raise RaftCodecError(f"{where}: {name} {value} is outside 0..{MAX_WIRE_TERM}")
     for name in _OFFSET_FIELDS:
         value = getattr(raw, name)
         if not -1 <= value <= MAX_OFFSET:
@@ -78,6 +82,8 @@ def _check_entries(raw: pb.RaftMessage, where: str) -> None:
             raise RaftCodecError(f"{where}: entry at {e.base_offset} has term {e.term}, message term {raw.term}")
         if e.kind == ENTRY_KIND_TO_WIRE[EntryKind.DATA]:
             _check_batch(e, where)
+        elif e.kind == ENTRY_KIND_TO_WIRE[EntryKind.CONFIG]:
+            _check_membership(e, where)
         expected_base = e.last_offset + 1
 
 
@@ -90,6 +96,15 @@ def _check_batch(e: pb.RaftEntry, where: str) -> None:
     if header.size != len(e.payload) or header.last_offset_delta != e.last_offset - e.base_offset:
         raise RaftCodecError(f"{where}: entry {e.base_offset}..{e.last_offset} holds a batch of "
                              f"{header.last_offset_delta + 1} offsets in {header.size} of {len(e.payload)} bytes")
+
+
+def _check_membership(e: pb.RaftEntry, where: str) -> None:
+    """A CONFIG entry's payload is a membership with at least one voter (the core decodes it on append, where a
+    failure would leave the entry written and the replica unable to open its log again)."""
+    try:
+        Membership.decode(e.payload)  # checks itself: at least one voter, none also a learner
+    except (ValueError, KeyError, UnicodeDecodeError, RaftInternalError) as exc:
+        raise RaftCodecError(f"{where}: CONFIG entry at {e.base_offset} is not a membership: {exc}") from None
 
 
 def encode_message(group: str, m: Message) -> pb.RaftMessage:

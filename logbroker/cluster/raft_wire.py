@@ -43,6 +43,9 @@ KEEPALIVE = b"\x00"  # also the ACCEPT
 KEEPALIVE_INTERVAL_S = 1.0
 KEEPALIVE_TIMEOUT_S = 4.0
 HANDSHAKE_TIMEOUT_S = 5.0
+# A frame must arrive whole within this long of its first byte (checked at each keepalive): a sender writes one in
+# a go, and an unfinished one would hold up to MAX_FRAME_BYTES of the receiver's memory for nothing.
+FRAME_DEADLINE_S = 30.0
 # Connections that have not proven the secret yet, per receiver: past this, new ones are closed at once, so a
 # flood of idle connections costs a bounded amount of memory and timers.
 MAX_PENDING_HANDSHAKES = 64

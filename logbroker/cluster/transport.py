@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -54,6 +56,8 @@ MESSAGE_FRAMING_BYTES = 256
 ENTRY_FRAMING_BYTES = 64
 # Refused handshakes and undecodable frames are logged on the first and every this-many-th, not each.
 LOG_EVERY = 1000
+MAX_LOGGED_SHAPES = 100  # distinct kinds of bad envelope tracked (others: only every LOG_EVERY-th is logged)
+LOG_SHAPE_EVERY_S = 1.0
 
 OnMessages = Callable[[list[tuple[str, Message]]], None]
 
@@ -106,8 +110,10 @@ class RaftTransport:
         self.misaddressed_envelopes = 0
         self.undecodable_envelopes = 0
         self.refused_connections = 0
-        self._refusals_logged: set[str] = set()
+        self._refusals_logged: dict[str, float] = {}  # kind of refusal -> when last logged
         self._bad_frames = 0  # frames that were not RaftEnvelopes at all (logged first and every LOG_EVERY-th)
+        self._bad_envelopes = 0  # envelopes refused by the codec or forging their sender
+        self._shapes_logged: dict[str, float] = {}  # shape -> when last logged
 
     # ------------------------------------------------------------------ public API
 
@@ -354,6 +360,10 @@ class RaftTransport:
         if to_node != self.node_id:
             self._note_misaddressed(from_node, to_node, inbound.remote)
             return None
+        if from_node == self.node_id:
+            self._refuse(inbound.remote, f"it proves the cluster secret as node {from_node}, this broker's own id: "
+                                         "are two brokers running with the same --node-id?", "own node id")
+            return None
         if from_node not in self._peers:
             self._refuse(inbound.remote, f"node {from_node} is not a peer of node {self.node_id} "
                                          f"(peers: {sorted(self._peers)})", "unknown node")
@@ -361,11 +371,13 @@ class RaftTransport:
         return from_node
 
     def _refuse(self, remote: str, why: str, kind: str) -> None:
-        """Count and log a refused connection: the first of each kind, then every LOG_EVERY-th (a flood of
-        hostile connections must not flood the log)."""
+        """Count and log a refused connection: at most one line per kind of refusal per LOG_SHAPE_EVERY_S, and
+        every LOG_EVERY-th (a flood of hostile connections must not flood the log)."""
         self.refused_connections += 1
-        if kind not in self._refusals_logged or self.refused_connections % LOG_EVERY == 0:
-            self._refusals_logged.add(kind)
+        now_s = time.monotonic()
+        last_s = self._refusals_logged.get(kind)
+        if last_s is None or now_s - last_s >= LOG_SHAPE_EVERY_S or self.refused_connections % LOG_EVERY == 0:
+            self._refusals_logged[kind] = now_s
             log.warning("refused a connection to the Raft port of node %d from %s: %s (%d refused so far)",
                         self.node_id, remote, why, self.refused_connections)
 
@@ -374,18 +386,29 @@ class RaftTransport:
             self._note_misaddressed(envelope.from_node, envelope.to_node, remote)
             return
         if envelope.from_node != proven_from:
-            self.undecodable_envelopes += 1
-            log.error("dropping a Raft envelope from %s that claims to come from node %d on a connection that "
-                      "proved to be node %d's", remote, envelope.from_node, proven_from)
+            self._drop_bad_envelope(f"dropping a Raft envelope from {remote} that claims to come from node "
+                                    f"{envelope.from_node} on a connection that proved to be node {proven_from}'s")
             return
         try:
             messages = [decode_message(raw, envelope.from_node, self.node_id) for raw in envelope.messages]
         except RaftCodecError as e:
-            self.undecodable_envelopes += 1
-            log.error("dropping a Raft envelope from node %d (%s): %s", envelope.from_node, remote, e)
+            self._drop_bad_envelope(f"dropping a Raft envelope from node {envelope.from_node} ({remote}): {e}")
             return
         if messages:
             self._deliver(messages, envelope.from_node)
+
+    def _drop_bad_envelope(self, why: str) -> None:
+        """Count it, and log it unless one of the same shape (its text with the numbers taken out) was logged in the
+        last LOG_SHAPE_EVERY_S: each kind of garbage a peer sends is named, and a flood of it is a line a second."""
+        self.undecodable_envelopes += 1
+        self._bad_envelopes += 1
+        shape = re.sub(r"\d+", "#", why)[:200]
+        now_s = time.monotonic()
+        last_s = self._shapes_logged.get(shape)
+        known = last_s is not None or len(self._shapes_logged) < MAX_LOGGED_SHAPES
+        if (known and (last_s is None or now_s - last_s >= LOG_SHAPE_EVERY_S)) or self._bad_envelopes % LOG_EVERY == 0:
+            self._shapes_logged[shape] = now_s
+            log.error("%s (%d bad envelopes so far)", why, self._bad_envelopes)
 
     def _undecodable_frame(self, remote: str, proven_from: int, error: Exception) -> None:
         self.undecodable_envelopes += 1
@@ -527,33 +550,54 @@ class _Inbound(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self.nonce = wire.new_nonce()
         self.remote = "?"
+        self.opened_s = self._loop.time()
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._from_node: int | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._partial_since_s: float | None = None  # when the unfinished frame in the buffer began, if any
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
         peername = transport.get_extra_info("peername")
         self.remote = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
-        pending = sum(1 for other in self._owner._inbound if other._from_node is None)
+        pending = [other for other in self._owner._inbound if other._from_node is None]
         self._owner._inbound.add(self)
-        if self._owner._stopped or pending >= wire.MAX_PENDING_HANDSHAKES:
-            self._owner._refuse(self.remote, f"{pending} connections are still in their handshake", "too many")
+        if self._owner._stopped:
             self.close()
             return
+        if len(pending) >= wire.MAX_PENDING_HANDSHAKES:
+            # Close the oldest, not this one: a real peer proves itself within a round trip, so strangers who hold
+            # idle handshakes open cannot keep it out; they only push each other out.
+            oldest = min(pending, key=lambda other: other.opened_s)
+            self._owner._refuse(oldest.remote, f"{len(pending)} connections are still in their handshake; the "
+                                               "oldest is closed", "too many")
+            oldest.close()
         wire.tune_socket(transport.get_extra_info("socket"))
         self._transport.write(wire.hello(self.nonce))
         self._timer = self._loop.call_later(wire.HANDSHAKE_TIMEOUT_S, self._handshake_timed_out)
+
+    @property
+    def from_node(self) -> int | None:
+        """The node this connection proved to be, None while in its handshake."""
+        return self._from_node
 
     def _handshake_timed_out(self) -> None:
         self._owner._refuse(self.remote, f"no handshake within {wire.HANDSHAKE_TIMEOUT_S:.0f} s", "timeout")
         self.close()
 
     def _keepalive(self) -> None:
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.write(wire.KEEPALIVE)
-            self._timer = self._loop.call_later(wire.KEEPALIVE_INTERVAL_S, self._keepalive)
+        if self._transport is None or self._transport.is_closing():
+            return
+        if self._partial_since_s is not None and self._loop.time() - self._partial_since_s > wire.FRAME_DEADLINE_S:
+            # A peer writes a frame in one go; one left unfinished this long holds its buffer for nothing.
+            self._owner._undecodable_frame(self.remote, self._from_node or 0, TimeoutError(
+                f"a frame begun {wire.FRAME_DEADLINE_S:.0f} s ago is still unfinished ({len(self._buffer)} bytes "
+                "so far); closing the connection"))
+            self.close()
+            return
+        self._transport.write(wire.KEEPALIVE)
+        self._timer = self._loop.call_later(wire.KEEPALIVE_INTERVAL_S, self._keepalive)
 
     def data_received(self, data: bytes) -> None:
         buffer = self._buffer
@@ -598,6 +642,10 @@ class _Inbound(asyncio.Protocol):
                 return
         if start:
             del buffer[:start]
+        if not buffer:
+            self._partial_since_s = None
+        elif start or self._partial_since_s is None:
+            self._partial_since_s = self._loop.time()  # a new frame began
 
     def close(self) -> None:
         if self._timer is not None:

@@ -13,6 +13,7 @@ from logbroker_client.proto import logbroker_pb2 as pb
 from logbroker.cluster.raft_codec import (
     ENTRY_KIND_TO_WIRE,
     MAX_TERM,
+    MAX_WIRE_TERM,
     MESSAGE_TYPE_TO_WIRE,
     RaftCodecError,
     decode_message,
@@ -24,7 +25,7 @@ from logbroker.raft.types import Entry, EntryKind, Message, MessageType
 INT32 = st.integers(min_value=-(2**31), max_value=2**31 - 1)
 NODE_IDS = st.integers(min_value=0, max_value=2**31 - 1)
 OFFSETS = st.integers(min_value=-1, max_value=2**60)
-TERMS = st.integers(min_value=0, max_value=MAX_TERM)
+TERMS = st.integers(min_value=0, max_value=MAX_WIRE_TERM)
 
 
 def data_batch(count: int) -> bytes:
@@ -42,7 +43,8 @@ def entries_after(draw: st.DrawFn, prev_last_offset: int, term: int) -> tuple[En
     for _ in range(draw(st.integers(min_value=0, max_value=4)) if term > 0 else 0):
         kind = draw(st.sampled_from(EntryKind))
         count = draw(st.integers(min_value=1, max_value=5 if kind is EntryKind.DATA else 10_000))
-        payload = data_batch(count) if kind is EntryKind.DATA else draw(st.binary(max_size=64))
+        payload = data_batch(count) if kind is EntryKind.DATA else \
+            draw(memberships()).encode() if kind is EntryKind.CONFIG else draw(st.binary(max_size=64))
         out.append(Entry(base, base + count - 1, draw(st.integers(min_value=1, max_value=term)), kind, payload))
         base += count
     return tuple(out)
@@ -90,7 +92,8 @@ def test_round_trip_through_the_wire(group: str, message: Message) -> None:
 @pytest.mark.parametrize("message_type", list(MessageType))
 @pytest.mark.parametrize("kind", list(EntryKind))
 def test_every_type_and_kind_round_trips(message_type: MessageType, kind: EntryKind) -> None:
-    payload = data_batch(3) if kind is EntryKind.DATA else b"\x00\xffbatch"
+    payload = data_batch(3) if kind is EntryKind.DATA else \
+        Membership.of([1, 2, 3]).encode() if kind is EntryKind.CONFIG else b"\x00\xffbatch"
     entry = Entry(base_offset=7, last_offset=9, term=3, kind=kind, payload=payload)
     message = Message(type=message_type, from_node=1, to_node=2, term=3, prev_last_offset=6, entries=(entry,))
     assert decode_message(encode_message("t-0", message)) == ("t-0", message)
@@ -214,3 +217,19 @@ def test_entries_a_leader_cannot_have_sent_are_refused(mutate: Callable[[pb.Raft
     mutate(raw)
     with pytest.raises(RaftCodecError):
         decode_message(raw)
+
+
+@pytest.mark.parametrize("payload", [b"not a membership", b"v=;l=", b"v=1,2;l=2", b"\xff\xfe", b""])
+def test_a_config_entry_that_is_no_membership_is_refused(payload: bytes) -> None:
+    entry = Entry(base_offset=7, last_offset=7, term=3, kind=EntryKind.CONFIG, payload=payload)
+    message = Message(type=MessageType.APPEND, from_node=1, to_node=2, term=3, prev_last_offset=6, entries=(entry,))
+    with pytest.raises(RaftCodecError, match="CONFIG entry at 7 is not a membership"):
+        decode_message(encode_message("t-0", message))
+
+
+@pytest.mark.parametrize("term", [MAX_WIRE_TERM + 1, MAX_TERM])
+def test_a_term_without_room_for_more_elections_is_refused(term: int) -> None:
+    message = Message(type=MessageType.HEARTBEAT_RESP, from_node=1, to_node=2, term=term)
+    with pytest.raises(RaftCodecError, match=f"term {term} is outside"):
+        decode_message(encode_message("t-0", message))
+    assert decode_message(encode_message("t-0", Message(MessageType.HEARTBEAT_RESP, 1, 2, MAX_WIRE_TERM)))

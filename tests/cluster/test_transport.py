@@ -526,7 +526,7 @@ async def test_a_frame_beyond_the_limit_closes_the_connection(nodes: dict[int, N
     assert tx(b).undecodable_envelopes == 1 and b.envelopes == []
 
 
-async def test_silent_and_surplus_handshakes_are_cut_off(
+async def test_silent_handshakes_time_out_and_a_surplus_one_pushes_out_the_oldest(
     nodes: dict[int, Node], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(wire, "HANDSHAKE_TIMEOUT_S", 0.3)
@@ -537,11 +537,12 @@ async def test_silent_and_surplus_handshakes_are_cut_off(
     for reader, _ in idle:
         await reader.readexactly(wire.HELLO_BYTES)
     surplus_reader, surplus_writer = await asyncio.open_connection("127.0.0.1", b.port)
-    assert await closed_by_peer(surplus_reader, 2.0), "a fourth pending handshake was let in"
-    for reader, writer in idle:  # then the three silent ones time out
+    assert await surplus_reader.readexactly(wire.HELLO_BYTES)  # let in: strangers cannot keep a peer out
+    assert await closed_by_peer(idle[0][0], 0.2), "the oldest pending handshake was not pushed out"
+    for reader, writer in [*idle[1:], (surplus_reader, surplus_writer)]:  # the others time out
         assert await closed_by_peer(reader, 2.0)
         writer.close()
-    surplus_writer.close()
+    idle[0][1].close()
     await wait_until(lambda: tx(b).inbound_connections == 0, "every refused connection to be let go")
     assert tx(b).refused_connections == 4
 
@@ -550,6 +551,20 @@ async def test_silent_and_surplus_handshakes_are_cut_off(
     await start(a)
     tx(a).send("g", heartbeat(1, 2))
     await wait_until(lambda: len(b.received) == 1, "delivery from a real peer")
+
+
+async def test_a_frame_left_unfinished_past_the_deadline_closes_the_connection(
+    nodes: dict[int, Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(wire, "FRAME_DEADLINE_S", 0.5)
+    monkeypatch.setattr(wire, "KEEPALIVE_INTERVAL_S", 0.1)
+    b = nodes[2]
+    await start(b)
+    reader, writer = await raw_connection(b)
+    writer.write(wire.FRAME_HEADER.pack(1 << 20) + b"\x00" * 1000)  # 1 MiB announced, 1,000 bytes sent
+    assert await closed_by_peer(reader, 5.0)
+    writer.close()
+    assert tx(b).undecodable_envelopes == 1 and b.envelopes == []
 
 
 async def test_a_sender_refused_by_its_peer_keeps_retrying_and_delivers_nothing(

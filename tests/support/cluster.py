@@ -44,7 +44,7 @@ from logbroker.storage.log import PartitionLog
 from tests.support.brokers import REPO_ROOT, STARTUP_TIMEOUT_S, BrokerProcess, free_port, is_serving, wait_until
 from tests.support.checker import Stored
 from tests.support.disk import SizeLimitedDir
-from tests.support.proxy import FaultProxy
+from tests.support.proxy import FaultProxy, ProxyLoop
 
 HOST = "127.0.0.1"
 STOP_TIMEOUT_S = 20.0
@@ -214,6 +214,7 @@ class BrokerCluster:
         }
         self.proxies: dict[tuple[int, int], FaultProxy] = {}  # (from, to) -> the proxy of to's client port
         self.raft_proxies: dict[tuple[int, int], FaultProxy] = {}  # (from, to) -> the proxy of to's Raft port
+        self.proxy_loop = ProxyLoop("cluster proxies")  # one loop relays for every proxy of the cluster
         if kafka:  # Kafka ports: every broker's gRPC port plus one offset (how brokers name each other's)
             assert not proxied, "Kafka endpoints are derived from peer addresses, which proxies would change"
             offset = kafka_port_offset([b.port for b in self.brokers.values()])
@@ -236,10 +237,11 @@ class BrokerCluster:
                     broker.peers[peer] = broker.address
                     broker.raft_peers[peer] = f"{HOST}:{broker.raft_port}"
                 elif proxied:
-                    proxy = FaultProxy(free_port(), other.port, name=f"proxy {node}->{peer}")
+                    proxy = FaultProxy(free_port(), other.port, name=f"proxy {node}->{peer}", shared=self.proxy_loop)
                     self.proxies[(node, peer)] = proxy
                     broker.peers[peer] = proxy.address
-                    raft_proxy = FaultProxy(free_port(), other.raft_port, name=f"raft proxy {node}->{peer}")
+                    raft_proxy = FaultProxy(free_port(), other.raft_port, name=f"raft proxy {node}->{peer}",
+                                            shared=self.proxy_loop)
                     self.raft_proxies[(node, peer)] = raft_proxy
                     broker.raft_peers[peer] = raft_proxy.address
                 else:
@@ -302,6 +304,7 @@ class BrokerCluster:
             broker.stop()
         for _, proxy in self.all_proxies():
             proxy.close()
+        self.proxy_loop.stop()
 
     def __enter__(self) -> BrokerCluster:
         return self.start()

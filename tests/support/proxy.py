@@ -28,8 +28,35 @@ START_TIMEOUT_S = 10.0
 CALL_TIMEOUT_S = 10.0
 
 
+class ProxyLoop:
+    """One event loop on a daemon thread that several FaultProxies share: a cluster's dozen proxies on a dozen
+    threads of their own fought over the test process's GIL, and under load a relay stalled long enough for
+    two healthy brokers to miss each other's heartbeats."""
+
+    def __init__(self, name: str = "proxies") -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+
+    def start(self) -> ProxyLoop:
+        if not self._thread.is_alive():
+            self._thread.start()
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=CALL_TIMEOUT_S)
+        if not self.loop.is_running():
+            self.loop.close()
+
+
 class FaultProxy:
-    def __init__(self, listen_port: int, target_port: int, name: str = "") -> None:
+    def __init__(self, listen_port: int, target_port: int, name: str = "", shared: ProxyLoop | None = None) -> None:
+        """``shared``: run on that loop (started by whoever owns it) instead of a thread of this proxy's own."""
         self.listen_port = listen_port
         self.target_port = target_port
         self.name = name or f"proxy {listen_port}->{target_port}"
@@ -40,14 +67,16 @@ class FaultProxy:
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name=self.name, daemon=True)
+        self._own_loop = ProxyLoop(self.name) if shared is None else None
+        self._loop_owner = self._own_loop or shared
+        assert self._loop_owner is not None
+        self._loop = self._loop_owner.loop
         self._closed = False
 
     # ------------------------------------------------------------------ control (any thread)
 
     def start(self) -> FaultProxy:
-        self._thread.start()
+        self._loop_owner.start()
         self._call(self._listen())
         return self
 
@@ -66,13 +95,11 @@ class FaultProxy:
         if self._closed:
             return
         self._closed = True
-        if self._thread.is_alive():
+        if self._loop_owner.running:
             with contextlib.suppress(Exception):
                 self._call(self._shutdown())
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=CALL_TIMEOUT_S)
-        if not self._loop.is_running():
-            self._loop.close()
+        if self._own_loop is not None:
+            self._own_loop.stop()
 
     def __enter__(self) -> FaultProxy:
         return self.start()
