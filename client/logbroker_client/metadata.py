@@ -292,10 +292,21 @@ class ClusterMetadata(MetadataCache):
             raise error
 
     def partitions_for(self, topic: str) -> int:
-        """Number of partitions; raises UnknownTopicOrPartitionError with the broker's message."""
+        """Number of partitions; raises UnknownTopicOrPartitionError with the broker's message. A retriable
+        answer (a broker that has just started and is still loading the cluster metadata) is asked again, within
+        the request timeout, before it is raised."""
         count = self.cached_count(topic)
         if count is None:
-            self.check_topic(self.refresh([topic]), topic)
+            deadline = time.monotonic() + self.request_timeout_s
+            while True:
+                response = self.refresh([topic])
+                try:
+                    self.check_topic(response, topic)
+                    break
+                except LogbrokerError as exc:
+                    if not exc.retriable or time.monotonic() + RETRY_BACKOFF_S >= deadline:
+                        raise
+                time.sleep(RETRY_BACKOFF_S)
             count = self.cached_count(topic)
             if count is None:
                 raise LogbrokerError(f"broker returned no metadata for topic {topic!r}")

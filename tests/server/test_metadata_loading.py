@@ -15,7 +15,7 @@ from logbroker_client.proto import logbroker_pb2 as pb
 from logbroker.server import errors
 from logbroker.server.broker import Broker
 from logbroker.server.config import BrokerConfig
-from tests.support.brokers import InProcessBroker
+from tests.support.brokers import InProcessBroker, wait_until
 
 
 def test_a_broker_still_loading_says_so_and_the_error_is_retriable(tmp_path: Path) -> None:
@@ -29,9 +29,13 @@ def test_a_broker_still_loading_says_so_and_the_error_is_retriable(tmp_path: Pat
 
 
 def test_a_loaded_broker_says_the_topic_does_not_exist(broker: InProcessBroker) -> None:
+    # Serving means a controller leader is known; loaded also means its committed commands are applied.
+    controller_client = broker.server.broker.controller_client  # type: ignore[union-attr]
+    wait_until(lambda: bool(broker.call(controller_client.metadata_loaded)), 10, "the broker to load the metadata")
     with Producer(broker.address, request_timeout_ms=5_000) as producer, \
             pytest.raises(UnknownTopicOrPartitionError, match="does not exist"):
         producer.send("never-created", b"x").result(timeout=10)
     with Admin(broker.address) as admin:
         admin.create_topic("orders", partitions=1)
         assert admin.describe_topics(["orders"])[0].partitions
+
