@@ -216,6 +216,13 @@ class RaftNode:
         self._append_as_leader(entry)
         return entry
 
+    @property
+    def leader_caught_up(self) -> bool:
+        """A leader that has committed and applied its own term's first entry, and so everything committed in
+        earlier terms: until then its state machine may lack commands an earlier leader had committed."""
+        return (self.role is Role.LEADER and self.commit_offset >= self._term_start_offset
+                and self.applied_offset >= self._term_start_offset)
+
     def leader_lost(self, leader_id: int, campaign: bool) -> None:
         """The runtime learned out of band that ``leader_id`` is gone (its broker stopped answering everything).
 

@@ -361,8 +361,21 @@ class ControllerClient:
 
     # ---------------------------------------------------------------------------------- topics
 
+    async def _await_caught_up_leader(self, timeout_s: float) -> None:
+        """On a controller leader just elected: wait until it has applied what earlier leaders committed, so that
+        a create or delete is checked against every topic that exists (a new leader answered 'already exists'
+        for a topic whose committed delete it had not applied yet, and the create was taken as done)."""
+        controller = self._controller()
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while controller.is_leader and not controller.node.leader_caught_up:
+            if asyncio.get_running_loop().time() > deadline:
+                raise errors.LeaderNotAvailable("the controller leader is still applying what earlier leaders "
+                                                "committed; retry shortly")
+            await asyncio.sleep(self.broker.config.raft_tick_ms / 1000)
+
     async def create_topic(self, name: str, partitions: int, replication_factor: int,
                            configs: dict[str, str], validate_only: bool = False, timeout_s: float = 30.0) -> None:
+        await self._await_caught_up_leader(timeout_s)
         partitions, replication_factor = self._checked_new_topic(name, partitions, replication_factor, configs)
         if validate_only:
             return
@@ -405,6 +418,7 @@ class ControllerClient:
         return partitions, replication_factor
 
     async def delete_topic(self, name: str, timeout_s: float = 30.0) -> None:
+        await self._await_caught_up_leader(timeout_s)
         topic = self.topic(name)
         await self.propose_command({"op": "delete_topic", "name": name, "topic_id": topic.topic_id}, timeout_s)
 

@@ -180,3 +180,19 @@ def test_nothing_leaves_early_while_a_new_term_is_not_yet_durable() -> None:
     storage.fsync()  # type: ignore[attr-defined]
     follower.advance(outstanding)  # term 2 is durable now
     assert [m.type for m in follower.take_messages_before_persist()] == [MessageType.HEARTBEAT_RESP]
+
+
+def test_a_new_leader_is_caught_up_only_once_its_first_entry_is_committed_and_applied() -> None:
+    harness = Harness([1, 2, 3])
+    leader = harness.node(1)
+    for _ in range(40):  # node 1 times out; pre-vote and vote rounds, one delivery at a time
+        if leader.role is Role.LEADER:
+            break
+        leader.tick()
+        harness.process(1)
+        harness.deliver_once()
+    assert leader.role is Role.LEADER
+    assert not leader.leader_caught_up  # its NOOP is appended, not yet acknowledged by anyone
+    harness.stabilize()  # the NOOP commits on the followers' acknowledgements and is applied
+    assert leader.leader_caught_up
+    assert not harness.node(2).leader_caught_up  # a follower never is
