@@ -120,6 +120,8 @@ class Replica:
         self._transport = transport
         self._executor = executor
         self._state_executor = state_executor or executor
+        # The broker's shared state log saves from the loop (GroupStateFile.save_soon); a file of its own cannot.
+        self._save_state_soon = getattr(state_file, "save_soon", None)
         self._on_commit = on_commit
         self._on_leader_change = on_leader_change
         self._on_failure = on_failure
@@ -437,7 +439,7 @@ class Replica:
                 state_changed = True
             self.state.commit_offset = hard.commit_offset
         snapshot = replace(self.state) if state_changed else None
-        save_soon = getattr(self._state_file, "save_soon", None)
+        save_soon = self._save_state_soon
         if ready.entries:
             await self._append(ready.entries, snapshot)
         elif (snapshot is not None and ready.reset_log is None and ready.truncate_from is None

@@ -110,10 +110,10 @@ class RaftTransport:
         self.misaddressed_envelopes = 0
         self.undecodable_envelopes = 0
         self.refused_connections = 0
-        self._refusals_logged: dict[str, float] = {}  # kind of refusal -> when last logged
+        self._refusal_log = _LogLimiter()  # per kind of refusal
         self._bad_frames = 0  # frames that were not RaftEnvelopes at all (logged first and every LOG_EVERY-th)
         self._bad_envelopes = 0  # envelopes refused by the codec or forging their sender
-        self._shapes_logged: dict[str, float] = {}  # shape -> when last logged
+        self._bad_envelope_log = _LogLimiter()  # per shape: the text with its numbers taken out
 
     # ------------------------------------------------------------------ public API
 
@@ -374,10 +374,7 @@ class RaftTransport:
         """Count and log a refused connection: at most one line per kind of refusal per LOG_SHAPE_EVERY_S, and
         every LOG_EVERY-th (a flood of hostile connections must not flood the log)."""
         self.refused_connections += 1
-        now_s = time.monotonic()
-        last_s = self._refusals_logged.get(kind)
-        if last_s is None or now_s - last_s >= LOG_SHAPE_EVERY_S or self.refused_connections % LOG_EVERY == 0:
-            self._refusals_logged[kind] = now_s
+        if self._refusal_log.allows(kind, self.refused_connections):
             log.warning("refused a connection to the Raft port of node %d from %s: %s (%d refused so far)",
                         self.node_id, remote, why, self.refused_connections)
 
@@ -402,12 +399,7 @@ class RaftTransport:
         last LOG_SHAPE_EVERY_S: each kind of garbage a peer sends is named, and a flood of it is a line a second."""
         self.undecodable_envelopes += 1
         self._bad_envelopes += 1
-        shape = re.sub(r"\d+", "#", why)[:200]
-        now_s = time.monotonic()
-        last_s = self._shapes_logged.get(shape)
-        known = last_s is not None or len(self._shapes_logged) < MAX_LOGGED_SHAPES
-        if (known and (last_s is None or now_s - last_s >= LOG_SHAPE_EVERY_S)) or self._bad_envelopes % LOG_EVERY == 0:
-            self._shapes_logged[shape] = now_s
+        if self._bad_envelope_log.allows(re.sub(r"\d+", "#", why)[:200], self._bad_envelopes):
             log.error("%s (%d bad envelopes so far)", why, self._bad_envelopes)
 
     def _undecodable_frame(self, remote: str, proven_from: int, error: Exception) -> None:
@@ -433,6 +425,23 @@ class RaftTransport:
         except Exception:
             # The connection carries every group from that peer; one failing handler must not cut them all off.
             log.exception("on_messages failed for an envelope from node %d", from_node)
+
+
+class _LogLimiter:
+    """Whether to log one more of a kind of event: at most once per LOG_SHAPE_EVERY_S per kind (for up to
+    MAX_LOGGED_SHAPES kinds), and on every LOG_EVERY-th event counted, so a flood of garbage is a line a second."""
+
+    def __init__(self) -> None:
+        self._last_s: dict[str, float] = {}  # kind -> when last logged
+
+    def allows(self, kind: str, count: int) -> bool:
+        now_s = time.monotonic()
+        last_s = self._last_s.get(kind)
+        tracked = last_s is not None or len(self._last_s) < MAX_LOGGED_SHAPES
+        if (tracked and (last_s is None or now_s - last_s >= LOG_SHAPE_EVERY_S)) or count % LOG_EVERY == 0:
+            self._last_s[kind] = now_s
+            return True
+        return False
 
 
 def _wire_bytes_bound(group: str, message: Message) -> int:

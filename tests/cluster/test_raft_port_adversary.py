@@ -29,6 +29,7 @@ from tests.support.brokers import wait_until
 from tests.support.cluster import CLUSTER_SECRET_FILE, HOST, BrokerCluster, ClusterBroker
 from tests.support.raft_peer import RaftPeerSocket
 from tests.support.rss import rss_mb
+from tests.support.sockets import read_exactly
 
 TOPIC = "adversary"
 TARGET = 1  # the broker whose Raft port is attacked
@@ -166,16 +167,6 @@ def hostile_socket(broker: ClusterBroker) -> socket.socket:
     sock.bind((ATTACKER_HOST, 0))
     sock.connect((HOST, broker.raft_port))
     return sock
-
-
-def read_exactly(sock: socket.socket, count: int) -> bytes:
-    data = b""
-    while len(data) < count:
-        chunk = sock.recv(count - len(data))
-        if not chunk:
-            raise ConnectionError(f"closed after {len(data)} of {count} bytes")
-        data += chunk
-    return data
 
 
 def closed_within(sock: socket.socket, timeout_s: float) -> bool:

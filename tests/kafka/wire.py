@@ -10,6 +10,8 @@ from typing import Any
 from kio.index import load_response_schema
 from kio.serial import entity_reader, entity_writer
 
+from tests.support.sockets import read_exactly
+
 _SIZE = struct.Struct(">i")
 
 
@@ -48,13 +50,7 @@ class WireClient:
         return self._read_exactly(size)
 
     def _read_exactly(self, count: int) -> bytes:
-        out = b""
-        while len(out) < count:
-            chunk = self.sock.recv(count - len(out))
-            if not chunk:
-                raise ConnectionError(f"closed by the broker after {len(out)} of {count} bytes")
-            out += chunk
-        return out
+        return read_exactly(self.sock, count)
 
     def closed_by_broker(self) -> bool:
         try:

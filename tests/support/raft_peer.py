@@ -14,6 +14,7 @@ import time
 from logbroker_client.proto import logbroker_pb2 as pb
 
 from logbroker.cluster import raft_wire as wire
+from tests.support.sockets import read_exactly
 
 TIMEOUT_S = 10.0
 
@@ -22,16 +23,7 @@ class RaftPeerSocket:
     def __init__(self, address: str) -> None:
         host, _, port = address.rpartition(":")
         self.sock = socket.create_connection((host, int(port)), timeout=TIMEOUT_S)
-        self.nonce = wire.parse_hello(self._read_exactly(wire.HELLO_BYTES))
-
-    def _read_exactly(self, count: int) -> bytes:
-        data = b""
-        while len(data) < count:
-            chunk = self.sock.recv(count - len(data))
-            if not chunk:
-                raise ConnectionError(f"the broker closed the connection after {len(data)} of {count} bytes")
-            data += chunk
-        return data
+        self.nonce = wire.parse_hello(read_exactly(self.sock, wire.HELLO_BYTES))
 
     def prove(self, secret: str, from_node: int, to_node: int) -> None:
         self.sock.sendall(wire.proof(secret, self.nonce, from_node, to_node))
