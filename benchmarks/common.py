@@ -78,6 +78,26 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port_offset(ports: list[int], host: str = "127.0.0.1") -> int:
+    """An offset that puts every port + offset on a free port: a cluster's Kafka ports, and its data ports, are
+    each broker's port plus one offset (the defaults, +100 and +400, may be taken where ports are random)."""
+    for _ in range(200):
+        offset = random.randrange(1000, 20000) * random.choice((1, -1))
+        candidates = [port + offset for port in ports]
+        if all(1024 < c < 65536 for c in candidates) and all(port_is_free(c, host) for c in candidates):
+            return offset
+    raise AssertionError(f"no offset puts every one of the ports {ports} on a free port")
+
+
 def is_serving(address: str) -> bool:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -106,8 +126,9 @@ class TemporaryBroker:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> TemporaryBroker:
+        data_port = [] if "--data-listen" in self.extra_args else ["--data-listen", f"127.0.0.1:{free_port()}"]
         cmd = [sys.executable, "-m", "logbroker.server.cli", "--log-level", "warning", "serve",
-               "--data-dir", str(self.workdir / "data"), "--listen", self.address, *self.extra_args]
+               "--data-dir", str(self.workdir / "data"), "--listen", self.address, *data_port, *self.extra_args]
         with open(self.log_path, "wb") as log_file:
             self.proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + BROKER_START_TIMEOUT_S

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from benchmarks.common import emit, free_port, is_serving, rounded, run_main
+from benchmarks.common import emit, free_port, free_port_offset, is_serving, rounded, run_main
 from logbroker.server.config import DEFAULT_RAFT_ELECTION_TICKS, DEFAULT_RAFT_TICK_MS
 
 if TYPE_CHECKING:
@@ -50,6 +50,7 @@ class BenchCluster:
         self.workdir = Path(tempfile.mkdtemp(prefix="logbroker-failover-"))
         self.ports = {node: free_port() for node in range(1, size + 1)}
         self.raft_ports = {node: free_port() for node in range(1, size + 1)}
+        self.data_port_offset = free_port_offset(list(self.ports.values()))
         self.raft_tick_ms = raft_tick_ms
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         # A cluster of several brokers needs a secret they share (peer authentication).
@@ -66,7 +67,8 @@ class BenchCluster:
     def raft_args(self, node: int) -> list[str]:
         """Each broker's Raft port on a free port of its own (the default, client port + 300, may be taken)."""
         raft_peers = ",".join(f"{n}={HOST}:{port}" for n, port in self.raft_ports.items())
-        return ["--raft-listen", f"{HOST}:{self.raft_ports[node]}", "--raft-peers", raft_peers]
+        return ["--raft-listen", f"{HOST}:{self.raft_ports[node]}", "--raft-peers", raft_peers,
+                "--data-listen", f"{HOST}:{self.ports[node] + self.data_port_offset}"]
 
     def launch(self, node: int) -> None:
         peers = ",".join(f"{n}={self.address(n)}" for n in self.ports)

@@ -71,11 +71,16 @@ def service_name(admin: bool, service: str) -> str:
 
 
 def translate_rpc_error(exc: grpc.RpcError, address: str) -> LogbrokerError:
-    code = rpc_code(exc)
-    details = exc.details() if hasattr(exc, "details") else str(exc)
-    if code == grpc.StatusCode.UNAVAILABLE:
+    if rpc_code(exc) == grpc.StatusCode.UNAVAILABLE:
         # Only this one broker failed; whoever tried every address says whether the cluster is down.
         return BrokerUnavailableError(f"cannot reach the broker at {address} ({unreachable_reason(exc)})")
+    return translate_status(rpc_code(exc), exc.details() if hasattr(exc, "details") else str(exc), address)
+
+
+def translate_status(code: grpc.StatusCode | None, details: str | None, address: str) -> LogbrokerError:
+    """The error for a call that failed as a whole with this status (on the gRPC port or the data port)."""
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return BrokerUnavailableError(f"cannot reach the broker at {address} ({details or 'unavailable'})")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return RequestTimedOutError(f"broker at {address} did not answer in time")
     if code == grpc.StatusCode.INVALID_ARGUMENT:

@@ -27,6 +27,7 @@ import grpc
 
 from logbroker_client.connection import DEFAULT_REQUEST_TIMEOUT_MS, Connection, translate_rpc_error
 from logbroker_client.coordinator import Coordinators
+from logbroker_client.data_wire import Method
 from logbroker_client.errors import (
     BrokerUnavailableError,
     LogbrokerError,
@@ -333,8 +334,12 @@ class Consumer:
                         for tp, offset in offsets.items()],
         )
         fetch = self._fetch.begin_fetch(conn.address, offsets)
-        fetch.handle = conn.broker.Fetch.future(request, timeout=self._timeout_s + self._max_wait_ms / 1000,
-                                                metadata=self._metadata.call_metadata)
+        timeout_s = self._timeout_s + self._max_wait_ms / 1000
+        channel = self._metadata.data_channel(conn.address)
+        if channel is not None:
+            fetch.handle = channel.future(Method.FETCH, request, pb.FetchResponse, timeout_s)
+            return
+        fetch.handle = conn.broker.Fetch.future(request, timeout=timeout_s, metadata=self._metadata.call_metadata)
 
     def _complete_one_fetch(self, timeout: float) -> bool:
         """Wait for the oldest fetch in flight and buffer its records; False if it did not finish in time."""
@@ -352,6 +357,10 @@ class Consumer:
             self._fetch.end_fetch(fetch)
             self._on_fetch_failure(fetch, translate_rpc_error(exc, fetch.address), timeout)
             return True  # handled: poll() goes round again while its timeout lasts
+        except LogbrokerError as error:  # from the data port
+            self._fetch.end_fetch(fetch)
+            self._on_fetch_failure(fetch, error, timeout)
+            return True
         self._fetch.end_fetch(fetch)
         self._pauses.note(fetch.address, response.throttle_time_ms)
         for result in response.results:

@@ -22,6 +22,7 @@ from logbroker_client.connection import (
     translate_rpc_error,
     unreachable_reason,
 )
+from logbroker_client.data_channel import DataChannel
 from logbroker_client.errors import (
     LogbrokerError,
     NoBrokerAnsweredError,
@@ -34,6 +35,7 @@ from logbroker_client.proto import logbroker_pb2 as pb
 log = logging.getLogger("logbroker_client.metadata")
 
 UNREACHABLE_PENALTY_S = 2.0
+DATA_PORT_RETRY_S = 5.0  # a broker's data port that could not be reached is tried again after this long
 METADATA_TIMEOUT_S = 2.0
 PROBE_TIMEOUT_S = 2.0  # a broker's health service answers at once, unless the broker is stuck or overloaded
 RETRY_BACKOFF_S = 0.2  # between whole-request retries while a controller moves
@@ -57,6 +59,7 @@ class MetadataCache:
         self._partitions: dict[str, list[pb.PartitionMetadata]] = {}
         self._unreachable_until: dict[str, float] = {}
         self._leaderless_until: dict[str, float] = {}
+        self._data_ports: dict[str, int] = {}  # broker address -> its data port, where Metadata names one
 
     def addresses(self, for_metadata: bool = False) -> list[str]:
         """Known brokers first, then bootstrap addresses; any that just failed go last (and, when asking for
@@ -86,6 +89,7 @@ class MetadataCache:
     def apply(self, response: pb.MetadataResponse) -> None:
         with self._lock:
             self._brokers = {b.node_id: f"{b.host}:{b.port}" for b in response.brokers}
+            self._data_ports = {f"{b.host}:{b.port}": b.data_port for b in response.brokers if b.data_port}
             for topic in response.topics:
                 if topic.error_code:
                     self._partitions.pop(topic.name, None)
@@ -198,6 +202,33 @@ class ClusterMetadata(MetadataCache):
     def __init__(self, bootstrap: str | Sequence[str] | None, request_timeout_ms: int = DEFAULT_REQUEST_TIMEOUT_MS):
         super().__init__(bootstrap, request_timeout_ms)
         self._connections: dict[str, Connection] = {}
+        self._data_channels: dict[str, DataChannel] = {}
+        self._data_port_failed_at: dict[str, float] = {}  # address -> when its data port last could not be used
+
+    def data_channel(self, address: str) -> DataChannel | None:
+        """A connection to the broker's data port, or None: the broker names none, or it could not be reached
+        within the last DATA_PORT_RETRY_S (the caller then uses gRPC; a warning says why, once per broker)."""
+        port = self._data_ports.get(address)
+        if port is None:
+            return None
+        with self._lock:
+            channel = self._data_channels.get(address)
+            if channel is not None and not channel.closed:
+                return channel
+            failed_at = self._data_port_failed_at.get(address)
+            if failed_at is not None and time.monotonic() - failed_at < DATA_PORT_RETRY_S:
+                return None
+            try:
+                channel = self._data_channels[address] = DataChannel(address, (address.rpartition(":")[0], port),
+                                                                     dict(self.call_metadata).get("client-id", ""))
+            except LogbrokerError as exc:
+                if failed_at is None:
+                    log.warning("%s; using its gRPC port instead (trying the data port again every %.0f s)",
+                                exc, DATA_PORT_RETRY_S)
+                self._data_port_failed_at[address] = time.monotonic()
+                return None
+            self._data_port_failed_at.pop(address, None)
+            return channel
 
     def connection(self, address: str) -> Connection:
         with self._lock:
@@ -323,3 +354,6 @@ class ClusterMetadata(MetadataCache):
             for conn in self._connections.values():
                 conn.close()
             self._connections.clear()
+            for channel in self._data_channels.values():
+                channel.close()
+            self._data_channels.clear()

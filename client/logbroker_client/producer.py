@@ -24,6 +24,8 @@ from typing import Any
 import grpc
 
 from logbroker_client.connection import DEFAULT_REQUEST_TIMEOUT_MS, Connection, translate_rpc_error
+from logbroker_client.data_channel import DataChannel
+from logbroker_client.data_wire import Method
 from logbroker_client.errors import BrokerUnavailableError, LogbrokerError
 from logbroker_client.metadata import ClusterMetadata
 from logbroker_client.producer_core import (  # noqa: F401  (re-exported: the producer's public constants)
@@ -307,6 +309,10 @@ class Producer:
         request = pb.ProduceRequest(acks=core.acks, timeout_ms=int(self._request_timeout_s * 1000), partitions=[
             pb.PartitionRecords(topic=slot[0], partition=slot[1], records=core.request_records(slot, batches))
             for slot, batches in parts])
+        channel = self._metadata.data_channel(conn.address)
+        if channel is not None:
+            self._send_on_data_port(channel, request, parts)
+            return
         call = conn.broker.Produce.future(request, timeout=self._request_timeout_s,
                                           metadata=self._metadata.call_metadata)
         if core.acks == 0:  # nobody waits for an answer, but close() must wait for the bytes to leave
@@ -316,19 +322,40 @@ class Producer:
             return
         call.add_done_callback(lambda f: self._on_call_done(parts, f, conn.address))
 
+    def _send_on_data_port(self, channel: DataChannel, request: pb.ProduceRequest,
+                           parts: list[tuple[Slot, list[CoreBatch]]]) -> None:
+        core = self._core
+        if core.acks == 0:  # nobody waits for an answer, but close() must wait for the bytes to leave
+            for _, batches in parts:
+                complete_all(core.unacknowledged(batches))
+
+            def on_done(response: pb.ProduceResponse | None, error: LogbrokerError | None) -> None:
+                self._release_all(parts)
+        else:
+            def on_done(response: pb.ProduceResponse | None, error: LogbrokerError | None) -> None:
+                self._on_response(parts, response, error, channel.address)
+
+        channel.call(Method.PRODUCE, request, pb.ProduceResponse, self._request_timeout_s, on_done)
+
     def _on_call_done(self, parts: list[tuple[Slot, list[CoreBatch]]], call: Any, address: str) -> None:
         try:
             response = call.result()
         except grpc.RpcError as exc:
-            error = translate_rpc_error(exc, address)
+            self._on_response(parts, None, translate_rpc_error(exc, address), address)
+            return
+        except Exception as exc:
+            self._on_response(parts, None, LogbrokerError(f"produce to {address} failed: {exc}"), address)
+            return
+        self._on_response(parts, response, None, address)
+
+    def _on_response(self, parts: list[tuple[Slot, list[CoreBatch]]], response: pb.ProduceResponse | None,
+                     error: LogbrokerError | None, address: str) -> None:
+        """The answer to a Produce (or the error it failed with as a whole), from either port."""
+        if response is None:
             if isinstance(error, BrokerUnavailableError):
                 self._metadata.mark_unreachable(address)
             for slot, batches in parts:
                 self._on_answer(slot, batches, None, error, address)
-            return
-        except Exception as exc:
-            for slot, batches in parts:
-                self._on_answer(slot, batches, None, LogbrokerError(f"produce to {address} failed: {exc}"), address)
             return
         if response.throttle_time_ms:
             with self._lock:

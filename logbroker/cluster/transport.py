@@ -110,10 +110,10 @@ class RaftTransport:
         self.misaddressed_envelopes = 0
         self.undecodable_envelopes = 0
         self.refused_connections = 0
-        self._refusal_log = _LogLimiter()  # per kind of refusal
+        self._refusal_log = LogLimiter()  # per kind of refusal
         self._bad_frames = 0  # frames that were not RaftEnvelopes at all (logged first and every LOG_EVERY-th)
         self._bad_envelopes = 0  # envelopes refused by the codec or forging their sender
-        self._bad_envelope_log = _LogLimiter()  # per shape: the text with its numbers taken out
+        self._bad_envelope_log = LogLimiter()  # per shape: the text with its numbers taken out
 
     # ------------------------------------------------------------------ public API
 
@@ -427,7 +427,7 @@ class RaftTransport:
             log.exception("on_messages failed for an envelope from node %d", from_node)
 
 
-class _LogLimiter:
+class LogLimiter:
     """Whether to log one more of a kind of event: at most once per LOG_SHAPE_EVERY_S per kind (for up to
     MAX_LOGGED_SHAPES kinds), and on every LOG_EVERY-th event counted, so a flood of garbage is a line a second."""
 

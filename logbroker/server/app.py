@@ -16,6 +16,7 @@ from logbroker_client.proto import logbroker_pb2_grpc as pb_grpc
 from logbroker.cluster.tasks import cancel_and_wait
 from logbroker.server.broker import Broker
 from logbroker.server.config import BrokerConfig, split_host_port
+from logbroker.server.data_port import DataPort
 from logbroker.server.groups import GroupFrontEnd
 from logbroker.server.metrics import instrument_servicer
 from logbroker.server.metrics_server import MetricsServer
@@ -106,6 +107,7 @@ class BrokerServer:
         self.kafka: KafkaListener | None = None
         self.raft_port: int | None = None  # the Raft port bound, for a broker with peers
         self.metrics_server: MetricsServer | None = None
+        self.data_port: DataPort | None = None
 
     async def start(self) -> None:
         if self.config.metrics_listen:  # first: a port in use stops the start before anything else runs
@@ -119,6 +121,7 @@ class BrokerServer:
             return instrument_servicer(servicer, services[name], metrics)
 
         pb_grpc.add_BrokerServicer_to_server(timed(BrokerService(self.broker), "Broker"), server)
+        data_service = instrument_servicer(BrokerService(self.broker), services["Broker"], metrics, protocol="data")
         pb_grpc.add_AdminServicer_to_server(timed(AdminService(self.broker), "Admin"), server)
         pb_grpc.add_RaftServicer_to_server(timed(RaftService(self.broker), "Raft"), server)
         pb_grpc.add_GroupsServicer_to_server(timed(GroupsService(self.broker), "Groups"), server)
@@ -139,6 +142,7 @@ class BrokerServer:
             raise OSError(f"cannot listen on {self.config.listen}: the address is in use or not local")
         await server.start()
         self._server = server
+        await self._start_data_port(data_service)
         if len(self.broker.peers) > 1:  # a cluster of one has no one to talk Raft with
             host, port = self.config.raft_listen_address()
             self.raft_port = await self.broker.transport.listen(host, port)
@@ -146,8 +150,16 @@ class BrokerServer:
         if self.config.kafka_listen:
             await self._start_kafka()
         self._maintenance = asyncio.get_running_loop().create_task(self._serve_when_ready())
-        log.info("broker %d serving on %s:%d (data in %s)",
-                 self.config.node_id, self.config.host, self.port, self.config.data_dir)
+        data_port = "" if self.data_port is None else f", data port {self.data_port.port}"
+        log.info("broker %d serving on %s:%d%s (data in %s)",
+                 self.config.node_id, self.config.host, self.port, data_port, self.config.data_dir)
+
+    async def _start_data_port(self, service: BrokerService) -> None:
+        address = self.config.data_listen_address()
+        if address is None:
+            return
+        self.data_port = DataPort(service, self.config.max_request_bytes, REQUEST_FRAMING_BYTES)
+        await self.data_port.listen(*address)
 
     async def _start_kafka(self) -> None:
         # Imported here: kio's message classes take over half a second to import, which every broker start
@@ -185,8 +197,13 @@ class BrokerServer:
             await self.metrics_server.stop()
         # The Raft transport (its port and its connections to peers) stops before the gRPC server's grace period.
         await self.broker.transport.stop()
+        grace_s = self.config.shutdown_grace_ms / 1000
+        if self.data_port is not None:  # beside the gRPC server's grace period, not before it
+            data_stopped = asyncio.get_running_loop().create_task(self.data_port.stop(grace_s))
         if self._server is not None:
-            await self._server.stop(self.config.shutdown_grace_ms / 1000)
+            await self._server.stop(grace_s)
+        if self.data_port is not None:
+            await data_stopped
         if self._maintenance is not None:
             await cancel_and_wait(self._maintenance)
         await self.broker.close()

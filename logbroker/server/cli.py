@@ -43,7 +43,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "data_dir": args.data_dir, "listen": args.listen, "node_id": args.node_id,
             "peers": parse_peers(args.peers) if args.peers else None,
             "raft_listen": args.raft_listen, "raft_peers": parse_peers(args.raft_peers) if args.raft_peers else None,
-            "raft_tick_ms": args.raft_tick_ms, "cluster_secret_file": args.cluster_secret_file,
+            "data_listen": args.data_listen, "raft_tick_ms": args.raft_tick_ms,
+            "cluster_secret_file": args.cluster_secret_file,
             "kafka_listen": args.kafka_listen, "metrics_listen": args.metrics_listen,
             **backpressure_overrides(args),
         })
@@ -125,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "every broker's Raft port is its --peers port plus one offset, unless --raft-peers")
     serve.add_argument("--raft-peers", metavar="1=HOST:PORT,...",
                        help="every broker's Raft address, where the --peers port plus one offset does not give it")
+    serve.add_argument("--data-listen", metavar="HOST:PORT",
+                       help="HOST:PORT for clients' produce and fetch as plain frames, faster than gRPC (default: "
+                            "the --listen host, port + 400; 'off' for none); every broker's data port is its "
+                            "--peers port plus one offset")
     serve.add_argument("--raft-tick-ms", type=int, help="Raft tick (default 50 ms; elections after 10-20 ticks)")
     serve.add_argument("--cluster-secret-file", type=Path,
                        help="file holding the secret every broker of the cluster shares (needed with --peers; "

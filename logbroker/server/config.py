@@ -8,6 +8,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from logbroker_client.data_wire import DEFAULT_DATA_PORT_OFFSET
+
 from logbroker.cluster.peer_auth import ClusterSecretError, check_secret
 from logbroker.cluster.raft_storage import DEFAULT_RAFT_ENTRY_CACHE_BYTES
 
@@ -63,6 +65,8 @@ DEFAULT_PRODUCE_BACKPRESSURE_WAIT_MS = 5_000
 DEFAULT_MIN_FREE_DISK_BYTES = 100 * 1024 * 1024
 # A broker's Raft port (for the other brokers) is its client port plus this, unless --raft-listen says otherwise.
 DEFAULT_RAFT_PORT_OFFSET = 300
+MAX_PORT = 65535
+DATA_PORT_OFF = "off"  # --data-listen off: no data port (clients use gRPC for everything)
 
 
 class BrokerConfigError(ValueError):
@@ -93,6 +97,11 @@ class BrokerConfig:
     # unless raft_peers names each broker's Raft address (node id -> HOST:PORT, e.g. behind a proxy or NAT).
     raft_listen: str = ""
     raft_peers: dict[int, str] = field(default_factory=dict)
+    # The data port, for clients' Produce, Fetch and ListOffsets as plain frames (logbroker_client/data_wire.py):
+    # HOST:PORT, by default the --listen host and port plus DEFAULT_DATA_PORT_OFFSET; "off" for none (clients then
+    # use gRPC for everything). Every broker's data port is its --peers port plus the same offset: brokers name
+    # each other's data ports in Metadata from that.
+    data_listen: str = ""
     raft_tick_ms: int = DEFAULT_RAFT_TICK_MS
     raft_election_ticks: int = DEFAULT_RAFT_ELECTION_TICKS
     raft_heartbeat_ticks: int = DEFAULT_RAFT_HEARTBEAT_TICKS
@@ -142,6 +151,27 @@ class BrokerConfig:
         host, port = split_host_port(self.listen)
         return host, port + DEFAULT_RAFT_PORT_OFFSET
 
+    def data_listen_address(self) -> tuple[str, int] | None:
+        if self.data_listen == DATA_PORT_OFF:
+            return None
+        if self.data_listen:
+            return split_host_port(self.data_listen)
+        host, port = split_host_port(self.listen)
+        if port + DEFAULT_DATA_PORT_OFFSET > MAX_PORT:  # a high client port: no data port unless one is named
+            return None
+        return host, port + DEFAULT_DATA_PORT_OFFSET
+
+    def data_port_of(self, peer_address: str) -> int:
+        """The data port of the broker at peer_address (this one's offset applied), 0 for none."""
+        offset = self.data_port_offset()
+        port = 0 if offset is None else split_host_port(peer_address)[1] + offset
+        return port if 0 < port <= MAX_PORT else 0
+
+    def data_port_offset(self) -> int | None:
+        """What to add to a broker's --peers port for its data port (None: no data ports in this cluster)."""
+        address = self.data_listen_address()
+        return None if address is None else address[1] - self.port
+
     def raft_peer_addresses(self) -> dict[int, str]:
         """Every broker's Raft port, node id -> HOST:PORT: raft_peers, else each --peers port plus this broker's
         offset between its Raft port and its --listen port (the same on every broker, as Kafka ports are)."""
@@ -180,6 +210,8 @@ class BrokerConfig:
         for address in self.raft_peers.values():
             split_host_port(address)
         self._check_raft_addresses()
+        if self.data_listen and self.data_listen != DATA_PORT_OFF:
+            split_host_port(self.data_listen)
         if self.peers and self.node_id not in self.peers:
             raise BrokerConfigError(
                 f"node id {self.node_id} is not among the peers {sorted(self.peers)}; "

@@ -10,7 +10,8 @@ queue depths) is a gauge read from the broker's own structures by BrokerStateCol
 time, so the hot path does no work for it (share groups are described just before, in refresh_share_states).
 
 Names: prefix logbroker_, units last (_seconds, _bytes, _total). Labels: topic and partition; group; protocol
-("grpc" or "kafka") and api (the gRPC method or Kafka API name); error (an ErrorCode name, or a gRPC status).
+("grpc", "data" for the data port, or "kafka") and api (the gRPC method or Kafka API name); error (an
+ErrorCode name, or a gRPC status).
 The alert rules (deploy/prometheus/alerts.yml) and the dashboard (deploy/grafana/) use these names; a test
 checks that each of them appears in a real scrape.
 """
@@ -372,9 +373,9 @@ class BrokerStateCollector:
 
 # ------------------------------------------------------------------------------- gRPC timing
 
-def instrument_servicer(servicer: Any, service: Any, metrics: BrokerMetrics) -> Any:
+def instrument_servicer(servicer: Any, service: Any, metrics: BrokerMetrics, protocol: str = "grpc") -> Any:
     """Wrap the unary methods of a servicer (before it is added to the server) so that each call is timed in
-    logbroker_request_duration_seconds{protocol="grpc",api=<method>} and its errors are counted: a call that
+    logbroker_request_duration_seconds{protocol=<protocol>,api=<method>} and its errors are counted: a call that
     fails as a whole by its gRPC status, and each per-partition (or per-group) error of its answer by its
     ErrorCode name. Streaming methods, if any, are left alone: they live as long as a connection."""
     for method in service.methods:
@@ -382,12 +383,13 @@ def instrument_servicer(servicer: Any, service: Any, metrics: BrokerMetrics) -> 
             continue
         handler = getattr(servicer, method.name, None)
         if handler is not None:
-            setattr(servicer, method.name, _timed(handler, method.name, metrics))
+            setattr(servicer, method.name, _timed(handler, method.name, metrics, protocol))
     return servicer
 
 
-def _timed(handler: Callable[..., Awaitable[Any]], api: str, metrics: BrokerMetrics) -> Callable[..., Awaitable[Any]]:
-    timer = metrics.timer("grpc", api)
+def _timed(handler: Callable[..., Awaitable[Any]], api: str, metrics: BrokerMetrics,
+           protocol: str) -> Callable[..., Awaitable[Any]]:
+    timer = metrics.timer(protocol, api)
 
     @functools.wraps(handler)
     async def timed(request: Any, context: Any) -> Any:
@@ -398,11 +400,11 @@ def _timed(handler: Callable[..., Awaitable[Any]], api: str, metrics: BrokerMetr
             raise  # the client went away (a consumer closing during a long poll): neither an error nor a latency
         except BaseException:
             timer.observe(time.perf_counter() - started)
-            metrics.record_error("grpc", api, _status_name(context))
+            metrics.record_error(protocol, api, _status_name(context))
             raise
         timer.observe(time.perf_counter() - started)
         for code in response_error_codes(response):
-            metrics.record_error("grpc", api, _error_name(code))
+            metrics.record_error(protocol, api, _error_name(code))
         return response
 
     return timed

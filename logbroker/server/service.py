@@ -170,7 +170,8 @@ class BrokerService(pb_grpc.BrokerServicer):
         response = pb.MetadataResponse(controller_id=broker.controller_client.controller_id(), cluster_id="logbroker")
         for node_id, address in sorted(broker.peers.items()):
             host, _, port = address.rpartition(":")
-            response.brokers.add(node_id=node_id, host=host, port=int(port))
+            response.brokers.add(node_id=node_id, host=host, port=int(port),
+                                 data_port=broker.config.data_port_of(address))
         for name in list(request.topics) or [t.name for t in broker.controller_client.topics()]:
             topic = response.topics.add(name=name)
             try:

@@ -66,7 +66,7 @@ def test_metrics_are_served_on_get_and_follow_produce_and_fetch(metered: InProce
     assert scraped[("logbroker_partition_leader", labels)] == 1
     assert scraped[("logbroker_controller_active", frozenset())] == 1
     assert scraped[("logbroker_partition_offline", labels)] == 0
-    fetches = frozenset({("protocol", "grpc"), ("api", "Fetch")})
+    fetches = frozenset({("protocol", "data"), ("api", "Fetch")})  # the consumer fetches on the data port
     assert scraped[("logbroker_request_duration_seconds_count", fetches)] >= 1
     with urllib.request.urlopen(urllib.request.Request(url_of(metered), method="HEAD"), timeout=5) as head:
         assert head.status == 200 and head.read() == b""

@@ -83,6 +83,7 @@ class InProcessBroker:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         settings.setdefault("raft_tick_ms", TEST_RAFT_TICK_MS)
+        settings.setdefault("data_listen", f"127.0.0.1:{free_port()}")  # the default, port + 400, may be taken
         self.config = BrokerConfig(data_dir=data_dir, listen=self.address, log_defaults=log_defaults or {},
                                    **settings)  # type: ignore[arg-type]
         self.loop = asyncio.new_event_loop()
@@ -142,8 +143,9 @@ class BrokerProcess:
         self.log_path = data_dir.parent / f"broker-{self.port}.log"
 
     def start(self) -> BrokerProcess:
+        data_port = [] if "--data-listen" in self.extra_args else ["--data-listen", f"127.0.0.1:{free_port()}"]
         cmd = [sys.executable, "-m", "logbroker.server.cli", "serve", "--data-dir", str(self.data_dir),
-               "--listen", self.address, "--raft-tick-ms", str(TEST_RAFT_TICK_MS), *self.extra_args]
+               "--listen", self.address, "--raft-tick-ms", str(TEST_RAFT_TICK_MS), *data_port, *self.extra_args]
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
         with open(self.log_path, "ab") as log_file:
             self.proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)

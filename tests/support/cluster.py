@@ -3,12 +3,14 @@
 ``BrokerCluster(tmp_path, size=3, raft_tick_ms=20)`` starts ``size`` ``logbroker serve`` subprocesses,
 each a voter of the controller group, with node ids 1..size. Each broker listens for clients on its own
 real port (``cluster.bootstrap`` lists them). With ``proxied=True`` the brokers reach each other only
-through ``FaultProxy`` instances, two per ordered pair (i -> j: j's client port and j's Raft port), so a test
+through ``FaultProxy`` instances, three per ordered pair (i -> j: j's client port, j's Raft port and j's data
+port, at the client port's proxy plus the cluster's data port offset), so a test
 can cut any link, or every link of one broker (``isolate``), without touching the processes.
 
 Caveat of the proxied set-up: a broker has one address per peer (``--peers``) and advertises exactly those
 addresses in Metadata and NOT_LEADER hints, so clients that follow those hints also go through broker i's
-proxies. Cutting a broker off therefore also cuts the clients that were sent to it by another broker, which
+proxies (the gRPC and the data port alike). Cutting a broker off therefore also cuts the clients that were sent
+to it by another broker, which
 is what a real partition does too.
 
 The cluster writes each broker's stdout/stderr to ``<root>/broker-<id>.log``; ``log_tails()`` gives the
@@ -19,10 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -38,6 +38,7 @@ from logbroker_client.errors import LogbrokerError
 from logbroker_client.proto import logbroker_pb2 as pb
 from logbroker_client.types import PartitionInfo
 
+from benchmarks.common import free_port_offset, port_is_free
 from logbroker.storage.config import LogConfig
 from logbroker.storage.filenames import partition_dir_name
 from logbroker.storage.log import PartitionLog
@@ -70,25 +71,6 @@ class ReplicaView:
     topic_id: str
 
 
-def kafka_port_offset(ports: list[int]) -> int:
-    """An offset that puts every port + offset on a free port."""
-    for _ in range(200):
-        offset = random.randrange(1000, 20000) * random.choice((1, -1))
-        candidates = [port + offset for port in ports]
-        if all(1024 < c < 65536 for c in candidates) and all(_port_free(c) for c in candidates):
-            return offset
-    raise AssertionError(f"no free Kafka ports for {ports}")
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind((HOST, port))
-        except OSError:
-            return False
-        return True
-
-
 class ClusterBroker(BrokerProcess):
     """One broker of a cluster: BrokerProcess plus a node id, a peers map and pause/resume.
 
@@ -110,6 +92,7 @@ class ClusterBroker(BrokerProcess):
         self.extra_args: list[str] = []
         self.kafka_port: int | None = None  # set by BrokerCluster(kafka=True)
         self.metrics_port: int | None = None  # set by BrokerCluster(metrics=True)
+        self.data_port = 0  # set by BrokerCluster: this broker's port plus the cluster's data port offset
 
     @property
     def metrics_url(self) -> str:
@@ -128,6 +111,7 @@ class ClusterBroker(BrokerProcess):
                 "--node-id", str(self.node_id), "--data-dir", str(self.data_dir), "--listen", self.address,
                 "--peers", peers, "--raft-tick-ms", str(self.raft_tick_ms),
                 "--raft-listen", f"{HOST}:{self.raft_port}", "--raft-peers", raft_peers,
+                "--data-listen", f"{HOST}:{self.data_port}",
                 "--cluster-secret-file", str(self.secret_file),
                 *(["--kafka-listen", self.kafka_address] if self.kafka_port is not None else []),
                 *(["--metrics-listen", f"{HOST}:{self.metrics_port}"] if self.metrics_port is not None else []),
@@ -214,10 +198,16 @@ class BrokerCluster:
         }
         self.proxies: dict[tuple[int, int], FaultProxy] = {}  # (from, to) -> the proxy of to's client port
         self.raft_proxies: dict[tuple[int, int], FaultProxy] = {}  # (from, to) -> the proxy of to's Raft port
+        # (from, to) -> the proxy of to's data port: at the client port's proxy plus the data port offset, as
+        # brokers name each other's data ports from the --peers addresses (which are the proxies).
+        self.data_proxies: dict[tuple[int, int], FaultProxy] = {}
+        self.data_port_offset = free_port_offset([b.port for b in self.brokers.values()])
+        for broker in self.brokers.values():
+            broker.data_port = broker.port + self.data_port_offset
         self.proxy_loop = ProxyLoop("cluster proxies")  # one loop relays for every proxy of the cluster
         if kafka:  # Kafka ports: every broker's gRPC port plus one offset (how brokers name each other's)
             assert not proxied, "Kafka endpoints are derived from peer addresses, which proxies would change"
-            offset = kafka_port_offset([b.port for b in self.brokers.values()])
+            offset = free_port_offset([b.port for b in self.brokers.values()])
             for broker in self.brokers.values():
                 broker.kafka_port = broker.port + offset
         if metrics:  # Prometheus metrics over HTTP, on a free port of each broker's own
@@ -237,8 +227,12 @@ class BrokerCluster:
                     broker.peers[peer] = broker.address
                     broker.raft_peers[peer] = f"{HOST}:{broker.raft_port}"
                 elif proxied:
-                    proxy = FaultProxy(free_port(), other.port, name=f"proxy {node}->{peer}", shared=self.proxy_loop)
+                    proxy_port = self._proxy_port_with_free_data_port()
+                    proxy = FaultProxy(proxy_port, other.port, name=f"proxy {node}->{peer}", shared=self.proxy_loop)
                     self.proxies[(node, peer)] = proxy
+                    self.data_proxies[(node, peer)] = FaultProxy(
+                        proxy_port + self.data_port_offset, other.data_port, name=f"data proxy {node}->{peer}",
+                        shared=self.proxy_loop)
                     broker.peers[peer] = proxy.address
                     raft_proxy = FaultProxy(free_port(), other.raft_port, name=f"raft proxy {node}->{peer}",
                                             shared=self.proxy_loop)
@@ -247,6 +241,15 @@ class BrokerCluster:
                 else:
                     broker.peers[peer] = other.address
                     broker.raft_peers[peer] = f"{HOST}:{other.raft_port}"
+
+    def _proxy_port_with_free_data_port(self) -> int:
+        taken = {p.listen_port for p in [*self.proxies.values(), *self.data_proxies.values()]}
+        for _ in range(200):
+            port = free_port()
+            data_port = port + self.data_port_offset
+            if 1024 < data_port < 65536 and port_is_free(data_port) and not {port, data_port} & taken:
+                return port
+        raise AssertionError(f"no free pair of ports {self.data_port_offset} apart for a proxy and its data proxy")
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -265,7 +268,7 @@ class BrokerCluster:
         return self.brokers[node].address
 
     def all_proxies(self) -> list[tuple[tuple[int, int], FaultProxy]]:
-        return [*self.proxies.items(), *self.raft_proxies.items()]
+        return [*self.proxies.items(), *self.raft_proxies.items(), *self.data_proxies.items()]
 
     def start(self) -> BrokerCluster:
         for _, proxy in self.all_proxies():
@@ -321,6 +324,7 @@ class BrokerCluster:
     def cut_link(self, from_node: int, to_node: int, blackhole: bool = False) -> None:
         self.proxies[(from_node, to_node)].cut(blackhole)
         self.raft_proxies[(from_node, to_node)].cut(blackhole)
+        self.data_proxies[(from_node, to_node)].cut(blackhole)
 
     def isolate(self, node: int, blackhole: bool = False) -> None:
         """Cut every link to and from `node` (needs proxied=True)."""
