@@ -58,6 +58,8 @@ from logbroker_client.consumer import (
     GROUP_WAIT_SLICE_S,
     default_client_id,
 )
+from logbroker_client.data_channel import AsyncDataChannel
+from logbroker_client.data_wire import Method
 from logbroker_client.errors import (
     BrokerUnavailableError,
     GroupIdNotFoundError,
@@ -125,11 +127,20 @@ from logbroker_client.types import (
     TopicPartition,
 )
 
+# The calls that go on a broker's data port when it has one: gRPC method -> (data port method, answer type).
+DATA_PORT_METHODS: dict[str, tuple[Method, type[Any]]] = {
+    "Produce": (Method.PRODUCE, pb.ProduceResponse),
+    "Fetch": (Method.FETCH, pb.FetchResponse),
+    "ListOffsets": (Method.LIST_OFFSETS, pb.ListOffsetsResponse),
+}
+
 
 class AsyncMetadata(MetadataCache):
     def __init__(self, bootstrap: str | Sequence[str] | None, request_timeout_ms: int) -> None:
         super().__init__(bootstrap, request_timeout_ms)
         self._connections: dict[str, AsyncConnection] = {}
+        self._data_channels: dict[str, AsyncDataChannel] = {}
+        self._data_channel_opening: dict[str, asyncio.Future[AsyncDataChannel]] = {}
 
     def connection(self, address: str) -> AsyncConnection:
         conn = self._connections.get(address)
@@ -158,7 +169,41 @@ class AsyncMetadata(MetadataCache):
                     raise
                 await asyncio.sleep(RETRY_BACKOFF_S)
 
+    async def data_channel(self, address: str) -> AsyncDataChannel | None:
+        """As ClusterMetadata.data_channel: the broker's data port, or None to use gRPC."""
+        channel = self._data_channels.get(address)
+        if channel is not None and not channel.closed:
+            return channel
+        data_address = self.data_address_to_try(address)
+        if data_address is None:
+            return None
+        opening = self._data_channel_opening.get(address)
+        if opening is None:  # one connection attempt at a time per broker, shared by every caller
+            opening = self._data_channel_opening[address] = asyncio.ensure_future(
+                AsyncDataChannel.open(address, data_address, self.client_id))
+            opening.add_done_callback(lambda done: done.cancelled() or done.exception())  # seen, if its waiter left
+        try:
+            channel = await asyncio.shield(opening)
+        except LogbrokerError as exc:
+            self.data_port_failed(address, exc)
+            return None
+        finally:
+            if opening.done():
+                self._data_channel_opening.pop(address, None)
+        self._data_channels[address] = channel
+        self.data_port_reached(address)
+        return channel
+
     async def _call_at(self, address: str, method: str, request: Any, service: str) -> Any:
+        data_method = DATA_PORT_METHODS.get(method) if service == "broker" else None
+        if data_method is not None:
+            channel = await self.data_channel(address)
+            if channel is not None:
+                try:
+                    return await channel.call(data_method[0], request, data_method[1], self.request_timeout_s)
+                except BrokerUnavailableError:
+                    self.mark_unreachable(address)
+                    raise
         conn = self.connection(address)
         try:
             return await getattr(getattr(conn, service), method)(request, timeout=self.request_timeout_s,
@@ -254,6 +299,12 @@ class AsyncMetadata(MetadataCache):
         for conn in self._connections.values():
             await conn.close()
         self._connections.clear()
+        for channel in self._data_channels.values():
+            channel.close()
+        self._data_channels.clear()
+        for opening in self._data_channel_opening.values():
+            opening.cancel()
+        self._data_channel_opening.clear()
 
 
 # ------------------------------------------------------------------------------------------ admin

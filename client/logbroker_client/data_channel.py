@@ -1,4 +1,5 @@
-"""A connection to one broker's data port (data_wire.py), for the threaded clients.
+"""Connections to one broker's data port (data_wire.py): DataChannel for the threaded clients, AsyncDataChannel
+for the asyncio ones.
 
 Callers write request frames under a lock from any thread; one reader thread per connection reads the
 answers, matches them to their requests by correlation id and runs each request's callback. A request not
@@ -9,6 +10,7 @@ broker that went away does; the next request opens a new connection.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import select
@@ -16,7 +18,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import grpc
 
@@ -245,3 +247,125 @@ def _read_exactly(sock: socket.socket, count: int) -> bytes:
             raise OSError("the connection closed during the handshake")
         data += chunk
     return bytes(data)
+
+
+class AsyncDataChannel(asyncio.Protocol):
+    """One connection to a broker's data port for the asyncio clients: requests are written from the event
+    loop and answers complete their futures as they arrive (the same frames as DataChannel)."""
+
+    def __init__(self, address: str, data_address: tuple[str, int]) -> None:
+        self.address = address
+        self.data_address = data_address
+        self.closed = False
+        self.max_frame_bytes = 0
+        self._transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._welcomed: asyncio.Future[None] | None = None
+        self._pending: dict[int, tuple[asyncio.Future[Any], type[Any]]] = {}
+        self._next_id = 0
+
+    @classmethod
+    async def open(cls, address: str, data_address: tuple[str, int], client_id: str,
+                   connect_timeout_s: float = CONNECT_TIMEOUT_S) -> AsyncDataChannel:
+        """Connects and exchanges HELLO / WELCOME; raises BrokerUnavailableError (with the reason) if it cannot."""
+        loop = asyncio.get_running_loop()
+        channel = cls(address, data_address)
+        channel._welcomed = loop.create_future()
+        host, port = data_address
+        try:
+            async with asyncio.timeout(connect_timeout_s):
+                await loop.create_connection(lambda: channel, host, port)
+                assert channel._transport is not None
+                channel._transport.write(wire.encode_hello(client_id))
+                await channel._welcomed
+        except (OSError, TimeoutError, wire.WireError) as exc:
+            channel.close()
+            reason = "no answer in time" if isinstance(exc, TimeoutError) else getattr(exc, "strerror", None) or exc
+            raise BrokerUnavailableError(f"cannot use the data port {host}:{port} of the broker at {address} "
+                                         f"({reason})") from None
+        return channel
+
+    async def call(self, method: wire.Method, request: Any, response_type: type[Any], timeout_s: float) -> Any:
+        """The answer to one request; raises the LogbrokerError it failed with."""
+        body = request.SerializeToString()
+        if len(body) + wire.HEAD_AFTER_LENGTH_BYTES > self.max_frame_bytes:
+            raise InvalidRequestError(
+                f"broker at {self.address} takes requests of at most {self.max_frame_bytes} bytes, this one is "
+                f"{len(body)}: keep the client's max_request_bytes at or below the broker's max_request_bytes")
+        if self.closed or self._transport is None:
+            raise BrokerUnavailableError(f"the connection to the data port of the broker at {self.address} is closed")
+        self._next_id = correlation_id = (self._next_id + 1) & wire.MAX_CORRELATION_ID
+        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[correlation_id] = (answer, response_type)
+        self._transport.write(wire.encode_frame(correlation_id, method, body))
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await answer
+        except TimeoutError:
+            raise RequestTimedOutError(f"broker at {self.address} did not answer in time") from None
+        finally:
+            self._pending.pop(correlation_id, None)
+
+    def close(self) -> None:
+        self._fail_all("the client closed it")
+
+    # ------------------------------------------------------------------------------ asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail_all("the broker closed the connection" if exc is None else f"the connection failed ({exc})")
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        if self._welcomed is not None and not self._welcomed.done():
+            if len(self._buffer) < wire.WELCOME.size:
+                return
+            try:
+                self.max_frame_bytes = wire.decode_welcome(bytes(self._buffer[:wire.WELCOME.size]))
+            except wire.WireError as exc:
+                self._welcomed.set_exception(exc)
+                return
+            del self._buffer[:wire.WELCOME.size]
+            self._welcomed.set_result(None)
+        self._take_answers()
+
+    def _take_answers(self) -> None:
+        buffer = self._buffer
+        head = wire.FRAME_HEAD
+        start = 0
+        while len(buffer) - start >= head.size:
+            length, correlation_id, status = head.unpack_from(buffer, start)
+            end = start + 4 + length
+            if end > len(buffer):
+                break
+            pending = self._pending.pop(correlation_id, None)
+            if pending is not None and not pending[0].done():
+                self._settle(pending[0], pending[1], status, bytes(buffer[start + head.size:end]))
+            start = end
+        if start:
+            del buffer[:start]
+
+    def _settle(self, answer: asyncio.Future[Any], response_type: type[Any], status: int, body: bytes) -> None:
+        if status != 0:
+            answer.set_exception(translate_status(_status_code(status), body.decode(errors="replace"), self.address))
+            return
+        try:
+            answer.set_result(response_type.FromString(body))
+        except Exception as exc:
+            answer.set_exception(LogbrokerError(f"broker at {self.address} sent an answer that does not parse: {exc}"))
+
+    def _fail_all(self, why: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._transport is not None:
+            self._transport.close()
+        if self._welcomed is not None and not self._welcomed.done():
+            self._welcomed.set_exception(OSError(why))
+        error = BrokerUnavailableError(f"cannot reach the broker at {self.address} (its data port: {why})")
+        for answer, _ in self._pending.values():
+            if not answer.done():
+                answer.set_exception(error)
+        self._pending.clear()

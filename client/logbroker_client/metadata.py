@@ -31,6 +31,7 @@ from logbroker_client.errors import (
     error_for,
 )
 from logbroker_client.proto import logbroker_pb2 as pb
+from logbroker_client.throttle import CLIENT_ID_METADATA_KEY
 
 log = logging.getLogger("logbroker_client.metadata")
 
@@ -60,6 +61,7 @@ class MetadataCache:
         self._unreachable_until: dict[str, float] = {}
         self._leaderless_until: dict[str, float] = {}
         self._data_ports: dict[str, int] = {}  # broker address -> its data port, where Metadata names one
+        self._data_port_failed_at: dict[str, float] = {}  # address -> when its data port last could not be used
 
     def addresses(self, for_metadata: bool = False) -> list[str]:
         """Known brokers first, then bootstrap addresses; any that just failed go last (and, when asking for
@@ -95,6 +97,30 @@ class MetadataCache:
                     self._partitions.pop(topic.name, None)
                 else:
                     self._partitions[topic.name] = sorted(topic.partitions, key=lambda p: p.partition)
+
+    @property
+    def client_id(self) -> str:
+        return dict(self.call_metadata).get(CLIENT_ID_METADATA_KEY, "")
+
+    def data_address_to_try(self, address: str) -> tuple[str, int] | None:
+        """The (host, port) of the broker's data port if Metadata names one and it has not failed to connect
+        within the last DATA_PORT_RETRY_S; None: use gRPC."""
+        port = self._data_ports.get(address)
+        if port is None:
+            return None
+        failed_at = self._data_port_failed_at.get(address)
+        if failed_at is not None and time.monotonic() - failed_at < DATA_PORT_RETRY_S:
+            return None
+        return address.rpartition(":")[0], port
+
+    def data_port_failed(self, address: str, error: LogbrokerError) -> None:
+        if address not in self._data_port_failed_at:
+            log.warning("%s; using its gRPC port instead (trying the data port again every %.0f s)",
+                        error, DATA_PORT_RETRY_S)
+        self._data_port_failed_at[address] = time.monotonic()
+
+    def data_port_reached(self, address: str) -> None:
+        self._data_port_failed_at.pop(address, None)
 
     def cached_count(self, topic: str) -> int | None:
         parts = self._partitions.get(topic)
@@ -203,31 +229,23 @@ class ClusterMetadata(MetadataCache):
         super().__init__(bootstrap, request_timeout_ms)
         self._connections: dict[str, Connection] = {}
         self._data_channels: dict[str, DataChannel] = {}
-        self._data_port_failed_at: dict[str, float] = {}  # address -> when its data port last could not be used
 
     def data_channel(self, address: str) -> DataChannel | None:
         """A connection to the broker's data port, or None: the broker names none, or it could not be reached
-        within the last DATA_PORT_RETRY_S (the caller then uses gRPC; a warning says why, once per broker)."""
-        port = self._data_ports.get(address)
-        if port is None:
-            return None
+        lately (the caller then uses gRPC; a warning says why, once per broker)."""
         with self._lock:
             channel = self._data_channels.get(address)
             if channel is not None and not channel.closed:
                 return channel
-            failed_at = self._data_port_failed_at.get(address)
-            if failed_at is not None and time.monotonic() - failed_at < DATA_PORT_RETRY_S:
+            data_address = self.data_address_to_try(address)
+            if data_address is None:
                 return None
             try:
-                channel = self._data_channels[address] = DataChannel(address, (address.rpartition(":")[0], port),
-                                                                     dict(self.call_metadata).get("client-id", ""))
+                channel = self._data_channels[address] = DataChannel(address, data_address, self.client_id)
             except LogbrokerError as exc:
-                if failed_at is None:
-                    log.warning("%s; using its gRPC port instead (trying the data port again every %.0f s)",
-                                exc, DATA_PORT_RETRY_S)
-                self._data_port_failed_at[address] = time.monotonic()
+                self.data_port_failed(address, exc)
                 return None
-            self._data_port_failed_at.pop(address, None)
+            self.data_port_reached(address)
             return channel
 
     def connection(self, address: str) -> Connection:

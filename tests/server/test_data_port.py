@@ -6,6 +6,7 @@ broker that goes on serving everyone else)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import struct
@@ -19,6 +20,7 @@ import pytest
 from logbroker_client import Admin, Consumer, Producer
 from logbroker_client import data_wire as wire
 from logbroker_client import records as rec
+from logbroker_client.aio import AsyncConsumer, AsyncProducer
 from logbroker_client.data_channel import DataChannel
 from logbroker_client.errors import BrokerUnavailableError, InvalidRequestError, LogbrokerError, RequestTimedOutError
 from logbroker_client.metadata import ClusterMetadata
@@ -119,6 +121,37 @@ def test_the_consumer_fetches_on_the_data_port_and_not_grpc(topic_broker: InProc
     assert read_back(topic_broker.address, 5) == [f"job-{i}".encode() for i in range(5)]
     assert requests_served(topic_broker, "data", "Fetch") >= 1
     assert requests_served(topic_broker, "grpc", "Fetch") == 0
+
+
+def test_the_asyncio_producer_and_consumer_use_the_data_port_too(topic_broker: InProcessBroker) -> None:
+    async def produce_and_consume() -> list[bytes]:
+        async with AsyncProducer(topic_broker.address, linger_ms=0) as producer:
+            for i in range(10):
+                await producer.send_and_wait(TOPIC, f"async-{i}".encode())
+        async with AsyncConsumer(topic_broker.address, auto_offset_reset="earliest") as consumer:
+            await consumer.assign([TopicPartition(TOPIC, 0)])
+            values: list[bytes] = []
+            deadline = time.monotonic() + DEADLINE_S
+            while len(values) < 10 and time.monotonic() < deadline:
+                values += [r.value for r in await consumer.poll(timeout=0.5)]
+            return values
+
+    assert asyncio.run(produce_and_consume()) == [f"async-{i}".encode() for i in range(10)]
+    for api in ("Produce", "Fetch"):
+        assert requests_served(topic_broker, "data", api) >= 1
+        assert requests_served(topic_broker, "grpc", api) == 0
+
+
+def test_the_asyncio_producer_falls_back_to_grpc_when_the_data_port_is_gone(topic_broker: InProcessBroker) -> None:
+    assert topic_broker.server is not None and topic_broker.server.data_port is not None
+    topic_broker.run(topic_broker.server.data_port.stop(0.0))
+
+    async def produce() -> int:
+        async with AsyncProducer(topic_broker.address, linger_ms=0) as producer:
+            return (await producer.send_and_wait(TOPIC, b"fallback")).offset
+
+    assert asyncio.run(produce()) >= 0
+    assert requests_served(topic_broker, "grpc", "Produce") >= 1
 
 
 def test_metadata_names_each_broker_data_port(topic_broker: InProcessBroker) -> None:
