@@ -88,14 +88,19 @@ class DataChannel:
                     f"the connection to the data port of the broker at {self.address} is closed")
             else:
                 error = None
-                self._next_id = correlation_id = (self._next_id + 1) & wire.MAX_CORRELATION_ID
+                self._next_id = correlation_id = self._next_id % wire.MAX_CORRELATION_ID + 1  # never 0
                 self._pending[correlation_id] = (time.monotonic() + timeout_s, response_type, on_done)
         if error is not None:
             on_done(None, error)
             return 0
         try:
             with self._write_lock:
+                # A broker that stops reading (frozen, or pushing back) must not hold the caller past its timeout;
+                # a frame written in part leaves the connection unusable, so a timeout closes it.
+                self._sock.settimeout(timeout_s)
                 self._sock.sendall(wire.encode_frame(correlation_id, method, body))
+        except TimeoutError:
+            self._fail_all(f"a request could not be written within {timeout_s:g} s: the broker is not reading")
         except OSError as exc:
             self._fail_all(f"writing to it failed ({exc.strerror or exc})")
         return correlation_id
@@ -138,6 +143,9 @@ class DataChannel:
         start = 0
         while len(buffer) - start >= head.size:
             length, correlation_id, status = head.unpack_from(buffer, start)
+            if length < wire.HEAD_AFTER_LENGTH_BYTES:
+                self._fail_all(f"it sent a frame of length {length}, shorter than a frame's head: not this protocol")
+                return
             end = start + 4 + length
             if end > len(buffer):
                 break
@@ -294,7 +302,7 @@ class AsyncDataChannel(asyncio.Protocol):
                 f"{len(body)}: keep the client's max_request_bytes at or below the broker's max_request_bytes")
         if self.closed or self._transport is None:
             raise BrokerUnavailableError(f"the connection to the data port of the broker at {self.address} is closed")
-        self._next_id = correlation_id = (self._next_id + 1) & wire.MAX_CORRELATION_ID
+        self._next_id = correlation_id = self._next_id % wire.MAX_CORRELATION_ID + 1
         answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[correlation_id] = (answer, response_type)
         self._transport.write(wire.encode_frame(correlation_id, method, body))
@@ -337,6 +345,9 @@ class AsyncDataChannel(asyncio.Protocol):
         start = 0
         while len(buffer) - start >= head.size:
             length, correlation_id, status = head.unpack_from(buffer, start)
+            if length < wire.HEAD_AFTER_LENGTH_BYTES:
+                self._fail_all(f"it sent a frame of length {length}, shorter than a frame's head: not this protocol")
+                return
             end = start + 4 + length
             if end > len(buffer):
                 break

@@ -142,6 +142,9 @@ class DataConnection(asyncio.Protocol):
         self.last_active_s = time.monotonic()
         self._reading_paused = False
         self._writing_paused = False
+        self._writable = asyncio.Event()  # cleared while the transport's buffer is over its high-water mark
+        self._writable.set()
+        self._eof = False  # the client closed its sending side: answer what is in flight, then close
         self._stopped = False
         self._handshake_timer: asyncio.TimerHandle | None = None
         self.partial_frame_since_s: float | None = None  # when the unfinished frame in the buffer began
@@ -167,13 +170,23 @@ class DataConnection(asyncio.Protocol):
         for task in self.tasks:  # the client is gone: nobody reads what these would answer
             task.cancel()
 
-    def pause_writing(self) -> None:  # answers pile up unread: take no new requests until they drain
+    def pause_writing(self) -> None:
+        """Answers pile up unread: take no new requests, and hold the ones not yet served, until they drain
+        (what one connection buffers is then bounded by the answers already being built)."""
         self._writing_paused = True
+        self._writable.clear()
         self._pause_reading()
 
     def resume_writing(self) -> None:
         self._writing_paused = False
+        self._writable.set()
         self._maybe_resume_reading()
+
+    def eof_received(self) -> bool:
+        """The client will send nothing more: answer the requests in flight (an acks=all produce that lands
+        must be answered), then close. True keeps the transport open for those answers."""
+        self._eof = True
+        return bool(self.tasks)  # none in flight: every whole frame was served (reading was not paused)
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -210,7 +223,7 @@ class DataConnection(asyncio.Protocol):
         head = wire.FRAME_HEAD
         start = 0
         available = len(buffer)
-        while available - start >= head.size and not self._stopped:
+        while available - start >= head.size and not self._stopped and not self._reading_paused:
             length, correlation_id, method = head.unpack_from(buffer, start)
             if length > self.port.max_frame_bytes:
                 self._answer_error(correlation_id, grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -228,7 +241,7 @@ class DataConnection(asyncio.Protocol):
             start = end
         if start:
             del buffer[:start]
-        if not buffer:
+        if not buffer or self._reading_paused:  # paused: the rest of a frame waits on the broker, not the client
             self.partial_frame_since_s = None
         elif self.partial_frame_since_s is None or start:
             self.partial_frame_since_s = time.monotonic()
@@ -255,6 +268,8 @@ class DataConnection(asyncio.Protocol):
         assert self.context is not None
         context = DataCallContext(self.context.invocation_metadata(), self.peer)
         try:
+            if not self._writable.is_set():
+                await self._writable.wait()
             response = await serve(request, context)
         except DataCallAborted as refused:
             self._answer_error(correlation_id, refused.code, refused.details)
@@ -272,7 +287,9 @@ class DataConnection(asyncio.Protocol):
         finally:
             self.tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
             self.last_active_s = time.monotonic()
-            self._maybe_resume_reading()
+            self._maybe_resume_reading()  # with frames buffered while paused, this may start more
+            if self._eof and not self.tasks:
+                self.close()
 
     # ------------------------------------------------------------------------------ writing and closing
 
@@ -302,13 +319,15 @@ class DataConnection(asyncio.Protocol):
                 and self.transport is not None and not self.transport.is_closing()):
             self._reading_paused = False
             self.transport.resume_reading()
+            self._read_requests()  # whole frames that arrived before the pause
 
     def stop_reading(self) -> None:
         self._stopped = True
         self._pause_reading()
 
     def close_if_idle(self, now_s: float) -> None:
-        if self.partial_frame_since_s is not None and now_s - self.partial_frame_since_s >= wire.FRAME_DEADLINE_S:
+        if (self.partial_frame_since_s is not None and not self._reading_paused
+                and now_s - self.partial_frame_since_s >= wire.FRAME_DEADLINE_S):
             self._refuse("frame", "closed the connection from %s: %s",
                          f"a request frame left unfinished for {wire.FRAME_DEADLINE_S:.0f} s")
             return

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,7 +45,8 @@ DEFAULT_PARTITION_FETCH_MAX_BYTES = 1024 * 1024
 # One Fetch reads this much, or this many partitions, per event-loop turn before letting others run.
 FETCH_BYTES_PER_TURN = 1024 * 1024
 FETCH_PARTITIONS_PER_TURN = 256
-MAX_FETCH_PARTITIONS = 10_000  # per request: each costs a result in the answer, data or not
+MAX_REQUEST_PARTITIONS = 10_000  # per Produce, Fetch or ListOffsets: each costs a result in the answer, data or not
+LIST_OFFSETS_YIELD_EVERY = 1_000  # partitions looked up between turns of the event loop
 VALID_ACKS = (-1, 0, 1)
 DEFAULT_REQUEST_TIMEOUT_MS = 30_000  # when a Produce or CreateTopics request names no timeout
 DESCRIBE_TIMEOUT_S = 5.0
@@ -73,6 +74,8 @@ class BrokerService(pb_grpc.BrokerServicer):
     async def Produce(self, request: pb.ProduceRequest, context: grpc.aio.ServicerContext) -> pb.ProduceResponse:
         if request.acks not in VALID_ACKS:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"acks must be -1 (all), 0 or 1, got {request.acks}")
+        if len(request.partitions) > 1 and (problem := _partitions_problem("Produce", request.partitions)):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         timeout_s = (request.timeout_ms or DEFAULT_REQUEST_TIMEOUT_MS) / 1000
         size = sum(len(p.records) for p in request.partitions)
         try:  # quotas and the in-flight bound may make it wait, and ask the client to wait before the next one
@@ -153,8 +156,13 @@ class BrokerService(pb_grpc.BrokerServicer):
     async def ListOffsets(
         self, request: pb.ListOffsetsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListOffsetsResponse:
+        problem = _partitions_problem("ListOffsets", request.partitions)
+        if problem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         results = []
-        for part in request.partitions:
+        for index, part in enumerate(request.partitions):
+            if index and index % LIST_OFFSETS_YIELD_EVERY == 0:
+                await asyncio.sleep(0)  # a long request lets other work run between lookups
             result = pb.ListOffsetsResult(topic=part.topic, partition=part.partition)
             try:
                 result.offset, result.timestamp_ms = self.broker.data.list_offset(
@@ -192,14 +200,21 @@ class BrokerService(pb_grpc.BrokerServicer):
 def _fetch_request_problem(request: pb.FetchRequest) -> str:
     """Why a Fetch is refused as a whole ("" if it is fine): too many partitions, or one named twice (each
     would be read and answered again, multiplying what one request costs)."""
-    if len(request.partitions) > MAX_FETCH_PARTITIONS:
-        return (f"a Fetch may name at most {MAX_FETCH_PARTITIONS} partitions, this one names "
-                f"{len(request.partitions)}; split it into several requests")
+    return _partitions_problem("Fetch", request.partitions)
+
+
+def _partitions_problem(api: str, partitions: Sequence[Any]) -> str:
+    """Why a request naming these partitions is refused as a whole ("" if it is fine): more than
+    MAX_REQUEST_PARTITIONS (each costs a coroutine or a result; a few megabytes of empty entries would hold the
+    event loop for seconds), or one named twice."""
+    if len(partitions) > MAX_REQUEST_PARTITIONS:
+        return (f"a {api} may name at most {MAX_REQUEST_PARTITIONS} partitions, this one names "
+                f"{len(partitions)}; split it into several requests")
     seen = set()
-    for part in request.partitions:
+    for part in partitions:
         key = (part.topic, part.partition)
         if key in seen:
-            return f"partition {part.topic}-{part.partition} is named more than once in one Fetch; name it once"
+            return f"partition {part.topic}-{part.partition} is named more than once in one {api}; name it once"
         seen.add(key)
     return ""
 
