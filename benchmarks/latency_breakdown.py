@@ -49,7 +49,8 @@ NS_PER_MS = 1_000_000
 CLIENT_STAGES_BEFORE = (
     ("client_sender_took", "client", "sender_took"),  # the producer's sender thread took the batch
     ("client_request_built", "client", "request_built"),  # the batch's bytes for the request are ready
-    # Produce.future() returned: gRPC's own threads may have sent the request, and the leader begun on it, by then
+    # the request was written to the broker's data port (or handed to gRPC, whose threads may have sent it, and the
+    # leader begun on it, by then)
     ("client_request_issued", "client", "request_issued"),
 )
 LEADER_STAGES = (
@@ -80,7 +81,7 @@ REPLICATION_STAGES = (
 ANSWER_STAGES = (
     ("leader_commit_applied", "leader", "applied"),
     ("leader_produce_answered", "leader", "produce_answered"),
-    ("client_answer_received", "client", "answer_received"),  # the gRPC call's done-callback began
+    ("client_answer_received", "client", "answer_received"),  # the answer reached the producer (reader thread)
     ("client_future_resolved", "client", "future_resolved"),  # the record future's done-callback ran
     ("client_caller_woke", "client", "caller_woke"),  # result() returned in the sending thread
 )
@@ -159,7 +160,7 @@ class ClientTrace:
 
     def install(self, producer: Any) -> None:
         """Wrap the producer's sender-side methods on this instance only (private; see traced_broker's note)."""
-        take, issue, answer = producer._send_by_leader, producer._send, producer._on_call_done
+        take, issue, answer = producer._send_by_leader, producer._send, producer._on_response
         build = producer._core.request_records
 
         def traced_take(*args: Any) -> None:
@@ -181,7 +182,7 @@ class ClientTrace:
 
         setattr(producer, "_send_by_leader", traced_take)  # noqa: B010 (instance attributes shadow the methods)
         setattr(producer, "_send", traced_issue)  # noqa: B010
-        setattr(producer, "_on_call_done", traced_answer)  # noqa: B010
+        setattr(producer, "_on_response", traced_answer)  # noqa: B010
         setattr(producer._core, "request_records", traced_build)  # noqa: B010
 
 
