@@ -223,7 +223,7 @@ def test_an_unknown_topic_is_answered_per_partition(topic_broker: InProcessBroke
 
 def test_answers_come_back_as_they_are_ready_not_in_request_order(topic_broker: InProcessBroker) -> None:
     """A long-polled Fetch does not hold up a Produce sent after it on the same connection."""
-    fetch = pb.FetchRequest(max_wait_ms=3000, min_bytes=1_000_000,
+    fetch = pb.FetchRequest(max_wait_ms=1000, min_bytes=1_000_000,
                             partitions=[pb.FetchPartition(topic=TOPIC, partition=0, fetch_offset=0)])
     sock = handshake(data_port_of(topic_broker))
     with sock:
@@ -273,7 +273,7 @@ def test_a_request_past_its_deadline_fails_on_the_client_and_the_late_answer_is_
 
 
 def test_a_broker_that_goes_away_fails_every_request_in_flight(tmp_path: Path) -> None:
-    broker = InProcessBroker(tmp_path / "data").start()
+    broker = InProcessBroker(tmp_path / "data", shutdown_grace_ms=200).start()  # stops before the long polls end
     with Admin(broker.address) as admin:
         admin.create_topic(TOPIC, partitions=1)
     channel = DataChannel(broker.address, ("127.0.0.1", data_port_of(broker)), "t")
@@ -289,7 +289,7 @@ def test_a_broker_that_goes_away_fails_every_request_in_flight(tmp_path: Path) -
     finally:
         broker.stop()
     wait_until(lambda: len(outcomes) == 3, DEADLINE_S, "every request in flight to fail")
-    assert all(isinstance(e, (BrokerUnavailableError, LogbrokerError)) for e in outcomes)
+    assert all(isinstance(e, BrokerUnavailableError) for e in outcomes), outcomes
     assert channel.closed
     later: list[LogbrokerError | None] = []
     channel.call(wire.Method.FETCH, fetch, pb.FetchResponse, 1.0, lambda r, e: later.append(e))
