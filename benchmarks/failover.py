@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING
 from benchmarks.common import emit, free_port, free_port_offset, is_serving, rounded, run_main
 from logbroker.server.config import DEFAULT_RAFT_ELECTION_TICKS, DEFAULT_RAFT_TICK_MS
 
+KEEP_ENV = "LOGBROKER_BENCH_KEEP"  # set: the temporary cluster's data and logs stay, to read after a run
+
 if TYPE_CHECKING:
     from logbroker_client import Producer
 
@@ -118,6 +120,9 @@ class BenchCluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        if os.environ.get(KEEP_ENV):
+            print(f"kept the brokers' data and logs in {self.workdir} (${KEEP_ENV} is set)", file=sys.stderr)
+            return
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> BenchCluster:

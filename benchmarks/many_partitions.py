@@ -55,6 +55,17 @@ def reported_leaders(cluster: BenchCluster, node: int) -> dict[Partition, int] |
     return {(topic.name, p.partition): p.leader_id for topic in answer.topics for p in topic.partitions}
 
 
+def controller_leader(cluster: BenchCluster, node: int) -> int:
+    """The controller's leader, as broker `node` names it in Metadata."""
+    import grpc
+    from logbroker_client.proto import logbroker_pb2 as pb
+    from logbroker_client.proto import logbroker_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(cluster.address(node)) as channel:
+        answer = pb_grpc.BrokerStub(channel).Metadata(pb.MetadataRequest(topics=["-"]), timeout=METADATA_TIMEOUT_S)
+    return int(answer.controller_id)
+
+
 def agreed_leaders(cluster: BenchCluster, nodes: list[int], expected: int) -> tuple[dict[Partition, int], int]:
     """The partitions whose leader every broker in `nodes` reports alike and that is one of `nodes`, and how
     many of the `expected` partitions are still without such a leader."""
@@ -120,6 +131,9 @@ def main() -> int:
     parser.add_argument("--partitions", type=int, default=10_000)
     parser.add_argument("--per-topic", type=int, default=1000, help="partitions per CreateTopics call")
     parser.add_argument("--seconds", type=float, default=20.0, help="idle CPU is measured over this long")
+    parser.add_argument("--kill", choices=("most", "controller"), default="most",
+                        help="the broker to SIGKILL: the one leading the most partitions, or the controller's leader "
+                             "(which also leads about a third: the survivors then elect a controller too)")
     parser.add_argument("--raft-tick-ms", type=int, default=None,
                         help="the brokers' Raft tick (default: theirs, the production setting)")
     args = parser.parse_args()
@@ -147,6 +161,9 @@ def main() -> int:
         leaders = wait_for_leaders(cluster, nodes, args.partitions, READY_TIMEOUT_S, "before the kill")
         led = Counter(leaders.values())
         victim, victim_led = led.most_common(1)[0]
+        if args.kill == "controller":
+            victim = controller_leader(cluster, nodes[0])
+            victim_led = led[victim]
         survivors = [node for node in nodes if node != victim]
         print(f"killing broker {victim}, which leads {victim_led} partitions", file=sys.stderr, flush=True)
         killed_at = time.monotonic()
@@ -166,6 +183,7 @@ def main() -> int:
         "idle_seconds": args.seconds,
         "idle_cpu_percent_of_one_core": cpu,
         "max_idle_cpu_percent": max(cpu.values()),
+        "killed": args.kill,
         "killed_broker_led": victim_led,
         "failover_s": rounded(failover_s, 2),
         "open_files_limit": soft_files,
