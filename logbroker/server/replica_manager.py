@@ -15,7 +15,7 @@ import shutil
 import time
 import zlib
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -53,6 +53,7 @@ RAFT_MAX_MESSAGE_BYTES = 1 << 20
 RAFT_MAX_INFLIGHT_BYTES = 16 << 20
 _NEW_DIRECTORY, _OURS = "new", "ours"  # what _claim_directory found
 OPENER_THREADS = 4
+EPOCH_SAVE_INTERVAL_TICKS = 20  # how often stale leader-epoch files are written (a second at the default tick)
 
 
 @dataclass
@@ -93,6 +94,12 @@ class ReplicaManager:
         # New replicas' files are created here (see open_partitions), several at a time: a creation waits while
         # the file system's journal commits, and concurrent ones share the commit.
         self._opener = ThreadPoolExecutor(max_workers=OPENER_THREADS, thread_name_prefix="open")
+        # Leader-epoch files are rewritten here, a sweep every EPOCH_SAVE_INTERVAL_TICKS, not by the appends that
+        # begin an epoch (PartitionLog.save_epochs): after a failover, each of thousands of first appends waited on
+        # a file rewrite as long as its fsync, in the pool every append queues for.
+        self._epochs_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epochs")
+        self._epochs_saving: Future[None] | None = None
+        self._ticks = 0
         self._replicas: dict[str, Replica] = {}  # group name -> replica, the controller included
         self._partitions: dict[tuple[str, int], Replica] = {}
         # Replicas opened holding nothing (no term, vote or log) of a group with no known leader yet: checked
@@ -186,12 +193,23 @@ class ReplicaManager:
         for peer in liveness.tick():
             self._on_peer_down(peer)
         is_alive = liveness.is_alive
+        self._ticks += 1
+        if self._ticks % EPOCH_SAVE_INTERVAL_TICKS == 0:
+            self._save_epochs_soon()
         for replica in list(self._awake):
             if replica.quiet or replica.closed:
                 del self._awake[replica]  # back when it wakes (Replica.on_wake)
                 continue
             replica.tick()
             replica.maybe_quiesce(is_alive)
+
+    def _save_epochs_soon(self) -> None:
+        """Write the leader-epoch files that appends left stale, in one job off the flush pool."""
+        if self._epochs_saving is not None and not self._epochs_saving.done():
+            return
+        logs = [replica.log for replica in self._replicas.values() if replica.log.epochs_unsaved]
+        if logs:
+            self._epochs_saving = self._epochs_executor.submit(_save_epochs, logs)
 
     def _on_peer_down(self, peer: int) -> None:
         """A broker went silent: the groups it led must elect, now rather than after another timeout.
@@ -553,6 +571,7 @@ class ReplicaManager:
         self._controller_executor.shutdown(wait=True)
         self._state_sync_executor.shutdown(wait=True)
         self._opener.shutdown(wait=True)
+        self._epochs_executor.shutdown(wait=True)
         self.state_log.close()
 
     def flush_backlog(self) -> int:
@@ -651,3 +670,8 @@ class ReplicaManager:
     def hosted_partitions_of(self, name: str) -> list[Replica]:
         """This broker's replicas of a topic's partitions."""
         return [r for (topic, _), r in self._partitions.items() if topic == name]
+
+
+def _save_epochs(logs: list[PartitionLog]) -> None:
+    for partition_log in logs:
+        partition_log.save_epochs()  # a closed log skips it; a failed write is logged and repaired at open

@@ -97,6 +97,7 @@ class PartitionLog:
         self._durable_offset = 0
         self._checkpointed_offset = 0  # the offset the recovery checkpoint file holds
         self._closed = False
+        self._epochs_unsaved = False  # an append began an epoch the leader-epoch file does not hold yet
         self._broken: str | None = None
         # Set by a failed fsync: from this offset on, what reads still show may never reach the disk (Linux
         # marks the pages clean after the error, and a later fsync succeeds without writing them).
@@ -386,9 +387,23 @@ class PartitionLog:
         return result
 
     def _note_epochs(self, epoch_starts: list[tuple[int, int]]) -> None:
-        """Record where new epochs begin, once their batches are written (O(1) unless an epoch is new)."""
+        """Record where new epochs begin, once their batches are written (O(1) unless an epoch is new). The file
+        is written later (save_epochs): a new leader's first append must not wait on a file rewrite, which cost as
+        much as the append's fsync when thousands of groups elected at once."""
         if any([self.epochs.assign(epoch, start) for epoch, start in epoch_starts if epoch >= 0]):
-            self._save_epochs()
+            self._epochs_unsaved = True
+
+    @property
+    def epochs_unsaved(self) -> bool:
+        return self._epochs_unsaved
+
+    def save_epochs(self) -> None:
+        """Write the leader-epoch file if appends began epochs since it was last written. The owner calls this soon
+        after such appends, off the write path, and close() does; until then the file is stale, which the next
+        open notices and repairs with a scan of the batch headers after its last entry (leader_epochs.py)."""
+        with self._lock:
+            if self._epochs_unsaved and not self._closed:
+                self._save_epochs()
 
     def _stamp(self, buf: bytearray, offset: int, epoch: int) -> tuple[list[BatchInfo], int, int]:
         infos: list[BatchInfo] = []
@@ -789,6 +804,7 @@ class PartitionLog:
         scan): failing to write it (a full disk) must not fail, or leave half done, the change it follows. A
         retention that raised here had dropped its segments from the list but not from the disk, and the next
         open found them, then a gap, and cut everything after it (found by the runtime simulation)."""
+        self._epochs_unsaved = False
         try:
             self.epochs.save()
         except OSError as exc:
@@ -885,6 +901,8 @@ class PartitionLog:
         try:
             if self._broken is None:
                 with self._lock:
+                    if self._epochs_unsaved:
+                        self._save_epochs()
                     self._segments[-1].seal()
                     for segment in self._segments:
                         segment.flush()
