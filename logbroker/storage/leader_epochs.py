@@ -7,7 +7,8 @@ from memory: Raft's log matching asks for terms many times per election and per 
 reading batch headers from disk for each was the slow part.
 
 The file ``leader-epoch-checkpoint`` (Kafka's layout: a version line, a count line, then one
-``epoch start_offset`` line per entry) is rewritten whenever an epoch is added or entries are cut. It is
+``epoch start_offset`` line per entry) is rewritten whenever entries are cut, and soon after an append adds
+an epoch (the log's owner calls PartitionLog.save_epochs off the write path, and close() does). It is
 written atomically but not fsynced: at open the log checks it against the segments (each entry's batch
 must carry its epoch) and scans batch headers from the last entry on, so a stale or lost file costs a
 scan, never a wrong answer. Bad files are rebuilt from a scan of the whole log.
