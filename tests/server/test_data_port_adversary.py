@@ -598,7 +598,7 @@ def test_frame_deadline_does_not_run_while_the_broker_itself_stopped_reading(
 
 
 def test_clients_vanishing_mid_request_leak_no_tasks_and_leave_the_log_whole(brokers: Brokers) -> None:
-    broker = brokers.start(max_fetch_wait_ms=5000)
+    broker = brokers.start(max_fetch_wait_ms=2000)
     create_topic(broker, "t")
     probe = connect(broker)
     start = list_offset(probe, "t")
@@ -609,7 +609,7 @@ def test_clients_vanishing_mid_request_leak_no_tasks_and_leave_the_log_whole(bro
         sent.add(value)
         sock.sendall(frame(1, wire.Method.PRODUCE, pb.ProduceRequest(acks=-1, timeout_ms=5000, partitions=[
             pb.PartitionRecords(topic="t", partition=0, records=rec.build_batch([(1, None, value, [])]))]))
-            + frame(2, wire.Method.FETCH, _slow_fetch(5000)))
+            + frame(2, wire.Method.FETCH, _slow_fetch(2000)))
         if i % 2:
             wait_until(lambda: in_flight(broker) > 0, 3, "the long poll to start")
         rst_close(sock)
@@ -632,12 +632,12 @@ def test_clients_vanishing_mid_request_leak_no_tasks_and_leave_the_log_whole(bro
 
 
 def test_half_closed_client_gets_the_answers_in_flight_at_its_eof_and_leaks_nothing(brokers: Brokers) -> None:
-    broker = brokers.start(max_fetch_wait_ms=3000)
+    broker = brokers.start(max_fetch_wait_ms=1000)
     create_topic(broker, "t")
     sock = connect(broker)
     sock.sendall(frame(1, wire.Method.LIST_OFFSETS, latest_offsets("t")))
     assert answer(sock)[:2] == (1, OK)
-    sock.sendall(frame(2, wire.Method.FETCH, _slow_fetch(3000)))
+    sock.sendall(frame(2, wire.Method.FETCH, _slow_fetch(1000)))
     wait_until(lambda: in_flight(broker) == 1, 3, "the long poll to start")
     sock.shutdown(socket.SHUT_WR)
     # The broker answers what is in flight when the client's EOF arrives, then closes.
