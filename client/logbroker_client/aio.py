@@ -1000,16 +1000,19 @@ class AsyncConsumer:
             fetch.handle = asyncio.get_running_loop().create_task(self._metadata.call("Fetch", request, address))
 
     async def _complete_one_fetch(self, timeout: float) -> bool:
-        """Wait for the oldest fetch in flight and buffer its records; False if it did not finish in time."""
+        """Wait for the first fetch in flight to finish and buffer its records; False if none finished in time.
+        The first to finish, not the oldest: a long poll of caught-up partitions at one broker must not hold up
+        another broker's answer full of records (fetches in flight name disjoint partitions)."""
         if not self._fetch.in_flight:
             wait_s = min(self._pauses.wait_s(), timeout)  # fetches held back by a throttle time
             if wait_s > 0:
                 await asyncio.sleep(wait_s)
             return wait_s > 0
-        fetch = self._fetch.in_flight[0]
-        done, _ = await asyncio.wait([fetch.handle], timeout=timeout)
+        done, _ = await asyncio.wait([f.handle for f in self._fetch.in_flight], timeout=timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)
         if not done:
             return False
+        fetch = next(f for f in self._fetch.in_flight if f.handle in done)
         self._fetch.end_fetch(fetch)
         try:
             response = fetch.handle.result()

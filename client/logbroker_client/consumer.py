@@ -151,6 +151,7 @@ class Consumer:
         check_crcs: bool = True,
     ) -> None:
         self._fetch = FetchState(reset_policy(auto_offset_reset), check_crcs)
+        self._fetch_finished = threading.Event()  # set by every fetch that finishes (see _first_finished_fetch)
         self._min_bytes = fetch_min_bytes
         self._max_wait_ms = fetch_max_wait_ms
         self._max_bytes = fetch_max_bytes
@@ -338,19 +339,25 @@ class Consumer:
         channel = self._metadata.data_channel(conn.address)
         if channel is not None:
             fetch.handle = channel.future(Method.FETCH, request, pb.FetchResponse, timeout_s)
-            return
-        fetch.handle = conn.broker.Fetch.future(request, timeout=timeout_s, metadata=self._metadata.call_metadata)
+        else:
+            fetch.handle = conn.broker.Fetch.future(request, timeout=timeout_s,
+                                                    metadata=self._metadata.call_metadata)
+        fetch.handle.add_done_callback(lambda _: self._fetch_finished.set())
 
     def _complete_one_fetch(self, timeout: float) -> bool:
-        """Wait for the oldest fetch in flight and buffer its records; False if it did not finish in time."""
+        """Wait for the first fetch in flight to finish and buffer its records; False if none finished in time.
+        The first to finish, not the oldest: a long poll of caught-up partitions at one broker must not hold up
+        another broker's answer full of records (fetches in flight name disjoint partitions)."""
         if not self._fetch.in_flight:
             wait_s = min(self._pauses.wait_s(), timeout)  # fetches held back by a throttle time
             if wait_s > 0:
                 time.sleep(wait_s)
             return wait_s > 0
-        fetch = self._fetch.in_flight[0]
+        fetch = self._first_finished_fetch(timeout)
+        if fetch is None:
+            return False
         try:
-            response = fetch.handle.result(timeout=timeout)
+            response = fetch.handle.result(timeout=0)
         except grpc.FutureTimeoutError:
             return False
         except grpc.RpcError as exc:
@@ -367,6 +374,17 @@ class Consumer:
             if self._fetch.absorb(fetch, result) is FetchOutcome.FIND_LEADER:
                 self._metadata.invalidate(result.topic)
         return True
+
+    def _first_finished_fetch(self, timeout: float) -> PendingFetch | None:
+        deadline = time.monotonic() + timeout
+        while True:
+            self._fetch_finished.clear()  # before looking: a fetch finishing from now on sets it again
+            for fetch in self._fetch.in_flight:
+                if fetch.handle.done():
+                    return fetch
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._fetch_finished.wait(remaining):
+                return None
 
     def _on_fetch_failure(self, fetch: PendingFetch, error: LogbrokerError, timeout: float) -> None:
         if not error.retriable:

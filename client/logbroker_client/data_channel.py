@@ -206,7 +206,7 @@ class DataChannel:
 class DataFuture:
     """The answer to one request, for a thread that waits for it."""
 
-    __slots__ = ("_channel", "correlation_id", "_done", "_response", "_error")
+    __slots__ = ("_channel", "correlation_id", "_done", "_response", "_error", "_callbacks")
 
     def __init__(self, channel: DataChannel) -> None:
         self._channel = channel
@@ -214,10 +214,20 @@ class DataFuture:
         self._done = threading.Event()
         self._response: Any = None
         self._error: LogbrokerError | None = None
+        self._callbacks: list[Callable[[DataFuture], Any]] = []
 
     def set(self, response: Any, error: LogbrokerError | None) -> None:
         self._response, self._error = response, error
         self._done.set()
+        for callback in self._callbacks:
+            callback(self)
+
+    def add_done_callback(self, callback: Callable[[DataFuture], Any]) -> None:
+        """Run callback(future) once it is done (at once if it is; possibly twice in a race, so it must be
+        idempotent, as setting an Event is)."""
+        self._callbacks.append(callback)
+        if self._done.is_set():
+            callback(self)
 
     def done(self) -> bool:
         return self._done.is_set()
