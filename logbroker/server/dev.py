@@ -27,6 +27,7 @@ from typing import TextIO
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from logbroker_client.data_wire import DEFAULT_DATA_PORT_OFFSET
 
 from logbroker.server.config import DEFAULT_RAFT_PORT_OFFSET
 
@@ -170,6 +171,8 @@ class DevCluster:
         self.say(f"Kafka clients: bootstrap.servers={kafka}")
         metrics = " ".join(f"http://{metrics_address(b.address)}/metrics" for b in self.brokers)
         self.say(f"Prometheus metrics: {metrics}")
+        data_ports = " ".join(str(int(b.address.rpartition(":")[2]) + DEFAULT_DATA_PORT_OFFSET) for b in self.brokers)
+        self.say(f"data ports (clients' records; the Python clients find them in Metadata): {data_ports}")
 
     def run(self) -> int:
         """Supervise until asked to stop (0), or until no broker is left and none will be restarted (1)."""

@@ -118,6 +118,7 @@ def test_dev_reports_a_killed_broker_keeps_serving_and_restarts_it(tmp_path: Pat
             out.wait_for(rf"^  \S*logbroker\S* serve --node-id {node} .*--listen {addresses[node]} ", 1)
         metrics = [f"http://127.0.0.1:{base + 200 + n - 1}/metrics" for n in (1, 2, 3)]
         out.wait_for(re.escape(f"Prometheus metrics: {' '.join(metrics)}"), 1)
+        out.wait_for(rf"^data ports .*: {base + 400} {base + 401} {base + 402}$", 1)
         out.wait_for(r"^cluster serving: all 3 brokers up", START_TIMEOUT_S)
         with urllib.request.urlopen(metrics[0], timeout=5) as scraped:  # `make run` serves metrics
             assert b"logbroker_controller_active" in scraped.read()
