@@ -6,8 +6,9 @@ client about half a millisecond to issue and a third of one to take the answer, 
 on every request; a lone record awaited alone pays all of it. On this port the same request messages travel in
 frames that the broker reads in its event loop and the client reads in one thread (measured: a lone record's
 request reaches the leader's handler 0.39 ms after send() instead of about 0.5 ms to issue it over gRPC, and
-its answer is back 0.15 ms after the leader's instead of 0.35 ms). The producer and consumer use it when the broker's Metadata names it (BrokerInfo.data_port) and fall back to gRPC
-when they cannot connect. Nothing else moves here: administration, groups and health stay on gRPC.
+its answer is back 0.15 ms after the leader's instead of 0.35 ms). The producer and consumer use it when the
+broker's Metadata names it (BrokerInfo.data_port) and fall back to gRPC when they cannot connect. Nothing else
+moves here: administration, groups and health stay on gRPC.
 
     client -> broker   HELLO    b"LBDATA01" (8 bytes) | client id length (u16 BE) | client id (UTF-8, <= 255 bytes)
     broker -> client   WELCOME  b"LBDATA01" (8 bytes) | largest request frame the broker takes (u32 BE)
