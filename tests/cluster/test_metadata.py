@@ -6,7 +6,9 @@ import time
 from collections.abc import Callable
 
 from logbroker_client import Admin, Consumer, Producer, TopicPartition
+from logbroker_client.connection import Connection
 from logbroker_client.errors import LogbrokerError
+from logbroker_client.proto import logbroker_pb2 as pb
 
 from tests.support.brokers import wait_until
 from tests.support.cluster import BrokerCluster
@@ -32,11 +34,24 @@ def test_every_broker_names_the_leaders_of_partitions_it_does_not_host(cluster: 
                    f"broker {node} to name every partition's leader")
 
 
+def knows_topic(cluster: BrokerCluster, node: int) -> bool:
+    """Whether broker `node` itself (no other) names the topic without an error in its Metadata answer."""
+    conn = Connection(cluster.address(node))
+    try:
+        answer = conn.broker.Metadata(pb.MetadataRequest(topics=[TOPIC]), timeout=5)
+    finally:
+        conn.close()
+    return all(not t.error_code for t in answer.topics)
+
+
 def test_a_client_bootstrapped_at_a_broker_without_the_replica_is_sent_to_the_leader(cluster: BrokerCluster) -> None:
     Admin(cluster.bootstrap).create_topic(TOPIC, partitions=PARTITIONS, replication_factor=1)
     with Admin(cluster.bootstrap) as admin:
         hosts = [p.replicas[0] for p in admin.describe_topics([TOPIC])[0].partitions]
     outsider = next(n for n in (1, 2, 3) if n != hosts[0])
+    # The outsider learns of the topic when it applies the controller's commit, a moment after the creation
+    # returned (a client asking it sooner is told the topic does not exist): this test is about what follows.
+    wait_until(lambda: knows_topic(cluster, outsider), 20, f"broker {outsider} to apply the topic's creation")
     with Producer(cluster.address(outsider), acks="all") as producer:
         meta = producer.send(TOPIC, value=b"routed", partition=0).result(timeout=20)
     tp = TopicPartition(TOPIC, 0)
