@@ -87,13 +87,15 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
         return True
 
 
-def free_port_offset(ports: list[int], host: str = "127.0.0.1") -> int:
-    """An offset that puts every port + offset on a free port: a cluster's Kafka ports, and its data ports, are
-    each broker's port plus one offset (the defaults, +100 and +400, may be taken where ports are random)."""
+def free_port_offset(ports: list[int], host: str = "127.0.0.1", avoid: frozenset[int] = frozenset()) -> int:
+    """An offset that puts every port + offset on a free port outside `avoid` (ports handed out but not bound
+    yet): a cluster's Kafka ports, and its data ports, are each broker's port plus one offset (the defaults,
+    +100 and +400, may be taken where ports are random)."""
     for _ in range(200):
         offset = random.randrange(1000, 20000) * random.choice((1, -1))
         candidates = [port + offset for port in ports]
-        if all(1024 < c < 65536 for c in candidates) and all(port_is_free(c, host) for c in candidates):
+        if (all(1024 < c < 65536 and c not in avoid for c in candidates)
+                and all(port_is_free(c, host) for c in candidates)):
             return offset
     raise AssertionError(f"no offset puts every one of the ports {ports} on a free port")
 

@@ -201,18 +201,21 @@ class BrokerCluster:
         # (from, to) -> the proxy of to's data port: at the client port's proxy plus the data port offset, as
         # brokers name each other's data ports from the --peers addresses (which are the proxies).
         self.data_proxies: dict[tuple[int, int], FaultProxy] = {}
-        self.data_port_offset = free_port_offset([b.port for b in self.brokers.values()])
+        handed_out = frozenset(p for b in self.brokers.values() for p in (b.port, b.raft_port))
+        self.data_port_offset = free_port_offset([b.port for b in self.brokers.values()], avoid=handed_out)
         for broker in self.brokers.values():
             broker.data_port = broker.port + self.data_port_offset
         self.proxy_loop = ProxyLoop("cluster proxies")  # one loop relays for every proxy of the cluster
         if kafka:  # Kafka ports: every broker's gRPC port plus one offset (how brokers name each other's)
             assert not proxied, "Kafka endpoints are derived from peer addresses, which proxies would change"
-            offset = free_port_offset([b.port for b in self.brokers.values()])
+            offset = free_port_offset([b.port for b in self.brokers.values()], avoid=handed_out | {
+                b.data_port for b in self.brokers.values()})
             for broker in self.brokers.values():
                 broker.kafka_port = broker.port + offset
         if metrics:  # Prometheus metrics over HTTP, on a free port of each broker's own
+            taken = handed_out | {p for b in self.brokers.values() for p in (b.data_port, b.kafka_port) if p}
             for broker in self.brokers.values():
-                broker.metrics_port = free_port()
+                broker.metrics_port = next(p for p in iter(free_port, 0) if p not in taken)
         self.disks: dict[int, SizeLimitedDir] = {}  # set by fixtures that put data on size-limited disks
         if broker_config:  # settings for every broker, as a TOML file (e.g. lower group timeouts)
             config_path = self.root / "broker.toml"
@@ -243,7 +246,8 @@ class BrokerCluster:
                     broker.raft_peers[peer] = f"{HOST}:{other.raft_port}"
 
     def _proxy_port_with_free_data_port(self) -> int:
-        taken = {p.listen_port for p in [*self.proxies.values(), *self.data_proxies.values()]}
+        taken = {p.listen_port for p in [*self.proxies.values(), *self.data_proxies.values()]} | {
+            p for b in self.brokers.values() for p in (b.port, b.raft_port, b.data_port)}
         for _ in range(200):
             port = free_port()
             data_port = port + self.data_port_offset
