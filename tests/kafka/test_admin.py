@@ -118,11 +118,15 @@ def test_auto_creation_is_off_by_default(tmp_path: Path) -> None:
     from kio.schema.metadata.v12 import request as m
 
     from tests.kafka.wire import WireClient
-    from tests.support.brokers import InProcessBroker, free_port
+    from tests.support.brokers import InProcessBroker, free_port, wait_until
 
     port = free_port()
     broker = InProcessBroker(tmp_path / "data", kafka_listen=f"127.0.0.1:{port}").start()
     try:
+        assert broker.server is not None
+        controller_client = broker.server.broker.controller_client
+        # Until the broker has loaded the cluster metadata it answers "not yet" (retriable), not "no such topic".
+        wait_until(controller_client.metadata_loaded, 10, "the broker to load the cluster metadata")
         with WireClient(f"127.0.0.1:{port}") as client:
             answer = client.call(m.MetadataRequest(topics=(m.MetadataRequestTopic(topic_id=None, name="nope"),),
                                                    allow_auto_topic_creation=True,
