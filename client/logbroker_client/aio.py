@@ -283,12 +283,13 @@ class AsyncMetadata(MetadataCache):
             raise error
 
     async def partitions_for(self, topic: str) -> int:
+        """As ClusterMetadata.partitions_for: a retriable answer is asked again within the request timeout."""
         count = self.cached_count(topic)
         if count is None:
-            self.check_topic(await self.refresh([topic]), topic)
-            count = self.cached_count(topic)
-            if count is None:
-                raise LogbrokerError(f"broker returned no metadata for topic {topic!r}")
+            deadline = time.monotonic() + self.request_timeout_s
+            while (wait_s := self.retry_topic_after(await self.refresh([topic]), topic, deadline)) is not None:
+                await asyncio.sleep(wait_s)
+            count = self.fetched_count(topic)
         return count
 
     async def leader(self, topic: str, partition: int) -> str:

@@ -122,6 +122,25 @@ class MetadataCache:
     def data_port_reached(self, address: str) -> None:
         self._data_port_failed_at.pop(address, None)
 
+    def retry_topic_after(self, response: pb.MetadataResponse, topic: str, deadline: float) -> float | None:
+        """After a Metadata answer asked for `topic`: None when it names the topic, the seconds to wait before
+        asking again when its error is retriable (a broker that has just started and is still loading the cluster
+        metadata) and the deadline allows; otherwise raises that error (UnknownTopicOrPartitionError, ...)."""
+        try:
+            self.check_topic(response, topic)
+            return None
+        except LogbrokerError as exc:
+            if not exc.retriable or time.monotonic() + RETRY_BACKOFF_S >= deadline:
+                raise
+        return RETRY_BACKOFF_S
+
+    def fetched_count(self, topic: str) -> int:
+        """The partition count a Metadata answer just gave for `topic`."""
+        count = self.cached_count(topic)
+        if count is None:
+            raise LogbrokerError(f"broker returned no metadata for topic {topic!r}")
+        return count
+
     def cached_count(self, topic: str) -> int | None:
         parts = self._partitions.get(topic)
         return None if parts is None else len(parts)
@@ -341,24 +360,14 @@ class ClusterMetadata(MetadataCache):
             raise error
 
     def partitions_for(self, topic: str) -> int:
-        """Number of partitions; raises UnknownTopicOrPartitionError with the broker's message. A retriable
-        answer (a broker that has just started and is still loading the cluster metadata) is asked again, within
-        the request timeout, before it is raised."""
+        """Number of partitions; raises UnknownTopicOrPartitionError with the broker's message (see
+        MetadataCache.retry_topic_after: a retriable answer is asked again within the request timeout)."""
         count = self.cached_count(topic)
         if count is None:
             deadline = time.monotonic() + self.request_timeout_s
-            while True:
-                response = self.refresh([topic])
-                try:
-                    self.check_topic(response, topic)
-                    break
-                except LogbrokerError as exc:
-                    if not exc.retriable or time.monotonic() + RETRY_BACKOFF_S >= deadline:
-                        raise
-                time.sleep(RETRY_BACKOFF_S)
-            count = self.cached_count(topic)
-            if count is None:
-                raise LogbrokerError(f"broker returned no metadata for topic {topic!r}")
+            while (wait_s := self.retry_topic_after(self.refresh([topic]), topic, deadline)) is not None:
+                time.sleep(wait_s)
+            count = self.fetched_count(topic)
         return count
 
     def leader_connection(self, topic: str, partition: int) -> Connection:

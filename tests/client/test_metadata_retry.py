@@ -1,10 +1,13 @@
-"""The client's first lookup of a topic asks again while the broker's answer is retriable ("still loading the
-cluster metadata": a broker that has just started), within its request timeout, and fails at once on an answer
-that is not (the topic does not exist)."""
+"""The client's first lookup of a topic (the threaded and the asyncio client's alike) asks again while the
+broker's answer is retriable ("still loading the cluster metadata": a broker that has just started), within its
+request timeout, and fails at once on an answer that is not (the topic does not exist)."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
+from logbroker_client.aio import AsyncMetadata
 from logbroker_client.errors import LeaderNotAvailableError, UnknownTopicOrPartitionError
 from logbroker_client.metadata import ClusterMetadata
 from logbroker_client.proto import logbroker_pb2 as pb
@@ -53,4 +56,33 @@ def test_a_topic_that_does_not_exist_fails_at_once() -> None:
     metadata = ScriptedMetadata([answer(pb.ErrorCode.UNKNOWN_TOPIC_OR_PARTITION, "topic 'orders' does not exist")])
     with pytest.raises(UnknownTopicOrPartitionError, match="does not exist"):
         metadata.partitions_for("orders")
+    assert metadata.asked == 1
+
+
+class ScriptedAsyncMetadata(AsyncMetadata):
+    """The asyncio client's metadata, answered from the same kind of script."""
+
+    def __init__(self, answers: list[pb.MetadataResponse], request_timeout_ms: int = 5_000) -> None:
+        super().__init__("127.0.0.1:1", request_timeout_ms)
+        self.answers = answers
+        self.asked = 0
+
+    async def refresh(self, topics: object = ()) -> pb.MetadataResponse:  # type: ignore[override]
+        response = self.answers[min(self.asked, len(self.answers) - 1)]
+        self.asked += 1
+        self.apply(response)
+        return response
+
+
+def test_the_asyncio_client_asks_a_loading_broker_again_too() -> None:
+    loading = answer(pb.ErrorCode.LEADER_NOT_AVAILABLE, LOADING)
+    metadata = ScriptedAsyncMetadata([loading, loading, answer()])
+    assert asyncio.run(metadata.partitions_for("orders")) == 1
+    assert metadata.asked == 3
+
+
+def test_the_asyncio_client_fails_at_once_on_a_topic_that_does_not_exist() -> None:
+    metadata = ScriptedAsyncMetadata([answer(pb.ErrorCode.UNKNOWN_TOPIC_OR_PARTITION, "topic 'orders' does not exist")])
+    with pytest.raises(UnknownTopicOrPartitionError, match="does not exist"):
+        asyncio.run(metadata.partitions_for("orders"))
     assert metadata.asked == 1
