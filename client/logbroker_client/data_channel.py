@@ -139,35 +139,16 @@ class DataChannel:
             self._fail_all(f"reading from it failed ({exc})")
 
     def _take_answers(self, buffer: bytearray) -> None:
-        head = wire.FRAME_HEAD
-        start = 0
-        while len(buffer) - start >= head.size:
-            length, correlation_id, status = head.unpack_from(buffer, start)
-            if length < wire.HEAD_AFTER_LENGTH_BYTES:
-                self._fail_all(f"it sent a frame of length {length}, shorter than a frame's head: not this protocol")
-                return
-            end = start + 4 + length
-            if end > len(buffer):
-                break
-            body = bytes(buffer[start + head.size:end])
-            start = end
+        try:
+            frames = wire.take_frames(buffer)
+        except wire.WireError as exc:
+            self._fail_all(f"it sent {exc}")
+            return
+        for correlation_id, status, body in frames:
             with self._lock:
                 pending = self._pending.pop(correlation_id, None)
             if pending is not None:
-                self._answer(pending[1], pending[2], status, body)
-        if start:
-            del buffer[:start]
-
-    def _answer(self, response_type: type[Any], on_done: AnswerCallback, status: int, body: bytes) -> None:
-        if status == 0:
-            try:
-                response = response_type.FromString(body)
-            except Exception as exc:
-                on_done(None, LogbrokerError(f"broker at {self.address} sent an answer that does not parse: {exc}"))
-                return
-            on_done(response, None)
-            return
-        on_done(None, translate_status(_status_code(status), body.decode(errors="replace"), self.address))
+                pending[2](*decode_answer(pending[1], status, body, self.address))
 
     def _expire_overdue(self) -> float:
         """Fail the requests past their deadline; how long until the next one is due (at most IDLE_POLL_S)."""
@@ -248,6 +229,17 @@ class DataFuture:
         if self._error is not None:
             raise self._error
         return self._response
+
+
+def decode_answer(response_type: type[Any], status: int, body: bytes, address: str
+                  ) -> tuple[Any, LogbrokerError | None]:
+    """An ANSWER frame's (response, None), or (None, the error it stands for)."""
+    if status != 0:
+        return None, translate_status(_status_code(status), body.decode(errors="replace"), address)
+    try:
+        return response_type.FromString(body), None
+    except Exception as exc:
+        return None, LogbrokerError(f"broker at {address} sent an answer that does not parse: {exc}")
 
 
 def _status_code(status: int) -> grpc.StatusCode:
@@ -350,32 +342,20 @@ class AsyncDataChannel(asyncio.Protocol):
         self._take_answers()
 
     def _take_answers(self) -> None:
-        buffer = self._buffer
-        head = wire.FRAME_HEAD
-        start = 0
-        while len(buffer) - start >= head.size:
-            length, correlation_id, status = head.unpack_from(buffer, start)
-            if length < wire.HEAD_AFTER_LENGTH_BYTES:
-                self._fail_all(f"it sent a frame of length {length}, shorter than a frame's head: not this protocol")
-                return
-            end = start + 4 + length
-            if end > len(buffer):
-                break
-            pending = self._pending.pop(correlation_id, None)
-            if pending is not None and not pending[0].done():
-                self._settle(pending[0], pending[1], status, bytes(buffer[start + head.size:end]))
-            start = end
-        if start:
-            del buffer[:start]
-
-    def _settle(self, answer: asyncio.Future[Any], response_type: type[Any], status: int, body: bytes) -> None:
-        if status != 0:
-            answer.set_exception(translate_status(_status_code(status), body.decode(errors="replace"), self.address))
-            return
         try:
-            answer.set_result(response_type.FromString(body))
-        except Exception as exc:
-            answer.set_exception(LogbrokerError(f"broker at {self.address} sent an answer that does not parse: {exc}"))
+            frames = wire.take_frames(self._buffer)
+        except wire.WireError as exc:
+            self._fail_all(f"it sent {exc}")
+            return
+        for correlation_id, status, body in frames:
+            pending = self._pending.pop(correlation_id, None)
+            if pending is None or pending[0].done():
+                continue
+            response, error = decode_answer(pending[1], status, body, self.address)
+            if error is None:
+                pending[0].set_result(response)
+            else:
+                pending[0].set_exception(error)
 
     def _fail_all(self, why: str) -> None:
         if self.closed:

@@ -103,6 +103,25 @@ def frame_head(correlation_id: int, code: int, body_bytes: int) -> bytes:
     return FRAME_HEAD.pack(body_bytes + HEAD_AFTER_LENGTH_BYTES, correlation_id, code)
 
 
+def take_frames(buffer: bytearray) -> list[tuple[int, int, bytes]]:
+    """The whole frames at the start of buffer, removed from it, as (correlation id, method or status, body);
+    a partial frame stays. WireError for a length shorter than a frame's head (not this protocol)."""
+    frames = []
+    start = 0
+    while len(buffer) - start >= FRAME_HEAD.size:
+        length, correlation_id, code = FRAME_HEAD.unpack_from(buffer, start)
+        if length < HEAD_AFTER_LENGTH_BYTES:
+            raise WireError(f"a frame of length {length}, shorter than a frame's head: not this protocol")
+        end = start + _LENGTH.size + length
+        if end > len(buffer):
+            break
+        frames.append((correlation_id, code, bytes(buffer[start + FRAME_HEAD.size:end])))
+        start = end
+    if start:
+        del buffer[:start]
+    return frames
+
+
 def describe_foreign_bytes(raw: bytes) -> str:
     """A guess at what spoke instead, for the log: the other protocols a logbroker port sees most."""
     if raw.startswith(b"PRI * HTTP") or raw.startswith(b"\x00\x00") and len(raw) > 3 and raw[3] == 4:
