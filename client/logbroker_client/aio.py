@@ -139,7 +139,6 @@ class AsyncMetadata(MetadataCache):
     def __init__(self, bootstrap: str | Sequence[str] | None, request_timeout_ms: int) -> None:
         super().__init__(bootstrap, request_timeout_ms)
         self._connections: dict[str, AsyncConnection] = {}
-        self._data_channels: dict[str, AsyncDataChannel] = {}
         self._data_channel_opening: dict[str, asyncio.Future[AsyncDataChannel]] = {}
 
     def connection(self, address: str) -> AsyncConnection:
@@ -171,12 +170,9 @@ class AsyncMetadata(MetadataCache):
 
     async def data_channel(self, address: str) -> AsyncDataChannel | None:
         """As ClusterMetadata.data_channel: the broker's data port, or None to use gRPC."""
-        channel = self._data_channels.get(address)
-        if channel is not None and not channel.closed:
-            return channel
-        data_address = self.data_address_to_try(address)
+        channel, data_address = self.data_channel_or_address(address)
         if data_address is None:
-            return None
+            return channel
         opening = self._data_channel_opening.get(address)
         if opening is None:  # one connection attempt at a time per broker, shared by every caller
             opening = self._data_channel_opening[address] = asyncio.ensure_future(
@@ -190,8 +186,7 @@ class AsyncMetadata(MetadataCache):
         finally:
             if opening.done():
                 self._data_channel_opening.pop(address, None)
-        self._data_channels[address] = channel
-        self.data_port_reached(address)
+        self.data_port_reached(address, channel)
         return channel
 
     async def _call_at(self, address: str, method: str, request: Any, service: str) -> Any:
@@ -300,9 +295,7 @@ class AsyncMetadata(MetadataCache):
         for conn in self._connections.values():
             await conn.close()
         self._connections.clear()
-        for channel in self._data_channels.values():
-            channel.close()
-        self._data_channels.clear()
+        self.close_data_channels()
         for opening in self._data_channel_opening.values():
             opening.cancel()
         self._data_channel_opening.clear()

@@ -62,6 +62,7 @@ class MetadataCache:
         self._leaderless_until: dict[str, float] = {}
         self._data_ports: dict[str, int] = {}  # broker address -> its data port, where Metadata names one
         self._data_port_failed_at: dict[str, float] = {}  # address -> when its data port last could not be used
+        self._data_channels: dict[str, Any] = {}  # address -> its open DataChannel (AsyncDataChannel for asyncio)
 
     def addresses(self, for_metadata: bool = False) -> list[str]:
         """Known brokers first, then bootstrap addresses; any that just failed go last (and, when asking for
@@ -102,9 +103,16 @@ class MetadataCache:
     def client_id(self) -> str:
         return dict(self.call_metadata).get(CLIENT_ID_METADATA_KEY, "")
 
-    def data_address_to_try(self, address: str) -> tuple[str, int] | None:
-        """The (host, port) of the broker's data port if Metadata names one and it has not failed to connect
-        within the last DATA_PORT_RETRY_S; None: use gRPC."""
+    def data_channel_or_address(self, address: str) -> tuple[Any, tuple[str, int] | None]:
+        """(the open data channel to the broker, None), else (None, the (host, port) to open one at) if Metadata
+        names the broker's data port and it has not failed to connect within the last DATA_PORT_RETRY_S, else
+        (None, None): use gRPC."""
+        channel = self._data_channels.get(address)
+        if channel is not None and not channel.closed:
+            return channel, None
+        return None, self._data_address_to_try(address)
+
+    def _data_address_to_try(self, address: str) -> tuple[str, int] | None:
         port = self._data_ports.get(address)
         if port is None:
             return None
@@ -119,8 +127,14 @@ class MetadataCache:
                         error, DATA_PORT_RETRY_S)
         self._data_port_failed_at[address] = time.monotonic()
 
-    def data_port_reached(self, address: str) -> None:
+    def data_port_reached(self, address: str, channel: Any) -> None:
         self._data_port_failed_at.pop(address, None)
+        self._data_channels[address] = channel
+
+    def close_data_channels(self) -> None:
+        for channel in self._data_channels.values():
+            channel.close()
+        self._data_channels.clear()
 
     def retry_topic_after(self, response: pb.MetadataResponse, topic: str, deadline: float) -> float | None:
         """After a Metadata answer asked for `topic`: None when it names the topic, the seconds to wait before
@@ -247,24 +261,20 @@ class ClusterMetadata(MetadataCache):
     def __init__(self, bootstrap: str | Sequence[str] | None, request_timeout_ms: int = DEFAULT_REQUEST_TIMEOUT_MS):
         super().__init__(bootstrap, request_timeout_ms)
         self._connections: dict[str, Connection] = {}
-        self._data_channels: dict[str, DataChannel] = {}
 
     def data_channel(self, address: str) -> DataChannel | None:
         """A connection to the broker's data port, or None: the broker names none, or it could not be reached
         lately (the caller then uses gRPC; a warning says why, once per broker)."""
         with self._lock:
-            channel = self._data_channels.get(address)
-            if channel is not None and not channel.closed:
-                return channel
-            data_address = self.data_address_to_try(address)
+            channel, data_address = self.data_channel_or_address(address)
             if data_address is None:
-                return None
+                return channel  # type: ignore[no-any-return]
             try:
-                channel = self._data_channels[address] = DataChannel(address, data_address, self.client_id)
+                channel = DataChannel(address, data_address, self.client_id)
             except LogbrokerError as exc:
                 self.data_port_failed(address, exc)
                 return None
-            self.data_port_reached(address)
+            self.data_port_reached(address, channel)
             return channel
 
     def connection(self, address: str) -> Connection:
@@ -381,6 +391,4 @@ class ClusterMetadata(MetadataCache):
             for conn in self._connections.values():
                 conn.close()
             self._connections.clear()
-            for channel in self._data_channels.values():
-                channel.close()
-            self._data_channels.clear()
+            self.close_data_channels()
