@@ -268,7 +268,7 @@ class ClusterMetadata(MetadataCache):
         with self._lock:
             channel, data_address = self.data_channel_or_address(address)
             if data_address is None:
-                return channel  # type: ignore[no-any-return]
+                return channel
             try:
                 channel = DataChannel(address, data_address, self.client_id)
             except LogbrokerError as exc:
