@@ -29,7 +29,7 @@ from logbroker_client.types import TopicPartition
 
 from logbroker.server import data_port as server_data_port
 from tests.support.brokers import InProcessBroker, free_port, wait_until
-from tests.support.sockets import read_exactly
+from tests.support.sockets import data_port_hello, read_data_answer
 
 TOPIC = "jobs"
 DEADLINE_S = 10.0
@@ -79,14 +79,11 @@ def connect(port: int) -> socket.socket:
 
 def handshake(port: int, client_id: str = "test-client") -> socket.socket:
     sock = connect(port)
-    sock.sendall(wire.encode_hello(client_id))
-    assert wire.decode_welcome(read_exactly(sock, wire.WELCOME.size)) > 0
+    assert data_port_hello(sock, client_id) > 0
     return sock
 
 
-def read_answer(sock: socket.socket) -> tuple[int, int, bytes]:
-    length, correlation_id, status = wire.FRAME_HEAD.unpack(read_exactly(sock, wire.FRAME_HEAD.size))
-    return correlation_id, status, read_exactly(sock, length - wire.HEAD_AFTER_LENGTH_BYTES)
+read_answer = read_data_answer
 
 
 def closed_by_broker(sock: socket.socket) -> bool:

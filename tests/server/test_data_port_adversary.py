@@ -39,7 +39,7 @@ from logbroker_client.proto import logbroker_pb2 as pb
 
 from logbroker.server import data_port as dpm
 from tests.support.brokers import InProcessBroker, wait_until
-from tests.support.sockets import read_exactly
+from tests.support.sockets import data_port_hello, read_data_answer, read_exactly
 
 OK = 0
 STATUS = {code: code.value[0] for code in grpc.StatusCode}
@@ -102,8 +102,7 @@ def raw(broker: InProcessBroker, timeout_s: float = 5.0) -> socket.socket:
 
 
 def greet(sock: socket.socket, client_id: str = "adversary") -> int:
-    sock.sendall(wire.encode_hello(client_id))
-    return wire.decode_welcome(read_exactly(sock, wire.WELCOME.size))
+    return data_port_hello(sock, client_id)
 
 
 def connect(broker: InProcessBroker, timeout_s: float = 5.0) -> socket.socket:
@@ -117,9 +116,7 @@ def frame(correlation_id: int, method: int, request: Any) -> bytes:
     return wire.encode_frame(correlation_id, method, body)
 
 
-def answer(sock: socket.socket) -> tuple[int, int, bytes]:
-    length, correlation_id, status = wire.FRAME_HEAD.unpack(read_exactly(sock, wire.FRAME_HEAD.size))
-    return correlation_id, status, read_exactly(sock, length - wire.HEAD_AFTER_LENGTH_BYTES)
+answer = read_data_answer
 
 
 def closed_by_peer(sock: socket.socket, timeout_s: float) -> bytes:
