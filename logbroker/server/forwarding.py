@@ -60,3 +60,21 @@ async def forward_find_coordinator(broker: Broker, request: pb.FindCoordinatorRe
     except (grpc.aio.AioRpcError, errors.BrokerError) as exc:
         log.debug("FindCoordinator not forwarded to the controller leader: %s", exc)
         return None
+
+
+async def controller_names_topic(broker: Broker, name: str, timeout_s: float) -> bool:
+    """Asked when this broker's copy of the cluster metadata has no topic `name`: whether the controller
+    leader's copy has it, that is, this broker has not yet applied the topic's creation (it learns of a commit
+    a moment after the leader, longer while it is cut off from it). False when the leader does not name it
+    either, when this broker is the leader, or when the leader cannot be asked in time."""
+    try:
+        address = await broker.controller_client.controller_leader_address(timeout_s)
+        if address is None:
+            return False
+        async with grpc.aio.insecure_channel(address) as channel:
+            answer = await pb_grpc.BrokerStub(channel).Metadata(
+                pb.MetadataRequest(topics=[name]), timeout=timeout_s, metadata=((FORWARDED_METADATA_KEY, "1"),))
+    except (grpc.aio.AioRpcError, errors.BrokerError) as exc:
+        log.debug("could not ask the controller leader whether topic %r exists: %s", name, exc)
+        return False
+    return any(topic.name == name and not topic.error_code for topic in answer.topics)

@@ -18,6 +18,7 @@ import grpc
 from logbroker_client.proto import logbroker_pb2 as pb
 from logbroker_client.proto import logbroker_pb2_grpc as pb_grpc
 
+from logbroker.cluster.metadata import TopicMetadata
 from logbroker.cluster.peer_auth import is_peer, peer_metadata
 from logbroker.groups.coordinator import HeartbeatRequest, check_group_id
 from logbroker.groups.errors import GroupError, GroupIdNotFound
@@ -30,6 +31,7 @@ from logbroker.server.data_plane import FetchPass
 from logbroker.server.forwarding import (
     FORWARD_TIMEOUT_S,
     FORWARDED_METADATA_KEY,
+    controller_names_topic,
     forward_find_coordinator,
     forward_to_controller,
 )
@@ -50,6 +52,9 @@ LIST_OFFSETS_YIELD_EVERY = 1_000  # partitions looked up between turns of the ev
 VALID_ACKS = (-1, 0, 1)
 DEFAULT_REQUEST_TIMEOUT_MS = 30_000  # when a Produce or CreateTopics request names no timeout
 DESCRIBE_TIMEOUT_S = 5.0
+# How long a Metadata for a topic this broker does not know waits for the controller leader's word and then
+# for this broker to apply the topic's creation (a commit reaches followers within a heartbeat or two).
+TOPIC_CATCH_UP_WAIT_S = 2.0
 
 
 def _error(exc: Exception, where: str) -> tuple[Any, str]:
@@ -183,7 +188,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         for name in list(request.topics) or [t.name for t in broker.controller_client.topics()]:
             topic = response.topics.add(name=name)
             try:
-                spec = broker.controller_client.topic(name)
+                spec = await self._topic_for_metadata(name, context)
             except Exception as exc:
                 topic.error_code, topic.error_message = _error(exc, name)
                 continue
@@ -195,6 +200,27 @@ class BrokerService(pb_grpc.BrokerServicer):
                     error_code=pb.ErrorCode.NONE if view.leader is not None else pb.ErrorCode.LEADER_NOT_AVAILABLE,
                 )
         return response
+
+
+    async def _topic_for_metadata(self, name: str, context: Any) -> TopicMetadata:
+        """This broker's metadata of topic `name`. When it has none, the controller leader is asked (unless this
+        request was itself forwarded): a topic created a moment ago through another broker is then waited for
+        (up to TOPIC_CATCH_UP_WAIT_S) rather than called missing, and, if this broker is still behind, answered
+        with a retriable error, never with "does not exist" (a client would give up on a topic that exists)."""
+        controller = self.broker.controller_client
+        try:
+            return controller.topic(name)
+        except errors.UnknownTopicOrPartition:
+            if request_is_forwarded(context) or not await controller_names_topic(
+                    self.broker, name, TOPIC_CATCH_UP_WAIT_S):
+                raise
+        await controller.wait_for_metadata(lambda: name in self.broker.cluster.topics, TOPIC_CATCH_UP_WAIT_S)
+        spec = self.broker.cluster.topics.get(name)
+        if spec is None:
+            raise errors.LeaderNotAvailable(
+                f"topic {name!r} exists, but broker {self.broker.node_id} has not yet applied its creation from "
+                f"the controller (broker {controller.controller_id()}); retry shortly or ask another broker")
+        return spec
 
 
 def _fetch_request_problem(request: pb.FetchRequest) -> str:

@@ -98,3 +98,35 @@ def test_a_topic_created_without_a_replication_factor_gets_three_or_as_many_brok
     cluster.kill(3)
     wait_until(lambda: not cluster.brokers[3].running, 10, "broker 3 to be down")
     wait_until(created_with(2, 1, 2), 40, "a topic created while broker 3 is down to get 2 replicas")
+
+
+def metadata_answer(cluster: BrokerCluster, node: int, topic: str) -> pb.MetadataResponse:
+    """Broker `node`'s own Metadata answer for `topic` (asked of that broker alone)."""
+    conn = Connection(cluster.address(node))
+    try:
+        return conn.broker.Metadata(pb.MetadataRequest(topics=[topic]), timeout=10)
+    finally:
+        conn.close()
+
+
+def test_a_broker_behind_the_controller_never_calls_a_created_topic_missing(proxied_cluster: BrokerCluster) -> None:
+    cluster = proxied_cluster
+    wait_until(lambda: metadata_answer(cluster, 1, TOPIC).controller_id > 0, 20, "a controller leader")
+    controller = metadata_answer(cluster, 1, TOPIC).controller_id
+    behind = next(n for n in (1, 2, 3) if n != controller)
+    # Only the Raft links between the controller leader and `behind` are cut: clients still reach `behind`,
+    # and it can still ask the controller leader over gRPC, but it cannot apply the creation.
+    cluster.raft_proxies[(controller, behind)].cut()
+    cluster.raft_proxies[(behind, controller)].cut()
+    Admin(cluster.address(controller)).create_topic(TOPIC, partitions=1, replication_factor=1)
+
+    [seen] = metadata_answer(cluster, behind, TOPIC).topics
+    assert seen.error_code == pb.ErrorCode.LEADER_NOT_AVAILABLE, seen
+    assert f"topic {TOPIC!r} exists" in seen.error_message and f"broker {behind}" in seen.error_message
+    [missing] = metadata_answer(cluster, behind, "never-created").topics
+    assert missing.error_code == pb.ErrorCode.UNKNOWN_TOPIC_OR_PARTITION, missing
+
+    cluster.heal()
+    with Producer(cluster.address(behind), acks="all") as producer:  # asks again until `behind` has caught up
+        written = producer.send(TOPIC, value=b"found", partition=0).result(timeout=20)
+    assert (written.topic, written.partition) == (TOPIC, 0)
