@@ -28,6 +28,9 @@ log = logging.getLogger("logbroker.data_port")
 
 # Connections one broker holds on its data port; past it a new one is closed at once (and logged).
 MAX_CONNECTIONS = 4096
+# Connections from one client address: a quarter of the whole, so one host (a runaway client, a connection
+# leak) cannot take every slot and push all others back onto gRPC.
+MAX_CONNECTIONS_PER_HOST = 1024
 IDLE_SWEEP_INTERVAL_S = 5.0
 
 Handler = Callable[[Any, Any], Awaitable[Any]]
@@ -81,6 +84,7 @@ class DataPort:
         }
         self.max_frame_bytes = max_request_bytes + framing_bytes
         self.connections: set[DataConnection] = set()
+        self.connections_per_host: dict[str, int] = {}
         self.refusals = LogLimiter()
         self.refused_count = 0
         self._server: asyncio.AbstractServer | None = None
@@ -97,6 +101,33 @@ class DataPort:
         self.port = int(self._server.sockets[0].getsockname()[1])
         self._sweeper = loop.create_task(self._close_idle_forever())
         return self.port
+
+    def admit(self, connection: DataConnection) -> bool:
+        """Count a new connection in, or refuse it (logged) when the broker or its client's host is at the limit."""
+        host = connection.host
+        from_host = self.connections_per_host.get(host, 0)
+        if len(self.connections) >= MAX_CONNECTIONS:
+            self.refuse("connections", "refused a connection from %s: %d connections already open (the limit); "
+                        "clients should share connections", connection.peer, MAX_CONNECTIONS)
+            return False
+        if from_host >= MAX_CONNECTIONS_PER_HOST:
+            self.refuse("host-connections", "refused a connection from %s: %d connections from host %s already "
+                        "open (the limit for one host); look for a client there that opens a connection per "
+                        "request or never closes them", connection.peer, MAX_CONNECTIONS_PER_HOST, host)
+            return False
+        self.connections.add(connection)
+        self.connections_per_host[host] = from_host + 1
+        return True
+
+    def release(self, connection: DataConnection) -> None:
+        if connection not in self.connections:
+            return  # refused at admission: never counted
+        self.connections.discard(connection)
+        left = self.connections_per_host[connection.host] - 1
+        if left:
+            self.connections_per_host[connection.host] = left
+        else:
+            del self.connections_per_host[connection.host]
 
     def refuse(self, kind: str, text: str, *args: object) -> None:
         """Log why a connection was closed, at most once a second per kind."""
@@ -139,6 +170,7 @@ class DataConnection(asyncio.Protocol):
         self.context: DataCallContext | None = None  # set by the HELLO
         self.tasks: set[asyncio.Task[None]] = set()
         self.peer = "?"
+        self.host = "?"
         self.last_active_s = time.monotonic()
         self._reading_paused = False
         self._writing_paused = False
@@ -155,16 +187,14 @@ class DataConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio.Transport's
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        if len(self.port.connections) >= MAX_CONNECTIONS:
-            self.port.refuse("connections", "refused a connection from %s: %d connections already open (the "
-                             "limit); clients should share connections", self.peer, MAX_CONNECTIONS)
+        self.host = peer[0] if isinstance(peer, tuple) else str(peer)
+        if not self.port.admit(self):
             self.transport.abort()
             return
-        self.port.connections.add(self)
         self._handshake_timer = asyncio.get_running_loop().call_later(wire.HANDSHAKE_TIMEOUT_S, self._no_hello)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.port.connections.discard(self)
+        self.port.release(self)
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
         for task in self.tasks:  # the client is gone: nobody reads what these would answer

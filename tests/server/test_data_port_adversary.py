@@ -663,6 +663,30 @@ def test_connection_limit_refuses_the_extra_ones_and_clients_fall_back_to_grpc(
         sock.close()
 
 
+def test_one_host_cannot_take_every_connection(
+        brokers: Brokers, logs: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dpm, "MAX_CONNECTIONS_PER_HOST", 4)
+    broker = brokers.start()
+    port = dport(broker).port
+    assert port is not None
+    held = [raw(broker) for _ in range(4)]  # from 127.0.0.1
+    wait_until(lambda: dport(broker).connections_per_host.get("127.0.0.1") == 4, 3, "4 connections from one host")
+    extra = raw(broker)
+    assert closed_by_peer(extra, 3) == b""
+    wait_until(lambda: logged(logs, "connections from host 127.0.0.1 already open"), 3, "the refusal in the log")
+    other_host = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.0.0.2", 0))
+    greet(other_host)  # another host still gets in
+    assert dport(broker).connections_per_host == {"127.0.0.1": 4, "127.0.0.2": 1}
+    rst_close(held.pop())
+    wait_until(lambda: dport(broker).connections_per_host.get("127.0.0.1") == 3, 3, "a slot to free up")
+    admitted = raw(broker)
+    greet(admitted)
+    for sock in [*held, other_host]:
+        sock.close()
+    wait_until(lambda: dport(broker).connections_per_host == {"127.0.0.1": 1}, 3, "closed ones to be uncounted")
+    admitted.close()
+
+
 def test_idle_sweeper_closes_idle_connections_spares_busy_ones_and_clients_reconnect(
         brokers: Brokers, logs: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(wire, "IDLE_TIMEOUT_S", 0.5)
