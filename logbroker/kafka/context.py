@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from logbroker.kafka.framing import FrameError
+from logbroker.server.data_plane import request_partitions_problem
+
 if TYPE_CHECKING:
     from logbroker.kafka.producer_ids import ProducerIdAllocator
     from logbroker.server.broker import Broker
@@ -41,3 +44,11 @@ def advertised_address(peer_address: str, port_offset: int) -> tuple[str, int]:
     """A broker's Kafka endpoint from its peer (gRPC) address: the same host, the port moved by the offset."""
     host, _, port = peer_address.rpartition(":")
     return host, int(port) + port_offset
+
+
+def refuse_partitions_problem(ctx: Context, api: str, partitions: list[tuple[str, int]]) -> None:
+    """Close the connection (as Kafka does for an invalid request) when a request names more partitions than
+    any front-end serves in one request, or one twice (data_plane.request_partitions_problem)."""
+    problem = request_partitions_problem(api, partitions)
+    if problem:
+        raise FrameError(f"client {ctx.client_id!r} at {ctx.client_host}: {problem}")

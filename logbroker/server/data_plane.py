@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Generic, TypeVar
 
@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 EARLIEST_TIMESTAMP = -2
 LATEST_TIMESTAMP = -1
+# Per Produce, Fetch or ListOffsets, on any port: each partition costs a result in the answer, data or not.
+MAX_REQUEST_PARTITIONS = 10_000
 
 
 @dataclass
@@ -293,3 +295,18 @@ def _refuse_if_refused(partition: str, batch: BatchIdentity, verdict: SequenceVe
         raise errors.DuplicateSequence(
             f"{partition}: producer {batch.producer_id} retried sequence {batch.base_sequence}, stored too long "
             f"ago to find its offset; it is not written again {errors.ALREADY_STORED_MARKER}")
+
+
+def request_partitions_problem(api: str, partitions: Sequence[tuple[str, int]]) -> str:
+    """Why a request naming these (topic, partition)s is refused as a whole ("" if it is fine), on every
+    front-end: more than MAX_REQUEST_PARTITIONS (each costs a coroutine or a result; a few megabytes of empty
+    entries would hold the event loop for seconds), or one named twice (read or written again for nothing)."""
+    if len(partitions) > MAX_REQUEST_PARTITIONS:
+        return (f"a {api} may name at most {MAX_REQUEST_PARTITIONS} partitions, this one names "
+                f"{len(partitions)}; split it into several requests")
+    seen: set[tuple[str, int]] = set()
+    for key in partitions:
+        if key in seen:
+            return f"partition {key[0]}-{key[1]} is named more than once in one {api}; name it once"
+        seen.add(key)
+    return ""

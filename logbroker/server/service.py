@@ -27,7 +27,7 @@ from logbroker.groups.share_runtime import NotShareLeader
 from logbroker.raft.errors import NotLeaderError, ProposalDroppedError
 from logbroker.server import errors
 from logbroker.server.broker import Broker
-from logbroker.server.data_plane import FetchPass
+from logbroker.server.data_plane import FetchPass, request_partitions_problem
 from logbroker.server.forwarding import (
     FORWARD_TIMEOUT_S,
     FORWARDED_METADATA_KEY,
@@ -47,7 +47,6 @@ DEFAULT_PARTITION_FETCH_MAX_BYTES = 1024 * 1024
 # One Fetch reads this much, or this many partitions, per event-loop turn before letting others run.
 FETCH_BYTES_PER_TURN = 1024 * 1024
 FETCH_PARTITIONS_PER_TURN = 256
-MAX_REQUEST_PARTITIONS = 10_000  # per Produce, Fetch or ListOffsets: each costs a result in the answer, data or not
 LIST_OFFSETS_YIELD_EVERY = 1_000  # partitions looked up between turns of the event loop
 VALID_ACKS = (-1, 0, 1)
 DEFAULT_REQUEST_TIMEOUT_MS = 30_000  # when a Produce or CreateTopics request names no timeout
@@ -230,19 +229,7 @@ def _fetch_request_problem(request: pb.FetchRequest) -> str:
 
 
 def _partitions_problem(api: str, partitions: Sequence[Any]) -> str:
-    """Why a request naming these partitions is refused as a whole ("" if it is fine): more than
-    MAX_REQUEST_PARTITIONS (each costs a coroutine or a result; a few megabytes of empty entries would hold the
-    event loop for seconds), or one named twice."""
-    if len(partitions) > MAX_REQUEST_PARTITIONS:
-        return (f"a {api} may name at most {MAX_REQUEST_PARTITIONS} partitions, this one names "
-                f"{len(partitions)}; split it into several requests")
-    seen = set()
-    for part in partitions:
-        key = (part.topic, part.partition)
-        if key in seen:
-            return f"partition {part.topic}-{part.partition} is named more than once in one {api}; name it once"
-        seen.add(key)
-    return ""
+    return request_partitions_problem(api, [(part.topic, part.partition) for part in partitions])
 
 
 class AdminService(pb_grpc.AdminServicer):

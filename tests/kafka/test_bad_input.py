@@ -108,3 +108,36 @@ def test_many_pipelined_requests_are_answered_in_order(kafka_broker: InProcessBr
     with WireClient(kafka_broker.kafka_address) as client:  # type: ignore[attr-defined]
         client.send_bytes(b"".join(encode_request(API_VERSIONS, correlation_id=i) for i in range(100)))
         assert [struct.unpack_from(">i", client.read_frame(), 0)[0] for _ in range(100)] == list(range(100))
+
+
+def _produce_naming(partitions: list[int]) -> bytes:
+    from datetime import timedelta
+
+    from kio.schema.produce.v9 import request as produce
+    return encode_request(produce.ProduceRequest(
+        transactional_id=None, acks=-1, timeout=timedelta(seconds=5), topic_data=(produce.TopicProduceData(
+            name="t", partition_data=tuple(produce.PartitionProduceData(index=i, records=None) for i in partitions)),)))
+
+
+def _list_offsets_naming(partitions: list[int]) -> bytes:
+    from kio.schema.list_offsets.v6 import request as list_offsets
+    return encode_request(list_offsets.ListOffsetsRequest(
+        replica_id=-1, isolation_level=0, topics=(list_offsets.ListOffsetsTopic(name="t", partitions=tuple(
+            list_offsets.ListOffsetsPartition(partition_index=i, current_leader_epoch=-1, timestamp=-1)
+            for i in partitions)),)))
+
+
+@pytest.mark.parametrize("frame", [
+    pytest.param(_produce_naming(list(range(10_001))), id="produce-10001-partitions"),
+    pytest.param(_produce_naming([0, 1, 0]), id="produce-a-partition-twice"),
+    pytest.param(_list_offsets_naming(list(range(10_001))), id="list-offsets-10001-partitions"),
+])
+def test_a_request_naming_too_many_partitions_or_one_twice_is_refused(
+        kafka_broker: InProcessBroker, frame: bytes, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="logbroker.kafka")
+    with WireClient(kafka_broker.kafka_address) as client:  # type: ignore[attr-defined]
+        client.send_bytes(frame)
+        assert closed_soon(client)
+    assert any("client 'wire-test'" in r.getMessage() and ("at most 10000 partitions" in r.getMessage()
+               or "named more than once" in r.getMessage()) for r in caplog.records)
+    still_serving(kafka_broker)

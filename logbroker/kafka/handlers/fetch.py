@@ -8,7 +8,7 @@ from typing import Any
 from kio.schema.errors import ErrorCode
 from logbroker_client import records as rec
 
-from logbroker.kafka.context import Context
+from logbroker.kafka.context import Context, refuse_partitions_problem
 from logbroker.kafka.errors import kafka_error
 from logbroker.kafka.handlers.epochs import epoch_of_offset, leader_epoch_error
 from logbroker.kafka.versions import api, make, nested, response_class
@@ -62,6 +62,7 @@ async def _read_all(ctx: Context, cls: type, request: Any) -> FetchPass[list[Any
 @api(1, "Fetch", 4, 12)
 async def fetch(ctx: Context, request: Any, version: int) -> Any:
     cls = response_class(1, version)
+    refuse_partitions_problem(ctx, "Fetch", [(t.topic, p.partition) for t in request.topics for p in t.partitions])
     if getattr(request, "session_id", 0):
         # No fetch sessions (KIP-227) are created here (we answer session id 0), so none can be named.
         return make(cls, throttle_time=0, error_code=ErrorCode.fetch_session_id_not_found, session_id=0,
@@ -75,6 +76,8 @@ async def fetch(ctx: Context, request: Any, version: int) -> Any:
 @api(2, "ListOffsets", 1, 6)
 async def list_offsets(ctx: Context, request: Any, version: int) -> Any:
     cls = response_class(2, version)
+    refuse_partitions_problem(ctx, "ListOffsets",
+                              [(t.name, p.partition_index) for t in request.topics for p in t.partitions])
     topic_cls = nested(cls, "ListOffsetsTopicResponse")
     part_cls = nested(cls, "ListOffsetsPartitionResponse")
     topics = []

@@ -8,7 +8,7 @@ from typing import Any
 
 from kio.schema.errors import ErrorCode
 
-from logbroker.kafka.context import Context
+from logbroker.kafka.context import Context, refuse_partitions_problem
 from logbroker.kafka.errors import kafka_error
 from logbroker.kafka.versions import api, make, nested, response_class
 from logbroker.server.quotas import InflightFull, throttle_ms
@@ -39,6 +39,7 @@ async def produce(ctx: Context, request: Any, version: int) -> Any:
     cls = response_class(0, version)
     topic_cls = nested(cls, "TopicProduceResponse")
     part_cls = nested(cls, "PartitionProduceResponse")
+    refuse_partitions_problem(ctx, "Produce", [(t.name, p.index) for t in request.topic_data for p in t.partition_data])
     acks = int(request.acks)
     timeout_s = max(request.timeout.total_seconds(), 0.001)
     if request.transactional_id is not None:
