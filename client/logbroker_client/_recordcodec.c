@@ -12,10 +12,17 @@
  *
  * encode_plain(offset_delta, timestamp_delta, key, value) -> bytes
  *     One length-prefixed record without headers, byte for byte what records.encode_record builds.
+ *
+ * Builder
+ *     The base type of records.BatchBuilder: its fields and append() in C (a Python frame per record
+ *     cost the producer ~0.4 us, a sixth of its per-record time); records with headers go back to
+ *     records.py (BatchBuilder._append_python).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <stdint.h>
+#include <limits.h>
 #include <string.h>
 
 #define MAX_VARINT_BYTES 10
@@ -227,14 +234,12 @@ static int field_view(PyObject *obj, Py_buffer *view, int64_t *length)
     return 1;
 }
 
-static PyObject *encode_plain(PyObject *module, PyObject *args)
+/* One length-prefixed record without headers, as a new bytes object (NULL with an error set). */
+static PyObject *plain_record(long long offset_delta, long long timestamp_delta, PyObject *key_obj,
+                              PyObject *value_obj)
 {
-    long long offset_delta, timestamp_delta;
-    PyObject *key_obj, *value_obj;
     Py_buffer key = {0}, value = {0};
     int64_t key_length, value_length;
-    if (!PyArg_ParseTuple(args, "LLOO:encode_plain", &offset_delta, &timestamp_delta, &key_obj, &value_obj))
-        return NULL;
     if (!field_view(key_obj, &key, &key_length))
         return NULL;
     if (!field_view(value_obj, &value, &value_length)) {
@@ -280,6 +285,150 @@ static PyObject *encode_plain(PyObject *module, PyObject *args)
     return out;
 }
 
+
+static PyObject *encode_plain(PyObject *module, PyObject *args)
+{
+    long long offset_delta, timestamp_delta;
+    PyObject *key_obj, *value_obj;
+    if (!PyArg_ParseTuple(args, "LLOO:encode_plain", &offset_delta, &timestamp_delta, &key_obj, &value_obj))
+        return NULL;
+    return plain_record(offset_delta, timestamp_delta, key_obj, value_obj);
+}
+
+/* ----------------------------------------------------------------------------------------- Builder */
+
+/* The base of records.BatchBuilder: its fields, and append() for a record without headers. A record with
+ * headers, or a timestamp delta beyond 64 bits, goes to the subclass's _append_python (records.py), so
+ * that the byte layout of those lives in one place. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *parts;            /* list of encoded records */
+    Py_ssize_t count;
+    Py_ssize_t size_bytes;
+    long long base_timestamp;
+    long long max_timestamp;
+    int compression;
+} Builder;
+
+static int Builder_traverse(Builder *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->parts);
+    return 0;
+}
+
+static int Builder_clear(Builder *self)
+{
+    Py_CLEAR(self->parts);
+    return 0;
+}
+
+/* Builder is a static type: a Python subclass's dealloc (subtype_dealloc) releases its own type. */
+static void Builder_dealloc(Builder *self)
+{
+    PyObject_GC_UnTrack(self);
+    Builder_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *Builder_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    Builder *self = (Builder *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->parts = PyList_New(0);
+    if (self->parts == NULL) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    self->base_timestamp = self->max_timestamp = -1;
+    return (PyObject *)self;
+}
+
+static PyObject *append_python(Builder *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *method = PyObject_GetAttrString((PyObject *)self, "_append_python");
+    if (method == NULL)
+        return NULL;
+    PyObject *out = PyObject_Vectorcall(method, args, nargs, NULL);
+    Py_DECREF(method);
+    return out;
+}
+
+/* append(timestamp_ms, key, value, headers=()) -> offset delta of the record in the batch */
+static PyObject *Builder_append(Builder *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 3 || nargs > 4) {
+        PyErr_Format(PyExc_TypeError, "append() takes 3 or 4 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    if (nargs == 4) {
+        int has_headers = PyObject_IsTrue(args[3]);
+        if (has_headers < 0)
+            return NULL;
+        if (has_headers)
+            return append_python(self, args, nargs);
+    }
+    int overflow = 0;
+    long long timestamp_ms = PyLong_AsLongLongAndOverflow(args[0], &overflow);
+    if (timestamp_ms == -1 && PyErr_Occurred())
+        return NULL;
+    long long base = self->count == 0 ? timestamp_ms : self->base_timestamp;
+    long long timestamp_delta;
+    /* A delta beyond 64 bits is the Python path's (the varint wraps there as Kafka's does). */
+    if (overflow) {
+        PyErr_Format(PyExc_ValueError, "timestamp_ms %R does not fit a record batch's 64-bit timestamp", args[0]);
+        return NULL;
+    }
+    if (__builtin_sub_overflow(timestamp_ms, base, &timestamp_delta) || timestamp_delta == LLONG_MIN)
+        return append_python(self, args, nargs);
+    Py_ssize_t offset_delta = self->count;
+    PyObject *record = plain_record(offset_delta, timestamp_delta, args[1], args[2]);
+    if (record == NULL)
+        return NULL;
+    if (PyList_Append(self->parts, record) < 0) {
+        Py_DECREF(record);
+        return NULL;
+    }
+    if (offset_delta == 0)
+        self->base_timestamp = self->max_timestamp = timestamp_ms;
+    else if (timestamp_ms > self->max_timestamp)
+        self->max_timestamp = timestamp_ms;
+    self->count = offset_delta + 1;
+    self->size_bytes += PyBytes_GET_SIZE(record);
+    Py_DECREF(record);
+    return PyLong_FromSsize_t(offset_delta);
+}
+
+static PyMethodDef Builder_methods[] = {
+    {"append", (PyCFunction)(void (*)(void))Builder_append, METH_FASTCALL,
+     "append(timestamp_ms, key, value, headers=()) -> int: add a record; its offset delta within the batch."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef Builder_members[] = {
+    {"_parts", T_OBJECT_EX, offsetof(Builder, parts), 0, "the encoded records, in order"},
+    {"count", T_PYSSIZET, offsetof(Builder, count), 0, "records appended"},
+    {"size_bytes", T_PYSSIZET, offsetof(Builder, size_bytes), 0, "the batch's size uncompressed"},
+    {"base_timestamp", T_LONGLONG, offsetof(Builder, base_timestamp), 0, "the first record's timestamp"},
+    {"max_timestamp", T_LONGLONG, offsetof(Builder, max_timestamp), 0, "the largest timestamp"},
+    {"compression", T_INT, offsetof(Builder, compression), 0, "the batch's codec"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject BuilderType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "logbroker_client._recordcodec.Builder",
+    .tp_basicsize = sizeof(Builder),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The fields and the plain-record append() of records.BatchBuilder.",
+    .tp_new = Builder_new,
+    .tp_dealloc = (destructor)Builder_dealloc,
+    .tp_traverse = (traverseproc)Builder_traverse,
+    .tp_clear = (inquiry)Builder_clear,
+    .tp_methods = Builder_methods,
+    .tp_members = Builder_members,
+};
+
 static PyMethodDef methods[] = {
     {"decode_block", decode_block, METH_VARARGS,
      "decode_block(data, count, base_offset, base_timestamp, topic, partition, min_offset, out, record_type, "
@@ -297,5 +446,14 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__recordcodec(void)
 {
-    return PyModule_Create(&module);
+    if (PyType_Ready(&BuilderType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddObjectRef(m, "Builder", (PyObject *)&BuilderType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

@@ -104,7 +104,8 @@ class RecordFuture:
 
     def result(self, timeout: float | None = None) -> RecordMetadata:
         batch = self._batch
-        if not batch.event.wait(timeout):
+        event = batch.event
+        if not event.is_set() and not event.wait(timeout):  # is_set first: Event.wait takes a Condition's lock
             raise TimeoutError(f"record to {batch.topic}-{batch.partition} not acknowledged within {timeout}s")
         if batch.error is not None:
             raise batch.error
@@ -112,7 +113,8 @@ class RecordFuture:
         return RecordMetadata(batch.topic, batch.partition, offset, self._timestamp_ms)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        if not self._batch.event.wait(timeout):
+        event = self._batch.event
+        if not event.is_set() and not event.wait(timeout):
             raise TimeoutError("record not acknowledged in time")
         return self._batch.error
 

@@ -37,7 +37,7 @@ import mmap
 import struct
 import threading
 from collections.abc import Iterator, Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import crc32c as _crc32c
 import zstandard
@@ -169,7 +169,7 @@ def _zigzag_varint(value: int) -> bytes:
 _VARINT_TABLE_SIZE = 1 << 14
 _VARINTS: list[bytes] = [_zigzag_varint(i) for i in range(_VARINT_TABLE_SIZE)]
 _MINUS_ONE = _zigzag_varint(-1)
-_INT64_LIMIT = 1 << 63  # the C encoder takes deltas that fit 64 bits; Python's ints take anything
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 # Decoded value of every raw varint below 2**14 (one or two bytes on the wire).
 _ZIGZAG: list[int] = [(n >> 1) ^ -(n & 1) for n in range(1 << 14)]
 
@@ -234,22 +234,19 @@ def encode_record(
     return encode_varint(len(body)) + body
 
 
-class BatchBuilder:
-    """Accumulates records for one partition and seals them into a v2 batch.
-
-    The per-record path is an append of a few precomputed varints to a list; the header,
-    compression and CRC happen once, in build().
-    """
+class _PythonBuilderBase:
+    """BatchBuilder's fields and append() in Python (PythonBatchBuilder; where _recordcodec.Builder, the same
+    in C, was built, BatchBuilder uses that)."""
 
     __slots__ = ("_parts", "count", "size_bytes", "base_timestamp", "max_timestamp", "compression")
 
-    def __init__(self, compression: int = COMPRESSION_NONE) -> None:
+    def __init__(self) -> None:
         self._parts: list[bytes] = []
         self.count = 0
-        self.size_bytes = HEADER_SIZE
+        self.size_bytes = 0
         self.base_timestamp = -1
         self.max_timestamp = -1
-        self.compression = compression
+        self.compression = COMPRESSION_NONE
 
     def append(
         self,
@@ -259,15 +256,49 @@ class BatchBuilder:
         headers: Sequence[tuple[str, bytes | None]] = (),
     ) -> int:
         """Add a record; return its offset delta within the batch."""
+        return self._append_python(timestamp_ms, key, value, headers)  # type: ignore[attr-defined,no-any-return]
+
+
+# The shared methods below run over either base; mypy checks them against the Python one's fields.
+if TYPE_CHECKING:
+    _MethodsBase = _PythonBuilderBase
+else:
+    _MethodsBase = object
+
+
+class _BuilderMethods(_MethodsBase):
+    """Accumulates records for one partition and seals them into a v2 batch.
+
+    The per-record path is an append of a few precomputed varints to a list (in C where it was built: the
+    C base's append takes a record without headers, and hands any other to _append_python); the header,
+    compression and CRC happen once, in build().
+    """
+
+    __slots__ = ()
+
+    def __init__(self, compression: int = COMPRESSION_NONE) -> None:
+        super().__init__()
+        self.size_bytes = HEADER_SIZE
+        self.compression = compression
+
+    def _append_python(
+        self,
+        timestamp_ms: int,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Sequence[tuple[str, bytes | None]] = (),
+    ) -> int:
+        """append() in Python: every record where the C base was not built; else those with headers or with
+        a timestamp delta beyond 64 bits."""
+        if not _INT64_MIN <= timestamp_ms <= _INT64_MAX:
+            raise ValueError(f"timestamp_ms {timestamp_ms!r} does not fit a record batch's 64-bit timestamp")
         offset_delta = self.count
         if offset_delta == 0:
             self.base_timestamp = self.max_timestamp = timestamp_ms
         elif timestamp_ms > self.max_timestamp:
             self.max_timestamp = timestamp_ms
         timestamp_delta = timestamp_ms - self.base_timestamp
-        if _recordcodec is not None and not headers and -_INT64_LIMIT < timestamp_delta < _INT64_LIMIT:
-            record = _recordcodec.encode_plain(offset_delta, timestamp_delta, key, value)
-        elif headers or key is not None and len(key) >= _VARINT_TABLE_SIZE or (
+        if headers or key is not None and len(key) >= _VARINT_TABLE_SIZE or (
             value is not None and len(value) >= _VARINT_TABLE_SIZE
         ) or offset_delta >= _VARINT_TABLE_SIZE:
             record = encode_record(offset_delta, timestamp_delta, key, value, headers)
@@ -315,6 +346,21 @@ class BatchBuilder:
             producer_epoch=producer_epoch,
             base_sequence=base_sequence,
         )
+
+
+class PythonBatchBuilder(_BuilderMethods, _PythonBuilderBase):
+    """BatchBuilder without the C extension (what runs where no compiler built it)."""
+
+    __slots__ = ()
+
+
+if _recordcodec is not None and not TYPE_CHECKING:
+    class BatchBuilder(_BuilderMethods, _recordcodec.Builder):
+        """BatchBuilder over the C base: append() of a record without headers runs in C (see _BuilderMethods)."""
+
+        __slots__ = ()
+else:
+    BatchBuilder = PythonBatchBuilder
 
 
 _ZSTD_COMPRESSOR = zstandard.ZstdCompressor(level=3)

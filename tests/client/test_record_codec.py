@@ -34,9 +34,9 @@ def c_decode(section: bytes, header: rec.BatchHeader, min_offset: int = 0) -> li
     return out if ok else None
 
 
-def section_of(records: list[tuple[int, bytes | None, bytes | None, list[tuple[str, bytes | None]]]]
-               ) -> tuple[bytes, rec.BatchHeader]:
-    builder = rec.BatchBuilder()
+def section_of(records: list[tuple[int, bytes | None, bytes | None, list[tuple[str, bytes | None]]]],
+               builder_class: type[rec.PythonBatchBuilder] = rec.BatchBuilder) -> tuple[bytes, rec.BatchHeader]:
+    builder = builder_class()
     for timestamp_ms, key, value, headers in records:
         builder.append(1_700_000_000_000 + timestamp_ms, key, value, headers)
     batch = builder.build(base_offset=1_000)
@@ -104,14 +104,41 @@ def test_without_the_c_codec_the_python_paths_build_and_read_the_same_batches(
     native_section, header = section_of(records)
     with monkeypatch.context() as patched:
         patched.setattr(rec, "_recordcodec", None)
-        python_section, _ = section_of(records)
-        builder = rec.BatchBuilder()
+        python_section, _ = section_of(records, rec.PythonBatchBuilder)
+        builder = rec.PythonBatchBuilder()
         for timestamp_ms, key, value, headers in records:
             builder.append(1_700_000_000_000 + timestamp_ms, key, value, headers)
         batch = builder.build(base_offset=1_000)
         decoded = rec.decode_records(batch, 0, rec.read_header(batch), "t", 3)
     assert python_section == native_section
     assert decoded == c_decode(native_section, header)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(-(2**63), 2**63 - 1), FIELD, FIELD, HEADERS), min_size=1, max_size=20))
+def test_the_c_builder_builds_the_python_builders_batches(records: list) -> None:  # type: ignore[type-arg]
+    """Any timestamps a batch can hold (deltas beyond 64 bits go back to Python in both), with and without
+    headers: the same fields after every append, the same batch at the end."""
+    native, python = rec.BatchBuilder(), rec.PythonBatchBuilder()
+    assert isinstance(native, _recordcodec.Builder)
+    for timestamp_ms, key, value, headers in records:
+        assert native.append(timestamp_ms, key, value, headers) == python.append(timestamp_ms, key, value, headers)
+        assert ((native.count, native.size_bytes, native.base_timestamp, native.max_timestamp)
+                == (python.count, python.size_bytes, python.base_timestamp, python.max_timestamp))
+    assert native.build(base_offset=7, leader_epoch=2) == python.build(base_offset=7, leader_epoch=2)
+
+
+@pytest.mark.parametrize("builder_class", [rec.BatchBuilder, rec.PythonBatchBuilder])
+@pytest.mark.parametrize("timestamp_ms", [2**63, -(2**63) - 1, 2**70])
+def test_a_timestamp_beyond_64_bits_is_refused_at_append_and_nothing_is_added(
+        builder_class: type[rec.PythonBatchBuilder], timestamp_ms: int) -> None:
+    builder = builder_class()
+    builder.append(1_000, None, b"kept")
+    with pytest.raises(ValueError, match="does not fit a record batch's 64-bit timestamp"):
+        builder.append(timestamp_ms, None, b"refused")
+    assert (builder.count, builder.max_timestamp) == (1, 1_000)
+    built = builder.build()
+    assert [r.value for r in rec.decode_records(built, 0, rec.read_header(built), "t", 0)] == [b"kept"]
 
 
 def test_records_without_headers_are_left_out_of_the_cycle_collector_and_those_with_headers_are_not() -> None:
