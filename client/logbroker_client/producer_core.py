@@ -77,6 +77,7 @@ RECORD_OVERHEAD_BYTES = 21  # length, attributes, timestamp and offset deltas, k
 ACKS = {"all": -1, "-1": -1, -1: -1, "1": 1, 1: 1, "0": 0, 0: 0}
 PARTITIONERS = ("sticky", "round_robin")
 IDLE_WAIT_S = 0.05  # the longest a sender sleeps with nothing due
+_time_ns = time.time_ns  # read per record: a module global, not an attribute lookup
 
 DELIVER_AT_HEADER = "lb.deliver.at.ms"  # the broker holds such a record back from share consumers until then
 LEADERLESS_CODES = (pb.ErrorCode.NOT_LEADER, pb.ErrorCode.NOT_ENOUGH_REPLICAS)
@@ -309,6 +310,9 @@ class ProducerCore:
         self.delivery_timeout_s = delivery_timeout_ms / 1000
         self.max_block_s = max_block_ms / 1000
         self.partitioner = StickyPartitioner() if partitioner == "sticky" else RoundRobinPartitioner()
+        # append() reads the sticky partitioner's current choices itself (none kept by round robin).
+        self.sticky_choices: dict[str, int] = (
+            self.partitioner.current if isinstance(self.partitioner, StickyPartitioner) else {})
         self.partition_counts: dict[str, int] = {}  # filled by the I/O layer from metadata
         self.counts_asked_s: dict[str, float] = {}  # when each count was asked for (time.monotonic)
         self.open: dict[Slot, CoreBatch] = {}
@@ -331,20 +335,27 @@ class ProducerCore:
         if value.__class__ is str:
             value = value.encode()
         if key is None and partition is None:
-            partition = self.partitioner.partition(topic, count)
+            # The sticky partitioner's choice read in place (a method call per record cost more than the rest
+            # of the choice); a missing or out-of-range one, or the round-robin partitioner, asks it.
+            partition = self.sticky_choices.get(topic)
+            if partition is None or partition >= count:
+                partition = self.partitioner.partition(topic, count)
+            payload_bytes = len(value) if value else 0
         else:
             if key.__class__ is str:
                 key = key.encode()
             partition = choose_partition(topic, key, partition, count, self.partitioner)
+            payload_bytes = (len(value) if value else 0) + (len(key) if key else 0)
         if timestamp_ms is None:
-            timestamp_ms = time.time_ns() // 1_000_000
-        payload_bytes = (len(value) if value else 0) + (len(key) if key else 0)
+            timestamp_ms = _time_ns() // 1_000_000
         if payload_bytes > self.max_request_bytes:
             check_record_size(topic, partition, key, value, self.max_request_bytes)  # raises, naming the limit
-        record_bytes = record_size_bound(payload_bytes, headers) if headers else RECORD_OVERHEAD_BYTES + payload_bytes
         slot = (topic, partition)
         batch = self.open.get(slot)
-        if batch is None or batch.builder.size_bytes + record_bytes > self.batch_size:
+        if batch is None:
+            batch = self._open_batch(slot, None)
+        elif batch.builder.size_bytes + (record_size_bound(payload_bytes, headers) if headers
+                                         else RECORD_OVERHEAD_BYTES + payload_bytes) > self.batch_size:
             batch = self._open_batch(slot, batch)
         builder = batch.builder
         before = builder.size_bytes
