@@ -381,6 +381,10 @@ static PyObject *Builder_append(Builder *self, PyObject *const *args, Py_ssize_t
     }
     if (__builtin_sub_overflow(timestamp_ms, base, &timestamp_delta) || timestamp_delta == LLONG_MIN)
         return append_python(self, args, nargs);
+    if (self->parts == NULL) {  /* only after the cycle collector cleared it */
+        PyErr_SetString(PyExc_RuntimeError, "append() on a cleared batch builder");
+        return NULL;
+    }
     Py_ssize_t offset_delta = self->count;
     PyObject *record = plain_record(offset_delta, timestamp_delta, args[1], args[2]);
     if (record == NULL)
@@ -406,7 +410,7 @@ static PyMethodDef Builder_methods[] = {
 };
 
 static PyMemberDef Builder_members[] = {
-    {"_parts", T_OBJECT_EX, offsetof(Builder, parts), 0, "the encoded records, in order"},
+    {"_parts", T_OBJECT_EX, offsetof(Builder, parts), READONLY, "the encoded records, in order"},
     {"count", T_PYSSIZET, offsetof(Builder, count), 0, "records appended"},
     {"size_bytes", T_PYSSIZET, offsetof(Builder, size_bytes), 0, "the batch's size uncompressed"},
     {"base_timestamp", T_LONGLONG, offsetof(Builder, base_timestamp), 0, "the first record's timestamp"},

@@ -9,6 +9,7 @@ forwarded there makes it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -62,19 +63,34 @@ async def forward_find_coordinator(broker: Broker, request: pb.FindCoordinatorRe
         return None
 
 
-async def controller_names_topic(broker: Broker, name: str, timeout_s: float) -> bool:
-    """Asked when this broker's copy of the cluster metadata has no topic `name`: whether the controller
-    leader's copy has it, that is, this broker has not yet applied the topic's creation (it learns of a commit
-    a moment after the leader, longer while it is cut off from it). False when the leader does not name it
-    either, when this broker is the leader, or when the leader cannot be asked in time."""
+async def topics_known_elsewhere(broker: Broker, names: list[str], timeout_s: float) -> set[str] | None:
+    """Asked when this broker's copy of the cluster metadata lacks these topics: the ones another broker's
+    copy has, that is, whose creation this broker has not applied yet (it learns of a commit a moment after
+    the controller leader, longer while it is cut off from it). The controller leader is asked, or, when this
+    broker knows none or it does not answer, every other broker (a created topic is applied at the leader,
+    whichever it is now). None when no broker could be asked; empty when this broker leads the controller."""
+    leader = broker.controller_client.controller_id()
+    if leader == broker.node_id:
+        return set()
+    others = {node: address for node, address in broker.peers.items() if node != broker.node_id}
+    if leader in others:
+        answer = await _metadata_of(others[leader], names, timeout_s)
+        if answer is not None:
+            return {topic.name for topic in answer.topics if not topic.error_code}
+    answers = [a for a in await asyncio.gather(*(_metadata_of(address, names, timeout_s)
+                                                  for address in others.values())) if a is not None]
+    if not answers:
+        return None
+    return {topic.name for answer in answers for topic in answer.topics if not topic.error_code}
+
+
+async def _metadata_of(address: str, names: list[str], timeout_s: float) -> pb.MetadataResponse | None:
+    """Another broker's own Metadata answer for these topics (forwarded: it asks no one else), None if it
+    does not answer in time."""
     try:
-        address = await broker.controller_client.controller_leader_address(timeout_s)
-        if address is None:
-            return False
         async with grpc.aio.insecure_channel(address) as channel:
-            answer = await pb_grpc.BrokerStub(channel).Metadata(
-                pb.MetadataRequest(topics=[name]), timeout=timeout_s, metadata=((FORWARDED_METADATA_KEY, "1"),))
-    except (grpc.aio.AioRpcError, errors.BrokerError) as exc:
-        log.debug("could not ask the controller leader whether topic %r exists: %s", name, exc)
-        return False
-    return any(topic.name == name and not topic.error_code for topic in answer.topics)
+            return await pb_grpc.BrokerStub(channel).Metadata(  # type: ignore[no-any-return]
+                pb.MetadataRequest(topics=names), timeout=timeout_s, metadata=((FORWARDED_METADATA_KEY, "1"),))
+    except grpc.aio.AioRpcError as exc:
+        log.debug("broker at %s did not answer Metadata for %d topic(s): %s", address, len(names), exc.code())
+        return None

@@ -31,9 +31,9 @@ from logbroker.server.data_plane import FetchPass, request_partitions_problem
 from logbroker.server.forwarding import (
     FORWARD_TIMEOUT_S,
     FORWARDED_METADATA_KEY,
-    controller_names_topic,
     forward_find_coordinator,
     forward_to_controller,
+    topics_known_elsewhere,
 )
 from logbroker.server.groups import GroupFrontEnd
 from logbroker.server.quotas import InflightFull, client_id_of, throttle_ms
@@ -184,10 +184,12 @@ class BrokerService(pb_grpc.BrokerServicer):
             host, _, port = address.rpartition(":")
             response.brokers.add(node_id=node_id, host=host, port=int(port),
                                  data_port=broker.config.data_port_of(address))
-        for name in list(request.topics) or [t.name for t in broker.controller_client.topics()]:
+        names = list(request.topics) or [t.name for t in broker.controller_client.topics()]
+        unconfirmed = await self._catch_up_on_topics(names, context)
+        for name in names:
             topic = response.topics.add(name=name)
             try:
-                spec = await self._topic_for_metadata(name, context)
+                spec = self._topic_for_metadata(name, unconfirmed)
             except Exception as exc:
                 topic.error_code, topic.error_message = _error(exc, name)
                 continue
@@ -201,25 +203,32 @@ class BrokerService(pb_grpc.BrokerServicer):
         return response
 
 
-    async def _topic_for_metadata(self, name: str, context: Any) -> TopicMetadata:
-        """This broker's metadata of topic `name`. When it has none, the controller leader is asked (unless this
-        request was itself forwarded): a topic created a moment ago through another broker is then waited for
-        (up to TOPIC_CATCH_UP_WAIT_S) rather than called missing, and, if this broker is still behind, answered
-        with a retriable error, never with "does not exist" (a client would give up on a topic that exists)."""
-        controller = self.broker.controller_client
-        try:
-            return controller.topic(name)
-        except errors.UnknownTopicOrPartition:
-            if request_is_forwarded(context) or not await controller_names_topic(
-                    self.broker, name, TOPIC_CATCH_UP_WAIT_S):
-                raise
-        await controller.wait_for_metadata(lambda: name in self.broker.cluster.topics, TOPIC_CATCH_UP_WAIT_S)
-        spec = self.broker.cluster.topics.get(name)
-        if spec is None:
-            raise errors.LeaderNotAvailable(
-                f"topic {name!r} exists, but broker {self.broker.node_id} has not yet applied its creation from "
-                f"the controller (broker {controller.controller_id()}); retry shortly or ask another broker")
-        return spec
+    async def _catch_up_on_topics(self, names: list[str], context: Any) -> dict[str, str]:
+        """Before a Metadata answer names topics this broker does not know: the other brokers are asked once
+        about all of them (forwarding.topics_known_elsewhere; not when this request was itself forwarded),
+        and those known elsewhere, created a moment ago through another broker, are waited for (up to
+        TOPIC_CATCH_UP_WAIT_S). Returns why each topic still unknown here may exist after all: such topics
+        are answered with a retriable error, never with "does not exist" (a client would give up on a topic
+        that exists)."""
+        topics = self.broker.cluster.topics
+        unknown = [name for name in dict.fromkeys(names) if name not in topics]
+        if not unknown or request_is_forwarded(context):
+            return {}
+        node = self.broker.node_id
+        known = await topics_known_elsewhere(self.broker, unknown, TOPIC_CATCH_UP_WAIT_S)
+        if known is None:
+            return {name: (f"broker {node} does not know topic {name!r} and could not reach another broker to "
+                           f"confirm that it does not exist; retry shortly or ask another broker") for name in unknown}
+        if known:
+            await self.broker.controller_client.wait_for_metadata(lambda: all(n in topics for n in known),
+                                                                  TOPIC_CATCH_UP_WAIT_S)
+        return {name: (f"topic {name!r} exists, but broker {node} has not yet applied its creation from the "
+                       f"controller; retry shortly or ask another broker") for name in known if name not in topics}
+
+    def _topic_for_metadata(self, name: str, unconfirmed: dict[str, str]) -> TopicMetadata:
+        if name in unconfirmed:
+            raise errors.LeaderNotAvailable(unconfirmed[name])
+        return self.broker.controller_client.topic(name)
 
 
 def _fetch_request_problem(request: pb.FetchRequest) -> str:

@@ -114,6 +114,8 @@ def test_a_broker_behind_the_controller_never_calls_a_created_topic_missing(prox
     wait_until(lambda: metadata_answer(cluster, 1, TOPIC).controller_id > 0, 20, "a controller leader")
     controller = metadata_answer(cluster, 1, TOPIC).controller_id
     behind = next(n for n in (1, 2, 3) if n != controller)
+    wait_until(lambda: metadata_answer(cluster, behind, "never-created").topics[0].error_code
+               == pb.ErrorCode.UNKNOWN_TOPIC_OR_PARTITION, 20, f"broker {behind} to load the cluster metadata")
     # Only the Raft links between the controller leader and `behind` are cut: clients still reach `behind`,
     # and it can still ask the controller leader over gRPC, but it cannot apply the creation.
     cluster.raft_proxies[(controller, behind)].cut()
@@ -125,6 +127,22 @@ def test_a_broker_behind_the_controller_never_calls_a_created_topic_missing(prox
     assert f"topic {TOPIC!r} exists" in seen.error_message and f"broker {behind}" in seen.error_message
     [missing] = metadata_answer(cluster, behind, "never-created").topics
     assert missing.error_code == pb.ErrorCode.UNKNOWN_TOPIC_OR_PARTITION, missing
+    # Many unknown names in one request cost one question to the controller leader, not one (and a wait)
+    # each: the answer comes within metadata_answer's 10 s deadline.
+    unknown = [f"never-{i}" for i in range(300)]
+    conn = Connection(cluster.address(behind))
+    try:
+        answer = conn.broker.Metadata(pb.MetadataRequest(topics=[*unknown, TOPIC]), timeout=10)
+    finally:
+        conn.close()
+    assert [t.error_code for t in answer.topics] == [pb.ErrorCode.UNKNOWN_TOPIC_OR_PARTITION] * 300 + [
+        pb.ErrorCode.LEADER_NOT_AVAILABLE]
+
+    # Cut off from every other broker, it cannot confirm that a topic does not exist either: "not yet".
+    cluster.isolate(behind)
+    [unconfirmed] = metadata_answer(cluster, behind, "never-created").topics
+    assert unconfirmed.error_code == pb.ErrorCode.LEADER_NOT_AVAILABLE, unconfirmed
+    assert "could not reach another broker" in unconfirmed.error_message
 
     cluster.heal()
     with Producer(cluster.address(behind), acks="all") as producer:  # asks again until `behind` has caught up
