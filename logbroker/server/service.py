@@ -51,8 +51,8 @@ LIST_OFFSETS_YIELD_EVERY = 1_000  # partitions looked up between turns of the ev
 VALID_ACKS = (-1, 0, 1)
 DEFAULT_REQUEST_TIMEOUT_MS = 30_000  # when a Produce or CreateTopics request names no timeout
 DESCRIBE_TIMEOUT_S = 5.0
-# How long a Metadata for a topic this broker does not know waits for the controller leader's word and then
-# for this broker to apply the topic's creation (a commit reaches followers within a heartbeat or two).
+# How long a Metadata for a topic this broker does not know waits for the other brokers' word, and then for
+# this broker to apply the topic's creation (a commit reaches followers within a heartbeat or two).
 TOPIC_CATCH_UP_WAIT_S = 2.0
 
 
@@ -201,7 +201,6 @@ class BrokerService(pb_grpc.BrokerServicer):
                     error_code=pb.ErrorCode.NONE if view.leader is not None else pb.ErrorCode.LEADER_NOT_AVAILABLE,
                 )
         return response
-
 
     async def _catch_up_on_topics(self, names: list[str], context: Any) -> dict[str, str]:
         """Before a Metadata answer names topics this broker does not know: the other brokers are asked once
