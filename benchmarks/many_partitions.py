@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
+import re
 import resource
 import sys
 import time
@@ -79,11 +81,18 @@ def agreed_leaders(cluster: BenchCluster, nodes: list[int], expected: int) -> tu
 
 
 def wait_for_leaders(cluster: BenchCluster, nodes: list[int], expected: int, give_up_s: float,
-                     what: str) -> dict[Partition, int]:
+                     what: str, poll_interval_s: float = POLL_INTERVAL_S,
+                     call_seconds: list[float] | None = None) -> dict[Partition, int]:
+    """Poll every live broker's Metadata until all agree on a live leader for every partition. Each poll
+    costs the brokers a Metadata of every partition (measured into call_seconds): the polling is load on
+    the system measured, and poll_interval_s trades it against the precision of the figure."""
     deadline = time.monotonic() + give_up_s
     last_report = 0.0
     while True:
+        asked = time.monotonic()
         agreed, missing = agreed_leaders(cluster, nodes, expected)
+        if call_seconds is not None:
+            call_seconds.append((time.monotonic() - asked) / len(nodes))
         if missing == 0:
             return agreed
         now = time.monotonic()
@@ -94,7 +103,27 @@ def wait_for_leaders(cluster: BenchCluster, nodes: list[int], expected: int, giv
             print(f"{what}: {missing} of {expected} partitions without an agreed leader", file=sys.stderr,
                   flush=True)
             last_report = now
-        time.sleep(POLL_INTERVAL_S)
+        time.sleep(poll_interval_s)
+
+
+LEADER_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO logbroker\.replica: \S+: leader in term ")
+
+
+def last_election_after(cluster: BenchCluster, nodes: list[int], since_wall_s: float) -> tuple[int, float | None]:
+    """From the brokers' own logs (each leadership won is logged at INFO with its time): how many groups
+    `nodes` won after since_wall_s (time.time()), and the seconds from then to the last of them. Unlike
+    polling Metadata, reading this afterwards puts no load on the brokers while they elect."""
+    won, last = 0, None
+    for node in nodes:
+        for line in (cluster.workdir / f"broker-{node}.log").read_text(errors="replace").splitlines():
+            found = LEADER_LINE.match(line)
+            if found is None:
+                continue
+            at_s = datetime.datetime.strptime(found.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            if at_s >= since_wall_s:
+                won += 1
+                last = at_s if last is None else max(last, at_s)
+    return won, None if last is None else last - since_wall_s
 
 
 def create_partitions(cluster: BenchCluster, total: int, per_topic: int) -> list[str]:
@@ -134,11 +163,14 @@ def main() -> int:
     parser.add_argument("--kill", choices=("most", "controller"), default="most",
                         help="the broker to SIGKILL: the one leading the most partitions, or the controller's leader "
                              "(which also leads about a third: the survivors then elect a controller too)")
+    parser.add_argument("--poll-interval-ms", type=float, default=POLL_INTERVAL_S * 1000,
+                        help="pause between two rounds of Metadata calls while waiting for leaders (each round "
+                             "asks every live broker for every partition: load on the brokers being measured)")
     parser.add_argument("--raft-tick-ms", type=int, default=None,
                         help="the brokers' Raft tick (default: theirs, the production setting)")
     args = parser.parse_args()
-    if args.partitions < 1 or args.per_topic < 1 or args.seconds <= 0:
-        parser.error("--partitions, --per-topic and --seconds must be positive")
+    if args.partitions < 1 or args.per_topic < 1 or args.seconds <= 0 or args.poll_interval_ms < 0:
+        parser.error("--partitions, --per-topic and --seconds must be positive, --poll-interval-ms not negative")
     # The brokers inherit the open-file limit: raise the soft limit to the hard one (each broker needs about
     # one descriptor per idle replica it holds, more for replicas with data; docs/raft.md).
     soft_files, hard_files = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -166,10 +198,13 @@ def main() -> int:
             victim_led = led[victim]
         survivors = [node for node in nodes if node != victim]
         print(f"killing broker {victim}, which leads {victim_led} partitions", file=sys.stderr, flush=True)
-        killed_at = time.monotonic()
+        killed_at, killed_wall_s = time.monotonic(), time.time()
         cluster.kill(victim)
-        wait_for_leaders(cluster, survivors, args.partitions, FAILOVER_GIVE_UP_S, "failover")
+        poll_calls_s: list[float] = []
+        wait_for_leaders(cluster, survivors, args.partitions, FAILOVER_GIVE_UP_S, "failover",
+                         args.poll_interval_ms / 1000, poll_calls_s)
         failover_s = time.monotonic() - killed_at
+        elections_won, last_election_s = last_election_after(cluster, survivors, killed_wall_s)
         print(f"every partition has a live leader {failover_s:.2f} s after the kill", file=sys.stderr, flush=True)
     emit({
         "tool": "many_partitions",
@@ -186,6 +221,11 @@ def main() -> int:
         "killed": args.kill,
         "killed_broker_led": victim_led,
         "failover_s": rounded(failover_s, 2),
+        "failover_last_election_s": rounded(last_election_s, 2) if last_election_s is not None else None,
+        "elections_won_after_kill": elections_won,
+        "failover_polls": len(poll_calls_s),
+        "failover_poll_interval_ms": args.poll_interval_ms,
+        "failover_metadata_call_ms_max": rounded(max(poll_calls_s) * 1000, 1),
         "open_files_limit": soft_files,
     })
     return 0
