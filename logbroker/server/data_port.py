@@ -32,6 +32,7 @@ MAX_CONNECTIONS = 4096
 # leak) cannot take every slot and push all others back onto gRPC.
 MAX_CONNECTIONS_PER_HOST = 1024
 IDLE_SWEEP_INTERVAL_S = 5.0
+EOF_CANCEL = "client EOF"  # the cancel message of a Fetch cut short by the client's EOF (answered CANCELLED)
 
 Handler = Callable[[Any, Any], Awaitable[Any]]
 
@@ -169,6 +170,7 @@ class DataConnection(asyncio.Protocol):
         self.buffer = bytearray()
         self.context: DataCallContext | None = None  # set by the HELLO
         self.tasks: set[asyncio.Task[None]] = set()
+        self.fetches: set[asyncio.Task[None]] = set()  # the tasks of Fetch requests, cut short at EOF
         self.peer = "?"
         self.host = "?"
         self.last_active_s = time.monotonic()
@@ -214,8 +216,14 @@ class DataConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         """The client will send nothing more: answer the requests in flight (an acks=all produce that lands
-        must be answered), then close. True keeps the transport open for those answers."""
+        must be answered), then close. True keeps the transport open for those answers.
+
+        Fetches in flight are answered CANCELLED at once: a client closing its connection (a consumer's
+        close() abandons its long polls) sends the same EOF as one that only half-closes, and a long poll
+        held for it would keep the connection, a task and the broker's stop waiting up to max_wait_ms."""
         self._eof = True
+        for task in self.fetches:
+            task.cancel(EOF_CANCEL)
         return bool(self.tasks)  # none in flight: every whole frame was served (reading was not paused)
 
     def data_received(self, data: bytes) -> None:
@@ -291,6 +299,8 @@ class DataConnection(asyncio.Protocol):
             return
         task = asyncio.get_running_loop().create_task(self._serve(correlation_id, serve, request))
         self.tasks.add(task)
+        if method == wire.Method.FETCH:
+            self.fetches.add(task)
         if len(self.tasks) >= wire.MAX_IN_FLIGHT_PER_CONNECTION:
             self._pause_reading()
 
@@ -303,8 +313,11 @@ class DataConnection(asyncio.Protocol):
             response = await serve(request, context)
         except DataCallAborted as refused:
             self._answer_error(correlation_id, refused.code, refused.details)
-        except asyncio.CancelledError:
-            raise
+        except asyncio.CancelledError as cancelled:
+            if cancelled.args != (EOF_CANCEL,):
+                raise  # the connection is gone or the broker stops: nothing to answer
+            self._answer_error(correlation_id, grpc.StatusCode.CANCELLED, "the client closed its side of the "
+                               "connection: a fetch is not held open for it (fetch again on a new connection)")
         except Exception as exc:
             log.exception("data port: %s from %s failed", type(request).__name__, self.peer)
             self._answer_error(correlation_id, grpc.StatusCode.INTERNAL, f"the broker failed the call: {exc}")
@@ -316,6 +329,7 @@ class DataConnection(asyncio.Protocol):
                 self.transport.writelines([wire.frame_head(correlation_id, 0, len(body)), body])
         finally:
             self.tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
+            self.fetches.discard(asyncio.current_task())  # type: ignore[arg-type]
             self.last_active_s = time.monotonic()
             self._maybe_resume_reading()  # with frames buffered while paused, this may start more
             if self._eof and not self.tasks:

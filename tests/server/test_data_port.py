@@ -120,6 +120,18 @@ def test_the_consumer_fetches_on_the_data_port_and_not_grpc(topic_broker: InProc
     assert requests_served(topic_broker, "grpc", "Fetch") == 0
 
 
+def test_a_consumer_closed_during_a_long_poll_leaves_nothing_on_the_broker(topic_broker: InProcessBroker) -> None:
+    port = topic_broker.server.data_port if topic_broker.server is not None else None
+    assert port is not None
+    consumer = Consumer(topic_broker.address, fetch_max_wait_ms=20_000)
+    consumer.assign([TopicPartition(TOPIC, 0)])
+    assert consumer.poll(timeout=0.3) == []  # the topic is empty: a fetch now waits up to 20 s on the broker
+    wait_until(lambda: sum(len(c.fetches) for c in list(port.connections)) == 1, DEADLINE_S, "the long poll")
+    consumer.close()
+    # Its EOF ends the long poll at once: no connection, no task held for max_wait_ms.
+    wait_until(lambda: not port.connections, 3, "the closed consumer's connection to go")
+
+
 def test_the_asyncio_producer_and_consumer_use_the_data_port_too(topic_broker: InProcessBroker) -> None:
     async def produce_and_consume() -> list[bytes]:
         async with AsyncProducer(topic_broker.address, linger_ms=0) as producer:

@@ -629,16 +629,22 @@ def test_clients_vanishing_mid_request_leak_no_tasks_and_leave_the_log_whole(bro
 
 
 def test_half_closed_client_gets_the_answers_in_flight_at_its_eof_and_leaks_nothing(brokers: Brokers) -> None:
-    broker = brokers.start(max_fetch_wait_ms=1000)
+    broker = brokers.start(max_fetch_wait_ms=20_000)
     create_topic(broker, "t")
     sock = connect(broker)
     sock.sendall(frame(1, wire.Method.LIST_OFFSETS, latest_offsets("t")))
     assert answer(sock)[:2] == (1, OK)
-    sock.sendall(frame(2, wire.Method.FETCH, _slow_fetch(1000)))
+    sock.sendall(frame(2, wire.Method.FETCH, _slow_fetch(20_000)))
     wait_until(lambda: in_flight(broker) == 1, 3, "the long poll to start")
+    sock.sendall(frame(3, wire.Method.PRODUCE, pb.ProduceRequest(acks=-1, timeout_ms=3000, partitions=[
+        pb.PartitionRecords(topic="t", partition=0, records=rec.build_batch([(1, None, b"landed", [])]))])))
     sock.shutdown(socket.SHUT_WR)
-    # The broker answers what is in flight when the client's EOF arrives, then closes.
-    assert answer(sock)[:2] == (2, OK)
+    # The broker answers what is in flight when the client's EOF arrives, then closes: the produce with its
+    # result, the long poll at once with CANCELLED (not held 20 s for a client that may have closed for good).
+    answers = {correlation_id: (status, body) for correlation_id, status, body in (answer(sock), answer(sock))}
+    assert answers[3][0] == OK
+    assert [r.error_code for r in pb.ProduceResponse.FromString(answers[3][1]).results] == [pb.ErrorCode.NONE]
+    assert answers[2][0] == STATUS[grpc.StatusCode.CANCELLED] and b"not held open" in answers[2][1]
     closed_by_peer(sock, 2)
     wait_until(lambda: not dport(broker).connections and data_tasks(broker) == 0, 3, "the connection to go")
     assert_serves(broker)
