@@ -26,7 +26,9 @@ size (a longer one is answered RESOURCE_EXHAUSTED and the connection closed: the
 trusted to be frames); at most MAX_IN_FLIGHT_PER_CONNECTION requests served at once per connection (past
 it the broker stops reading the connection until answers go out: TCP pushes back on the client); a frame
 whole within FRAME_DEADLINE_S of its first byte; a connection with nothing in flight and no request for
-IDLE_TIMEOUT_S is closed.
+IDLE_TIMEOUT_S is closed. When the client ends its side (EOF), the requests in flight are answered and the
+connection closed, except waiting Fetches, which are answered CANCELLED at once: a client that closed for
+good sends the same EOF, and a long poll held for it would pin the connection for max_wait_ms.
 """
 
 from __future__ import annotations
