@@ -235,28 +235,16 @@ def encode_record(
 
 
 class _PythonBuilderBase:
-    """BatchBuilder's fields and append() in Python (PythonBatchBuilder; where _recordcodec.Builder, the same
-    in C, was built, BatchBuilder uses that)."""
+    """BatchBuilder's fields in Python (PythonBatchBuilder; where _recordcodec.Builder, the same in C, was
+    built, BatchBuilder uses that)."""
 
     __slots__ = ("_parts", "count", "size_bytes", "base_timestamp", "max_timestamp", "compression")
 
     def __init__(self) -> None:
         self._parts: list[bytes] = []
         self.count = 0
-        self.size_bytes = 0
         self.base_timestamp = -1
         self.max_timestamp = -1
-        self.compression = COMPRESSION_NONE
-
-    def append(
-        self,
-        timestamp_ms: int,
-        key: bytes | None,
-        value: bytes | None,
-        headers: Sequence[tuple[str, bytes | None]] = (),
-    ) -> int:
-        """Add a record; return its offset delta within the batch."""
-        return self._append_python(timestamp_ms, key, value, headers)  # type: ignore[attr-defined,no-any-return]
 
 
 # The shared methods below run over either base; mypy checks them against the Python one's fields.
@@ -349,9 +337,11 @@ class _BuilderMethods(_MethodsBase):
 
 
 class PythonBatchBuilder(_BuilderMethods, _PythonBuilderBase):
-    """BatchBuilder without the C extension (what runs where no compiler built it)."""
+    """BatchBuilder without the C extension (what runs where no compiler built it): append() is
+    _append_python."""
 
     __slots__ = ()
+    append = _BuilderMethods._append_python
 
 
 if _recordcodec is not None and not TYPE_CHECKING:
