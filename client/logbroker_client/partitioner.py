@@ -62,19 +62,19 @@ class StickyPartitioner:
     """Null-key records: one partition per topic until its batch is sealed."""
 
     def __init__(self, rng: random.Random | None = None) -> None:
-        self.current: dict[str, int] = {}
+        self._current: dict[str, int] = {}
         self._rng = rng or random.Random()
 
     def partition(self, topic: str, num_partitions: int) -> int:
-        current = self.current.get(topic)
+        current = self._current.get(topic)
         if current is None or current >= num_partitions:
-            current = self.current[topic] = self._rng.randrange(num_partitions)
+            current = self._current[topic] = self._rng.randrange(num_partitions)
         return current
 
     def on_batch_sealed(self, topic: str, partition: int, num_partitions: int) -> None:
-        if num_partitions > 1 and self.current.get(topic) == partition:
+        if num_partitions > 1 and self._current.get(topic) == partition:
             choice = self._rng.randrange(num_partitions - 1)
-            self.current[topic] = choice if choice < partition else choice + 1
+            self._current[topic] = choice if choice < partition else choice + 1
 
 
 class RoundRobinPartitioner:

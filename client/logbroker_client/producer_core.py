@@ -310,9 +310,6 @@ class ProducerCore:
         self.delivery_timeout_s = delivery_timeout_ms / 1000
         self.max_block_s = max_block_ms / 1000
         self.partitioner = StickyPartitioner() if partitioner == "sticky" else RoundRobinPartitioner()
-        # append() reads the sticky partitioner's current choices itself (none kept by round robin).
-        self.sticky_choices: dict[str, int] = (
-            self.partitioner.current if isinstance(self.partitioner, StickyPartitioner) else {})
         self.partition_counts: dict[str, int] = {}  # filled by the I/O layer from metadata
         self.counts_asked_s: dict[str, float] = {}  # when each count was asked for (time.monotonic)
         self.open: dict[Slot, CoreBatch] = {}
@@ -335,11 +332,7 @@ class ProducerCore:
         if value.__class__ is str:
             value = value.encode()
         if key is None and partition is None:
-            # The sticky partitioner's choice read in place (a method call per record cost more than the rest
-            # of the choice); a missing or out-of-range one, or the round-robin partitioner, asks it.
-            partition = self.sticky_choices.get(topic)
-            if partition is None or partition >= count:
-                partition = self.partitioner.partition(topic, count)
+            partition = self.partitioner.partition(topic, count)
             payload_bytes = len(value) if value else 0
         else:
             if key.__class__ is str:
