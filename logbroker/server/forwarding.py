@@ -47,20 +47,30 @@ async def forward_to_controller(broker: Broker, method: str, request: Any,
             f"({exc.code().name}: {exc.details()}); it may be moving, retry") from None
 
 
+async def ask_forwarded(address: str, stub: type[Any], method: str, request: Any, timeout_s: float) -> Any | None:
+    """Another broker's own answer to a call (marked forwarded: it answers alone, asking no one else), or None
+    when it does not answer in time (down, cut off, or moving)."""
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            return await getattr(stub(channel), method)(
+                request, timeout=timeout_s, metadata=((FORWARDED_METADATA_KEY, "1"),))
+    except grpc.aio.AioRpcError as exc:
+        log.debug("broker at %s did not answer %s: %s", address, method, exc.code())
+        return None
+
+
 async def forward_find_coordinator(broker: Broker, request: pb.FindCoordinatorRequest,
                                    timeout_s: float = FORWARD_TIMEOUT_S) -> pb.FindCoordinatorResponse | None:
     """Only the controller leader creates __consumer_offsets: ask it once, so the topic comes to be. Its
     answer, or None when this broker leads the controller or the leader could not be asked."""
     try:
         address = await broker.controller_client.controller_leader_address(timeout_s)
-        if address is None:
-            return None
-        async with grpc.aio.insecure_channel(address) as channel:
-            return await pb_grpc.GroupsStub(channel).FindCoordinator(  # type: ignore[no-any-return]
-                request, timeout=timeout_s, metadata=((FORWARDED_METADATA_KEY, "1"),))
-    except (grpc.aio.AioRpcError, errors.BrokerError) as exc:
+    except errors.BrokerError as exc:
         log.debug("FindCoordinator not forwarded to the controller leader: %s", exc)
         return None
+    if address is None:
+        return None
+    return await ask_forwarded(address, pb_grpc.GroupsStub, "FindCoordinator", request, timeout_s)
 
 
 async def topics_known_elsewhere(broker: Broker, names: list[str], timeout_s: float) -> set[str] | None:
@@ -73,24 +83,14 @@ async def topics_known_elsewhere(broker: Broker, names: list[str], timeout_s: fl
     if leader == broker.node_id:
         return set()
     others = {node: address for node, address in broker.peers.items() if node != broker.node_id}
+    request = pb.MetadataRequest(topics=names)
     if leader in others:
-        answer = await _metadata_of(others[leader], names, timeout_s)
+        answer = await ask_forwarded(others[leader], pb_grpc.BrokerStub, "Metadata", request, timeout_s)
         if answer is not None:
             return {topic.name for topic in answer.topics if not topic.error_code}
-    answers = [a for a in await asyncio.gather(*(_metadata_of(address, names, timeout_s)
-                                                  for address in others.values())) if a is not None]
+    answers = [a for a in await asyncio.gather(*(ask_forwarded(address, pb_grpc.BrokerStub, "Metadata", request,
+                                                               timeout_s) for address in others.values()))
+               if a is not None]
     if not answers:
         return None
     return {topic.name for answer in answers for topic in answer.topics if not topic.error_code}
-
-
-async def _metadata_of(address: str, names: list[str], timeout_s: float) -> pb.MetadataResponse | None:
-    """Another broker's own Metadata answer for these topics (forwarded: it asks no one else), None if it
-    does not answer in time."""
-    try:
-        async with grpc.aio.insecure_channel(address) as channel:
-            return await pb_grpc.BrokerStub(channel).Metadata(  # type: ignore[no-any-return]
-                pb.MetadataRequest(topics=names), timeout=timeout_s, metadata=((FORWARDED_METADATA_KEY, "1"),))
-    except grpc.aio.AioRpcError as exc:
-        log.debug("broker at %s did not answer Metadata for %d topic(s): %s", address, len(names), exc.code())
-        return None

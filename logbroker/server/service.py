@@ -31,6 +31,7 @@ from logbroker.server.data_plane import FetchPass, request_partitions_problem
 from logbroker.server.forwarding import (
     FORWARD_TIMEOUT_S,
     FORWARDED_METADATA_KEY,
+    ask_forwarded,
     forward_find_coordinator,
     forward_to_controller,
     topics_known_elsewhere,
@@ -656,11 +657,8 @@ class GroupsService(pb_grpc.GroupsServicer):
             for node, address in self.broker.peers.items():
                 if node == self.broker.node_id:
                     continue
-                try:
-                    async with grpc.aio.insecure_channel(address) as channel:
-                        other = await pb_grpc.GroupsStub(channel).ListGroups(
-                            request, timeout=DESCRIBE_TIMEOUT_S, metadata=((FORWARDED_METADATA_KEY, "1"),))
-                except grpc.aio.AioRpcError:
+                other = await ask_forwarded(address, pb_grpc.GroupsStub, "ListGroups", request, DESCRIBE_TIMEOUT_S)
+                if other is None:
                     continue  # that broker is down: the groups it coordinates move to others
                 for listing in other.groups:
                     listings.setdefault(listing.group_id, listing)
