@@ -23,19 +23,25 @@ def answer(error: int = pb.ErrorCode.NONE, message: str = "") -> pb.MetadataResp
     return response
 
 
-class ScriptedMetadata(ClusterMetadata):
-    """Answers Metadata from a script instead of a broker, and counts the asks."""
+class Scripted:
+    """Answers Metadata from a script instead of a broker (the last answer repeats), and counts the asks; mixed
+    into the threaded and the asyncio client's metadata alike."""
 
     def __init__(self, answers: list[pb.MetadataResponse], request_timeout_ms: int = 5_000) -> None:
-        super().__init__("127.0.0.1:1", request_timeout_ms)
+        super().__init__("127.0.0.1:1", request_timeout_ms)  # type: ignore[call-arg]
         self.answers = answers
         self.asked = 0
 
-    def refresh(self, topics: object = ()) -> pb.MetadataResponse:  # type: ignore[override]
+    def next_answer(self) -> pb.MetadataResponse:
         response = self.answers[min(self.asked, len(self.answers) - 1)]
         self.asked += 1
-        self.apply(response)
+        self.apply(response)  # type: ignore[attr-defined]
         return response
+
+
+class ScriptedMetadata(Scripted, ClusterMetadata):
+    def refresh(self, topics: object = ()) -> pb.MetadataResponse:  # type: ignore[override]
+        return self.next_answer()
 
 
 def test_a_loading_broker_is_asked_again_until_it_knows_the_topic() -> None:
@@ -59,19 +65,9 @@ def test_a_topic_that_does_not_exist_fails_at_once() -> None:
     assert metadata.asked == 1
 
 
-class ScriptedAsyncMetadata(AsyncMetadata):
-    """The asyncio client's metadata, answered from the same kind of script."""
-
-    def __init__(self, answers: list[pb.MetadataResponse], request_timeout_ms: int = 5_000) -> None:
-        super().__init__("127.0.0.1:1", request_timeout_ms)
-        self.answers = answers
-        self.asked = 0
-
+class ScriptedAsyncMetadata(Scripted, AsyncMetadata):
     async def refresh(self, topics: object = ()) -> pb.MetadataResponse:  # type: ignore[override]
-        response = self.answers[min(self.asked, len(self.answers) - 1)]
-        self.asked += 1
-        self.apply(response)
-        return response
+        return self.next_answer()
 
 
 def test_the_asyncio_client_asks_a_loading_broker_again_too() -> None:
