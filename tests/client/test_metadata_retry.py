@@ -40,7 +40,7 @@ class Scripted:
 
 
 class ScriptedMetadata(Scripted, ClusterMetadata):
-    def refresh(self, topics: object = ()) -> pb.MetadataResponse:  # type: ignore[override]
+    def refresh(self, topics: object = ()) -> pb.MetadataResponse:
         return self.next_answer()
 
 
@@ -66,7 +66,7 @@ def test_a_topic_that_does_not_exist_fails_at_once() -> None:
 
 
 class ScriptedAsyncMetadata(Scripted, AsyncMetadata):
-    async def refresh(self, topics: object = ()) -> pb.MetadataResponse:  # type: ignore[override]
+    async def refresh(self, topics: object = ()) -> pb.MetadataResponse:
         return self.next_answer()
 
 
