@@ -44,6 +44,8 @@ PREFIX = "logbroker_"
 # Request latency: from well under a millisecond (metadata, a produce with acks=1) to a long-polled fetch that
 # waits out its max wait (up to max_fetch_wait_ms, 30 s).
 REQUEST_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# How late the broker's Raft tick ran (the event loop held up): a tick is 50 ms, a peer's liveness timeout 400 ms.
+LOOP_STALL_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 5.0)
 FSYNC_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 TP = tuple[str, int]
@@ -65,6 +67,10 @@ class BrokerMetrics:
             f"{PREFIX}fsync_duration_seconds", "Time to fsync a partition log (its segments, indexes and "
             "recovery checkpoint), per flush that made new data durable", buckets=FSYNC_BUCKETS_S,
             registry=self.registry)
+        self.loop_stall_seconds = Histogram(
+            f"{PREFIX}event_loop_stall_seconds", "How late each Raft tick ran, i.e. how long the event loop could "
+            "not run it (Raft groups, liveness heartbeats and requests waited as long)",
+            buckets=LOOP_STALL_BUCKETS_S, registry=self.registry)
         # (topic, partition) -> [records, bytes]; plain integers, bumped on the event loop.
         self.produced: dict[TP, list[int]] = {}
         self.fetched: dict[TP, list[int]] = {}
@@ -114,6 +120,9 @@ class BrokerMetrics:
     def observe_fsync(self, seconds: float) -> None:
         """Called from the flush threads (prometheus_client's histograms are thread-safe)."""
         self.fsync_seconds.observe(seconds)
+
+    def observe_loop_stall(self, seconds: float) -> None:
+        self.loop_stall_seconds.observe(max(seconds, 0.0))
 
     def timer(self, protocol: str, api: str) -> Any:
         """The latency histogram of one API (its labelled child, looked up once)."""

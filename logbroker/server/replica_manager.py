@@ -54,6 +54,10 @@ RAFT_MAX_INFLIGHT_BYTES = 16 << 20
 _NEW_DIRECTORY, _OURS = "new", "ours"  # what _claim_directory found
 OPENER_THREADS = 4
 EPOCH_SAVE_INTERVAL_TICKS = 20  # how often stale leader-epoch files are written (a second at the default tick)
+# A tick later than this many ticks means the event loop was held up (a long request, a starved CPU) for a
+# good part of the liveness timeout: logged at WARNING, at most once per STALL_LOG_INTERVAL_S.
+STALL_WARN_TICKS = 4
+STALL_LOG_INTERVAL_S = 10.0
 
 
 @dataclass
@@ -100,6 +104,8 @@ class ReplicaManager:
         self._epochs_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epochs")
         self._epochs_saving: Future[None] | None = None
         self._ticks = 0
+        self._stall_logged_at = -STALL_LOG_INTERVAL_S
+        self._stalls_unlogged, self._longest_stall_s = 0, 0.0  # since the last warning about them
         self._replicas: dict[str, Replica] = {}  # group name -> replica, the controller included
         self._partitions: dict[tuple[str, int], Replica] = {}
         # Replicas opened holding nothing (no term, vote or log) of a group with no known leader yet: checked
@@ -183,9 +189,34 @@ class ReplicaManager:
     async def _tick_forever(self) -> None:
         # One timer for every group on this broker, not one per partition; quiet groups cost nothing.
         interval_s = self.broker.config.raft_tick_ms / 1000
+        loop = asyncio.get_running_loop()
         while True:
+            due = loop.time() + interval_s
             await asyncio.sleep(interval_s)
+            self._note_tick_delay(loop.time() - due, interval_s)
             self.tick_once()
+
+    def _note_tick_delay(self, late_s: float, interval_s: float) -> None:
+        """How late the tick ran is how long the event loop could not run it: every Raft group and the brokers'
+        liveness heartbeats waited as long. Observed always; long stalls are logged for the operator (at most
+        one line per STALL_LOG_INTERVAL_S, counting those in between), since a stall near the liveness timeout
+        makes the other brokers take this one for dead and its groups elect new leaders."""
+        self.broker.metrics.observe_loop_stall(late_s)
+        if late_s < STALL_WARN_TICKS * interval_s:
+            return
+        self._stalls_unlogged += 1
+        self._longest_stall_s = max(self._longest_stall_s, late_s)
+        now = time.monotonic()
+        if now - self._stall_logged_at < STALL_LOG_INTERVAL_S:
+            return
+        log.warning("broker %d: the event loop was held up for %.0f ms%s (Raft ticks and liveness heartbeats ran "
+                    "late; peers take a broker silent for %d ms for dead); look for CPU starvation or a request "
+                    "that holds the loop, and see logbroker_event_loop_stall_seconds", self.broker.node_id,
+                    self._longest_stall_s * 1000,
+                    f" (the longest of {self._stalls_unlogged} stalls in the last {now - self._stall_logged_at:.0f} s)"
+                    if self._stalls_unlogged > 1 else "",
+                    self.broker.liveness.timeout_ticks * self.broker.config.raft_tick_ms)
+        self._stall_logged_at, self._stalls_unlogged, self._longest_stall_s = now, 0, 0.0
 
     def tick_once(self) -> None:
         liveness = self.broker.liveness

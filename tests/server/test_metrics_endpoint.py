@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from logbroker.server.app import BrokerServer
 from logbroker.server.config import BrokerConfig
 from logbroker.server.metrics import count_records, kafka_error_names, response_error_codes
+from logbroker.server.replica_manager import STALL_LOG_INTERVAL_S
 from tests.support.brokers import InProcessBroker, free_port, wait_until
 
 
@@ -171,3 +173,32 @@ def test_fetched_records_are_counted_from_batch_headers_without_control_batches(
     assert count_records(data) == 8
     assert count_records(data[:-1]) == 5  # a partial batch at the end is not counted
     assert count_records(b"") == 0
+
+
+def test_a_held_up_event_loop_is_measured_and_logged_for_the_operator(
+        metered: InProcessBroker, caplog: pytest.LogCaptureFixture) -> None:
+    """A callback that holds the broker's loop for 0.5 s delays its Raft ticks as long: the stall histogram
+    counts one stall between 0.4 and 0.8 s, and one WARNING names the broker, the stall and the metric."""
+    def stalls_between(scrape: dict[tuple[str, frozenset[tuple[str, str]]], float], low: str, high: str) -> float:
+        bucket = "logbroker_event_loop_stall_seconds_bucket"
+        return scrape[(bucket, frozenset({("le", high)}))] - scrape[(bucket, frozenset({("le", low)}))]
+
+    before = samples(metered)
+    assert before[("logbroker_event_loop_stall_seconds_count", frozenset())] >= 1  # every tick is measured
+    def hold_loop() -> None:
+        replicas = metered.server.broker.replicas  # type: ignore[union-attr]
+        replicas._stall_logged_at = -STALL_LOG_INTERVAL_S  # a stall at start-up was logged: forget it
+        replicas._stalls_unlogged, replicas._longest_stall_s = 0, 0.0
+        time.sleep(0.5)
+
+    with caplog.at_level("WARNING", logger="logbroker.broker"):
+        metered.loop.call_soon_threadsafe(hold_loop)
+        wait_until(lambda: stalls_between(samples(metered), "0.4", "+Inf") > stalls_between(before, "0.4", "+Inf"),
+                   10, "the stall to be measured")
+        wait_until(lambda: any("held up" in r.getMessage() for r in caplog.records), 5, "the stall warning")
+    after = samples(metered)
+    assert stalls_between(after, "0.4", "0.8") == stalls_between(before, "0.4", "0.8") + 1
+    warning = next(r.getMessage() for r in caplog.records if "held up" in r.getMessage())
+    assert "broker 1" in warning and "logbroker_event_loop_stall_seconds" in warning
+    held_ms = int(warning.split("held up for ")[1].split(" ms")[0])
+    assert 400 <= held_ms < 800
