@@ -184,18 +184,33 @@ class Replica:
         self.node.tick()
         self._kick()
 
-    def step(self, message: Message) -> None:
-        if self._quiet or self.node.role is not Role.LEADER:
-            # A leader's own heartbeat answers must not keep it awake; anything else does. (The setter, which
-            # tells the broker's ticker, only when the group actually wakes: this runs for every message.)
-            if self._quiet:
+    def step(self, message: Message, kick: bool = True) -> None:
+        """Hand the node one message. kick=False leaves the Ready to a kick() after a whole batch of messages
+        has been stepped, so that they share one Ready (one write, one round of answers), as a task used to."""
+        if self.node.role is Role.LEADER and message.type is MessageType.HEARTBEAT_RESP:
+            # The answers to a leader's own heartbeats neither keep it awake nor wake it: it may go quiet right
+            # after a heartbeat (or answers arriving after it went quiet would wake it, for ever), and wakes
+            # only if an answer gives it work (a follower behind).
+            self.node.step(message)
+            if self._quiet and self.node.has_ready():
                 self.quiet = False
-            self._idle_ticks = 0
-        self.node.step(message)
+        else:
+            if self._quiet or self.node.role is not Role.LEADER:
+                # Anything else wakes a quiet group; on a follower it also keeps the group awake. (The setter,
+                # which tells the broker's ticker, only when the group actually wakes: this runs for every message.)
+                if self._quiet:
+                    self.quiet = False
+                self._idle_ticks = 0
+            self.node.step(message)
         if self._busy and message.type is MessageType.HEARTBEAT:
             # A Ready is being persisted (its fsync may wait behind a thousand others after a failover): answer
             # the leader's heartbeat now, or it hears nothing for an election timeout and steps down.
             self._send(self.node.take_messages_before_persist())
+        if kick:
+            self._kick()
+
+    def kick(self) -> None:
+        """Carry out what the node has ready (after messages stepped with kick=False)."""
         self._kick()
 
     def wake(self, fast_forward_ticks: int = 0) -> None:
@@ -312,17 +327,31 @@ class Replica:
     # ------------------------------------------------------------------------------- ready loop
 
     def _kick(self) -> None:
-        if not self._busy and not self.closed and self.node.has_ready():
-            self._busy = True
-            asyncio.get_running_loop().create_task(self._drain_ready())
-
-    async def _drain_ready(self) -> None:
+        """Carry out what the node has ready: at once, on this stack, while a Ready needs no I/O (a vote or
+        heartbeat answer, a commit to apply, a leader's appends); from the first that does, in a task that
+        awaits its write and fsync and then drains the rest. An election or a commit thus costs no task and no
+        extra turn of the event loop (after a broker dies, thousands of groups elect at once)."""
+        if self._busy or self.closed or not self.node.has_ready():
+            return
+        self._busy = True
         try:
             while not self.closed:
                 ready = self.node.ready()
                 if ready is None:
-                    return
+                    break
+                if self._needs_io(ready):
+                    asyncio.get_running_loop().create_task(self._drain_ready(ready))
+                    return  # still busy: the task drains the rest
+                self._handle_now(ready)
+        except Exception as exc:
+            self._stop_after_failure(exc)
+        self._busy = False
+
+    async def _drain_ready(self, ready: Ready | None) -> None:
+        try:
+            while ready is not None and not self.closed:
                 await self._handle(ready)
+                ready = self.node.ready()
         except Exception as exc:
             self._stop_after_failure(exc)
         finally:
@@ -363,6 +392,21 @@ class Replica:
         self._on_failure(self, exc)
 
     async def _handle(self, ready: Ready) -> None:
+        committed = self._send_before_persist(ready)
+        if ready.must_persist:
+            await self._persist(ready)
+        self._finish(ready, committed)
+
+    def _handle_now(self, ready: Ready) -> None:
+        """A Ready that needs no I/O (_needs_io is False), carried out synchronously."""
+        committed = self._send_before_persist(ready)
+        if ready.must_persist:
+            self._note_persisted(ready)
+        self._finish(ready, committed)
+
+    def _send_before_persist(self, ready: Ready) -> Sequence[Entry]:
+        """Steps 1 and 4 of the contract where they may come first; returns the committed entries still to
+        apply after the persist."""
         # A leader's appends leave before its own write and fsync, which then run while followers write
         # theirs; the node counts the leader's log toward the commit only once persisted() reports it.
         self._send(ready.messages)
@@ -375,9 +419,10 @@ class Replica:
             # this Ready cuts or resets the log: what is on disk below durable_offset may then be the entries
             # being replaced, not the committed ones (the runtime simulation caught exactly that).
             self._apply(committed)
-            committed = ()
-        if ready.must_persist:
-            await self._persist(ready)
+            return ()
+        return committed
+
+    def _finish(self, ready: Ready, committed: Sequence[Entry]) -> None:
         # Acknowledgements and votes only now: they promise what the persist just made durable.
         self._send(ready.messages_after_persist)
         if ready.entries:
@@ -450,8 +495,24 @@ class Replica:
             await save_soon(snapshot, self._state_executor)
         elif snapshot is not None or ready.reset_log is not None or ready.truncate_from is not None:
             await asyncio.get_running_loop().run_in_executor(self._executor, self._fsync, snapshot)
-        # Else only a partition's commit offset moved, which Raft keeps volatile: nothing to make durable, and
-        # a trip to the pool for nothing would delay the commit it carries (a lone record's acks=all answer).
+        # Else only a partition's commit offset moved, which Raft keeps volatile (_needs_io is False, and the
+        # Ready never comes here but to _handle_now).
+        self._note_persisted(ready)
+
+    def _needs_io(self, ready: Ready) -> bool:
+        """Whether carrying out the Ready writes or fsyncs anything: a change of the log, of the term or vote,
+        or of the controller's commit offset (which it persists). A partition's commit offset alone stays
+        volatile, so a Ready that only moves it, like one with only messages, is carried out at once."""
+        if ready.entries or ready.reset_log is not None or ready.truncate_from is not None:
+            return True
+        hard = ready.hard_state
+        return hard is not None and (
+            hard.term != self.state.term or hard.vote != self.state.vote
+            or (self._persist_commit and hard.commit_offset != self.state.commit_offset))
+
+    def _note_persisted(self, ready: Ready) -> None:
+        if ready.hard_state is not None:
+            self.state.commit_offset = ready.hard_state.commit_offset
         self.durable_offset = self.log.log_end_offset
         self._release(self._durable_waiters, self.durable_offset)
 

@@ -268,13 +268,19 @@ class ReplicaManager:
 
     def on_raft_messages(self, items: list[tuple[str, Message]]) -> None:
         heard = self.broker.liveness.heard_from
+        stepped: dict[Replica, None] = {}
         for group, message in items:
             heard(message.from_node)
             replica = self._replicas.get(group)
             if replica is not None and not replica.closed:
-                replica.step(message)
+                replica.step(message, kick=False)
+                stepped[replica] = None
             elif self._handovers:
                 self._note_leader_elsewhere(group, message)
+        # Each group's Ready once the whole batch is stepped: a group's messages in one batch (two followers'
+        # acknowledgements, a vote and an append) make one Ready, not one each.
+        for replica in stepped:
+            replica.kick()
 
     def _on_leader_change(self, replica: Replica) -> None:
         broker = self.broker

@@ -1,0 +1,116 @@
+"""Three production Replicas of one group on one event loop, ticked as the broker's ticker ticks them (tick, then
+maybe_quiesce, awake groups only), with an in-memory transport that delivers each tick's messages in one batch as
+the broker's Raft port does. An elected, idle group goes quiet on every replica and stays quiet: no tick, no
+message. (A leader that went quiet in the very tick it sent a heartbeat was woken by the answer, went quiet
+again, and so on for ever: thousands of idle groups kept two brokers busy.) A write wakes it and it settles again."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from logbroker_client import records as rec
+
+from logbroker.cluster.raft_storage import ReplicaStateFile
+from logbroker.cluster.replica import Replica
+from logbroker.raft.membership import Membership
+from logbroker.raft.types import Message, RaftConfig, Role
+from logbroker.server.config import DEFAULT_RAFT_HEARTBEAT_TICKS
+from logbroker.storage.config import LogConfig
+from logbroker.storage.log import PartitionLog
+
+GROUP = "calm-0"
+NODES = (1, 2, 3)
+MAX_TICKS = 400
+QUIET_CHECK_TICKS = 100
+
+
+class Network:
+    """Messages sent during a tick wait in one batch per receiver, delivered before the next tick."""
+
+    def __init__(self) -> None:
+        self.replicas: dict[int, Replica] = {}
+        self.in_flight: list[Message] = []
+        self.delivered = 0
+
+    def sender(self) -> _Sender:
+        return _Sender(self)
+
+    def deliver(self) -> None:
+        batch, self.in_flight = self.in_flight, []
+        self.delivered += len(batch)
+        stepped: dict[Replica, None] = {}
+        for message in batch:
+            replica = self.replicas[message.to_node]
+            replica.step(message, kick=False)
+            stepped[replica] = None
+        for replica in stepped:
+            replica.kick()
+
+
+class _Sender:
+    def __init__(self, network: Network) -> None:
+        self.network = network
+
+    def send_many(self, items: Sequence[tuple[str, Message]]) -> None:
+        self.network.in_flight.extend(message for _, message in items)
+
+
+def open_replicas(root: Path, network: Network, executor: ThreadPoolExecutor) -> dict[int, Replica]:
+    membership = Membership.of(NODES)
+    for node in NODES:
+        directory = root / f"broker-{node}" / GROUP
+        plog = PartitionLog.open(directory, LogConfig(), "calm", 0)
+        replica = Replica(GROUP, plog, ReplicaStateFile(directory / "raft.state"), membership,
+                          RaftConfig(node_id=node, heartbeat_timeout_ticks=DEFAULT_RAFT_HEARTBEAT_TICKS),
+                          network.sender(), executor, on_commit=lambda r, e: None)
+        network.replicas[node] = replica
+    return network.replicas
+
+
+async def tick_all(network: Network, ticks: int) -> None:
+    """The broker's ticker, one tick for every replica at once: awake ones tick and may go quiet."""
+    for _ in range(ticks):
+        network.deliver()
+        for replica in network.replicas.values():
+            if not replica.quiet:
+                replica.tick()
+                replica.maybe_quiesce(lambda node: True)
+        await asyncio.sleep(0.001)  # the pool's writes and fsyncs complete meanwhile
+
+
+async def until(network: Network, condition: object, what: str) -> int:
+    for ticks in range(MAX_TICKS):
+        if condition():  # type: ignore[operator]
+            return ticks
+        await tick_all(network, 1)
+    raise AssertionError(f"{what} not within {MAX_TICKS} ticks")
+
+
+def test_an_idle_group_goes_quiet_on_every_replica_and_stays_quiet(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        network = Network()
+        with ThreadPoolExecutor(2) as executor:
+            replicas = open_replicas(tmp_path, network, executor)
+            replicas[1].campaign_now()
+            await until(network, lambda: replicas[1].node.role is Role.LEADER, "node 1 to lead")
+            await until(network, lambda: all(r.quiet for r in replicas.values()), "every replica to go quiet")
+            sent_before = network.delivered + len(network.in_flight)
+            await tick_all(network, QUIET_CHECK_TICKS)
+            assert all(r.quiet for r in replicas.values()), {n: r.quiet for n, r in replicas.items()}
+            assert network.delivered + len(network.in_flight) == sent_before, "a quiet group sent messages"
+
+            batch = rec.build_batch([(int(time.time() * 1000), None, b"wake up", [])])
+            entries = replicas[1].propose([(batch, 1)])
+            waiter = replicas[1].wait_committed(entries[-1].last_offset)
+            await until(network, waiter.done, "the write to commit")
+            assert not replicas[1].quiet
+            await until(network, lambda: all(r.quiet for r in replicas.values()), "the group to settle again")
+            assert all(r.node.commit_offset == entries[-1].last_offset for r in replicas.values())
+            for replica in replicas.values():
+                replica.close()
+
+    asyncio.run(scenario())
