@@ -121,6 +121,8 @@ class RaftNode:
         self._last_leader_change: tuple[int | None, Role] = (None, Role.FOLLOWER)
         self._ready_outstanding = False
         self._catching_up = False  # see wait_to_catch_up
+        # (Pre-)vote requests ignored within the leader's lease, by sender: stepped again by leader_lost.
+        self._ignored_in_lease: dict[int, Message] = {}
         self._reset_randomized_timeout()
 
     def _load_config_entries(self) -> None:
@@ -231,16 +233,22 @@ class RaftNode:
         same pick on every survivor) or waits two to three election timeouts first, so that the picked
         successor's campaign meets no rival and no split vote, while a successor that cannot win is still
         replaced. Thousands of groups losing their leader at once elect in one round this way instead of
-        colliding for many. Only soft state changes: no term, vote or log."""
+        colliding for many. Only soft state changes (no term, vote or log), except through the vote requests the
+        lease made this node ignore, which are stepped again now that it no longer holds."""
         if self.role is not Role.FOLLOWER or self.leader_id != leader_id:
             return  # already electing, or following someone else: this news is not about us
         self.leader_id = None
+        ignored, self._ignored_in_lease = self._ignored_in_lease, {}
         if campaign and self._promotable():
             self._campaign(pre_vote=self.config.pre_vote, transfer=False)
-            return
-        timeout = self.config.election_timeout_ticks
-        self._election_elapsed = 0
-        self._randomized_timeout = 2 * timeout + self._rng.randrange(timeout)
+        else:
+            timeout = self.config.election_timeout_ticks
+            self._election_elapsed = 0
+            self._randomized_timeout = 2 * timeout + self._rng.randrange(timeout)
+        # The successor's request, if it came before this news (its broker noticed the death a moment sooner),
+        # was ignored in the lease that no longer holds: answer it now. A stale one is answered as stale.
+        for request in ignored.values():
+            self.step(request)
 
     def transfer_leadership(self, to_node: int) -> None:
         """Hand leadership to ``to_node`` once it has caught up; proposals are refused meanwhile."""
@@ -388,6 +396,9 @@ class RaftNode:
         ):
             # We heard from a live leader within the election timeout: a node that has lost touch with it
             # must not depose it (check-quorum's lease). Ignoring, not rejecting, keeps our term unchanged.
+            # Kept, though: if the runtime then learns the leader is gone (leader_lost), the request is answered
+            # at once, not only at the candidate's next campaign an election timeout later.
+            self._ignored_in_lease[m.from_node] = m
             return False
         if m.type is MessageType.PRE_VOTE:
             return True  # a pre-vote never changes our term

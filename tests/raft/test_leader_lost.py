@@ -49,6 +49,21 @@ def test_without_the_news_a_survivor_in_its_lease_ignores_the_successor() -> Non
     assert harness.leaders() == []
 
 
+def test_a_request_ignored_in_the_lease_is_answered_once_the_news_arrives() -> None:
+    """The successor's broker noticed the death a moment sooner: its pre-vote reached the other survivor while
+    that one still trusted the dead leader and was ignored. The news ends the lease and answers it at once,
+    so the successor wins without waiting out an election timeout."""
+    harness = three_with_leader_1()
+    harness.crash(1)
+    successor, other = harness.node(2), harness.node(3)
+    successor.leader_lost(1, campaign=True)
+    harness.stabilize()
+    assert harness.leaders() == [] and successor.role is Role.PRE_CANDIDATE  # ignored in the lease
+    other.leader_lost(1, campaign=False)
+    harness.stabilize()  # no tick: only the answer to the kept request
+    assert harness.leaders() == [2] and other.leader_id == 2
+
+
 def test_a_successor_that_cannot_win_is_replaced_after_the_longer_timeout() -> None:
     harness = three_with_leader_1()
     harness.crash(1)
