@@ -162,6 +162,7 @@ class ControllerClient:
             replica = self.broker.replicas.hosted_replica(topic.name, index)
             if replica is not None and replica.group == topic.raft_group(index):
                 replica.log.update_config(config)
+        self.broker.replicas.layout_version += 1  # flush="interval" may have come or gone
 
     def _start_topic(self, topic: TopicMetadata) -> None:
         local = [index for index, replicas in enumerate(topic.assignment) if self.node_id in replicas]

@@ -104,6 +104,9 @@ class ReplicaManager:
         self._epochs_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epochs")
         self._epochs_saving: Future[None] | None = None
         self._ticks = 0
+        # Bumped whenever a partition replica opens or closes here, or a topic's configs change: what looks over
+        # every partition for something rare (the interval flusher) does so only after a change.
+        self.layout_version = 0
         self._stall_logged_at = -STALL_LOG_INTERVAL_S
         self._stalls_unlogged, self._longest_stall_s = 0, 0.0  # since the last warning about them
         self._replicas: dict[str, Replica] = {}  # group name -> replica, the controller included
@@ -172,6 +175,7 @@ class ReplicaManager:
             del broker.share_machines[key]
         if self._partitions.get(key) is replica:
             del self._partitions[key]
+            self.layout_version += 1
         with contextlib.suppress(Exception):  # its files may be what failed; reopening recovers them
             replica.close()
 
@@ -454,6 +458,7 @@ class ReplicaManager:
                 plog.close()
             return None
         self._partitions[(topic.name, index)] = replica
+        self.layout_version += 1
         replica.preferred_leader = self.preferred_leader(topic, index)
         self._attach_state_machines(replica, topic.name, index, plog.directory)
         self._start_election(replica, topic.assignment[index], topic.name, index)
@@ -550,6 +555,7 @@ class ReplicaManager:
         replica = self._partitions.get((topic.name, index))
         if replica is not None and replica.group == topic.raft_group(index):
             del self._partitions[(topic.name, index)]
+            self.layout_version += 1
             del self._replicas[replica.group]
             replica.close()
             if topic.name == OFFSETS_TOPIC:
@@ -559,6 +565,7 @@ class ReplicaManager:
     def drop_moved_replica(self, topic: TopicMetadata, index: int) -> None:
         """This broker's replica was moved away and is no longer a member of the group: delete it."""
         replica = self._partitions.pop((topic.name, index), None)
+        self.layout_version += 1
         if replica is not None:
             self.forget_replica(replica)
         self.forget_group_state(topic.raft_group(index))

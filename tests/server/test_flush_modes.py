@@ -46,3 +46,17 @@ def test_flush_interval_acknowledges_without_fsync_and_fsyncs_on_its_timer(broke
     Admin(broker.address).create_topic("interval-fast", configs={"flush": "interval", "flush.interval.ms": "50"})
     fast_calls = count_flushes(broker, "interval-fast")
     wait_until(lambda: fast_calls[0] >= 2, 10, "the 50 ms flush timer to fsync the log twice")
+
+
+def test_a_topic_altered_to_interval_flushes_is_fsynced_on_its_timer(broker: InProcessBroker) -> None:
+    """The interval flusher looks over the partitions again after a config change (not on a fixed rescan of
+    every partition), so a topic switched from flush="always" to interval flushes is picked up."""
+    admin = Admin(broker.address)
+    admin.create_topic("switched", configs={"flush": "always"})
+    calls = count_flushes(broker, "switched")
+    assert broker.server is not None
+    server = broker.server
+    wait_until(lambda: server.broker.maintenance._scanned_layout == server.broker.replicas.layout_version, 10,
+               "the interval flusher to have looked over the new partition (and found it flush=always)")
+    admin.alter_topic_configs("switched", {"flush": "interval", "flush.interval.ms": "50"})
+    wait_until(lambda: calls[0] >= 2, 10, "the altered topic's 50 ms flush timer to fsync its log twice")
