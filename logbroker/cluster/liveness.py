@@ -3,7 +3,9 @@
 Idle Raft groups go quiet (no ticks, no heartbeats of their own, see Replica.maybe_quiesce); what keeps
 their followers from waiting forever on a dead leader is this table. Any message from a peer counts as
 a sign of life; a peer silent for `timeout_ticks` is declared down, and the broker then wakes every
-group that peer was leading so its followers elect a new leader.
+group that peer was leading so its followers elect a new leader. A leader does not wait for a follower on a
+peer that is down before it goes quiet; when that peer is heard from again, the broker wakes the groups it
+leads with a replica there, so their heartbeats show the returning follower what it missed.
 """
 
 from __future__ import annotations
@@ -21,13 +23,21 @@ class Liveness:
         self._now = 0
         self._last_heard: dict[int, int] = {p: 0 for p in self.peers}  # peers start alive: give them a timeout
         self._down: set[int] = set()
+        self._returned: list[int] = []  # peers heard from again after being declared down, not yet taken
 
     def heartbeats(self) -> list[tuple[str, Message]]:
         return [(LIVENESS_GROUP, Message(MessageType.HEARTBEAT, self.node_id, peer, 0)) for peer in self.peers]
 
     def heard_from(self, peer: int) -> None:
         self._last_heard[peer] = self._now
-        self._down.discard(peer)
+        if peer in self._down:
+            self._down.discard(peer)
+            self._returned.append(peer)
+
+    def take_returned(self) -> list[int]:
+        """The peers heard from again since the last call, after they had been declared down (each once)."""
+        returned, self._returned = self._returned, []
+        return returned
 
     def is_alive(self, peer: int) -> bool:
         return peer == self.node_id or peer not in self._down

@@ -221,20 +221,25 @@ class Replica:
             self.node.tick()
         self._kick()
 
-    def leader_lost(self, leader_id: int, successor: bool) -> None:
+    def leader_lost(self, leader_id: int, successor: bool, majority_alive: bool = False) -> None:
         """The leader's broker went silent (the broker's liveness says so): forget it and, as the group's picked
-        successor, campaign now; otherwise wait longer than the successor (RaftNode.leader_lost)."""
+        successor, campaign now, without a pre-vote round when a majority of the voters' brokers is alive;
+        otherwise wait longer than the successor (RaftNode.leader_lost)."""
         self.quiet = False
         self._idle_ticks = 0
-        self.node.leader_lost(leader_id, successor)
+        self.node.leader_lost(leader_id, successor, pre_vote=not majority_alive)
         self._kick()
 
+    def peer_returned(self, peer: int) -> None:
+        """A broker declared down is heard from again: a leader that went quiet without its replica there
+        (maybe_quiesce) wakes, so its heartbeats show that follower where it stands and it catches up."""
+        if self._quiet and self.is_leader and peer in self.node.membership.members:
+            self.wake()
+
     def campaign_now(self) -> None:
-        """Start an election at once (a new group's preferred leader), instead of after a random timeout."""
-        for _ in range(2 * self.node.config.election_timeout_ticks):
-            if self.node.role is not Role.FOLLOWER or self.node.leader_id is not None:
-                break
-            self.node.tick()
+        """Start a new group's first election at once (its preferred leader), instead of after a random timeout,
+        and without a pre-vote round: a group that never had a leader has none to disrupt."""
+        self.node.campaign(pre_vote=False)
         self._kick()
 
     @property
@@ -268,7 +273,7 @@ class Replica:
             return
         node = self.node
         if node.role is Role.LEADER:
-            if not self._leader_settled():
+            if not self._leader_settled(is_alive):
                 self._settled_ticks = 0
                 return
             # Followers learn the last commit offset from the next heartbeat: go quiet only once one has gone
@@ -280,15 +285,22 @@ class Replica:
         elif node.role is Role.FOLLOWER and node.leader_id is not None and is_alive(node.leader_id):
             self.quiet = True
 
-    def _leader_settled(self) -> bool:
-        """Every entry committed and on every replica, and nobody waiting for a write."""
+    def _leader_settled(self, is_alive: Callable[[int], bool]) -> bool:
+        """Every entry committed and on every replica whose broker is alive, and nobody waiting for a write.
+
+        A replica on a dead broker cannot catch up, and waiting for it kept every group it follows awake (ticks
+        and heartbeats) until its broker came back: after one broker of three died, the survivors' thousands of
+        groups heartbeated ten times a second. When it comes back, its replicas' first messages (a pre-vote,
+        an answer) wake the leader, which then sends them what they miss."""
         node = self.node
         last = node.log.last_offset
         if node.commit_offset != last or self._commit_waiters or self._durable_waiters:
             return False
         for member in node.membership.members:
-            progress = node.progress(member) if member != self.node_id else None
-            if member != self.node_id and (progress is None or progress.match_offset != last):
+            if member == self.node_id or not is_alive(member):
+                continue
+            progress = node.progress(member)
+            if progress is None or progress.match_offset != last:
                 return False
         return True
 

@@ -225,7 +225,15 @@ class RaftNode:
         return (self.role is Role.LEADER and self.commit_offset >= self._term_start_offset
                 and self.applied_offset >= self._term_start_offset)
 
-    def leader_lost(self, leader_id: int, campaign: bool) -> None:
+    def campaign(self, pre_vote: bool = True) -> None:
+        """Start an election now instead of after the election timeout, if this node follows no known leader:
+        the runtime knows the group needs one (a new group's picked first leader). pre_vote=False skips the pre-vote round where the runtime knows
+        there is no leader to disrupt (a group that never had one); otherwise as configured."""
+        if self.role is not Role.FOLLOWER or self.leader_id is not None or not self._promotable():
+            return  # already electing, or a leader is known: nothing to start
+        self._campaign(pre_vote=pre_vote and self.config.pre_vote, transfer=False)
+
+    def leader_lost(self, leader_id: int, campaign: bool, pre_vote: bool = True) -> None:
         """The runtime learned out of band that ``leader_id`` is gone (its broker stopped answering everything).
 
         A follower of it forgets it, so its lease no longer holds and it grants another candidate's vote at once,
@@ -234,13 +242,18 @@ class RaftNode:
         successor's campaign meets no rival and no split vote, while a successor that cannot win is still
         replaced. Thousands of groups losing their leader at once elect in one round this way instead of
         colliding for many. Only soft state changes (no term, vote or log), except through the vote requests the
-        lease made this node ignore, which are stepped again now that it no longer holds."""
+        lease made this node ignore, which are stepped again now that it no longer holds.
+
+        pre_vote=False (the runtime sees a majority of the voters' brokers alive) lets the successor ask for
+        votes at once: pre-vote keeps a node cut off from the others from raising its term, and such a node
+        sees no live majority. A survivor that has not heard the news yet ignores the request in its lease
+        and answers it when the news arrives (above), as it would a pre-vote."""
         if self.role is not Role.FOLLOWER or self.leader_id != leader_id:
             return  # already electing, or following someone else: this news is not about us
         self.leader_id = None
         ignored, self._ignored_in_lease = self._ignored_in_lease, {}
         if campaign and self._promotable():
-            self._campaign(pre_vote=self.config.pre_vote, transfer=False)
+            self._campaign(pre_vote=pre_vote and self.config.pre_vote, transfer=False)
         else:
             timeout = self.config.election_timeout_ticks
             self._election_elapsed = 0

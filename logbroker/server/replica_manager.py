@@ -227,6 +227,9 @@ class ReplicaManager:
         self.broker.transport.send_many(liveness.heartbeats())
         for peer in liveness.tick():
             self._on_peer_down(peer)
+        for peer in liveness.take_returned():
+            for replica in list(self._replicas.values()):
+                replica.peer_returned(peer)
         is_alive = liveness.is_alive
         self._ticks += 1
         if self._ticks % EPOCH_SAVE_INTERVAL_TICKS == 0:
@@ -255,13 +258,16 @@ class ReplicaManager:
         partitions at RF3 took 36 s to settle after one broker's SIGKILL). Groups still waiting for their
         preferred leader's first campaign elect as before."""
         woken = 0
+        is_alive = self.broker.liveness.is_alive
         for replica in list(self._replicas.values()):
             if replica.closed:
                 continue
             if replica.leader_id == peer:
-                successor = pick_successor(replica.group, replica.node.membership.voters, peer,
-                                           self.broker.liveness.is_alive)
-                replica.leader_lost(peer, successor=successor == self.node_id)
+                voters = replica.node.membership.voters
+                successor = pick_successor(replica.group, voters, peer, is_alive)
+                live_voters = sum(1 for voter in voters if is_alive(voter))
+                replica.leader_lost(peer, successor=successor == self.node_id,
+                                    majority_alive=2 * live_voters > len(voters))
             elif replica.leader_id is None and replica.preferred_leader == peer:
                 replica.wake(fast_forward_ticks=self.broker.config.raft_election_ticks)
             else:

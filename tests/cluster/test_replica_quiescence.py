@@ -29,18 +29,24 @@ QUIET_CHECK_TICKS = 100
 
 
 class Network:
-    """Messages sent during a tick wait in one batch per receiver, delivered before the next tick."""
+    """Messages sent during a tick wait in one batch per receiver, delivered before the next tick. A dead
+    node's messages are lost both ways, it does not tick, and the others' liveness calls it dead."""
 
     def __init__(self) -> None:
         self.replicas: dict[int, Replica] = {}
         self.in_flight: list[Message] = []
         self.delivered = 0
+        self.dead: set[int] = set()
+
+    def is_alive(self, node: int) -> bool:
+        return node not in self.dead
 
     def sender(self) -> _Sender:
         return _Sender(self)
 
     def deliver(self) -> None:
-        batch, self.in_flight = self.in_flight, []
+        batch = [m for m in self.in_flight if m.from_node not in self.dead and m.to_node not in self.dead]
+        self.in_flight = []
         self.delivered += len(batch)
         stepped: dict[Replica, None] = {}
         for message in batch:
@@ -75,10 +81,10 @@ async def tick_all(network: Network, ticks: int) -> None:
     """The broker's ticker, one tick for every replica at once: awake ones tick and may go quiet."""
     for _ in range(ticks):
         network.deliver()
-        for replica in network.replicas.values():
-            if not replica.quiet:
+        for node, replica in network.replicas.items():
+            if not replica.quiet and node not in network.dead:
                 replica.tick()
-                replica.maybe_quiesce(lambda node: True)
+                replica.maybe_quiesce(network.is_alive)
         await asyncio.sleep(0.001)  # the pool's writes and fsyncs complete meanwhile
 
 
@@ -110,6 +116,38 @@ def test_an_idle_group_goes_quiet_on_every_replica_and_stays_quiet(tmp_path: Pat
             assert not replicas[1].quiet
             await until(network, lambda: all(r.quiet for r in replicas.values()), "the group to settle again")
             assert all(r.node.commit_offset == entries[-1].last_offset for r in replicas.values())
+            for replica in replicas.values():
+                replica.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_group_with_a_dead_follower_goes_quiet_and_wakes_when_it_returns(tmp_path: Path) -> None:
+    """A follower whose broker is dead cannot catch up: the leader goes quiet without it (waiting for it kept
+    a group awake, ticking and heartbeating, until the broker came back). Back, its first messages wake the
+    leader, which brings it up to date, and the group settles on all three again."""
+    async def scenario() -> None:
+        network = Network()
+        with ThreadPoolExecutor(2) as executor:
+            replicas = open_replicas(tmp_path, network, executor)
+            replicas[1].campaign_now()
+            await until(network, lambda: all(r.quiet for r in replicas.values()), "the elected group to go quiet")
+            network.dead.add(3)
+            batch = rec.build_batch([(int(time.time() * 1000), None, b"while 3 is away", [])])
+            (entry,) = replicas[1].propose([(batch, 1)])
+            await until(network, replicas[1].wait_committed(entry.last_offset).done, "the write to commit on 1 and 2")
+            await until(network, lambda: replicas[1].quiet and replicas[2].quiet, "the leader and 2 to go quiet")
+            sent_before = network.delivered
+            await tick_all(network, QUIET_CHECK_TICKS)
+            assert replicas[1].quiet and replicas[2].quiet and network.delivered == sent_before
+
+            network.dead.discard(3)
+            for replica in replicas.values():  # what the broker does when liveness hears from a peer again
+                replica.peer_returned(3)
+            await until(network, lambda: replicas[3].node.log.last_offset == entry.last_offset,
+                        "the returning follower to catch up")
+            await until(network, lambda: all(r.quiet for r in replicas.values()), "the group to settle on all three")
+            assert replicas[1].is_leader and replicas[3].node.commit_offset == entry.last_offset
             for replica in replicas.values():
                 replica.close()
 

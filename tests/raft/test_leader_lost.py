@@ -101,3 +101,30 @@ def test_every_survivor_picks_the_same_successor_and_the_picks_spread() -> None:
     assert set(picks_2) == {2, 3} and 400 < picks_2.count(2) < 600
     assert pick_successor("g", [1, 2, 3], 1, lambda n: n == 3) == 3  # the only live voter left
     assert pick_successor("g", [1, 2], 1, lambda n: False) is None
+
+
+def test_with_a_live_majority_the_successor_asks_for_votes_without_a_pre_vote_round() -> None:
+    harness = three_with_leader_1()
+    harness.crash(1)
+    successor, other = harness.node(2), harness.node(3)
+    term_before = successor.term
+    other.leader_lost(1, campaign=False)
+    successor.leader_lost(1, campaign=True, pre_vote=False)
+    harness.process(2)
+    assert successor.role is Role.CANDIDATE and successor.term == term_before + 1
+    assert [m.to_node for m in harness.sent(MessageType.VOTE)] == [1, 3] and not harness.sent(MessageType.PRE_VOTE)
+    harness.stabilize()
+    assert harness.leaders() == [2] and successor.term == term_before + 1
+
+
+def test_a_vote_request_ignored_in_the_lease_is_granted_once_the_news_arrives() -> None:
+    harness = three_with_leader_1()
+    harness.crash(1)
+    successor, other = harness.node(2), harness.node(3)
+    term_before = other.term
+    successor.leader_lost(1, campaign=True, pre_vote=False)
+    harness.stabilize()
+    assert harness.leaders() == [] and other.term == term_before  # ignored: node 3 still trusts leader 1
+    other.leader_lost(1, campaign=False)
+    harness.stabilize()
+    assert harness.leaders() == [2] and (other.term, other.vote) == (term_before + 1, 2)
