@@ -1,7 +1,7 @@
 """Many partitions: create thousands of RF3 partitions, measure idle CPU, then fail over a third of them.
 
 Starts a temporary three-broker cluster (benchmarks/failover.py BenchCluster, production tick settings
-unless --raft-tick-ms), and measures three things:
+unless --raft-tick-ms), and measures four things:
 
 1. creation: `--partitions` partitions at replication factor 3, in topics of at most --per-topic
    partitions each, from the first CreateTopics call until every live broker reports the same leader
@@ -11,6 +11,10 @@ unless --raft-tick-ms), and measures three things:
 3. failover: SIGKILL of the broker that leads the most partitions, then the seconds until both
    surviving brokers report, for every partition, the same leader and that leader is one of them. The
    time includes the survivors noticing the silence (the liveness timeout) and the elections.
+   `failover_s` is when a poll found them all (an upper bound: a poll takes up to a second while the
+   survivors elect), `failover_at_least_s` when the last poll that still missed one began;
+4. the survivors' CPU over `--seconds` after the failover, with the killed broker still down (groups
+   whose follower is down must go quiet too).
 
     python -m benchmarks.many_partitions --partitions 10000 --seconds 20
 
@@ -26,6 +30,7 @@ import resource
 import sys
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 from benchmarks.common import emit, rounded, run_main
 from benchmarks.failover import BenchCluster
@@ -69,7 +74,8 @@ def controller_leader(cluster: BenchCluster, node: int) -> int:
 def agreed_leaders(cluster: BenchCluster, nodes: list[int], expected: int) -> tuple[dict[Partition, int], int]:
     """The partitions whose leader every broker in `nodes` reports alike and that is one of `nodes`, and how
     many of the `expected` partitions are still without such a leader."""
-    views = [reported_leaders(cluster, node) for node in nodes]
+    with ThreadPoolExecutor(len(nodes)) as pool:  # at once: a round is as long as the slowest answer, not all
+        views = list(pool.map(lambda node: reported_leaders(cluster, node), nodes))
     if any(view is None for view in views):
         return {}, expected
     first, *others = [view for view in views if view is not None]
@@ -80,19 +86,24 @@ def agreed_leaders(cluster: BenchCluster, nodes: list[int], expected: int) -> tu
 
 def wait_for_leaders(cluster: BenchCluster, nodes: list[int], expected: int, give_up_s: float,
                      what: str, poll_interval_s: float = POLL_INTERVAL_S,
-                     call_seconds: list[float] | None = None) -> dict[Partition, int]:
+                     call_seconds: list[float] | None = None,
+                     missing_seen_at: list[float] | None = None) -> dict[Partition, int]:
     """Poll every live broker's Metadata until all agree on a live leader for every partition. Each poll
     costs the brokers a Metadata of every partition (measured into call_seconds): the polling is load on
-    the system measured, and poll_interval_s trades it against the precision of the figure."""
+    the system measured, and poll_interval_s trades it against the precision of the figure. missing_seen_at
+    gets the time.monotonic() at which each round that still found a partition without a leader began: the
+    last of them bounds the moment the last leader appeared from below, the return from above."""
     deadline = time.monotonic() + give_up_s
     last_report = 0.0
     while True:
         asked = time.monotonic()
         agreed, missing = agreed_leaders(cluster, nodes, expected)
         if call_seconds is not None:
-            call_seconds.append((time.monotonic() - asked) / len(nodes))
+            call_seconds.append(time.monotonic() - asked)
         if missing == 0:
             return agreed
+        if missing_seen_at is not None:
+            missing_seen_at.append(asked)
         now = time.monotonic()
         if now > deadline:
             raise RuntimeError(f"{what}: {missing} of {expected} partitions still without an agreed live leader "
@@ -123,8 +134,8 @@ def create_partitions(cluster: BenchCluster, total: int, per_topic: int) -> list
     return topics
 
 
-def idle_cpu_percent(cluster: BenchCluster, seconds: float) -> dict[str, float]:
-    pids = {node: cluster.pid(node) for node in cluster.ports}
+def idle_cpu_percent(cluster: BenchCluster, seconds: float, nodes: list[int]) -> dict[str, float]:
+    pids = {node: cluster.pid(node) for node in nodes}
     before = {node: cpu_seconds(pid) for node, pid in pids.items()}
     started = time.monotonic()
     time.sleep(seconds)  # the measurement itself: nothing else runs
@@ -166,7 +177,7 @@ def main() -> int:
         ready_s = time.monotonic() - started
         print(f"all {args.partitions} partitions have leaders after {ready_s:.1f} s; measuring {args.seconds:.0f} s "
               "of idleness", file=sys.stderr, flush=True)
-        cpu = idle_cpu_percent(cluster, args.seconds)
+        cpu = idle_cpu_percent(cluster, args.seconds, nodes)
         # Leaders may have moved during the idle period (leader balancing): ask again before choosing.
         leaders = wait_for_leaders(cluster, nodes, args.partitions, READY_TIMEOUT_S, "before the kill")
         led = Counter(leaders.values())
@@ -179,10 +190,16 @@ def main() -> int:
         killed_at = time.monotonic()
         cluster.kill(victim)
         poll_calls_s: list[float] = []
+        missing_seen_at: list[float] = []
         wait_for_leaders(cluster, survivors, args.partitions, FAILOVER_GIVE_UP_S, "failover",
-                         args.poll_interval_ms / 1000, poll_calls_s)
+                         args.poll_interval_ms / 1000, poll_calls_s, missing_seen_at)
         failover_s = time.monotonic() - killed_at
-        print(f"every partition has a live leader {failover_s:.2f} s after the kill", file=sys.stderr, flush=True)
+        failover_at_least_s = (missing_seen_at[-1] if missing_seen_at else killed_at) - killed_at
+        print(f"every partition has a live leader {failover_s:.2f} s after the kill (the last one appeared after "
+              f"{failover_at_least_s:.2f} s)", file=sys.stderr, flush=True)
+        print(f"measuring the survivors' CPU over {args.seconds:.0f} s with broker {victim} down", file=sys.stderr,
+              flush=True)
+        cpu_after = idle_cpu_percent(cluster, args.seconds, survivors)
     emit({
         "tool": "many_partitions",
         "partitions": args.partitions,
@@ -198,6 +215,8 @@ def main() -> int:
         "killed": args.kill,
         "killed_broker_led": victim_led,
         "failover_s": rounded(failover_s, 2),
+        "failover_at_least_s": rounded(failover_at_least_s, 2),
+        "idle_cpu_percent_after_failover": cpu_after,
         "failover_polls": len(poll_calls_s),
         "failover_poll_interval_ms": args.poll_interval_ms,
         "failover_metadata_call_ms_max": rounded(max(poll_calls_s) * 1000, 1),
