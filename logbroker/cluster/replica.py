@@ -194,6 +194,15 @@ class Replica:
             self.node.step(message)
             if self._quiet and self.node.has_ready():
                 self.quiet = False
+        elif self._quiet and self.node.role is Role.FOLLOWER and self.node.leader_id not in (None, message.from_node):
+            # A quiet follower went quiet because its leader's broker is alive (maybe_quiesce); if that broker dies,
+            # liveness wakes it (leader_lost). A message from another node (a vote request from a node cut off
+            # from the leader alone) is answered but does not wake it: awake, it would tick with a quiet leader
+            # sending nothing, its lease would run out, and it would help depose a healthy leader.
+            self.node.step(message)
+            if self.node.role is not Role.FOLLOWER or self.node.leader_id is None:
+                self.quiet = False  # the message changed something (a later term): back to the usual rules
+                self._idle_ticks = 0
         else:
             if self._quiet or self.node.role is not Role.LEADER:
                 # Anything else wakes a quiet group; on a follower it also keeps the group awake. (The setter,

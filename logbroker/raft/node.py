@@ -227,8 +227,9 @@ class RaftNode:
 
     def campaign(self, pre_vote: bool = True) -> None:
         """Start an election now instead of after the election timeout, if this node follows no known leader:
-        the runtime knows the group needs one (a new group's picked first leader). pre_vote=False skips the pre-vote round where the runtime knows
-        there is no leader to disrupt (a group that never had one); otherwise as configured."""
+        the runtime knows the group needs one (a new group's picked first leader). pre_vote=False skips the
+        pre-vote round where the runtime knows there is no leader to disrupt (a group that never had one);
+        otherwise as configured."""
         if self.role is not Role.FOLLOWER or self.leader_id is not None or not self._promotable():
             return  # already electing, or a leader is known: nothing to start
         self._campaign(pre_vote=pre_vote and self.config.pre_vote, transfer=False)

@@ -37,6 +37,7 @@ class Network:
         self.in_flight: list[Message] = []
         self.delivered = 0
         self.dead: set[int] = set()
+        self.cut: set[tuple[int, int]] = set()  # (from, to) links that lose every message
 
     def is_alive(self, node: int) -> bool:
         return node not in self.dead
@@ -45,7 +46,8 @@ class Network:
         return _Sender(self)
 
     def deliver(self) -> None:
-        batch = [m for m in self.in_flight if m.from_node not in self.dead and m.to_node not in self.dead]
+        batch = [m for m in self.in_flight if m.from_node not in self.dead and m.to_node not in self.dead
+                 and (m.from_node, m.to_node) not in self.cut]
         self.in_flight = []
         self.delivered += len(batch)
         stepped: dict[Replica, None] = {}
@@ -148,6 +150,28 @@ def test_a_group_with_a_dead_follower_goes_quiet_and_wakes_when_it_returns(tmp_p
                         "the returning follower to catch up")
             await until(network, lambda: all(r.quiet for r in replicas.values()), "the group to settle on all three")
             assert replicas[1].is_leader and replicas[3].node.commit_offset == entry.last_offset
+            for replica in replicas.values():
+                replica.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_node_cut_off_from_a_quiet_leader_alone_does_not_wake_the_other_follower(tmp_path: Path) -> None:
+    """Node 3 loses its links to leader 1 (only those) and, its broker finding 1 silent, campaigns. Quiet
+    follower 2 answers nothing in its lease and stays quiet: woken, it would tick while leader 1 sends nothing,
+    its lease would run out and it would help node 3 depose a healthy leader."""
+    async def scenario() -> None:
+        network = Network()
+        with ThreadPoolExecutor(2) as executor:
+            replicas = open_replicas(tmp_path, network, executor)
+            replicas[1].campaign_now()
+            await until(network, lambda: all(r.quiet for r in replicas.values()), "the elected group to go quiet")
+            term = replicas[1].term
+            network.cut |= {(1, 3), (3, 1)}
+            replicas[3].leader_lost(1, successor=True, majority_alive=True)  # what node 3's broker concludes
+            await tick_all(network, QUIET_CHECK_TICKS)
+            assert replicas[1].is_leader and replicas[1].term == term
+            assert replicas[2].quiet and replicas[2].node.leader_id == 1 and replicas[2].term == term
             for replica in replicas.values():
                 replica.close()
 
