@@ -557,8 +557,9 @@ class Replica:
                                        timestamp_ms)
         await loop.run_in_executor(self._executor, self._write_and_fsync,
                                    entries_to_batches(chunks[-1], timestamp_ms), timestamp_ms, state)
-        if self.is_leader:  # a leader's followers read recent entries back; a follower's never are
-            self._storage.remember(entries)
+        # Read back soon on a leader (to replicate) and on every replica (committed entries are handed to be
+        # applied): from the cache, not the disk (a follower re-read and re-parsed each batch it had written).
+        self._storage.remember(entries)
         for entry in entries:
             if entry.kind is EntryKind.DATA:
                 self._record_producer(entry.payload, entry.base_offset, entry.last_offset)

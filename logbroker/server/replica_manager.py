@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from logbroker.cluster.liveness import LIVENESS_GROUP
 from logbroker.cluster.metadata import CONTROLLER_GROUP, TopicMetadata
 from logbroker.cluster.raft_storage import RecentEntries
 from logbroker.cluster.replica import Replica
@@ -54,6 +55,15 @@ RAFT_MAX_INFLIGHT_BYTES = 16 << 20
 _NEW_DIRECTORY, _OURS = "new", "ours"  # what _claim_directory found
 OPENER_THREADS = 4
 EPOCH_SAVE_INTERVAL_TICKS = 20  # how often stale leader-epoch files are written (a second at the default tick)
+# Raft messages for a group not open here yet: a new topic's replicas open a chunk at a time on each broker, and a
+# preferred leader's vote request that reached a broker before its replica opened was dropped, costing that group
+# an election timeout (a sixth of 10,000 new partitions). They are kept, this many per group, and stepped when the
+# replica opens; kept for at most EARLY_MESSAGE_TTL_TICKS, for at most EARLY_MESSAGE_GROUPS_MAX groups, and only
+# small ones (Raft resends whatever is dropped).
+EARLY_MESSAGES_PER_GROUP_MAX = 4
+EARLY_MESSAGE_GROUPS_MAX = 4096
+EARLY_MESSAGE_TTL_TICKS = 40
+EARLY_MESSAGE_MAX_BYTES = 4096
 # A tick later than this many ticks means the event loop was held up (a long request, a starved CPU) for a
 # good part of the liveness timeout: logged at WARNING, at most once per STALL_LOG_INTERVAL_S.
 STALL_WARN_TICKS = 4
@@ -104,6 +114,7 @@ class ReplicaManager:
         self._epochs_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epochs")
         self._epochs_saving: Future[None] | None = None
         self._ticks = 0
+        self._early_messages: dict[str, tuple[int, list[Message]]] = {}  # group -> (tick first kept, messages)
         # Bumped whenever a partition replica opens or closes here, or a topic's configs change: what looks over
         # every partition for something rare (the interval flusher) does so only after a change.
         self.layout_version = 0
@@ -234,6 +245,7 @@ class ReplicaManager:
         self._ticks += 1
         if self._ticks % EPOCH_SAVE_INTERVAL_TICKS == 0:
             self._save_epochs_soon()
+            self._forget_old_early_messages()
         for replica in list(self._awake):
             if replica.quiet or replica.closed:
                 del self._awake[replica]  # back when it wakes (Replica.on_wake)
@@ -285,12 +297,42 @@ class ReplicaManager:
             if replica is not None and not replica.closed:
                 replica.step(message, kick=False)
                 stepped[replica] = None
+            elif replica is None and group != LIVENESS_GROUP:
+                self._keep_early(group, message)
+                if self._handovers:
+                    self._note_leader_elsewhere(group, message)
             elif self._handovers:
                 self._note_leader_elsewhere(group, message)
         # Each group's Ready once the whole batch is stepped: a group's messages in one batch (two followers'
         # acknowledgements, a vote and an append) make one Ready, not one each.
         for replica in stepped:
             replica.kick()
+
+    def _keep_early(self, group: str, message: Message) -> None:
+        """A message for a group with no replica here (yet): kept for the replica about to open (see
+        EARLY_MESSAGES_PER_GROUP_MAX), within the bounds there."""
+        if sum(len(entry.payload) for entry in message.entries) > EARLY_MESSAGE_MAX_BYTES:
+            return
+        kept = self._early_messages.get(group)
+        if kept is None:
+            if len(self._early_messages) >= EARLY_MESSAGE_GROUPS_MAX:
+                return
+            kept = self._early_messages[group] = (self._ticks, [])
+        if len(kept[1]) < EARLY_MESSAGES_PER_GROUP_MAX:
+            kept[1].append(message)
+
+    def _forget_old_early_messages(self) -> None:
+        oldest = self._ticks - EARLY_MESSAGE_TTL_TICKS
+        for group in [g for g, (kept_at, _) in self._early_messages.items() if kept_at < oldest]:
+            del self._early_messages[group]
+
+    def _step_early_messages(self, replica: Replica) -> None:
+        kept = self._early_messages.pop(replica.group, None)
+        if kept is None:
+            return
+        for message in kept[1]:
+            replica.step(message, kick=False)
+        replica.kick()
 
     def _on_leader_change(self, replica: Replica) -> None:
         broker = self.broker
@@ -468,6 +510,7 @@ class ReplicaManager:
         replica.preferred_leader = self.preferred_leader(topic, index)
         self._attach_state_machines(replica, topic.name, index, plog.directory)
         self._start_election(replica, topic.assignment[index], topic.name, index)
+        self._step_early_messages(replica)
         return replica
 
     def _attach_state_machines(self, replica: Replica, name: str, index: int, directory: Path) -> None:
@@ -716,10 +759,6 @@ class ReplicaManager:
 
     def live_brokers(self) -> list[int]:
         return [node for node in self.broker.peers if self.broker.liveness.is_alive(node)]
-
-    def hosted_partitions_of(self, name: str) -> list[Replica]:
-        """This broker's replicas of a topic's partitions."""
-        return [r for (topic, _), r in self._partitions.items() if topic == name]
 
 
 def _save_epochs(logs: list[PartitionLog]) -> None:

@@ -382,7 +382,7 @@ class _Broker:
         self.config = SimpleNamespace(leader_balance_interval_ms=3_600_000, retention_check_interval_ms=3_600_000)
         self.retries = 0
         self.replicas = SimpleNamespace(local_partitions=lambda: [(("bad", 0), _Replica())],
-                                        retry_failed_replicas=self._retry)
+                                        retry_failed_replicas=self._retry, layout_version=0)
         self.group_runtimes: dict[str, object] = {}
         self.share_groups = SimpleNamespace(tick=lambda: None)
         self.topic_admin = SimpleNamespace(drive_moves=lambda: None)
