@@ -199,9 +199,10 @@ class Replica:
             # liveness wakes it (leader_lost). A message from another node (a vote request from a node cut off
             # from the leader alone) is answered but does not wake it: awake, it would tick with a quiet leader
             # sending nothing, its lease would run out, and it would help depose a healthy leader.
+            leader, term = self.node.leader_id, self.node.term
             self.node.step(message)
-            if self.node.role is not Role.FOLLOWER or self.node.leader_id is None:
-                self.quiet = False  # the message changed something (a later term): back to the usual rules
+            if (self.node.role, self.node.leader_id, self.node.term) != (Role.FOLLOWER, leader, term):
+                self.quiet = False  # the message changed the term or the leader: back to the usual rules
                 self._idle_ticks = 0
         else:
             if self._quiet or self.node.role is not Role.LEADER:
