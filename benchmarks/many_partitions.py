@@ -13,8 +13,8 @@ unless --raft-tick-ms), and measures four things:
    time includes the survivors noticing the silence (the liveness timeout) and the elections.
    `failover_s` is when a poll found them all (an upper bound: a poll takes up to a second while the
    survivors elect), `failover_at_least_s` when the last poll that still missed one began;
-4. the survivors' CPU over `--seconds` after the failover, with the killed broker still down (groups
-   whose follower is down must go quiet too).
+4. the survivors' CPU over `--seconds` after the failover (from 5 s after it, once the new leaders have
+   settled), with the killed broker still down (groups whose follower is down must go quiet too).
 
     python -m benchmarks.many_partitions --partitions 10000 --seconds 20
 
@@ -40,6 +40,9 @@ from logbroker.server.config import DEFAULT_LIVENESS_TIMEOUT_TICKS, DEFAULT_RAFT
 READY_TIMEOUT_S = 600.0
 FAILOVER_GIVE_UP_S = 120.0
 POLL_INTERVAL_S = 0.05
+# After a failover the new leaders report to the controller, save their leader epochs and go quiet: the survivors'
+# idle CPU is measured from this long after every partition has a leader.
+SETTLE_AFTER_FAILOVER_S = 5.0
 METADATA_TIMEOUT_S = 30.0
 
 Partition = tuple[str, int]
@@ -197,8 +200,9 @@ def main() -> int:
         failover_at_least_s = (missing_seen_at[-1] if missing_seen_at else killed_at) - killed_at
         print(f"every partition has a live leader {failover_s:.2f} s after the kill (the last one appeared after "
               f"{failover_at_least_s:.2f} s)", file=sys.stderr, flush=True)
-        print(f"measuring the survivors' CPU over {args.seconds:.0f} s with broker {victim} down", file=sys.stderr,
-              flush=True)
+        print(f"measuring the survivors' CPU over {args.seconds:.0f} s with broker {victim} down, after "
+              f"{SETTLE_AFTER_FAILOVER_S:.0f} s for the new leaders to settle", file=sys.stderr, flush=True)
+        time.sleep(SETTLE_AFTER_FAILOVER_S)
         cpu_after = idle_cpu_percent(cluster, args.seconds, survivors)
     emit({
         "tool": "many_partitions",
