@@ -151,12 +151,12 @@ def wrap_replica(trace: Trace) -> None:
         if offsets is not None:
             trace.add("fsync_end", 0, *offsets)
 
-    def traced_step(self: Any, message: Message) -> None:
+    def traced_step(self: Any, message: Message, kick: bool = True) -> None:
         if trace.traced(self.group):
             event = message_event(message, "stepped")
             if event is not None:
                 trace.add(*event)
-        step(self, message)
+        step(self, message, kick)
 
     def traced_apply(self: Any, entries: Sequence[Entry]) -> None:
         if trace.traced(self.group):
