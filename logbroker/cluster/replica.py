@@ -231,13 +231,14 @@ class Replica:
             self.node.tick()
         self._kick()
 
-    def leader_lost(self, leader_id: int, successor: bool, majority_alive: bool = False) -> None:
+    def leader_lost(self, leader_id: int, successor: bool) -> None:
         """The leader's broker went silent (the broker's liveness says so): forget it and, as the group's picked
-        successor, campaign now, without a pre-vote round when a majority of the voters' brokers is alive;
-        otherwise wait longer than the successor (RaftNode.leader_lost)."""
+        successor, campaign now (with a pre-vote round: in a cut between two brokers only, the leader is alive
+        and a vote request would raise the successor's term and depose it when the cut heals); otherwise wait
+        longer than the successor (RaftNode.leader_lost)."""
         self.quiet = False
         self._idle_ticks = 0
-        self.node.leader_lost(leader_id, successor, pre_vote=not majority_alive)
+        self.node.leader_lost(leader_id, successor)
         self._kick()
 
     def peer_returned(self, peer: int) -> None:

@@ -275,11 +275,8 @@ class ReplicaManager:
             if replica.closed:
                 continue
             if replica.leader_id == peer:
-                voters = replica.node.membership.voters
-                successor = pick_successor(replica.group, voters, peer, is_alive)
-                live_voters = sum(1 for voter in voters if is_alive(voter))
-                replica.leader_lost(peer, successor=successor == self.node_id,
-                                    majority_alive=2 * live_voters > len(voters))
+                successor = pick_successor(replica.group, replica.node.membership.voters, peer, is_alive)
+                replica.leader_lost(peer, successor=successor == self.node_id)
             elif replica.leader_id is None and replica.preferred_leader == peer:
                 replica.wake(fast_forward_ticks=self.broker.config.raft_election_ticks)
             else:

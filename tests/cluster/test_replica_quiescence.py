@@ -173,7 +173,7 @@ def test_a_node_cut_off_from_a_quiet_leader_alone_does_not_wake_the_other_follow
             await until(network, lambda: all(r.quiet for r in replicas.values()), "the elected group to go quiet")
             term = replicas[1].term
             network.cut |= {(1, 3), (3, 1)}
-            replicas[3].leader_lost(1, successor=True, majority_alive=True)  # what node 3's broker concludes
+            replicas[3].leader_lost(1, successor=True)  # what node 3's broker concludes
             await tick_all(network, QUIET_CHECK_TICKS)
             assert replicas[1].is_leader and replicas[1].term == term
             assert replicas[2].quiet and replicas[2].node.leader_id == 1 and replicas[2].term == term
