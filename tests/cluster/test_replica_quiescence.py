@@ -7,8 +7,9 @@ again, and so on for ever: thousands of idle groups kept two brokers busy.) A wr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from logbroker_client import records as rec
 from logbroker.cluster.raft_storage import ReplicaStateFile
 from logbroker.cluster.replica import Replica
 from logbroker.raft.membership import Membership
-from logbroker.raft.types import Message, RaftConfig, Role
+from logbroker.raft.types import Entry, Message, RaftConfig, Role
 from logbroker.server.config import DEFAULT_RAFT_HEARTBEAT_TICKS
 from logbroker.storage.config import LogConfig
 from logbroker.storage.log import PartitionLog
@@ -103,28 +104,41 @@ async def until(network: Network, condition: Callable[[], bool], what: str) -> N
         ticks += 1
 
 
-def test_an_idle_group_goes_quiet_on_every_replica_and_stays_quiet(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        network = Network()
-        with ThreadPoolExecutor(2) as executor:
-            replicas = open_replicas(tmp_path, network, executor)
+@contextlib.asynccontextmanager
+async def elected_quiet_group(root: Path) -> AsyncIterator[tuple[Network, dict[int, Replica]]]:
+    """Three replicas, node 1 elected, every replica gone quiet; closed afterwards."""
+    network = Network()
+    with ThreadPoolExecutor(2) as executor:
+        replicas = open_replicas(root, network, executor)
+        try:
             replicas[1].campaign_now()
             await until(network, lambda: replicas[1].node.role is Role.LEADER, "node 1 to lead")
             await until(network, lambda: all(r.quiet for r in replicas.values()), "every replica to go quiet")
+            yield network, replicas
+        finally:
+            for replica in replicas.values():
+                replica.close()
+
+
+def write_one(replica: Replica, value: bytes) -> Entry:
+    (entry,) = replica.propose([(rec.build_batch([(int(time.time() * 1000), None, value, [])]), 1)])
+    return entry
+
+
+def test_an_idle_group_goes_quiet_on_every_replica_and_stays_quiet(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with elected_quiet_group(tmp_path) as (network, replicas):
             sent_before = network.delivered + len(network.in_flight)
             await tick_all(network, QUIET_CHECK_TICKS)
             assert all(r.quiet for r in replicas.values()), {n: r.quiet for n, r in replicas.items()}
             assert network.delivered + len(network.in_flight) == sent_before, "a quiet group sent messages"
 
-            batch = rec.build_batch([(int(time.time() * 1000), None, b"wake up", [])])
-            entries = replicas[1].propose([(batch, 1)])
-            waiter = replicas[1].wait_committed(entries[-1].last_offset)
+            entry = write_one(replicas[1], b"wake up")
+            waiter = replicas[1].wait_committed(entry.last_offset)
             await until(network, waiter.done, "the write to commit")
             assert not replicas[1].quiet
             await until(network, lambda: all(r.quiet for r in replicas.values()), "the group to settle again")
-            assert all(r.node.commit_offset == entries[-1].last_offset for r in replicas.values())
-            for replica in replicas.values():
-                replica.close()
+            assert all(r.node.commit_offset == entry.last_offset for r in replicas.values())
 
     asyncio.run(scenario())
 
@@ -134,14 +148,9 @@ def test_a_group_with_a_dead_follower_goes_quiet_and_wakes_when_it_returns(tmp_p
     a group awake, ticking and heartbeating, until the broker came back). Back, its first messages wake the
     leader, which brings it up to date, and the group settles on all three again."""
     async def scenario() -> None:
-        network = Network()
-        with ThreadPoolExecutor(2) as executor:
-            replicas = open_replicas(tmp_path, network, executor)
-            replicas[1].campaign_now()
-            await until(network, lambda: all(r.quiet for r in replicas.values()), "the elected group to go quiet")
+        async with elected_quiet_group(tmp_path) as (network, replicas):
             network.dead.add(3)
-            batch = rec.build_batch([(int(time.time() * 1000), None, b"while 3 is away", [])])
-            (entry,) = replicas[1].propose([(batch, 1)])
+            entry = write_one(replicas[1], b"while 3 is away")
             await until(network, replicas[1].wait_committed(entry.last_offset).done, "the write to commit on 1 and 2")
             await until(network, lambda: replicas[1].quiet and replicas[2].quiet, "the leader and 2 to go quiet")
             sent_before = network.delivered
@@ -155,8 +164,6 @@ def test_a_group_with_a_dead_follower_goes_quiet_and_wakes_when_it_returns(tmp_p
                         "the returning follower to catch up")
             await until(network, lambda: all(r.quiet for r in replicas.values()), "the group to settle on all three")
             assert replicas[1].is_leader and replicas[3].node.commit_offset == entry.last_offset
-            for replica in replicas.values():
-                replica.close()
 
     asyncio.run(scenario())
 
@@ -166,18 +173,12 @@ def test_a_node_cut_off_from_a_quiet_leader_alone_does_not_wake_the_other_follow
     follower 2 answers nothing in its lease and stays quiet: woken, it would tick while leader 1 sends nothing,
     its lease would run out and it would help node 3 depose a healthy leader."""
     async def scenario() -> None:
-        network = Network()
-        with ThreadPoolExecutor(2) as executor:
-            replicas = open_replicas(tmp_path, network, executor)
-            replicas[1].campaign_now()
-            await until(network, lambda: all(r.quiet for r in replicas.values()), "the elected group to go quiet")
+        async with elected_quiet_group(tmp_path) as (network, replicas):
             term = replicas[1].term
             network.cut |= {(1, 3), (3, 1)}
             replicas[3].leader_lost(1, successor=True)  # what node 3's broker concludes
             await tick_all(network, QUIET_CHECK_TICKS)
             assert replicas[1].is_leader and replicas[1].term == term
             assert replicas[2].quiet and replicas[2].node.leader_id == 1 and replicas[2].term == term
-            for replica in replicas.values():
-                replica.close()
 
     asyncio.run(scenario())
