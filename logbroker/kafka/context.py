@@ -21,7 +21,8 @@ class ListenerSettings:
     max_request_bytes: int
     auto_create_topics: bool
     # Every broker's Kafka port is its gRPC port plus this offset (the same on every broker of a cluster),
-    # so each broker can name every other's Kafka endpoint from --peers alone (see advertised_address).
+    # so each broker can name every other's Kafka endpoint from its client address (--advertised-peers, else
+    # --peers; see advertised_address).
     port_offset: int
     producer_ids: ProducerIdAllocator | Any = None
     cluster_id: str = "logbroker"
@@ -37,7 +38,7 @@ class Context:
     version: int
 
     def kafka_address(self, node_id: int) -> tuple[str, int]:
-        return advertised_address(self.broker.peers[node_id], self.settings.port_offset)
+        return advertised_address(self.broker.client_addresses[node_id], self.settings.port_offset)
 
 
 def advertised_address(peer_address: str, port_offset: int) -> tuple[str, int]:

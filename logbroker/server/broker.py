@@ -49,7 +49,8 @@ class Broker:
     def __init__(self, config: BrokerConfig) -> None:
         self.config = config
         self.node_id = config.node_id
-        self.peers = config.peer_addresses()
+        self.peers = config.peer_addresses()  # where this broker reaches the others (its own client address too)
+        self.client_addresses = config.client_addresses()  # where clients are told to reach each broker
         self.data_dir = Path(config.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.executor = ThreadPoolExecutor(max_workers=config.flush_threads, thread_name_prefix="flush")

@@ -43,6 +43,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "data_dir": args.data_dir, "listen": args.listen, "node_id": args.node_id,
             "peers": parse_peers(args.peers) if args.peers else None,
             "raft_listen": args.raft_listen, "raft_peers": parse_peers(args.raft_peers) if args.raft_peers else None,
+            "advertised_peers": parse_peers(args.advertised_peers) if args.advertised_peers else None,
             "data_listen": args.data_listen, "raft_tick_ms": args.raft_tick_ms,
             "cluster_secret_file": args.cluster_secret_file,
             "kafka_listen": args.kafka_listen, "metrics_listen": args.metrics_listen,
@@ -126,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "every broker's Raft port is its --peers port plus one offset, unless --raft-peers")
     serve.add_argument("--raft-peers", metavar="1=HOST:PORT,...",
                        help="every broker's Raft address, where the --peers port plus one offset does not give it")
+    serve.add_argument("--advertised-peers", metavar="1=HOST:PORT,...",
+                       help="every broker's address as clients are to reach it, where that is not its --peers "
+                            "address (brokers behind a proxy or NAT from each other); default: --peers")
     serve.add_argument("--data-listen", metavar="HOST:PORT",
                        help="HOST:PORT for clients' produce and fetch as plain frames, faster than gRPC (default: "
                             "the --listen host, port + 400; 'off' for none); every broker's data port is its "

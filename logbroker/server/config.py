@@ -97,6 +97,10 @@ class BrokerConfig:
     # unless raft_peers names each broker's Raft address (node id -> HOST:PORT, e.g. behind a proxy or NAT).
     raft_listen: str = ""
     raft_peers: dict[int, str] = field(default_factory=dict)
+    # What clients are told to use for each broker (Metadata, a NOT_LEADER's hint, a group's coordinator), node
+    # id -> HOST:PORT, as Kafka's advertised listeners: by default --peers. For brokers that reach each other at
+    # other addresses than clients reach them (a proxy or NAT between brokers, a network of their own).
+    advertised_peers: dict[int, str] = field(default_factory=dict)
     # The data port, for clients' Produce, Fetch and ListOffsets as plain frames (logbroker_client/data_wire.py):
     # HOST:PORT, by default the --listen host and port plus DEFAULT_DATA_PORT_OFFSET; "off" for none (clients then
     # use gRPC for everything). Every broker's data port is its --peers port plus the same offset: brokers name
@@ -144,6 +148,10 @@ class BrokerConfig:
 
     def peer_addresses(self) -> dict[int, str]:
         return dict(self.peers) if self.peers else {self.node_id: self.listen}
+
+    def client_addresses(self) -> dict[int, str]:
+        """Each broker's address as clients are to reach it: advertised_peers, else the --peers addresses."""
+        return dict(self.advertised_peers) if self.advertised_peers else self.peer_addresses()
 
     def raft_listen_address(self) -> tuple[str, int]:
         if self.raft_listen:
@@ -207,8 +215,11 @@ class BrokerConfig:
             split_host_port(self.metrics_listen)
         for address in self.peers.values():
             split_host_port(address)
-        for address in self.raft_peers.values():
+        for address in [*self.raft_peers.values(), *self.advertised_peers.values()]:
             split_host_port(address)
+        if self.advertised_peers and set(self.advertised_peers) != set(self.peer_addresses()):
+            raise BrokerConfigError(f"advertised_peers names nodes {sorted(self.advertised_peers)} but --peers names "
+                                    f"{sorted(self.peer_addresses())}; name every broker for clients, or none")
         self._check_raft_addresses()
         if self.data_listen and self.data_listen != DATA_PORT_OFF:
             split_host_port(self.data_listen)
@@ -325,7 +336,7 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> BrokerConfig:
     values.update({k: v for k, v in overrides.items() if v is not None})
     values["client_quotas"] = {str(k): dict(v) for k, v in {**file_quotas, **(overrides.get("client_quotas") or {})
                                                               }.items()}  # a flag's client wins over the file's
-    for key in ("peers", "raft_peers"):
+    for key in ("peers", "raft_peers", "advertised_peers"):
         if isinstance(values.get(key), str):
             values[key] = parse_peers(values[key])
         elif isinstance(values.get(key), dict):

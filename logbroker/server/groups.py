@@ -50,7 +50,7 @@ class GroupFrontEnd:
         if leader is None or leader not in self.broker.peers:
             raise CoordinatorNotAvailable(f"{OFFSETS_TOPIC}-{index}, which holds group {group_id!r}, has no leader "
                                           "now (a majority of its replicas must be up); retry shortly")
-        return CoordinatorAddress(leader, self.broker.peers[leader])
+        return CoordinatorAddress(leader, self.broker.client_addresses[leader])
 
     def runtime_for(self, group_id: str) -> GroupShardRuntime:
         check_group_id(group_id)

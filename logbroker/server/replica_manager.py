@@ -697,7 +697,7 @@ class ReplicaManager:
             return replica
         if replica is not None and replica.failure is not None:
             raise self._failed_replica_error(replica, topic, index)
-        peers = self.broker.peers
+        peers = self.broker.client_addresses
         if replica is None:  # no local replica: the reported leader, else a replica that knows it
             hint = self.known_leader(topic, index) or self.broker.cluster.topics[topic].assignment[index][0]
             raise errors.NotLeader(f"{topic}-{index}: broker {self.node_id} holds no replica; ask broker {hint}",
@@ -724,7 +724,7 @@ class ReplicaManager:
             f"{replica.name}: broker {self.node_id} cannot write its replica ({replica.failure}); "
             + (f"broker {hint} leads now" if hint is not None else "another replica takes over; retry"),
             leader_id=hint if hint is not None else -1,
-            leader_address=self.broker.peers.get(hint, "") if hint is not None else "")
+            leader_address=self.broker.client_addresses.get(hint, "") if hint is not None else "")
 
     def known_leader(self, topic: str, index: int) -> int | None:
         """The partition's leader: from the local replica if there is one, else as reported to the controller."""

@@ -181,7 +181,7 @@ class BrokerService(pb_grpc.BrokerServicer):
     async def Metadata(self, request: pb.MetadataRequest, context: grpc.aio.ServicerContext) -> pb.MetadataResponse:
         broker = self.broker
         response = pb.MetadataResponse(controller_id=broker.controller_client.controller_id(), cluster_id="logbroker")
-        for node_id, address in sorted(broker.peers.items()):
+        for node_id, address in sorted(broker.client_addresses.items()):
             host, _, port = address.rpartition(":")
             response.brokers.add(node_id=node_id, host=host, port=int(port),
                                  data_port=broker.config.data_port_of(address))

@@ -100,6 +100,28 @@ def test_a_topic_created_without_a_replication_factor_gets_three_or_as_many_brok
     wait_until(created_with(2, 1, 2), 40, "a topic created while broker 3 is down to get 2 replicas")
 
 
+def test_a_client_that_reaches_a_broker_cut_off_from_the_others_first_is_sent_where_it_can_go(
+        proxied_cluster: BrokerCluster) -> None:
+    """Brokers reach each other through proxies (--peers) and clients reach them directly (--advertised-peers):
+    every broker names every other at the clients' address, so a client bootstrapped at a broker cut off from
+    its peers (not from clients) is not sent through that broker's cut links, and finds the leader elsewhere."""
+    cluster = proxied_cluster
+    Admin(cluster.bootstrap).create_topic(TOPIC, partitions=1, replication_factor=3)
+    wait_until(lambda: all(metadata_answer(cluster, n, TOPIC).topics[0].partitions[0].leader_id > 0 for n in (1, 2, 3)),
+               20, "every broker to name the new partition's leader")
+    for node in (1, 2, 3):
+        named = {b.node_id: f"{b.host}:{b.port}" for b in metadata_answer(cluster, node, TOPIC).brokers}
+        assert named == {n: cluster.address(n) for n in (1, 2, 3)}, f"broker {node} names {named}"
+    leader = metadata_answer(cluster, 1, TOPIC).topics[0].partitions[0].leader_id
+    cut_off = next(n for n in (1, 2, 3) if n != leader)
+    cluster.isolate(cut_off)
+    with Producer(cluster.address(cut_off), acks="all", request_timeout_ms=5000) as producer:
+        written = producer.send(TOPIC, value=b"around the cut", partition=0).result(timeout=30)
+    with Admin(cluster.address(leader)) as admin:
+        assert admin.describe_topics([TOPIC])[0].partitions[0].leader_id == leader  # not re-elected meanwhile
+    assert written.offset >= 0
+
+
 def metadata_answer(cluster: BrokerCluster, node: int, topic: str) -> pb.MetadataResponse:
     """Broker `node`'s own Metadata answer for `topic` (asked of that broker alone)."""
     conn = Connection(cluster.address(node))

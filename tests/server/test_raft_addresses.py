@@ -55,3 +55,18 @@ def test_the_toml_file_takes_raft_peers_as_a_table_or_a_string(tmp_path: object)
 
 def test_a_cluster_of_one_needs_no_raft_port_so_a_high_client_port_is_fine() -> None:
     assert BrokerConfig(listen="127.0.0.1:65500").validate().peers == {}
+
+
+def test_clients_are_told_the_peers_addresses_unless_advertised_ones_are_given() -> None:
+    assert config().client_addresses() == PEERS
+    advertised = {1: "lb-1.example:9092", 2: "lb-2.example:9092", 3: "lb-3.example:9092"}
+    c = config(advertised_peers=advertised)
+    assert c.client_addresses() == advertised
+    assert c.peer_addresses() == PEERS  # brokers still reach each other at --peers
+    with pytest.raises(BrokerConfigError,
+                       match=r"advertised_peers names nodes \[1\] but --peers names \[1, 2, 3\]; name every broker"):
+        config(advertised_peers={1: "lb-1.example:9092"})
+    c = load_config(None, {"node_id": 1, "listen": "10.0.0.1:9092", "peers": "1=10.0.0.1:9092,2=10.0.0.2:9092",
+                           "advertised_peers": "1=lb-1.example:9092,2=lb-2.example:9092",
+                           "cluster_secret": SECRET}).validate()
+    assert c.client_addresses() == {1: "lb-1.example:9092", 2: "lb-2.example:9092"}

@@ -87,6 +87,8 @@ class ClusterBroker(BrokerProcess):
         self.peers: dict[int, str] = {}
         self.raft_port = free_port()  # the Raft port (--raft-listen); peers reach it directly or through a proxy
         self.raft_peers: dict[int, str] = {}
+        # Where clients reach each broker (--advertised-peers), when that is not where this broker does.
+        self.advertised_peers: dict[int, str] = {}
         self.log_path = root / f"broker-{node_id}.log"
         self.paused = False
         self.extra_args: list[str] = []
@@ -112,6 +114,9 @@ class ClusterBroker(BrokerProcess):
                 "--peers", peers, "--raft-tick-ms", str(self.raft_tick_ms),
                 "--raft-listen", f"{HOST}:{self.raft_port}", "--raft-peers", raft_peers,
                 "--data-listen", f"{HOST}:{self.data_port}",
+                *(["--advertised-peers", ",".join(f"{node}={address}" for node, address
+                                                  in sorted(self.advertised_peers.items()))]
+                  if self.advertised_peers else []),
                 "--cluster-secret-file", str(self.secret_file),
                 *(["--kafka-listen", self.kafka_address] if self.kafka_port is not None else []),
                 *(["--metrics-listen", f"{HOST}:{self.metrics_port}"] if self.metrics_port is not None else []),
@@ -230,6 +235,10 @@ class BrokerCluster:
                     broker.peers[peer] = broker.address
                     broker.raft_peers[peer] = f"{HOST}:{broker.raft_port}"
                 elif proxied:
+                    # Brokers reach each other through the proxies, clients reach every broker directly, as
+                    # they would across a network cut between brokers only: a client that took its metadata
+                    # from a broker cut off from the others must not be sent through that broker's proxies.
+                    broker.advertised_peers = {n: b.address for n, b in self.brokers.items()}
                     proxy_port = self._proxy_port_with_free_data_port()
                     proxy = FaultProxy(proxy_port, other.port, name=f"proxy {node}->{peer}", shared=self.proxy_loop)
                     self.proxies[(node, peer)] = proxy
