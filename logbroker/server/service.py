@@ -196,7 +196,7 @@ class BrokerService(pb_grpc.BrokerServicer):
                 continue
             for view in partition_views(broker, spec):
                 topic.partitions.add(
-                    partition=view.index, leader_id=view.leader if view.leader is not None else -1,
+                    partition=view.partition, leader_id=view.leader if view.leader is not None else -1,
                     leader_epoch=view.replica.term if view.replica is not None else -1,
                     replicas=view.replicas, isr=view.isr,
                     error_code=pb.ErrorCode.NONE if view.leader is not None else pb.ErrorCode.LEADER_NOT_AVAILABLE,
@@ -430,10 +430,10 @@ class AdminService(pb_grpc.AdminServicer):
             described.topic_id = spec.topic_id
             described.configs.update(broker.controller_client.effective_configs(name))
             for view in partition_views(broker, spec):
-                part = described.partitions.add(partition=view.index, replicas=view.replicas,
+                part = described.partitions.add(partition=view.partition, replicas=view.replicas,
                                                 leader_id=view.leader if view.leader is not None else -1,
                                                 isr=view.isr,
-                                                target_replicas=broker.cluster.moves.get((name, view.index), []))
+                                                target_replicas=broker.cluster.moves.get((name, view.partition), []))
                 replica = view.replica
                 if replica is not None:
                     membership = replica.node.membership

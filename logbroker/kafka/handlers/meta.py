@@ -69,10 +69,10 @@ def topic_description(ctx: Context, cls: type, name: str) -> Any:
         live = [node for node in view.replicas if broker.liveness.is_alive(node)]
         partitions.append(make(
             part_cls, error_code=ErrorCode.none if leader is not None else ErrorCode.leader_not_available,
-            partition_index=view.index, leader_id=leader if leader is not None else -1,
+            partition_index=view.partition, leader_id=leader if leader is not None else -1,
             # The leader epoch (the Raft term) lets clients fence their fetches and, after a leader change, ask
             # OffsetForLeaderEpoch whether their position survived (KIP-320; handlers/epochs.py).
-            leader_epoch=_leader_epoch(broker, name, view.index, view.replica), replica_nodes=tuple(view.replicas),
+            leader_epoch=_leader_epoch(broker, name, view.partition, view.replica), replica_nodes=tuple(view.replicas),
             isr_nodes=tuple(view.isr), offline_replicas=tuple(n for n in view.replicas if n not in live)))
     return make(topic_cls, error_code=ErrorCode.none, name=name, topic_id=_topic_uuid(spec.topic_id),
                 is_internal=name.startswith("__"), partitions=tuple(partitions),
