@@ -363,6 +363,33 @@ def test_a_voter_that_lost_its_log_does_not_elect_a_leader_lacking_what_it_had_a
     assert h.leaders() and h.node(h.leaders()[0]).log.last_offset >= committed
 
 
+def test_a_node_told_it_never_took_part_votes_and_helps_elect_the_groups_first_leader() -> None:
+    # A broker that starts holding nothing waits (it cannot tell a lost disk from a new group) until its
+    # runtime learns the group has never had a leader; then it votes, and the group elects with it.
+    h = Harness([1, 2, 3], pre_vote=False)
+    h.crash(2)
+    h.node(3).wait_to_catch_up()
+    h.isolated.add(2)
+    h.tick_all(4 * ELECTION_TICKS)
+    assert h.leaders() == []  # node 1 asked node 3 for its vote, in vain
+    assert h.node(3).term > 0 and h.node(3).vote is None  # the refused request moved its term all the same
+    h.node(3).stop_waiting_to_catch_up()
+    for _ in range(10 * ELECTION_TICKS):
+        if h.leaders():
+            break
+        h.tick_all()
+    assert h.leaders() and not h.node(3).catching_up
+
+
+def test_only_a_node_holding_nothing_can_be_told_it_never_took_part() -> None:
+    h = Harness([1, 2, 3])
+    h.elect(1)
+    h.stabilize()
+    h.node(3).wait_to_catch_up()
+    with pytest.raises(AssertionError, match="holds nothing"):
+        h.node(3).stop_waiting_to_catch_up()
+
+
 def test_a_node_catching_up_neither_campaigns_nor_takes_a_leadership_transfer() -> None:
     h = Harness([1, 2, 3])
     h.elect(1)
