@@ -297,7 +297,9 @@ class Replica:
         then show this replica's empty log, and it resends the log and counts the replica out of sync
         meanwhile. Sent in the leader's term as the metadata reports it (leader_term), the answer itself tells
         the leader where this log ends; if that term is out of date the leader's core drops it, and the
-        wake-up alone leads to the same. It promises nothing (no vote, no entry), so it needs no saved term."""
+        wake-up alone leads to the same. It promises nothing (no vote, no entry), so it needs no saved term.
+        new_replica: opened after the broker loaded the metadata (a new topic's, or one moved here), which is
+        news for nobody (DEBUG); else it may be a replaced disk's (WARNING)."""
         if self.node.catching_up and not self._waiting_for_history:
             return
         self._waiting_for_history = False
