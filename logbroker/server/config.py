@@ -213,10 +213,9 @@ class BrokerConfig:
             split_host_port(self.kafka_listen)
         if self.metrics_listen:
             split_host_port(self.metrics_listen)
-        for address in self.peers.values():
-            split_host_port(address)
-        for address in [*self.raft_peers.values(), *self.advertised_peers.values()]:
-            split_host_port(address)
+        check_peer_addresses(self.peers, "peers")
+        check_peer_addresses(self.raft_peers, "raft_peers")
+        check_peer_addresses(self.advertised_peers, "advertised_peers")
         if self.advertised_peers and set(self.advertised_peers) != set(self.peer_addresses()):
             raise BrokerConfigError(f"advertised_peers names nodes {sorted(self.advertised_peers)} but --peers names "
                                     f"{sorted(self.peer_addresses())}; name every broker for clients, or none")
@@ -305,6 +304,21 @@ def split_host_port(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def check_peer_addresses(peers: dict[int, str], what: str) -> None:
+    """Each broker's address in a map of them: HOST:PORT with a port of 1-65535 and a host, not a URL; no two
+    brokers at one address (a client, or a peer, sent to one would reach the other)."""
+    at: dict[str, int] = {}
+    for node, address in peers.items():
+        host, port = split_host_port(address)
+        if port == 0 or "/" in host:
+            raise BrokerConfigError(f"{what}: broker {node}'s address {address!r} is not HOST:PORT with a port of "
+                                    "1-65535 (for example 10.0.0.2:9092)")
+        if address in at:
+            raise BrokerConfigError(f"{what}: brokers {at[address]} and {node} are both at {address}; each broker "
+                                    "needs an address of its own")
+        at[address] = node
+
+
 def parse_peers(text: str) -> dict[int, str]:
     """'1=host:port,2=host:port' -> {1: 'host:port', 2: 'host:port'}."""
     peers: dict[int, str] = {}
@@ -313,8 +327,25 @@ def parse_peers(text: str) -> dict[int, str]:
         if not sep or not node.strip().isdigit():
             raise BrokerConfigError(f"peer {item!r} is not ID=HOST:PORT (for example 1=127.0.0.1:9092)")
         split_host_port(address.strip())
+        if int(node) in peers:
+            raise BrokerConfigError(f"node {int(node)} is named twice in {text!r}")
         peers[int(node)] = address.strip()
     return peers
+
+
+def _peer_table(key: str, value: object) -> dict[int, str]:
+    """A peer map from the TOML file: a table of node id = "HOST:PORT", or a string like "1=HOST:PORT,2=..."."""
+    if isinstance(value, str):
+        return parse_peers(value)
+    if not isinstance(value, dict):
+        raise BrokerConfigError(f"{key} must be a table of node id = \"HOST:PORT\" or a string \"1=HOST:PORT,...\", "
+                                f"not {type(value).__name__}")
+    table: dict[int, str] = {}
+    for node, address in value.items():
+        if not str(node).strip().isdigit() or not isinstance(address, str):
+            raise BrokerConfigError(f"{key}: {node!r} = {address!r} is not a node id = \"HOST:PORT\"")
+        table[int(node)] = address
+    return table
 
 
 def load_config(path: Path | None, overrides: dict[str, Any]) -> BrokerConfig:
@@ -337,10 +368,8 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> BrokerConfig:
     values["client_quotas"] = {str(k): dict(v) for k, v in {**file_quotas, **(overrides.get("client_quotas") or {})
                                                               }.items()}  # a flag's client wins over the file's
     for key in ("peers", "raft_peers", "advertised_peers"):
-        if isinstance(values.get(key), str):
-            values[key] = parse_peers(values[key])
-        elif isinstance(values.get(key), dict):
-            values[key] = {int(k): str(v) for k, v in values[key].items()}
+        if values.get(key) is not None:
+            values[key] = _peer_table(key, values[key])
     if "data_dir" in values:
         values["data_dir"] = Path(values["data_dir"])
     if values.get("cluster_secret_file") is not None:

@@ -381,6 +381,36 @@ def test_a_node_told_it_never_took_part_votes_and_helps_elect_the_groups_first_l
     assert h.leaders() and not h.node(3).catching_up
 
 
+def test_a_node_told_it_never_took_part_refuses_a_candidate_whose_entries_prove_a_leader() -> None:
+    # The runtime's record of leaders lags the elections: a group's leader can die before its election is
+    # recorded, and a replaced disk then looks like a replica of a group that never had a leader. Node 3 lost
+    # entries it acknowledged with node 1; node 2 lags. Told wrongly that it never took part, node 3 still must
+    # not elect node 2: node 2's entries show the group had a leader, so node 3 waits to catch up again.
+    h = Harness([1, 2, 3])
+    h.elect(1)
+    h.propose(1, b"before")
+    h.stabilize()
+    h.isolated.add(2)
+    for i in range(3):
+        h.propose(1, f"acked-by-1-and-3-{i}".encode())
+    h.stabilize()
+    committed = h.node(1).commit_offset
+    assert h.node(3).log.last_offset == committed > h.node(2).log.last_offset >= 0
+    h.crash(3)
+    fresh = h.add_node(3)
+    fresh.wait_to_catch_up()
+    fresh.stop_waiting_to_catch_up()
+    h.crash(1)
+    h.isolated.clear()
+    h.tick_all(6 * ELECTION_TICKS)
+    assert h.leaders() == []
+    assert h.node(3).catching_up and h.node(3).vote is None
+    h.restart(1)  # the node holding the acknowledged entries comes back and wins with node 2's vote
+    h.elect(1, attempts=5)
+    h.tick_all(2 * ELECTION_TICKS)
+    assert h.node(3).log.last_offset >= committed and not h.node(3).catching_up
+
+
 def test_only_a_node_holding_nothing_can_be_told_it_never_took_part() -> None:
     h = Harness([1, 2, 3])
     h.elect(1)
