@@ -15,11 +15,11 @@ from kafka import TopicPartition as KPTopicPartition
 from tests.kafka.conftest import make_topic
 from tests.support.cluster import BrokerCluster
 
-# metadata_max_age_ms: kafka-python loses a metadata update asked for while an older request is in flight (the
-# TODO in its ClusterMetadata.set_topics): a consumer whose request sent before it subscribed (for no topic, its
-# metadata_request() then) was still out takes that answer as up to date, and a group leader assigns without the
-# topic until the next refresh, five minutes later by default (seen as one member owning every partition).
-# Refreshed every 2 s instead.
+# metadata_max_age_ms: kafka-python loses a metadata update asked for while an older request is in flight (a
+# case its ClusterMetadata.set_topics leaves unhandled): a consumer whose request sent before it subscribed (for
+# no topic, its metadata_request() then) was still out takes that answer as up to date, and a group leader
+# assigns without the topic until the next refresh, five minutes later by default (seen as one member owning
+# every partition). Refreshed every 2 s instead.
 FAST = {"heartbeat_interval_ms": 300, "session_timeout_ms": 6000, "max_poll_interval_ms": 20000,
         "metadata_max_age_ms": 2000}
 
