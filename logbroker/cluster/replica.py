@@ -257,7 +257,7 @@ class Replica:
     @property
     def holds_nothing(self) -> bool:
         """No term, no vote and an empty log: a replica that never took part in its group, or lost its disk."""
-        return self.node.term == 0 and self.node.vote is None and self.node.log.last_offset < 0
+        return self.node.term == 0 and self.acknowledged_nothing
 
     def wait_for_history(self) -> None:
         """Opened holding nothing while the broker replays the metadata log: until the metadata says whether

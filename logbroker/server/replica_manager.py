@@ -129,8 +129,9 @@ class ReplicaManager:
         # Replicas opened holding nothing (no term, vote or log) of a group with no known leader yet: checked
         # again as leader reports arrive (check_replicas_holding_nothing).
         self._holding_nothing: dict[tuple[str, int], Replica] = {}
-        # Of those, the ones opened while the broker replayed the metadata log at start-up (see _start_election).
-        self._opened_replaying: set[tuple[str, int]] = set()
+        # Of those, the ones opened while the broker replayed the metadata log and waiting for all of it (see
+        # _start_election): while there are any, the ticker checks them too.
+        self._waiting_for_history: set[tuple[str, int]] = set()
         self._handovers: dict[str, Handover] = {}  # Raft group -> leadership a failed replica is giving away
         self._next_handover_s = 0.0
         # (topic, partition) -> (replica that could not write, when to try again)
@@ -261,7 +262,7 @@ class ReplicaManager:
         if self._ticks % EPOCH_SAVE_INTERVAL_TICKS == 0:
             self._save_epochs_soon()
             self._forget_old_early_messages()
-        if self._opened_replaying and self._ticks % HISTORY_CHECK_INTERVAL_TICKS == 0:
+        if self._waiting_for_history and self._ticks % HISTORY_CHECK_INTERVAL_TICKS == 0:
             # The controller leader's heartbeats, not only its appends, say when the metadata log is whole.
             self.check_replicas_holding_nothing()
         for replica in list(self._awake):
@@ -549,9 +550,8 @@ class ReplicaManager:
             return False
         # Opened after the metadata was loaded, it is a new replica (a new topic's, or one moved here) that the
         # leader report of its group's first election reached before the leader did: no news for the operator.
-        # Opened while the broker replayed the metadata, it may be a replaced disk's.
-        new_replica = (topic_name, index) not in self._opened_replaying
-        replica.rejoin_after_losing_state(known[0], known[1], new_replica=new_replica)
+        # Opened while the broker replayed the metadata (so waiting for it), it may be a replaced disk's.
+        replica.rejoin_after_losing_state(known[0], known[1], new_replica=not replica.waiting_for_history)
         return True
 
     def check_replicas_holding_nothing(self) -> None:
@@ -570,7 +570,7 @@ class ReplicaManager:
                         or self.rejoin_if_state_lost(key[0], key[1], replica))
             if done:
                 del self._holding_nothing[key]
-                self._opened_replaying.discard(key)
+                self._waiting_for_history.discard(key)
 
     def _check_waiting_for_history(self, key: tuple[str, int], replica: Replica, loaded: bool) -> bool:
         """For a replica opened holding nothing while the metadata was replayed: True once it waits no more."""
@@ -593,15 +593,13 @@ class ReplicaManager:
         if replica.holds_nothing:
             if not self.broker.controller_client.history_known():
                 # Replaying the metadata log at start-up (or still behind it): the group may have had a leader
-                # this broker has not read of yet, and an empty replica may be a replaced disk's
-                # (see Replica.wait_for_history).
-                self._opened_replaying.add((topic_name, index))
+                # this broker has not read of yet, and an empty replica may be a replaced disk's.
+                replica.wait_for_history()
             if self.rejoin_if_state_lost(topic_name, index, replica):
-                self._opened_replaying.discard((topic_name, index))
                 return
             self._holding_nothing[(topic_name, index)] = replica
-            if (topic_name, index) in self._opened_replaying:
-                replica.wait_for_history()
+            if replica.waiting_for_history:
+                self._waiting_for_history.add((topic_name, index))
                 return
         self._first_election(replica, replicas)
 
