@@ -129,7 +129,6 @@ class Replica:
         self.damaged_from: int | None = None  # the offset of a damaged batch that stopped it, if that was why
         self.state_machines: list[StateMachine] = []
         self._busy = False
-        self._waiting_for_history = False  # see wait_for_history
         self._write_lock = threading.Lock()
         self._quiet = False  # an idle group neither ticks nor heartbeats; any message or proposal wakes it
         # Told when the group wakes from quiescence: the broker's ticker visits only awake groups.
@@ -257,39 +256,9 @@ class Replica:
     @property
     def holds_nothing(self) -> bool:
         """No term, no vote and an empty log: a replica that never took part in its group, or lost its disk."""
-        return self.node.term == 0 and self.acknowledged_nothing
+        return self.node.term == 0 and self.node.vote is None and self.node.log.last_offset < 0
 
-    def wait_for_history(self) -> None:
-        """Opened holding nothing while the broker replays the metadata log: until the metadata says whether
-        the group has ever had a leader, this replica cannot tell a group it never took part in from one whose
-        data it lost (a replaced disk), so it neither votes nor campaigns (RaftNode.wait_to_catch_up)."""
-        self._waiting_for_history = True
-        self.node.wait_to_catch_up()
-
-    def never_took_part(self) -> None:
-        """The metadata, fully loaded, names no leader the group ever had: this replica, holding nothing, took
-        no part in it, and may vote and campaign."""
-        self._waiting_for_history = False
-        self.node.stop_waiting_to_catch_up()
-        self._kick()
-
-    def history_from_leader(self) -> None:
-        """A leader's entries reached a replica waiting for history: it now waits, as any replica that lost
-        its state, to hold that leader's commit offset before it votes."""
-        self._waiting_for_history = False
-
-    @property
-    def waiting_for_history(self) -> bool:
-        return self._waiting_for_history
-
-    @property
-    def acknowledged_nothing(self) -> bool:
-        """No vote and no entry: what a replica that never took part holds (its term may have moved, since
-        any message of a later term moves it)."""
-        return self.node.vote is None and self.node.log.last_offset < 0
-
-    def rejoin_after_losing_state(self, leader_hint: int | None, leader_term: int = 0,
-                                  new_replica: bool = False) -> None:
+    def rejoin_after_losing_state(self, leader_hint: int | None, leader_term: int = 0) -> None:
         """This replica holds nothing (holds_nothing) of a group that has had a leader: its data is gone (a wiped
         or replaced disk), or it never had any. Either way it must not vote until it has caught up from a
         leader (RaftNode.wait_to_catch_up), or it could help elect a leader lacking what it once acknowledged.
@@ -297,19 +266,12 @@ class Replica:
         then show this replica's empty log, and it resends the log and counts the replica out of sync
         meanwhile. Sent in the leader's term as the metadata reports it (leader_term), the answer itself tells
         the leader where this log ends; if that term is out of date the leader's core drops it, and the
-        wake-up alone leads to the same. It promises nothing (no vote, no entry), so it needs no saved term.
-        new_replica: opened after the broker loaded the metadata (a new topic's, or one moved here), which is
-        news for nobody (DEBUG); else it may be a replaced disk's (WARNING)."""
-        if self.node.catching_up and not self._waiting_for_history:
+        wake-up alone leads to the same. It promises nothing (no vote, no entry), so it needs no saved term."""
+        if self.node.catching_up:
             return
-        self._waiting_for_history = False
         self.node.wait_to_catch_up()
-        if new_replica:
-            log.debug("%s: the new replica on broker %d joins a group that already has a leader; it catches up "
-                      "before it votes", self.name, self.node_id)
-        else:
-            log.warning("%s: broker %d holds no Raft state or log for this partition, which has had a leader: it "
-                        "takes no part in elections until it has caught up from the leader", self.name, self.node_id)
+        log.warning("%s: broker %d holds no Raft state or log for this partition, which has had a leader: it "
+                    "takes no part in elections until it has caught up from the leader", self.name, self.node_id)
         if leader_hint is not None and leader_hint != self.node_id:
             self._transport.send_many([(self.group, Message(
                 MessageType.HEARTBEAT_RESP, self.node_id, leader_hint, max(leader_term, self.node.term),

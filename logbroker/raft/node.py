@@ -121,8 +121,6 @@ class RaftNode:
         self._last_leader_change: tuple[int | None, Role] = (None, Role.FOLLOWER)
         self._ready_outstanding = False
         self._catching_up = False  # see wait_to_catch_up
-        self._leader_commit_heard = -1  # see leader_commit_heard
-        self._told_never_took_part = False  # see stop_waiting_to_catch_up
         # (Pre-)vote requests ignored within the leader's lease, by sender: stepped again by leader_lost.
         self._ignored_in_lease: dict[int, Message] = {}
         self._reset_randomized_timeout()
@@ -169,18 +167,6 @@ class RaftNode:
         what it acknowledged; one that forgot could vote in a leader that lacks committed entries, which
         would then cut them from the replicas that kept them. Appends it still acknowledges (it holds them)."""
         self._catching_up = True
-
-    def stop_waiting_to_catch_up(self) -> None:
-        """The runtime learned that this node, holding nothing, never took part in the group (a group that has
-        never had a leader): it may vote and campaign. Only for a node with no vote and an empty log, which is
-        all a node that never took part can hold (its term may have moved with a vote request it refused).
-        The runtime's knowledge may lag (a leader that died before its election was recorded): while its own
-        log is empty, a vote request from a candidate holding entries, which only a leader makes, puts the
-        node back to waiting."""
-        check(self.vote is None and self.log.last_offset < 0,
-              "only a node that holds nothing (no vote, no entry) can have never taken part in its group")
-        self._catching_up = False
-        self._told_never_took_part = True
 
     @property
     def catching_up(self) -> bool:
@@ -231,13 +217,6 @@ class RaftNode:
         entry = self._new_entry(EntryKind.CONFIG, new_membership.encode(), 1)
         self._append_as_leader(entry)
         return entry
-
-    @property
-    def leader_commit_heard(self) -> int:
-        """The highest commit offset a leader's heartbeat has told this node of, uncapped (-1: none yet). A
-        follower's own commit offset is capped at what it holds, so while it catches up it has applied all it
-        knows committed long before it holds what the group committed; this says how far the group got."""
-        return self._leader_commit_heard
 
     @property
     def leader_caught_up(self) -> bool:
@@ -564,11 +543,6 @@ class RaftNode:
         return last_term > my_term or (last_term == my_term and last_offset >= self.log.last_offset)
 
     def _handle_vote_request(self, m: Message) -> None:
-        if self._told_never_took_part and self.log.last_offset < 0 and m.last_log_offset >= 0:
-            # Only a leader makes entries: this candidate's show the group has had one, which the runtime did not
-            # know of (its record of leaders lags the elections). We may have acknowledged that leader's entries
-            # before our state was lost: back to waiting for a leader's commit offset.
-            self._catching_up = True
         if self._catching_up:
             can_vote = False  # our log may lack what we once acknowledged (wait_to_catch_up)
         elif m.type is MessageType.VOTE:
@@ -680,7 +654,6 @@ class RaftNode:
         # The leader caps commit_offset at what it knows we hold, so this never commits unknown entries.
         self._commit_to(min(m.commit_offset, self.log.last_offset))
         self._note_leader_commit(m.last_log_offset)
-        self._leader_commit_heard = max(self._leader_commit_heard, m.last_log_offset)
         # Our log end lets the leader notice that we lost entries we once acknowledged (a wiped disk).
         self._send(MessageType.HEARTBEAT_RESP, m.from_node, last_log_offset=self.log.last_offset,
                    last_log_term=self.log.last_term)

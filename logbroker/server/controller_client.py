@@ -298,20 +298,6 @@ class ControllerClient:
         leader = controller.leader_id if controller is not None else None
         return leader if leader is not None else -1
 
-    def history_known(self) -> bool:
-        """Whether this broker holds the whole metadata log as the controller leader had committed it when it
-        last said (the leader's uncapped commit offset, from its heartbeats; metadata_loaded may turn true
-        between two chunks of a catch-up, since a follower's commit offset is capped at what it holds): then
-        a partition that has no leader in the metadata never had one reported (ReplicaManager's check of
-        replicas opened holding nothing)."""
-        controller = self.broker.controller
-        if controller is None or controller.leader_id is None:
-            return False
-        node = controller.node
-        if controller.is_leader:
-            return node.leader_caught_up
-        return 0 <= node.leader_commit_heard <= node.applied_offset
-
     def metadata_loaded(self) -> bool:
         """Whether this broker has loaded the cluster metadata since it started: a controller leader is known
         and every command known to be committed is applied. Until then "no such topic" may mean "not yet"."""

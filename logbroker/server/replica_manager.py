@@ -55,9 +55,6 @@ RAFT_MAX_INFLIGHT_BYTES = 16 << 20
 _NEW_DIRECTORY, _OURS = "new", "ours"  # what _claim_directory found
 OPENER_THREADS = 4
 EPOCH_SAVE_INTERVAL_TICKS = 20  # how often stale leader-epoch files are written (a second at the default tick)
-# How often replicas opened holding nothing while the metadata was replayed are checked again (see
-# check_replicas_holding_nothing), besides after every batch of controller commands applied.
-HISTORY_CHECK_INTERVAL_TICKS = 5
 TICK_FAILURE_LOG_EVERY = 1000  # a tick that fails every time is logged every 50 s at the default tick
 # Raft messages for a group not open here yet: a new topic's replicas open a chunk at a time on each broker, and a
 # preferred leader's vote request that reached a broker before its replica opened was dropped, costing that group
@@ -129,9 +126,6 @@ class ReplicaManager:
         # Replicas opened holding nothing (no term, vote or log) of a group with no known leader yet: checked
         # again as leader reports arrive (check_replicas_holding_nothing).
         self._holding_nothing: dict[tuple[str, int], Replica] = {}
-        # Of those, the ones opened while the broker replayed the metadata log and waiting for all of it (see
-        # _start_election): while there are any, the ticker checks them too.
-        self._waiting_for_history: set[tuple[str, int]] = set()
         self._handovers: dict[str, Handover] = {}  # Raft group -> leadership a failed replica is giving away
         self._next_handover_s = 0.0
         # (topic, partition) -> (replica that could not write, when to try again)
@@ -262,9 +256,6 @@ class ReplicaManager:
         if self._ticks % EPOCH_SAVE_INTERVAL_TICKS == 0:
             self._save_epochs_soon()
             self._forget_old_early_messages()
-        if self._waiting_for_history and self._ticks % HISTORY_CHECK_INTERVAL_TICKS == 0:
-            # The controller leader's heartbeats, not only its appends, say when the metadata log is whole.
-            self.check_replicas_holding_nothing()
         for replica in list(self._awake):
             if replica.quiet or replica.closed:
                 del self._awake[replica]  # back when it wakes (Replica.on_wake)
@@ -541,69 +532,24 @@ class ReplicaManager:
         """A replica holding nothing of a group the metadata says has had a leader must catch up before it
         votes (Replica.rejoin_after_losing_state); True if that is this one."""
         known = self.broker.cluster.leaders.get((topic_name, index))
-        if known is None:
+        if known is None or not replica.holds_nothing or replica.node.catching_up:
             return False
-        if replica.waiting_for_history:
-            if not replica.acknowledged_nothing:
-                return False
-        elif not replica.holds_nothing or replica.node.catching_up:
-            return False
-        # Opened after the metadata was loaded, it is a new replica (a new topic's, or one moved here) that the
-        # leader report of its group's first election reached before the leader did: no news for the operator.
-        # Opened while the broker replayed the metadata (so waiting for it), it may be a replaced disk's.
-        replica.rejoin_after_losing_state(known[0], known[1], new_replica=not replica.waiting_for_history)
+        replica.rejoin_after_losing_state(known[0], known[1])
         return True
 
     def check_replicas_holding_nothing(self) -> None:
-        """After controller commands were applied: the replicas opened holding nothing whose group has had a
-        leader since (at start-up, the metadata log names a partition's leader after the partition itself)
-        catch up before they vote; once the whole metadata log is here, those opened while it was replayed
-        whose group never had a leader may vote (a group that never had one holds nothing anyone acknowledged)."""
-        loaded = self.broker.controller_client.history_known()
+        """After leader reports were applied: the replicas opened holding nothing whose group has had a leader
+        since (at start-up, the metadata log names a partition's leader after the partition itself)."""
         for key, replica in list(self._holding_nothing.items()):
-            if replica.closed:
-                done = True
-            elif replica.waiting_for_history:
-                done = self._check_waiting_for_history(key, replica, loaded)
-            else:
-                done = (not replica.holds_nothing or replica.node.catching_up
-                        or self.rejoin_if_state_lost(key[0], key[1], replica))
-            if done:
+            settled = replica.closed or not replica.holds_nothing or replica.node.catching_up
+            if settled or self.rejoin_if_state_lost(key[0], key[1], replica):
                 del self._holding_nothing[key]
-                self._waiting_for_history.discard(key)
-
-    def _check_waiting_for_history(self, key: tuple[str, int], replica: Replica, loaded: bool) -> bool:
-        """For a replica opened holding nothing while the metadata was replayed: True once it waits no more."""
-        if not replica.acknowledged_nothing:
-            # A leader's entries reached it: it follows that leader and votes again once it holds the leader's
-            # commit offset (RaftNode.wait_to_catch_up).
-            replica.history_from_leader()
-            return True
-        if self.rejoin_if_state_lost(key[0], key[1], replica):
-            return True
-        if not loaded:
-            return False
-        replica.never_took_part()
-        topic = self.broker.cluster.topics.get(key[0])
-        if topic is not None and topic.raft_group(key[1]) == replica.group:
-            self._first_election(replica, topic.assignment[key[1]])
-        return True
 
     def _start_election(self, replica: Replica, replicas: list[int], topic_name: str, index: int) -> None:
         if replica.holds_nothing:
-            if not self.broker.controller_client.history_known():
-                # Replaying the metadata log at start-up (or still behind it): the group may have had a leader
-                # this broker has not read of yet, and an empty replica may be a replaced disk's.
-                replica.wait_for_history()
             if self.rejoin_if_state_lost(topic_name, index, replica):
                 return
             self._holding_nothing[(topic_name, index)] = replica
-            if replica.waiting_for_history:
-                self._waiting_for_history.add((topic_name, index))
-                return
-        self._first_election(replica, replicas)
-
-    def _first_election(self, replica: Replica, replicas: list[int]) -> None:
         if replica.term == 0:
             # A new group: its preferred leader campaigns at once and the others stay quiet until it
             # calls (or its broker is found dead), so a thousand new partitions elect without split

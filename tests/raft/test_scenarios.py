@@ -329,9 +329,10 @@ def test_a_follower_that_lost_its_whole_log_is_sent_everything_again() -> None:
     assert leader.progress(3).match_offset == last  # type: ignore[union-attr]
 
 
-def acknowledged_by_1_and_3_while_2_lags() -> tuple[Harness, int]:
-    """Node 1 leads; entries are committed by nodes 1 and 3 alone while node 2 is cut off (it holds only the
-    first). Returns the harness, node 2 still cut off, and the commit offset node 2 lacks."""
+def test_a_voter_that_lost_its_log_does_not_elect_a_leader_lacking_what_it_had_acknowledged() -> None:
+    # Entries committed by the leader and node 3 alone (node 2 cut off); node 3's disk is then replaced and
+    # the leader crashes. Nodes 2 and 3 are a majority, but node 3 no longer holds what it acknowledged: it
+    # must not vote, or node 2 would win without the committed entries and cut them from node 1 later.
     h = Harness([1, 2, 3])
     h.elect(1)
     h.propose(1, b"before")
@@ -341,31 +342,17 @@ def acknowledged_by_1_and_3_while_2_lags() -> tuple[Harness, int]:
         h.propose(1, f"acked-by-1-and-3-{i}".encode())
     h.stabilize()
     committed = h.node(1).commit_offset
-    assert h.node(3).log.last_offset == committed > h.node(2).log.last_offset >= 0
-    return h, committed
-
-
-def no_leader_until_node_1_returns(h: Harness) -> None:
-    """Node 1 crashes and node 2 is reachable again: nodes 2 and 3 are a majority, but node 3 waits to catch up,
-    so node 2 asks it for votes in vain; node 1 comes back, wins with node 2's vote and repairs node 3."""
+    assert h.node(3).log.last_offset == committed > h.node(2).log.last_offset
+    h.crash(3)
+    h.add_node(3).wait_to_catch_up()  # a wiped disk: empty log, no term, no vote
     h.crash(1)
     h.isolated.clear()
     h.tick_all(6 * ELECTION_TICKS)
-    assert h.leaders() == []
+    assert h.leaders() == []  # node 2 asked node 3 for votes, in vain
     assert h.node(3).catching_up and h.node(3).vote is None
-    h.restart(1)
+    h.restart(1)  # the leader comes back: it wins with node 2's vote and repairs node 3
     h.elect(1, attempts=5)
     h.tick_all(2 * ELECTION_TICKS)
-
-
-def test_a_voter_that_lost_its_log_does_not_elect_a_leader_lacking_what_it_had_acknowledged() -> None:
-    # Entries committed by the leader and node 3 alone (node 2 cut off); node 3's disk is then replaced and
-    # the leader crashes. Nodes 2 and 3 are a majority, but node 3 no longer holds what it acknowledged: it
-    # must not vote, or node 2 would win without the committed entries and cut them from node 1 later.
-    h, committed = acknowledged_by_1_and_3_while_2_lags()
-    h.crash(3)
-    h.add_node(3).wait_to_catch_up()  # a wiped disk: empty log, no term, no vote
-    no_leader_until_node_1_returns(h)
     assert h.log_of(3) == h.log_of(1) and h.node(3).log.last_offset >= committed
     assert not h.node(3).catching_up  # it holds the leader's commit offset: it may vote again
     h.crash(1)
@@ -374,47 +361,6 @@ def test_a_voter_that_lost_its_log_does_not_elect_a_leader_lacking_what_it_had_a
             break
         h.tick_all()
     assert h.leaders() and h.node(h.leaders()[0]).log.last_offset >= committed
-
-
-def test_a_node_told_it_never_took_part_votes_and_helps_elect_the_groups_first_leader() -> None:
-    # A broker that starts holding nothing waits (it cannot tell a lost disk from a new group) until its
-    # runtime learns the group has never had a leader; then it votes, and the group elects with it.
-    h = Harness([1, 2, 3], pre_vote=False)
-    h.crash(2)
-    h.node(3).wait_to_catch_up()
-    h.isolated.add(2)
-    h.tick_all(4 * ELECTION_TICKS)
-    assert h.leaders() == []  # node 1 asked node 3 for its vote, in vain
-    assert h.node(3).term > 0 and h.node(3).vote is None  # the refused request moved its term all the same
-    h.node(3).stop_waiting_to_catch_up()
-    for _ in range(10 * ELECTION_TICKS):
-        if h.leaders():
-            break
-        h.tick_all()
-    assert h.leaders() and not h.node(3).catching_up
-
-
-def test_a_node_told_it_never_took_part_refuses_a_candidate_whose_entries_prove_a_leader() -> None:
-    # The runtime's record of leaders lags the elections: a group's leader can die before its election is
-    # recorded, and a replaced disk then looks like a replica of a group that never had a leader. Node 3 lost
-    # entries it acknowledged with node 1; node 2 lags. Told wrongly that it never took part, node 3 still must
-    # not elect node 2: node 2's entries show the group had a leader, so node 3 waits to catch up again.
-    h, committed = acknowledged_by_1_and_3_while_2_lags()
-    h.crash(3)
-    fresh = h.add_node(3)
-    fresh.wait_to_catch_up()
-    fresh.stop_waiting_to_catch_up()
-    no_leader_until_node_1_returns(h)
-    assert h.node(3).log.last_offset >= committed and not h.node(3).catching_up
-
-
-def test_only_a_node_holding_nothing_can_be_told_it_never_took_part() -> None:
-    h = Harness([1, 2, 3])
-    h.elect(1)
-    h.stabilize()
-    h.node(3).wait_to_catch_up()
-    with pytest.raises(AssertionError, match="holds nothing"):
-        h.node(3).stop_waiting_to_catch_up()
 
 
 def test_a_node_catching_up_neither_campaigns_nor_takes_a_leadership_transfer() -> None:
