@@ -19,21 +19,26 @@ from typing import IO
 import grpc
 from logbroker_client import Admin, Producer
 from logbroker_client.connection import Connection
+from logbroker_client.data_wire import DEFAULT_DATA_PORT_OFFSET
 from logbroker_client.proto import logbroker_pb2 as pb
 
-from tests.support.brokers import REPO_ROOT, wait_until
+from logbroker.server.config import DEFAULT_RAFT_PORT_OFFSET
+from logbroker.server.dev import KAFKA_PORT_OFFSET, METRICS_PORT_OFFSET
+from tests.support.brokers import LOWEST_TEST_PORT, REPO_ROOT, ephemeral_port_low, wait_until
 
 START_TIMEOUT_S = 60.0
 
 
 def consecutive_free_ports(count: int) -> int:
-    """A base port with `count` free ports from it on (dev brokers listen on consecutive ports), and the same
-    from base + 100 (their Kafka ports) and base + 200 (their metrics ports)."""
+    """A base port with `count` free ports from it on (dev brokers listen on consecutive ports), and the same at
+    each of the other listeners' offsets (Kafka, metrics, Raft, data), all below the kernel's range for outgoing
+    connections: a client's socket took a dev broker's data port there between this check and the bind."""
+    offsets = (0, KAFKA_PORT_OFFSET, METRICS_PORT_OFFSET, DEFAULT_RAFT_PORT_OFFSET, DEFAULT_DATA_PORT_OFFSET)
     for _ in range(100):
-        base = random.randint(20_000, 60_000)
+        base = random.randint(LOWEST_TEST_PORT, ephemeral_port_low() - max(offsets) - count)
         try:
             sockets = []
-            for port in [p + offset for offset in (0, 100, 200) for p in range(base, base + count)]:
+            for port in [p + offset for offset in offsets for p in range(base, base + count)]:
                 s = socket.socket()
                 sockets.append(s)
                 s.bind(("127.0.0.1", port))

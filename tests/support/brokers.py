@@ -31,7 +31,7 @@ LOWEST_TEST_PORT = 10_000
 _handed_out: set[int] = set()  # ports given to a test already: each goes to one listener only
 
 
-def _ephemeral_low() -> int:
+def ephemeral_port_low() -> int:
     """Where the kernel's range for outgoing connections starts: a port below it is never taken by a client's
     socket between the moment a test picks it and the moment its broker binds it (a port the kernel handed us
     from that range was, now and then, and the broker failed to start)."""
@@ -43,7 +43,7 @@ def _ephemeral_low() -> int:
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A port that is free now, below the ephemeral range, and not handed out before in this test run."""
-    high = _ephemeral_low()
+    high = ephemeral_port_low()
     for _ in range(1_000):
         port = random.randrange(LOWEST_TEST_PORT, high)
         if port in _handed_out:
