@@ -57,6 +57,9 @@ class ClusterState:
     group_configs: dict[str, dict[str, str]] = field(default_factory=dict)
     # (topic, partition) -> the replica set a move is taking the partition to, until the move is done
     moves: dict[tuple[str, int], list[int]] = field(default_factory=dict)
+    # broker -> (ID of the disk it registered last, the metadata offset of that registration): a replica that
+    # holds nothing of a partition created before its broker's disk registered lost its state (disk_identity.py)
+    disks: dict[int, tuple[str, int]] = field(default_factory=dict)
 
     def hosts(self, topic: TopicMetadata, partition: int) -> list[int]:
         """Brokers that hold a replica of the partition: its assignment, plus a move's new brokers."""
@@ -76,6 +79,10 @@ class ClusterState:
             return None
         if op in _TOPIC_CHANGES:
             return _TOPIC_CHANGES[op](self, command)
+        if op == "broker_disk":
+            if self.disks.get(command["node"], ("", 0))[0] != command["disk_id"]:
+                self.disks[command["node"]] = (command["disk_id"], offset)  # a retried registration keeps the first
+            return None
         if op == "group_configs":
             merged = {**self.group_configs.get(command["group"], {}), **command["configs"]}
             merged = {k: v for k, v in merged.items() if v != ""}

@@ -266,12 +266,13 @@ class Replica:
         then show this replica's empty log, and it resends the log and counts the replica out of sync
         meanwhile. Sent in the leader's term as the metadata reports it (leader_term), the answer itself tells
         the leader where this log ends; if that term is out of date the leader's core drops it, and the
-        wake-up alone leads to the same. It promises nothing (no vote, no entry), so it needs no saved term."""
-        if self.node.catching_up:
-            return
-        self.node.wait_to_catch_up()
-        log.warning("%s: broker %d holds no Raft state or log for this partition, which has had a leader: it "
-                    "takes no part in elections until it has caught up from the leader", self.name, self.node_id)
+        wake-up alone leads to the same. It promises nothing (no vote, no entry), so it needs no saved term.
+        Called again once the leader is known (the first call had no hint), it only sends that answer."""
+        if not self.node.catching_up:
+            self.node.wait_to_catch_up()
+            log.warning("%s: broker %d holds no Raft state or log for this partition, which has had a leader or is "
+                        "older than this broker's disk: it takes no part in elections until it has caught up from "
+                        "the leader", self.name, self.node_id)
         if leader_hint is not None and leader_hint != self.node_id:
             self._transport.send_many([(self.group, Message(
                 MessageType.HEARTBEAT_RESP, self.node_id, leader_hint, max(leader_term, self.node.term),

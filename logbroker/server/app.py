@@ -176,10 +176,11 @@ class BrokerServer:
         await self.kafka.start()
 
     async def _serve_when_ready(self) -> None:
-        """Report SERVING once the cluster metadata has a leader (a majority of brokers is up), then maintain."""
+        """Report SERVING once the cluster metadata has a leader (a majority of brokers is up) and names this broker's
+        disk (so the partitions created from then on are new to it: disk_identity.py), then maintain."""
         controller = self.broker.controller
         assert controller is not None
-        while controller.leader_id is None:
+        while controller.leader_id is None or not self.broker.controller_client.disk_registered:
             await asyncio.sleep(self.config.raft_tick_ms / 1000)
         for name in [*SERVICE_NAMES, ""]:  # the overall status last: it is what start-up waits on
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)

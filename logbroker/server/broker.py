@@ -23,7 +23,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from logbroker.cluster.liveness import Liveness
 from logbroker.cluster.metadata import ClusterState
@@ -35,6 +35,7 @@ from logbroker.groups.share_runtime import ShareStateMachine
 from logbroker.server.config import BrokerConfig
 from logbroker.server.controller_client import ControllerClient
 from logbroker.server.data_plane import DataPlane
+from logbroker.server.disk_identity import load_or_create_disk_id
 from logbroker.server.maintenance import Maintenance
 from logbroker.server.metrics import BrokerMetrics
 from logbroker.server.quotas import Backpressure, DiskGuard, quotas_from
@@ -45,6 +46,13 @@ from logbroker.server.topic_admin import TopicAdmin
 log = logging.getLogger("logbroker.broker")
 
 
+class LeaderReportSender(Protocol):
+    def __call__(self, address: str, node_id: int, leaders: list[list[Any]], disk_id: str = "") -> Awaitable[bool]:
+        """True once the controller leader at address has committed the report (leaderships won by node_id,
+        and the registration of its disk when disk_id is given)."""
+        ...
+
+
 class Broker:
     def __init__(self, config: BrokerConfig) -> None:
         self.config = config
@@ -53,6 +61,7 @@ class Broker:
         self.client_addresses = config.client_addresses()  # where clients are told to reach each broker
         self.data_dir = Path(config.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.disk_id = load_or_create_disk_id(self.data_dir)  # before anything else is written here
         self.executor = ThreadPoolExecutor(max_workers=config.flush_threads, thread_name_prefix="flush")
         self.cluster = ClusterState()
         self.liveness = Liveness(self.node_id, list(self.peers), config.liveness_timeout_ticks)
@@ -67,7 +76,7 @@ class Broker:
         # controller leader at an address to create a topic; send leader reports to the controller leader.
         self.dead_letter_sender: Callable[[str, tuple[str, int], bytes], Awaitable[None]] | None = None
         self.topic_creator: Callable[[str, str, int], Awaitable[None]] | None = None
-        self.send_leader_report: Callable[[str, int, list[list[Any]]], Awaitable[bool]] | None = None
+        self.send_leader_report: LeaderReportSender | None = None
         self.metrics = BrokerMetrics(self)  # Prometheus: counters bumped by the parts, gauges read when scraped
         self.backpressure = Backpressure(quotas_from(config), config.max_inflight_produce_bytes,
                                          config.produce_backpressure_wait_ms / 1000, config.node_id)

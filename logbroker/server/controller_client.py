@@ -37,6 +37,7 @@ from logbroker.raft.errors import NotLeaderError, ProposalDroppedError
 from logbroker.raft.membership import Membership
 from logbroker.raft.types import Entry, EntryKind
 from logbroker.server import errors
+from logbroker.server.disk_identity import is_disk_id
 from logbroker.storage.config import InvalidConfigError, LogConfig
 from logbroker.storage.log import PartitionLog
 
@@ -55,6 +56,10 @@ MAX_FLUSH_BACKLOG_TO_OPEN = 32  # jobs queued for the flush pool above which ope
 MAX_GROUPS_ELECTING = 128  # new groups here without a leader above which opening more replicas waits
 MAX_OPEN_WAIT_S = 5.0  # ...but no longer than this per chunk
 LEADER_REPORT_TIMEOUT_S = 5.0
+# How often a broker whose disk is not yet registered asks the controller leader to register it, and how long it
+# then waits for the registration to reach its own replica of the metadata log (a long replay) before asking again.
+DISK_REGISTRATION_RETRY_S = 0.2
+DISK_REGISTRATION_APPLY_WAIT_S = 30.0
 # __consumer_offsets: kept forever (snapshots bound it), in small segments (offsets_segment_bytes) so that
 # the segments below a snapshot can be deleted soon.
 OFFSETS_TOPIC_CONFIGS = {"retention.ms": "-1", "flush": "always"}
@@ -68,6 +73,7 @@ class ControllerClient:
         # (topic, partition) -> (epoch, topic id) of leaderships won here and not yet in the controller log
         self._leader_reports: dict[tuple[str, int], tuple[int, str]] = {}
         self._reporter: asyncio.Task[None] | None = None
+        self._disk_registration: asyncio.Task[None] | None = None
         self._metadata_loaded = False  # see metadata_loaded()
         self._opening: set[asyncio.Task[None]] = set()  # big topics' replicas being opened (_open_in_turns)
         self._opening_lock = asyncio.Lock()
@@ -83,13 +89,58 @@ class ControllerClient:
         controller.start()  # re-applies the committed prefix of the metadata log before any election
 
     def start_reporting(self) -> None:
-        self._reporter = asyncio.get_running_loop().create_task(self._report_leaders_forever())
+        loop = asyncio.get_running_loop()
+        self._reporter = loop.create_task(self._report_leaders_forever())
+        self._disk_registration = loop.create_task(self._register_disk())
 
     async def stop_reporting(self) -> None:
         for task in list(self._opening):  # shutting down: open no more replicas
             task.cancel()
-        if self._reporter is not None:
-            await cancel_and_wait(self._reporter)
+        for running in (self._reporter, self._disk_registration):
+            if running is not None:
+                await cancel_and_wait(running)
+
+    # -------------------------------------------------------------------------------- this broker's disk
+
+    @property
+    def disk_registered(self) -> bool:
+        """This broker's disk is registered in the metadata applied here: every partition created before that
+        registration is older than the disk, every one created after it is new (disk_identity.py)."""
+        return self.broker.cluster.disks.get(self.node_id, ("", 0))[0] == self.broker.disk_id
+
+    async def _register_disk(self) -> None:
+        """Register this broker's disk in the metadata log unless the log applied here already has it; done once
+        for the life of a data directory, when the broker first starts on it."""
+        loop = asyncio.get_running_loop()
+        logged = False
+        while not self.disk_registered:
+            sent = False
+            try:
+                sent = await self._send_disk_registration()
+            except Exception as exc:  # the controller is moving or unreachable: try again
+                log.debug("registering disk %s of broker %d failed (%s); retrying", self.broker.disk_id,
+                          self.node_id, exc)
+            if sent and not logged:
+                log.info("broker %d: registered its disk (ID %s, %s) in the cluster metadata", self.node_id,
+                         self.broker.disk_id, self.broker.data_dir)
+                logged = True
+            deadline = loop.time() + (DISK_REGISTRATION_APPLY_WAIT_S if sent else DISK_REGISTRATION_RETRY_S)
+            while not self.disk_registered and loop.time() < deadline:
+                await asyncio.sleep(self.broker.config.raft_tick_ms / 1000)
+
+    async def _send_disk_registration(self) -> bool:
+        controller = self._controller()
+        if controller.is_leader:
+            await self.propose_command(self._disk_command(self.node_id, self.broker.disk_id), LEADER_REPORT_TIMEOUT_S)
+            return True
+        leader_id, send = controller.leader_id, self.broker.send_leader_report
+        if leader_id is None or send is None:
+            return False
+        return await send(self.broker.peers[leader_id], self.node_id, [], disk_id=self.broker.disk_id)
+
+    @staticmethod
+    def _disk_command(node_id: int, disk_id: str) -> dict[str, Any]:
+        return {"op": "broker_disk", "node": node_id, "disk_id": disk_id}
 
     def reopen(self, failed: Replica) -> None:
         """The metadata is already applied up to where the failed replica got: carry on from there."""
@@ -262,8 +313,9 @@ class ControllerClient:
             if self._leader_reports.get(key) == value:
                 del self._leader_reports[key]
 
-    async def accept_leader_report(self, from_node: int, leaders: list[list[Any]]) -> None:
-        """On the controller leader: record another broker's leaderships in the metadata log.
+    async def accept_leader_report(self, from_node: int, leaders: list[list[Any]], disk_id: str = "") -> None:
+        """On the controller leader: record another broker's leaderships (and its disk, when disk_id is given) in
+        the metadata log.
 
         A broker reports only its own leaderships, of partitions placed on it, of the topic ID it holds:
         a report that says otherwise is refused whole, so it can never misdirect clients."""
@@ -273,7 +325,14 @@ class ControllerClient:
             problem = self._leader_report_problem(from_node, report)
             if problem is not None:
                 raise errors.InvalidRequest(f"leader report from broker {from_node} refused: {problem}")
-        await self.propose_command({"op": "leaders", "leaders": leaders}, LEADER_REPORT_TIMEOUT_S)
+        if disk_id:
+            if from_node not in self.broker.peers or not is_disk_id(disk_id):
+                raise errors.InvalidRequest(f"disk registration from broker {from_node} refused: a member of this "
+                                            f"cluster {sorted(self.broker.peers)} registers a 32-hex-digit disk ID")
+            if self.broker.cluster.disks.get(from_node, ("", 0))[0] != disk_id:
+                await self.propose_command(self._disk_command(from_node, disk_id), LEADER_REPORT_TIMEOUT_S)
+        if leaders:
+            await self.propose_command({"op": "leaders", "leaders": leaders}, LEADER_REPORT_TIMEOUT_S)
 
     def _leader_report_problem(self, from_node: int, report: list[Any]) -> str | None:
         if from_node not in self.broker.peers:

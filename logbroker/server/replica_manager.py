@@ -14,6 +14,7 @@ import logging
 import shutil
 import time
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -69,6 +70,12 @@ EARLY_MESSAGE_MAX_BYTES = 4096
 # good part of the liveness timeout: logged at WARNING, at most once per STALL_LOG_INTERVAL_S.
 STALL_WARN_TICKS = 4
 STALL_LOG_INTERVAL_S = 10.0
+# A new group's replicas other than its preferred leader's stay quiet until that broker campaigns (or is found dead).
+# A preferred broker that is alive but never opens its replica (cut off from the controller leader, it never learns
+# of the partition) would leave the group without a leader for the whole cut: after this many election timeouts
+# without any election, the others elect among themselves. Long enough that a slow mass creation, whose preferred
+# leaders campaign seconds late, is not turned into thousands of colliding elections.
+FIRST_LEADER_WAIT_ELECTION_TIMEOUTS = 10
 
 
 @dataclass
@@ -134,6 +141,9 @@ class ReplicaManager:
         # The groups that are not quiet, in an insertion-ordered dict used as a set: the ticker visits these
         # only (walking ten thousand quiet ones 20 times a second was most of an idle broker's CPU).
         self._awake: dict[Replica, None] = {}
+        # (tick due, replica): new groups waiting quietly for their preferred leader's first campaign, in the order
+        # opened, so due ones are at the front (wake_groups_never_elected).
+        self._first_leader_due: deque[tuple[int, Replica]] = deque()
 
     def raft_config(self) -> RaftConfig:
         config = self.broker.config
@@ -262,6 +272,28 @@ class ReplicaManager:
                 continue
             replica.tick()
             replica.maybe_quiesce(is_alive)
+        self.wake_groups_never_elected()
+
+    def wake_groups_never_elected(self) -> None:
+        """New groups still without any election FIRST_LEADER_WAIT_ELECTION_TIMEOUTS after they opened here: their
+        preferred leader never campaigned, so this replica wakes and takes part in an ordinary election."""
+        due = self._first_leader_due
+        woken: list[str] = []
+        while due and due[0][0] <= self._ticks:
+            replica = due.popleft()[1]
+            if replica.closed or not replica.quiet or replica.term != 0 or replica.leader_id is not None:
+                continue
+            replica.wake()
+            woken.append(replica.name)
+        if woken:
+            log.warning("broker %d: %d new partition(s) had no election %d ms after they were created here (%s): "
+                        "their preferred leader's broker never campaigned (it may be cut off from the controller "
+                        "leader); the other replicas elect a leader among themselves", self.node_id, len(woken),
+                        self._first_leader_wait_ticks() * self.broker.config.raft_tick_ms,
+                        ", ".join(woken[:5]) + (", ..." if len(woken) > 5 else ""))
+
+    def _first_leader_wait_ticks(self) -> int:
+        return FIRST_LEADER_WAIT_ELECTION_TIMEOUTS * self.broker.config.raft_election_ticks
 
     def _save_epochs_soon(self) -> None:
         """Write the leader-epoch files that appends left stale, in one job off the flush pool."""
@@ -529,27 +561,36 @@ class ReplicaManager:
             self.broker.share_groups.add_machine(name, index, machine)
 
     def rejoin_if_state_lost(self, topic_name: str, index: int, replica: Replica) -> bool:
-        """A replica holding nothing of a group the metadata says has had a leader must catch up before it
-        votes (Replica.rejoin_after_losing_state); True if that is this one."""
-        known = self.broker.cluster.leaders.get((topic_name, index))
-        if known is None or not replica.holds_nothing or replica.node.catching_up:
+        """A replica holding nothing must catch up from a leader before it votes (Replica.rejoin_after_losing_state)
+        when its group has had a leader (the metadata names one) or its partition is older than this broker's disk
+        (created before the disk was registered: a replaced disk's replica, disk_identity.py), whether or not the
+        metadata applied so far names the group's leader: a leader may die before its election is recorded.
+        True once it waits to catch up and the leader the metadata names, if any, was told to resend the log."""
+        if replica.closed or not replica.holds_nothing:
             return False
-        replica.rejoin_after_losing_state(known[0], known[1])
-        return True
+        if replica.node.membership.voters == {self.node_id}:
+            return False  # its only replica: nobody to catch up from, and nobody it could help elect wrongly
+        known = self.broker.cluster.leaders.get((topic_name, index))
+        if known is None and self.broker.controller_client.disk_registered:
+            return False
+        replica.rejoin_after_losing_state(*(known or (None, 0)))
+        return known is not None
 
     def check_replicas_holding_nothing(self) -> None:
         """After leader reports were applied: the replicas opened holding nothing whose group has had a leader
         since (at start-up, the metadata log names a partition's leader after the partition itself)."""
         for key, replica in list(self._holding_nothing.items()):
-            settled = replica.closed or not replica.holds_nothing or replica.node.catching_up
-            if settled or self.rejoin_if_state_lost(key[0], key[1], replica):
-                del self._holding_nothing[key]
+            if not replica.holds_nothing or self.rejoin_if_state_lost(key[0], key[1], replica):
+                del self._holding_nothing[key]  # closed replicas hold nothing: rejoin_if_state_lost is False
 
     def _start_election(self, replica: Replica, replicas: list[int], topic_name: str, index: int) -> None:
         if replica.holds_nothing:
             if self.rejoin_if_state_lost(topic_name, index, replica):
                 return
             self._holding_nothing[(topic_name, index)] = replica
+        if replica.node.catching_up:
+            replica.quiet = True  # older than this disk: it waits for a leader's appends, which wake it
+            return
         if replica.term == 0:
             # A new group: its preferred leader campaigns at once and the others stay quiet until it
             # calls (or its broker is found dead), so a thousand new partitions elect without split
@@ -560,6 +601,7 @@ class ReplicaManager:
                 replica.campaign_now()
             else:
                 replica.quiet = True
+                self._first_leader_due.append((self._ticks + self._first_leader_wait_ticks(), replica))
 
     def _attach_group_runtime(self, replica: Replica, index: int) -> None:
         broker = self.broker

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +26,7 @@ from logbroker.groups.share import share_config_mapping
 from logbroker.groups.share_runtime import NotShareLeader
 from logbroker.raft.errors import NotLeaderError, ProposalDroppedError
 from logbroker.server import errors
-from logbroker.server.broker import Broker
+from logbroker.server.broker import Broker, LeaderReportSender
 from logbroker.server.data_plane import FetchPass, request_partitions_problem
 from logbroker.server.forwarding import (
     FORWARD_TIMEOUT_S,
@@ -502,7 +502,7 @@ class RaftService(pb_grpc.RaftServicer):
         await self._require_peer(context, "Raft.ReportLeaders")
         leaders = [[x.topic, x.partition, x.leader_id, x.epoch, x.topic_id] for x in request.leaders]
         try:
-            await self.broker.controller_client.accept_leader_report(request.from_node, leaders)
+            await self.broker.controller_client.accept_leader_report(request.from_node, leaders, request.disk_id)
         except Exception as exc:
             code, message = _error(exc, f"leader report from broker {request.from_node}")
             return pb.LeaderReportAck(error_code=code, error_message=message)
@@ -540,13 +540,13 @@ def _timeout_s(request: Any) -> float:
     return (request.timeout_ms or DEFAULT_REQUEST_TIMEOUT_MS) / 1000
 
 
-def leader_report_sender(secret: str) -> Callable[[str, int, list[list[Any]]], Awaitable[bool]]:
-    """The broker's way to report leaderships to the controller leader, as a peer of this cluster."""
+def leader_report_sender(secret: str) -> LeaderReportSender:
+    """The broker's way to report leaderships (and its disk) to the controller leader, as a peer of this cluster."""
     metadata = peer_metadata(secret)
 
-    async def send(address: str, node_id: int, leaders: list[list[Any]]) -> bool:
+    async def send(address: str, node_id: int, leaders: list[list[Any]], disk_id: str = "") -> bool:
         """True once the controller leader at address has committed the report."""
-        request = pb.LeaderReport(from_node=node_id, leaders=[
+        request = pb.LeaderReport(from_node=node_id, disk_id=disk_id, leaders=[
             pb.PartitionLeader(topic=t, partition=p, leader_id=leader, epoch=epoch, topic_id=topic_id)
             for t, p, leader, epoch, topic_id in leaders])
         async with grpc.aio.insecure_channel(address) as channel:

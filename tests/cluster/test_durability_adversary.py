@@ -114,12 +114,6 @@ def _others(cluster: BrokerCluster, *nodes: int) -> list[int]:
 # term 2 with C's vote; L restarts and truncates to offset 51: the 200 acknowledged records are lost. Nothing
 # marks C as having lost what it acknowledged before it votes (Raft needs a voter that lost its state not to
 # vote until it caught up; Kafka keeps B out of the ISR)
-@pytest.mark.xfail(strict=False, reason=(
-    "open, about 1 run in several: when the wiped broker's whole data directory is gone, its metadata replica is "
-    "fresh too and replays the partition's creation before the leader report that names the partition's "
-    "leader; the replica opens holding nothing and, in that window (until the report is applied and "
-    "ReplicaManager.check_replicas_holding_nothing puts it in wait_to_catch_up), can still grant B its vote. "
-    "The metadata group itself has no such protection either"))
 def test_wiped_replica_does_not_elect_a_leader_that_lacks_acknowledged_records(cluster: BrokerCluster) -> None:
     """Records are acknowledged by the leader L and one follower C while the other follower B is frozen
     (SIGSTOP), so only L and C hold them. Then C's disk is replaced (kill -9, its data directory deleted) and

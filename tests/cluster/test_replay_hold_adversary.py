@@ -236,12 +236,6 @@ def test_clients_reach_every_leader_while_brokers_are_cut_off(proxied_cluster: B
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=(
-    "open, seen once in seven runs: a leader died before its election was recorded in the metadata, and a "
-    "replaced disk's replica, opened by the metadata replay before any leader report named its group's "
-    "leader, voted and elected a lagging broker whose log ended at 22, below acknowledged offset 51 (the "
-    "window test_durability_adversary's xfail names). A hold of such replicas was built and withdrawn this "
-    "stop: it held new topics' replicas on a live cluster too and left groups leaderless"))
 def test_replaced_disk_never_helps_elect_a_leader_lacking_acked_records(cluster: BrokerCluster) -> None:
     """The durability scenario the hold exists for: records acked by {leader, A} while B is down; the leader
     dies, A's disk is replaced, B returns. A and B must not elect B (it lacks the records); once the old leader
@@ -344,13 +338,6 @@ def test_topic_changes_during_replays_and_full_restarts_never_deadlock(cluster: 
 
 
 @pytest.mark.slow  # a fault sequence on three brokers: make test-slow
-@pytest.mark.xfail(strict=False, reason=(
-    "open, about 1 run in 5 (when the placement makes the cut-off broker a new partition's preferred leader): "
-    "a new group's other replicas stay quiet until the preferred leader campaigns or its broker is found dead "
-    "(ReplicaManager._first_election); the cut-off broker is alive to the third broker, cannot get the metadata "
-    "to open its replica, and so never campaigns: cutoff-0 had no leader for the whole cut (logs: no election "
-    "of cutoff-0 on any broker). Leaderless new groups need waking after a deadline, as the controller would "
-    "elect elsewhere in Kafka"))
 def test_broker_cut_off_from_the_controller_leader_during_replay(proxied_cluster: BrokerCluster) -> None:
     """A broker restarts with an empty disk while cut off from the controller leader (it hears the third
     broker only), and topics are created and deleted meanwhile. Once healed, nothing may stay held: every

@@ -672,12 +672,14 @@ class PartitionLeader(_message.Message):
     def __init__(self, topic: _Optional[str] = ..., partition: _Optional[int] = ..., leader_id: _Optional[int] = ..., epoch: _Optional[int] = ..., topic_id: _Optional[str] = ...) -> None: ...
 
 class LeaderReport(_message.Message):
-    __slots__ = ("from_node", "leaders")
+    __slots__ = ("from_node", "leaders", "disk_id")
     FROM_NODE_FIELD_NUMBER: _ClassVar[int]
     LEADERS_FIELD_NUMBER: _ClassVar[int]
+    DISK_ID_FIELD_NUMBER: _ClassVar[int]
     from_node: int
     leaders: _containers.RepeatedCompositeFieldContainer[PartitionLeader]
-    def __init__(self, from_node: _Optional[int] = ..., leaders: _Optional[_Iterable[_Union[PartitionLeader, _Mapping]]] = ...) -> None: ...
+    disk_id: str
+    def __init__(self, from_node: _Optional[int] = ..., leaders: _Optional[_Iterable[_Union[PartitionLeader, _Mapping]]] = ..., disk_id: _Optional[str] = ...) -> None: ...
 
 class LeaderReportAck(_message.Message):
     __slots__ = ("error_code", "error_message")

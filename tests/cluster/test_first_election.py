@@ -1,0 +1,62 @@
+"""A new partition's first election: its preferred leader campaigns and the other replicas wait quietly for it, but
+not for ever. A preferred broker that is alive to one replica yet cut off from the controller leader never learns
+of the partition, so never campaigns; after a deadline the other replicas elect among themselves."""
+
+from __future__ import annotations
+
+from logbroker_client import Admin, Producer
+
+from tests.cluster.test_metadata import metadata_answer
+from tests.support.brokers import wait_until
+from tests.support.cluster import BrokerCluster
+
+TOPIC = "first"
+PARTITIONS = 3  # at RF3 on three brokers, one partition's preferred leader is each broker
+LEADER_TIMEOUT_S = 20.0
+
+
+def _log_size(cluster: BrokerCluster, node: int) -> int:
+    return cluster.brokers[node].log_path.stat().st_size
+
+
+def _logged(cluster: BrokerCluster, node: int, text: str, since: int = 0) -> bool:
+    """Whether broker `node` logged `text` past byte `since` of its log."""
+    with open(cluster.brokers[node].log_path, "rb") as f:
+        f.seek(since)
+        return text.encode() in f.read()
+
+
+def test_a_new_partition_whose_preferred_broker_cannot_learn_of_it_still_gets_a_leader(
+        proxied_cluster: BrokerCluster) -> None:
+    cluster = proxied_cluster
+    wait_until(lambda: metadata_answer(cluster, 1, TOPIC).controller_id > 0, 20, "a controller leader")
+    controller = metadata_answer(cluster, 1, TOPIC).controller_id
+    ordered = sorted(cluster.brokers)
+    # Placement is consecutive brokers, so the partition `cut_off` prefers is placed [cut_off, third, controller]:
+    # the controller leader takes cut_off for dead and waits for third, which hears cut_off and waits for it.
+    cut_off = ordered[(ordered.index(controller) + 1) % len(ordered)]
+    third = ordered[(ordered.index(controller) + 2) % len(ordered)]
+    since = _log_size(cluster, controller)  # a broker may have been silent a moment at start-up too
+    cluster.cut_link(controller, cut_off)
+    cluster.cut_link(cut_off, controller)
+    wait_until(lambda: _logged(cluster, controller, f"broker {cut_off} silent", since), 20,
+               f"the controller leader (broker {controller}) to take broker {cut_off} for dead")
+
+    with Admin(cluster.address(controller), request_timeout_ms=int(LEADER_TIMEOUT_S * 1000)) as admin:
+        admin.create_topic(TOPIC, partitions=PARTITIONS, replication_factor=3)
+        placement = [list(p.replicas) for p in admin.describe_topics([TOPIC])[0].partitions]
+    stranded = next(i for i, replicas in enumerate(placement) if replicas[0] == cut_off)
+    assert placement[stranded] == [cut_off, third, controller], placement
+
+    leader = cluster.leader_of(TOPIC, stranded, timeout_s=LEADER_TIMEOUT_S)
+    assert leader in (controller, third)
+    assert any(_logged(cluster, n, "their preferred leader's broker never campaigned") for n in (controller, third))
+    with Producer(cluster.bootstrap_of(controller, third), acks="all") as producer:
+        written = producer.send(TOPIC, value=b"while cut", partition=stranded).result(timeout=LEADER_TIMEOUT_S)
+
+    # Healed, the preferred broker opens its replica late and catches up without deposing anyone's acknowledged
+    # record.
+    cluster.heal()
+    cluster.wait_caught_up(TOPIC, stranded, timeout_s=LEADER_TIMEOUT_S)
+    view = cluster.partition_view(cut_off, TOPIC, stranded)
+    assert view is not None and view.local_replica and view.log_end_offset > written.offset, view
