@@ -1,0 +1,68 @@
+"""The disk ID of a data directory: created once, kept across restarts, refused clearly when damaged; and its
+registration in the metadata log, which keeps the first registration of an ID and takes a new ID over it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from logbroker_client import Admin
+
+from logbroker.cluster.metadata import ClusterState
+from logbroker.server.disk_identity import DISK_ID_FILE, DiskIdentityError, is_disk_id, load_or_create_disk_id
+from tests.support.brokers import InProcessBroker
+
+
+def test_an_empty_data_directory_gets_a_disk_id_that_stays(tmp_path: Path) -> None:
+    first = load_or_create_disk_id(tmp_path)
+    assert is_disk_id(first)
+    assert (tmp_path / DISK_ID_FILE).read_text() == f"{first}\n"
+    assert load_or_create_disk_id(tmp_path) == first
+    other = tmp_path / "other"
+    other.mkdir()
+    assert load_or_create_disk_id(other) != first  # random: another disk, another ID
+    assert not list(tmp_path.glob("*.tmp"))  # written through a temporary file, which is gone
+
+
+@pytest.mark.parametrize("content", [b"", b"not-an-id\n", b"ABCDEF" * 6, b"\xff\xfe\x00"])
+def test_a_damaged_disk_id_is_refused_with_what_to_do(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / DISK_ID_FILE).write_bytes(content)
+    with pytest.raises(DiskIdentityError) as caught:
+        load_or_create_disk_id(tmp_path)
+    message = str(caught.value)
+    assert str(tmp_path / DISK_ID_FILE) in message
+    assert "damaged" in message or "cannot read" in message
+    assert (tmp_path / DISK_ID_FILE).read_bytes() == content  # left as found, for the operator
+
+
+def test_a_registration_keeps_its_first_offset_and_a_new_disk_replaces_it() -> None:
+    state = ClusterState()
+    old, new = "a" * 32, "b" * 32
+    assert state.apply({"op": "broker_disk", "node": 2, "disk_id": old}, 5) is None
+    state.apply({"op": "broker_disk", "node": 2, "disk_id": old}, 9)  # a retried registration
+    assert state.disks == {2: (old, 5)}
+    state.apply({"op": "broker_disk", "node": 2, "disk_id": new}, 12)  # the disk was replaced
+    state.apply({"op": "broker_disk", "node": 3, "disk_id": old}, 13)
+    assert state.disks == {2: (new, 12), 3: (old, 13)}
+
+
+def _registrations(broker: InProcessBroker) -> tuple[str, bool, dict[int, tuple[str, int]]]:
+    assert broker.server is not None
+    inner = broker.server.broker
+    return inner.disk_id, bool(broker.call(lambda: inner.controller_client.disk_registered)), dict(
+        broker.call(lambda: dict(inner.cluster.disks)))  # type: ignore[call-overload]
+
+
+def test_a_serving_broker_has_its_disk_registered_once_across_restarts(tmp_path: Path) -> None:
+    broker = InProcessBroker(tmp_path / "data").start()  # start() returns once the broker reports SERVING
+    try:
+        disk_id, registered, disks = _registrations(broker)
+        assert registered and disks == {1: (disk_id, disks[1][1])}
+        Admin(broker.address).create_topic("kept", partitions=1)
+    finally:
+        broker.stop()
+    again = InProcessBroker(tmp_path / "data").start()
+    try:
+        assert _registrations(again) == (disk_id, True, disks)  # the same disk: not registered a second time
+    finally:
+        again.stop()
