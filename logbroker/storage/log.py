@@ -644,8 +644,10 @@ class PartitionLog:
             started = time.perf_counter()
             try:
                 self._run_first_flush_syncs()
-                for segment in self._segments:
+                segments = self._segments
+                for segment in segments[:-1]:  # sealed ones (their flush at sealing failed if they are dirty)
                     segment.flush()
+                segments[-1].flush(indexes=False)  # the active one's indexes: rebuilt after a crash anyway
                 if target > self._durable_offset:
                     self._durable_offset = target
                     if self._bases[-1] > self._checkpointed_offset:

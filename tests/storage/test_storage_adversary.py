@@ -725,3 +725,37 @@ def test_raft_state_log_never_loads_a_state_older_than_its_last_save(tmp_path: P
                 f"seed {seed}: group {name} loaded {got}, but its last save that returned was {returned[name]} "
                 f"(attempted since: {attempted[name]}); history {history[-20:]}")
     state_log.close()
+
+
+# ------------------------------------------------------------------------ the active segment's indexes
+
+
+INDEXED_LOG_CONFIG = LogConfig(segment_bytes=1 << 20, index_interval_bytes=256)
+
+
+def test_routine_flushes_fsync_only_the_active_log_and_a_power_cut_rebuilds_its_indexes(tmp_path: Path) -> None:
+    """flush() fsyncs the active segment's .log and not its index files (the loader rebuilds the active
+    segment's indexes after a crash); after a power cut that drops every index byte written since, lookups by
+    offset and by time still find every durable record."""
+    disk = ScriptedDisk()
+    directory = tmp_path / "p"
+    plog = PartitionLog.open(directory, INDEXED_LOG_CONFIG, TOPIC, PARTITION, fs=disk)
+    durable = dict(append(plog, 3))
+    plog.flush()  # the first flush also makes the new directory durable
+    for _ in range(40):
+        durable.update(append(plog, 3))
+        fsyncs_before = disk.stats.fsyncs
+        assert plog.flush() == plog.log_end_offset
+        assert disk.stats.fsyncs - fsyncs_before == 1  # the log file alone
+    assert plog._segments[-1].offset_index.entries > 5, "the records must span several index entries"
+    disk.power_cut()
+    plog = PartitionLog.open(directory, INDEXED_LOG_CONFIG, TOPIC, PARTITION, fs=disk)
+    try:
+        assert_durable_kept(plog, durable, "flushes without index fsyncs, power cut")
+        assert plog._segments[-1].offset_index.entries > 5, "recovery rebuilt the offset index"
+        for offset in range(0, plog.log_end_offset, 7):
+            first = rec.iter_batch_headers(plog.read(offset, 1 << 16))
+            _, header = next(first)
+            assert header.base_offset <= offset <= header.base_offset + header.last_offset_delta
+    finally:
+        plog.close()
