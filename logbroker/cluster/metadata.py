@@ -57,9 +57,12 @@ class ClusterState:
     group_configs: dict[str, dict[str, str]] = field(default_factory=dict)
     # (topic, partition) -> the replica set a move is taking the partition to, until the move is done
     moves: dict[tuple[str, int], list[int]] = field(default_factory=dict)
-    # broker -> (ID of the disk it registered last, the metadata offset of that registration): a replica that
-    # holds nothing of a partition created before its broker's disk registered lost its state (disk_identity.py)
-    disks: dict[int, tuple[str, int]] = field(default_factory=dict)
+    # (broker, disk ID) -> the metadata offset of the disk's first registration: a replica that holds nothing of a
+    # partition created before its broker's disk registered lost its state (disk_identity.py). Kept for every
+    # disk ever registered, so a later registration for the same node id (a second broker started with it, or a
+    # forged report) never makes an earlier disk's partitions look older than it.
+    disk_registrations: dict[tuple[int, str], int] = field(default_factory=dict)
+    disks: dict[int, str] = field(default_factory=dict)  # broker -> the disk ID registered last for it
 
     def hosts(self, topic: TopicMetadata, partition: int) -> list[int]:
         """Brokers that hold a replica of the partition: its assignment, plus a move's new brokers."""
@@ -80,8 +83,9 @@ class ClusterState:
         if op in _TOPIC_CHANGES:
             return _TOPIC_CHANGES[op](self, command)
         if op == "broker_disk":
-            if self.disks.get(command["node"], ("", 0))[0] != command["disk_id"]:
-                self.disks[command["node"]] = (command["disk_id"], offset)  # a retried registration keeps the first
+            node, disk_id = command["node"], command["disk_id"]
+            self.disk_registrations.setdefault((node, disk_id), offset)  # a retried registration keeps the first
+            self.disks[node] = disk_id
             return None
         if op == "group_configs":
             merged = {**self.group_configs.get(command["group"], {}), **command["configs"]}

@@ -103,16 +103,34 @@ class ControllerClient:
     # -------------------------------------------------------------------------------- this broker's disk
 
     @property
+    def disk_registered_at(self) -> int | None:
+        """The metadata offset of this disk's registration, if the metadata applied here names this broker's disk:
+        a partition created before it is older than the disk, one created after it is new (disk_identity.py)."""
+        return self.broker.cluster.disk_registrations.get((self.node_id, self.broker.disk_id))
+
+    @property
     def disk_registered(self) -> bool:
-        """This broker's disk is registered in the metadata applied here: every partition created before that
-        registration is older than the disk, every one created after it is new (disk_identity.py)."""
-        return self.broker.cluster.disks.get(self.node_id, ("", 0))[0] == self.broker.disk_id
+        return self.disk_registered_at is not None
 
     async def _register_disk(self) -> None:
-        """Register this broker's disk in the metadata log unless the log applied here already has it; done once
-        for the life of a data directory, when the broker first starts on it."""
+        """Register this broker's disk in the metadata log unless the log applied here already has it (once for the
+        life of a data directory, when the broker first starts on it); then watch for another disk registered
+        under this node id, which only a second broker started with the same id (or a forged report) makes."""
+        await self._register_until_applied()
+        tick_s = self.broker.config.raft_tick_ms / 1000
+        warned: str | None = None
+        while True:
+            latest = self.broker.cluster.disks.get(self.node_id, self.broker.disk_id)
+            if latest not in (self.broker.disk_id, warned):
+                log.warning("broker %d: the cluster metadata names another disk (ID %s) for node id %d besides this "
+                            "one (%s in %s): is another broker running with this node id? Each broker needs an id "
+                            "of its own", self.node_id, latest, self.node_id, self.broker.disk_id, self.broker.data_dir)
+                warned = latest
+            await asyncio.sleep(tick_s)
+
+    async def _register_until_applied(self) -> None:
         loop = asyncio.get_running_loop()
-        logged = False
+        tick_s = self.broker.config.raft_tick_ms / 1000
         while not self.disk_registered:
             sent = False
             try:
@@ -120,13 +138,12 @@ class ControllerClient:
             except Exception as exc:  # the controller is moving or unreachable: try again
                 log.debug("registering disk %s of broker %d failed (%s); retrying", self.broker.disk_id,
                           self.node_id, exc)
-            if sent and not logged:
+            if sent:
                 log.info("broker %d: registered its disk (ID %s, %s) in the cluster metadata", self.node_id,
                          self.broker.disk_id, self.broker.data_dir)
-                logged = True
             deadline = loop.time() + (DISK_REGISTRATION_APPLY_WAIT_S if sent else DISK_REGISTRATION_RETRY_S)
             while not self.disk_registered and loop.time() < deadline:
-                await asyncio.sleep(self.broker.config.raft_tick_ms / 1000)
+                await asyncio.sleep(tick_s)
 
     async def _send_disk_registration(self) -> bool:
         controller = self._controller()
@@ -329,7 +346,7 @@ class ControllerClient:
             if from_node not in self.broker.peers or not is_disk_id(disk_id):
                 raise errors.InvalidRequest(f"disk registration from broker {from_node} refused: a member of this "
                                             f"cluster {sorted(self.broker.peers)} registers a 32-hex-digit disk ID")
-            if self.broker.cluster.disks.get(from_node, ("", 0))[0] != disk_id:
+            if (from_node, disk_id) not in self.broker.cluster.disk_registrations:
                 await self.propose_command(self._disk_command(from_node, disk_id), LEADER_REPORT_TIMEOUT_S)
         if leaders:
             await self.propose_command({"op": "leaders", "leaders": leaders}, LEADER_REPORT_TIMEOUT_S)

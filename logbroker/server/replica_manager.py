@@ -483,8 +483,15 @@ class ReplicaManager:
         millisecond each, thousands of times). The replicas start on the loop, if the topic is still this one
         and the partition still unopened (a delete or move may have come meanwhile)."""
         loop = asyncio.get_running_loop()
-        logs = await asyncio.gather(*(loop.run_in_executor(self._opener, self._open_log, topic, index, None, True)
-                                      for index in indexes))
+        # One job per opener thread, each opening its share of the chunk in turn: a job per partition cost a trip
+        # to the pool and back for each (thread wake-ups and GIL hand-offs: strace counted 260 futex calls per
+        # new partition), and concurrent creations still share the journal's commits.
+        shares = [indexes[i::OPENER_THREADS] for i in range(min(OPENER_THREADS, len(indexes)))]
+        opened = await asyncio.gather(*(loop.run_in_executor(self._opener, self._open_logs, topic, share)
+                                        for share in shares))
+        by_index = {index: plog for share, plogs in zip(shares, opened, strict=True)
+                    for index, plog in zip(share, plogs, strict=True)}
+        logs = [by_index[index] for index in indexes]
         # The new directories' names in the data directory: one fsync for the chunk, before any replica starts.
         await loop.run_in_executor(self._opener, fsync_dir, self.broker.data_dir)
         for index, plog in zip(indexes, logs, strict=True):
@@ -503,6 +510,10 @@ class ReplicaManager:
         # replicas that held the event loop for two seconds, the broker's heartbeats stopped and its peers
         # took its 1,345 leaderships away. Frozen objects are still freed by reference counting.
         gc.freeze()
+
+    def _open_logs(self, topic: TopicMetadata, indexes: list[int]) -> list[PartitionLog | None]:
+        """In an opener thread: several new partitions' logs, one after the other (see open_partitions)."""
+        return [self._open_log(topic, index, None, True) for index in indexes]
 
     def _open_log(self, topic: TopicMetadata, index: int, damaged_from: int | None = None,
                   in_opener: bool = False) -> PartitionLog | None:
@@ -563,18 +574,27 @@ class ReplicaManager:
     def rejoin_if_state_lost(self, topic_name: str, index: int, replica: Replica) -> bool:
         """A replica holding nothing must catch up from a leader before it votes (Replica.rejoin_after_losing_state)
         when its group has had a leader (the metadata names one) or its partition is older than this broker's disk
-        (created before the disk was registered: a replaced disk's replica, disk_identity.py), whether or not the
-        metadata applied so far names the group's leader: a leader may die before its election is recorded.
-        True once it waits to catch up and the leader the metadata names, if any, was told to resend the log."""
+        (a replaced disk's replica), whether or not the metadata applied so far names the group's leader: a leader
+        may die before its election is recorded. True once it waits to catch up and the leader the metadata names,
+        if any, was told to resend the log."""
         if replica.closed or not replica.holds_nothing:
             return False
         if replica.node.membership.voters == {self.node_id}:
             return False  # its only replica: nobody to catch up from, and nobody it could help elect wrongly
         known = self.broker.cluster.leaders.get((topic_name, index))
-        if known is None and self.broker.controller_client.disk_registered:
+        if known is None and not self._older_than_disk(topic_name):
             return False
         replica.rejoin_after_losing_state(*(known or (None, 0)))
         return known is not None
+
+    def _older_than_disk(self, topic_name: str) -> bool:
+        """Whether the topic was created before this broker's disk was registered (disk_identity.py), or the disk
+        is not registered (yet, or any more): then a replica of it holding nothing lost what it held. Judged by
+        the two commands' places in the metadata log, never by when the replica happens to open (a big topic's
+        replicas open in chunks, some after the replay has applied the registration)."""
+        registered_at = self.broker.controller_client.disk_registered_at
+        topic = self.broker.cluster.topics.get(topic_name)
+        return registered_at is None or (topic is not None and topic.created_offset < registered_at)
 
     def check_replicas_holding_nothing(self) -> None:
         """After leader reports were applied: the replicas opened holding nothing whose group has had a leader

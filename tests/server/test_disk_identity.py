@@ -35,29 +35,31 @@ def test_a_damaged_disk_id_is_refused_with_what_to_do(tmp_path: Path, content: b
     assert (tmp_path / DISK_ID_FILE).read_bytes() == content  # left as found, for the operator
 
 
-def test_a_registration_keeps_its_first_offset_and_a_new_disk_replaces_it() -> None:
+def test_a_registration_keeps_its_first_offset_and_a_new_disk_is_named_last_beside_it() -> None:
     state = ClusterState()
     old, new = "a" * 32, "b" * 32
     assert state.apply({"op": "broker_disk", "node": 2, "disk_id": old}, 5) is None
     state.apply({"op": "broker_disk", "node": 2, "disk_id": old}, 9)  # a retried registration
-    assert state.disks == {2: (old, 5)}
+    assert state.disk_registrations == {(2, old): 5} and state.disks == {2: old}
     state.apply({"op": "broker_disk", "node": 2, "disk_id": new}, 12)  # the disk was replaced
     state.apply({"op": "broker_disk", "node": 3, "disk_id": old}, 13)
-    assert state.disks == {2: (new, 12), 3: (old, 13)}
+    state.apply({"op": "broker_disk", "node": 2, "disk_id": old}, 20)  # the old disk again: still registered at 5
+    assert state.disk_registrations == {(2, old): 5, (2, new): 12, (3, old): 13}
+    assert state.disks == {2: old, 3: old}
 
 
-def _registrations(broker: InProcessBroker) -> tuple[str, bool, dict[int, tuple[str, int]]]:
+def _registrations(broker: InProcessBroker) -> tuple[str, bool, dict[tuple[int, str], int]]:
     assert broker.server is not None
     inner = broker.server.broker
     return inner.disk_id, bool(broker.call(lambda: inner.controller_client.disk_registered)), dict(
-        broker.call(lambda: dict(inner.cluster.disks)))  # type: ignore[call-overload]
+        broker.call(lambda: dict(inner.cluster.disk_registrations)))  # type: ignore[call-overload]
 
 
 def test_a_serving_broker_has_its_disk_registered_once_across_restarts(tmp_path: Path) -> None:
     broker = InProcessBroker(tmp_path / "data").start()  # start() returns once the broker reports SERVING
     try:
         disk_id, registered, disks = _registrations(broker)
-        assert registered and disks == {1: (disk_id, disks[1][1])}
+        assert registered and list(disks) == [(1, disk_id)]
         Admin(broker.address).create_topic("kept", partitions=1)
     finally:
         broker.stop()
