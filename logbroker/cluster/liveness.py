@@ -10,14 +10,9 @@ leads with a replica there, so their heartbeats show the returning follower what
 
 from __future__ import annotations
 
-from collections.abc import Collection
-
 from logbroker.raft.types import Message, MessageType
 
 LIVENESS_GROUP = "__liveness"
-# A peer's list of the brokers it takes for dead counts for this many ticks after its heartbeat (a heartbeat goes
-# every tick, so a fresh one has always come unless the peer or the link is slow).
-REPORT_FRESH_TICKS = 2
 
 
 class Liveness:
@@ -29,27 +24,9 @@ class Liveness:
         self._last_heard: dict[int, int] = {p: 0 for p in self.peers}  # peers start alive: give them a timeout
         self._down: set[int] = set()
         self._returned: list[int] = []  # peers heard from again after being declared down, not yet taken
-        # peer -> (the brokers its last heartbeat named as dead, the tick it came): see confirmed_dead
-        self._reports: dict[int, tuple[frozenset[int], int]] = {}
 
     def heartbeats(self) -> list[tuple[str, Message]]:
-        """One heartbeat to each peer, naming the peers this broker takes for dead."""
-        down = tuple(sorted(self._down))
-        return [(LIVENESS_GROUP, Message(MessageType.HEARTBEAT, self.node_id, peer, 0, down_peers=down))
-                for peer in self.peers]
-
-    def note_report(self, peer: int, down_peers: tuple[int, ...]) -> None:
-        """A peer's heartbeat: the brokers it takes for dead."""
-        self._reports[peer] = (frozenset(down_peers), self._now)
-
-    def confirmed_dead(self, dead: int, witnesses: Collection[int]) -> bool:
-        """There are witnesses (live peers) and every one's heartbeat of the last REPORT_FRESH_TICKS names `dead` as
-        dead: they saw it die too (a broker cut off from `dead` alone finds a witness that still hears it)."""
-        for witness in witnesses:
-            report = self._reports.get(witness)
-            if report is None or dead not in report[0] or self._now - report[1] > REPORT_FRESH_TICKS:
-                return False
-        return bool(witnesses)
+        return [(LIVENESS_GROUP, Message(MessageType.HEARTBEAT, self.node_id, peer, 0)) for peer in self.peers]
 
     def heard_from(self, peer: int) -> None:
         self._last_heard[peer] = self._now

@@ -44,7 +44,6 @@ MAX_TERM = (1 << 31) - 1  # a term is stored as a batch's partitionLeaderEpoch, 
 MAX_WIRE_TERM = MAX_TERM - (1 << 20)
 MAX_OFFSET = (1 << 62)  # far beyond any real log, and still safe to add to
 MAX_ENTRIES_PER_MESSAGE = 100_000
-MAX_DOWN_PEERS = 1024  # a liveness heartbeat names at most this many dead brokers (far more than any cluster has)
 _TERM_FIELDS = ("term", "prev_term", "reject_hint_term", "last_log_term")
 _OFFSET_FIELDS = ("prev_last_offset", "commit_offset", "match_offset", "reject_hint_offset", "last_log_offset",
                   "log_start_offset")
@@ -69,8 +68,6 @@ def _check_fields(raw: pb.RaftMessage, from_node: int | None, to_node: int | Non
         if not -1 <= value <= MAX_OFFSET:
             raise RaftCodecError(f"{where}: {name} {value} is outside -1..{MAX_OFFSET}")
     _check_entries(raw, where)
-    if raw.down_peers and (len(raw.down_peers) > MAX_DOWN_PEERS or min(raw.down_peers) < 0):
-        raise RaftCodecError(f"{where}: down_peers must be at most {MAX_DOWN_PEERS} node ids, none negative")
 
 
 def _check_entries(raw: pb.RaftMessage, where: str) -> None:
@@ -145,8 +142,6 @@ def encode_message_into(out: pb.RaftMessage, group: str, m: Message) -> None:
         # The flag is needed because proto3 cannot tell an empty bytes field from an absent one.
         out.membership = m.membership.encode()
         out.has_membership = True
-    if m.down_peers:
-        out.down_peers.extend(m.down_peers)
 
 
 def decode_message(raw: pb.RaftMessage, from_node: int | None = None,
@@ -180,7 +175,6 @@ def decode_message(raw: pb.RaftMessage, from_node: int | None = None,
             leadership_transfer=raw.leadership_transfer,
             log_start_offset=raw.log_start_offset,
             membership=_decode_membership(raw),
-            down_peers=tuple(raw.down_peers) if raw.down_peers else (),
         )
     except RaftCodecError:
         raise

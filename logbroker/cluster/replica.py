@@ -231,23 +231,14 @@ class Replica:
             self.node.tick()
         self._kick()
 
-    def leader_lost(self, leader_id: int, successor: bool, pre_vote: bool = True) -> None:
+    def leader_lost(self, leader_id: int, successor: bool) -> None:
         """The leader's broker went silent (the broker's liveness says so): forget it and, as the group's picked
-        successor, campaign now (with a pre-vote round unless the other voters confirmed the death: in a cut
-        between two brokers only, the leader is alive and a vote request would raise the successor's term and
-        depose it when the cut heals); otherwise wait longer than the successor (RaftNode.leader_lost)."""
+        successor, campaign now (with a pre-vote round: in a cut between two brokers only, the leader is alive
+        and a vote request would raise the successor's term and depose it when the cut heals); otherwise wait
+        longer than the successor (RaftNode.leader_lost)."""
         self.quiet = False
         self._idle_ticks = 0
-        self.node.leader_lost(leader_id, successor, pre_vote)
-        self._kick()
-
-    def campaign_as_successor(self, pre_vote: bool) -> None:
-        """The broker's liveness picked this replica to succeed a dead leader whose death it first had to see
-        confirmed (ReplicaManager.campaign_confirmed_successions): campaign now, with or without a pre-vote
-        round. Nothing happens if the group has a leader again or this node is already electing."""
-        self.quiet = False
-        self._idle_ticks = 0
-        self.node.campaign(pre_vote=pre_vote)
+        self.node.leader_lost(leader_id, successor)
         self._kick()
 
     def peer_returned(self, peer: int) -> None:

@@ -94,8 +94,6 @@ class Message:
         leader's own commit offset, uncapped, once its term's first entry is committed (-1 before), which a
         node that lost its log waits for before it votes again (RaftNode.wait_to_catch_up)
       RESET_LOG: log_start_offset, prev_term (term at log_start_offset - 1), membership, commit_offset
-    down_peers is not Raft's: the brokers' liveness heartbeats (a group of their own, not a Raft group) carry the
-    peers the sender takes for dead, so a survivor can tell that the others saw a broker die too.
     """
 
     type: MessageType
@@ -115,7 +113,6 @@ class Message:
     leadership_transfer: bool = False
     log_start_offset: int = 0
     membership: Membership | None = None
-    down_peers: tuple[int, ...] = ()
 
     def __repr__(self) -> str:  # short form for traces
         return describe_message(self)

@@ -66,10 +66,6 @@ EARLY_MESSAGES_PER_GROUP_MAX = 4
 EARLY_MESSAGE_GROUPS_MAX = 4096
 EARLY_MESSAGE_TTL_TICKS = 40
 EARLY_MESSAGE_MAX_BYTES = 4096
-# A successor picked after a leader's broker went silent campaigns without a pre-vote round once every other live
-# voter's liveness heartbeat says that broker is dead too; it waits at most this many ticks for that, then campaigns
-# with a pre-vote round (a link cut between two brokers only: the others still hear the leader).
-SUCCESSION_CONFIRM_TICKS = 4
 # A tick later than this many ticks means the event loop was held up (a long request, a starved CPU) for a
 # good part of the liveness timeout: logged at WARNING, at most once per STALL_LOG_INTERVAL_S.
 STALL_WARN_TICKS = 4
@@ -148,9 +144,6 @@ class ReplicaManager:
         # (tick due, replica): new groups waiting quietly for their preferred leader's first campaign, in the order
         # opened, so due ones are at the front (wake_groups_never_elected).
         self._first_leader_due: deque[tuple[int, Replica]] = deque()
-        # dead broker -> (tick to give up waiting, groups it led whose picked successor is here): waiting for the
-        # other voters to confirm the death before a campaign without a pre-vote round (campaign_confirmed_successions)
-        self._successions: dict[int, tuple[int, list[Replica]]] = {}
 
     def raft_config(self) -> RaftConfig:
         config = self.broker.config
@@ -265,8 +258,6 @@ class ReplicaManager:
         self.broker.transport.send_many(liveness.heartbeats())
         for peer in liveness.tick():
             self._on_peer_down(peer)
-        if self._successions:
-            self.campaign_confirmed_successions()
         for peer in liveness.take_returned():
             for replica in list(self._replicas.values()):
                 replica.peer_returned(peer)
@@ -321,76 +312,26 @@ class ReplicaManager:
         partitions at RF3 took 36 s to settle after one broker's SIGKILL). Groups still waiting for their
         preferred leader's first campaign elect as before."""
         woken = 0
-        liveness = self.broker.liveness
-        is_alive = liveness.is_alive
-        # Tell the others at once, not at the next tick: their successors wait for this to skip the pre-vote round.
-        self.broker.transport.send_many(liveness.heartbeats())
-        succeeding: list[Replica] = []
+        is_alive = self.broker.liveness.is_alive
         for replica in list(self._replicas.values()):
             if replica.closed:
                 continue
             if replica.leader_id == peer:
                 successor = pick_successor(replica.group, replica.node.membership.voters, peer, is_alive)
-                if successor != self.node_id:
-                    replica.leader_lost(peer, successor=False)
-                elif liveness.confirmed_dead(peer, self._witnesses(replica, peer)):
-                    replica.leader_lost(peer, successor=True, pre_vote=False)
-                else:
-                    replica.leader_lost(peer, successor=False)  # forgets the leader; campaigns once confirmed
-                    succeeding.append(replica)
+                replica.leader_lost(peer, successor=successor == self.node_id)
             elif replica.leader_id is None and replica.preferred_leader == peer:
                 replica.wake(fast_forward_ticks=self.broker.config.raft_election_ticks)
             else:
                 continue
             woken += 1
-        if succeeding:
-            self._successions[peer] = (self._ticks + SUCCESSION_CONFIRM_TICKS, succeeding)
         log.warning("broker %d silent for %d ticks; %d group(s) it led elect new leaders",
                     peer, self.broker.liveness.timeout_ticks, woken)
 
-    def _witnesses(self, replica: Replica, dead: int) -> list[int]:
-        """The group's other live voters: those whose word on `dead` a campaign without pre-vote needs."""
-        is_alive = self.broker.liveness.is_alive
-        return [v for v in replica.node.membership.voters if v not in (self.node_id, dead) and is_alive(v)]
-
-    def campaign_confirmed_successions(self) -> None:
-        """Groups whose dead leader's picked successor is here campaign: without a pre-vote round once every other
-        live voter's heartbeat names the leader's broker as dead (its vote is then granted at once: a pre-vote
-        round would cost every group one more exchange, thousands at a time after a broker dies), with one after
-        SUCCESSION_CONFIRM_TICKS without that word (the others may still hear the leader: a pre-vote round then
-        keeps this one from raising its term and deposing a live leader when the cut heals). Dropped if the dead
-        broker is heard from again first."""
-        liveness = self.broker.liveness
-        for dead, (give_up_tick, replicas) in list(self._successions.items()):
-            if liveness.is_alive(dead):
-                del self._successions[dead]
-                continue
-            waiting = []
-            for replica in replicas:
-                if replica.closed or replica.leader_id is not None or replica.node.role is not Role.FOLLOWER:
-                    continue
-                if liveness.confirmed_dead(dead, self._witnesses(replica, dead)):
-                    replica.campaign_as_successor(pre_vote=False)
-                elif self._ticks >= give_up_tick:
-                    replica.campaign_as_successor(pre_vote=True)
-                else:
-                    waiting.append(replica)
-            if waiting:
-                self._successions[dead] = (give_up_tick, waiting)
-            else:
-                del self._successions[dead]
-
     def on_raft_messages(self, items: list[tuple[str, Message]]) -> None:
-        liveness = self.broker.liveness
-        heard = liveness.heard_from
+        heard = self.broker.liveness.heard_from
         stepped: dict[Replica, None] = {}
-        reports = False
         for group, message in items:
             heard(message.from_node)
-            if group == LIVENESS_GROUP:
-                liveness.note_report(message.from_node, message.down_peers)
-                reports = True
-                continue
             replica = self._replicas.get(group)
             if replica is not None and not replica.closed:
                 replica.step(message, kick=False)
@@ -405,8 +346,6 @@ class ReplicaManager:
         # acknowledgements, a vote and an append) make one Ready, not one each.
         for replica in stepped:
             replica.kick()
-        if reports and self._successions:
-            self.campaign_confirmed_successions()
 
     def _keep_early(self, group: str, message: Message) -> None:
         """A message for a group with no replica here (yet): kept for the replica about to open (see

@@ -12,7 +12,6 @@ from logbroker_client.proto import logbroker_pb2 as pb
 
 from logbroker.cluster.raft_codec import (
     ENTRY_KIND_TO_WIRE,
-    MAX_DOWN_PEERS,
     MAX_TERM,
     MAX_WIRE_TERM,
     MESSAGE_TYPE_TO_WIRE,
@@ -234,17 +233,3 @@ def test_a_term_without_room_for_more_elections_is_refused(term: int) -> None:
     with pytest.raises(RaftCodecError, match=f"term {term} is outside"):
         decode_message(encode_message("t-0", message))
     assert decode_message(encode_message("t-0", Message(MessageType.HEARTBEAT_RESP, 1, 2, MAX_WIRE_TERM)))
-
-
-def test_a_liveness_heartbeat_carries_the_peers_its_sender_takes_for_dead() -> None:
-    beat = Message(type=MessageType.HEARTBEAT, from_node=1, to_node=2, term=0, down_peers=(3, 7))
-    assert decode_message(encode_message("__liveness", beat)) == ("__liveness", beat)
-    assert decode_message(encode_message("__liveness", Message(MessageType.HEARTBEAT, 1, 2, 0)))[1].down_peers == ()
-
-
-@pytest.mark.parametrize("down_peers", [[-1], list(range(MAX_DOWN_PEERS + 1))])
-def test_a_hostile_list_of_dead_peers_is_refused(down_peers: list[int]) -> None:
-    raw = encode_message("__liveness", Message(type=MessageType.HEARTBEAT, from_node=1, to_node=2, term=0))
-    raw.down_peers.extend(down_peers)
-    with pytest.raises(RaftCodecError, match="down_peers"):
-        decode_message(raw)

@@ -1,6 +1,7 @@
-"""After a broker's death its groups' picked successors campaign without a pre-vote round once the other voters'
-liveness heartbeats confirm the death; when the others still hear the leader (a link cut between two brokers
-only), the successor asks with a pre-vote round and no live leader is deposed when the cut heals."""
+"""After a broker's death its groups' picked successors campaign with a pre-vote round: when the others still hear
+the leader (a link cut between two brokers only), no live leader may be deposed when the cut heals. (A successor
+skipping the pre-vote round deposed it: 98fca3a; a version that skipped it only once the other voters confirmed
+the death was built and withdrawn, see docs/raft.md.)"""
 
 from __future__ import annotations
 

@@ -714,7 +714,7 @@ class RaftEntry(_message.Message):
     def __init__(self, base_offset: _Optional[int] = ..., last_offset: _Optional[int] = ..., term: _Optional[int] = ..., kind: _Optional[int] = ..., payload: _Optional[bytes] = ...) -> None: ...
 
 class RaftMessage(_message.Message):
-    __slots__ = ("group", "type", "from_node", "to_node", "term", "prev_last_offset", "prev_term", "entries", "commit_offset", "match_offset", "reject", "reject_hint_offset", "reject_hint_term", "last_log_offset", "last_log_term", "leadership_transfer", "log_start_offset", "membership", "has_membership", "down_peers")
+    __slots__ = ("group", "type", "from_node", "to_node", "term", "prev_last_offset", "prev_term", "entries", "commit_offset", "match_offset", "reject", "reject_hint_offset", "reject_hint_term", "last_log_offset", "last_log_term", "leadership_transfer", "log_start_offset", "membership", "has_membership")
     GROUP_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     FROM_NODE_FIELD_NUMBER: _ClassVar[int]
@@ -734,7 +734,6 @@ class RaftMessage(_message.Message):
     LOG_START_OFFSET_FIELD_NUMBER: _ClassVar[int]
     MEMBERSHIP_FIELD_NUMBER: _ClassVar[int]
     HAS_MEMBERSHIP_FIELD_NUMBER: _ClassVar[int]
-    DOWN_PEERS_FIELD_NUMBER: _ClassVar[int]
     group: str
     type: int
     from_node: int
@@ -754,8 +753,7 @@ class RaftMessage(_message.Message):
     log_start_offset: int
     membership: bytes
     has_membership: bool
-    down_peers: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, group: _Optional[str] = ..., type: _Optional[int] = ..., from_node: _Optional[int] = ..., to_node: _Optional[int] = ..., term: _Optional[int] = ..., prev_last_offset: _Optional[int] = ..., prev_term: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[RaftEntry, _Mapping]]] = ..., commit_offset: _Optional[int] = ..., match_offset: _Optional[int] = ..., reject: _Optional[bool] = ..., reject_hint_offset: _Optional[int] = ..., reject_hint_term: _Optional[int] = ..., last_log_offset: _Optional[int] = ..., last_log_term: _Optional[int] = ..., leadership_transfer: _Optional[bool] = ..., log_start_offset: _Optional[int] = ..., membership: _Optional[bytes] = ..., has_membership: _Optional[bool] = ..., down_peers: _Optional[_Iterable[int]] = ...) -> None: ...
+    def __init__(self, group: _Optional[str] = ..., type: _Optional[int] = ..., from_node: _Optional[int] = ..., to_node: _Optional[int] = ..., term: _Optional[int] = ..., prev_last_offset: _Optional[int] = ..., prev_term: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[RaftEntry, _Mapping]]] = ..., commit_offset: _Optional[int] = ..., match_offset: _Optional[int] = ..., reject: _Optional[bool] = ..., reject_hint_offset: _Optional[int] = ..., reject_hint_term: _Optional[int] = ..., last_log_offset: _Optional[int] = ..., last_log_term: _Optional[int] = ..., leadership_transfer: _Optional[bool] = ..., log_start_offset: _Optional[int] = ..., membership: _Optional[bytes] = ..., has_membership: _Optional[bool] = ...) -> None: ...
 
 class ProduceRequest(_message.Message):
     __slots__ = ("acks", "timeout_ms", "partitions")
