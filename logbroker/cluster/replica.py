@@ -258,7 +258,7 @@ class Replica:
         """No term, no vote and an empty log: a replica that never took part in its group, or lost its disk."""
         return self.node.term == 0 and self.node.vote is None and self.node.log.last_offset < 0
 
-    def rejoin_after_losing_state(self, leader_hint: int | None, leader_term: int = 0) -> None:
+    def rejoin_after_losing_state(self, leader_hint: int | None, leader_term: int = 0, lost: bool = True) -> None:
         """This replica holds nothing (holds_nothing) of a group that has had a leader: its data is gone (a wiped
         or replaced disk), or it never had any. Either way it must not vote until it has caught up from a
         leader (RaftNode.wait_to_catch_up), or it could help elect a leader lacking what it once acknowledged.
@@ -267,12 +267,19 @@ class Replica:
         meanwhile. Sent in the leader's term as the metadata reports it (leader_term), the answer itself tells
         the leader where this log ends; if that term is out of date the leader's core drops it, and the
         wake-up alone leads to the same. It promises nothing (no vote, no entry), so it needs no saved term.
-        Called again once the leader is known (the first call had no hint), it only sends that answer."""
+        Called again once the leader is known (the first call had no hint), it only sends that answer. lost=False
+        when the broker knows the replica is new here (its partition is newer than the broker's disk): joining a
+        group that elected before it opened is routine then (a big topic's replicas open a chunk at a time), so
+        it is logged at DEBUG, not as lost state."""
         if not self.node.catching_up:
             self.node.wait_to_catch_up()
-            log.warning("%s: broker %d holds no Raft state or log for this partition, which has had a leader or is "
-                        "older than this broker's disk: it takes no part in elections until it has caught up from "
-                        "the leader", self.name, self.node_id)
+            if lost:
+                log.warning("%s: broker %d holds no Raft state or log for this partition, which has had a leader or "
+                            "is older than this broker's disk: it takes no part in elections until it has caught up "
+                            "from the leader", self.name, self.node_id)
+            else:
+                log.debug("%s: new on broker %d, opened after its group elected a leader; it catches up before it "
+                          "votes", self.name, self.node_id)
         if leader_hint is not None and leader_hint != self.node_id:
             self._transport.send_many([(self.group, Message(
                 MessageType.HEARTBEAT_RESP, self.node_id, leader_hint, max(leader_term, self.node.term),

@@ -582,9 +582,11 @@ class ReplicaManager:
         if replica.node.membership.voters == {self.node_id}:
             return False  # its only replica: nobody to catch up from, and nobody it could help elect wrongly
         known = self.broker.cluster.leaders.get((topic_name, index))
-        if known is None and not self._older_than_disk(topic_name):
+        older = self._older_than_disk(topic_name)
+        if known is None and not older:
             return False
-        replica.rejoin_after_losing_state(*(known or (None, 0)))
+        leader, term = known if known is not None else (None, 0)
+        replica.rejoin_after_losing_state(leader, term, lost=older)
         return known is not None
 
     def _older_than_disk(self, topic_name: str) -> bool:
