@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import re
 import time
@@ -107,6 +108,7 @@ class RaftTransport:
         self._stopped = False
         self._server: asyncio.Server | None = None
         self._inbound: set[_Inbound] = set()
+        self.inbound_opened = itertools.count()  # numbers inbound connections in the order they open
         self.misaddressed_envelopes = 0
         self.undecodable_envelopes = 0
         self.refused_connections = 0
@@ -559,7 +561,9 @@ class _Inbound(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self.nonce = wire.new_nonce()
         self.remote = "?"
-        self.opened_s = self._loop.time()
+        # The order connections were opened in: the loop's clock is read once per turn (uvloop caches it), so
+        # connections accepted in one turn had equal times, and "the oldest" pushed out was any one of them.
+        self.opened_order = next(owner.inbound_opened)
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._from_node: int | None = None
@@ -578,7 +582,7 @@ class _Inbound(asyncio.Protocol):
         if len(pending) >= wire.MAX_PENDING_HANDSHAKES:
             # Close the oldest, not this one: a real peer proves itself within a round trip, so strangers who hold
             # idle handshakes open cannot keep it out; they only push each other out.
-            oldest = min(pending, key=lambda other: other.opened_s)
+            oldest = min(pending, key=lambda other: other.opened_order)
             self._owner._refuse(oldest.remote, f"{len(pending)} connections are still in their handshake; the "
                                                "oldest is closed", "too many")
             oldest.close()

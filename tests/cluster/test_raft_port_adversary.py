@@ -317,6 +317,7 @@ def test_a_stranger_speaking_another_protocol_is_refused_at_once(target: Cluster
 # ------------------------------------------------------------------------------------------- floods
 
 FLOOD_CONNECTIONS = wire.MAX_PENDING_HANDSHAKES + 36
+SHED_WINDOW_S = 1.0  # far below wire.HANDSHAKE_TIMEOUT_S: a connection closed by then was shed, not timed out
 STORM_CYCLES = 300
 
 
@@ -343,7 +344,11 @@ def test_more_idle_handshakes_than_the_limit_are_shed_and_all_closed(target: Clu
     flood = open_flood(target, FLOOD_CONNECTIONS)
     try:
         started = time.monotonic()
-        shed = sum(closed_within(sock, 0.05) for sock in flood[:FLOOD_CONNECTIONS - wire.MAX_PENDING_HANDSHAKES])
+        # Shed at once: all of them well before the handshake deadline (5 s) would close them anyway. One window
+        # for all, not 50 ms each: on two loaded cores a close now and then came later than that.
+        shed_by = started + SHED_WINDOW_S
+        shed = sum(closed_within(sock, max(0.0, shed_by - time.monotonic()))
+                   for sock in flood[:FLOOD_CONNECTIONS - wire.MAX_PENDING_HANDSHAKES])
         assert shed >= FLOOD_CONNECTIONS - wire.MAX_PENDING_HANDSHAKES - 4, f"only {shed} excess connections shed"
         serving.assert_serving()  # established links are not handshakes: the flood does not touch them
         for sock in flood:
