@@ -34,7 +34,7 @@ from logbroker.raft.membership import Membership
 from logbroker.raft.types import Entry, Message, MessageType, RaftConfig, Role
 from logbroker.server import errors
 from logbroker.storage import filenames
-from logbroker.storage.files import fsync_dir, fsync_file, probe_write
+from logbroker.storage.files import FileSystemSync, fsync_dir, fsync_file, probe_write
 from logbroker.storage.log import PartitionLog
 from logbroker.storage.partition_metadata import TopicIdentity, read_identity, sync_identity, write_identity
 
@@ -483,18 +483,25 @@ class ReplicaManager:
         millisecond each, thousands of times). The replicas start on the loop, if the topic is still this one
         and the partition still unopened (a delete or move may have come meanwhile)."""
         loop = asyncio.get_running_loop()
-        # One job per opener thread, each opening its share of the chunk in turn: a job per partition cost a trip
-        # to the pool and back for each (thread wake-ups and GIL hand-offs: strace counted 260 futex calls per
-        # new partition), and concurrent creations still share the journal's commits.
-        shares = [indexes[i::OPENER_THREADS] for i in range(min(OPENER_THREADS, len(indexes)))]
-        opened = await asyncio.gather(*(loop.run_in_executor(self._opener, self._open_logs, topic, share)
-                                        for share in shares))
-        by_index = {index: plog for share, plogs in zip(shares, opened, strict=True)
-                    for index, plog in zip(share, plogs, strict=True)}
-        logs = [by_index[index] for index in indexes]
-        # The new directories' names in the data directory: one fsync for the chunk, before any replica starts.
-        await loop.run_in_executor(self._opener, fsync_dir, self.broker.data_dir)
-        for index, plog in zip(indexes, logs, strict=True):
+        # One syncfs makes the whole chunk's new files durable (opened first: see FileSystemSync), where each new
+        # partition cost three fsyncs (its identity file, its directory, the data directory's entry for it).
+        chunk_sync = FileSystemSync(self.broker.data_dir)
+        try:
+            # One job per opener thread, each opening its share of the chunk in turn: a job per partition cost a
+            # trip to the pool and back for each (thread wake-ups and GIL hand-offs: strace counted 260 futex
+            # calls per new partition), and concurrent creations still share the journal's commits.
+            shares = [indexes[i::OPENER_THREADS] for i in range(min(OPENER_THREADS, len(indexes)))]
+            opened = await asyncio.gather(*(loop.run_in_executor(self._opener, self._open_logs, topic, share)
+                                            for share in shares))
+            by_index = {index: plog for share, plogs in zip(shares, opened, strict=True)
+                        for index, plog in zip(share, plogs, strict=True)}
+            logs = [(index, by_index[index]) for index in indexes]
+            # Before any replica starts: the chunk's files and names durable, by one syncfs or file by file.
+            await loop.run_in_executor(self._opener, self._make_creation_durable, chunk_sync, topic, logs)
+        finally:
+            chunk_sync.close()
+        logs_only = [plog for _, plog in logs]
+        for index, plog in zip(indexes, logs_only, strict=True):
             if plog is None:
                 continue
             current = self.broker.cluster.topics.get(topic.name)
@@ -515,13 +522,29 @@ class ReplicaManager:
         """In an opener thread: several new partitions' logs, one after the other (see open_partitions)."""
         return [self._open_log(topic, index, None, True) for index in indexes]
 
+    def _make_creation_durable(self, chunk_sync: FileSystemSync, topic: TopicMetadata,
+                               logs: list[tuple[int, PartitionLog | None]]) -> None:
+        """In an opener thread: the chunk's new files and names durable, by one syncfs (then the logs' first
+        flushes owe nothing for them), else by fsyncing each new identity file and the data directory (the logs'
+        first flushes then fsync their own directories)."""
+        if chunk_sync.sync():
+            for _, plog in logs:
+                if plog is not None:
+                    plog.creation_made_durable()
+            return
+        for index, plog in logs:
+            if plog is not None:
+                identity = self.broker.data_dir / filenames.partition_dir_name(topic.name, index)
+                fsync_file(identity / filenames.PARTITION_METADATA_FILE)
+        fsync_dir(self.broker.data_dir)
+
     def _open_log(self, topic: TopicMetadata, index: int, damaged_from: int | None = None,
                   in_opener: bool = False) -> PartitionLog | None:
         """The partition's log, its directory claimed for this topic (created if new); None if it cannot be.
 
-        A new directory is made durable before anything in it is: its identity file and its name in the data
-        directory by the opening thread (in_opener: open_partitions fsyncs the data directory once per chunk)
-        or else by the log's first flush, and the directory's own entries by that flush in either case."""
+        A new directory is made durable before anything in it is: in_opener, by open_partitions for the whole
+        chunk (_make_creation_durable) before any replica starts; otherwise its identity file by the log's first
+        flush; and the directory's own entries by that flush unless open_partitions' syncfs covered them."""
         directory = self.broker.data_dir / filenames.partition_dir_name(topic.name, index)
         try:
             claim = self._claim_directory(topic, directory)
@@ -529,9 +552,7 @@ class ReplicaManager:
                 return None
             plog = PartitionLog.open(directory, self.broker.controller_client.log_config(topic.configs),
                                      topic.name, index)
-            if claim is _NEW_DIRECTORY and in_opener:
-                fsync_file(directory / filenames.PARTITION_METADATA_FILE)
-            elif claim is _NEW_DIRECTORY:
+            if claim is _NEW_DIRECTORY and not in_opener:  # open_partitions makes the opener's durable
                 plog.sync_at_first_flush(lambda: sync_identity(directory))
             if damaged_from is not None and plog.log_start_offset <= damaged_from < plog.log_end_offset:
                 # A damaged batch stopped the replica: what follows it here is lost; the leader resends it.

@@ -666,6 +666,12 @@ class PartitionLog:
         with self._lock:
             self._first_flush_syncs.append(sync)
 
+    def creation_made_durable(self) -> None:
+        """The caller made this partition's new files and their names durable (FileSystemSync): the first flush
+        owes no fsync for them any more."""
+        with self._lock:
+            self._first_flush_syncs.clear()
+
     def _run_first_flush_syncs(self) -> None:
         while self._first_flush_syncs:
             self._first_flush_syncs[0]()  # kept until it succeeds: a failed flush retries it
