@@ -62,7 +62,6 @@ class ClusterState:
     # disk ever registered, so a later registration for the same node id (a second broker started with it, or a
     # forged report) never makes an earlier disk's partitions look older than it.
     disk_registrations: dict[tuple[int, str], int] = field(default_factory=dict)
-    disks: dict[int, str] = field(default_factory=dict)  # broker -> the disk ID registered last for it
 
     def hosts(self, topic: TopicMetadata, partition: int) -> list[int]:
         """Brokers that hold a replica of the partition: its assignment, plus a move's new brokers."""
@@ -85,7 +84,6 @@ class ClusterState:
         if op == "broker_disk":
             node, disk_id = command["node"], command["disk_id"]
             self.disk_registrations.setdefault((node, disk_id), offset)  # a retried registration keeps the first
-            self.disks[node] = disk_id
             return None
         if op == "group_configs":
             merged = {**self.group_configs.get(command["group"], {}), **command["configs"]}

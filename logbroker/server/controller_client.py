@@ -112,23 +112,18 @@ class ControllerClient:
     def disk_registered(self) -> bool:
         return self.disk_registered_at is not None
 
-    async def _register_disk(self) -> None:
-        """Register this broker's disk in the metadata log unless the log applied here already has it (once for the
-        life of a data directory, when the broker first starts on it); then watch for another disk registered
-        under this node id, which only a second broker started with the same id (or a forged report) makes."""
-        await self._register_until_applied()
-        tick_s = self.broker.config.raft_tick_ms / 1000
-        warned: str | None = None
-        while True:
-            latest = self.broker.cluster.disks.get(self.node_id, self.broker.disk_id)
-            if latest not in (self.broker.disk_id, warned):
-                log.warning("broker %d: the cluster metadata names another disk (ID %s) for node id %d besides this "
-                            "one (%s in %s): is another broker running with this node id? Each broker needs an id "
-                            "of its own", self.node_id, latest, self.node_id, self.broker.disk_id, self.broker.data_dir)
-                warned = latest
-            await asyncio.sleep(tick_s)
+    def _note_disk_registration(self, command: dict[str, Any]) -> None:
+        """Applied: a disk registration. Another disk registered under this node id after this broker's own is
+        what only a second broker started with the same id (or a forged report) makes: said once per such disk
+        (those before this disk's own registration are the disks this node id had before)."""
+        if command["node"] == self.node_id and command["disk_id"] != self.broker.disk_id and self.disk_registered:
+            log.warning("broker %d: the cluster metadata names another disk (ID %s) for node id %d besides this one "
+                        "(%s in %s): is another broker running with this node id? Each broker needs an id of its own",
+                        self.node_id, command["disk_id"], self.node_id, self.broker.disk_id, self.broker.data_dir)
 
-    async def _register_until_applied(self) -> None:
+    async def _register_disk(self) -> None:
+        """Register this broker's disk in the metadata log unless the log applied here already has it: once for the
+        life of a data directory, when the broker first starts on it."""
         loop = asyncio.get_running_loop()
         tick_s = self.broker.config.raft_tick_ms / 1000
         while not self.disk_registered:
@@ -190,6 +185,8 @@ class ControllerClient:
                 # Damaged on this broker's disk: cut the metadata log here and fetch the rest from the others.
                 raise DamagedLogError(CONTROLLER_GROUP, entry.base_offset, str(exc)) from None
             event = self.broker.cluster.apply(command, entry.base_offset)
+            if command.get("op") == "broker_disk":
+                self._note_disk_registration(command)
             if event is None:
                 continue
             if event.kind == "created":

@@ -495,13 +495,12 @@ class ReplicaManager:
                                             for share in shares))
             by_index = {index: plog for share, plogs in zip(shares, opened, strict=True)
                         for index, plog in zip(share, plogs, strict=True)}
-            logs = [(index, by_index[index]) for index in indexes]
+            logs = [by_index[index] for index in indexes]
             # Before any replica starts: the chunk's files and names durable, by one syncfs or file by file.
-            await loop.run_in_executor(self._opener, self._make_creation_durable, chunk_sync, topic, logs)
+            await loop.run_in_executor(self._opener, self._make_creation_durable, chunk_sync, logs)
         finally:
             chunk_sync.close()
-        logs_only = [plog for _, plog in logs]
-        for index, plog in zip(indexes, logs_only, strict=True):
+        for index, plog in zip(indexes, logs, strict=True):
             if plog is None:
                 continue
             current = self.broker.cluster.topics.get(topic.name)
@@ -522,20 +521,17 @@ class ReplicaManager:
         """In an opener thread: several new partitions' logs, one after the other (see open_partitions)."""
         return [self._open_log(topic, index, None, True) for index in indexes]
 
-    def _make_creation_durable(self, chunk_sync: FileSystemSync, topic: TopicMetadata,
-                               logs: list[tuple[int, PartitionLog | None]]) -> None:
+    def _make_creation_durable(self, chunk_sync: FileSystemSync, logs: list[PartitionLog | None]) -> None:
         """In an opener thread: the chunk's new files and names durable, by one syncfs (then the logs' first
         flushes owe nothing for them), else by fsyncing each new identity file and the data directory (the logs'
         first flushes then fsync their own directories)."""
+        opened = [plog for plog in logs if plog is not None]
         if chunk_sync.sync():
-            for _, plog in logs:
-                if plog is not None:
-                    plog.creation_made_durable()
+            for plog in opened:
+                plog.creation_made_durable()
             return
-        for index, plog in logs:
-            if plog is not None:
-                identity = self.broker.data_dir / filenames.partition_dir_name(topic.name, index)
-                fsync_file(identity / filenames.PARTITION_METADATA_FILE)
+        for plog in opened:
+            fsync_file(plog.directory / filenames.PARTITION_METADATA_FILE)
         fsync_dir(self.broker.data_dir)
 
     def _open_log(self, topic: TopicMetadata, index: int, damaged_from: int | None = None,

@@ -644,10 +644,11 @@ class PartitionLog:
             started = time.perf_counter()
             try:
                 self._run_first_flush_syncs()
-                segments = self._segments
-                for segment in segments[:-1]:  # sealed ones (their flush at sealing failed if they are dirty)
-                    segment.flush()
-                segments[-1].flush(indexes=False)  # the active one's indexes: rebuilt after a crash anyway
+                # Only the active segment can hold unsynced bytes: a segment is fsynced whole when sealed (a roll
+                # whose seal fails leaves it active), and recovery, truncation and compaction flush what they
+                # leave behind. Its indexes are left out: after a crash the loader rebuilds the active segment's.
+                # (This ran over every segment on each flush: Python work per write growing with the log.)
+                self._segments[-1].flush(indexes=False)
                 if target > self._durable_offset:
                     self._durable_offset = target
                     if self._bases[-1] > self._checkpointed_offset:

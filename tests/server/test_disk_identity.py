@@ -35,17 +35,16 @@ def test_a_damaged_disk_id_is_refused_with_what_to_do(tmp_path: Path, content: b
     assert (tmp_path / DISK_ID_FILE).read_bytes() == content  # left as found, for the operator
 
 
-def test_a_registration_keeps_its_first_offset_and_a_new_disk_is_named_last_beside_it() -> None:
+def test_a_registration_keeps_its_first_offset_and_a_new_disk_is_kept_beside_it() -> None:
     state = ClusterState()
     old, new = "a" * 32, "b" * 32
     assert state.apply({"op": "broker_disk", "node": 2, "disk_id": old}, 5) is None
     state.apply({"op": "broker_disk", "node": 2, "disk_id": old}, 9)  # a retried registration
-    assert state.disk_registrations == {(2, old): 5} and state.disks == {2: old}
+    assert state.disk_registrations == {(2, old): 5}
     state.apply({"op": "broker_disk", "node": 2, "disk_id": new}, 12)  # the disk was replaced
     state.apply({"op": "broker_disk", "node": 3, "disk_id": old}, 13)
     state.apply({"op": "broker_disk", "node": 2, "disk_id": old}, 20)  # the old disk again: still registered at 5
     assert state.disk_registrations == {(2, old): 5, (2, new): 12, (3, old): 13}
-    assert state.disks == {2: old, 3: old}
 
 
 def _registrations(broker: InProcessBroker) -> tuple[str, bool, dict[tuple[int, str], int]]:
@@ -68,3 +67,19 @@ def test_a_serving_broker_has_its_disk_registered_once_across_restarts(tmp_path:
         assert _registrations(again) == (disk_id, True, disks)  # the same disk: not registered a second time
     finally:
         again.stop()
+
+
+def test_another_disk_registered_under_this_node_id_is_logged_once(tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    broker = InProcessBroker(tmp_path / "data").start()
+    try:
+        assert broker.server is not None
+        client = broker.server.broker.controller_client
+        other = "c" * 32
+        with caplog.at_level("WARNING", logger="logbroker.broker"):
+            broker.run(client.propose_command({"op": "broker_disk", "node": 1, "disk_id": other}, 10))
+        warned = [r.getMessage() for r in caplog.records if "another disk" in r.getMessage()]
+        assert len(warned) == 1 and other in warned[0] and "node id 1" in warned[0], warned
+        assert broker.call(lambda: client.disk_registered)  # its own registration stands
+    finally:
+        broker.stop()
