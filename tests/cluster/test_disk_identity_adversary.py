@@ -34,7 +34,6 @@ from tests.support.checker import AckLog, assert_clean, make_value, read_log
 from tests.support.cluster import CLUSTER_SECRET_FILE, BrokerCluster
 
 LEADER_TIMEOUT_S = 30.0
-CATCH_UP_TIMEOUT_S = 45.0
 FIRST_LEADER_DEADLINE_S = 2.0  # 10 election timeouts of 10 ticks of 20 ms (the cluster fixture's tick)
 HELD = "holds no Raft state or log"  # Replica.rejoin_after_losing_state's warning
 
@@ -63,46 +62,8 @@ def controller_leader(cluster: BrokerCluster, *via: int) -> int:
         return int(admin.describe_cluster().controller_id)
 
 
-def wipe(cluster: BrokerCluster, node: int) -> None:
-    """The operator replaces a broker's disk: kill -9 and delete its data directory (not started again)."""
-    cluster.kill(node)
-    shutil.rmtree(cluster.brokers[node].data_dir)
-    cluster.brokers[node].data_dir.mkdir()
-
-
 def disk_id_of(cluster: BrokerCluster, node: int) -> str:
     return (cluster.brokers[node].data_dir / DISK_ID_FILE).read_text(encoding="ascii").strip()
-
-
-def log_since(cluster: BrokerCluster, node: int, since: int) -> str:
-    with open(cluster.brokers[node].log_path, "rb") as f:
-        f.seek(since)
-        return f.read().decode(errors="replace")
-
-
-def log_size(cluster: BrokerCluster, node: int) -> int:
-    path = cluster.brokers[node].log_path
-    return path.stat().st_size if path.exists() else 0
-
-
-def every_partition_led(cluster: BrokerCluster, topics: dict[str, int], exclude: tuple[int, ...] = (),
-                        timeout_s: float = LEADER_TIMEOUT_S) -> dict[tuple[str, int], int]:
-    """Every partition of every topic gets a leader a majority agrees on, all within one deadline."""
-    deadline = time.monotonic() + timeout_s
-    leaders: dict[tuple[str, int], int] = {}
-    for topic, count in topics.items():
-        for partition in range(count):
-            left = max(deadline - time.monotonic(), 0.5)
-            leaders[(topic, partition)] = cluster.leader_of(topic, partition, timeout_s=left, exclude=exclude)
-    return leaders
-
-
-def every_replica_caught_up(cluster: BrokerCluster, topics: dict[str, int], nodes: list[int] | None = None,
-                            timeout_s: float = CATCH_UP_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    for topic, count in topics.items():
-        for partition in range(count):
-            cluster.wait_caught_up(topic, partition, nodes, timeout_s=max(deadline - time.monotonic(), 0.5))
 
 
 def produce_to(bootstrap: str, topic: str, partitions: list[int], per_partition: int, acks: AckLog,
@@ -257,29 +218,29 @@ def test_replaced_disk_of_a_big_topic_never_votes_in_a_leader_lacking_acked_reco
     leader, wiped, lagging = _roles_for_unrecorded_leader(cluster)
     _cut_grpc_from(cluster, leader)
     create_topic(cluster, topic, partitions, wiped)
-    leaders = every_partition_led(cluster, {topic: partitions})
+    leaders = cluster.leaders_of_all({topic: partitions})
     mine = sorted(p for (_, p), node in leaders.items() if node == leader)
     assert mine, f"broker {leader} leads none of {topic}'s partitions: {leaders}"
     acks = AckLog()
     produce_to(cluster.bootstrap_of(leader), topic, mine, 5, acks, tag=b"all")
-    every_replica_caught_up(cluster, {topic: partitions})
+    cluster.wait_all_caught_up({topic: partitions})
     cluster.kill(lagging)
     produce_to(cluster.bootstrap_of(leader), topic, mine, 10, acks, tag=b"lagging-down")
     cluster.kill(leader)
-    wipe(cluster, wiped)
-    since = log_size(cluster, wiped)
+    cluster.brokers[wiped].replace_disk()
+    since = cluster.brokers[wiped].log_size()
     cluster.brokers[wiped].launch()
     cluster.brokers[lagging].launch()
     cluster.wait_serving(wiped, lagging)
     # Hold the fault for a while: the first-leader deadline (2 s) and several election timeouts pass.
     ends = acked_ends(acks, mine)
     bad = watch_for(5.0, lambda: leaders_lacking_acked(cluster, topic, ends, [wiped, lagging]))
-    held = log_since(cluster, wiped, since).count(HELD)
+    held = cluster.brokers[wiped].log_since(since).count(HELD)
     opened = "in turns, off the event loop" if partitions > OPEN_PARTITIONS_AT_ONCE else "synchronously"
     cluster.heal()
     cluster.brokers[leader].launch()
     cluster.wait_serving(leader)
-    every_partition_led(cluster, {topic: partitions})
+    cluster.leaders_of_all({topic: partitions})
     lost = ""
     try:
         assert_acked_readable(cluster.bootstrap, topic, mine, acks, context=f"L={leader} W={wiped} B={lagging}: ")
@@ -308,15 +269,16 @@ def _secret(cluster: BrokerCluster) -> str:
 
 def _new_topic_elects_promptly(cluster: BrokerCluster, name: str, partitions: int, timeout_s: float) -> list[str]:
     """Create a topic; the partitions that got no leader within timeout_s, and brokers that held a replica."""
-    since = {n: log_size(cluster, n) for n in cluster.brokers}
+    since = {n: cluster.brokers[n].log_size() for n in cluster.brokers}
     create_topic(cluster, name, partitions)
     problems = []
     try:
-        every_partition_led(cluster, {name: partitions}, timeout_s=timeout_s)
+        cluster.leaders_of_all({name: partitions}, timeout_s=timeout_s)
     except AssertionError as exc:
         problems.append(str(exc))
     for node in cluster.brokers:
-        held = [line for line in log_since(cluster, node, since[node]).splitlines() if HELD in line and name in line]
+        logged = cluster.brokers[node].log_since(since[node]).splitlines()
+        held = [line for line in logged if HELD in line and name in line]
         if held:
             problems.append(f"broker {node} held {len(held)} replica(s) of the new topic {name}: {held[0][:200]}")
     return problems
@@ -371,10 +333,10 @@ def test_disk_id_deleted_from_an_intact_data_directory_loses_nothing(cluster: Br
     broker down in turn every partition still gets a leader) and lose no acked record."""
     topic, partitions = "intact", 3
     create_topic(cluster, topic, partitions)
-    leaders = every_partition_led(cluster, {topic: partitions})
+    leaders = cluster.leaders_of_all({topic: partitions})
     acks = AckLog()
     produce_to(cluster.bootstrap, topic, list(range(partitions)), 20, acks, tag=b"before")
-    every_replica_caught_up(cluster, {topic: partitions})
+    cluster.wait_all_caught_up({topic: partitions})
     node = leaders[(topic, 0)]
     old_id = disk_id_of(cluster, node)
     cluster.kill(node)
@@ -382,14 +344,14 @@ def test_disk_id_deleted_from_an_intact_data_directory_loses_nothing(cluster: Br
     cluster.restart(node)
     assert is_disk_id(disk_id_of(cluster, node)) and disk_id_of(cluster, node) != old_id
     produce_to(cluster.bootstrap, topic, list(range(partitions)), 20, acks, tag=b"after")
-    every_replica_caught_up(cluster, {topic: partitions})
+    cluster.wait_all_caught_up({topic: partitions})
     for other in [n for n in cluster.brokers if n != node]:
         cluster.kill(other)
-        every_partition_led(cluster, {topic: partitions}, exclude=(other,))
+        cluster.leaders_of_all({topic: partitions}, exclude=(other,))
         assert_acked_readable(cluster.bootstrap_of(*[n for n in cluster.brokers if n != other]), topic,
                               list(range(partitions)), acks, context=f"broker {other} down: ")
         cluster.restart(other)
-        every_replica_caught_up(cluster, {topic: partitions})
+        cluster.wait_all_caught_up({topic: partitions})
 
 
 def test_rf1_partition_on_a_replaced_disk_gets_a_leader_again(cluster: BrokerCluster) -> None:
@@ -397,11 +359,11 @@ def test_rf1_partition_on_a_replaced_disk_gets_a_leader_again(cluster: BrokerClu
     partition must not stay leaderless waiting to catch up from nobody: it elects and takes writes again."""
     topic = "single"
     create_topic(cluster, topic, 3, rf=1)
-    leaders = every_partition_led(cluster, {topic: 3}, timeout_s=LEADER_TIMEOUT_S)
+    leaders = cluster.leaders_of_all({topic: 3}, timeout_s=LEADER_TIMEOUT_S)
     node = leaders[(topic, 0)]
     mine = sorted(p for (_, p), n in leaders.items() if n == node)
     produce_to(cluster.bootstrap, topic, mine, 10, AckLog(), tag=b"old")
-    wipe(cluster, node)
+    cluster.brokers[node].replace_disk()
     cluster.brokers[node].launch()
     cluster.wait_serving(node)
     for partition in mine:
@@ -414,11 +376,11 @@ def test_rf1_partition_on_a_replaced_disk_gets_a_leader_again(cluster: BrokerClu
 def _replace_disk_and_wait(cluster: BrokerCluster, node: int, topics: dict[str, int]) -> None:
     """Replace `node`'s disk (kill -9, data deleted, restarted empty) and wait until every partition is led and
     every replica, the new one included, holds the leader's whole log."""
-    wipe(cluster, node)
+    cluster.brokers[node].replace_disk()
     cluster.brokers[node].launch()
     cluster.wait_serving(node)
-    every_partition_led(cluster, topics)
-    every_replica_caught_up(cluster, topics)
+    cluster.leaders_of_all(topics)
+    cluster.wait_all_caught_up(topics)
 
 
 @pytest.mark.slow  # three disk replacements in turn on three brokers, about 10 s: make test-slow
@@ -428,16 +390,16 @@ def test_every_disk_replaced_in_turn_loses_nothing_and_every_new_disk_votes(clus
     end every acked record is readable although no broker holds its original disk."""
     topic, partitions = "turns", 4
     create_topic(cluster, topic, partitions)
-    every_partition_led(cluster, {topic: partitions})
+    cluster.leaders_of_all({topic: partitions})
     acks = AckLog()
     everything = list(range(partitions))
     for round_no, node in enumerate(sorted(cluster.brokers)):
         produce_to(cluster.bootstrap, topic, everything, 10, acks, tag=b"r%d" % round_no)
-        every_replica_caught_up(cluster, {topic: partitions})
+        cluster.wait_all_caught_up({topic: partitions})
         _replace_disk_and_wait(cluster, node, {topic: partitions})
         down = next(n for n in sorted(cluster.brokers) if n != node)
         cluster.kill(down)
-        every_partition_led(cluster, {topic: partitions}, exclude=(down,))
+        cluster.leaders_of_all({topic: partitions}, exclude=(down,))
         assert_acked_readable(cluster.bootstrap_of(*[n for n in cluster.brokers if n != down]), topic, everything,
                               acks, context=f"round {round_no}, disk of {node} replaced, {down} down: ")
         cluster.restart(down)
@@ -451,7 +413,7 @@ def test_replaced_disk_while_all_three_restart_at_once(cluster: BrokerCluster) -
     brokers that kept its disk down, the new disk's broker must vote: every partition led, nothing lost."""
     topics = {"full": 4, "fresh": 30}
     create_topic(cluster, "full", 4)
-    every_partition_led(cluster, {"full": 4})
+    cluster.leaders_of_all({"full": 4})
     acks = AckLog()
     produce_to(cluster.bootstrap, "full", list(range(4)), 20, acks)
     create_topic(cluster, "fresh", 30)  # its leader reports may not be out when everything dies
@@ -466,11 +428,11 @@ def test_replaced_disk_while_all_three_restart_at_once(cluster: BrokerCluster) -
     for broker in cluster.brokers.values():
         broker.launch()
     cluster.wait_serving()
-    every_partition_led(cluster, topics)
-    every_replica_caught_up(cluster, topics)
+    cluster.leaders_of_all(topics)
+    cluster.wait_all_caught_up(topics)
     down = 3
     cluster.kill(down)
-    every_partition_led(cluster, topics, exclude=(down,))
+    cluster.leaders_of_all(topics, exclude=(down,))
     assert_acked_readable(cluster.bootstrap_of(1, 2), "full", list(range(4)), acks)
 
 
@@ -524,8 +486,8 @@ def test_slow_preferred_leader_during_creation_no_split_brain_and_every_partitio
     finally:
         fault_thread.join()
     assert not split, split
-    every_partition_led(cluster, {topic: partitions})
-    every_replica_caught_up(cluster, {topic: partitions})
+    cluster.leaders_of_all({topic: partitions})
+    cluster.wait_all_caught_up({topic: partitions})
     split = watch_for(2.0, lambda: _same_term_leaders(cluster, topic, partitions, claims))
     assert not split, split
     acks = AckLog()
@@ -551,7 +513,7 @@ def test_preferred_leader_learning_of_a_topic_late_causes_no_split_brain(proxied
     acks = AckLog()
     try:
         create_topic(cluster, topic, partitions, controller, third)
-        every_partition_led(cluster, {topic: partitions}, exclude=(late,))
+        cluster.leaders_of_all({topic: partitions}, exclude=(late,))
         produce_to(cluster.bootstrap_of(controller, third), topic, list(range(partitions)), 5, acks, tag=b"cut")
         split = _same_term_leaders(cluster, topic, partitions, claims)
     finally:
@@ -559,7 +521,7 @@ def test_preferred_leader_learning_of_a_topic_late_causes_no_split_brain(proxied
     assert not split, split
     split = watch_for(3.0, lambda: _same_term_leaders(cluster, topic, partitions, claims))
     assert not split, split
-    every_partition_led(cluster, {topic: partitions})
-    every_replica_caught_up(cluster, {topic: partitions})
+    cluster.leaders_of_all({topic: partitions})
+    cluster.wait_all_caught_up({topic: partitions})
     produce_to(cluster.bootstrap, topic, list(range(partitions)), 5, acks, tag=b"healed")
     assert_acked_readable(cluster.bootstrap, topic, list(range(partitions)), acks)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -129,9 +128,7 @@ def test_wiped_replica_does_not_elect_a_leader_that_lacks_acknowledged_records(c
     cluster.wait_caught_up(topic, 0)
     cluster.pause(behind)
     produce_sequence(cluster.bootstrap_of(leader, wiped), topic, 50, 200, acks)
-    cluster.kill(wiped)
-    shutil.rmtree(cluster.brokers[wiped].data_dir)
-    cluster.brokers[wiped].data_dir.mkdir()
+    cluster.brokers[wiped].replace_disk()
     cluster.kill(leader)
     cluster.resume(behind)
     cluster.brokers[wiped].launch()
@@ -151,9 +148,7 @@ def test_wiped_replica_does_not_elect_a_leader_that_lacks_acknowledged_records(c
 
 def wipe_and_restart(cluster: BrokerCluster, node: int) -> None:
     """The operator replaces a broker's disk: kill -9, delete its data directory, start it again empty."""
-    cluster.kill(node)
-    shutil.rmtree(cluster.brokers[node].data_dir)
-    cluster.brokers[node].data_dir.mkdir()
+    cluster.brokers[node].replace_disk()
     cluster.brokers[node].launch()
     cluster.wait_serving(node)
 

@@ -15,17 +15,6 @@ PARTITIONS = 3  # at RF3 on three brokers, one partition's preferred leader is e
 LEADER_TIMEOUT_S = 20.0
 
 
-def _log_size(cluster: BrokerCluster, node: int) -> int:
-    return cluster.brokers[node].log_path.stat().st_size
-
-
-def _logged(cluster: BrokerCluster, node: int, text: str, since: int = 0) -> bool:
-    """Whether broker `node` logged `text` past byte `since` of its log."""
-    with open(cluster.brokers[node].log_path, "rb") as f:
-        f.seek(since)
-        return text.encode() in f.read()
-
-
 def test_a_new_partition_whose_preferred_broker_cannot_learn_of_it_still_gets_a_leader(
         proxied_cluster: BrokerCluster) -> None:
     cluster = proxied_cluster
@@ -36,10 +25,10 @@ def test_a_new_partition_whose_preferred_broker_cannot_learn_of_it_still_gets_a_
     # the controller leader takes cut_off for dead and waits for third, which hears cut_off and waits for it.
     cut_off = ordered[(ordered.index(controller) + 1) % len(ordered)]
     third = ordered[(ordered.index(controller) + 2) % len(ordered)]
-    since = _log_size(cluster, controller)  # a broker may have been silent a moment at start-up too
+    since = cluster.brokers[controller].log_size()  # a broker may have been silent a moment at start-up too
     cluster.cut_link(controller, cut_off)
     cluster.cut_link(cut_off, controller)
-    wait_until(lambda: _logged(cluster, controller, f"broker {cut_off} silent", since), 20,
+    wait_until(lambda: f"broker {cut_off} silent" in cluster.brokers[controller].log_since(since), 20,
                f"the controller leader (broker {controller}) to take broker {cut_off} for dead")
 
     with Admin(cluster.address(controller), request_timeout_ms=int(LEADER_TIMEOUT_S * 1000)) as admin:
@@ -50,7 +39,8 @@ def test_a_new_partition_whose_preferred_broker_cannot_learn_of_it_still_gets_a_
 
     leader = cluster.leader_of(TOPIC, stranded, timeout_s=LEADER_TIMEOUT_S)
     assert leader in (controller, third)
-    assert any(_logged(cluster, n, "their preferred leader's broker never campaigned") for n in (controller, third))
+    assert any("their preferred leader's broker never campaigned" in cluster.brokers[n].log_since(0)
+               for n in (controller, third))
     with Producer(cluster.bootstrap_of(controller, third), acks="all") as producer:
         written = producer.send(TOPIC, value=b"while cut", partition=stranded).result(timeout=LEADER_TIMEOUT_S)
 

@@ -4,7 +4,6 @@ registration in the metadata log tells partitions older than the disk from new o
 
 from __future__ import annotations
 
-import shutil
 import time
 
 from logbroker_client import Admin, Producer
@@ -28,12 +27,6 @@ def produce(bootstrap: str, partition: int, first_seq: int, count: int, acks: Ac
             producer.send(TOPIC, value=value, partition=partition).add_done_callback(acks.callback(value))
         producer.flush(timeout=LEADER_TIMEOUT_S)
     assert acks.count() == before + count, acks.summary()
-
-
-def replace_disk(cluster: BrokerCluster, node: int) -> None:
-    cluster.kill(node)
-    shutil.rmtree(cluster.brokers[node].data_dir)
-    cluster.brokers[node].data_dir.mkdir()
 
 
 def test_a_replaced_disk_does_not_vote_for_a_lagging_replica_when_no_leader_was_recorded(
@@ -61,7 +54,7 @@ def test_a_replaced_disk_does_not_vote_for_a_lagging_replica_when_no_leader_was_
     cluster.isolate(lagging)
     produce(cluster.bootstrap_of(leader, controller), partition, 20, 50, acks)  # held by L and C only
     acked_end = max(offset for _, offset in acks.snapshot().values())
-    replace_disk(cluster, controller)
+    cluster.brokers[controller].replace_disk()
     cluster.kill(leader)
     cluster.heal()  # L's reports never reached C, and L is gone
     cluster.brokers[controller].launch()

@@ -25,7 +25,6 @@ from tests.support.checker import AckLog, assert_clean, make_value, read_log
 from tests.support.cluster import BrokerCluster
 
 LEADER_TIMEOUT_S = 30.0
-CATCH_UP_TIMEOUT_S = 30.0
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -57,45 +56,10 @@ def delete_topic(cluster: BrokerCluster, name: str, *via: int) -> None:
     wait_until(deleted, LEADER_TIMEOUT_S, f"topic {name} to be deleted", interval_s=0.2)
 
 
-def wipe(cluster: BrokerCluster, node: int) -> None:
-    """The operator replaces a broker's disk: kill -9 and delete its data directory (not started again)."""
-    cluster.kill(node)
-    shutil.rmtree(cluster.brokers[node].data_dir)
-    cluster.brokers[node].data_dir.mkdir()
-
-
-def log_size(cluster: BrokerCluster, node: int) -> int:
-    path = cluster.brokers[node].log_path
-    return path.stat().st_size if path.exists() else 0
-
-
 def wait_log(cluster: BrokerCluster, node: int, text: str, since: int, timeout_s: float = 30.0) -> None:
     """Wait until broker `node`'s log, past byte `since` (this run of it), holds `text`."""
-    def found() -> bool:
-        with open(cluster.brokers[node].log_path, "rb") as f:
-            f.seek(since)
-            return text.encode() in f.read()
-    wait_until(found, timeout_s, f"broker {node} to log {text!r}", interval_s=0.01)
-
-
-def assert_every_partition_led(cluster: BrokerCluster, topics: dict[str, int], exclude: tuple[int, ...] = (),
-                               timeout_s: float = LEADER_TIMEOUT_S) -> dict[tuple[str, int], int]:
-    """Every partition of every topic gets a leader a majority agrees on, all within one deadline."""
-    deadline = time.monotonic() + timeout_s
-    leaders: dict[tuple[str, int], int] = {}
-    for topic, count in topics.items():
-        for partition in range(count):
-            left = max(deadline - time.monotonic(), 1.0)
-            leaders[(topic, partition)] = cluster.leader_of(topic, partition, timeout_s=left, exclude=exclude)
-    return leaders
-
-
-def assert_every_replica_caught_up(cluster: BrokerCluster, topics: dict[str, int],
-                                   timeout_s: float = CATCH_UP_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    for topic, count in topics.items():
-        for partition in range(count):
-            cluster.wait_caught_up(topic, partition, timeout_s=max(deadline - time.monotonic(), 1.0))
+    wait_until(lambda: text in cluster.brokers[node].log_since(since), timeout_s, f"broker {node} to log {text!r}",
+               interval_s=0.01)
 
 
 def produce_all(bootstrap: str, topic: str, partitions: int, per_partition: int, acks: AckLog,
@@ -202,7 +166,7 @@ def test_clients_reach_every_leader_while_brokers_are_cut_off(proxied_cluster: B
     cluster = proxied_cluster
     topic, partitions = "adv", 3
     create_topic(cluster, topic, partitions)
-    assert_every_partition_led(cluster, {topic: partitions})
+    cluster.leaders_of_all({topic: partitions})
     direct = {n: b.address for n, b in cluster.brokers.items()}
     for node in cluster.brokers:
         with Admin(cluster.bootstrap_of(node), request_timeout_ms=5000) as admin:
@@ -221,13 +185,13 @@ def test_clients_reach_every_leader_while_brokers_are_cut_off(proxied_cluster: B
             cut_off = ()
         try:
             # Leaders move off an isolated broker; a client bootstrapped at it (or anywhere) must follow.
-            assert_every_partition_led(cluster, {topic: partitions}, exclude=cut_off)
+            cluster.leaders_of_all({topic: partitions}, exclude=cut_off)
             for boot in cluster.brokers:
                 produce_all(cluster.bootstrap_of(boot), topic, partitions, 5, acks,
                             tag=b"r%d-b%d" % (round_no, boot))
         finally:
             cluster.heal()
-    assert_every_replica_caught_up(cluster, {topic: partitions})
+    cluster.wait_all_caught_up({topic: partitions})
     for boot in cluster.brokers:
         assert_acked_readable(cluster, topic, partitions, acks, cluster.bootstrap_of(boot))
 
@@ -242,17 +206,17 @@ def test_replaced_disk_never_helps_elect_a_leader_lacking_acked_records(cluster:
     is back every acked record is there, and no partition is left without a leader."""
     topic, partitions = "safety", 2
     create_topic(cluster, topic, partitions)
-    leaders = assert_every_partition_led(cluster, {topic: partitions})
+    leaders = cluster.leaders_of_all({topic: partitions})
     leader = leaders[(topic, 0)]
     acks = AckLog()
     produce_all(cluster.bootstrap, topic, partitions, 20, acks, tag=b"before")
-    assert_every_replica_caught_up(cluster, {topic: partitions})
+    cluster.wait_all_caught_up({topic: partitions})
     others = [n for n in cluster.brokers if n != leader]
     lagging, wiped = others
     cluster.kill(lagging)
     produce_all(cluster.bootstrap_of(leader, wiped), topic, partitions, 30, acks, tag=b"lagging-down")
     cluster.kill(leader)
-    wipe(cluster, wiped)
+    cluster.brokers[wiped].replace_disk()
     cluster.brokers[wiped].launch()
     cluster.brokers[lagging].launch()
     cluster.wait_serving(wiped, lagging)
@@ -270,12 +234,12 @@ def test_replaced_disk_never_helps_elect_a_leader_lacking_acked_records(cluster:
         time.sleep(0.1)
     cluster.brokers[leader].launch()
     cluster.wait_serving(leader)
-    assert_every_partition_led(cluster, {topic: partitions})
-    assert_every_replica_caught_up(cluster, {topic: partitions})
+    cluster.leaders_of_all({topic: partitions})
+    cluster.wait_all_caught_up({topic: partitions})
     assert_acked_readable(cluster, topic, partitions, acks)
     # The wiped broker caught up for real: with the old leader gone again, it and the lagging one elect.
     cluster.kill(leader)
-    assert_every_partition_led(cluster, {topic: partitions}, exclude=(leader,))
+    cluster.leaders_of_all({topic: partitions}, exclude=(leader,))
     assert_acked_readable(cluster, topic, partitions, acks, cluster.bootstrap_of(wiped, lagging))
 
 
@@ -290,13 +254,13 @@ def test_topic_changes_during_replays_and_full_restarts_never_deadlock(cluster: 
     create_topic(cluster, "doomed", 2)
     create_topic(cluster, "reborn", 2)
     acks = AckLog()
-    assert_every_partition_led(cluster, {"kept": 2, "doomed": 2, "reborn": 2})
+    cluster.leaders_of_all({"kept": 2, "doomed": 2, "reborn": 2})
     produce_all(cluster.bootstrap, "kept", 2, 10, acks, tag=b"kept")
-    wipe(cluster, 3)
+    cluster.brokers[3].replace_disk()
     create_topic(cluster, "missed", 2, 1, 2)  # broker 3 never took part
     delete_topic(cluster, "reborn", 1, 2)
     create_topic(cluster, "reborn", 3, 1, 2)  # the same name again, a new topic ID
-    since = log_size(cluster, 3)
+    since = cluster.brokers[3].log_size()
     cluster.brokers[3].launch()
     wait_log(cluster, 3, "serving on", since)  # its port is open: it is replaying the metadata log now
     cluster.pause(3)
@@ -308,13 +272,13 @@ def test_topic_changes_during_replays_and_full_restarts_never_deadlock(cluster: 
     cluster.wait_serving(3)
     create_topic(cluster, "after", 2)
     topics = {"kept": 2, "missed": 2, "reborn": 3, "during": 2, "doomed": 1, "after": 2}
-    assert_every_partition_led(cluster, topics)
-    assert_every_replica_caught_up(cluster, topics)
+    cluster.leaders_of_all(topics)
+    cluster.wait_all_caught_up(topics)
     assert "holds no Raft state or log" in cluster.brokers[3].log_text()[since:]  # the hold was exercised
     cluster.kill(1)  # broker 3 must be a voter again everywhere
-    assert_every_partition_led(cluster, topics, exclude=(1,))
+    cluster.leaders_of_all(topics, exclude=(1,))
     cluster.restart(1)
-    assert_every_replica_caught_up(cluster, topics)
+    cluster.wait_all_caught_up(topics)
     assert_acked_readable(cluster, "kept", 2, acks)
 
     # Every broker killed together, right after a topic was created (its leader report may not be out yet),
@@ -330,10 +294,10 @@ def test_topic_changes_during_replays_and_full_restarts_never_deadlock(cluster: 
     create_topic(cluster, "racing", 2)  # while all three replay
     cluster.wait_serving()
     topics.update({"lastsecond": 3, "racing": 2})
-    assert_every_partition_led(cluster, topics)
-    assert_every_replica_caught_up(cluster, topics)
+    cluster.leaders_of_all(topics)
+    cluster.wait_all_caught_up(topics)
     cluster.kill(3)  # broker 2 must have caught up on everything and vote with broker 1
-    assert_every_partition_led(cluster, topics, exclude=(3,))
+    cluster.leaders_of_all(topics, exclude=(3,))
     assert_acked_readable(cluster, "kept", 2, acks, cluster.bootstrap_of(1, 2))
 
 
@@ -345,7 +309,7 @@ def test_broker_cut_off_from_the_controller_leader_during_replay(proxied_cluster
     broker votes."""
     cluster = proxied_cluster
     create_topic(cluster, "base", 3)
-    assert_every_partition_led(cluster, {"base": 3})
+    cluster.leaders_of_all({"base": 3})
     acks = AckLog()
     produce_all(cluster.bootstrap, "base", 3, 10, acks, tag=b"base")
     with Admin(cluster.bootstrap, request_timeout_ms=5000) as admin:
@@ -353,11 +317,11 @@ def test_broker_cut_off_from_the_controller_leader_during_replay(proxied_cluster
     assert controller in cluster.brokers
     victim = next(n for n in sorted(cluster.brokers) if n != controller)
     third = next(n for n in sorted(cluster.brokers) if n not in (controller, victim))
-    wipe(cluster, victim)
+    cluster.brokers[victim].replace_disk()
     create_topic(cluster, "unseen", 2, controller, third)
     cluster.cut_link(victim, controller)
     cluster.cut_link(controller, victim)
-    since = log_size(cluster, victim)
+    since = cluster.brokers[victim].log_size()
     cluster.brokers[victim].launch()
     try:
         wait_log(cluster, victim, "serving on", since)  # started, replaying through the third broker only
@@ -366,7 +330,7 @@ def test_broker_cut_off_from_the_controller_leader_during_replay(proxied_cluster
         # The cluster keeps serving through the two connected brokers, also for a client of the cut-off one.
         produce_all(cluster.bootstrap_of(controller, third), "base", 3, 5, acks, tag=b"cut")
         topics_now = {"base": 3, "cutoff": 2}
-        assert_every_partition_led(cluster, topics_now)
+        cluster.leaders_of_all(topics_now)
         # The cut-off broker must not lead a partition with a log missing acknowledged records.
         ends = {p: max(o for v, (pp, o) in acks.snapshot().items() if pp == p) for p in range(3)}
         for partition in range(3):
@@ -386,8 +350,8 @@ def test_broker_cut_off_from_the_controller_leader_during_replay(proxied_cluster
         cluster.heal()
     cluster.wait_serving(victim)
     topics = {"base": 3, "cutoff": 2}
-    assert_every_partition_led(cluster, topics)
-    assert_every_replica_caught_up(cluster, topics)
+    cluster.leaders_of_all(topics)
+    cluster.wait_all_caught_up(topics)
     cluster.kill(controller)
-    assert_every_partition_led(cluster, topics, exclude=(controller,))
+    cluster.leaders_of_all(topics, exclude=(controller,))
     assert_acked_readable(cluster, "base", 3, acks, cluster.bootstrap_of(victim, third))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -186,6 +187,22 @@ class ClusterBroker(BrokerProcess):
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def log_size(self) -> int:
+        """The log file's size in bytes: a mark to read what it logs from then on (log_since)."""
+        return self.log_path.stat().st_size if self.log_path.exists() else 0
+
+    def log_since(self, mark: int) -> str:
+        """What it logged past byte `mark` of its log (log_size)."""
+        with open(self.log_path, "rb") as f:
+            f.seek(mark)
+            return f.read().decode(errors="replace")
+
+    def replace_disk(self) -> None:
+        """The operator replaces the broker's disk: SIGKILL, then an empty data directory (not started again)."""
+        self.kill()
+        shutil.rmtree(self.data_dir)
+        self.data_dir.mkdir()
 
 
 class BrokerCluster:
@@ -461,6 +478,22 @@ class BrokerCluster:
         except AssertionError as exc:
             raise AssertionError(f"{exc}; last views: {last}") from None
         return dict(last)
+
+    def leaders_of_all(self, topics: Mapping[str, int], timeout_s: float = 30.0,
+                       exclude: tuple[int, ...] = ()) -> dict[tuple[str, int], int]:
+        """Every partition of every topic (name -> partition count) gets a live leader a majority agrees on, all
+        within one deadline; (topic, partition) -> leader."""
+        deadline = time.monotonic() + timeout_s
+        return {(topic, partition): self.leader_of(topic, partition, max(deadline - time.monotonic(), 0.5), exclude)
+                for topic, count in topics.items() for partition in range(count)}
+
+    def wait_all_caught_up(self, topics: Mapping[str, int], nodes: list[int] | None = None,
+                           timeout_s: float = 45.0) -> None:
+        """wait_caught_up for every partition of every topic, all within one deadline."""
+        deadline = time.monotonic() + timeout_s
+        for topic, count in topics.items():
+            for partition in range(count):
+                self.wait_caught_up(topic, partition, nodes, timeout_s=max(deadline - time.monotonic(), 0.5))
 
     def read_local_partition(self, node: int, topic: str, partition: int, high_watermark: int) -> list[Stored]:
         """The data records below high_watermark in a stopped broker's own segment files."""
