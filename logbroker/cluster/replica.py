@@ -182,6 +182,11 @@ class Replica:
     def tick(self) -> None:
         self._idle_ticks += 1
         self.node.tick()
+        if self._busy:
+            # A Ready is being persisted (after a failover a new leader's first entry waits behind thousands of
+            # fsyncs): its heartbeats leave now, or its followers, whose answers to them keep it leader, hear
+            # nothing for an election timeout and check-quorum deposes it (then it campaigns again).
+            self._send(self.node.take_messages_before_persist())
         self._kick()
 
     def step(self, message: Message, kick: bool = True) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from logbroker.cluster.raft_storage import ReplicaState, ReplicaStateFile
-from logbroker.cluster.state_log import STATE_LOG_FILE, GroupStateFile, RaftStateLog
+from logbroker.cluster.state_log import STATE_LOG_FILE, GroupStateFile, RaftStateLog, _encode
 from logbroker.raft.membership import Membership
 from logbroker.storage.files import OS_FILES, FileSystem
 from tests.raft.runtime_sim.disk import SimDisk
@@ -142,6 +143,33 @@ def test_the_file_is_rewritten_with_one_record_per_group_once_it_grows(tmp_path:
     assert again.groups == ["g0", "g1", "g2"]
     assert again.state_of("g0") == state(198, vote=1)
     assert again.state_of("g1") == state(199, vote=1)
+
+
+def test_every_field_of_the_state_survives_reopening(tmp_path: Path) -> None:
+    every_field_set = ReplicaState(term=7, vote=3, commit_offset=41, start_prev_term=5, voters=(1, 2, 3),
+                                   learners=(4,), log_start_offset=12)
+    assert all(getattr(every_field_set, f.name) != f.default for f in dataclasses.fields(ReplicaState))
+    log = RaftStateLog.open(tmp_path)
+    log.save("g", every_field_set)
+    log.close()
+    assert RaftStateLog.open(tmp_path).state_of("g") == every_field_set
+
+
+def test_the_live_size_counts_one_record_per_group_across_reopens_and_rewrites(tmp_path: Path) -> None:
+    """The rewrite threshold compares the file with the live records' size, which is kept per group, not
+    computed again at each save: it must match what a rewrite writes, whatever happened before."""
+    log = RaftStateLog.open(tmp_path, min_compact_bytes=1500)
+    for term in range(1, 60):
+        log.save(f"group-{term % 7}", state(term, vote=term % 3 or None))
+    log.forget("group-3")
+    log.close()
+    log = RaftStateLog.open(tmp_path, min_compact_bytes=1500)
+    for term in range(60, 90):
+        log.save(f"group-{term % 5}-{'x' * (term % 4)}", state(term, vote=1))
+    log.forget("group-0")
+    expected = sum(len(_encode(group, log.state_of(group))) for group in log.groups)
+    assert log._live_bytes == expected
+    log.close()
 
 
 def test_concurrent_saves_share_fdatasyncs_and_all_survive(tmp_path: Path) -> None:
