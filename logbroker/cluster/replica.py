@@ -29,6 +29,7 @@ from typing import Protocol
 
 from logbroker_client import records as rec
 
+from logbroker.cluster.persist_queue import PersistQueue
 from logbroker.cluster.producer_state import BatchIdentity, ProducerStateTable, rebuild_from_log
 from logbroker.cluster.raft_storage import (
     DamagedLogError,
@@ -90,11 +91,14 @@ class Replica:
         clock_ms: Callable[[], int] = now_ms,
         rng: random.Random | None = None,
         state_executor: Executor | None = None,
+        persist_queue: PersistQueue | None = None,
     ) -> None:
         """transport, executor (the blocking appends and fsyncs run there), clock_ms (wall-clock milliseconds for
         the timestamps of the batches it writes) and rng (the node's election timeouts) are what a simulation
         replaces (tests/raft/runtime_sim); the file layer comes with plog and state_file. state_executor runs
-        the state log's shared fdatasyncs (GroupStateFile.save_soon); executor unless given."""
+        the state log's shared fdatasyncs (GroupStateFile.save_soon); executor unless given. persist_queue, shared
+        by a broker's replicas, carries each Ready's write and fsync to executor (several in one trip when they
+        queue); one of this replica's own unless given."""
         self.group = group  # the Raft group's key on the wire
         self.name = name or group  # what logs and errors call it: topic-partition
         self.node_id = raft_config.node_id
@@ -119,6 +123,7 @@ class Replica:
                              self.state.membership, self.state.hard_state, applied_offset)
         self._transport = transport
         self._executor = executor
+        self._persist_queue = persist_queue or PersistQueue(executor, max_jobs=1)
         self._state_executor = state_executor or executor
         # The broker's shared state log saves from the loop (GroupStateFile.save_soon); a file of its own cannot.
         self._save_state_soon = getattr(state_file, "save_soon", None)
@@ -570,8 +575,8 @@ class Replica:
             # kept the freed chunks (measured: tens of MB more RSS on an idle broker).
             await loop.run_in_executor(self._executor, self._write, entries_to_batches(chunk, timestamp_ms),
                                        timestamp_ms)
-        await loop.run_in_executor(self._executor, self._write_and_fsync,
-                                   entries_to_batches(chunks[-1], timestamp_ms), timestamp_ms, state)
+        await self._persist_queue.run(self._write_and_fsync, entries_to_batches(chunks[-1], timestamp_ms),
+                                      timestamp_ms, state)
         # Read back soon on a leader (to replicate) and on every replica (committed entries are handed to be
         # applied): from the cache, not the disk (a follower re-read and re-parsed each batch it had written).
         self._storage.remember(entries)

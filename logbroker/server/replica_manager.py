@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from logbroker.cluster.liveness import LIVENESS_GROUP
 from logbroker.cluster.metadata import CONTROLLER_GROUP, TopicMetadata
+from logbroker.cluster.persist_queue import PersistQueue
 from logbroker.cluster.raft_storage import RecentEntries
 from logbroker.cluster.replica import Replica
 from logbroker.cluster.state_log import GroupStateFile, RaftStateLog
@@ -120,6 +121,9 @@ class ReplicaManager:
         # begin an epoch (PartitionLog.save_epochs): after a failover, each of thousands of first appends waited on
         # a file rewrite as long as its fsync, in the pool every append queues for.
         self._epochs_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epochs")
+        # The partitions' writes and fsyncs go to the flush pool through one queue, which shares a trip among
+        # several when all its threads are busy (after a failover, thousands of first entries at once).
+        self._persist_queue = PersistQueue(broker.executor, max_jobs=broker.config.flush_threads)
         self._epochs_saving: Future[None] | None = None
         self._ticks = 0
         self._early_messages: dict[str, tuple[int, list[Message]]] = {}  # group -> (tick first kept, messages)
@@ -163,7 +167,8 @@ class ReplicaManager:
         replica = Replica(group, plog, state_file, membership, self.raft_config(), broker.transport, executor,
                           on_commit, self._on_leader_change, applied_offset=applied_offset if controller else None,
                           persist_commit=controller, name=plog.directory.name, on_failure=self._on_replica_failed,
-                          cache=self._recent_entries, state_executor=self._state_sync_executor)
+                          cache=self._recent_entries, state_executor=self._state_sync_executor,
+                          persist_queue=None if controller else self._persist_queue)
         self._replicas[group] = replica
         replica.on_wake = self._note_awake
         self._awake[replica] = None

@@ -1,0 +1,137 @@
+"""PersistQueue: a lone job goes at once, alone; queued jobs share trips to the pool, each with its own outcome,
+never more than max_jobs in the pool at once, in the order they came."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from logbroker.cluster.persist_queue import PersistQueue
+
+GATE_WAIT_S = 10.0
+
+
+class Disk:
+    """Jobs that record the order they ran in and how many ran at once, held at a gate until it opens."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.gate.set()
+        self.ran: list[int] = []
+        self.threads: set[str] = set()
+        self._lock = threading.Lock()
+        self._now = 0
+        self.most_at_once = 0
+
+    def job(self, number: int) -> int:
+        with self._lock:
+            self._now += 1
+            self.most_at_once = max(self.most_at_once, self._now)
+        try:
+            assert self.gate.wait(GATE_WAIT_S), "the test never opened the gate"
+            with self._lock:
+                self.ran.append(number)
+                self.threads.add(threading.current_thread().name)
+            return number * 10
+        finally:
+            with self._lock:
+                self._now -= 1
+
+    def failing_job(self, number: int) -> int:
+        self.job(number)
+        raise OSError(28, f"no space left on device for job {number}")
+
+
+async def until(condition: object, what: str) -> None:
+    deadline = asyncio.get_running_loop().time() + GATE_WAIT_S
+    while not condition():  # type: ignore[operator]
+        assert asyncio.get_running_loop().time() < deadline, f"{what} not within {GATE_WAIT_S} s"
+        await asyncio.sleep(0.001)
+
+
+def test_a_lone_job_goes_at_once_in_a_trip_of_its_own() -> None:
+    async def scenario() -> None:
+        disk = Disk()
+        with ThreadPoolExecutor(4) as pool:
+            queue = PersistQueue(pool, max_jobs=4)
+            assert await queue.run(disk.job, 7) == 70
+            assert await queue.run(disk.job, 8) == 80
+            assert (queue.trips, queue.jobs) == (2, 2)
+            assert all(name != threading.current_thread().name for name in disk.threads)  # ran in the pool
+
+    asyncio.run(scenario())
+
+
+def test_queued_jobs_share_trips_keep_their_order_and_never_exceed_the_pool() -> None:
+    async def scenario() -> None:
+        disk = Disk()
+        with ThreadPoolExecutor(8) as pool:
+            queue = PersistQueue(pool, max_jobs=2, max_batch=4)
+            disk.gate.clear()
+            calls = [asyncio.ensure_future(queue.run(disk.job, n)) for n in range(20)]
+            await until(lambda: queue.waiting == 18, "two jobs in the pool and the rest queued")
+            disk.gate.set()
+            assert await asyncio.gather(*calls) == [n * 10 for n in range(20)]
+            assert disk.ran == list(range(20))  # first come, first written
+            assert disk.most_at_once <= 2, disk.most_at_once
+            assert queue.jobs == 20
+            assert queue.trips <= 2 + 18 // 4 + 1, queue.trips  # the 18 queued went at most 4 to a trip
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_job_fails_its_own_caller_only() -> None:
+    async def scenario() -> None:
+        disk = Disk()
+        with ThreadPoolExecutor(2) as pool:
+            queue = PersistQueue(pool, max_jobs=1, max_batch=8)
+            disk.gate.clear()
+            first = asyncio.ensure_future(queue.run(disk.job, 0))
+            await until(lambda: disk.most_at_once == 1, "the first job to be in the pool")
+            calls = [asyncio.ensure_future(queue.run(disk.failing_job if n == 2 else disk.job, n)) for n in (1, 2, 3)]
+            await until(lambda: queue.waiting == 3, "three jobs queued behind it")
+            disk.gate.set()
+            assert await first == 0
+            outcomes = await asyncio.gather(*calls, return_exceptions=True)
+            assert outcomes[0] == 10 and outcomes[2] == 30
+            assert isinstance(outcomes[1], OSError) and "job 2" in str(outcomes[1])
+            assert queue.trips == 2  # the three queued ones shared one trip
+
+    asyncio.run(scenario())
+
+
+def test_a_caller_that_stops_waiting_leaves_the_others_answered() -> None:
+    async def scenario() -> None:
+        disk = Disk()
+        with ThreadPoolExecutor(2) as pool:
+            queue = PersistQueue(pool, max_jobs=1)
+            disk.gate.clear()
+            first = asyncio.ensure_future(queue.run(disk.job, 0))
+            await until(lambda: disk.most_at_once == 1, "the first job to be in the pool")
+            abandoned = asyncio.ensure_future(queue.run(disk.job, 1))
+            kept = asyncio.ensure_future(queue.run(disk.job, 2))
+            await until(lambda: queue.waiting == 2, "two jobs queued")
+            abandoned.cancel()  # a replica closed while its write waited
+            disk.gate.set()
+            assert await first == 0 and await kept == 20
+            with pytest.raises(asyncio.CancelledError):
+                await abandoned
+            assert disk.ran == [0, 1, 2]  # handed over, so it runs: as with run_in_executor
+
+    asyncio.run(scenario())
+
+
+def test_jobs_after_the_pool_shut_down_fail_with_its_error() -> None:
+    async def scenario() -> None:
+        disk = Disk()
+        pool = ThreadPoolExecutor(1)
+        queue = PersistQueue(pool, max_jobs=1)
+        pool.shutdown()
+        with pytest.raises(RuntimeError, match="shutdown"):
+            await queue.run(disk.job, 1)
+        assert disk.ran == []
+
+    asyncio.run(scenario())
