@@ -50,6 +50,7 @@ FETCH_BYTES_PER_TURN = 1024 * 1024
 FETCH_PARTITIONS_PER_TURN = 256
 LIST_OFFSETS_YIELD_EVERY = 1_000  # partitions looked up between turns of the event loop
 VALID_ACKS = (-1, 0, 1)
+_LEADER_NOT_AVAILABLE = pb.ErrorCode.LEADER_NOT_AVAILABLE  # read once: protobuf enum lookups are slow
 DEFAULT_REQUEST_TIMEOUT_MS = 30_000  # when a Produce or CreateTopics request names no timeout
 DESCRIBE_TIMEOUT_S = 5.0
 # How long a Metadata for a topic this broker does not know waits for the other brokers' word, and then for
@@ -194,13 +195,19 @@ class BrokerService(pb_grpc.BrokerServicer):
             except Exception as exc:
                 topic.error_code, topic.error_message = _error(exc, name)
                 continue
+            add_partition = topic.partitions.add
             for view in partition_views(broker, spec):
-                topic.partitions.add(
-                    partition=view.partition, leader_id=view.leader if view.leader is not None else -1,
-                    leader_epoch=view.replica.term if view.replica is not None else -1,
-                    replicas=view.replicas, isr=view.isr,
-                    error_code=pb.ErrorCode.NONE if view.leader is not None else pb.ErrorCode.LEADER_NOT_AVAILABLE,
-                )
+                # Per partition of a 10,000-partition answer, so: error_code is left at its default (NONE) when
+                # there is a leader, and the enum's value is a module constant (protobuf's enum attribute lookup
+                # was a third of each add).
+                if view.leader is not None:
+                    add_partition(partition=view.partition, leader_id=view.leader,
+                                  leader_epoch=view.replica.node.term if view.replica is not None else -1,
+                                  replicas=view.replicas, isr=view.isr)
+                else:
+                    add_partition(partition=view.partition, leader_id=-1,
+                                  leader_epoch=view.replica.node.term if view.replica is not None else -1,
+                                  replicas=view.replicas, isr=view.isr, error_code=_LEADER_NOT_AVAILABLE)
         return response
 
     async def _catch_up_on_topics(self, names: list[str], context: Any) -> dict[str, str]:

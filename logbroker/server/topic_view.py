@@ -32,7 +32,7 @@ def partition_views(broker: Broker, topic: TopicMetadata) -> list[PartitionView]
     replicas = broker.replicas
     views = []
     for index, assignment in enumerate(topic.assignment):
-        replica = replicas.replica(topic.name, index)
+        replica = replicas.hosted_replica(topic.name, index)  # the partition exists: it is in the assignment
         views.append(PartitionView(index, assignment, replicas.known_leader(topic.name, index),
                                    replicas.in_sync_replicas(replica, assignment), replica))
     return views

@@ -170,3 +170,30 @@ def test_a_broker_behind_the_controller_never_calls_a_created_topic_missing(prox
     with Producer(cluster.address(behind), acks="all") as producer:  # asks again until `behind` has caught up
         written = producer.send(TOPIC, value=b"found", partition=0).result(timeout=20)
     assert (written.topic, written.partition) == (TOPIC, 0)
+
+
+def partition_answer(cluster: BrokerCluster, node: int, topic: str) -> pb.PartitionMetadata:
+    conn = Connection(cluster.address(node))
+    try:
+        [answer] = conn.broker.Metadata(pb.MetadataRequest(topics=[topic]), timeout=5).topics
+    finally:
+        conn.close()
+    [partition] = answer.partitions
+    return partition
+
+
+def test_a_partition_without_a_live_leader_is_answered_leader_not_available(cluster: BrokerCluster) -> None:
+    """A led partition is answered with its leader, epoch and in-sync replicas and no error; once a majority of
+    its replicas is down, the survivor answers no leader (-1) and LEADER_NOT_AVAILABLE, which clients retry."""
+    Admin(cluster.bootstrap).create_topic("leaderless", partitions=1, replication_factor=3)
+    wait_until(lambda: len(partition_answer(cluster, 1, "leaderless").isr) == 3, 20, "all three replicas in sync")
+    led = partition_answer(cluster, 1, "leaderless")
+    assert led.error_code == pb.ErrorCode.NONE and led.leader_id in (1, 2, 3) and led.leader_epoch >= 1, led
+    assert sorted(led.replicas) == [1, 2, 3]
+    cluster.kill(2)
+    cluster.kill(3)
+    wait_until(lambda: partition_answer(cluster, 1, "leaderless").leader_id == -1, 20,
+               "broker 1 to find no live leader")
+    leaderless = partition_answer(cluster, 1, "leaderless")
+    assert leaderless.error_code == pb.ErrorCode.LEADER_NOT_AVAILABLE, leaderless
+    assert sorted(leaderless.replicas) == [1, 2, 3]
