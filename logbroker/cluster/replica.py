@@ -478,8 +478,8 @@ class Replica:
             level = logging.INFO if change.role is Role.LEADER else logging.DEBUG
             log.log(level, "%s: %s in term %d (leader %s)", self.name, change.role.value, change.term,
                     change.leader_id)
-            if change.role is not Role.LEADER:
-                self._fail_waiters(NotLeaderNow(self.name, change.leader_id))
+            if change.role is not Role.LEADER and (self._commit_waiters or self._durable_waiters):
+                self._fail_waiters(NotLeaderNow(self.name, change.leader_id))  # built only when someone waits
             self._on_leader_change(self)
             for machine in self.state_machines:
                 machine.on_leader_change(change.role is Role.LEADER, change.term)

@@ -497,7 +497,8 @@ class RaftNode:
     # ================================================================================ elections
     def _tick_election(self) -> None:
         self._election_elapsed += 1
-        if self._promotable() and self._election_elapsed >= self._randomized_timeout:
+        # The timeout first: it is cheap and almost always false, and every awake follower ticks 20 times a second.
+        if self._election_elapsed >= self._randomized_timeout and self._promotable():
             self._campaign(pre_vote=self.config.pre_vote, transfer=False)
 
     def _campaign(self, pre_vote: bool, transfer: bool) -> None:
