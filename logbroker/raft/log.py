@@ -66,10 +66,8 @@ class RaftLog:
 
     def entries(self, from_offset: int, max_bytes: int) -> list[Entry]:
         """Entries from the one covering ``from_offset``: at least one, then up to ``max_bytes`` in all."""
-        check(
-            self.first_offset <= from_offset <= self.last_offset,
-            f"entries({from_offset}) outside the log [{self.first_offset}, {self.last_offset}]",
-        )
+        if not (self.first_offset <= from_offset <= self.last_offset):
+            raise RaftInternalError(f"entries({from_offset}) outside the log [{self.first_offset}, {self.last_offset}]")
         found: list[Entry] = []
         budget = max_bytes
         if from_offset < self._unstable_offset:
@@ -135,7 +133,8 @@ class RaftLog:
 
     def _unstable_index(self, offset: int) -> int:
         index = bisect.bisect_left(self._unstable, offset, key=lambda e: e.last_offset)
-        check(index < len(self._unstable), f"offset {offset} is not in the unstable tail")
+        if index >= len(self._unstable):
+            raise RaftInternalError(f"offset {offset} is not in the unstable tail")
         return index
 
     # ---------------------------------------------------------------------------------------- writes
@@ -155,10 +154,12 @@ class RaftLog:
 
     def truncate(self, from_offset: int) -> None:
         """Cut the log so that ``from_offset`` (an entry boundary) becomes the next offset to write."""
-        check(from_offset >= self.first_offset, f"truncating at {from_offset}, before the log start")
+        if from_offset < self.first_offset:
+            raise RaftInternalError(f"truncating at {from_offset}, before the log start")
         if from_offset > self.last_offset:
             return
-        check(self.entry_start(from_offset) == from_offset, f"truncating at {from_offset}, inside an entry")
+        if self.entry_start(from_offset) != from_offset:
+            raise RaftInternalError(f"truncating at {from_offset}, inside an entry")
         if from_offset >= self._unstable_offset:
             index = self._unstable_index(from_offset)
             if index < self._handed_out:
@@ -230,9 +231,9 @@ class RaftLog:
             )
         ):
             self._reset_base = None
-        if self._pending_truncate is None and self._reset_base is None:
-            check(
-                self._storage.last_offset == self._unstable_offset - 1,
+        if (self._pending_truncate is None and self._reset_base is None
+                and self._storage.last_offset != self._unstable_offset - 1):
+            raise RaftInternalError(
                 f"storage ends at {self._storage.last_offset} but the node wrote up to "
-                f"{self._unstable_offset - 1}: the runtime did not apply the Ready",
+                f"{self._unstable_offset - 1}: the runtime did not apply the Ready"
             )

@@ -43,6 +43,7 @@ from logbroker.raft.errors import (
     MembershipChangeError,
     NotLeaderError,
     ProposalDroppedError,
+    RaftInternalError,
     check,
 )
 from logbroker.raft.log import RaftLog
@@ -286,7 +287,8 @@ class RaftNode:
 
     def step(self, m: Message) -> None:
         """Handle one message addressed to this node."""
-        check(m.to_node == self.id, f"message for node {m.to_node} stepped into node {self.id}")
+        if m.to_node != self.id:
+            raise RaftInternalError(f"message for node {m.to_node} stepped into node {self.id}")
         if m.term > self.term:
             if not self._accept_higher_term(m):
                 return
@@ -442,7 +444,8 @@ class RaftNode:
 
     def _reset(self, term: int) -> None:
         if term != self.term:
-            check(term > self.term, f"term going back from {self.term} to {term}")
+            if term < self.term:
+                raise RaftInternalError(f"term going back from {self.term} to {term}")
             self.term = term
             self.vote = None
         self.leader_id = None
@@ -597,10 +600,8 @@ class RaftNode:
         if prev < self.commit_offset:
             # Everything up to our commit offset is committed, hence identical to the leader's log.
             entries = tuple(e for e in entries if e.last_offset > self.commit_offset)
-            check(
-                not entries or entries[0].base_offset == self.commit_offset + 1,
-                f"leader sent an entry straddling our commit offset {self.commit_offset}",
-            )
+            if entries and entries[0].base_offset != self.commit_offset + 1:
+                raise RaftInternalError(f"leader sent an entry straddling our commit offset {self.commit_offset}")
             prev = self.commit_offset
             commit_term = self.log.term_at(prev)
             assert commit_term is not None
@@ -644,10 +645,9 @@ class RaftNode:
         for index, entry in enumerate(entries):
             if self.log.matches(entry.last_offset, entry.term):
                 continue
-            check(
-                entry.base_offset > self.commit_offset,
-                f"leader's entry {entry} conflicts with our committed log (commit {self.commit_offset})",
-            )
+            if entry.base_offset <= self.commit_offset:
+                raise RaftInternalError(
+                    f"leader's entry {entry} conflicts with our committed log (commit {self.commit_offset})")
             self._write_entries(entries[index:])
             return
 
@@ -680,11 +680,10 @@ class RaftNode:
 
     def _commit_to(self, offset: int) -> None:
         if offset > self.commit_offset:
-            check(offset <= self.log.last_offset, f"committing {offset} beyond the log end")
-            check(
-                offset == self.log.last_offset or self.log.entry_start(offset + 1) == offset + 1,
-                f"commit offset {offset} falls inside an entry",
-            )
+            if offset > self.log.last_offset:
+                raise RaftInternalError(f"committing {offset} beyond the log end")
+            if not (offset == self.log.last_offset or self.log.entry_start(offset + 1) == offset + 1):
+                raise RaftInternalError(f"commit offset {offset} falls inside an entry")
             self.commit_offset = offset
 
     # ================================================================================ log writes
