@@ -169,6 +169,11 @@ class RaftNode:
         would then cut them from the replicas that kept them. Appends it still acknowledges (it holds them)."""
         self._catching_up = True
 
+    def stop_waiting_to_catch_up(self) -> None:
+        """The runtime knows this node never acknowledged anything in its group (a cluster's very first start, told
+        apart by the runtime): its empty log may vote again."""
+        self._catching_up = False
+
     @property
     def catching_up(self) -> bool:
         return self._catching_up

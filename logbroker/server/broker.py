@@ -35,7 +35,7 @@ from logbroker.groups.share_runtime import ShareStateMachine
 from logbroker.server.config import BrokerConfig
 from logbroker.server.controller_client import ControllerClient
 from logbroker.server.data_plane import DataPlane
-from logbroker.server.disk_identity import load_or_create_disk_id
+from logbroker.server.disk_identity import has_disk_id, load_or_create_disk_id
 from logbroker.server.maintenance import Maintenance
 from logbroker.server.metrics import BrokerMetrics
 from logbroker.server.quotas import Backpressure, DiskGuard, quotas_from
@@ -61,6 +61,7 @@ class Broker:
         self.client_addresses = config.client_addresses()  # where clients are told to reach each broker
         self.data_dir = Path(config.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.disk_is_new = not has_disk_id(self.data_dir)  # a new or replaced disk (or one from before disk IDs)
         self.disk_id = load_or_create_disk_id(self.data_dir)  # before anything else is written here
         self.executor = ThreadPoolExecutor(max_workers=config.flush_threads, thread_name_prefix="flush")
         self.cluster = ClusterState()

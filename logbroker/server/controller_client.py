@@ -37,8 +37,9 @@ from logbroker.raft.errors import NotLeaderError, ProposalDroppedError
 from logbroker.raft.membership import Membership
 from logbroker.raft.types import Entry, EntryKind
 from logbroker.server import errors
-from logbroker.server.disk_identity import is_disk_id
+from logbroker.server.disk_identity import METADATA_CATCH_UP_FILE, is_disk_id
 from logbroker.storage.config import InvalidConfigError, LogConfig
+from logbroker.storage.files import fsync_dir, write_file_atomically
 from logbroker.storage.log import PartitionLog
 
 if TYPE_CHECKING:
@@ -77,6 +78,7 @@ class ControllerClient:
         self._metadata_loaded = False  # see metadata_loaded()
         self._opening: set[asyncio.Task[None]] = set()  # big topics' replicas being opened (_open_in_turns)
         self._opening_lock = asyncio.Lock()
+        self._metadata_catch_up = False  # this broker's metadata log waits to catch up (a new disk)
 
     # ------------------------------------------------------------------------------- lifecycle
 
@@ -86,7 +88,55 @@ class ControllerClient:
         voters = Membership.of(self.broker.peers)
         controller = self.broker.replicas.add_replica(CONTROLLER_GROUP, plog, voters, self._apply, controller=True)
         self.broker.controller = controller
+        self._wait_to_catch_up_if_disk_is_new(controller)
         controller.start()  # re-applies the committed prefix of the metadata log before any election
+
+    # ------------------------------------------------------------------ a new disk's metadata log
+
+    def _wait_to_catch_up_if_disk_is_new(self, controller: Replica) -> None:
+        """A new disk holding no metadata log is a new cluster's, or a replaced disk of a broker that voted in the
+        metadata log before: it must not vote until it knows which (disk_identity.py, METADATA_CATCH_UP_FILE)."""
+        marker = self.broker.data_dir / METADATA_CATCH_UP_FILE
+        if not marker.exists():
+            if not (self.broker.disk_is_new and controller.holds_nothing):
+                return
+            write_file_atomically(marker, b"this broker's metadata log waits to catch up before it votes\n",
+                                  durable=True)
+        controller.node.wait_to_catch_up()
+        self._metadata_catch_up = True
+        log.info("broker %d: new disk without a metadata log: it votes in the metadata log once it has caught up "
+                 "from a leader, or once a majority of the brokers hold no metadata either (a new cluster)",
+                 self.node_id)
+
+    def end_metadata_catch_up(self, peer_controller_terms: dict[int, int]) -> None:
+        """Each tick while this broker's metadata log waits to catch up (cheap otherwise). A majority of the voters
+        (this one included) saying they hold no metadata log (term 0 in their liveness heartbeats), and none saying
+        otherwise, is a cluster starting for the first time: nobody acknowledged anything, so this empty log may
+        vote. Once caught up (the node's own rule) and durable up to the commit offset, the marker goes."""
+        if not self._metadata_catch_up:
+            return
+        controller = self._controller()
+        node = controller.node
+        if node.catching_up:
+            if not controller.holds_nothing or any(peer_controller_terms.values()):
+                return
+            voters = node.membership.voters
+            fresh = {self.node_id} | {peer for peer in peer_controller_terms if peer in voters}
+            if len(fresh) < len(voters) // 2 + 1:
+                return
+            node.stop_waiting_to_catch_up()
+            self._end_metadata_catch_up()
+            log.info("broker %d: brokers %s hold no metadata log either: a new cluster, whose first controller "
+                     "leader they now elect", self.node_id, sorted(fresh))
+            return
+        if controller.durable_offset - 1 >= node.commit_offset:  # what it caught up is on its disk
+            self._end_metadata_catch_up()
+            log.info("broker %d: its metadata log has caught up and takes part in elections", self.node_id)
+
+    def _end_metadata_catch_up(self) -> None:
+        (self.broker.data_dir / METADATA_CATCH_UP_FILE).unlink(missing_ok=True)
+        fsync_dir(self.broker.data_dir)  # once per disk: a moment of the event loop
+        self._metadata_catch_up = False
 
     def start_reporting(self) -> None:
         loop = asyncio.get_running_loop()

@@ -10,6 +10,13 @@ than the disk (ReplicaManager.rejoin_if_state_lost), and one created after it is
 
 The file is ``disk.id`` in the data directory: 32 lowercase hex digits and a newline, written atomically and
 fsynced before the broker opens anything else, so a crash never leaves a half-written ID.
+
+The metadata log itself cannot use that registration (it is written through the metadata log). A broker that
+finds a new disk and no metadata log on it writes ``metadata.catch-up`` instead, before the metadata log opens:
+while that file exists its replica of the metadata log takes no part in elections, until it has caught up from a
+leader, or until a majority of the brokers say (in their liveness heartbeats) that they hold no metadata either:
+a cluster starting for the first time (ControllerClient.end_metadata_catch_up). The file goes once the log it
+caught up is durable, and stays across restarts until then.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from pathlib import Path
 from logbroker.storage.files import write_file_atomically
 
 DISK_ID_FILE = "disk.id"
+METADATA_CATCH_UP_FILE = "metadata.catch-up"
 _DISK_ID = re.compile(r"[0-9a-f]{32}")
 
 
@@ -30,6 +38,10 @@ class DiskIdentityError(OSError):
 
 def is_disk_id(value: object) -> bool:
     return isinstance(value, str) and _DISK_ID.fullmatch(value) is not None
+
+
+def has_disk_id(data_dir: Path) -> bool:
+    return (data_dir / DISK_ID_FILE).exists()
 
 
 def load_or_create_disk_id(data_dir: Path) -> str:

@@ -148,6 +148,8 @@ class ReplicaManager:
         # (tick due, replica): new groups waiting quietly for their preferred leader's first campaign, in the order
         # opened, so due ones are at the front (wake_groups_never_elected).
         self._first_leader_due: deque[tuple[int, Replica]] = deque()
+        # Each peer's term in the metadata log, as its last liveness heartbeat said (0: it holds none).
+        self.peer_metadata_terms: dict[int, int] = {}
 
     def raft_config(self) -> RaftConfig:
         config = self.broker.config
@@ -260,7 +262,9 @@ class ReplicaManager:
 
     def tick_once(self) -> None:
         liveness = self.broker.liveness
-        self.broker.transport.send_many(liveness.heartbeats())
+        controller = self.broker.controller
+        self.broker.transport.send_many(liveness.heartbeats(controller.node.term if controller is not None else 0))
+        self.broker.controller_client.end_metadata_catch_up(self.peer_metadata_terms)
         for peer in liveness.tick():
             self._on_peer_down(peer)
         for peer in liveness.take_returned():
@@ -337,6 +341,8 @@ class ReplicaManager:
         stepped: dict[Replica, None] = {}
         for group, message in items:
             heard(message.from_node)
+            if group == LIVENESS_GROUP:
+                self.peer_metadata_terms[message.from_node] = message.term
             replica = self._replicas.get(group)
             if replica is not None and not replica.closed:
                 replica.step(message, kick=False)

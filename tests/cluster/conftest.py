@@ -28,8 +28,8 @@ def _show_logs_on_failure(request: pytest.FixtureRequest, cluster: BrokerCluster
 
 
 def _cluster(request: pytest.FixtureRequest, tmp_path: Path, proxied: bool,
-             disk_bytes: int | None = None, raft_tick_ms: int = RAFT_TICK_MS) -> Iterator[BrokerCluster]:
-    cluster = BrokerCluster(tmp_path / "cluster", size=3, raft_tick_ms=raft_tick_ms, proxied=proxied)
+             disk_bytes: int | None = None, raft_tick_ms: int = RAFT_TICK_MS, size: int = 3) -> Iterator[BrokerCluster]:
+    cluster = BrokerCluster(tmp_path / "cluster", size=size, raft_tick_ms=raft_tick_ms, proxied=proxied)
     failed_before = request.session.testsfailed
     try:
         if disk_bytes is not None:  # each broker's data directory on a size-limited file system of its own
@@ -65,6 +65,13 @@ def cluster_at_default_ticks(request: pytest.FixtureRequest, tmp_path: Path) -> 
 @pytest.fixture
 def proxied_cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BrokerCluster]:
     yield from _cluster(request, tmp_path, proxied=True)
+
+
+@pytest.fixture
+def proxied_cluster_of_five(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BrokerCluster]:
+    """Five brokers: the metadata log keeps a majority of intact voters with one broker down and one disk
+    replaced, so a replaced disk's broker replays the metadata and opens its replicas during such a fault."""
+    yield from _cluster(request, tmp_path, proxied=True, size=5)
 
 
 @pytest.fixture

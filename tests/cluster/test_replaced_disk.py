@@ -8,6 +8,7 @@ import time
 
 from logbroker_client import Admin, Producer
 
+from logbroker.server.disk_identity import METADATA_CATCH_UP_FILE
 from tests.cluster.test_metadata import metadata_answer
 from tests.support.brokers import wait_until
 from tests.support.checker import AckLog, assert_clean, make_value, read_log
@@ -57,8 +58,9 @@ def test_a_replaced_disk_does_not_vote_for_a_lagging_replica_when_no_leader_was_
     cluster.brokers[controller].replace_disk()
     cluster.kill(leader)
     cluster.heal()  # L's reports never reached C, and L is gone
+    # Not serving yet: its metadata log waits to catch up too, and B alone cannot elect a controller leader (the
+    # metadata log may also hold entries B lacks), so it serves once L is back (the next test is about that).
     cluster.brokers[controller].launch()
-    cluster.wait_serving(controller)  # its disk is registered: it has replayed the metadata from B
 
     deadline = time.monotonic() + WATCH_S
     while time.monotonic() < deadline:
@@ -69,7 +71,117 @@ def test_a_replaced_disk_does_not_vote_for_a_lagging_replica_when_no_leader_was_
         time.sleep(0.1)
 
     cluster.brokers[leader].launch()
-    cluster.wait_serving(leader)
+    cluster.wait_serving(leader, controller)
     cluster.wait_caught_up(TOPIC, partition, timeout_s=LEADER_TIMEOUT_S)
     assert_clean(acks.snapshot(), read_log(cluster.bootstrap, TOPIC, [partition], timeout_s=LEADER_TIMEOUT_S),
                  f"leader {leader}, replaced {controller}, lagging {lagging}: ")
+
+
+def controller_leader_seen_by(cluster: BrokerCluster, node: int) -> int | None:
+    """The controller leader broker `node` knows of (-1: none), or None if it does not answer yet."""
+    try:
+        return metadata_answer(cluster, node, TOPIC).controller_id
+    except Exception:  # noqa: BLE001 - starting, not listening yet
+        return None
+
+
+def test_a_replaced_disk_does_not_vote_in_the_metadata_log_before_it_has_caught_up(
+        proxied_cluster: BrokerCluster) -> None:
+    """A topic is created while broker B is cut off, so the metadata log holds it on the controller leader C and on X
+    only. X's disk is replaced and C is killed: B and the empty X are a majority of the metadata log's voters, but
+    X acknowledged the creation B lacks. X must not vote until it has caught up, so no controller leader may be
+    elected before C returns, and the topic must survive on every broker."""
+    cluster = proxied_cluster
+    wait_until(lambda: (controller_leader_seen_by(cluster, 1) or 0) > 0, 20, "a controller leader")
+    controller = metadata_answer(cluster, 1, TOPIC).controller_id
+    replaced, lagging = [n for n in sorted(cluster.brokers) if n != controller]
+    wait_until(lambda: all(controller_leader_seen_by(cluster, n) == controller for n in cluster.brokers), 20,
+               "every broker to know the controller leader")
+
+    cluster.isolate(lagging)
+    with Admin(cluster.address(controller), request_timeout_ms=int(LEADER_TIMEOUT_S * 1000)) as admin:
+        admin.create_topic(TOPIC, partitions=1, replication_factor=1)  # committed by the controller and X alone
+    cluster.brokers[replaced].replace_disk()
+    cluster.kill(controller)
+    cluster.heal()
+    cluster.brokers[replaced].launch()
+    assert_no_controller_leader_among(cluster, replaced, lagging, controller)
+    marker = cluster.brokers[replaced].data_dir / METADATA_CATCH_UP_FILE
+    assert marker.exists()
+    cluster.kill(replaced)  # restarted before it caught up: it still waits
+    cluster.brokers[replaced].launch()
+    assert_no_controller_leader_among(cluster, replaced, lagging, controller)
+
+    cluster.brokers[controller].launch()
+    cluster.wait_serving()
+    for node in cluster.brokers:
+        wait_until(lambda node=node: not metadata_answer(cluster, node, TOPIC).topics[0].error_code,  # type: ignore[misc]
+                   LEADER_TIMEOUT_S, f"broker {node} to name topic {TOPIC}, created while broker {lagging} was cut off")
+    wait_until(lambda: not marker.exists(), LEADER_TIMEOUT_S, f"broker {replaced} to finish catching up")
+
+
+def assert_no_controller_leader_among(cluster: BrokerCluster, replaced: int, lagging: int, down: int) -> None:
+    deadline = time.monotonic() + WATCH_S
+    while time.monotonic() < deadline:
+        for node in (replaced, lagging):
+            seen = controller_leader_seen_by(cluster, node)
+            assert seen not in (replaced, lagging), (
+                f"broker {node} names broker {seen} the controller leader while broker {down}, which holds the "
+                f"metadata log's newest entries, is down: the replaced disk of broker {replaced} voted before it "
+                "caught up")
+        time.sleep(0.1)
+
+
+def test_with_five_brokers_a_replaced_disk_replays_the_metadata_but_holds_its_replica_back(
+        proxied_cluster_of_five: BrokerCluster) -> None:
+    """The partition-level rule where the metadata log stays available: with five brokers, a replaced disk and a
+    dead broker still leave three intact metadata voters, so W (the replaced disk) replays the metadata, registers
+    and serves. L's leader reports reach nobody (its gRPC links are cut), so the metadata never names L the
+    partition's leader. Records are acked by L and W while B is cut off; L dies, W's disk is replaced. W must
+    hold its replica back (the topic is older than its disk): B and W must not elect B, which lacks them."""
+    cluster = proxied_cluster_of_five
+    wait_until(lambda: (controller_leader_seen_by(cluster, 1) or 0) > 0, 20, "a controller leader")
+    controller = metadata_answer(cluster, 1, TOPIC).controller_id
+    for proxy in cluster.proxies.values():  # every broker's gRPC calls to the others (leader reports); Raft flows
+        proxy.cut()
+    with Admin(cluster.address(controller), request_timeout_ms=int(LEADER_TIMEOUT_S * 1000)) as admin:
+        admin.create_topic(TOPIC, partitions=len(cluster.brokers), replication_factor=3)
+        placement = [list(p.replicas) for p in admin.describe_topics([TOPIC])[0].partitions]
+    # A partition whose leader is not the controller leader: its election is never recorded in the metadata.
+    partition = next(i for i, replicas in enumerate(placement) if replicas[0] != controller)
+    leader, replaced, lagging = placement[partition]
+    assert cluster.leader_of(TOPIC, partition, timeout_s=LEADER_TIMEOUT_S) == leader  # the preferred leader
+    for (source, _), proxy in cluster.proxies.items():
+        if source != leader:
+            proxy.heal()
+    acks = AckLog()
+    produce(cluster.bootstrap_of(leader), partition, 0, 20, acks)
+    cluster.wait_caught_up(TOPIC, partition, nodes=[leader, replaced, lagging])
+
+    cluster.isolate(lagging)
+    produce(cluster.bootstrap_of(leader), partition, 20, 50, acks)  # held by L and W only
+    acked_end = max(offset for _, offset in acks.snapshot().values())
+    cluster.brokers[replaced].replace_disk()
+    cluster.kill(leader)
+    cluster.heal()
+    cluster.brokers[replaced].launch()
+    cluster.wait_serving(replaced)  # the metadata log has a leader among the three intact brokers
+    wait_until(lambda: (view := cluster.partition_view(replaced, TOPIC, partition)) is not None and view.local_replica,
+               LEADER_TIMEOUT_S, f"broker {replaced} to open its replica of {TOPIC}-{partition}")
+
+    held_back = False
+    deadline = time.monotonic() + WATCH_S
+    while time.monotonic() < deadline:
+        for node, view in cluster.views(TOPIC, partition, [replaced, lagging]).items():
+            assert not (view.leader_id == node and view.local_replica and view.log_end_offset <= acked_end), (
+                f"broker {node} leads {TOPIC}-{partition} with log end {view.log_end_offset}, lacking acknowledged "
+                f"offset {acked_end}: the replaced disk voted before it caught up")
+            held_back |= node == replaced and view.catching_up
+        time.sleep(0.1)
+
+    cluster.brokers[leader].launch()
+    cluster.wait_serving()
+    cluster.wait_caught_up(TOPIC, partition, nodes=[leader, replaced, lagging], timeout_s=LEADER_TIMEOUT_S)
+    assert_clean(acks.snapshot(), read_log(cluster.bootstrap, TOPIC, [partition], timeout_s=LEADER_TIMEOUT_S),
+                 f"leader {leader}, replaced {replaced}, lagging {lagging}: ")
+    assert held_back, f"broker {replaced} never said its replica of {TOPIC}-{partition} waits to catch up"

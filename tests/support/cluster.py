@@ -70,6 +70,7 @@ class ReplicaView:
     log_end_offset: int
     local_replica: bool  # False when `node` holds no replica: the offsets are then meaningless
     topic_id: str
+    catching_up: bool = False  # it lost its state and does not vote yet (RaftNode.wait_to_catch_up)
 
 
 class ClusterBroker(BrokerProcess):
@@ -393,7 +394,7 @@ class BrokerCluster:
         part = response.topics[0].partitions[partition]
         return ReplicaView(node, part.partition, part.leader_id, part.leader_epoch, list(part.replicas),
                            list(part.isr), part.log_start_offset, part.high_watermark, part.log_end_offset,
-                           part.local_replica, response.topics[0].topic_id)
+                           part.local_replica, response.topics[0].topic_id, part.catching_up)
 
     def views(self, topic: str, partition: int, nodes: list[int] | None = None) -> dict[int, ReplicaView]:
         out = {}
@@ -457,7 +458,8 @@ class BrokerCluster:
     def wait_caught_up(self, topic: str, partition: int, nodes: list[int] | None = None,
                        timeout_s: float = 30.0) -> dict[int, ReplicaView]:
         """Wait until every given (default: every) broker's own replica holds the leader's whole log, knows
-        the leader's high watermark and follows the leader, each asked of that broker itself."""
+        the leader's high watermark, follows the leader and votes again (a replica that lost its state waits
+        for a leader's heartbeat after it caught up), each asked of that broker itself."""
         nodes = nodes if nodes is not None else list(self.brokers)
         last: dict[int, ReplicaView] = {}
 
@@ -471,7 +473,8 @@ class BrokerCluster:
                 return False
             ahead = last[leader]
             return all(last[n].high_watermark == ahead.high_watermark and last[n].leader_id == leader
-                       and last[n].log_end_offset == ahead.log_end_offset for n in nodes)
+                       and last[n].log_end_offset == ahead.log_end_offset and not last[n].catching_up
+                       for n in nodes)
 
         try:
             wait_until(caught_up, timeout_s, f"brokers {nodes} to catch up on {topic}-{partition}", interval_s=0.1)
