@@ -25,7 +25,7 @@ run: $(STAMP)
 	$(BIN)/logbroker dev --data-dir ./data --base-port 9092
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
