@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any, TypeVar
 
@@ -55,41 +55,51 @@ class PersistQueue:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._queued.append((fn, args, future))
+        del args  # the queue holds the job's data now, and lets it go once the job has run
         if self._running < self._max_jobs:
             self._start(loop)
         return await future
 
     def _start(self, loop: asyncio.AbstractEventLoop) -> None:
-        batch = [self._queued.popleft() for _ in range(min(self._max_batch, len(self._queued)))]
+        count = min(self._max_batch, len(self._queued))
+        calls: list[Call | None] = []
+        futures: list[asyncio.Future[Any]] = []
+        for _ in range(count):
+            fn, args, future = self._queued.popleft()
+            calls.append((fn, args))
+            futures.append(future)
         try:
-            if len(batch) == 1:
-                fn, args, _ = batch[0]
+            if count == 1:
+                fn, args = calls.pop()  # type: ignore[misc]
                 trip = loop.run_in_executor(self._executor, fn, *args)  # as run_in_executor would: one job
             else:
-                trip = loop.run_in_executor(self._executor, _run_each, [(fn, args) for fn, args, _ in batch])
+                trip = loop.run_in_executor(self._executor, _run_each, calls)
         except RuntimeError as exc:  # the pool is shut down: the broker is closing
-            for _, _, future in batch:
+            for future in futures:
                 if not future.done():
                     future.set_exception(exc)
             return
         self._running += 1
         self.trips += 1
-        self.jobs += len(batch)
-        trip.add_done_callback(lambda done: self._finished(loop, batch, done))
+        self.jobs += count
+        # Only the futures are kept here: each job's data (a Ready's batches, up to megabytes) is let go as soon as
+        # that job has run, not when the whole trip has.
+        trip.add_done_callback(lambda done: self._finished(loop, futures, done))
 
-    def _finished(self, loop: asyncio.AbstractEventLoop, batch: list[Queued], trip: asyncio.Future[Any]) -> None:
+    def _finished(self, loop: asyncio.AbstractEventLoop, futures: list[asyncio.Future[Any]],
+                  trip: asyncio.Future[Any]) -> None:
         self._running -= 1
         if trip.cancelled():
-            for _, _, future in batch:
+            for future in futures:
                 future.cancel()
         elif (failure := trip.exception()) is not None:
-            for _, _, future in batch:  # a lone job's exception, or the trip itself failed
+            for future in futures:  # a lone job's exception, or the trip itself failed
                 if not future.done():
                     future.set_exception(failure)
-        elif len(batch) == 1:
-            _answer(batch[0][2], True, trip.result())
+        elif len(futures) == 1:
+            _answer(futures[0], True, trip.result())
         else:
-            for (_, _, future), (ok, value) in zip(batch, trip.result(), strict=True):
+            for future, (ok, value) in zip(futures, trip.result(), strict=True):
                 _answer(future, ok, value)
         while self._queued and self._running < self._max_jobs:
             self._start(loop)
@@ -104,10 +114,15 @@ def _answer(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
         future.set_exception(value)
 
 
-def _run_each(calls: Sequence[Call]) -> list[tuple[bool, Any]]:
-    """In a worker: every job in order, each one's result or exception kept apart from the others'."""
+def _run_each(calls: list[Call | None]) -> list[tuple[bool, Any]]:
+    """In a worker: every job in order, each one's result or exception kept apart from the others'. Each job is
+    dropped from the list once it has run, so its data can be freed while the rest run."""
     outcomes: list[tuple[bool, Any]] = []
-    for fn, args in calls:
+    for index, call in enumerate(calls):
+        assert call is not None
+        fn, args = call
+        calls[index] = None
+        del call
         try:
             outcomes.append((True, fn(*args)))
         except BaseException as exc:  # noqa: BLE001 - handed to its own caller, as the pool would

@@ -18,8 +18,8 @@ from tests.support.cluster import BrokerCluster
 TOPIC = "unrecorded"
 PARTITIONS = 3  # at RF3 on three brokers, each broker is the preferred leader of one partition
 LEADER_TIMEOUT_S = 20.0
-WATCH_S = 3.0  # how long the survivors get to elect a leader lacking the acknowledged records
-RESTART_WATCH_S = 2.0  # the same after the replaced broker restarts (its marker file read back: several timeouts)
+WATCH_S = 2.0  # how long the survivors get to elect a leader lacking the acknowledged records
+RESTART_WATCH_S = 1.5  # the same after the replaced broker restarts (its marker file read back: several timeouts)
 
 
 def produce(bootstrap: str, partition: int, first_seq: int, count: int, acks: AckLog) -> None:
