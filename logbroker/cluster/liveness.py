@@ -25,7 +25,7 @@ class Liveness:
         self._down: set[int] = set()
         self._returned: list[int] = []  # peers heard from again after being declared down, not yet taken
 
-    def heartbeats(self, metadata_term: int = 0) -> list[tuple[str, Message]]:
+    def heartbeats(self, metadata_term: int) -> list[tuple[str, Message]]:
         """One heartbeat per peer. Its term is this broker's term in the metadata log (0: it holds none), which a
         broker on a new disk uses to tell a new cluster from one it must catch up with (disk_identity.py)."""
         return [(LIVENESS_GROUP, Message(MessageType.HEARTBEAT, self.node_id, peer, metadata_term))

@@ -35,6 +35,7 @@ from logbroker.cluster.topic_names import MAX_PARTITIONS, TopicNameError, check_
 from logbroker.groups.coordinator import OFFSETS_TOPIC
 from logbroker.raft.errors import NotLeaderError, ProposalDroppedError
 from logbroker.raft.membership import Membership
+from logbroker.raft.quorum import has_quorum
 from logbroker.raft.types import Entry, EntryKind
 from logbroker.server import errors
 from logbroker.server.disk_identity import METADATA_CATCH_UP_FILE, is_disk_id
@@ -108,7 +109,7 @@ class ControllerClient:
                  "from a leader, or once a majority of the brokers hold no metadata either (a new cluster)",
                  self.node_id)
 
-    def end_metadata_catch_up(self, peer_controller_terms: dict[int, int]) -> None:
+    def end_metadata_catch_up(self, peer_metadata_terms: dict[int, int]) -> None:
         """Each tick while this broker's metadata log waits to catch up (cheap otherwise). A majority of the voters
         (this one included) saying they hold no metadata log (term 0 in their liveness heartbeats), and none saying
         otherwise, is a cluster starting for the first time: nobody acknowledged anything, so this empty log may
@@ -118,11 +119,10 @@ class ControllerClient:
         controller = self._controller()
         node = controller.node
         if node.catching_up:
-            if not controller.holds_nothing or any(peer_controller_terms.values()):
+            if not controller.holds_nothing or any(peer_metadata_terms.values()):
                 return
-            voters = node.membership.voters
-            fresh = {self.node_id} | {peer for peer in peer_controller_terms if peer in voters}
-            if len(fresh) < len(voters) // 2 + 1:
+            fresh = {self.node_id, *peer_metadata_terms}
+            if not has_quorum(node.membership.voters, fresh.__contains__):
                 return
             node.stop_waiting_to_catch_up()
             self._end_metadata_catch_up()

@@ -341,18 +341,17 @@ class ReplicaManager:
         stepped: dict[Replica, None] = {}
         for group, message in items:
             heard(message.from_node)
-            if group == LIVENESS_GROUP:
-                self.peer_metadata_terms[message.from_node] = message.term
             replica = self._replicas.get(group)
             if replica is not None and not replica.closed:
                 replica.step(message, kick=False)
                 stepped[replica] = None
-            elif replica is None and group != LIVENESS_GROUP:
-                self._keep_early(group, message)
+            elif group == LIVENESS_GROUP:
+                self.peer_metadata_terms[message.from_node] = message.term
+            else:
+                if replica is None:
+                    self._keep_early(group, message)
                 if self._handovers:
                     self._note_leader_elsewhere(group, message)
-            elif self._handovers:
-                self._note_leader_elsewhere(group, message)
         # Each group's Ready once the whole batch is stepped: a group's messages in one batch (two followers'
         # acknowledgements, a vote and an append) make one Ready, not one each.
         for replica in stepped:

@@ -200,14 +200,12 @@ class BrokerService(pb_grpc.BrokerServicer):
                 # Per partition of a 10,000-partition answer, so: error_code is left at its default (NONE) when
                 # there is a leader, and the enum's value is a module constant (protobuf's enum attribute lookup
                 # was a third of each add).
+                part = add_partition(partition=view.partition, replicas=view.replicas, isr=view.isr,
+                                     leader_epoch=view.replica.node.term if view.replica is not None else -1)
                 if view.leader is not None:
-                    add_partition(partition=view.partition, leader_id=view.leader,
-                                  leader_epoch=view.replica.node.term if view.replica is not None else -1,
-                                  replicas=view.replicas, isr=view.isr)
+                    part.leader_id = view.leader
                 else:
-                    add_partition(partition=view.partition, leader_id=-1,
-                                  leader_epoch=view.replica.node.term if view.replica is not None else -1,
-                                  replicas=view.replicas, isr=view.isr, error_code=_LEADER_NOT_AVAILABLE)
+                    part.leader_id, part.error_code = -1, _LEADER_NOT_AVAILABLE
         return response
 
     async def _catch_up_on_topics(self, names: list[str], context: Any) -> dict[str, str]:

@@ -8,7 +8,7 @@ from logbroker.raft.types import MessageType
 
 def test_a_broker_sends_one_heartbeat_to_each_peer_per_tick() -> None:
     liveness = Liveness(1, [1, 2, 3], timeout_ticks=3)
-    beats = liveness.heartbeats()
+    beats = liveness.heartbeats(metadata_term=0)
     assert [(group, m.type, m.from_node, m.to_node) for group, m in beats] == [
         (LIVENESS_GROUP, MessageType.HEARTBEAT, 1, 2), (LIVENESS_GROUP, MessageType.HEARTBEAT, 1, 3)]
 

@@ -13,7 +13,7 @@ from logbroker.server.disk_identity import METADATA_CATCH_UP_FILE
 from tests.cluster.test_metadata import metadata_answer
 from tests.support.brokers import wait_until
 from tests.support.checker import AckLog, assert_clean, make_value, read_log
-from tests.support.cluster import BrokerCluster
+from tests.support.cluster import BrokerCluster, ReplicaView
 
 TOPIC = "unrecorded"
 PARTITIONS = 3  # at RF3 on three brokers, each broker is the preferred leader of one partition
@@ -65,19 +65,29 @@ def test_a_replaced_disk_does_not_vote_for_a_lagging_replica_when_no_leader_was_
     # metadata log may also hold entries B lacks), so it serves once L is back (the next test is about that).
     cluster.brokers[controller].launch()
 
-    deadline = time.monotonic() + WATCH_S
-    while time.monotonic() < deadline:
-        for node, view in cluster.views(TOPIC, partition, [controller, lagging]).items():
-            assert not (view.leader_id == node and view.local_replica and view.log_end_offset <= acked_end), (
-                f"broker {node} leads {TOPIC}-{partition} with log end {view.log_end_offset}, lacking acknowledged "
-                f"offset {acked_end}: the replaced disk voted before it caught up")
-        time.sleep(0.1)
+    watch_no_leader_lacking(cluster, partition, [controller, lagging], acked_end)
 
     cluster.brokers[leader].launch()
     cluster.wait_serving(leader, controller)
     cluster.wait_caught_up(TOPIC, partition, timeout_s=LEADER_TIMEOUT_S)
     assert_clean(acks.snapshot(), read_log(cluster.bootstrap, TOPIC, [partition], timeout_s=LEADER_TIMEOUT_S),
                  f"leader {leader}, replaced {controller}, lagging {lagging}: ")
+
+
+def watch_no_leader_lacking(cluster: BrokerCluster, partition: int, nodes: list[int],
+                            acked_end: int) -> list[ReplicaView]:
+    """For WATCH_S, assert that none of `nodes` leads the partition with a log ending at or below acked_end (each
+    broker asked about its own replica); returns every view seen."""
+    seen: list[ReplicaView] = []
+    deadline = time.monotonic() + WATCH_S
+    while time.monotonic() < deadline:
+        for node, view in cluster.views(TOPIC, partition, nodes).items():
+            assert not (view.leader_id == node and view.local_replica and view.log_end_offset <= acked_end), (
+                f"broker {node} leads {TOPIC}-{partition} with log end {view.log_end_offset}, lacking acknowledged "
+                f"offset {acked_end}: the replaced disk voted before it caught up")
+            seen.append(view)
+        time.sleep(0.1)
+    return seen
 
 
 def controller_leader_seen_by(cluster: BrokerCluster, node: int) -> int | None:
@@ -174,15 +184,8 @@ def test_with_five_brokers_a_replaced_disk_replays_the_metadata_but_holds_its_re
     wait_until(lambda: (view := cluster.partition_view(replaced, TOPIC, partition)) is not None and view.local_replica,
                LEADER_TIMEOUT_S, f"broker {replaced} to open its replica of {TOPIC}-{partition}")
 
-    held_back = False
-    deadline = time.monotonic() + WATCH_S
-    while time.monotonic() < deadline:
-        for node, view in cluster.views(TOPIC, partition, [replaced, lagging]).items():
-            assert not (view.leader_id == node and view.local_replica and view.log_end_offset <= acked_end), (
-                f"broker {node} leads {TOPIC}-{partition} with log end {view.log_end_offset}, lacking acknowledged "
-                f"offset {acked_end}: the replaced disk voted before it caught up")
-            held_back |= node == replaced and view.catching_up
-        time.sleep(0.1)
+    seen = watch_no_leader_lacking(cluster, partition, [replaced, lagging], acked_end)
+    held_back = any(view.node == replaced and view.catching_up for view in seen)
 
     cluster.brokers[leader].launch()
     cluster.wait_serving()
