@@ -82,10 +82,11 @@ class ReplicaState:
     # Where the log starts once the reset or prefix cut this state describes is done; -1: never cut. Saved
     # before the log is changed, so a crash in between is finished at the next open, never half done.
     log_start_offset: int = -1
+    catching_up: bool = False  # RaftNode.wait_to_catch_up: a replica that lost its state and has not caught up
 
     @property
     def hard_state(self) -> HardState:
-        return HardState(self.term, self.vote, self.commit_offset)
+        return HardState(self.term, self.vote, self.commit_offset, self.catching_up)
 
     @property
     def membership(self) -> Membership:

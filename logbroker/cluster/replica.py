@@ -517,8 +517,9 @@ class Replica:
             self._storage.forget_from(ready.truncate_from)
             self.producers.truncate(ready.truncate_from)
         hard = ready.hard_state
-        if hard is not None and (hard.term != self.state.term or hard.vote != self.state.vote):
-            self.state.term, self.state.vote = hard.term, hard.vote
+        if hard is not None and (hard.term != self.state.term or hard.vote != self.state.vote
+                                 or hard.catching_up is not self.state.catching_up):
+            self.state.term, self.state.vote, self.state.catching_up = hard.term, hard.vote, hard.catching_up
             state_changed = True
         if hard is not None:
             if self._persist_commit and hard.commit_offset != self.state.commit_offset:
@@ -549,6 +550,7 @@ class Replica:
         hard = ready.hard_state
         return hard is not None and (
             hard.term != self.state.term or hard.vote != self.state.vote
+            or hard.catching_up is not self.state.catching_up
             or (self._persist_commit and hard.commit_offset != self.state.commit_offset))
 
     def _note_persisted(self, ready: Ready) -> None:

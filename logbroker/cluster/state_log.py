@@ -322,11 +322,16 @@ def _encode(group: str, state: ReplicaState | None) -> bytes:
 
 
 def _fields(state: ReplicaState) -> dict[str, object]:
-    """The state's fields in declaration order, as dataclasses.asdict gives them (the bytes are the same), built
-    directly: asdict copies recursively and cost half of every save on the event loop."""
-    return {"term": state.term, "vote": state.vote, "commit_offset": state.commit_offset,
-            "start_prev_term": state.start_prev_term, "voters": state.voters,
-            "learners": state.learners, "log_start_offset": state.log_start_offset}
+    """The state's fields in declaration order, as dataclasses.asdict gives them, built directly: asdict copies
+    recursively and cost half of every save on the event loop. ``catching_up`` is written only while true (rare),
+    so every other record keeps the bytes it had before the field existed; a missing one reads as false."""
+    fields: dict[str, object] = {
+        "term": state.term, "vote": state.vote, "commit_offset": state.commit_offset,
+        "start_prev_term": state.start_prev_term, "voters": state.voters,
+        "learners": state.learners, "log_start_offset": state.log_start_offset}
+    if state.catching_up:
+        fields["catching_up"] = True
+    return fields
 
 
 def _decode(body: bytes) -> tuple[str, ReplicaState | None]:

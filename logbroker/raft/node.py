@@ -12,7 +12,7 @@ must, in this order:
      replicates its new entries while it writes them itself.
   2. Persist. Apply ``reset_log`` (discard the whole log, restart it empty at reset_log.start_offset and
      remember reset_log.prev_term and reset_log.membership), then cut the log at ``truncate_from``, then
-     append ``entries``, and store ``hard_state`` (term, vote, commit). fsync all of it.
+     append ``entries``, and store ``hard_state`` (term, vote, commit, catching_up). fsync all of it.
   3. Send ``messages_after_persist``, only once step 2 is durable: acknowledgements, vote grants and every
      message of a Ready that changes the term or vote rely on it. Term and vote are always in the
      hard_state of the Ready whose messages depend on them, or of an earlier one.
@@ -117,11 +117,11 @@ class RaftNode:
         self._term_start_offset = -1  # offset of this leader's NOOP entry
         self._outbox: list[Message] = []
         self._dirty: set[int] = set()  # followers that may have entries to send
-        self._last_hard_state = HardState(self.term, self.vote, self.commit_offset)
+        self._catching_up = state.catching_up  # see wait_to_catch_up; kept across restarts until caught up
+        self._last_hard_state = HardState(self.term, self.vote, self.commit_offset, self._catching_up)
         self._durable_term_vote = (self.term, self.vote)  # as of the last Ready carried out (advance())
         self._last_leader_change: tuple[int | None, Role] = (None, Role.FOLLOWER)
         self._ready_outstanding = False
-        self._catching_up = False  # see wait_to_catch_up
         # (Pre-)vote requests ignored within the leader's lease, by sender: stepped again by leader_lost.
         self._ignored_in_lease: dict[int, Message] = {}
         self._reset_randomized_timeout()
@@ -145,7 +145,7 @@ class RaftNode:
 
     @property
     def hard_state(self) -> HardState:
-        return HardState(self.term, self.vote, self.commit_offset)
+        return HardState(self.term, self.vote, self.commit_offset, self._catching_up)
 
     @property
     def is_leader(self) -> bool:
@@ -166,7 +166,9 @@ class RaftNode:
         """This node once held the group's log and Raft state and lost them (a wiped or replaced disk): until
         its log holds a leader's commit offset, it neither votes nor campaigns. Raft assumes a voter keeps
         what it acknowledged; one that forgot could vote in a leader that lacks committed entries, which
-        would then cut them from the replicas that kept them. Appends it still acknowledges (it holds them)."""
+        would then cut them from the replicas that kept them. Appends it still acknowledges (it holds them).
+        Part of the hard state: saved with (or before) the first append it acknowledges, so a restart half-way
+        through its catch-up still waits."""
         self._catching_up = True
 
     def stop_waiting_to_catch_up(self) -> None:
@@ -322,6 +324,7 @@ class RaftNode:
             or self._has_appends_to_send()
             or self.log.has_unstable()
             or self.term != saved.term or self.vote != saved.vote or self.commit_offset != saved.commit_offset
+            or self._catching_up is not saved.catching_up
             or (self.leader_id, self.role) != self._last_leader_change
             or (self.commit_offset > self.applied_offset and self._next_committed_offset() <= self.commit_offset)
         )

@@ -145,11 +145,14 @@ def describe_message(m: Message) -> str:
 
 @dataclass(frozen=True, slots=True)
 class HardState:
-    """What must survive a crash, besides the log: the current term, the vote in it, the commit offset."""
+    """What must survive a crash, besides the log: the current term, the vote in it, the commit offset, and
+    whether the node still waits to catch up (RaftNode.wait_to_catch_up): a node that lost its log and restarts
+    with part of it caught up must not take that part for all it once acknowledged."""
 
     term: int = NO_TERM
     vote: int | None = None
     commit_offset: int = -1
+    catching_up: bool = False
 
 
 @dataclass(frozen=True, slots=True)

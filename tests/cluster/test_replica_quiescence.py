@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from logbroker_client import records as rec
 
@@ -69,16 +70,21 @@ class _Sender:
         self.network.in_flight.extend(message for _, message in items)
 
 
-def open_replicas(root: Path, network: Network, executor: ThreadPoolExecutor) -> dict[int, Replica]:
-    membership = Membership.of(NODES)
+def open_replicas(root: Path, network: Network, executor: ThreadPoolExecutor, **raft: Any) -> dict[int, Replica]:
     for node in NODES:
-        directory = root / f"broker-{node}" / GROUP
-        plog = PartitionLog.open(directory, LogConfig(), "calm", 0)
-        replica = Replica(GROUP, plog, ReplicaStateFile(directory / "raft.state"), membership,
-                          RaftConfig(node_id=node, heartbeat_timeout_ticks=DEFAULT_RAFT_HEARTBEAT_TICKS),
-                          network.sender(), executor, on_commit=lambda r, e: None)
-        network.replicas[node] = replica
+        open_replica(root, network, executor, node, **raft)
     return network.replicas
+
+
+def open_replica(root: Path, network: Network, executor: ThreadPoolExecutor, node: int, **raft: Any) -> Replica:
+    """Node ``node``'s replica from what its directory holds (``raft``: RaftConfig fields to override)."""
+    directory = root / f"broker-{node}" / GROUP
+    plog = PartitionLog.open(directory, LogConfig(), "calm", 0)
+    replica = Replica(GROUP, plog, ReplicaStateFile(directory / "raft.state"), Membership.of(NODES),
+                      RaftConfig(node_id=node, heartbeat_timeout_ticks=DEFAULT_RAFT_HEARTBEAT_TICKS, **raft),
+                      network.sender(), executor, on_commit=lambda r, e: None)
+    network.replicas[node] = replica
+    return replica
 
 
 async def tick_all(network: Network, ticks: int) -> None:

@@ -147,12 +147,26 @@ def test_the_file_is_rewritten_with_one_record_per_group_once_it_grows(tmp_path:
 
 def test_every_field_of_the_state_survives_reopening(tmp_path: Path) -> None:
     every_field_set = ReplicaState(term=7, vote=3, commit_offset=41, start_prev_term=5, voters=(1, 2, 3),
-                                   learners=(4,), log_start_offset=12)
+                                   learners=(4,), log_start_offset=12, catching_up=True)
     assert all(getattr(every_field_set, f.name) != f.default for f in dataclasses.fields(ReplicaState))
     log = RaftStateLog.open(tmp_path)
     log.save("g", every_field_set)
     log.close()
     assert RaftStateLog.open(tmp_path).state_of("g") == every_field_set
+
+
+def test_a_replica_not_catching_up_is_saved_without_the_field_and_read_back_as_not_catching_up(
+        tmp_path: Path) -> None:
+    """Records written before the field existed have no catching_up: they must read as not waiting (the
+    replica votes), and ordinary records keep those bytes."""
+    ordinary = ReplicaState(term=7, vote=3, voters=(1, 2, 3))
+    assert b"catching_up" not in _encode("g", ordinary)
+    assert b"catching_up" in _encode("g", dataclasses.replace(ordinary, catching_up=True))
+    log = RaftStateLog.open(tmp_path)
+    log.save("g", ordinary)
+    log.close()
+    assert b"catching_up" not in (tmp_path / STATE_LOG_FILE).read_bytes()
+    assert RaftStateLog.open(tmp_path).state_of("g") == ordinary
 
 
 def test_the_live_size_counts_one_record_per_group_across_reopens_and_rewrites(tmp_path: Path) -> None:

@@ -363,6 +363,43 @@ def test_a_voter_that_lost_its_log_does_not_elect_a_leader_lacking_what_it_had_a
     assert h.leaders() and h.node(h.leaders()[0]).log.last_offset >= committed
 
 
+def test_a_voter_that_lost_its_log_still_waits_after_a_restart_half_way_through_catching_up() -> None:
+    # As above, but node 3 restarts when it holds only the entries node 2 holds too. Its log is then no
+    # longer empty, and nothing in it says it is incomplete: only its saved hard state does. Were the wait
+    # forgotten, node 3 would vote for node 2 (whose log is as long), and the entries node 3 once
+    # acknowledged would be lost.
+    h = Harness([1, 2, 3], max_msg_bytes=1)  # one entry per append, so node 3 can be stopped half-way
+    h.elect(1)
+    for i in range(3):
+        h.propose(1, f"on-all-{i}".encode())
+    h.stabilize()
+    h.isolated.add(2)
+    for i in range(4):
+        h.propose(1, f"acked-by-1-and-3-{i}".encode())
+    h.stabilize()
+    committed = h.node(1).commit_offset
+    node_2_ends = h.node(2).log.last_offset
+    assert h.node(3).log.last_offset == committed > node_2_ends
+    h.crash(3)
+    h.add_node(3).wait_to_catch_up()
+    h.drop = lambda m: m.to_node == 3 and m.type is MessageType.APPEND and h.node(3).log.last_offset >= node_2_ends
+    h.tick_all(3 * ELECTION_TICKS)  # the leader's heartbeats find node 3 empty and resend the log, up to a point
+    assert h.node(3).log.last_offset == node_2_ends and h.node(3).catching_up
+    h.crash(3)
+    assert h.restart(3).catching_up  # the wait was saved with the appends it acknowledged
+    h.crash(1)
+    h.isolated.clear()
+    h.drop = lambda m: False
+    h.tick_all(6 * ELECTION_TICKS)
+    assert h.leaders() == []  # node 2 asked node 3 for votes, in vain
+    h.restart(1)
+    h.elect(1, attempts=5)
+    h.tick_all(2 * ELECTION_TICKS)
+    assert h.node(3).log.last_offset >= committed and not h.node(3).catching_up
+    h.crash(3)
+    assert not h.restart(3).catching_up  # once caught up, that was saved too: it votes after a restart
+
+
 def test_a_node_catching_up_neither_campaigns_nor_takes_a_leadership_transfer() -> None:
     h = Harness([1, 2, 3])
     h.elect(1)

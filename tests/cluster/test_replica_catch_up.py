@@ -1,0 +1,66 @@
+"""A replica that lost its state waits to catch up before it votes, and that wait survives a restart.
+
+Three production Replicas on one event loop (the harness of test_replica_quiescence). Node 3's directory is
+wiped and it rejoins, catching up one entry per append; it restarts half-way. Its log is then not empty, and
+nothing in the log says it is incomplete: only the Raft state saved with its appends does (HardState.catching_up).
+Without it the restarted replica would vote as if it held everything it once acknowledged."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from logbroker.raft.types import Role
+from tests.cluster.test_replica_quiescence import GROUP, Network, open_replica, open_replicas, until, write_one
+
+ENTRIES = 12
+# One entry per append and one append in flight: node 3 catches up an entry a tick, so it can stop half-way.
+ONE_ENTRY_AT_A_TIME = {"max_msg_bytes": 1, "max_inflight_bytes": 1}
+
+
+def test_a_replica_restarted_half_way_through_catching_up_still_waits_until_it_has(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        network = Network()
+        with ThreadPoolExecutor(2) as executor:
+            replicas = open_replicas(tmp_path, network, executor, **ONE_ENTRY_AT_A_TIME)
+            try:
+                replicas[1].campaign_now()
+                await until(network, lambda: replicas[1].node.role is Role.LEADER, "node 1 to lead")
+                last = [write_one(replicas[1], f"record {i}".encode()) for i in range(ENTRIES)][-1]
+                await until(network, lambda: all(r.durable_offset > last.last_offset for r in replicas.values()),
+                            "every replica to hold every record")
+
+                network.dead.add(3)  # a crash, then a new disk
+                replicas[3].close()
+                shutil.rmtree(tmp_path / "broker-3" / GROUP)
+                network.dead.discard(3)
+                wiped = open_replica(tmp_path, network, executor, 3, **ONE_ENTRY_AT_A_TIME)
+                assert wiped.holds_nothing
+                wiped.rejoin_after_losing_state(1, replicas[1].term)
+                half_way = ENTRIES // 2
+                await until(network, lambda: wiped.durable_offset > half_way, "node 3 to catch up half-way")
+                network.dead.add(3)
+                await until(network, lambda: wiped.durable_offset == wiped.log.log_end_offset,
+                            "node 3's appends to be on its disk")
+                assert wiped.node.catching_up and wiped.log.log_end_offset <= last.last_offset, (
+                    "node 3 caught up entirely: the test needs it half-way")
+                wiped.close()
+
+                restarted = open_replica(tmp_path, network, executor, 3, **ONE_ENTRY_AT_A_TIME)
+                assert not restarted.holds_nothing and restarted.node.catching_up, (
+                    "restarted half-way through its catch-up, node 3 forgot that it waits to catch up")
+                network.dead.discard(3)
+                await until(network, lambda: not restarted.node.catching_up, "node 3 to catch up")
+                assert restarted.log.log_end_offset > last.last_offset
+                await until(network, lambda: restarted.durable_offset == restarted.log.log_end_offset,
+                            "node 3's catch-up to be on its disk")
+                restarted.close()
+                assert not open_replica(tmp_path, network, executor, 3).node.catching_up, (
+                    "once caught up, node 3 must vote again after a restart")
+            finally:
+                for replica in network.replicas.values():
+                    replica.close()
+
+    asyncio.run(scenario())
