@@ -98,7 +98,11 @@ class ControllerClient:
         """A new disk holding no metadata log is a new cluster's, or a replaced disk of a broker that voted in the
         metadata log before: it must not vote until it knows which (disk_identity.py, METADATA_CATCH_UP_FILE)."""
         marker = self.broker.data_dir / METADATA_CATCH_UP_FILE
-        if not marker.exists():
+        # The wait is also in the log's saved Raft state (HardState.catching_up), which may outlive the file:
+        # the file goes as the wait ends, and a crash can come before the state saying so is written. Such a
+        # broker waits again, and this rule ends it (a new cluster whose brokers all restarted at that moment
+        # would otherwise wait for ever).
+        if not marker.exists() and not controller.node.catching_up:
             if not (self.broker.disk_is_new and controller.holds_nothing):
                 return
             write_file_atomically(marker, b"this broker's metadata log waits to catch up before it votes\n",

@@ -5,11 +5,15 @@ registration in the metadata log tells partitions older than the disk from new o
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 from logbroker_client import Admin, Producer
 
-from logbroker.server.disk_identity import METADATA_CATCH_UP_FILE
+from logbroker.cluster.metadata import CONTROLLER_GROUP
+from logbroker.cluster.raft_storage import ReplicaState
+from logbroker.cluster.state_log import RaftStateLog
+from logbroker.server.disk_identity import METADATA_CATCH_UP_FILE, load_or_create_disk_id
 from tests.cluster.test_metadata import metadata_answer
 from tests.support.brokers import wait_until
 from tests.support.checker import AckLog, assert_clean, make_value, read_log
@@ -131,6 +135,23 @@ def test_a_replaced_disk_does_not_vote_in_the_metadata_log_before_it_has_caught_
         wait_until(lambda node=node: not metadata_answer(cluster, node, TOPIC).topics[0].error_code,  # type: ignore[misc]
                    LEADER_TIMEOUT_S, f"broker {node} to name topic {TOPIC}, created while broker {lagging} was cut off")
     wait_until(lambda: not marker.exists(), LEADER_TIMEOUT_S, f"broker {replaced} to finish catching up")
+
+
+def test_a_new_cluster_whose_metadata_wait_ended_without_being_saved_still_elects(tmp_path: Path) -> None:
+    """A new cluster's brokers end their metadata log's wait together (the bootstrap rule) and remove
+    metadata.catch-up; were all of them killed before the end of the wait was saved, each would restart with its
+    saved Raft state still waiting, an empty log and no file. Each must end that wait again, or no broker votes
+    and the cluster never elects its first controller leader."""
+    for node in (1, 2, 3):
+        data_dir = tmp_path / f"broker-{node}"
+        data_dir.mkdir()
+        load_or_create_disk_id(data_dir)
+        states = RaftStateLog.open(data_dir)
+        states.save(CONTROLLER_GROUP, ReplicaState(voters=(1, 2, 3), catching_up=True))
+        states.close()
+    with BrokerCluster(tmp_path) as cluster:  # started: each serves once its disk registration is applied,
+        # which takes a controller leader
+        assert all(not (b.data_dir / METADATA_CATCH_UP_FILE).exists() for b in cluster.brokers.values())
 
 
 def assert_no_controller_leader_among(cluster: BrokerCluster, replaced: int, lagging: int, down: int,
