@@ -46,6 +46,11 @@ HANDSHAKE_TIMEOUT_S = 5.0
 # A frame must arrive whole within this long of its first byte (checked at each keepalive): a sender writes one in
 # a go, and an unfinished one would hold up to MAX_FRAME_BYTES of the receiver's memory for nothing.
 FRAME_DEADLINE_S = 30.0
+# What the unfinished frames of all connections together may hold of a receiver's memory. Past it, the connection
+# holding the most is closed (its sender reconnects and Raft resends): the deadline above bounds an unfinished
+# frame in time, this bounds them in number. One frame of the largest size: peers write their frames in one go,
+# and frames are about an envelope (1 MiB) unless one message is larger (an append of one big batch).
+MAX_UNFINISHED_FRAMES_BYTES = MAX_FRAME_BYTES
 # Connections that have not proven the secret yet, per receiver: past this, new ones are closed at once, so a
 # flood of idle connections costs a bounded amount of memory and timers.
 MAX_PENDING_HANDSHAKES = 64

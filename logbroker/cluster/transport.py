@@ -113,6 +113,8 @@ class RaftTransport:
         self.undecodable_envelopes = 0
         self.refused_connections = 0
         self._refusal_log = LogLimiter()  # per kind of refusal
+        self.unfinished_frames_bytes = 0  # held by inbound buffers, at most wire.MAX_UNFINISHED_FRAMES_BYTES
+        self.oversized_closes = 0  # connections closed because unfinished frames held too much
         self._bad_frames = 0  # frames that were not RaftEnvelopes at all (logged first and every LOG_EVERY-th)
         self._bad_envelopes = 0  # envelopes refused by the codec or forging their sender
         self._bad_envelope_log = LogLimiter()  # per shape: the text with its numbers taken out
@@ -404,6 +406,22 @@ class RaftTransport:
         if self._bad_envelope_log.allows(re.sub(r"\d+", "#", why)[:200], self._bad_envelopes):
             log.error("%s (%d bad envelopes so far)", why, self._bad_envelopes)
 
+    def _note_buffered(self, delta_bytes: int) -> None:
+        """An inbound connection's buffer grew or shrank: past the bound, the one holding the most is closed."""
+        self.unfinished_frames_bytes += delta_bytes
+        if self.unfinished_frames_bytes <= wire.MAX_UNFINISHED_FRAMES_BYTES:
+            return
+        largest = max(self._inbound, key=lambda inbound: inbound.buffered_bytes)
+        self.oversized_closes += 1
+        if self._refusal_log.allows("unfinished frames", self.oversized_closes):
+            log.warning("closing the connection to the Raft port of node %d from node %s (%s): its unfinished frame "
+                        "holds %d bytes, and unfinished frames on this port %d, over %d (%d such closes so far)",
+                        self.node_id, largest.from_node if largest.from_node is not None else "?", largest.remote,
+                        largest.buffered_bytes, self.unfinished_frames_bytes, wire.MAX_UNFINISHED_FRAMES_BYTES,
+                        self.oversized_closes)
+        largest.close()
+        largest.release_buffer()
+
     def _undecodable_frame(self, remote: str, proven_from: int, error: Exception) -> None:
         self.undecodable_envelopes += 1
         self._bad_frames += 1
@@ -569,6 +587,7 @@ class _Inbound(asyncio.Protocol):
         self._from_node: int | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._partial_since_s: float | None = None  # when the unfinished frame in the buffer began, if any
+        self.buffered_bytes = 0  # len(self._buffer) as last told to the owner (RaftTransport._note_buffered)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
@@ -613,6 +632,23 @@ class _Inbound(asyncio.Protocol):
         self._timer = self._loop.call_later(wire.KEEPALIVE_INTERVAL_S, self._keepalive)
 
     def data_received(self, data: bytes) -> None:
+        try:
+            self._take(data)
+        finally:
+            self._account()
+
+    def _account(self) -> None:
+        delta_bytes = len(self._buffer) - self.buffered_bytes
+        if delta_bytes:
+            self.buffered_bytes += delta_bytes
+            self._owner._note_buffered(delta_bytes)
+
+    def release_buffer(self) -> None:
+        """Let the buffer's memory go now (closing: nothing more is read from it)."""
+        self._buffer = bytearray()
+        self._account()
+
+    def _take(self, data: bytes) -> None:
         buffer = self._buffer
         buffer += data
         if self._from_node is None:
@@ -671,3 +707,4 @@ class _Inbound(asyncio.Protocol):
             self._timer.cancel()
         self._owner._inbound.discard(self)
         self._transport = None
+        self.release_buffer()

@@ -447,9 +447,6 @@ def test_sixty_megabytes_of_zeros_are_dropped_and_their_memory_returned(cluster:
 PARTIAL_CONNECTIONS = 4
 
 
-@pytest.mark.xfail(strict=True, reason="a peer that holds the cluster secret may leave a frame of up to 64 MiB "
-                                       "unfinished on any number of connections for up to FRAME_DEADLINE_S (30 s) "
-                                       "before each is closed: memory is bounded in time, not in count")
 def test_unfinished_large_frames_on_many_connections_do_not_grow_memory_without_bound(
         cluster: BrokerCluster, target: ClusterBroker) -> None:
     rss_before = rss_mb(target.pid)

@@ -604,3 +604,34 @@ async def test_a_port_that_is_not_a_raft_port_is_named_in_the_log(
         assert not tx(a).peer_connected(2)
     finally:
         server.close()
+
+
+async def test_unfinished_frames_past_the_port_bound_close_the_connection_holding_the_most(
+    nodes: dict[int, Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each unfinished frame is bounded in time (FRAME_DEADLINE_S); all of them together are bounded in bytes, so a
+    peer cannot hold a maximal frame open on any number of connections. Whole frames still pass, and the count
+    of what is held goes back to zero."""
+    bound_bytes = 100_000
+    monkeypatch.setattr(wire, "MAX_UNFINISHED_FRAMES_BYTES", bound_bytes)
+    b = nodes[2]
+    await start(b)
+    big = await raw_connection(b)
+    big[1].write(wire.FRAME_HEADER.pack(1 << 20) + b"\x00" * 70_000)  # 1 MiB announced, 70 kB sent
+    await wait_until(lambda: tx(b).unfinished_frames_bytes >= 70_000, "the first unfinished frame to be held")
+    small = await raw_connection(b)
+    small[1].write(wire.FRAME_HEADER.pack(1 << 20) + b"\x00" * 20_000)
+    await wait_until(lambda: tx(b).unfinished_frames_bytes >= 90_000, "the second unfinished frame to be held")
+    assert not await closed_by_peer(big[0], 0.2), "closed while under the bound"
+    small[1].write(b"\x00" * 20_000)  # 110 kB in all: past the bound
+    assert await closed_by_peer(big[0], 5.0), "the connection holding the most was not closed"
+    assert not await closed_by_peer(small[0], 0.2), "the connection holding less was closed too"
+    assert tx(b).oversized_closes == 1 and tx(b).unfinished_frames_bytes <= bound_bytes
+    small[1].write(b"\x00" * ((1 << 20) - 40_000))  # its frame completes: zeros, not an envelope, and dropped
+    await wait_until(lambda: tx(b).unfinished_frames_bytes == 0, "the completed frame to leave the buffer")
+    await raw_stream(b, [pb.RaftEnvelope(from_node=1, to_node=2, messages=[encode_message("g", heartbeat(1, 2))])])
+    await wait_until(lambda: len(b.received) == 1, "a whole envelope delivered after the close")
+    small[1].close()
+    big[1].close()
+    await wait_until(lambda: tx(b).inbound_connections == 0, "every connection to be let go")
+    assert tx(b).unfinished_frames_bytes == 0
