@@ -33,9 +33,9 @@ from logbroker.groups.coordinator import GroupConfig
 from logbroker.groups.runtime import GroupShardRuntime
 from logbroker.groups.share_runtime import ShareStateMachine
 from logbroker.server.config import BrokerConfig
-from logbroker.server.controller_client import ControllerClient
+from logbroker.server.controller_client import CONTROLLER_DIR, ControllerClient
 from logbroker.server.data_plane import DataPlane
-from logbroker.server.disk_identity import has_disk_id, load_or_create_disk_id
+from logbroker.server.disk_identity import has_disk_id, load_or_create_disk_id, mark_metadata_catch_up
 from logbroker.server.maintenance import Maintenance
 from logbroker.server.metrics import BrokerMetrics
 from logbroker.server.quotas import Backpressure, DiskGuard, quotas_from
@@ -62,6 +62,10 @@ class Broker:
         self.data_dir = Path(config.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.disk_is_new = not has_disk_id(self.data_dir)  # a new or replaced disk (or one from before disk IDs)
+        if self.disk_is_new and not (self.data_dir / CONTROLLER_DIR).exists():
+            # Before disk.id: a broker killed between the two must not restart as a known disk with an empty
+            # metadata log and no reason to wait (ControllerClient waits while the file exists).
+            mark_metadata_catch_up(self.data_dir)
         self.disk_id = load_or_create_disk_id(self.data_dir)  # before anything else is written here
         self.executor = ThreadPoolExecutor(max_workers=config.flush_threads, thread_name_prefix="flush")
         self.cluster = ClusterState()

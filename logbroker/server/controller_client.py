@@ -38,9 +38,9 @@ from logbroker.raft.membership import Membership
 from logbroker.raft.quorum import has_quorum
 from logbroker.raft.types import Entry, EntryKind
 from logbroker.server import errors
-from logbroker.server.disk_identity import METADATA_CATCH_UP_FILE, is_disk_id
+from logbroker.server.disk_identity import METADATA_CATCH_UP_FILE, is_disk_id, mark_metadata_catch_up
 from logbroker.storage.config import InvalidConfigError, LogConfig
-from logbroker.storage.files import fsync_dir, write_file_atomically
+from logbroker.storage.files import fsync_dir
 from logbroker.storage.log import PartitionLog
 
 if TYPE_CHECKING:
@@ -105,8 +105,7 @@ class ControllerClient:
         if not marker.exists() and not controller.node.catching_up:
             if not (self.broker.disk_is_new and controller.holds_nothing):
                 return
-            write_file_atomically(marker, b"this broker's metadata log waits to catch up before it votes\n",
-                                  durable=True)
+            mark_metadata_catch_up(self.broker.data_dir)
         controller.node.wait_to_catch_up()
         self._metadata_catch_up = True
         log.info("broker %d: new disk without a metadata log: it votes in the metadata log once it has caught up "

@@ -12,7 +12,8 @@ The file is ``disk.id`` in the data directory: 32 lowercase hex digits and a new
 fsynced before the broker opens anything else, so a crash never leaves a half-written ID.
 
 The metadata log itself cannot use that registration (it is written through the metadata log). A broker that
-finds a new disk and no metadata log on it writes ``metadata.catch-up`` instead, before the metadata log opens:
+finds a new disk and no metadata log on it writes ``metadata.catch-up`` instead, before ``disk.id`` (a broker killed
+between the two would otherwise find an ID, no file and an empty metadata log, and take itself for a voter):
 while that file exists its replica of the metadata log takes no part in elections, until it has caught up from a
 leader, or until a majority of the brokers say (in their liveness heartbeats) that they hold no metadata either:
 a cluster starting for the first time (ControllerClient.end_metadata_catch_up). The file goes once the log it
@@ -42,6 +43,12 @@ def is_disk_id(value: object) -> bool:
 
 def has_disk_id(data_dir: Path) -> bool:
     return (data_dir / DISK_ID_FILE).exists()
+
+
+def mark_metadata_catch_up(data_dir: Path) -> None:
+    """Write METADATA_CATCH_UP_FILE (durably): this broker's metadata log waits to catch up before it votes."""
+    write_file_atomically(data_dir / METADATA_CATCH_UP_FILE,
+                          b"this broker's metadata log waits to catch up before it votes\n", durable=True)
 
 
 def load_or_create_disk_id(data_dir: Path) -> str:

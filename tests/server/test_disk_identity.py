@@ -9,7 +9,17 @@ import pytest
 from logbroker_client import Admin
 
 from logbroker.cluster.metadata import ClusterState
-from logbroker.server.disk_identity import DISK_ID_FILE, DiskIdentityError, is_disk_id, load_or_create_disk_id
+from logbroker.server import broker as broker_module
+from logbroker.server.broker import Broker
+from logbroker.server.config import BrokerConfig
+from logbroker.server.controller_client import CONTROLLER_DIR
+from logbroker.server.disk_identity import (
+    DISK_ID_FILE,
+    METADATA_CATCH_UP_FILE,
+    DiskIdentityError,
+    is_disk_id,
+    load_or_create_disk_id,
+)
 from tests.support.brokers import InProcessBroker
 
 
@@ -83,3 +93,32 @@ def test_another_disk_registered_under_this_node_id_is_logged_once(tmp_path: Pat
         assert broker.call(lambda: client.disk_registered)  # its own registration stands
     finally:
         broker.stop()
+
+
+class Killed(BaseException):
+    """The process dying at this point."""
+
+
+def test_a_new_disk_says_its_metadata_log_waits_before_it_has_an_id(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed between the two files, a broker must not restart as a known disk holding an empty metadata log and no
+    reason to wait: the marker comes first, and a restart keeps it."""
+    def killed_while_writing(data_dir: Path) -> str:
+        raise Killed()
+
+    monkeypatch.setattr(broker_module, "load_or_create_disk_id", killed_while_writing)
+    with pytest.raises(Killed):
+        Broker(BrokerConfig(data_dir=tmp_path, listen="127.0.0.1:0"))
+    assert (tmp_path / METADATA_CATCH_UP_FILE).exists() and not (tmp_path / DISK_ID_FILE).exists()
+    monkeypatch.undo()
+    restarted = Broker(BrokerConfig(data_dir=tmp_path, listen="127.0.0.1:0"))
+    assert restarted.disk_is_new and is_disk_id(restarted.disk_id)
+    assert (tmp_path / METADATA_CATCH_UP_FILE).exists()
+
+
+def test_a_data_directory_from_before_disk_ids_gets_an_id_but_no_metadata_wait(tmp_path: Path) -> None:
+    """An upgraded broker's directory has a metadata log and no disk.id: its metadata log is its own, not lost."""
+    (tmp_path / CONTROLLER_DIR).mkdir()
+    broker = Broker(BrokerConfig(data_dir=tmp_path, listen="127.0.0.1:0"))
+    assert broker.disk_is_new and (tmp_path / DISK_ID_FILE).exists()
+    assert not (tmp_path / METADATA_CATCH_UP_FILE).exists()
