@@ -23,7 +23,6 @@ class Liveness:
         self._now = 0
         self._last_heard: dict[int, int] = {p: 0 for p in self.peers}  # peers start alive: give them a timeout
         self._down: set[int] = set()
-        self._returned: list[int] = []  # peers heard from again after being declared down, not yet taken
 
     def heartbeats(self, metadata_term: int) -> list[tuple[str, Message]]:
         """One heartbeat per peer. Its term is this broker's term in the metadata log (0: it holds none), which a
@@ -31,16 +30,13 @@ class Liveness:
         return [(LIVENESS_GROUP, Message(MessageType.HEARTBEAT, self.node_id, peer, metadata_term))
                 for peer in self.peers]
 
-    def heard_from(self, peer: int) -> None:
+    def heard_from(self, peer: int) -> bool:
+        """Note a message from ``peer``; True if it had been declared down (it is alive again from now on)."""
         self._last_heard[peer] = self._now
         if peer in self._down:
             self._down.discard(peer)
-            self._returned.append(peer)
-
-    def take_returned(self) -> list[int]:
-        """The peers heard from again since the last call, after they had been declared down (each once)."""
-        returned, self._returned = self._returned, []
-        return returned
+            return True
+        return False
 
     def is_alive(self, peer: int) -> bool:
         return peer == self.node_id or peer not in self._down

@@ -136,6 +136,9 @@ class Replica:
         self._busy = False
         self._write_lock = threading.Lock()
         self._quiet = False  # an idle group neither ticks nor heartbeats; any message or proposal wakes it
+        # A leader's followers whose broker was declared down and is back, not heard from since: what the core
+        # last knew of their logs may be gone with a disk (peer_returned).
+        self.unconfirmed_followers: set[int] = set()
         # Told when the group wakes from quiescence: the broker's ticker visits only awake groups.
         self.on_wake: Callable[[Replica], None] | None = None
         self.preferred_leader: int | None = None
@@ -150,6 +153,7 @@ class Replica:
         rebuild_from_log(self.log, self.producers)
         self.high_watermark = max(self.state.commit_offset + 1, plog.log_start_offset)
         self.durable_offset = plog.log_end_offset
+        self._saved_catching_up = self.state.catching_up  # the wait as last made durable (catching_up)
         self._commit_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._durable_waiters: list[tuple[int, asyncio.Future[None]]] = []
 
@@ -197,6 +201,10 @@ class Replica:
     def step(self, message: Message, kick: bool = True) -> None:
         """Hand the node one message. kick=False leaves the Ready to a kick() after a whole batch of messages
         has been stepped, so that they share one Ready (one write, one round of answers), as a task used to."""
+        if self.unconfirmed_followers and message.term == self.node.term:
+            # An answer in the leader's term tells the core where the follower's log ends (a shorter log moves its
+            # match back); one in an older term is dropped unread, and so tells nothing.
+            self.unconfirmed_followers.discard(message.from_node)
         if self.node.role is Role.LEADER and message.type is MessageType.HEARTBEAT_RESP:
             # The answers to a leader's own heartbeats neither keep it awake nor wake it: it may go quiet right
             # after a heartbeat (or answers arriving after it went quiet would wake it, for ever), and wakes
@@ -253,8 +261,14 @@ class Replica:
 
     def peer_returned(self, peer: int) -> None:
         """A broker declared down is heard from again: a leader that went quiet without its replica there
-        (maybe_quiesce) wakes, so its heartbeats show that follower where it stands and it catches up."""
-        if self._quiet and self.is_leader and peer in self.node.membership.members:
+        (maybe_quiesce) wakes, so its heartbeats show that follower where it stands and it catches up. Until
+        that follower answers, its place in the log is unknown: the broker may have restarted on an empty disk,
+        and its liveness heartbeats come before its replicas open. It counts as out of sync meanwhile
+        (unconfirmed_followers)."""
+        if not (self.is_leader and peer in self.node.membership.members and peer != self.node_id):
+            return
+        self.unconfirmed_followers.add(peer)
+        if self._quiet:
             self.wake()
 
     def campaign_now(self) -> None:
@@ -262,6 +276,12 @@ class Replica:
         and without a pre-vote round: a group that never had a leader has none to disrupt."""
         self.node.campaign(pre_vote=False)
         self._kick()
+
+    @property
+    def catching_up(self) -> bool:
+        """Whether this replica waits to catch up (RaftNode.wait_to_catch_up), or its wait has ended in memory
+        but not yet on disk (the entries that end it are still being written): what a restart now would do."""
+        return self.node.catching_up or self._saved_catching_up
 
     @property
     def holds_nothing(self) -> bool:
@@ -474,6 +494,7 @@ class Replica:
         self.node.advance(ready)
         if ready.leader_change is not None:
             change = ready.leader_change
+            self.unconfirmed_followers.clear()  # a new leader's progress of each follower starts from nothing
             # Leadership at INFO; the steps of an election at DEBUG (a thousand groups elect at once).
             level = logging.INFO if change.role is Role.LEADER else logging.DEBUG
             log.log(level, "%s: %s in term %d (leader %s)", self.name, change.role.value, change.term,
@@ -556,6 +577,7 @@ class Replica:
     def _note_persisted(self, ready: Ready) -> None:
         if ready.hard_state is not None:
             self.state.commit_offset = ready.hard_state.commit_offset
+            self._saved_catching_up = ready.hard_state.catching_up
         self.durable_offset = self.log.log_end_offset
         self._release(self._durable_waiters, self.durable_offset)
 

@@ -267,9 +267,6 @@ class ReplicaManager:
         self.broker.controller_client.end_metadata_catch_up(self.peer_metadata_terms)
         for peer in liveness.tick():
             self._on_peer_down(peer)
-        for peer in liveness.take_returned():
-            for replica in list(self._replicas.values()):
-                replica.peer_returned(peer)
         is_alive = liveness.is_alive
         self._ticks += 1
         if self._ticks % EPOCH_SAVE_INTERVAL_TICKS == 0:
@@ -340,7 +337,8 @@ class ReplicaManager:
         heard = self.broker.liveness.heard_from
         stepped: dict[Replica, None] = {}
         for group, message in items:
-            heard(message.from_node)
+            if heard(message.from_node):
+                self._peer_returned(message.from_node)
             replica = self._replicas.get(group)
             if replica is not None and not replica.closed:
                 replica.step(message, kick=False)
@@ -356,6 +354,13 @@ class ReplicaManager:
         # acknowledgements, a vote and an append) make one Ready, not one each.
         for replica in stepped:
             replica.kick()
+
+    def _peer_returned(self, peer: int) -> None:
+        """A broker declared down is heard from again. Its leaders here learn it at once, before its message is
+        stepped and before anything reads their in-sync sets: the broker is alive again from this moment, and
+        its replicas' places in their logs are unknown until they answer (Replica.peer_returned)."""
+        for replica in list(self._replicas.values()):
+            replica.peer_returned(peer)
 
     def _keep_early(self, group: str, message: Message) -> None:
         """A message for a group with no replica here (yet): kept for the replica about to open (see
@@ -844,14 +849,15 @@ class ReplicaManager:
 
         A follower's match offset is what it last acknowledged; one that lost its data since (a wiped or
         truncated disk) says so in its next answer, which moves its match back (see RaftNode), and one that
-        is down is not in sync however far it had got."""
+        is down is not in sync however far it had got, nor one back from being down until it has answered."""
         if replica is None or not replica.is_leader:
             return list(assignment)
         caught_up = [self.node_id]
+        unconfirmed = replica.unconfirmed_followers
         for node in assignment:
             progress = replica.node.progress(node) if node != self.node_id else None
             if (progress is not None and progress.match_offset >= replica.high_watermark - 1
-                    and self.broker.liveness.is_alive(node)):
+                    and self.broker.liveness.is_alive(node) and node not in unconfirmed):
                 caught_up.append(node)
         return sorted(caught_up)
 

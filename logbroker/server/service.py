@@ -450,7 +450,7 @@ class AdminService(pb_grpc.AdminServicer):
                     part.high_watermark = replica.high_watermark
                     part.log_end_offset = replica.log.log_end_offset
                     part.size_bytes = replica.log.size_bytes
-                    part.catching_up = replica.node.catching_up
+                    part.catching_up = replica.catching_up
         return response
 
     async def _fill_from_leaders(self, response: pb.DescribeTopicsResponse) -> None:
