@@ -12,8 +12,16 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from logbroker.raft.types import Role
-from tests.cluster.test_replica_quiescence import GROUP, Network, open_replica, open_replicas, until, write_one
+from logbroker.raft.types import Message, MessageType, Role
+from tests.cluster.test_replica_quiescence import (
+    GROUP,
+    Network,
+    elected_quiet_group,
+    open_replica,
+    open_replicas,
+    until,
+    write_one,
+)
 
 ENTRIES = 12
 # One entry per append and one append in flight: node 3 catches up an entry a tick, so it can stop half-way.
@@ -62,5 +70,26 @@ def test_a_replica_restarted_half_way_through_catching_up_still_waits_until_it_h
             finally:
                 for replica in network.replicas.values():
                     replica.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_follower_back_from_being_down_is_unconfirmed_until_it_answers_in_the_leaders_term(tmp_path: Path) -> None:
+    """Its broker may have restarted on an empty disk, and what the leader knew of its log may be gone: the leader
+    counts it out of the in-sync set (ReplicaManager.in_sync_replicas) until an answer in its own term tells it
+    where that log ends. An answer in an older term is dropped unread and confirms nothing."""
+    async def scenario() -> None:
+        async with elected_quiet_group(tmp_path) as (network, replicas):
+            leader = replicas[1]
+            term = leader.term
+            network.dead.add(3)
+            leader.peer_returned(3)
+            replicas[2].peer_returned(3)  # a follower keeps no such list: in-sync sets are the leader's
+            assert leader.unconfirmed_followers == {3} and not replicas[2].unconfirmed_followers
+            leader.step(Message(MessageType.HEARTBEAT_RESP, 3, 1, term - 1, last_log_offset=-1))
+            assert leader.unconfirmed_followers == {3}
+            network.dead.discard(3)
+            await until(network, lambda: not leader.unconfirmed_followers, "node 3 to answer the woken leader")
+            assert leader.term == term and leader.node.progress(3) is not None
 
     asyncio.run(scenario())
