@@ -468,6 +468,7 @@ def test_metadata_log_of_a_disk_killed_right_after_disk_id_still_waits(proxied_c
     assert not controllers and waited, context
 
 
+@pytest.mark.slow  # ~3 s; the default suite has the ordering it depends on (test_disk_identity.py, ~0.1 s)
 def test_restart_right_after_disk_id_keeps_the_metadata_log_waiting(cluster: BrokerCluster) -> None:
     """Quick form of the above: a broker killed -9 right after writing disk.id on a replaced disk, then restarted,
     holds no metadata log of a cluster that has one: its metadata replica must wait to catch up (it logs so, and
