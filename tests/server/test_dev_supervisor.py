@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import IO
 
 import grpc
+import pytest
 from logbroker_client import Admin, Producer
 from logbroker_client.connection import Connection
 from logbroker_client.data_wire import DEFAULT_DATA_PORT_OFFSET
@@ -165,6 +166,7 @@ def test_dev_reports_a_killed_broker_keeps_serving_and_restarts_it(tmp_path: Pat
                 os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.slow  # ~6 s (restarts paced at 3 a minute); the default suite keeps the restart test above
 def test_dev_gives_up_on_a_broker_that_keeps_dying_and_says_why(tmp_path: Path) -> None:
     base = consecutive_free_ports(1)
     with socket.socket() as squatter:  # the broker's port is taken: it fails at every start
