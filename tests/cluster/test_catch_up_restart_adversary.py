@@ -255,6 +255,20 @@ def assert_nothing_wrong(context: str, bad: list[str], more: str = "") -> None:
     assert not bad, f"{context}while L was down: {bad[:5]} ({len(bad)} in all){more}"
 
 
+def judge_after_failover(cluster: BrokerCluster, roles: tuple[int, int, int], topic: str, partitions: int,
+                         acks: AckLog, ends: dict[int, int], found: tuple[list[str], dict[int, ReplicaView]],
+                         detail: str = "") -> None:
+    """What every failover test checks once L was down: W really came back half-way, then (L back) every acked
+    record is stored, and nothing went wrong while L was down. ``found``: fail_over_to_b_and_w's answer."""
+    leader, wiped, lagging = roles
+    bad, views = found
+    context = f"L={leader} W={wiped} B={lagging}{detail}, acked ends {ends}: "
+    assert_restarted_half_way(wiped, views, ends)
+    cluster.brokers[leader].launch()
+    check_all_acked(cluster, topic, partitions, acks, context)
+    assert_nothing_wrong(context, bad, f"; W's views then {views}" if detail else "")
+
+
 # ---------------------------------------------------------------------------- partitions: restart half-way
 
 
@@ -271,12 +285,8 @@ def test_replaced_disk_killed_half_way_through_catch_up_never_votes_in_a_short_l
     ends = acked_ends(acks, mine)
     start_on_new_disk(cluster, wiped)
     kill_half_way(cluster, wiped, topic, ends, {p: 0 for p in mine})
-    bad, views = fail_over_to_b_and_w(cluster, leader, wiped, lagging, topic, ends)
-    context = f"L={leader} W={wiped} B={lagging}, acked ends {ends}: "
-    assert_restarted_half_way(wiped, views, ends)
-    cluster.brokers[leader].launch()
-    check_all_acked(cluster, topic, 3, acks, context)
-    assert_nothing_wrong(context, bad)
+    found = fail_over_to_b_and_w(cluster, leader, wiped, lagging, topic, ends)
+    judge_after_failover(cluster, (leader, wiped, lagging), topic, 3, acks, ends, found)
 
 
 @pytest.mark.slow  # ~27 s
@@ -296,12 +306,8 @@ def test_replaced_disk_restarted_three_times_half_way_then_failover_loses_nothin
         reached = {p: max(reached[p], seen.get(p, 0)) for p in mine}
         cluster.brokers[wiped].launch()  # restarted half-way; the next kill_half_way lets it run, slowly
     kill_half_way(cluster, wiped, topic, ends, reached)
-    bad, views = fail_over_to_b_and_w(cluster, leader, wiped, lagging, topic, ends)
-    context = f"L={leader} W={wiped} B={lagging}, acked ends {ends}: "
-    assert_restarted_half_way(wiped, views, ends)
-    cluster.brokers[leader].launch()
-    check_all_acked(cluster, topic, 3, acks, context)
-    assert_nothing_wrong(context, bad)
+    found = fail_over_to_b_and_w(cluster, leader, wiped, lagging, topic, ends)
+    judge_after_failover(cluster, (leader, wiped, lagging), topic, 3, acks, ends, found)
 
 
 @pytest.mark.slow  # ~24 s
@@ -316,12 +322,9 @@ def test_many_partitions_replaced_disk_killed_half_way_loses_nothing(lease_clust
     ends = acked_ends(acks, mine)
     start_on_new_disk(cluster, wiped)
     kill_half_way(cluster, wiped, topic, ends, {p: 0 for p in mine})
-    bad, views = fail_over_to_b_and_w(cluster, leader, wiped, lagging, topic, ends)
-    context = f"L={leader} W={wiped} B={lagging}, partitions of L {mine}, acked ends {ends}: "
-    assert_restarted_half_way(wiped, views, ends)
-    cluster.brokers[leader].launch()
-    check_all_acked(cluster, topic, partitions, acks, context)
-    assert_nothing_wrong(context, bad, f"; W's views then {views}")
+    found = fail_over_to_b_and_w(cluster, leader, wiped, lagging, topic, ends)
+    judge_after_failover(cluster, (leader, wiped, lagging), topic, partitions, acks, ends, found,
+                         detail=f", partitions of L {mine}")
 
 
 def kill_all_at_once(cluster: BrokerCluster) -> None:
@@ -351,12 +354,8 @@ def test_all_three_killed_while_replaced_disk_is_half_way_then_failover(lease_cl
     cluster.brokers[wiped].launch()
     cluster.brokers[lagging].launch()
     cluster.wait_serving(wiped, lagging)
-    bad, views = fail_over_to_b_and_w_after_restart(cluster, wiped, lagging, topic, ends)
-    context = f"L={leader} W={wiped} B={lagging}, acked ends {ends}: "
-    assert_restarted_half_way(wiped, views, ends)
-    cluster.brokers[leader].launch()
-    check_all_acked(cluster, topic, 3, acks, context)
-    assert_nothing_wrong(context, bad)
+    found = fail_over_to_b_and_w_after_restart(cluster, wiped, lagging, topic, ends)
+    judge_after_failover(cluster, (leader, wiped, lagging), topic, 3, acks, ends, found)
 
 
 def fail_over_to_b_and_w_after_restart(cluster: BrokerCluster, wiped: int, lagging: int, topic: str,
@@ -379,12 +378,8 @@ def test_disk_replaced_twice_in_a_row_half_way_loses_nothing(lease_cluster: Brok
     for _ in range(2):
         start_on_new_disk(cluster, wiped)
         kill_half_way(cluster, wiped, topic, ends, {p: 0 for p in mine})
-    bad, views = fail_over_to_b_and_w(cluster, leader, wiped, lagging, topic, ends)
-    context = f"L={leader} W={wiped} B={lagging}, acked ends {ends}: "
-    assert_restarted_half_way(wiped, views, ends)
-    cluster.brokers[leader].launch()
-    check_all_acked(cluster, topic, 3, acks, context)
-    assert_nothing_wrong(context, bad)
+    found = fail_over_to_b_and_w(cluster, leader, wiped, lagging, topic, ends)
+    judge_after_failover(cluster, (leader, wiped, lagging), topic, 3, acks, ends, found)
 
 
 # ------------------------------------------------------------------- the metadata log: disk.id, then marker
