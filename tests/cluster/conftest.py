@@ -28,8 +28,10 @@ def _show_logs_on_failure(request: pytest.FixtureRequest, cluster: BrokerCluster
 
 
 def _cluster(request: pytest.FixtureRequest, tmp_path: Path, proxied: bool,
-             disk_bytes: int | None = None, raft_tick_ms: int = RAFT_TICK_MS, size: int = 3) -> Iterator[BrokerCluster]:
-    cluster = BrokerCluster(tmp_path / "cluster", size=size, raft_tick_ms=raft_tick_ms, proxied=proxied)
+             disk_bytes: int | None = None, raft_tick_ms: int = RAFT_TICK_MS, size: int = 3,
+             broker_config: dict[str, int | str | bool] | None = None) -> Iterator[BrokerCluster]:
+    cluster = BrokerCluster(tmp_path / "cluster", size=size, raft_tick_ms=raft_tick_ms, proxied=proxied,
+                            broker_config=broker_config)
     failed_before = request.session.testsfailed
     try:
         if disk_bytes is not None:  # each broker's data directory on a size-limited file system of its own

@@ -29,7 +29,7 @@ from logbroker_client import Admin, Producer
 from logbroker.server.disk_identity import DISK_ID_FILE, METADATA_CATCH_UP_FILE
 from logbroker.server.replica_manager import RAFT_MAX_INFLIGHT_BYTES
 from logbroker.storage.filenames import partition_dir_name
-from tests.cluster.conftest import RAFT_TICK_MS, _show_logs_on_failure
+from tests.cluster.conftest import _cluster
 from tests.support.brokers import wait_until
 from tests.support.checker import AckLog, assert_clean, make_value, read_log
 from tests.support.cluster import BrokerCluster, ClusterBroker, ReplicaView
@@ -59,17 +59,7 @@ LEASE_ELECTION_TICKS = 100
 @pytest.fixture
 def lease_cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BrokerCluster]:
     """Three brokers at the usual tick (20 ms), with a 2 s election timeout (LEASE_ELECTION_TICKS)."""
-    cluster = BrokerCluster(tmp_path / "cluster", raft_tick_ms=RAFT_TICK_MS,
-                            broker_config={"raft_election_ticks": LEASE_ELECTION_TICKS})
-    failed_before = request.session.testsfailed
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        try:
-            _show_logs_on_failure(request, cluster, failed_before)
-        finally:
-            cluster.stop_all()
+    yield from _cluster(request, tmp_path, proxied=False, broker_config={"raft_election_ticks": LEASE_ELECTION_TICKS})
 
 
 # ---------------------------------------------------------------------------------------------- helpers
