@@ -32,8 +32,9 @@ EXIT_INTERRUPTED = 130
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 TEMPLATE_FIELDS = ("topic", "partition", "offset", "timestamp", "time", "key", "value", "headers")
 FIELD_LIST = " ".join("{" + name + "}" for name in TEMPLATE_FIELDS)
-POLL_SLICE_S = 1.0
-_log_handler: logging.Handler | None = None  # poll in slices so the idle timeout and Ctrl-C are noticed promptly
+POLL_SLICE_S = 1.0  # poll in slices so the idle timeout and Ctrl-C are noticed promptly
+GROUP_JOIN_WAIT_S = 30.0  # lb consume --group --timeout-ms: the longest wait for a first assignment
+_log_handler: logging.Handler | None = None
 
 
 class UsageError(Exception):
@@ -460,7 +461,8 @@ def consume_in_group(args: argparse.Namespace) -> int:
                   client_id=f"lb-consume-{os.getpid()}") as consumer:
         consumer.subscribe([args.topic])
         count, seconds = consume_loop(consumer, render, args.max_messages, args.timeout_ms,
-                                      after_batch=lambda _: commit_printed(consumer))
+                                      after_batch=lambda _: commit_printed(consumer),
+                                      assignment=consumer.assignment)
         commit_printed(consumer)  # a new group's starting point too, so the next run misses nothing after it
     print(f"consumed {count} record(s) from {args.topic} as group {args.group} in {seconds:.2f}s", file=sys.stderr)
     return EXIT_OK
@@ -486,25 +488,38 @@ def commit_printed(consumer: Any) -> None:
 
 
 def consume_loop(consumer: Any, render: Callable[[Any], str], max_messages: int | None,
-                 timeout_ms: int | None, after_batch: Callable[[list[Any]], None] | None = None
-                 ) -> tuple[int, float]:
+                 timeout_ms: int | None, after_batch: Callable[[list[Any]], None] | None = None,
+                 assignment: Callable[[], set[Any]] | None = None) -> tuple[int, float]:
     """Print records until max_messages, an idle timeout, or Ctrl-C; returns (count, seconds). after_batch
-    runs with each batch once it is written out."""
-    started = last_record = time.monotonic()
+    runs with each batch once it is written out.
+
+    A group member (`assignment` given) is not idle while it joins: its idle clock starts when the coordinator
+    hands it partitions, and again whenever it is handed a different set. Until its first partitions it waits
+    up to GROUP_JOIN_WAIT_S (or the idle timeout, if longer), since a member of a group with more members than
+    partitions may never get any. A member that timed out while joining would read and commit nothing."""
+    started = time.monotonic()
     idle_s = None if timeout_ms is None else timeout_ms / 1000
+    idle_until = None if idle_s is None else started + (idle_s if assignment is None
+                                                        else max(idle_s, GROUP_JOIN_WAIT_S))
+    held: set[Any] = set()
     count = 0
     out = sys.stdout
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a tail ends: not an error
         while max_messages is None or count < max_messages:
+            if assignment is not None and (now_held := assignment()) != held:
+                held = now_held
+                if held and idle_s is not None:
+                    idle_until = time.monotonic() + idle_s
             wait = POLL_SLICE_S
-            if idle_s is not None:
-                wait = min(wait, last_record + idle_s - time.monotonic())
+            if idle_until is not None:
+                wait = min(wait, idle_until - time.monotonic())
                 if wait <= 0:
                     break
             limit = None if max_messages is None else max_messages - count
             records = consumer.poll(timeout=wait, max_records=limit)
             if records:
-                last_record = time.monotonic()
+                if idle_s is not None:
+                    idle_until = time.monotonic() + idle_s
                 out.write("".join(render(r) + "\n" for r in records))
                 out.flush()  # a pipe reader (grep, jq) sees records as they arrive
                 count += len(records)
@@ -681,7 +696,8 @@ def add_consume_command(sub: Any, parent: argparse.ArgumentParser) -> None:
                               "end, or with --from-beginning at the beginning)")
     consume.add_argument("--max-messages", type=positive_int, metavar="N", help="stop after N records")
     consume.add_argument("--timeout-ms", type=non_negative_int, metavar="T",
-                         help="stop when no record arrives for T ms")
+                         help="stop when no record arrives for T ms (with --group, counted from when the member "
+                              "is given its partitions: joining is not idling)")
     consume.add_argument("--format", metavar="TEMPLATE",
                          help="for example '{partition}:{offset} {key}={value}'; fields: "
                               + FIELD_LIST + " (default: {value})")

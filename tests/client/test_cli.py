@@ -95,6 +95,44 @@ def test_progress_draws_a_bar_on_a_terminal_unless_ci(monkeypatch: pytest.Monkey
 # ------------------------------------------------------------------------------ usage errors
 
 
+class JoiningMember:
+    """A group member whose coordinator hands it a partition only after `join_s`; the partition's one record
+    is fetched on the poll after that. Stands in for a Consumer in consume_loop."""
+
+    def __init__(self, join_s: float) -> None:
+        self.joined_at = time.monotonic() + join_s
+        self.delivered = False
+
+    def assignment(self) -> set[str]:
+        return {"orders-0"} if time.monotonic() >= self.joined_at else set()
+
+    def poll(self, timeout: float, max_records: int | None = None) -> list[str]:
+        if self.assignment() and not self.delivered:
+            self.delivered = True
+            return ["order-1"]
+        time.sleep(min(timeout, 0.02))
+        return []
+
+
+def test_a_group_members_idle_clock_starts_when_it_is_given_its_partitions(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    member = JoiningMember(join_s=0.5)
+    count, seconds = cli.consume_loop(member, str, None, timeout_ms=200, assignment=member.assignment)
+    assert count == 1 and capsys.readouterr().out == "order-1\n"
+    assert 0.5 + 0.2 <= seconds < 5  # idle for 200 ms after the record, not 200 ms from the start
+    # Without the assignment (a plain assign()ed consumer) the clock runs from the start.
+    count, seconds = cli.consume_loop(JoiningMember(join_s=0.5), str, None, timeout_ms=200)
+    assert count == 0 and seconds < 0.5
+
+
+def test_a_group_member_never_given_partitions_stops_after_the_join_wait(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli, "GROUP_JOIN_WAIT_S", 0.3)
+    member = JoiningMember(join_s=3600)  # more members than partitions: this one is never given any
+    count, seconds = cli.consume_loop(member, str, None, timeout_ms=100, assignment=member.assignment)
+    assert count == 0 and 0.3 <= seconds < 3
+
+
 def test_offset_without_partition_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(capsys, "consume", "orders", "--offset", "5", "--bootstrap", "127.0.0.1:1")
     assert code == 2
