@@ -304,7 +304,7 @@ def test_dead_letters_pending_at_a_leader_kill_are_written_once(jobs: BrokerClus
 def test_competing_consumers_scale_past_the_partitions(jobs: BrokerCluster, tmp_path: Path) -> None:
     acks = AckLog()
     send_tagged(jobs, acks, 0, 3000, b"")
-    window_s = 4.0
+    window_s = 2.5  # 250 records for one worker at 10 ms each: enough to tell 3x from less
     one = processed_in(jobs, tmp_path, "one", 1, window_s)
     four = processed_in(jobs, tmp_path, "four", 4, window_s)
     print(f"competing consumers, 10 ms of work per record, {window_s} s: 1 worker {one} records, "
