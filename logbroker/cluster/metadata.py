@@ -69,6 +69,10 @@ class ClusterState:
         assigned = topic.assignment[partition]
         return assigned + [node for node in target if node not in assigned]
 
+    def has_disk_of(self, node: int) -> bool:
+        """Whether any disk of broker ``node`` is registered (disk_identity.py)."""
+        return any(registered == node for registered, _ in self.disk_registrations)
+
     def apply(self, command: dict[str, Any], offset: int) -> TopicEvent | None:
         """Apply one command found at ``offset`` of the controller log; return what the broker must act on."""
         op = command.get("op")

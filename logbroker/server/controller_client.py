@@ -457,6 +457,23 @@ class ControllerClient:
         while not condition() and time.monotonic() < deadline:
             await asyncio.sleep(self.broker.config.raft_tick_ms / 1000)
 
+    async def await_disks_registered(self, assignment: list[list[int]], what: str, timeout_s: float) -> None:
+        """Before new partitions are recorded: wait until every live broker they are placed on has its disk
+        registered in the metadata. A replica that holds nothing of a partition created before its broker's disk
+        registration waits to catch up from a leader (disk_identity.py), so a topic created in a new cluster's
+        first second, before its brokers had registered, had every replica waiting and never a leader. A broker
+        that is down is not waited for: its replicas catch up from the others' leader when it starts."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        nodes = {node for replicas in assignment for node in replicas}
+        while starting := sorted(node for node in nodes if self.broker.liveness.is_alive(node)
+                                 and not self.broker.cluster.has_disk_of(node)):
+            if loop.time() >= deadline:
+                raise errors.LeaderNotAvailable(
+                    f"{what}: broker(s) {', '.join(map(str, starting))} are starting and have not registered their "
+                    "disks in the cluster metadata yet; retry in a moment")
+            await asyncio.sleep(self.broker.config.raft_tick_ms / 1000)
+
     async def wait_for_leaders(self, name: str, timeout_s: float) -> None:
         """After a create: wait until every partition this broker hosts has elected a leader. Each round looks
         only at the partitions still waiting (a round over every replica of the broker, a thousand times per
@@ -518,6 +535,7 @@ class ControllerClient:
             return
         assignment = place_replicas(list(self.broker.peers), partitions, replication_factor,
                                     salt=hash(name) & 0xFFFF)
+        await self.await_disks_registered(assignment, f"topic {name!r}", timeout_s)
         topic_id = new_topic_id()
         await self.propose_command({"op": "create_topic", "name": name, "topic_id": topic_id,
                                     "partitions": partitions, "replication_factor": replication_factor,
@@ -570,6 +588,7 @@ class ControllerClient:
         partitions = config.offsets_topic_partitions
         replication_factor = min(3, len(self.broker.peers))
         assignment = place_replicas(list(self.broker.peers), partitions, replication_factor, salt=0)
+        await self.await_disks_registered(assignment, OFFSETS_TOPIC, timeout_s)
         await self.propose_command({"op": "create_topic", "name": OFFSETS_TOPIC, "topic_id": new_topic_id(),
                                     "partitions": partitions, "replication_factor": replication_factor,
                                     "configs": {**OFFSETS_TOPIC_CONFIGS,

@@ -99,6 +99,8 @@ class TopicAdmin:
                 f"topic {name!r} has replication factor {topic.replication_factor} but only {len(live)} broker(s) "
                 f"are up ({', '.join(map(str, live))}); start the others and try again")
         placed = place_replicas(live, total, topic.replication_factor, salt=hash(name) & 0xFFFF)
+        await self.broker.controller_client.await_disks_registered(placed[topic.partitions:], f"topic {name!r}",
+                                                                   timeout_s)
         await self.broker.controller_client.propose_command(
             {"op": "add_partitions", "name": name, "topic_id": topic.topic_id, "from": topic.partitions,
              "assignment": placed[topic.partitions:]}, timeout_s)
