@@ -105,6 +105,7 @@ class Replica:
         self.log = plog
         self._state_file = state_file
         self.state = state_file.load(membership)
+        self._opened_without_its_log = plog.found_no_segments and self.state.term > 0
         finish_log_cut(plog, self.state.log_start_offset)
         log_last = plog.log_end_offset - 1
         if self.state.commit_offset > log_last:
@@ -288,6 +289,14 @@ class Replica:
         """No term, no vote and an empty log: a replica that never took part in its group, or lost its disk."""
         return self.node.term == 0 and self.node.vote is None and self.node.log.last_offset < 0
 
+    @property
+    def lost_its_log(self) -> bool:
+        """Its log is gone while its Raft state stayed: opened on a directory holding no segment (deleted or
+        emptied, as the broker's own error advises for a damaged replica) although its saved term says it took
+        part in the group, and still empty. It may have acknowledged entries it no longer holds, so, as a
+        replica holding nothing, it must catch up before it votes. (A replica new here has no saved term.)"""
+        return self._opened_without_its_log and self.node.log.last_offset < 0
+
     def rejoin_after_losing_state(self, leader_hint: int | None, leader_term: int = 0, lost: bool = True) -> None:
         """This replica holds nothing (holds_nothing) of a group that has had a leader: its data is gone (a wiped
         or replaced disk), or it never had any. Either way it must not vote until it has caught up from a
@@ -303,7 +312,11 @@ class Replica:
         it is logged at DEBUG, not as lost state."""
         if not self.node.catching_up:
             self.node.wait_to_catch_up()
-            if lost:
+            if lost and self.node.term > 0:
+                log.warning("%s: broker %d lost this partition's log (its directory held no segment; it was deleted "
+                            "or emptied) but kept its Raft state, term %d: it takes no part in elections until it "
+                            "has caught up from the leader", self.name, self.node_id, self.node.term)
+            elif lost:
                 log.warning("%s: broker %d holds no Raft state or log for this partition, which has had a leader or "
                             "is older than this broker's disk: it takes no part in elections until it has caught up "
                             "from the leader", self.name, self.node_id)

@@ -609,16 +609,17 @@ class ReplicaManager:
         (a replaced disk's replica), whether or not the metadata applied so far names the group's leader: a leader
         may die before its election is recorded. True once it waits to catch up and the leader the metadata names,
         if any, was told to resend the log."""
-        if replica.closed or not replica.holds_nothing:
+        lost_log = replica.lost_its_log
+        if replica.closed or not (replica.holds_nothing or lost_log):
             return False
         if replica.node.membership.voters == {self.node_id}:
             return False  # its only replica: nobody to catch up from, and nobody it could help elect wrongly
         known = self.broker.cluster.leaders.get((topic_name, index))
         older = self._older_than_disk(topic_name)
-        if known is None and not older:
+        if known is None and not older and not lost_log:
             return False
         leader, term = known if known is not None else (None, 0)
-        replica.rejoin_after_losing_state(leader, term, lost=older)
+        replica.rejoin_after_losing_state(leader, term, lost=older or lost_log)
         return known is not None
 
     def _older_than_disk(self, topic_name: str) -> bool:
@@ -634,11 +635,12 @@ class ReplicaManager:
         """After leader reports were applied: the replicas opened holding nothing whose group has had a leader
         since (at start-up, the metadata log names a partition's leader after the partition itself)."""
         for key, replica in list(self._holding_nothing.items()):
-            if not replica.holds_nothing or self.rejoin_if_state_lost(key[0], key[1], replica):
+            if not (replica.holds_nothing or replica.lost_its_log) or self.rejoin_if_state_lost(key[0], key[1],
+                                                                                                   replica):
                 del self._holding_nothing[key]  # closed replicas hold nothing: rejoin_if_state_lost is False
 
     def _start_election(self, replica: Replica, replicas: list[int], topic_name: str, index: int) -> None:
-        if replica.holds_nothing:
+        if replica.holds_nothing or replica.lost_its_log:
             if self.rejoin_if_state_lost(topic_name, index, replica):
                 return
             self._holding_nothing[(topic_name, index)] = replica

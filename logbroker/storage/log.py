@@ -103,6 +103,9 @@ class PartitionLog:
         # marks the pages clean after the error, and a later fsync succeeds without writing them).
         self._unsynced_from: int | None = None
         self._first_flush_syncs: list[Callable[[], None]] = []  # see sync_at_first_flush
+        # Set by the load: the directory held no segment (a new partition, or its files were deleted). A replica
+        # whose Raft state survives elsewhere tells the two apart (Replica.lost_its_log).
+        self.found_no_segments = False
         self.epochs = LeaderEpochCache(directory, self.name, fs)
         # Told how long each flush() that made new data durable took, in seconds (the broker's fsync metric);
         # called in the flushing thread.
@@ -130,7 +133,7 @@ class PartitionLog:
         checkpoint = None if clean else self._read_checkpoint()
         self._remove_stray_files()
         segments, recovered = self._load_segments(self._segment_bases(), clean, checkpoint)
-        created = not segments
+        created = self.found_no_segments = not segments
         if created:
             segments = [LogSegment.create(self.directory, 0, self.config.index_interval_bytes, wall_clock_ms(),
                                           self.fs)]

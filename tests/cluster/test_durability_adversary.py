@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -113,12 +114,29 @@ def _others(cluster: BrokerCluster, *nodes: int) -> list[int]:
 # term 2 with C's vote; L restarts and truncates to offset 51: the 200 acknowledged records are lost. Nothing
 # marks C as having lost what it acknowledged before it votes (Raft needs a voter that lost its state not to
 # vote until it caught up; Kafka keeps B out of the ISR)
-def test_wiped_replica_does_not_elect_a_leader_that_lacks_acknowledged_records(cluster: BrokerCluster) -> None:
-    """Records are acknowledged by the leader L and one follower C while the other follower B is frozen
-    (SIGSTOP), so only L and C hold them. Then C's disk is replaced (kill -9, its data directory deleted) and
-    L is killed; B resumes and C restarts empty. B and C are a majority, but C holds nothing it acknowledged:
-    if C's vote makes B leader, B's log (which lacks the records) wins and L's copy is cut when L returns.
-    The records must survive: no leader without them until L is back (as Kafka keeps B out of the ISR)."""
+def replace_disk(cluster: BrokerCluster, node: int, topic: str) -> None:
+    cluster.brokers[node].replace_disk()
+
+
+def delete_partition_directory(cluster: BrokerCluster, node: int, topic: str) -> None:
+    """What a broker's own error advises for a damaged replica: stop it, delete that partition's directory. The
+    broker's other files stay, its Raft state log among them: the group's term, vote and commit offset."""
+    cluster.kill(node)
+    shutil.rmtree(cluster.brokers[node].data_dir / partition_dir_name(topic, 0))
+
+
+@pytest.mark.parametrize("damage", [replace_disk, delete_partition_directory],
+                         ids=["disk-replaced", "partition-directory-deleted"])
+def test_wiped_replica_does_not_elect_a_leader_that_lacks_acknowledged_records(
+        proxied_cluster: BrokerCluster, damage: object) -> None:
+    """Records are acknowledged by the leader L and one follower C while the other follower B is cut off from L,
+    so only L and C hold them. Then C loses its copy (kill -9, then its disk replaced or the partition's
+    directory deleted) and L is killed; B's links are healed and C restarts empty. B and C are a majority, but
+    C holds nothing it acknowledged: if C's vote makes B leader, B's log (which lacks the records) wins and L's
+    copy is cut when L returns. The records must survive: no leader without them until L is back (as Kafka
+    keeps B out of the ISR). B is cut off rather than frozen (SIGSTOP): the appends a frozen broker's socket
+    buffered reach it when it resumes, and then it holds the records and the test shows nothing."""
+    cluster = proxied_cluster
     topic = "wiped"
     create_topic(cluster, topic)
     acks = AckLog()
@@ -126,11 +144,12 @@ def test_wiped_replica_does_not_elect_a_leader_that_lacks_acknowledged_records(c
     leader = cluster.leader_of(topic, 0)
     behind, wiped = _others(cluster, leader)
     cluster.wait_caught_up(topic, 0)
-    cluster.pause(behind)
+    cluster.cut_link(leader, behind)
+    cluster.cut_link(behind, leader)
     produce_sequence(cluster.bootstrap_of(leader, wiped), topic, 50, 200, acks)
-    cluster.brokers[wiped].replace_disk()
+    damage(cluster, wiped, topic)  # type: ignore[operator]
     cluster.kill(leader)
-    cluster.resume(behind)
+    cluster.heal()
     cluster.brokers[wiped].launch()
     # Give B and the empty C every chance to elect each other (election timeouts are ticks of 20 ms).
     deadline = time.monotonic() + 5.0
@@ -143,7 +162,7 @@ def test_wiped_replica_does_not_elect_a_leader_that_lacks_acknowledged_records(c
     cluster.wait_serving()
     cluster.wait_caught_up(topic, 0, timeout_s=60)
     check_everything_acknowledged(cluster, topic, acks, context=(
-        f"leader {leader}, frozen {behind}, wiped {wiped}; {acks.summary()}: "))
+        f"leader {leader}, cut off {behind}, wiped {wiped}; {acks.summary()}: "))
 
 
 def wipe_and_restart(cluster: BrokerCluster, node: int) -> None:

@@ -93,3 +93,37 @@ def test_a_follower_back_from_being_down_is_unconfirmed_until_it_answers_in_the_
             assert leader.term == term and leader.node.progress(3) is not None
 
     asyncio.run(scenario())
+
+
+def test_a_replica_whose_segments_were_deleted_but_whose_raft_state_stayed_knows_it_lost_its_log(
+        tmp_path: Path) -> None:
+    """The broker keeps every group's term and vote in one state log beside the partition directories, so an
+    operator who deletes a damaged replica's directory (as the broker's error advises) leaves its Raft state. Its
+    saved term says it took part in the group; its log holds no segment: it may have acknowledged what it no
+    longer holds, and ReplicaManager makes it catch up before it votes. A replica new here has no saved term."""
+    async def scenario() -> None:
+        network = Network()
+        with ThreadPoolExecutor(2) as executor:
+            replicas = open_replicas(tmp_path, network, executor)
+            try:
+                assert not any(r.lost_its_log for r in replicas.values()), "a new replica has lost nothing"
+                replicas[1].campaign_now()
+                await until(network, lambda: replicas[1].node.role is Role.LEADER, "node 1 to lead")
+                last = write_one(replicas[1], b"acknowledged by all three")
+                await until(network, lambda: all(r.durable_offset > last.last_offset for r in replicas.values()),
+                            "every replica to hold the record")
+                replicas[3].close()
+                directory = tmp_path / "broker-3" / GROUP
+                for path in directory.iterdir():
+                    if path.name != "raft.state":  # the state log stays: here, the group's own state file
+                        path.unlink()
+                emptied = open_replica(tmp_path, network, executor, 3)
+                assert emptied.lost_its_log and not emptied.holds_nothing and emptied.term > 0
+                emptied.close()
+                replicas[2].close()
+                assert not open_replica(tmp_path, network, executor, 2).lost_its_log  # its log is whole
+            finally:
+                for replica in network.replicas.values():
+                    replica.close()
+
+    asyncio.run(scenario())
