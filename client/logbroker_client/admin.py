@@ -48,6 +48,7 @@ from logbroker_client.types import (
     GroupListing,
     OffsetChange,
     PartitionInfo,
+    ReplicaView,
     ShareGroupDescription,
     SharePartitionStatus,
     TopicDescription,
@@ -265,6 +266,29 @@ class Admin:
                               lambda answer: raise_described_errors(answer.topics), DESCRIBE_ATTEMPT_TIMEOUT_S)
         states = self.broker_states() if broker_states is None else broker_states
         return [topic_description(t, states) for t in response.topics]
+
+    def replica_views(self, topic: str, partition: int, nodes: Iterable[int]) -> dict[int, ReplicaView]:
+        """Each named broker's own replica of the partition, asked of that broker alone: why a partition whose
+        replicas answer has no leader shows here (catching_up). Brokers that do not answer, or hold no replica
+        of it, are left out."""
+        addresses = self._metadata.brokers()
+        views: dict[int, ReplicaView] = {}
+        for node in nodes:
+            if node not in addresses:
+                continue
+            request = pb.DescribeTopicsRequest(names=[topic], local_only=True)
+            try:
+                answer = self._metadata.connection(addresses[node]).admin.DescribeTopics(
+                    request, timeout=DESCRIBE_ATTEMPT_TIMEOUT_S)
+            except grpc.RpcError:
+                continue
+            if not answer.topics or answer.topics[0].error_code or partition >= len(answer.topics[0].partitions):
+                continue
+            part = answer.topics[0].partitions[partition]
+            if part.local_replica:
+                views[node] = ReplicaView(node, part.leader_id, part.log_end_offset, part.high_watermark,
+                                          part.catching_up)
+        return views
 
     def describe_cluster(self) -> pb.MetadataResponse:
         return self._metadata.refresh()

@@ -155,6 +155,8 @@ def cmd_topic_describe(args: argparse.Namespace) -> int:
         states = admin.broker_states()
         topics = admin.describe_topics(args.names, broker_states=states)
         addresses = admin.broker_addresses()
+        waiting = {(t.name, p.partition): replicas_waiting_to_catch_up(admin, t.name, p, states)
+                   for t in topics for p in t.partitions if p.offline}
     out = sys.stdout
     for i, topic in enumerate(sorted(topics, key=lambda t: t.name)):
         if i:
@@ -165,7 +167,7 @@ def cmd_topic_describe(args: argparse.Namespace) -> int:
         print_table(("PARTITION", "LEADER", "REPLICAS", "ISR", "LOG START", "HIGH WATERMARK", "SIZE"), rows, out)
         for p in topic.partitions:
             if p.offline:
-                out.write(offline_note(p, states, addresses) + "\n")
+                out.write(offline_note(p, states, addresses, waiting[(topic.name, p.partition)]) + "\n")
         if topic.configs:
             out.write("configs:\n")
             for key in sorted(topic.configs):
@@ -181,7 +183,14 @@ def partition_row(p: Any) -> tuple[object, ...]:
             p.log_start_offset, p.high_watermark, human_bytes(p.size_bytes))
 
 
-def offline_note(p: Any, states: dict[int, str], addresses: dict[int, str]) -> str:
+def replicas_waiting_to_catch_up(admin: Any, topic: str, p: Any, states: dict[int, str]) -> list[int]:
+    """The answering replicas of an offline partition that lost their data and wait to catch up (no vote)."""
+    answering = [node for node in p.replicas if states.get(node, "down") != "down"]
+    return sorted(node for node, view in admin.replica_views(topic, p.partition, answering).items()
+                  if view.catching_up)
+
+
+def offline_note(p: Any, states: dict[int, str], addresses: dict[int, str], waiting: Sequence[int] = ()) -> str:
     """Why a partition has no leader, and what brings it back."""
     down = [node for node in p.replicas if states.get(node, "down") == "down"]
     named = ", ".join(f"broker {node} at {addresses.get(node, 'an unknown address')}" for node in down)
@@ -190,6 +199,15 @@ def offline_note(p: Any, states: dict[int, str], addresses: dict[int, str]) -> s
                 "nothing can be written to it or read from it until one is back: start it again")
     majority = len(p.replicas) // 2 + 1
     up = len(p.replicas) - len(down)
+    if up >= majority and up - len(waiting) < majority:
+        lost = ", ".join(map(str, waiting))
+        return (f"partition {p.partition} is offline: {up} of its {len(p.replicas)} replicas answer, but the ones "
+                f"on broker(s) {lost} lost their data (a replaced disk or a deleted directory) and take no part "
+                f"in elections until they have caught up from a leader, which leaves {up - len(waiting)} to vote "
+                f"where a leader needs {majority}"
+                + (f"; down: {named}: start them again, a replica that kept the data brings the partition back"
+                   if down else "")
+                + "; if no replica kept the data, its records are lost: delete the topic and create it again")
     if up >= majority:
         return (f"partition {p.partition} has no leader yet: {up} of its {len(p.replicas)} replicas answer, "
                 "so one is being elected; describe again in a moment")

@@ -46,6 +46,17 @@ class PartitionInfo(NamedTuple):
     learners: list[int] = []  # noqa: RUF012
 
 
+class ReplicaView(NamedTuple):
+    """One broker's own replica of a partition, as that broker alone sees it (Admin.replica_views)."""
+    node: int
+    leader_id: int  # the leader it follows, -1 when it knows none
+    log_end_offset: int
+    high_watermark: int
+    # It lost its data (a replaced disk, a deleted directory) and takes no part in elections until it has caught
+    # up from a leader: acknowledged records it no longer holds must not lose an election.
+    catching_up: bool
+
+
 class TopicDescription(NamedTuple):
     name: str
     replication_factor: int

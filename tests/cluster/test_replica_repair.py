@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from logbroker_client import Admin
+from logbroker_client import Admin, cli
 
 from logbroker.storage.filenames import partition_dir_name
 from tests.support.brokers import wait_until
@@ -64,3 +64,30 @@ def test_a_follower_that_lost_its_data_is_repaired_and_out_of_sync_meanwhile(
     assert len(local) == RECORDS
     cluster.restart(follower)
     assert_clean(acks.snapshot(), read_log(cluster.bootstrap, TOPIC, [0], timeout_s=30))
+
+
+def test_a_partition_whose_every_replica_lost_its_data_stays_offline_and_says_why(
+        cluster: BrokerCluster, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every replica's directory deleted (the operator followed the damaged-replica advice on each broker): no
+    replica may vote before it has caught up, and nobody holds the data to catch up from. Electing one of them
+    would present an empty log as the partition; it stays offline, and `lb topic describe` says why and what is
+    left to do, where it used to say a leader was being elected."""
+    with Admin(cluster.bootstrap, request_timeout_ms=20_000) as admin:
+        admin.create_topic(TOPIC, partitions=1, replication_factor=3)
+    produce_acked(cluster.bootstrap, TOPIC, 50, AckLog(), b"r")
+    cluster.wait_caught_up(TOPIC, 0)
+    for node in cluster.brokers:
+        cluster.kill(node)
+        wipe(cluster.brokers[node].data_dir / partition_dir_name(TOPIC, 0))
+    for node in cluster.brokers:
+        cluster.restart(node, wait=False)
+    cluster.wait_serving()
+    wait_until(lambda: all((view := cluster.partition_view(node, TOPIC, 0)) is not None and view.catching_up
+                           for node in cluster.brokers), 10, "every replica to wait to catch up")
+    assert cli.main(["topic", "describe", TOPIC, "--bootstrap", cluster.bootstrap]) == 0
+    out = capsys.readouterr().out
+    assert "0          offline" in out, out
+    assert ("partition 0 is offline: 3 of its 3 replicas answer, but the ones on broker(s) 1, 2, 3 lost their data"
+            in out), out
+    assert "its records are lost: delete the topic and create it again" in out, out
+    assert all(cluster.partition_view(node, TOPIC, 0).leader_id == -1 for node in cluster.brokers)  # type: ignore[union-attr]
