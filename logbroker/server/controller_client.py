@@ -96,18 +96,25 @@ class ControllerClient:
 
     def _wait_to_catch_up_if_disk_is_new(self, controller: Replica) -> None:
         """A new disk holding no metadata log is a new cluster's, or a replaced disk of a broker that voted in the
-        metadata log before: it must not vote until it knows which (disk_identity.py, METADATA_CATCH_UP_FILE)."""
+        metadata log before: it must not vote until it knows which (disk_identity.py, METADATA_CATCH_UP_FILE).
+        A metadata log deleted while the broker's Raft state stayed (Replica.lost_its_log) waits too: its saved
+        term says it voted, so only a leader's log ends its wait, never the new-cluster rule."""
         marker = self.broker.data_dir / METADATA_CATCH_UP_FILE
         # The wait is also in the log's saved Raft state (HardState.catching_up), which may outlive the file:
         # the file goes as the wait ends, and a crash can come before the state saying so is written. Such a
         # broker waits again, and this rule ends it (a new cluster whose brokers all restarted at that moment
         # would otherwise wait for ever).
         if not marker.exists() and not controller.node.catching_up:
-            if not (self.broker.disk_is_new and controller.holds_nothing):
+            if not (self.broker.disk_is_new and controller.holds_nothing) and not controller.lost_its_log:
                 return
             mark_metadata_catch_up(self.broker.data_dir)
         controller.node.wait_to_catch_up()
         self._metadata_catch_up = True
+        if controller.lost_its_log:
+            log.warning("broker %d: its metadata log (%s) is gone but its Raft state (term %d) is not: it takes no "
+                        "part in metadata elections until it has caught up from the controller leader",
+                        self.node_id, self.broker.data_dir / CONTROLLER_DIR, controller.term)
+            return
         log.info("broker %d: new disk without a metadata log: it votes in the metadata log once it has caught up "
                  "from a leader, or once a majority of the brokers hold no metadata either (a new cluster)",
                  self.node_id)

@@ -4,6 +4,7 @@ registration in the metadata log tells partitions older than the disk from new o
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from logbroker_client import Admin, Producer
 from logbroker.cluster.metadata import CONTROLLER_GROUP
 from logbroker.cluster.raft_storage import ReplicaState
 from logbroker.cluster.state_log import RaftStateLog
+from logbroker.server.controller_client import CONTROLLER_DIR
 from logbroker.server.disk_identity import METADATA_CATCH_UP_FILE, load_or_create_disk_id
 from tests.cluster.test_metadata import metadata_answer
 from tests.support.brokers import wait_until
@@ -102,12 +104,25 @@ def controller_leader_seen_by(cluster: BrokerCluster, node: int) -> int | None:
         return None
 
 
+def delete_metadata_log(cluster: BrokerCluster, node: int) -> None:
+    """The metadata log's directory alone: the broker's Raft state log keeps the group's term and vote."""
+    cluster.kill(node)
+    shutil.rmtree(cluster.brokers[node].data_dir / CONTROLLER_DIR)
+
+
+def replace_disk(cluster: BrokerCluster, node: int) -> None:
+    cluster.brokers[node].replace_disk()
+
+
+@pytest.mark.parametrize("damage", [replace_disk, pytest.param(delete_metadata_log, marks=pytest.mark.slow)],
+                         ids=["disk-replaced", "metadata-directory-deleted"])
 def test_a_replaced_disk_does_not_vote_in_the_metadata_log_before_it_has_caught_up(
-        proxied_cluster: BrokerCluster) -> None:
+        proxied_cluster: BrokerCluster, damage: object) -> None:
     """A topic is created while broker B is cut off, so the metadata log holds it on the controller leader C and on X
-    only. X's disk is replaced and C is killed: B and the empty X are a majority of the metadata log's voters, but
-    X acknowledged the creation B lacks. X must not vote until it has caught up, so no controller leader may be
-    elected before C returns, and the topic must survive on every broker."""
+    only. X loses its metadata log (its disk replaced, or the log's directory deleted) and C is killed: B and the
+    empty X are a majority of the metadata log's voters, but X acknowledged the creation B lacks. X must not vote
+    until it has caught up, so no controller leader may be elected before C returns, and the topic must survive
+    on every broker."""
     cluster = proxied_cluster
     wait_until(lambda: (controller_leader_seen_by(cluster, 1) or 0) > 0, 20, "a controller leader")
     controller = metadata_answer(cluster, 1, TOPIC).controller_id
@@ -118,7 +133,7 @@ def test_a_replaced_disk_does_not_vote_in_the_metadata_log_before_it_has_caught_
     cluster.isolate(lagging)
     with Admin(cluster.address(controller), request_timeout_ms=int(LEADER_TIMEOUT_S * 1000)) as admin:
         admin.create_topic(TOPIC, partitions=1, replication_factor=1)  # committed by the controller and X alone
-    cluster.brokers[replaced].replace_disk()
+    damage(cluster, replaced)  # type: ignore[operator]
     cluster.kill(controller)
     cluster.heal()
     cluster.brokers[replaced].launch()
