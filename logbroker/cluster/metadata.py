@@ -73,6 +73,12 @@ class ClusterState:
         """Whether any disk of broker ``node`` is registered (disk_identity.py)."""
         return any(registered == node for registered, _ in self.disk_registrations)
 
+    def replaced_a_disk(self, node: int, disk_id: str, registered_at: int) -> bool:
+        """Whether another disk of broker ``node`` was registered before this one (at ``registered_at``): then
+        this disk replaced it, and a partition created before ``registered_at`` may have lived on that one."""
+        return any(other_node == node and other_disk != disk_id and offset < registered_at
+                   for (other_node, other_disk), offset in self.disk_registrations.items())
+
     def apply(self, command: dict[str, Any], offset: int) -> TopicEvent | None:
         """Apply one command found at ``offset`` of the controller log; return what the broker must act on."""
         op = command.get("op")
@@ -211,6 +217,20 @@ def decode_command(batch: bytes) -> dict[str, Any]:
     header = rec.validate_batch(batch)
     record = rec.decode_records(batch, 0, header)[0]
     return dict(json.loads(record.value or b"{}"))
+
+
+def place_new_topic(peers: list[int], live: list[int], partitions: int, replication_factor: int,
+                    salt: int) -> tuple[list[list[int]], list[int]]:
+    """A new topic's placement and its stranded partitions (no majority of replicas on live brokers: they could
+    elect no leader). Over the live brokers when they are enough, as Kafka places over unfenced brokers: a
+    replica on a broker that is down leaves its partition a vote short, and at RF2 without a leader until that
+    broker returns. Over every broker otherwise."""
+    if len(live) >= replication_factor:
+        return place_replicas(live, partitions, replication_factor, salt), []
+    assignment = place_replicas(peers, partitions, replication_factor, salt)
+    alive = set(live)
+    return assignment, [index for index, replicas in enumerate(assignment)
+                        if sum(node in alive for node in replicas) < len(replicas) // 2 + 1]
 
 
 def place_replicas(brokers: list[int], partitions: int, replication_factor: int, salt: int) -> list[list[int]]:

@@ -312,6 +312,10 @@ class Replica:
         it is logged at DEBUG, not as lost state."""
         if not self.node.catching_up:
             self.node.wait_to_catch_up()
+            # Saved now, not with the first append it acknowledges: its open created an empty segment, so after a
+            # restart before any append nothing else would say this replica lost what it held (lost_its_log and
+            # holds_nothing both need a directory without segments, or no saved term).
+            self._kick()
             if lost and self.node.term > 0:
                 log.warning("%s: broker %d lost this partition's log (its directory held no segment; it was deleted "
                             "or emptied) but kept its Raft state, term %d: it takes no part in elections until it "

@@ -26,6 +26,7 @@ from logbroker.cluster.metadata import (
     decode_command,
     encode_command,
     new_topic_id,
+    place_new_topic,
     place_replicas,
 )
 from logbroker.cluster.raft_storage import DamagedLogError
@@ -86,6 +87,12 @@ class ControllerClient:
     def open(self) -> None:
         """Open the controller log; its committed commands re-create every local replica as they apply."""
         plog = PartitionLog.open(self.broker.data_dir / CONTROLLER_DIR, LogConfig(), CONTROLLER_GROUP, 0)
+        replicas = self.broker.replicas
+        if replicas.state_log_lost_below is not None:
+            replicas.state_log_lost_below = plog.log_end_offset
+            log.warning("broker %d: its Raft state log is gone (deleted?) while its metadata log is not: the replicas "
+                        "of the %d metadata entries' topics that hold nothing wait to catch up before they vote",
+                        self.node_id, plog.log_end_offset)
         voters = Membership.of(self.broker.peers)
         controller = self.broker.replicas.add_replica(CONTROLLER_GROUP, plog, voters, self._apply, controller=True)
         self.broker.controller = controller
@@ -105,15 +112,18 @@ class ControllerClient:
         # broker waits again, and this rule ends it (a new cluster whose brokers all restarted at that moment
         # would otherwise wait for ever).
         if not marker.exists() and not controller.node.catching_up:
-            if not (self.broker.disk_is_new and controller.holds_nothing) and not controller.lost_its_log:
+            # A known disk holding no metadata log and no Raft state for it lost both (the directory and the state
+            # log deleted): it waits as a replaced disk does, or it could vote a leader lacking what it held.
+            if not (controller.holds_nothing or controller.lost_its_log):
                 return
             mark_metadata_catch_up(self.broker.data_dir)
         controller.node.wait_to_catch_up()
         self._metadata_catch_up = True
-        if controller.lost_its_log:
-            log.warning("broker %d: its metadata log (%s) is gone but its Raft state (term %d) is not: it takes no "
-                        "part in metadata elections until it has caught up from the controller leader",
-                        self.node_id, self.broker.data_dir / CONTROLLER_DIR, controller.term)
+        if controller.lost_its_log or not self.broker.disk_is_new:
+            log.warning("broker %d: its metadata log (%s) is gone%s: it takes no part in metadata elections until it "
+                        "has caught up from the controller leader", self.node_id, self.broker.data_dir / CONTROLLER_DIR,
+                        f" but its Raft state (term {controller.term}) is not" if controller.lost_its_log
+                        else " from a disk the cluster knows")
             return
         log.info("broker %d: new disk without a metadata log: it votes in the metadata log once it has caught up "
                  "from a leader, or once a majority of the brokers hold no metadata either (a new cluster)",
@@ -247,6 +257,8 @@ class ControllerClient:
             event = self.broker.cluster.apply(command, entry.base_offset)
             if command.get("op") == "broker_disk":
                 self._note_disk_registration(command)
+                if command["node"] == self.node_id and command["disk_id"] == self.broker.disk_id:
+                    self.broker.replicas.end_waits_of_a_first_disk()
             if event is None:
                 continue
             if event.kind == "created":
@@ -540,8 +552,7 @@ class ControllerClient:
         partitions, replication_factor = self._checked_new_topic(name, partitions, replication_factor, configs)
         if validate_only:
             return
-        assignment = place_replicas(list(self.broker.peers), partitions, replication_factor,
-                                    salt=hash(name) & 0xFFFF)
+        assignment = self._place_new_topic(name, partitions, replication_factor)
         await self.await_disks_registered(assignment, f"topic {name!r}", timeout_s)
         topic_id = new_topic_id()
         await self.propose_command({"op": "create_topic", "name": name, "topic_id": topic_id,
@@ -556,6 +567,19 @@ class ControllerClient:
         await self.wait_for_leaders(name, timeout_s)
         log.info("created topic %s (ID %s): %d partition(s), replication factor %d", name, topic_id, partitions,
                  replication_factor)
+
+    def _place_new_topic(self, name: str, partitions: int, replication_factor: int) -> list[list[int]]:
+        """Placed by place_new_topic; refused (nothing created) if a partition could elect no leader."""
+        live = self.broker.replicas.live_brokers()
+        assignment, stranded = place_new_topic(list(self.broker.peers), live, partitions, replication_factor,
+                                               salt=hash(name) & 0xFFFF)
+        if stranded:
+            down = ", ".join(str(node) for node in sorted(self.broker.peers) if node not in live)
+            raise errors.InvalidReplicationFactor(
+                f"topic {name!r}: with broker(s) {down} down, {len(stranded)} of its {partitions} partition(s) "
+                f"would have no majority of their {replication_factor} replicas alive and could elect no leader; "
+                f"start broker(s) {down} and create it again (nothing was created)")
+        return assignment
 
     def _checked_new_topic(self, name: str, partitions: int, replication_factor: int,
                            configs: dict[str, str]) -> tuple[int, int]:

@@ -26,7 +26,7 @@ from logbroker.cluster.metadata import CONTROLLER_GROUP, TopicMetadata
 from logbroker.cluster.persist_queue import PersistQueue
 from logbroker.cluster.raft_storage import RecentEntries
 from logbroker.cluster.replica import Replica
-from logbroker.cluster.state_log import GroupStateFile, RaftStateLog
+from logbroker.cluster.state_log import STATE_LOG_FILE, GroupStateFile, RaftStateLog
 from logbroker.cluster.tasks import cancel_and_wait
 from logbroker.groups.coordinator import OFFSETS_TOPIC, GroupCoordinatorShard
 from logbroker.groups.runtime import GroupShardRuntime
@@ -34,6 +34,7 @@ from logbroker.groups.share_runtime import ShareStateMachine
 from logbroker.raft.membership import Membership
 from logbroker.raft.types import Entry, Message, MessageType, RaftConfig, Role
 from logbroker.server import errors
+from logbroker.server.controller_client import CONTROLLER_DIR
 from logbroker.storage import filenames
 from logbroker.storage.files import FileSystemSync, fsync_dir, fsync_file, probe_write
 from logbroker.storage.log import PartitionLog
@@ -106,7 +107,12 @@ class ReplicaManager:
         self._recent_entries = RecentEntries(broker.config.raft_entry_cache_bytes)  # shared by every replica
         # Every group's term and vote in one file, fsynced for many groups at once (docs/raft.md): thousands
         # of new or failed-over groups elect without an fsync, a file and a descriptor each.
+        state_log_lost = _state_log_was_lost(broker.data_dir)
         self.state_log = RaftStateLog.open(broker.data_dir)
+        # Set by the controller log's open when the state log was lost (deleted while the partition directories
+        # stayed): replicas of topics created below this metadata offset that hold nothing lost their state too,
+        # whatever the metadata says of their topic's age (rejoin_if_state_lost).
+        self.state_log_lost_below: int | None = -1 if state_log_lost else None
         # The controller's writes get a thread of their own: behind a thousand new partitions' first fsyncs in
         # the shared pool, its heartbeats (sent between its Readys) stopped and the controller lost its leader.
         self._controller_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="controller-flush")
@@ -137,6 +143,9 @@ class ReplicaManager:
         # Replicas opened holding nothing (no term, vote or log) of a group with no known leader yet: checked
         # again as leader reports arrive (check_replicas_holding_nothing).
         self._holding_nothing: dict[tuple[str, int], Replica] = {}
+        # Replicas waiting to catch up because this broker's disk registration was not applied yet when they opened
+        # (_older_than_disk): end_waits_of_a_first_disk reconsiders them once it is.
+        self._waiting_for_registration: dict[tuple[str, int], Replica] = {}
         self._handovers: dict[str, Handover] = {}  # Raft group -> leadership a failed replica is giving away
         self._next_handover_s = 0.0
         # (topic, partition) -> (replica that could not write, when to try again)
@@ -609,7 +618,7 @@ class ReplicaManager:
         (a replaced disk's replica), whether or not the metadata applied so far names the group's leader: a leader
         may die before its election is recorded. True once it waits to catch up and the leader the metadata names,
         if any, was told to resend the log."""
-        lost_log = replica.lost_its_log
+        lost_log = replica.lost_its_log or (replica.holds_nothing and self._created_before_state_loss(topic_name))
         if replica.closed or not (replica.holds_nothing or lost_log):
             return False
         if replica.node.membership.voters == {self.node_id}:
@@ -620,16 +629,46 @@ class ReplicaManager:
             return False
         leader, term = known if known is not None else (None, 0)
         replica.rejoin_after_losing_state(leader, term, lost=older or lost_log)
+        if known is None and not lost_log and self.broker.controller_client.disk_registered_at is None:
+            self._waiting_for_registration[(topic_name, index)] = replica  # reconsidered once it is applied
         return known is not None
 
-    def _older_than_disk(self, topic_name: str) -> bool:
-        """Whether the topic was created before this broker's disk was registered (disk_identity.py), or the disk
-        is not registered (yet, or any more): then a replica of it holding nothing lost what it held. Judged by
-        the two commands' places in the metadata log, never by when the replica happens to open (a big topic's
-        replicas open in chunks, some after the replay has applied the registration)."""
-        registered_at = self.broker.controller_client.disk_registered_at
+    def _created_before_state_loss(self, topic_name: str) -> bool:
         topic = self.broker.cluster.topics.get(topic_name)
-        return registered_at is None or (topic is not None and topic.created_offset < registered_at)
+        return (self.state_log_lost_below is not None and topic is not None
+                and topic.created_offset < self.state_log_lost_below)
+
+    def _older_than_disk(self, topic_name: str) -> bool:
+        """Whether the topic was created before this broker's disk was registered (disk_identity.py) and that disk
+        replaced an earlier one of this broker, or the disk is not registered (yet, or any more): then a replica
+        of it holding nothing may have lost what it held on the earlier disk. Judged by the commands' places in
+        the metadata log, never by when the replica happens to open (a big topic's replicas open in chunks, some
+        after the replay has applied the registration). A broker's first disk replaced nothing: a topic created
+        before its registration (a broker starting late, or a new cluster's first second) is new on it, and at
+        RF2 its vote is the only one the other replica can win with."""
+        registered_at = self.broker.controller_client.disk_registered_at
+        if registered_at is None:
+            return True  # until the registration is applied: waits, reconsidered then (end_waits_of_a_first_disk)
+        topic = self.broker.cluster.topics.get(topic_name)
+        return (topic is not None and topic.created_offset < registered_at
+                and self.broker.cluster.replaced_a_disk(self.node_id, self.broker.disk_id, registered_at))
+
+    def end_waits_of_a_first_disk(self) -> None:
+        """This broker's disk registration is applied: replicas that wait to catch up only because it was not
+        (_waiting_for_registration), still empty, with no leader recorded and nothing saying they lost a log, stop
+        waiting if the disk is this broker's first: they never held anything. Each was a group member that could
+        not vote: at RF2, or with another broker down, its group could elect no leader. (Their term may have moved
+        meanwhile, with the other replicas' campaigns: an empty log has acknowledged nothing in any term.)"""
+        waiting, self._waiting_for_registration = self._waiting_for_registration, {}
+        for key, replica in waiting.items():
+            if (replica.closed or not replica.node.catching_up or replica.node.log.last_offset >= 0
+                    or replica.lost_its_log or self.broker.cluster.leaders.get(key) is not None
+                    or self._older_than_disk(key[0])):
+                continue
+            replica.node.stop_waiting_to_catch_up()
+            replica.wake()
+            log.info("%s: broker %d's disk is its first: its empty replica is new here and takes part in elections",
+                     replica.name, self.node_id)
 
     def check_replicas_holding_nothing(self) -> None:
         """After leader reports were applied: the replicas opened holding nothing whose group has had a leader
@@ -865,6 +904,17 @@ class ReplicaManager:
 
     def live_brokers(self) -> list[int]:
         return [node for node in self.broker.peers if self.broker.liveness.is_alive(node)]
+
+
+def _state_log_was_lost(data_dir: Path) -> bool:
+    """Whether the broker's Raft state log is missing from a data directory whose metadata log exists, with no
+    state file of an older version (moved into the state log at its first load) to take its place: deleted. Every
+    group's term and vote went with it, and a replica whose directory went too holds nothing as a new one does."""
+    controller_dir = data_dir / CONTROLLER_DIR
+    legacy = (controller_dir / filenames.RAFT_STATE_FILE,
+              data_dir / LEGACY_RAFT_STATE_DIR / f"{CONTROLLER_DIR}{LEGACY_RAFT_STATE_SUFFIX}")
+    return (not (data_dir / STATE_LOG_FILE).exists() and any(controller_dir.glob("*.log"))
+            and not any(path.exists() for path in legacy))
 
 
 def _save_epochs(logs: list[PartitionLog]) -> None:
