@@ -32,7 +32,7 @@ REQUEST_VALUE_BYTES = 100_000
 QUOTA_BYTES_PER_S = 200_000
 RECORD_BYTES = 1000
 WARM_UP_S = 1.5  # the quota's one-second burst is spent before the window measured
-WINDOW_S = 3.0
+WINDOW_S = 2.0
 RATE_BAND = (0.5, 1.6)  # a behaviour band around the quota, not a benchmark
 UNTHROTTLED_FACTOR = 3  # the client without a quota must do at least this many times the quota
 
