@@ -151,8 +151,9 @@ def test_wiped_replica_does_not_elect_a_leader_that_lacks_acknowledged_records(
     cluster.kill(leader)
     cluster.heal()
     cluster.brokers[wiped].launch()
-    # Give B and the empty C every chance to elect each other (election timeouts are ticks of 20 ms).
-    deadline = time.monotonic() + 5.0
+    # Give B and the empty C every chance to elect each other: 3 s is about ten election timeouts at this cluster's
+    # 20 ms ticks (without the rule they elected within the first second).
+    deadline = time.monotonic() + 3.0
     while time.monotonic() < deadline:
         view = cluster.partition_view(behind, topic, 0)
         if view is not None and view.leader_id == behind:
