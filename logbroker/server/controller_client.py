@@ -111,15 +111,17 @@ class ControllerClient:
         # the file goes as the wait ends, and a crash can come before the state saying so is written. Such a
         # broker waits again, and this rule ends it (a new cluster whose brokers all restarted at that moment
         # would otherwise wait for ever).
+        lost_on_a_known_disk = False
         if not marker.exists() and not controller.node.catching_up:
             # A known disk holding no metadata log and no Raft state for it lost both (the directory and the state
             # log deleted): it waits as a replaced disk does, or it could vote a leader lacking what it held.
             if not (controller.holds_nothing or controller.lost_its_log):
                 return
+            lost_on_a_known_disk = not self.broker.disk_is_new
             mark_metadata_catch_up(self.broker.data_dir)
         controller.node.wait_to_catch_up()
         self._metadata_catch_up = True
-        if controller.lost_its_log or not self.broker.disk_is_new:
+        if controller.lost_its_log or lost_on_a_known_disk:
             log.warning("broker %d: its metadata log (%s) is gone%s: it takes no part in metadata elections until it "
                         "has caught up from the controller leader", self.node_id, self.broker.data_dir / CONTROLLER_DIR,
                         f" but its Raft state (term {controller.term}) is not" if controller.lost_its_log
