@@ -18,6 +18,8 @@ from typing import Any
 
 from logbroker_client import records as rec
 
+from logbroker.raft.quorum import has_quorum
+
 CONTROLLER_GROUP = "__controller"
 MAX_EPOCH = (1 << 31) - 1  # epochs travel as a batch's 32-bit partitionLeaderEpoch
 
@@ -229,8 +231,8 @@ def place_new_topic(peers: list[int], live: list[int], partitions: int, replicat
         return place_replicas(live, partitions, replication_factor, salt), []
     assignment = place_replicas(peers, partitions, replication_factor, salt)
     alive = set(live)
-    return assignment, [index for index, replicas in enumerate(assignment)
-                        if sum(node in alive for node in replicas) < len(replicas) // 2 + 1]
+    stranded = [index for index, replicas in enumerate(assignment) if not has_quorum(replicas, alive.__contains__)]
+    return assignment, stranded
 
 
 def place_replicas(brokers: list[int], partitions: int, replication_factor: int, salt: int) -> list[list[int]]:
