@@ -297,6 +297,12 @@ class Replica:
         replica holding nothing, it must catch up before it votes. (A replica new here has no saved term.)"""
         return self._opened_without_its_log and self.node.log.last_offset < 0
 
+    @property
+    def holds_no_log(self) -> bool:
+        """holds_nothing or lost_its_log: an empty log that is new here, or one that may have held what it acknowledged
+        (the broker decides which: ReplicaManager.rejoin_if_state_lost)."""
+        return self.holds_nothing or self.lost_its_log
+
     def rejoin_after_losing_state(self, leader_hint: int | None, leader_term: int = 0, lost: bool = True) -> None:
         """This replica holds nothing (holds_nothing) of a group that has had a leader: its data is gone (a wiped
         or replaced disk), or it never had any. Either way it must not vote until it has caught up from a

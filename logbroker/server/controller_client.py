@@ -115,7 +115,7 @@ class ControllerClient:
         if not marker.exists() and not controller.node.catching_up:
             # A known disk holding no metadata log and no Raft state for it lost both (the directory and the state
             # log deleted): it waits as a replaced disk does, or it could vote a leader lacking what it held.
-            if not (controller.holds_nothing or controller.lost_its_log):
+            if not controller.holds_no_log:
                 return
             lost_on_a_known_disk = not self.broker.disk_is_new
             mark_metadata_catch_up(self.broker.data_dir)

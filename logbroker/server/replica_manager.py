@@ -674,12 +674,11 @@ class ReplicaManager:
         """After leader reports were applied: the replicas opened holding nothing whose group has had a leader
         since (at start-up, the metadata log names a partition's leader after the partition itself)."""
         for key, replica in list(self._holding_nothing.items()):
-            if not (replica.holds_nothing or replica.lost_its_log) or self.rejoin_if_state_lost(key[0], key[1],
-                                                                                                   replica):
+            if not replica.holds_no_log or self.rejoin_if_state_lost(key[0], key[1], replica):
                 del self._holding_nothing[key]  # closed replicas hold nothing: rejoin_if_state_lost is False
 
     def _start_election(self, replica: Replica, replicas: list[int], topic_name: str, index: int) -> None:
-        if replica.holds_nothing or replica.lost_its_log:
+        if replica.holds_no_log:
             if self.rejoin_if_state_lost(topic_name, index, replica):
                 return
             self._holding_nothing[(topic_name, index)] = replica
