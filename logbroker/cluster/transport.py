@@ -74,6 +74,8 @@ class _Peer:
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     connected: bool | None = None  # None until the first attempt, so the first outcome is logged
     task: asyncio.Task[None] | None = None
+    link: _Link | None = None  # the connection the sender task writes to, once its handshake is done
+    wrote_this_turn: bool = False  # send() wrote at once in this turn of the event loop (see send)
 
 
 class RaftTransport:
@@ -144,7 +146,13 @@ class RaftTransport:
         return len(self._inbound)
 
     def send(self, group: str, message: Message) -> None:
-        """Queue ``message`` for ``message.to_node``; never blocks. The sender task wakes on a later turn."""
+        """Queue ``message`` for ``message.to_node``; never blocks.
+
+        The first message of a turn of the event loop towards an idle peer is written at once: a lone record's
+        append then leaves before the leader hands its own write to the flush pool, and a follower's
+        acknowledgement before anything else the turn does. The rest of the turn's messages queue, and the
+        sender task writes them, many to an envelope, on the next turn, so a burst (thousands of groups
+        electing after a broker dies) still costs a few writes, not one each."""
         peer = self._peers.get(message.to_node)
         if peer is None or self._stopped:
             self._drop_unroutable(message.to_node)
@@ -162,7 +170,18 @@ class RaftTransport:
             self._dropped[peer.node_id] += 1
         peer.queue.append((group, message))
         peer.queued_bytes += size_bytes
-        peer.wakeup.set()
+        link = peer.link
+        if (len(peer.queue) == 1 and not peer.wrote_this_turn and link is not None and not link.paused
+                and not link.closed):
+            self._write_now(peer, link)  # nothing queued before it: the order on the wire is kept
+        else:
+            peer.wakeup.set()
+
+    def _write_now(self, peer: _Peer, link: _Link) -> None:
+        peer.wrote_this_turn = True
+        asyncio.get_running_loop().call_soon(_next_turn, peer)
+        for envelope in self._envelopes(peer):
+            link.write(wire.frame(envelope.SerializeToString()))
 
     def send_many(self, items: Iterable[tuple[str, Message]]) -> None:
         for group, message in items:
@@ -238,6 +257,7 @@ class RaftTransport:
     def _spawn_sender(self, peer: _Peer) -> None:
         # The queue belongs to the peer, not to the task, so replacing the task keeps what was queued.
         previous = peer.task
+        peer.link = None  # send() writes to the new task's connection only, once it is up
         if previous is not None:
             previous.cancel()
         task = asyncio.create_task(self._run_sender(peer, previous), name=f"raft-sender-{peer.node_id}")
@@ -272,6 +292,7 @@ class RaftTransport:
                 await link.accepted
             connected_at_s = loop.time()
             self._mark_up(peer)
+            peer.link = link
             await self._write_envelopes(peer, link)
             reason = link.closed_reason
         except TimeoutError:
@@ -286,6 +307,8 @@ class RaftTransport:
             reason = repr(e)
         finally:
             if link is not None:
+                if peer.link is link:
+                    peer.link = None
                 link.abort()
         self._mark_down(peer, reason)
         return 0.0 if connected_at_s is None else loop.time() - connected_at_s
@@ -472,6 +495,10 @@ def _wire_bytes_bound(group: str, message: Message) -> int:
     for entry in message.entries:
         size_bytes += ENTRY_FRAMING_BYTES + len(entry.payload)
     return size_bytes
+
+
+def _next_turn(peer: _Peer) -> None:
+    peer.wrote_this_turn = False
 
 
 class _Link(asyncio.Protocol):

@@ -189,6 +189,27 @@ async def test_a_tick_of_1000_groups_travels_in_few_envelopes(nodes: dict[int, N
     assert len(b.envelopes) <= 3
 
 
+async def test_a_turns_first_message_to_an_idle_peer_leaves_at_once_and_the_rest_wait_for_the_sender(
+        nodes: dict[int, Node]) -> None:
+    a, b = nodes[1], nodes[2]
+    await start(a, b)
+    tx(a).send("warm-up", heartbeat(1, 2))
+    await wait_until(lambda: len(b.received) == 1, "the connection to be up")
+    await asyncio.sleep(0)  # a turn of its own: the warm-up may have been this turn's first write
+    b.envelopes.clear()
+
+    first, second, third = (("orders-0", heartbeat(1, 2, commit_offset=i)) for i in (1, 2, 3))
+    tx(a).send(*first)
+    assert tx(a).queued_messages(2) == 0  # written on this stack, before the sender task could run
+    tx(a).send(*second)
+    tx(a).send(*third)
+    assert tx(a).queued_messages(2) == 2  # later in the same turn: queued, for one envelope on the next
+
+    await wait_until(lambda: len(b.received) == 3, "all three at B")
+    assert b.received == [first, second, third]
+    assert [len(envelope) for envelope in b.envelopes] == [1, 2]
+
+
 async def test_a_large_backlog_is_split_by_envelope_bytes(nodes: dict[int, Node]) -> None:
     a, b = nodes[1], nodes[2]
     limit_bytes = 64 << 10
