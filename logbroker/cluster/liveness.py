@@ -23,12 +23,29 @@ class Liveness:
         self._now = 0
         self._last_heard: dict[int, int] = {p: 0 for p in self.peers}  # peers start alive: give them a timeout
         self._down: set[int] = set()
+        self._unregistered_disks: set[int] = set()  # peers whose last heartbeat said their disk is not registered
 
-    def heartbeats(self, metadata_term: int) -> list[tuple[str, Message]]:
+    def heartbeats(self, metadata_term: int, disk_registered: bool) -> list[tuple[str, Message]]:
         """One heartbeat per peer. Its term is this broker's term in the metadata log (0: it holds none), which a
-        broker on a new disk uses to tell a new cluster from one it must catch up with (disk_identity.py)."""
-        return [(LIVENESS_GROUP, Message(MessageType.HEARTBEAT, self.node_id, peer, metadata_term))
+        broker on a new disk uses to tell a new cluster from one it must catch up with (disk_identity.py). Its
+        reject flag says that the metadata applied here does not yet name this broker's disk: the controller
+        records no new partition on this broker until it does (ControllerClient.await_disks_registered), even
+        when an earlier disk of this broker is registered (this one may have replaced it)."""
+        return [(LIVENESS_GROUP, Message(MessageType.HEARTBEAT, self.node_id, peer, metadata_term,
+                                         reject=not disk_registered))
                 for peer in self.peers]
+
+    def note_heartbeat(self, heartbeat: Message) -> None:
+        """A peer's liveness heartbeat: keep what it says of the peer's disk (see heartbeats)."""
+        if heartbeat.reject:
+            self._unregistered_disks.add(heartbeat.from_node)
+        else:
+            self._unregistered_disks.discard(heartbeat.from_node)
+
+    def says_disk_registered(self, peer: int) -> bool:
+        """False while the peer's last heartbeat said the metadata it applied does not name its disk yet. A peer
+        not heard from since this broker started counts as registered: the metadata then decides alone."""
+        return peer not in self._unregistered_disks
 
     def heard_from(self, peer: int) -> bool:
         """Note a message from ``peer``; True if it had been declared down (it is alive again from now on)."""

@@ -483,17 +483,27 @@ class ControllerClient:
         registered in the metadata. A replica that holds nothing of a partition created before its broker's disk
         registration waits to catch up from a leader (disk_identity.py), so a topic created in a new cluster's
         first second, before its brokers had registered, had every replica waiting and never a leader. A broker
-        that is down is not waited for: its replicas catch up from the others' leader when it starts."""
+        whose disk was replaced has its old disk registered: its liveness heartbeats say whether the disk it runs
+        on is (a two-replica partition created before the new disk's registration never elected: its replica
+        there waited for a leader only the other replica could become, with that one's vote). A broker that is
+        down is not waited for: its replicas catch up from the others' leader when it starts."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         nodes = {node for replicas in assignment for node in replicas}
         while starting := sorted(node for node in nodes if self.broker.liveness.is_alive(node)
-                                 and not self.broker.cluster.has_disk_of(node)):
+                                 and not self._disk_registered(node)):
             if loop.time() >= deadline:
                 raise errors.LeaderNotAvailable(
                     f"{what}: broker(s) {', '.join(map(str, starting))} are starting and have not registered their "
                     "disks in the cluster metadata yet; retry in a moment")
             await asyncio.sleep(self.broker.config.raft_tick_ms / 1000)
+
+    def _disk_registered(self, node: int) -> bool:
+        """Whether the disk broker ``node`` runs on is registered: this broker's own, from the metadata applied here;
+        a peer's, from the metadata and the peer's last liveness heartbeat."""
+        if node == self.node_id:
+            return self.disk_registered
+        return self.broker.cluster.has_disk_of(node) and self.broker.liveness.says_disk_registered(node)
 
     async def wait_for_leaders(self, name: str, timeout_s: float) -> None:
         """After a create: wait until every partition this broker hosts has elected a leader. Each round looks

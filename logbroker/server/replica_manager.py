@@ -272,7 +272,8 @@ class ReplicaManager:
     def tick_once(self) -> None:
         liveness = self.broker.liveness
         controller = self.broker.controller
-        self.broker.transport.send_many(liveness.heartbeats(controller.node.term if controller is not None else 0))
+        self.broker.transport.send_many(liveness.heartbeats(controller.node.term if controller is not None else 0,
+                                                            self.broker.controller_client.disk_registered))
         self.broker.controller_client.end_metadata_catch_up(self.peer_metadata_terms)
         for peer in liveness.tick():
             self._on_peer_down(peer)
@@ -354,6 +355,7 @@ class ReplicaManager:
                 stepped[replica] = None
             elif group == LIVENESS_GROUP:
                 self.peer_metadata_terms[message.from_node] = message.term
+                self.broker.liveness.note_heartbeat(message)
             else:
                 if replica is None:
                     self._keep_early(group, message)

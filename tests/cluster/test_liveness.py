@@ -8,9 +8,23 @@ from logbroker.raft.types import MessageType
 
 def test_a_broker_sends_one_heartbeat_to_each_peer_per_tick() -> None:
     liveness = Liveness(1, [1, 2, 3], timeout_ticks=3)
-    beats = liveness.heartbeats(metadata_term=0)
+    beats = liveness.heartbeats(metadata_term=0, disk_registered=True)
     assert [(group, m.type, m.from_node, m.to_node) for group, m in beats] == [
         (LIVENESS_GROUP, MessageType.HEARTBEAT, 1, 2), (LIVENESS_GROUP, MessageType.HEARTBEAT, 1, 3)]
+
+
+def test_a_peer_is_taken_at_its_word_on_whether_its_disk_is_registered() -> None:
+    starting, controller = Liveness(2, [1, 2], timeout_ticks=3), Liveness(1, [1, 2], timeout_ticks=3)
+    assert controller.says_disk_registered(2)  # not heard from yet: the metadata decides alone
+
+    [(_, beat)] = starting.heartbeats(metadata_term=4, disk_registered=False)
+    assert beat.term == 4
+    controller.note_heartbeat(beat)
+    assert not controller.says_disk_registered(2)
+
+    [(_, beat)] = starting.heartbeats(metadata_term=4, disk_registered=True)
+    controller.note_heartbeat(beat)
+    assert controller.says_disk_registered(2)
 
 
 def test_a_peer_silent_past_the_timeout_is_declared_down_once() -> None:

@@ -3,16 +3,19 @@ registration in the metadata log, which keeps the first registration of an ID an
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from logbroker_client import Admin
 
+from logbroker.cluster.liveness import Liveness
 from logbroker.cluster.metadata import ClusterState
 from logbroker.server import broker as broker_module
 from logbroker.server.broker import Broker
 from logbroker.server.config import BrokerConfig
-from logbroker.server.controller_client import CONTROLLER_DIR
+from logbroker.server.controller_client import CONTROLLER_DIR, ControllerClient
 from logbroker.server.disk_identity import (
     DISK_ID_FILE,
     METADATA_CATCH_UP_FILE,
@@ -20,6 +23,7 @@ from logbroker.server.disk_identity import (
     is_disk_id,
     load_or_create_disk_id,
 )
+from logbroker.server.errors import LeaderNotAvailable
 from tests.support.brokers import InProcessBroker
 
 
@@ -55,6 +59,52 @@ def test_a_registration_keeps_its_first_offset_and_a_new_disk_is_kept_beside_it(
     state.apply({"op": "broker_disk", "node": 3, "disk_id": old}, 13)
     state.apply({"op": "broker_disk", "node": 2, "disk_id": old}, 20)  # the old disk again: still registered at 5
     assert state.disk_registrations == {(2, old): 5, (2, new): 12, (3, old): 13}
+
+
+def _controller_side(registered: dict[tuple[int, str], int], alive: set[int]) -> ControllerClient:
+    """A controller client over the parts await_disks_registered reads: the metadata's registrations, liveness
+    (broker 1's view of brokers 2 and 3, all alive unless left out of ``alive``) and a 5 ms tick."""
+    cluster = ClusterState()
+    for offset, (node, disk_id) in enumerate(registered):
+        cluster.apply({"op": "broker_disk", "node": node, "disk_id": disk_id}, offset)
+    liveness = Liveness(1, [1, 2, 3], timeout_ticks=3)
+    liveness.is_alive = lambda node: node == 1 or node in alive  # type: ignore[method-assign]
+    broker = SimpleNamespace(node_id=1, disk_id="1" * 32, cluster=cluster, liveness=liveness,
+                             config=SimpleNamespace(log_defaults={}, raft_tick_ms=5))
+    return ControllerClient(broker)  # type: ignore[arg-type]
+
+
+def _heartbeat(liveness: Liveness, from_node: int, disk_registered: bool) -> None:
+    [(_, beat)] = Liveness(from_node, [from_node, 1], 3).heartbeats(metadata_term=1, disk_registered=disk_registered)
+    liveness.note_heartbeat(beat)
+
+
+async def test_new_partitions_wait_for_a_replaced_disk_whose_broker_says_it_is_not_registered_yet() -> None:
+    old_disk = "3" * 32
+    client = _controller_side({(1, "1" * 32): 0, (2, "2" * 32): 1, (3, old_disk): 2}, alive={2, 3})
+    liveness = client.broker.liveness
+    _heartbeat(liveness, 3, disk_registered=False)  # broker 3 came back on a new disk, not registered yet
+
+    waiting = asyncio.create_task(client.await_disks_registered([[1, 3], [2, 3]], "create t", timeout_s=5))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()  # the old disk's registration does not count
+    await client.await_disks_registered([[1, 2]], "create u", timeout_s=1)  # a topic not on broker 3 goes on
+
+    _heartbeat(liveness, 3, disk_registered=True)
+    await asyncio.wait_for(waiting, timeout=1)
+
+
+async def test_a_broker_that_never_registers_its_disk_fails_the_create_naming_it() -> None:
+    client = _controller_side({(1, "1" * 32): 0, (2, "2" * 32): 1, (3, "3" * 32): 2}, alive={2, 3})
+    _heartbeat(client.broker.liveness, 3, disk_registered=False)
+    with pytest.raises(LeaderNotAvailable, match=r"create t: broker\(s\) 3 are starting"):
+        await client.await_disks_registered([[2, 3]], "create t", timeout_s=0.05)
+
+
+async def test_a_down_broker_is_not_waited_for_whatever_it_last_said() -> None:
+    client = _controller_side({(1, "1" * 32): 0, (2, "2" * 32): 1, (3, "3" * 32): 2}, alive={2})
+    _heartbeat(client.broker.liveness, 3, disk_registered=False)
+    await asyncio.wait_for(client.await_disks_registered([[2, 3]], "create t", timeout_s=5), timeout=1)
 
 
 def _registrations(broker: InProcessBroker) -> tuple[str, bool, dict[tuple[int, str], int]]:
