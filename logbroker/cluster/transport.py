@@ -180,8 +180,15 @@ class RaftTransport:
     def _write_now(self, peer: _Peer, link: _Link) -> None:
         peer.wrote_this_turn = True
         asyncio.get_running_loop().call_soon(_next_turn, peer)
-        for envelope in self._envelopes(peer):
-            link.write(wire.frame(envelope.SerializeToString()))
+        try:
+            for envelope in self._envelopes(peer):
+                link.write(wire.frame(envelope.SerializeToString()))
+        except ValueError as exc:
+            # An envelope over the frame limit (one message larger than MAX_FRAME_BYTES): dropped with the
+            # connection, as when the sender task writes it, never raised into the Ready that sent it, whose
+            # other messages must still go. The sender task sees the link closed and reconnects.
+            log.warning("raft peer %d: %s; the connection is dropped and made again", peer.node_id, exc)
+            link.abort(str(exc))
 
     def send_many(self, items: Iterable[tuple[str, Message]]) -> None:
         for group, message in items:
@@ -316,6 +323,8 @@ class RaftTransport:
     async def _write_envelopes(self, peer: _Peer, link: _Link) -> None:
         while True:
             await self._wait_for_work(peer, link)
+            if link.closed:
+                return  # what is queued stays queued, for the next connection
             for envelope in self._envelopes(peer):
                 if link.closed:
                     return
