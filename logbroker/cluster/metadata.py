@@ -33,6 +33,8 @@ class TopicMetadata:
     assignment: list[list[int]]  # partition -> replica node ids; the first is the preferred leader
     topic_id: str = ""
     created_offset: int = -1  # offset of the create command in the controller log: orders topics by age
+    # Partitions a replica move ever named: their Raft groups' voters may have changed since their first entry.
+    reconfigured: set[int] = field(default_factory=set)
 
     def raft_group(self, partition: int) -> str:
         """The partition's Raft group on the wire: unique per topic ID, so two topics of one name never mix."""
@@ -163,6 +165,7 @@ class ClusterState:
         moved = []
         for partition, target in command["moves"]:
             if 0 <= partition < topic.partitions:
+                topic.reconfigured.add(partition)
                 if list(target) == topic.assignment[partition]:
                     self.moves.pop((topic.name, partition), None)  # already there: nothing to move
                 else:

@@ -118,6 +118,7 @@ class RaftNode:
         self._outbox: list[Message] = []
         self._dirty: set[int] = set()  # followers that may have entries to send
         self._catching_up = state.catching_up  # see wait_to_catch_up; kept across restarts until caught up
+        self.vote_while_catching_up_for: int | None = None  # see wait_to_catch_up: set by the runtime, never saved
         self._last_hard_state = HardState(self.term, self.vote, self.commit_offset, self._catching_up)
         self._durable_term_vote = (self.term, self.vote)  # as of the last Ready carried out (advance())
         self._last_leader_change: tuple[int | None, Role] = (None, Role.FOLLOWER)
@@ -168,7 +169,12 @@ class RaftNode:
         what it acknowledged; one that forgot could vote in a leader that lacks committed entries, which
         would then cut them from the replicas that kept them. Appends it still acknowledges (it holds them).
         Part of the hard state: saved with (or before) the first append it acknowledges, so a restart half-way
-        through its catch-up still waits."""
+        through its catch-up still waits.
+
+        One vote stays safe meanwhile, and the runtime names it in vote_while_catching_up_for: in a group that has
+        had the same two voters since its first entry, every entry ever committed was acknowledged by both, so
+        the other voter holds all of them and may be elected with this node's vote. Without it such a group, one
+        of whose two replicas lost its disk, could elect nobody: the other needs this vote."""
         self._catching_up = True
 
     def stop_waiting_to_catch_up(self) -> None:
@@ -555,7 +561,7 @@ class RaftNode:
         return last_term > my_term or (last_term == my_term and last_offset >= self.log.last_offset)
 
     def _handle_vote_request(self, m: Message) -> None:
-        if self._catching_up:
+        if self._catching_up and m.from_node != self.vote_while_catching_up_for:
             can_vote = False  # our log may lack what we once acknowledged (wait_to_catch_up)
         elif m.type is MessageType.VOTE:
             # One vote per term, and none while we know a leader of this term.

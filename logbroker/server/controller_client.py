@@ -289,6 +289,7 @@ class ControllerClient:
                 replicas.open_partition(topic, index)  # a new partition, or a move to this broker
             elif replica is not None:
                 replica.preferred_leader = replicas.preferred_leader(topic, index)
+                replica.node.vote_while_catching_up_for = replicas.safe_vote_while_catching_up(topic, index, replica)
 
     def _reconfigure_topic(self, topic: TopicMetadata) -> None:
         """New retention, segment size, flush and size limits for every open log of the topic, at once."""

@@ -601,6 +601,7 @@ class ReplicaManager:
         self._partitions[(topic.name, index)] = replica
         self.layout_version += 1
         replica.preferred_leader = self.preferred_leader(topic, index)
+        replica.node.vote_while_catching_up_for = self.safe_vote_while_catching_up(topic, index, replica)
         self._attach_state_machines(replica, topic.name, index, plog.directory)
         self._start_election(replica, topic.assignment[index], topic.name, index)
         self._step_early_messages(replica)
@@ -634,6 +635,18 @@ class ReplicaManager:
         if known is None and not lost_log and self.broker.controller_client.disk_registered_at is None:
             self._waiting_for_registration[(topic_name, index)] = replica  # reconsidered once it is applied
         return known is not None
+
+    def safe_vote_while_catching_up(self, topic: TopicMetadata, index: int, replica: Replica) -> int | None:
+        """The one replica this replica may vote for while it waits to catch up (RaftNode.wait_to_catch_up): the
+        other of exactly two voters, when the partition has had those two since it was created (no replica move
+        ever named it). Every entry ever committed in such a group was acknowledged by both, so the other holds
+        them all; without this vote a two-replica partition one of whose disks was replaced could elect nobody."""
+        membership = replica.node.membership
+        if (len(membership.voters) != 2 or membership.learners or index in topic.reconfigured
+                or self.node_id not in membership.voters or membership.voters != set(topic.assignment[index])):
+            return None
+        (other,) = membership.voters - {self.node_id}
+        return other
 
     def _created_before_state_loss(self, topic_name: str) -> bool:
         topic = self.broker.cluster.topics.get(topic_name)

@@ -282,13 +282,6 @@ def test_rf3_topic_created_while_a_replaced_disk_restarts_leads_and_old_records_
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: broker 3's disk replaced, an RF 2 topic created while it restarts. Since broker 3's liveness "
-    "heartbeats say whether its disk is registered, the controller waits for a broker back on an unregistered "
-    "disk; but here broker 3 restarts within the liveness timeout (160 ms in tests), so the controller still "
-    "counts it alive with its old disk registered and the old process's last heartbeat saying so. The topic is "
-    "recorded before the new disk's registration, broker 3's replica of each partition placed on it waits to "
-    "catch up (catching_up=True) and the 2-replica group never elects (no leader 15 s after broker 3 serves)."))
 def test_rf2_topic_created_while_a_replaced_disk_restarts_gets_leaders(cluster: BrokerCluster) -> None:
     cluster.start()
     with Admin(cluster.bootstrap, request_timeout_ms=3000) as admin:

@@ -229,3 +229,28 @@ def test_with_five_brokers_a_replaced_disk_replays_the_metadata_but_holds_its_re
     assert_clean(acks.snapshot(), read_log(cluster.bootstrap, TOPIC, [partition], timeout_s=LEADER_TIMEOUT_S),
                  f"leader {leader}, replaced {replaced}, lagging {lagging}: ")
     assert held_back, f"broker {replaced} never said its replica of {TOPIC}-{partition} waits to catch up"
+
+
+@pytest.mark.slow  # about 5 s: make test-slow
+def test_a_two_replica_partition_elects_its_intact_replica_after_the_other_disk_is_replaced(
+        cluster: BrokerCluster) -> None:
+    """RF2: every record acknowledged was on both replicas, so the intact one holds them all. Broker B's disk is
+    replaced and both replicas restart: B waits to catch up before it votes, as every replaced disk does, yet it
+    votes for the partition's only other voter, A, which must lead again with every acknowledged record (A
+    cannot win without B's vote; before, the partition stayed without a leader)."""
+    with Admin(cluster.bootstrap, request_timeout_ms=int(LEADER_TIMEOUT_S * 1000)) as admin:
+        admin.create_topic(TOPIC, partitions=1, replication_factor=2)
+        intact, replaced = admin.describe_topics([TOPIC])[0].partitions[0].replicas
+    acks = AckLog()
+    produce(cluster.bootstrap, 0, 0, 100, acks)
+    cluster.kill(replaced)
+    cluster.brokers[replaced].replace_disk()
+    cluster.kill(intact)
+    cluster.brokers[intact].launch()
+    cluster.brokers[replaced].launch()
+    cluster.wait_serving(intact, replaced)
+
+    assert cluster.leader_of(TOPIC, 0, timeout_s=LEADER_TIMEOUT_S) == intact
+    cluster.wait_caught_up(TOPIC, 0, [intact, replaced], timeout_s=LEADER_TIMEOUT_S)
+    assert_clean(acks.snapshot(), read_log(cluster.bootstrap, TOPIC, [0], timeout_s=LEADER_TIMEOUT_S),
+                 f"intact {intact}, replaced {replaced}: ")

@@ -98,4 +98,8 @@ def test_topic_change_commands() -> None:
     event = state.apply({"op": "move_done", "name": "t", "topic_id": "id1", "partition": 0, "replicas": [3, 2]}, 7)
     assert event is not None and event.kind == "moved" and event.removed == (1,)
     assert state.topics["t"].assignment[0] == [3, 2] and not state.moves
+    # Partition 0's voters changed; the added ones never did (a two-voter group's wait to catch up relies on it).
+    assert state.topics["t"].reconfigured == {0}
+    state.apply({"op": "move_replicas", "name": "t", "topic_id": "id1", "moves": [[1, [2, 3]]]}, 9)
+    assert state.topics["t"].reconfigured == {0, 1} and not state.moves  # named, though already there
     assert state.apply({"op": "alter_topic_configs", "name": "t", "topic_id": "old", "configs": {}}, 8) is None

@@ -400,6 +400,46 @@ def test_a_voter_that_lost_its_log_still_waits_after_a_restart_half_way_through_
     assert not h.restart(3).catching_up  # once caught up, that was saved too: it votes after a restart
 
 
+def test_in_a_group_of_two_voters_a_node_that_lost_its_log_votes_for_the_other_and_only_for_it() -> None:
+    # Every entry committed in a group that has always had these two voters was acknowledged by both, so the
+    # other one holds them all: the runtime names it (vote_while_catching_up_for), and node 2, back on a new
+    # disk, lets it win. Without that vote the group elects nobody: node 1 needs both votes.
+    h = Harness([1, 2])
+    h.elect(1)
+    for i in range(3):
+        h.propose(1, f"x{i}".encode())
+    h.stabilize()
+    committed = h.node(1).commit_offset
+    h.crash(2)
+    h.add_node(2).wait_to_catch_up()
+    h.crash(1)
+    h.restart(1)
+    h.tick_all(6 * ELECTION_TICKS)
+    assert h.leaders() == []  # not named: node 2 refuses node 1, as any voter that lost its log does
+
+    h.node(2).vote_while_catching_up_for = 1
+    h.elect(1, attempts=5)
+    h.tick_all(2 * ELECTION_TICKS)
+    assert h.log_of(2) == h.log_of(1) and h.node(2).log.last_offset >= committed
+    assert not h.node(2).catching_up
+
+
+def test_a_node_that_lost_its_log_refuses_every_candidate_but_the_one_it_was_allowed() -> None:
+    h = Harness([1, 2, 3])
+    h.elect(1)
+    h.propose(1, b"x")
+    h.stabilize()
+    h.crash(3)
+    node = h.add_node(3)
+    node.wait_to_catch_up()
+    node.vote_while_catching_up_for = 1
+    for candidate in (2, 1):
+        node.step(Message(MessageType.VOTE, candidate, 3, h.node(1).term + 1, last_log_offset=0, last_log_term=1))
+    h.process(3)
+    answers = [(m.to_node, m.reject) for m in h.mailbox if m.from_node == 3 and m.type is MessageType.VOTE_RESP]
+    assert answers == [(2, True), (1, False)]
+
+
 def test_a_node_catching_up_neither_campaigns_nor_takes_a_leadership_transfer() -> None:
     h = Harness([1, 2, 3])
     h.elect(1)
