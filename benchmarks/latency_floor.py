@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-class FrameReader(asyncio.Protocol):
-    """Splits a connection's bytes into frames and hands each to on_frame."""
+class FrameReader(asyncio.Protocol, ABC):
+    """Splits a connection's bytes into frames and hands each to on_frame, which each kind of end defines."""
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -83,8 +84,8 @@ class FrameReader(asyncio.Protocol):
             del self._buffer[:end]
             self.on_frame(frame)
 
-    def on_frame(self, frame: bytes) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def on_frame(self, frame: bytes) -> None: ...
 
 
 def framed(payload: bytes) -> bytes:

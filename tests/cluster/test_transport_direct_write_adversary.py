@@ -88,6 +88,13 @@ async def connected_pair(peer_port: int) -> RaftTransport:
     return sender
 
 
+async def stop_both(sender: RaftTransport, receiver: Receiver) -> None:
+    """Stop both transports; nothing of theirs may be left running."""
+    await sender.stop()
+    await receiver.transport.stop()
+    await no_tasks_left()
+
+
 async def no_tasks_left() -> None:
     current = asyncio.current_task()
     await wait_until(lambda: all(t is current or t.done() for t in asyncio.all_tasks()), 5, "tasks to end")
@@ -117,9 +124,7 @@ def test_mixed_direct_and_queued_turns_keep_strict_order(loop_name: str) -> None
         await wait_until(lambda: len(receiver.seqs) == seq, what=f"{seq} messages")
         assert receiver.seqs == list(range(seq))
         assert direct > 100  # the direct path really ran
-        await sender.stop()
-        await receiver.transport.stop()
-        await no_tasks_left()
+        await stop_both(sender, receiver)
 
     run(loop_name, main)
 
@@ -423,9 +428,7 @@ def test_big_and_small_messages_interleaved_keep_order(loop_name: str) -> None:
         await wait_until(lambda: len(receiver.seqs) >= seq, 20, f"{seq} messages")
         assert receiver.seqs == list(range(seq))
         assert sender.dropped_messages.get(2, 0) == 0
-        await sender.stop()
-        await receiver.transport.stop()
-        await no_tasks_left()
+        await stop_both(sender, receiver)
 
     run(loop_name, main)
 

@@ -424,7 +424,8 @@ def test_in_a_group_of_two_voters_a_node_that_lost_its_log_votes_for_the_other_a
     assert not h.node(2).catching_up
 
 
-def test_a_node_that_lost_its_log_refuses_every_candidate_but_the_one_it_was_allowed() -> None:
+def node_3_back_on_a_new_disk() -> tuple[Harness, RaftNode]:
+    """Three nodes, node 1 leading one committed entry; node 3's disk replaced: empty, waiting to catch up."""
     h = Harness([1, 2, 3])
     h.elect(1)
     h.propose(1, b"x")
@@ -432,6 +433,11 @@ def test_a_node_that_lost_its_log_refuses_every_candidate_but_the_one_it_was_all
     h.crash(3)
     node = h.add_node(3)
     node.wait_to_catch_up()
+    return h, node
+
+
+def test_a_node_that_lost_its_log_refuses_every_candidate_but_the_one_it_was_allowed() -> None:
+    h, node = node_3_back_on_a_new_disk()
     node.vote_while_catching_up_for = 1
     for candidate in (2, 1):
         node.step(Message(MessageType.VOTE, candidate, 3, h.node(1).term + 1, last_log_offset=0, last_log_term=1))
@@ -441,12 +447,7 @@ def test_a_node_that_lost_its_log_refuses_every_candidate_but_the_one_it_was_all
 
 
 def test_a_node_catching_up_neither_campaigns_nor_takes_a_leadership_transfer() -> None:
-    h = Harness([1, 2, 3])
-    h.elect(1)
-    h.propose(1, b"x")
-    h.stabilize()
-    h.crash(3)
-    h.add_node(3).wait_to_catch_up()
+    h, _ = node_3_back_on_a_new_disk()
     h.isolated.add(3)
     h.tick(3, 10 * ELECTION_TICKS)
     assert h.node(3).role is Role.FOLLOWER and h.node(3).term == 0  # it never campaigned
