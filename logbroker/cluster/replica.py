@@ -211,7 +211,7 @@ class Replica:
             # after a heartbeat (or answers arriving after it went quiet would wake it, for ever), and wakes
             # only if an answer gives it work (a follower behind).
             self.node.step(message)
-            if self._quiet and self.node.has_ready():
+            if self._quiet and (self.node.has_ready() or self._follower_waits_to_catch_up(message.from_node)):
                 self.quiet = False
         elif self._quiet and self.node.role is Role.FOLLOWER and self.node.leader_id not in (None, message.from_node):
             # A quiet follower went quiet because its leader's broker is alive (maybe_quiesce); if that broker dies,
@@ -336,7 +336,7 @@ class Replica:
         if leader_hint is not None and leader_hint != self.node_id:
             self._transport.send_many([(self.group, Message(
                 MessageType.HEARTBEAT_RESP, self.node_id, leader_hint, max(leader_term, self.node.term),
-                last_log_offset=self.node.log.last_offset, last_log_term=self.node.log.last_term))])
+                last_log_offset=self.node.log.last_offset, last_log_term=self.node.log.last_term, reject=True))])
 
     def maybe_quiesce(self, is_alive: Callable[[int], bool]) -> None:
         """Go quiet when nothing is left to do: a leader whose log is committed on every replica and that
@@ -358,7 +358,8 @@ class Replica:
             self.quiet = True
 
     def _leader_settled(self, is_alive: Callable[[int], bool]) -> bool:
-        """Every entry committed and on every replica whose broker is alive, and nobody waiting for a write.
+        """Every entry committed and on every replica whose broker is alive, each of those replicas having answered a
+        heartbeat saying it does not wait to catch up, and nobody waiting for a write.
 
         A replica on a dead broker cannot catch up, and waiting for it kept every group it follows awake (ticks
         and heartbeats) until its broker came back: after one broker of three died, the survivors' thousands of
@@ -372,9 +373,15 @@ class Replica:
             if member == self.node_id or not is_alive(member):
                 continue
             progress = node.progress(member)
-            if progress is None or progress.match_offset != last:
+            if progress is None or progress.match_offset != last or not progress.reported_caught_up:
+                # A follower waiting to catch up ends its wait only on a heartbeat (RaftNode._note_leader_commit): went
+                # quiet after one that was lost, the leader would leave it out of elections until the next write.
                 return False
         return True
+
+    def _follower_waits_to_catch_up(self, member: int) -> bool:
+        progress = self.node.progress(member)
+        return progress is not None and not progress.reported_caught_up
 
     def propose(self, payloads: Sequence[tuple[bytes, int]]) -> list[Entry]:
         """Propose (batch bytes, record count) pairs; raises the core's NotLeaderError on a follower."""

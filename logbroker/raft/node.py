@@ -669,9 +669,10 @@ class RaftNode:
         # The leader caps commit_offset at what it knows we hold, so this never commits unknown entries.
         self._commit_to(min(m.commit_offset, self.log.last_offset))
         self._note_leader_commit(m.last_log_offset)
-        # Our log end lets the leader notice that we lost entries we once acknowledged (a wiped disk).
+        # Our log end lets the leader notice that we lost entries we once acknowledged (a wiped disk); reject says
+        # we still wait to catch up, so the leader keeps its heartbeats coming (Progress.reported_caught_up).
         self._send(MessageType.HEARTBEAT_RESP, m.from_node, last_log_offset=self.log.last_offset,
-                   last_log_term=self.log.last_term)
+                   last_log_term=self.log.last_term, reject=self._catching_up)
 
     def _handle_reset_log(self, m: Message) -> None:
         start = m.log_start_offset
@@ -798,6 +799,7 @@ class RaftNode:
                 self._handle_append_ack(m, progress)
         elif m.type is MessageType.HEARTBEAT_RESP:
             progress.recent_active = True
+            progress.reported_caught_up = not m.reject
             if m.last_log_offset < progress.match_offset:
                 self._follower_lost_entries(m.from_node, progress, m.last_log_offset)
             self._handle_heartbeat_resp(m.from_node, progress)

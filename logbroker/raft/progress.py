@@ -36,6 +36,9 @@ class Progress:
     inflight_bytes: int = 0
     # Set by any response; check-quorum reads and clears it once per election timeout.
     recent_active: bool = False
+    # The follower's last heartbeat answer said it does not wait to catch up (RaftNode.wait_to_catch_up); False
+    # until it answers one. Only a heartbeat ends that wait, so a leader keeps sending them until this is True.
+    reported_caught_up: bool = False
 
     def is_paused(self, max_inflight_bytes: int) -> bool:
         if self.state is ProgressState.PROBE:

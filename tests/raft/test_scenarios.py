@@ -436,6 +436,25 @@ def node_3_back_on_a_new_disk() -> tuple[Harness, RaftNode]:
     return h, node
 
 
+def test_a_node_catching_up_says_so_in_its_heartbeat_answers_until_a_heartbeat_ends_its_wait() -> None:
+    """Only a leader heartbeat ends the wait, so the leader must learn when it has ended (the runtime keeps a
+    leader awake, heartbeating, until every follower has said so: Replica._leader_settled)."""
+    h, node = node_3_back_on_a_new_disk()
+    leader = h.node(1)
+    heartbeat_ticks = leader.config.heartbeat_timeout_ticks
+    h.tick(1, heartbeat_ticks)  # node 3 lacks the commit offset this heartbeat carries: it answers that it waits
+    h.deliver_once()
+    answer = next(m for m in h.mailbox if m.from_node == 3 and m.type is MessageType.HEARTBEAT_RESP)
+    assert answer.reject and node.catching_up
+    h.stabilize()  # the leader reads the answer and repairs node 3's log
+    assert not leader.progress(3).reported_caught_up  # type: ignore[union-attr]
+    assert node.log.last_offset == leader.log.last_offset and node.catching_up
+    h.tick(1, heartbeat_ticks)  # the next heartbeat ends the wait, and its answer says so
+    h.stabilize()
+    assert not node.catching_up
+    assert leader.progress(3).reported_caught_up  # type: ignore[union-attr]
+
+
 def test_a_node_that_lost_its_log_refuses_every_candidate_but_the_one_it_was_allowed() -> None:
     h, node = node_3_back_on_a_new_disk()
     node.vote_while_catching_up_for = 1
