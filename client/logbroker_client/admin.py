@@ -287,7 +287,7 @@ class Admin:
             part = answer.topics[0].partitions[partition]
             if part.local_replica:
                 views[node] = ReplicaView(node, part.leader_id, part.log_end_offset, part.high_watermark,
-                                          part.catching_up)
+                                          part.catching_up, part.leader_since_ms)
         return views
 
     def describe_cluster(self) -> pb.MetadataResponse:

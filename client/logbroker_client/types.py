@@ -55,6 +55,9 @@ class ReplicaView(NamedTuple):
     # It lost its data (a replaced disk, a deleted directory) and takes no part in elections until it has caught
     # up from a leader: acknowledged records it no longer holds must not lose an election.
     catching_up: bool
+    # When it last saw its leader change (won an election, or learned of the leader it follows), in Unix
+    # milliseconds; 0 when it knows no leader.
+    leader_since_ms: int = 0
 
 
 class TopicDescription(NamedTuple):

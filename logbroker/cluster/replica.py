@@ -137,6 +137,7 @@ class Replica:
         self._busy = False
         self._write_lock = threading.Lock()
         self._quiet = False  # an idle group neither ticks nor heartbeats; any message or proposal wakes it
+        self.leader_since_s = 0.0  # when this replica last saw its leader change (Unix seconds; 0: no leader known)
         # A leader's followers whose broker was declared down and is back, not heard from since: what the core
         # last knew of their logs may be gone with a disk (peer_returned).
         self.unconfirmed_followers: set[int] = set()
@@ -427,7 +428,7 @@ class Replica:
         self._busy = True
         try:
             while not self.closed:
-                ready = self.node.ready()
+                ready = self._take_ready()
                 if ready is None:
                     break
                 if self._needs_io(ready):
@@ -438,11 +439,20 @@ class Replica:
             self._stop_after_failure(exc)
         self._busy = False
 
+    def _take_ready(self) -> Ready | None:
+        ready = self.node.ready()
+        if ready is not None and ready.leader_change is not None:
+            # Wall clock, read later by operators and benchmarks (DescribeTopics): when a failover ended here. Taken
+            # with the Ready, as Metadata answers show the change; its persist may come later (behind thousands of
+            # others after a broker dies), and a new leader's first write waits for it.
+            self.leader_since_s = time.time() if ready.leader_change.leader_id is not None else 0.0
+        return ready
+
     async def _drain_ready(self, ready: Ready | None) -> None:
         try:
             while ready is not None and not self.closed:
                 await self._handle(ready)
-                ready = self.node.ready()
+                ready = self._take_ready()
         except Exception as exc:
             self._stop_after_failure(exc)
         finally:

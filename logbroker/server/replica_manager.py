@@ -48,6 +48,7 @@ log = logging.getLogger("logbroker.broker")
 LEGACY_RAFT_STATE_DIR = "__raft"  # where Raft state files lived before they moved into partition directories
 LEGACY_RAFT_STATE_SUFFIX = ".raftstate"
 SHUTDOWN_TRANSFER_TIMEOUT_S = 3.0
+NAMES_SHOWN_MAX = 5  # partitions named in one log line; the rest are counted
 FAILED_REPLICA_RETRY_S = 1.0  # how often a replica that could not write tries again
 # A producer request carries up to 16 MiB; the pipe to each follower holds one such request, in 1 MiB
 # appends. Small appends keep something arriving from a leader every few milliseconds even while it
@@ -306,7 +307,7 @@ class ReplicaManager:
                         "their preferred leader's broker never campaigned (it may be cut off from the controller "
                         "leader); the other replicas elect a leader among themselves", self.node_id, len(woken),
                         self._first_leader_wait_ticks() * self.broker.config.raft_tick_ms,
-                        ", ".join(woken[:5]) + (", ..." if len(woken) > 5 else ""))
+                        some_of(woken))
 
     def _first_leader_wait_ticks(self) -> int:
         return FIRST_LEADER_WAIT_ELECTION_TIMEOUTS * self.broker.config.raft_election_ticks
@@ -801,9 +802,11 @@ class ReplicaManager:
         deadline = time.monotonic() + SHUTDOWN_TRANSFER_TIMEOUT_S
         while any(r.is_leader for r in led) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        still = [r.group for r in led if r.is_leader]
+        still = [r.name for r in led if r.is_leader]
         if still:
-            log.warning("leadership of %s not handed over in time; followers will elect after a timeout", still)
+            log.warning("leadership of %d of %d partition(s) led here (%s) not handed over in %.0f s; their followers "
+                        "elect a leader after an election timeout", len(still), len(led), some_of(still),
+                        SHUTDOWN_TRANSFER_TIMEOUT_S)
         elif led:
             log.info("handed leadership of %d group(s) to other brokers", len(led))
 
@@ -934,3 +937,8 @@ def _state_log_was_lost(data_dir: Path) -> bool:
 def _save_epochs(logs: list[PartitionLog]) -> None:
     for partition_log in logs:
         partition_log.save_epochs()  # a closed log skips it; a failed write is logged and repaired at open
+
+
+def some_of(names: list[str], shown: int = NAMES_SHOWN_MAX) -> str:
+    """The first few names of a list that can hold thousands (a log line names a few, and says more exist)."""
+    return ", ".join(names[:shown]) + (f", ... ({len(names) - shown} more)" if len(names) > shown else "")

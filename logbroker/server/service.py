@@ -451,6 +451,7 @@ class AdminService(pb_grpc.AdminServicer):
                     part.log_end_offset = replica.log.log_end_offset
                     part.size_bytes = replica.log.size_bytes
                     part.catching_up = replica.catching_up
+                    part.leader_since_ms = int(replica.leader_since_s * 1000)
         return response
 
     async def _fill_from_leaders(self, response: pb.DescribeTopicsResponse) -> None:

@@ -68,15 +68,30 @@ def test_sigkill_of_the_leader_under_load_loses_nothing(cluster: BrokerCluster) 
     load = ProducerLoad(cluster.bootstrap, TOPIC, PARTITIONS, acks).start()
     load.wait_acked(3000, 30, "before the kill")
     leader = cluster.leader_of(TOPIC, 0)
+    survivors = [node for node in cluster.brokers if node != leader]
     at_kill = acks.count()
+    killed_ms = time.time() * 1000
     cluster.kill(leader)
     load.wait_acked(at_kill + ACKED_AFTER_FAULT, 60, f"after SIGKILL of broker {leader}")
     new_leader = cluster.leader_of(TOPIC, 0, exclude=(leader,))
+    assert_leader_since_after(cluster, survivors, new_leader, killed_ms)
     cluster.restart(leader)
     load.wait_acked(acks.count() + 500, 30, f"after restarting broker {leader}")
     load.stop()
     assert new_leader != leader
     check_everything(cluster, acks)
+
+
+def assert_leader_since_after(cluster: BrokerCluster, survivors: list[int], new_leader: int, killed_ms: float) -> None:
+    """Each survivor's own replica of partition 0 names the new leader, seen since the kill (what
+    benchmarks.many_partitions reads to time a failover after the fact)."""
+    with Admin(cluster.bootstrap, request_timeout_ms=10_000) as admin:
+        wait_until(lambda: all(view.leader_id == new_leader for view in
+                               admin.replica_views(TOPIC, 0, survivors).values()), 10, "the survivors to agree")
+        views = admin.replica_views(TOPIC, 0, survivors)
+    assert sorted(views) == sorted(survivors)
+    for view in views.values():
+        assert killed_ms <= view.leader_since_ms <= time.time() * 1000, (view, killed_ms)
 
 
 # ---------------------------------------------------------------------------------------- 2. SIGSTOP

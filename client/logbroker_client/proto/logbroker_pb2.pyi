@@ -1023,7 +1023,7 @@ class DescribeTopicsRequest(_message.Message):
     def __init__(self, names: _Optional[_Iterable[str]] = ..., local_only: _Optional[bool] = ...) -> None: ...
 
 class PartitionDescription(_message.Message):
-    __slots__ = ("partition", "leader_id", "replicas", "isr", "log_start_offset", "high_watermark", "size_bytes", "leader_epoch", "local_replica", "log_end_offset", "target_replicas", "voters", "learners", "catching_up")
+    __slots__ = ("partition", "leader_id", "replicas", "isr", "log_start_offset", "high_watermark", "size_bytes", "leader_epoch", "local_replica", "log_end_offset", "target_replicas", "voters", "learners", "catching_up", "leader_since_ms")
     PARTITION_FIELD_NUMBER: _ClassVar[int]
     LEADER_ID_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
@@ -1038,6 +1038,7 @@ class PartitionDescription(_message.Message):
     VOTERS_FIELD_NUMBER: _ClassVar[int]
     LEARNERS_FIELD_NUMBER: _ClassVar[int]
     CATCHING_UP_FIELD_NUMBER: _ClassVar[int]
+    LEADER_SINCE_MS_FIELD_NUMBER: _ClassVar[int]
     partition: int
     leader_id: int
     replicas: _containers.RepeatedScalarFieldContainer[int]
@@ -1052,7 +1053,8 @@ class PartitionDescription(_message.Message):
     voters: _containers.RepeatedScalarFieldContainer[int]
     learners: _containers.RepeatedScalarFieldContainer[int]
     catching_up: bool
-    def __init__(self, partition: _Optional[int] = ..., leader_id: _Optional[int] = ..., replicas: _Optional[_Iterable[int]] = ..., isr: _Optional[_Iterable[int]] = ..., log_start_offset: _Optional[int] = ..., high_watermark: _Optional[int] = ..., size_bytes: _Optional[int] = ..., leader_epoch: _Optional[int] = ..., local_replica: _Optional[bool] = ..., log_end_offset: _Optional[int] = ..., target_replicas: _Optional[_Iterable[int]] = ..., voters: _Optional[_Iterable[int]] = ..., learners: _Optional[_Iterable[int]] = ..., catching_up: _Optional[bool] = ...) -> None: ...
+    leader_since_ms: int
+    def __init__(self, partition: _Optional[int] = ..., leader_id: _Optional[int] = ..., replicas: _Optional[_Iterable[int]] = ..., isr: _Optional[_Iterable[int]] = ..., log_start_offset: _Optional[int] = ..., high_watermark: _Optional[int] = ..., size_bytes: _Optional[int] = ..., leader_epoch: _Optional[int] = ..., local_replica: _Optional[bool] = ..., log_end_offset: _Optional[int] = ..., target_replicas: _Optional[_Iterable[int]] = ..., voters: _Optional[_Iterable[int]] = ..., learners: _Optional[_Iterable[int]] = ..., catching_up: _Optional[bool] = ..., leader_since_ms: _Optional[int] = ...) -> None: ...
 
 class TopicDescription(_message.Message):
     __slots__ = ("name", "error_code", "error_message", "configs", "partitions", "replication_factor", "topic_id")
