@@ -106,8 +106,16 @@ class Replica:
         self._state_file = state_file
         self.state = state_file.load(membership)
         self._opened_without_its_log = plog.found_no_segments and self.state.term > 0
+        # The end of what this replica's log once held, when it opened holding less (its newest segment files
+        # deleted or cut below what was fsynced, or below its saved commit offset) and its Raft state says it took
+        # part in the group: see lost_its_log.
+        self._held_up_to: int | None = None
+        if plog.lost_durable_records is not None and self.state.term > 0:
+            self._held_up_to = plog.lost_durable_records[1]
         finish_log_cut(plog, self.state.log_start_offset)
         log_last = plog.log_end_offset - 1
+        if self.state.commit_offset > log_last and self.state.term > 0:
+            self._held_up_to = max(self._held_up_to or 0, self.state.commit_offset + 1)
         if self.state.commit_offset > log_last:
             # Recovery cut the log below what was committed (a damaged or lost file): this replica has lost
             # committed records. Raft treats the commit offset as volatile, so restart from what is here; with
@@ -295,8 +303,19 @@ class Replica:
         """Its log is gone while its Raft state stayed: opened on a directory holding no segment (deleted or
         emptied, as the broker's own error advises for a damaged replica) although its saved term says it took
         part in the group, and still empty. It may have acknowledged entries it no longer holds, so, as a
-        replica holding nothing, it must catch up before it votes. (A replica new here has no saved term.)"""
-        return self._opened_without_its_log and self.node.log.last_offset < 0
+        replica holding nothing, it must catch up before it votes. (A replica new here has no saved term.) So must
+        one whose log opened shorter than it once was (its newest segment files deleted, or cut below what was
+        fsynced: PartitionLog.lost_durable_records) until it holds that much again: with another replica lacking
+        the same entries it could otherwise elect a leader without them."""
+        last = self.node.log.last_offset
+        return ((self._opened_without_its_log and last < 0)
+                or (self._held_up_to is not None and last < self._held_up_to - 1))
+
+    def _lost_log_description(self) -> str:
+        if self._opened_without_its_log or self._held_up_to is None:
+            return "its directory held no segment; it was deleted or emptied"
+        return (f"it ends at offset {self.log.log_end_offset}, below offset {self._held_up_to} that it once held; "
+                "its newest segment files were deleted or cut short")
 
     @property
     def holds_no_log(self) -> bool:
@@ -324,9 +343,9 @@ class Replica:
             # holds_nothing both need a directory without segments, or no saved term).
             self._kick()
             if lost and self.node.term > 0:
-                log.warning("%s: broker %d lost this partition's log (its directory held no segment; it was deleted "
-                            "or emptied) but kept its Raft state, term %d: it takes no part in elections until it "
-                            "has caught up from the leader", self.name, self.node_id, self.node.term)
+                log.warning("%s: broker %d lost this partition's log (%s) but kept its Raft state, term %d: it takes "
+                            "no part in elections until it has caught up from the leader", self.name, self.node_id,
+                            self._lost_log_description(), self.node.term)
             elif lost:
                 log.warning("%s: broker %d holds no Raft state or log for this partition, which has had a leader or "
                             "is older than this broker's disk: it takes no part in elections until it has caught up "

@@ -122,8 +122,9 @@ class ControllerClient:
         controller.node.wait_to_catch_up()
         self._metadata_catch_up = True
         if controller.lost_its_log or lost_on_a_known_disk:
-            log.warning("broker %d: its metadata log (%s) is gone%s: it takes no part in metadata elections until it "
-                        "has caught up from the controller leader", self.node_id, self.broker.data_dir / CONTROLLER_DIR,
+            log.warning("broker %d: its metadata log (%s) is gone or cut short%s: it takes no part in metadata "
+                        "elections until it has caught up from the controller leader", self.node_id,
+                        self.broker.data_dir / CONTROLLER_DIR,
                         f" but its Raft state (term {controller.term}) is not" if controller.lost_its_log
                         else " from a disk the cluster knows")
             return

@@ -106,6 +106,10 @@ class PartitionLog:
         # Set by the load: the directory held no segment (a new partition, or its files were deleted). A replica
         # whose Raft state survives elsewhere tells the two apart (Replica.lost_its_log).
         self.found_no_segments = False
+        # Also set by the load: (where the log now ends, the durable offset the recovery checkpoint recorded) when
+        # the segments end below what this log once made durable: its newest segment files were deleted, or cut
+        # below the checkpoint. A Raft replica must then catch up before it votes (Replica.lost_its_log).
+        self.lost_durable_records: tuple[int, int] | None = None
         self.epochs = LeaderEpochCache(directory, self.name, fs)
         # Told how long each flush() that made new data durable took, in seconds (the broker's fsync metric);
         # called in the flushing thread.
@@ -130,10 +134,16 @@ class PartitionLog:
         started = time.monotonic()
         marker = self.directory / filenames.CLEAN_SHUTDOWN_FILE
         clean = self.fs.exists(marker)
-        checkpoint = None if clean else self._read_checkpoint()
+        recorded = self._read_checkpoint()  # written at every clean close too, with the whole log durable
+        checkpoint = None if clean else recorded
         self._remove_stray_files()
         segments, recovered = self._load_segments(self._segment_bases(), clean, checkpoint)
         created = self.found_no_segments = not segments
+        if segments and recorded is not None and recorded > segments[-1].next_offset:
+            self.lost_durable_records = (segments[-1].next_offset, recorded)
+            logger.error("%s: the log ends at offset %d, below offset %d up to which it was once fsynced (the "
+                         "recovery checkpoint says so): its newest segment files were deleted or cut short",
+                         self.name, segments[-1].next_offset, recorded)
         if created:
             segments = [LogSegment.create(self.directory, 0, self.config.index_interval_bytes, wall_clock_ms(),
                                           self.fs)]
@@ -278,14 +288,23 @@ class PartitionLog:
         logger.warning("%s: ignoring malformed %s; recovering every segment", self.name, path.name)
         return None
 
+    def _checkpoint_is_behind(self) -> bool:
+        """Whether the checkpoint misses the newest segment's base, or (with older segments beside it, which
+        would load cleanly without it) its first durable records: see _write_checkpoint."""
+        newest_base = self._bases[-1]
+        return self._checkpointed_offset < newest_base or (
+            self._checkpointed_offset == newest_base < self._durable_offset and len(self._bases) > 1)
+
     def _write_checkpoint(self, durable: bool) -> None:
         """Persist the durable offset. On the flush path it is not fsynced itself: losing it only means
         recovering more, and it is written after the data it covers was fsynced.
 
         Recovery trusts a segment when the next one starts at or below the checkpoint, so a newer
-        checkpoint changes nothing until the durable offset passes a segment base the last one did not
-        cover: flush() writes it only then (once per segment roll, not once per fsync; the file's
-        write, close and rename were a third of a lone record's flush)."""
+        checkpoint changes nothing for recovery until the durable offset passes a segment base the last one
+        did not cover. flush() writes it then, and once more when the newest segment's first records are
+        durable (a roll made right after an append creates it empty): the load tells from it that the newest
+        segment's files were lost (lost_durable_records). At most twice per segment, never once per fsync
+        (the file's write, close and rename were a third of a lone record's flush)."""
         data = f"{CHECKPOINT_VERSION}\n{self._durable_offset}\n".encode("ascii")
         write_file_atomically(self.directory / filenames.RECOVERY_CHECKPOINT_FILE, data, durable, self.fs)
         self._checkpointed_offset = self._durable_offset
@@ -654,7 +673,7 @@ class PartitionLog:
                 self._segments[-1].flush(indexes=False)
                 if target > self._durable_offset:
                     self._durable_offset = target
-                    if self._bases[-1] > self._checkpointed_offset:
+                    if self._checkpoint_is_behind():
                         self._write_checkpoint(durable=False)
                     if self.flush_observer is not None:
                         self.flush_observer(time.perf_counter() - started)

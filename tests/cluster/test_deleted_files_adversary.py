@@ -226,11 +226,11 @@ def test_torn_tail_below_acknowledged(proxied_cluster: BrokerCluster, damage_lea
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "FOUND: deleting only the newest segment files (older segments stay) is not seen as a lost log "
-    "(found_no_segments is False): the replica votes with a log ending below what it acknowledged, and with the "
-    "lagging replica elects a leader lacking 60 acknowledged records (offsets 441-500, segment.bytes 8192)"))
 def test_deleted_newest_segment_only(proxied_cluster: BrokerCluster) -> None:
+    """Found by this adversary: deleting only the newest segment files (older segments stay) went unseen, and with
+    the lagging replica the damaged one elected a leader lacking 60 acknowledged records (offsets 441-500,
+    segment.bytes 8192). The recovery checkpoint now says how far the log was fsynced
+    (PartitionLog.lost_durable_records), and the replica catches up before it votes."""
     _no_loss(proxied_cluster, delete_newest_segment, False, topic_configs={"segment.bytes": "8192"})
 
 

@@ -13,6 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from logbroker.raft.types import Message, MessageType, Role
+from logbroker.storage import filenames
+from logbroker.storage.config import LogConfig
 from tests.cluster.test_replica_quiescence import (
     GROUP,
     Network,
@@ -122,6 +124,42 @@ def test_a_replica_whose_segments_were_deleted_but_whose_raft_state_stayed_knows
                 emptied.close()
                 replicas[2].close()
                 assert not open_replica(tmp_path, network, executor, 2).lost_its_log  # its log is whole
+            finally:
+                for replica in network.replicas.values():
+                    replica.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_replica_whose_newest_segment_files_were_deleted_catches_up_before_it_votes(tmp_path: Path) -> None:
+    """Deleting only the newest segment's files leaves a log that loads cleanly and ends below what the replica
+    acknowledged. With the lagging replica it could elect a leader lacking those entries, so it waits to catch up
+    like a replica that lost its whole log, and votes again once it holds them."""
+    small_segments = LogConfig(segment_bytes=1024)
+    async def scenario() -> None:
+        network = Network()
+        with ThreadPoolExecutor(2) as executor:
+            replicas = open_replicas(tmp_path, network, executor, small_segments)
+            try:
+                replicas[1].campaign_now()
+                await until(network, lambda: replicas[1].node.role is Role.LEADER, "node 1 to lead")
+                last = [write_one(replicas[1], bytes(100) + f"record {i}".encode()) for i in range(30)][-1]
+                await until(network, lambda: all(r.durable_offset > last.last_offset for r in replicas.values()),
+                            "every replica to hold every record")
+                newest_base = replicas[3].log.segments[-1].base_offset
+                assert newest_base > 0, "the test needs several segments"
+                replicas[3].close()
+                for path in (tmp_path / "broker-3" / GROUP).iterdir():
+                    if path.stem == Path(filenames.log_file_name(newest_base)).stem:
+                        path.unlink()
+                shortened = open_replica(tmp_path, network, executor, 3, small_segments)
+                assert shortened.log.log_end_offset == newest_base <= last.last_offset
+                assert shortened.lost_its_log and not shortened.holds_nothing
+                shortened.rejoin_after_losing_state(1, replicas[1].term)
+                assert shortened.node.catching_up
+                await until(network, lambda: not shortened.node.catching_up
+                            and shortened.durable_offset > last.last_offset, "node 3 to catch up")
+                assert not shortened.lost_its_log
             finally:
                 for replica in network.replicas.values():
                     replica.close()

@@ -72,16 +72,18 @@ class _Sender:
         self.network.in_flight.extend(message for _, message in items)
 
 
-def open_replicas(root: Path, network: Network, executor: ThreadPoolExecutor, **raft: Any) -> dict[int, Replica]:
+def open_replicas(root: Path, network: Network, executor: ThreadPoolExecutor, log_config: LogConfig | None = None,
+                  **raft: Any) -> dict[int, Replica]:
     for node in NODES:
-        open_replica(root, network, executor, node, **raft)
+        open_replica(root, network, executor, node, log_config, **raft)
     return network.replicas
 
 
-def open_replica(root: Path, network: Network, executor: ThreadPoolExecutor, node: int, **raft: Any) -> Replica:
+def open_replica(root: Path, network: Network, executor: ThreadPoolExecutor, node: int,
+                 log_config: LogConfig | None = None, **raft: Any) -> Replica:
     """Node ``node``'s replica from what its directory holds (``raft``: RaftConfig fields to override)."""
     directory = root / f"broker-{node}" / GROUP
-    plog = PartitionLog.open(directory, LogConfig(), "calm", 0)
+    plog = PartitionLog.open(directory, log_config or LogConfig(), "calm", 0)
     replica = Replica(GROUP, plog, ReplicaStateFile(directory / "raft.state"), Membership.of(NODES),
                       RaftConfig(node_id=node, heartbeat_timeout_ticks=DEFAULT_RAFT_HEARTBEAT_TICKS, **raft),
                       network.sender(), executor, on_commit=lambda r, e: None)

@@ -102,6 +102,12 @@ class DevCluster:
             raise AssertionError(f"`logbroker dev` did not stop on SIGINT:\n{self.output()}") from None
 
 
+def terminal_signals() -> None:
+    """In the child, before exec: Ctrl-C (SIGINT) and Ctrl-\\ (SIGQUIT) do what they do in a terminal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+
+
 @dataclass
 class Background:
     """A command the README runs in a terminal of its own."""
@@ -228,10 +234,13 @@ class Runner:
             stem = self.work / f"bg_{command.line}_{n}"
             out, err = stem.with_suffix(".out"), stem.with_suffix(".err")
             with open(out, "wb") as stdout, open(err, "wb") as stderr:
-                # Its own session: SIGINT to the group reaches the command as Ctrl-C in its terminal would.
+                # Its own session: SIGINT to the group reaches the command as Ctrl-C in its terminal would. And
+                # SIGINT's default action, as in a terminal: a test run started as a background job of a
+                # non-interactive shell inherits SIGINT ignored, and then Ctrl-C could never stop the command.
                 proc = subprocess.Popen(["bash", "-c", doc.rewrite_ports(command.text, self.base_port)],
                                         cwd=REPO_ROOT, env=self.env, stdout=stdout, stderr=stderr,
-                                        stdin=subprocess.DEVNULL, start_new_session=True)
+                                        stdin=subprocess.DEVNULL, start_new_session=True,
+                                        preexec_fn=terminal_signals)
             self.background.append(Background(command, proc, out, err))
 
     def background_lines(self) -> list[str]:

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from logbroker_client.records import COMPRESSION_NONE, COMPRESSION_ZSTD, build_batch, iter_batch_headers
 
 from logbroker.storage import filenames
+from logbroker.storage.log import PartitionLog
 from logbroker.storage.offset_index import ENTRY as OFFSET_ENTRY
 from logbroker.storage.recovery import recover_segment
 from logbroker.storage.segment import LogSegment
@@ -363,3 +364,75 @@ def test_the_tail_check_reads_only_the_batches_after_the_last_index_entry(
     with caplog.at_level(logging.WARNING, logger="logbroker.storage"):
         log = open_log(log_dir, index_interval_bytes=1000)
     assert log.log_end_offset == 100 and not caplog.records
+
+
+# ------------------------------------------------------------------ a log shorter than it once was made durable
+
+
+def written_in_segments(directory: Path, batches: int = 40) -> PartitionLog:
+    log = open_log(directory, segment_bytes=1024)
+    for seed in range(batches):
+        log.append(bytearray(make_batch(value_size=100, seed=seed)), 5, T0)
+    log.flush()
+    assert len(log.segments) >= 3, "the test needs several segments"
+    return log
+
+
+def test_a_log_whose_newest_segment_files_were_deleted_says_it_lost_records_it_had_made_durable(
+        log_dir: Path) -> None:
+    """An operator deleting the newest segment's files leaves older segments that load cleanly: only the recovery
+    checkpoint (written at every clean close, and on the first flush into each new segment) still says how far the
+    log had been fsynced. A Raft replica must then catch up before it votes (Replica.lost_its_log)."""
+    log = written_in_segments(log_dir)
+    end = log.log_end_offset
+    newest_base = log.segments[-1].base_offset
+    log.close()
+    for path in log_dir.iterdir():
+        if path.stem == Path(filenames.log_file_name(newest_base)).stem:
+            path.unlink()
+    reopened = open_log(log_dir, segment_bytes=1024)
+    assert reopened.log_end_offset == newest_base
+    assert reopened.lost_durable_records == (newest_base, end)
+    reopened.close()
+
+
+def test_a_crashed_log_cut_below_its_checkpoint_says_it_lost_records_and_a_whole_one_does_not(
+        log_dir: Path) -> None:
+    log = written_in_segments(log_dir)
+    newest_base = log.segments[-1].base_offset
+    log.append(bytearray(make_batch(value_size=100, seed=99)), 5, T0)
+    log.flush()  # the first flush into the newest segment wrote the checkpoint past its base
+    log.close()
+    whole = open_log(log_dir, segment_bytes=1024)
+    assert whole.lost_durable_records is None
+    whole.close()
+    (log_dir / filenames.CLEAN_SHUTDOWN_FILE).unlink()  # a crash: recovery reads every unchecked segment
+    newest = log_files(log_dir)[-1]
+    with open(newest, "r+b") as f:
+        f.truncate(10)  # cut inside its first batch, below what the checkpoint says was fsynced
+    cut = open_log(log_dir, segment_bytes=1024)
+    assert cut.log_end_offset == newest_base
+    assert cut.lost_durable_records is not None and cut.lost_durable_records[0] == newest_base
+    cut.close()
+
+
+def test_a_newest_segment_flushed_while_empty_is_still_covered_once_its_records_are_durable(log_dir: Path) -> None:
+    """A flush can run between a roll and the write it makes room for (flush() runs in another thread while the
+    owner appends): it saw the newest segment empty and checkpointed its base. Without a second checkpoint once
+    records land there, deleting that segment left a log ending exactly at the checkpoint, and the loss went
+    unseen (the deleted-files adversary's 60 acknowledged records)."""
+    log = written_in_segments(log_dir)
+    log._roll(T0)  # the roll of an append whose write has not happened yet
+    newest_base = log.segments[-1].base_offset
+    log.flush()
+    log.append(bytearray(make_batch(value_size=100, seed=98)), 5, T0)
+    log.flush()
+    end = log.log_end_offset
+    (log_dir / filenames.CLEAN_SHUTDOWN_FILE).touch()  # as if closed cleanly, without close()'s own checkpoint
+    log._close_files()
+    for path in log_dir.iterdir():
+        if path.stem == Path(filenames.log_file_name(newest_base)).stem:
+            path.unlink()
+    reopened = open_log(log_dir, segment_bytes=1024)
+    assert reopened.lost_durable_records == (newest_base, end)
+    reopened.close()
