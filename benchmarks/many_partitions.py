@@ -17,6 +17,8 @@ unless --raft-tick-ms), and measures four things:
    leader change (DescribeTopics, local_only: leader_since_ms, when its Metadata answers began to show the
    new leader). `failover_s` is the last of those moments among the partitions the killed broker led,
    `failover_elected_s` the last of the new leaders' own, `failover_p50_s` the median partition's;
+   `failover_writable_s` (and `_p50_s`) when the new leaders' first entries were on their disks, after which
+   they can acknowledge writes (their `leader in term` log lines: logged once that Ready is persisted);
 4. the survivors' CPU over `--seconds` after the failover (from 5 s after it, once the new leaders have
    settled), with the killed broker still down (groups whose follower is down must go quiet too).
 
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import resource
 import statistics
 import sys
@@ -104,6 +107,28 @@ def failover_moments(cluster: BenchCluster, survivors: list[int], topics: Sequen
             elected.append((seen[leader][1] - killed_ms) / 1000)
         agreed.append((last_ms - killed_ms) / 1000)
     return elected, agreed
+
+
+# A broker logs a new leadership once the Ready that made it is on its disk, the new term's first entry included:
+# from then on the partition can commit (acknowledge) writes. "<topic>-<p>: leader in term <T> (leader <N>)".
+LEADERSHIP_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) INFO logbroker\.replica: "
+                             r"(\S+): leader in term \d+ \(leader \d+\)$")
+
+
+def leaderships_durable(cluster: BenchCluster, survivors: list[int], killed_ms: float) -> dict[str, float]:
+    """From the survivors' logs: per Raft group that got a leader after the kill, when the leadership was on its
+    disk, in seconds after the kill (the last such line for the group)."""
+    durable: dict[str, float] = {}
+    for node in survivors:
+        text = (cluster.workdir / f"broker-{node}.log").read_text(errors="replace")
+        for line in text.splitlines():
+            match = LEADERSHIP_LINE.match(line)
+            if match is None:
+                continue
+            wall_s = time.mktime(time.strptime(match[1], "%Y-%m-%d %H:%M:%S")) + int(match[2]) / 1000
+            if wall_s * 1000 >= killed_ms:
+                durable[match[3]] = wall_s - killed_ms / 1000
+    return durable
 
 
 def controller_leader(cluster: BenchCluster, node: int) -> int:
@@ -265,8 +290,11 @@ def main() -> int:
                          args.poll_interval_ms / 1000)
         elected, agreed = failover_moments(cluster, survivors, topics, killed_ms)
         failover_s = max(agreed)
+        durable = [s for group, s in leaderships_durable(cluster, survivors, killed_ms).items()
+                   if not group.startswith("__")]
         print(f"every partition has a live leader {failover_s:.2f} s after the kill ({len(agreed)} changed "
-              f"leader; the last new leader won at {max(elected):.2f} s)", file=sys.stderr, flush=True)
+              f"leader; the last new leader won at {max(elected):.2f} s, and could acknowledge writes from "
+              f"{max(durable):.2f} s)", file=sys.stderr, flush=True)
         print(f"measuring the survivors' CPU over {args.seconds:.0f} s with broker {victim} down, after "
               f"{SETTLE_AFTER_FAILOVER_S:.0f} s for the new leaders to settle", file=sys.stderr, flush=True)
         time.sleep(SETTLE_AFTER_FAILOVER_S)
@@ -289,6 +317,8 @@ def main() -> int:
         "failover_s": rounded(failover_s, 2),
         "failover_elected_s": rounded(max(elected), 2),
         "failover_p50_s": rounded(statistics.median(agreed), 2),
+        "failover_writable_s": rounded(max(durable), 2),
+        "failover_writable_p50_s": rounded(statistics.median(durable), 2),
         "idle_cpu_percent_after_failover": cpu_after,
         "open_files_limit": soft_files,
     })

@@ -107,15 +107,14 @@ class Replica:
         self.state = state_file.load(membership)
         self._opened_without_its_log = plog.found_no_segments and self.state.term > 0
         # The end of what this replica's log once held, when it opened holding less (its newest segment files
-        # deleted or cut below what was fsynced, or below its saved commit offset) and its Raft state says it took
-        # part in the group: see lost_its_log.
+        # deleted, or cut below what was fsynced) and its Raft state says it took part in the group: see
+        # lost_its_log. Not a log cut at a damaged batch the replica found itself (ControllerClient.reopen, and the
+        # broker's reopen of a failed replica): it then votes as before, for a replica that holds more.
         self._held_up_to: int | None = None
         if plog.lost_durable_records is not None and self.state.term > 0:
             self._held_up_to = plog.lost_durable_records[1]
         finish_log_cut(plog, self.state.log_start_offset)
         log_last = plog.log_end_offset - 1
-        if self.state.commit_offset > log_last and self.state.term > 0:
-            self._held_up_to = max(self._held_up_to or 0, self.state.commit_offset + 1)
         if self.state.commit_offset > log_last:
             # Recovery cut the log below what was committed (a damaged or lost file): this replica has lost
             # committed records. Raft treats the commit offset as volatile, so restart from what is here; with
@@ -306,7 +305,9 @@ class Replica:
         replica holding nothing, it must catch up before it votes. (A replica new here has no saved term.) So must
         one whose log opened shorter than it once was (its newest segment files deleted, or cut below what was
         fsynced: PartitionLog.lost_durable_records) until it holds that much again: with another replica lacking
-        the same entries it could otherwise elect a leader without them."""
+        the same entries it could otherwise elect a leader without them. Each such wait costs availability when a
+        second replica of the group waits too (a majority of three then cannot vote): no leader until a replica
+        that kept its data returns."""
         last = self.node.log.last_offset
         return ((self._opened_without_its_log and last < 0)
                 or (self._held_up_to is not None and last < self._held_up_to - 1))
