@@ -142,8 +142,9 @@ class PartitionLog:
         if segments and recorded is not None and recorded > segments[-1].next_offset:
             self.lost_durable_records = (segments[-1].next_offset, recorded)
             logger.error("%s: the log ends at offset %d, below offset %d up to which it was once fsynced (the "
-                         "recovery checkpoint says so): its newest segment files were deleted or cut short",
-                         self.name, segments[-1].next_offset, recorded)
+                         "recovery checkpoint says so): its newest segment files were deleted or cut short. Records "
+                         "%d..%d are gone from this disk; a replicated partition fetches them again from its leader",
+                         self.name, segments[-1].next_offset, recorded, segments[-1].next_offset, recorded - 1)
         if created:
             segments = [LogSegment.create(self.directory, 0, self.config.index_interval_bytes, wall_clock_ms(),
                                           self.fs)]
