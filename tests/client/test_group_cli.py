@@ -57,6 +57,7 @@ def table(out: str, header: str) -> list[list[str]]:
     return rows
 
 
+@pytest.mark.slow  # 8 s: make test-slow; the README test runs the same story (resume, lag 0, reset) by default
 def test_a_group_resumes_where_it_left_off_shows_lag_0_and_replays_after_a_reset(
         capsys: pytest.CaptureFixture[str], bootstrap: str) -> None:
     orders(bootstrap, 12)

@@ -140,6 +140,7 @@ def measure(work: Callable[[str, str, float, AckedBytes], None], address: str) -
     return slow.rate_bytes_per_s(start, start + WINDOW_S), fast.rate_bytes_per_s(began, until)
 
 
+@pytest.mark.slow  # 9 s (it produces at a quota for seconds): make test-slow
 def test_a_client_id_with_a_quota_is_held_near_its_rate_while_another_is_not(tmp_path: Path) -> None:
     quota = f"slow:produce={QUOTA_BYTES_PER_S},fetch={QUOTA_BYTES_PER_S}"
     with broker_with(tmp_path, "--client-quota", quota) as broker:
