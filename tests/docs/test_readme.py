@@ -103,9 +103,13 @@ class DevCluster:
 
 
 def terminal_signals() -> None:
-    """In the child, before exec: Ctrl-C (SIGINT) and Ctrl-\\ (SIGQUIT) do what they do in a terminal."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+    """Ctrl-C (SIGINT) in the commands started from here does what it does in a terminal. A test run started as a
+    background job of a non-interactive shell inherits SIGINT ignored, and its children would too: Ctrl-C could
+    never stop them. A Python handler here (not an ignore) becomes the default action across their exec. Set in
+    this process, not in a preexec_fn: forking a process whose gRPC threads run and then running Python before
+    exec can deadlock the child (a README worker once hung that way, printing nothing)."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @dataclass
@@ -234,13 +238,10 @@ class Runner:
             stem = self.work / f"bg_{command.line}_{n}"
             out, err = stem.with_suffix(".out"), stem.with_suffix(".err")
             with open(out, "wb") as stdout, open(err, "wb") as stderr:
-                # Its own session: SIGINT to the group reaches the command as Ctrl-C in its terminal would. And
-                # SIGINT's default action, as in a terminal: a test run started as a background job of a
-                # non-interactive shell inherits SIGINT ignored, and then Ctrl-C could never stop the command.
+                # Its own session: SIGINT to the group reaches the command as Ctrl-C in its terminal would.
                 proc = subprocess.Popen(["bash", "-c", doc.rewrite_ports(command.text, self.base_port)],
                                         cwd=REPO_ROOT, env=self.env, stdout=stdout, stderr=stderr,
-                                        stdin=subprocess.DEVNULL, start_new_session=True,
-                                        preexec_fn=terminal_signals)
+                                        stdin=subprocess.DEVNULL, start_new_session=True)
             self.background.append(Background(command, proc, out, err))
 
     def background_lines(self) -> list[str]:
@@ -302,6 +303,7 @@ def test_every_readme_block_runs_as_written(dev_cluster: DevCluster, tmp_path: P
     blocks = doc.parse_blocks(README.read_text())
     env = {**os.environ, "CI": "true", "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
            "LOGBROKER_BOOTSTRAP": dev_cluster.bootstrap}
+    terminal_signals()
     runner = Runner(dev_cluster.base_port, tmp_path, env)
     doc.REPORT.append(f"README.md against `logbroker dev --base-port {dev_cluster.base_port}`:")
     try:
