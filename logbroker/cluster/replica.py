@@ -394,7 +394,7 @@ class Replica:
             if member == self.node_id or not is_alive(member):
                 continue
             progress = node.progress(member)
-            if progress is None or progress.match_offset != last or not progress.reported_caught_up:
+            if progress is None or progress.match_offset != last or self._follower_waits_to_catch_up(member):
                 # A follower waiting to catch up ends its wait only on a heartbeat (RaftNode._note_leader_commit): went
                 # quiet after one that was lost, the leader would leave it out of elections until the next write.
                 return False
