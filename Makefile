@@ -10,7 +10,8 @@ RUNTIME_SEEDS ?= $(shell expr $(SEEDS) / 10)
 
 .PHONY: install run test test-slow lint proto bench sim sim-runtime clean
 
-$(STAMP): pyproject.toml client/logbroker_client/_recordcodec.c client/logbroker_client/_recordwalk.c
+$(STAMP): pyproject.toml client/logbroker_client/_recordcodec.c client/logbroker_client/_recordwalk.c \
+		logbroker/storage/_fsyncthreads.c
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'

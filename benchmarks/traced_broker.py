@@ -105,6 +105,7 @@ def wrap_replica(trace: Trace) -> None:
     replica = replica_module.Replica
     propose, handle, send = replica.propose, replica._handle, replica._send
     persist, write_and_fsync = replica._persist, replica._write_and_fsync
+    write_then_sync, end_flush = replica._write_then_sync, replica._end_flush
     step, apply = replica.step, replica._apply
     persisting: dict[int, tuple[int, int]] = {}  # id(replica) -> offsets its pool trip writes (one at a time)
 
@@ -151,6 +152,19 @@ def wrap_replica(trace: Trace) -> None:
         if offsets is not None:
             trace.add("fsync_end", 0, *offsets)
 
+    async def traced_write_then_sync(self: Any, data: Any, timestamp_ms: int) -> None:
+        # The same two stages when a small append is written on the loop and fsynced by the native threads.
+        offsets = persisting.get(id(self))
+        if offsets is not None:
+            trace.add("write_start", 0, *offsets)
+        await write_then_sync(self, data, timestamp_ms)
+
+    def traced_end_flush(self: Any, pending: Any, error: Any) -> None:
+        offsets = persisting.get(id(self))
+        if offsets is not None:
+            trace.add("fsync_end", 0, *offsets)
+        end_flush(self, pending, error)
+
     def traced_step(self: Any, message: Message, kick: bool = True) -> None:
         if trace.traced(self.group):
             event = message_event(message, "stepped")
@@ -165,6 +179,7 @@ def wrap_replica(trace: Trace) -> None:
 
     for name, wrapper in (("propose", traced_propose), ("_handle", traced_handle), ("_send", traced_send),
                           ("_persist", traced_persist), ("_write_and_fsync", traced_write_and_fsync),
+                          ("_write_then_sync", traced_write_then_sync), ("_end_flush", traced_end_flush),
                           ("step", traced_step), ("_apply", traced_apply)):
         setattr(replica, name, functools.wraps(getattr(replica, name))(wrapper))
 

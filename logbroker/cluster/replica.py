@@ -5,8 +5,9 @@ The node is pure; this class does its I/O, following the Ready contract (docs/ra
 2. persist: reset and truncate on the event loop thread; append in the thread pool, in chunks, since a
    write blocks while the kernel writes back; then one fsync of the log and, when term or vote changed,
    of the state file, in the same trip to the pool as the last chunk's write (a Ready that only moves a
-   partition's volatile commit offset skips the pool); a failed fsync cuts the log back to what is durable
-   at once (PartitionLog.forget_unsynced);
+   partition's volatile commit offset skips the pool). A small append with no state to save is written on
+   the loop instead and fsynced by the broker's native fsync threads (_write_then_sync). A failed fsync
+   cuts the log back to what is durable at once (PartitionLog.forget_unsynced);
 3. send the messages that wait for the persist (acknowledgements, votes), then report the log durable;
 4. apply committed entries (advance the high watermark, or the controller's state machine);
 5. advance().
@@ -44,7 +45,8 @@ from logbroker.raft.membership import Membership
 from logbroker.raft.node import RaftNode
 from logbroker.raft.types import Entry, EntryKind, Message, MessageType, RaftConfig, Ready, Role
 from logbroker.storage.errors import StorageError
-from logbroker.storage.log import PartitionLog
+from logbroker.storage.fsync_threads import Syncer
+from logbroker.storage.log import PartitionLog, PendingFlush
 
 log = logging.getLogger("logbroker.replica")
 
@@ -52,6 +54,10 @@ QUIESCE_AFTER_TICKS = 4
 # Appends are written in chunks of this size: the copy of the batches never exceeds it, and a closing
 # replica waits for at most one chunk.
 APPEND_CHUNK_BYTES = 4 << 20
+# A Ready's append up to this size is written on the event loop when the broker has native fsync threads: a
+# lone record's write into the page cache takes microseconds, and a trip to the pool much longer. Bigger ones
+# go to the pool, where a write stalled by the kernel's write-back cannot hold up the loop.
+LOOP_WRITE_MAX_BYTES = 64 << 10
 
 
 class StateMachine(Protocol):
@@ -92,13 +98,15 @@ class Replica:
         rng: random.Random | None = None,
         state_executor: Executor | None = None,
         persist_queue: PersistQueue | None = None,
+        syncer: Syncer | None = None,
     ) -> None:
         """transport, executor (the blocking appends and fsyncs run there), clock_ms (wall-clock milliseconds for
         the timestamps of the batches it writes) and rng (the node's election timeouts) are what a simulation
         replaces (tests/raft/runtime_sim); the file layer comes with plog and state_file. state_executor runs
         the state log's shared fdatasyncs (GroupStateFile.save_soon); executor unless given. persist_queue, shared
         by a broker's replicas, carries each Ready's write and fsync to executor (several in one trip when they
-        queue); one of this replica's own unless given."""
+        queue); one of this replica's own unless given. syncer (the broker's native fsync threads) fsyncs a small
+        Ready's entries once written on the event loop: see _write_then_sync."""
         self.group = group  # the Raft group's key on the wire
         self.name = name or group  # what logs and errors call it: topic-partition
         self.node_id = raft_config.node_id
@@ -133,6 +141,7 @@ class Replica:
         self._executor = executor
         self._persist_queue = persist_queue or PersistQueue(executor, max_jobs=1)
         self._state_executor = state_executor or executor
+        self._syncer = syncer if syncer is not None and syncer.supports(plog.fs) else None
         # The broker's shared state log saves from the loop (GroupStateFile.save_soon); a file of its own cannot.
         self._save_state_soon = getattr(state_file, "save_soon", None)
         self._on_commit = on_commit
@@ -659,8 +668,12 @@ class Replica:
             # kept the freed chunks (measured: tens of MB more RSS on an idle broker).
             await loop.run_in_executor(self._executor, self._write, entries_to_batches(chunk, timestamp_ms),
                                        timestamp_ms)
-        await self._persist_queue.run(self._write_and_fsync, entries_to_batches(chunks[-1], timestamp_ms),
-                                      timestamp_ms, state)
+        data = entries_to_batches(chunks[-1], timestamp_ms)
+        if self._syncer is not None and state is None and len(chunks) == 1 and len(data) <= LOOP_WRITE_MAX_BYTES:
+            await self._write_then_sync(data, timestamp_ms)
+        else:
+            await self._persist_queue.run(self._write_and_fsync, data, timestamp_ms, state)
+        del data
         # Read back soon on a leader (to replicate) and on every replica (committed entries are handed to be
         # applied): from the cache, not the disk (a follower re-read and re-parsed each batch it had written).
         self._storage.remember(entries)
@@ -679,6 +692,34 @@ class Replica:
             except StorageError:
                 self._forget_unsynced()  # sealing a full segment fsyncs it, and that may have failed
                 raise
+
+    async def _write_then_sync(self, data: bytearray, timestamp_ms: int) -> None:
+        """A small Ready's entries written here on the event loop (into the page cache: microseconds), then
+        fsynced by the broker's native fsync threads while the loop goes on. A trip to the Python pool cost the
+        three brokers of a replicated write half a core at 2,000 records/s (benchmarks.latency_floor), more than
+        the fsyncs themselves; these threads take no GIL. Big writes still go to the pool (_append says why)."""
+        self._write(data, timestamp_ms)
+        if self.log.config.flush != "always":
+            return  # durable once written, as _fsync says
+        pending = self.log.begin_flush()
+        if pending is None:  # the log owes a new partition's deferred syncs first: flush() in the pool does all
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._fsync, None)
+            return
+        error: OSError | None = None
+        if pending.fd is not None:
+            assert self._syncer is not None
+            try:
+                await self._syncer.fdatasync(self.log.fs, pending.fd)
+            except OSError as exc:
+                error = exc
+        self._end_flush(pending, error)
+
+    def _end_flush(self, pending: PendingFlush, error: OSError | None) -> None:
+        try:
+            self.log.end_flush(pending, error)
+        except StorageError:
+            self._forget_unsynced()
+            raise
 
     def _write_and_fsync(self, data: bytearray, timestamp_ms: int, state: ReplicaState | None) -> None:
         """In the thread pool: a Ready's last (usually only) write, then its fsync (the runtime simulation

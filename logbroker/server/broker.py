@@ -42,6 +42,7 @@ from logbroker.server.quotas import Backpressure, DiskGuard, quotas_from
 from logbroker.server.replica_manager import ReplicaManager
 from logbroker.server.share_groups import ShareGroups
 from logbroker.server.topic_admin import TopicAdmin
+from logbroker.storage.fsync_threads import FsyncThreads
 
 log = logging.getLogger("logbroker.broker")
 
@@ -68,6 +69,8 @@ class Broker:
             mark_metadata_catch_up(self.data_dir)
         self.disk_id = load_or_create_disk_id(self.data_dir)  # before anything else is written here
         self.executor = ThreadPoolExecutor(max_workers=config.flush_threads, thread_name_prefix="flush")
+        # Small appends' fsyncs, in native threads that take no GIL (None where the C extension was not built).
+        self.fsync_threads = FsyncThreads.start(config.flush_threads) if config.native_fsync else None
         self.cluster = ClusterState()
         self.liveness = Liveness(self.node_id, list(self.peers), config.liveness_timeout_ticks)
         self.controller: Replica | None = None  # this broker's replica of the metadata log, once open
@@ -111,4 +114,6 @@ class Broker:
         await self.transport.stop()
         self.replicas.close_all()
         self.executor.shutdown(wait=True)
+        if self.fsync_threads is not None:
+            self.fsync_threads.close()
         log.info("broker %d closed every partition cleanly", self.node_id)

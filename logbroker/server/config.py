@@ -90,6 +90,9 @@ class BrokerConfig:
     leader_balance_interval_ms: int = DEFAULT_LEADER_BALANCE_INTERVAL_MS
     shutdown_grace_ms: int = DEFAULT_SHUTDOWN_GRACE_MS
     flush_threads: int = DEFAULT_FLUSH_THREADS
+    # Small appends' fsyncs in native threads (storage/fsync_threads.py) when the C extension was built; false:
+    # every write and fsync in the Python flush pool, as brokers without the extension do.
+    native_fsync: bool = True
     # The brokers of the cluster, node id -> HOST:PORT, this one included; empty means a cluster of one.
     peers: dict[int, str] = field(default_factory=dict)
     # The Raft port, for the other brokers only (cluster/raft_wire.py): HOST:PORT, by default the --listen host
@@ -238,6 +241,8 @@ class BrokerConfig:
                      "offsets_retention_minutes", "offsets_snapshot_trigger_bytes", "offsets_segment_bytes"):
             if getattr(self, name) < 1:
                 raise BrokerConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not isinstance(self.native_fsync, bool):
+            raise BrokerConfigError(f"native_fsync must be true or false, got {self.native_fsync!r}")
         self._check_backpressure()
         return self
 

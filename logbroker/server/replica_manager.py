@@ -180,7 +180,8 @@ class ReplicaManager:
                           on_commit, self._on_leader_change, applied_offset=applied_offset if controller else None,
                           persist_commit=controller, name=plog.directory.name, on_failure=self._on_replica_failed,
                           cache=self._recent_entries, state_executor=self._state_sync_executor,
-                          persist_queue=None if controller else self._persist_queue)
+                          persist_queue=None if controller else self._persist_queue,
+                          syncer=None if controller else broker.fsync_threads)
         self._replicas[group] = replica
         replica.on_wake = self._note_awake
         self._awake[replica] = None

@@ -36,7 +36,7 @@ from logbroker.storage.errors import (
 from logbroker.storage.files import OS_FILES, FileSystem, fsync_dir, write_file_atomically
 from logbroker.storage.leader_epochs import LeaderEpochCache
 from logbroker.storage.recovery import RecoveryReport, recover_segment
-from logbroker.storage.segment import BatchInfo, LogSegment, LogSegmentBrokenError
+from logbroker.storage.segment import BatchInfo, LogSegment, LogSegmentBrokenError, UnsyncedLog
 
 logger = logging.getLogger("logbroker.storage")
 
@@ -56,6 +56,16 @@ class CompactionResult(NamedTuple):
     segments_rewritten: int
     records_removed: int
     bytes_removed: int
+
+
+class PendingFlush(NamedTuple):
+    """A flush between begin_flush and end_flush."""
+
+    segment: LogSegment
+    unsynced: UnsyncedLog | None
+    fd: int | None  # the descriptor to fsync (in the log's FileSystem), or None: nothing to fsync
+    target: int  # the log end when it began: every offset below it is durable once the fsync succeeds
+    started_s: float
 
 
 class AppendResult(NamedTuple):
@@ -672,16 +682,51 @@ class PartitionLog:
                 # leave behind. Its indexes are left out: after a crash the loader rebuilds the active segment's.
                 # (This ran over every segment on each flush: Python work per write growing with the log.)
                 self._segments[-1].flush(indexes=False)
-                if target > self._durable_offset:
-                    self._durable_offset = target
-                    if self._checkpoint_is_behind():
-                        self._write_checkpoint(durable=False)
-                    if self.flush_observer is not None:
-                        self.flush_observer(time.perf_counter() - started)
+                self._flushed_to(target, started)
             except OSError as exc:
                 self._fsync_failed()
                 raise self._io_error("flushing", exc) from exc
             return self._durable_offset
+
+    def begin_flush(self) -> PendingFlush | None:
+        """flush() in two halves, for an fsync of the active segment's file that runs elsewhere (Replica hands it
+        to the broker's native fsync threads: its event loop goes on meanwhile, and no Python thread takes the
+        GIL for it). Returns what to fsync (pending.fd; None if nothing is unsynced), or None when flush() must
+        run whole: a new partition's deferred syncs are owed first, or the log is closed. The owner appends
+        nothing to this log until end_flush, which must follow whatever the fsync did."""
+        with self._lock:
+            if self._closed or self._first_flush_syncs:
+                return None
+            segment = self._segments[-1]
+            unsynced = segment.begin_sync()
+            return PendingFlush(segment, unsynced, segment.fd if unsynced is not None else None,
+                                self._next_offset, time.perf_counter())
+
+    def end_flush(self, pending: PendingFlush, error: OSError | None) -> int:
+        """The second half: the fsync of pending.fd returned (error if it failed). Returns the durable offset,
+        or raises StorageError as flush() does."""
+        with self._lock:
+            if self._closed:  # its files are closed: nothing to write again after a failure, nothing to record
+                raise LogClosedError(f"{self.name}: the log was closed during its flush")
+            try:
+                if pending.unsynced is not None:
+                    pending.segment.end_sync(pending.unsynced, error)
+                if error is not None:
+                    raise error
+                self._flushed_to(pending.target, pending.started_s)
+            except OSError as exc:
+                self._fsync_failed()
+                raise self._io_error("flushing", exc) from exc
+            return self._durable_offset
+
+    def _flushed_to(self, target: int, started_s: float) -> None:
+        """Under the lock: every offset below target is fsynced now."""
+        if target > self._durable_offset:
+            self._durable_offset = target
+            if self._checkpoint_is_behind():
+                self._write_checkpoint(durable=False)
+            if self.flush_observer is not None:
+                self.flush_observer(time.perf_counter() - started_s)
 
     def sync_at_first_flush(self, sync: Callable[[], None]) -> None:
         """Run sync (an fsync of a file or directory this partition's creation left unsynced) in the next

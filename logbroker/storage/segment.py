@@ -48,6 +48,14 @@ class BatchInfo(NamedTuple):
     size: int
 
 
+class UnsyncedLog(NamedTuple):
+    """What one fsync of a segment's log file covers: its size when the fsync began, and whether a cut since the
+    last one is among what it makes durable."""
+
+    size: int
+    cut: bool
+
+
 class _IndexState(NamedTuple):
     offset_entries: int
     time_entries: int
@@ -551,20 +559,41 @@ class LogSegment:
         trusted only once a later one starts at or below the checkpoint), so its index files need no fsync
         until the segment is sealed or the log closed. Each one cost an fsync per index file every few flushes
         (1.5 fsyncs per acks=all write on average, measured with strace)."""
-        size = self._size
-        if size != self._flushed_size or self._cut_unsynced:
-            cut = self._cut_unsynced
-            self._cut_unsynced = False
+        unsynced = self.begin_sync()
+        if unsynced is not None:
             try:
                 self.fs.fsync(self._fd)
-            except OSError:
-                self._cut_unsynced = self._cut_unsynced or cut
-                self._redirty(self._flushed_size, size)
+            except OSError as exc:
+                self.end_sync(unsynced, exc)
                 raise
         if indexes:
             self.offset_index.sync()
             self.time_index.sync()
-        self._flushed_size = max(self._flushed_size, size)
+        if unsynced is not None:
+            self.end_sync(unsynced, None)
+
+    def begin_sync(self) -> UnsyncedLog | None:
+        """The first half of a flush of the log file alone, for an fsync of self.fd that runs elsewhere (the
+        broker's native fsync threads): what it will cover, or None when every byte is fsynced already."""
+        if self._size == self._flushed_size and not self._cut_unsynced:
+            return None
+        unsynced = UnsyncedLog(self._size, self._cut_unsynced)
+        self._cut_unsynced = False
+        return unsynced
+
+    def end_sync(self, unsynced: UnsyncedLog, error: OSError | None) -> None:
+        """The second half, once that fsync returned (error: it failed, and the bytes are written again so that
+        the next one does not take dropped pages for synced ones)."""
+        if error is not None:
+            self._cut_unsynced = self._cut_unsynced or unsynced.cut
+            self._redirty(self._flushed_size, unsynced.size)
+            return
+        self._flushed_size = max(self._flushed_size, unsynced.size)
+
+    @property
+    def fd(self) -> int:
+        """The log file's descriptor (in the segment's FileSystem)."""
+        return self._fd
 
     def _redirty(self, start: int, end: int) -> None:
         """After a failed fsync, write bytes start..end again, the same bytes the page cache shows. Linux marks

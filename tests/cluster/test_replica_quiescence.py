@@ -23,6 +23,7 @@ from logbroker.raft.membership import Membership
 from logbroker.raft.types import Entry, Message, MessageType, RaftConfig, Role
 from logbroker.server.config import DEFAULT_RAFT_HEARTBEAT_TICKS
 from logbroker.storage.config import LogConfig
+from logbroker.storage.fsync_threads import Syncer
 from logbroker.storage.log import PartitionLog
 
 GROUP = "calm-0"
@@ -73,20 +74,21 @@ class _Sender:
 
 
 def open_replicas(root: Path, network: Network, executor: ThreadPoolExecutor, log_config: LogConfig | None = None,
-                  **raft: Any) -> dict[int, Replica]:
+                  syncer: Syncer | None = None, **raft: Any) -> dict[int, Replica]:
     for node in NODES:
-        open_replica(root, network, executor, node, log_config, **raft)
+        open_replica(root, network, executor, node, log_config, syncer, **raft)
     return network.replicas
 
 
 def open_replica(root: Path, network: Network, executor: ThreadPoolExecutor, node: int,
-                 log_config: LogConfig | None = None, **raft: Any) -> Replica:
-    """Node ``node``'s replica from what its directory holds (``raft``: RaftConfig fields to override)."""
+                 log_config: LogConfig | None = None, syncer: Syncer | None = None, **raft: Any) -> Replica:
+    """Node ``node``'s replica from what its directory holds (``raft``: RaftConfig fields to override; syncer: the
+    broker's native fsync threads, or a stand-in)."""
     directory = root / f"broker-{node}" / GROUP
     plog = PartitionLog.open(directory, log_config or LogConfig(), "calm", 0)
     replica = Replica(GROUP, plog, ReplicaStateFile(directory / "raft.state"), Membership.of(NODES),
                       RaftConfig(node_id=node, heartbeat_timeout_ticks=DEFAULT_RAFT_HEARTBEAT_TICKS, **raft),
-                      network.sender(), executor, on_commit=lambda r, e: None)
+                      network.sender(), executor, on_commit=lambda r, e: None, syncer=syncer)
     network.replicas[node] = replica
     return replica
 

@@ -25,7 +25,7 @@ BLOCKS = 4
 # needs a failed fsync, then a crash, then its replica's vote or acknowledgement to matter: since busy leaders
 # send their heartbeats (fewer groups elect again), 3 s seeds caught it first at seed 62 (8 before), 6 s ones at 19.
 MUTANT_BUDGETS = {"answer-before-fsync": (40, 1.5), "release-before-fsync": (150, 1.5),
-                  "trust-cache-after-failed-fsync": (60, 6.0)}
+                  "trust-cache-after-failed-fsync": (60, 6.0), "synced-before-fsync-returns": (40, 1.5)}
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -78,7 +78,9 @@ def test_the_simulation_injects_every_kind_of_fault() -> None:
               "disk_full", "fsync_errors", "retention", "transfer"}
     # ... and they took effect: replicas stopped on disk errors and came back, segments were deleted, lagging
     # followers were sent log resets, power cuts tore unsynced writes.
-    effects = {"replica_failed", "replica_reopened", "segments_deleted", "reset_log", "timeout_now"}
+    # The split fsync path (Replica._write_then_sync) ran, and met failed fsyncs.
+    effects = {"replica_failed", "replica_reopened", "segments_deleted", "reset_log", "timeout_now",
+               "split_fsync", "split_fsync_failed"}
     for seed in range(SEEDS_TO_SEE_EVERY_FAULT):
         simulation = RuntimeSimulation(seed, chaos_s=1.5)
         run_quietly(simulation)

@@ -45,8 +45,8 @@ from logbroker.raft.membership import Membership
 from logbroker.raft.types import Entry, EntryKind, Message, MessageType, RaftConfig, Ready
 from logbroker.storage.config import LogConfig
 from logbroker.storage.errors import StorageError
-from logbroker.storage.files import probe_write
-from logbroker.storage.log import PartitionLog
+from logbroker.storage.files import FileSystem, probe_write
+from logbroker.storage.log import PartitionLog, PendingFlush
 from tests.raft.runtime_sim.disk import SimDisk
 from tests.raft.runtime_sim.loop import Job, SimEventLoop, SimExecutor
 from tests.raft.sim.checkers import Checkers, InvariantViolation
@@ -140,6 +140,21 @@ class SimNode:
     hw_at_crash: int = 0
 
 
+class SimSyncer:
+    """The broker's native fsync threads, simulated: each fsync a job of the node's executor, so it takes a
+    virtual fsync's time, meets the disk's faults, and is lost with the node's other jobs in a crash."""
+
+    def __init__(self, executor: SimExecutor) -> None:
+        self._executor = executor
+
+    @staticmethod
+    def supports(fs: FileSystem) -> bool:
+        return True
+
+    def fdatasync(self, fs: FileSystem, fd: int) -> asyncio.Future[None]:
+        return asyncio.get_running_loop().run_in_executor(self._executor, fs.fsync, fd)
+
+
 @dataclass
 class RuntimeResult:
     seed: int
@@ -160,6 +175,10 @@ class ObservedReplica(Replica):
         await super()._handle(ready)
         self.sim.after_ready(self, ready)
 
+    def _end_flush(self, pending: PendingFlush, error: OSError | None) -> None:
+        self.sim.stats["split_fsync_failed" if error is not None else "split_fsync"] += 1
+        super()._end_flush(pending, error)
+
 
 def canonical(entry: Entry) -> Entry:
     """The entry as the partition log holds it: a DATA batch with its offset and epoch stamped (a proposal's
@@ -176,6 +195,10 @@ class RuntimeSimulation:
                  profile: RuntimeProfile | None = None) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
+        # Half the seeds give replicas the broker's other fsync path: small appends written on the loop and their
+        # fsync run apart (Replica._write_then_sync). Drawn from a generator of its own, so each seed's run
+        # otherwise stays what it was before this path existed.
+        self.split_fsync = random.Random(f"split-fsync-{seed}").random() < 0.5
         self.profile = profile if profile is not None else RuntimeProfile.draw(self.rng)
         self.chaos_s = chaos_s
         self.replica_class = type("SimReplica", (replica_class,), {"sim": self})
@@ -299,6 +322,7 @@ class RuntimeSimulation:
                 on_commit=self._on_commit, on_failure=self._on_failure, name=f"node-{sim_node.node_id}",
                 clock_ms=self._clock_ms,
                 rng=random.Random(self.seed * 7919 + sim_node.node_id * 104729 + sim_node.incarnation),
+                syncer=SimSyncer(sim_node.executor) if self.split_fsync else None,
             )
         except (StorageError, OSError, ValueError) as exc:
             if not (sim_node.disk.full or sim_node.disk.fsync_error_rate) or isinstance(exc, ValueError):
@@ -330,7 +354,7 @@ class RuntimeSimulation:
         write_s, fsync_s = self.profile.write_latency_s, self.profile.fsync_latency_s
 
         def latency(fn: Callable[..., Any]) -> float:
-            slow = fsync_s if getattr(fn, "__name__", "") == "_fsync" else write_s
+            slow = fsync_s if getattr(fn, "__name__", "") in ("_fsync", "fsync") else write_s
             return rng.uniform(0.2 * slow, slow)
         return latency
 

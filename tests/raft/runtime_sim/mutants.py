@@ -36,9 +36,16 @@ class TrustCacheAfterFailedFsync(ObservedReplica):
     a power cut later takes entries it acknowledged since."""
 
     def _fsync(self, state):  # type: ignore[no-untyped-def]
+        self._never_redirty()
+        super()._fsync(state)
+
+    def _end_flush(self, pending, error):  # type: ignore[no-untyped-def]
+        self._never_redirty()  # the same on the split path (an fsync run apart from its write)
+        super()._end_flush(pending, error)
+
+    def _never_redirty(self) -> None:
         for segment in self.log.segments:  # nor write the bytes again, so the next fsync would persist them
             segment._redirty = lambda start, end: None  # type: ignore[method-assign]
-        super()._fsync(state)
 
     def _forget_unsynced(self) -> None:
         """The mutation: no cut, so the dropped pages stay in the log and reads still show them."""
@@ -49,8 +56,24 @@ class TrustCacheAfterFailedFsync(ObservedReplica):
             self.damaged_from = None
 
 
+class SyncedBeforeFsyncReturns(ObservedReplica):
+    """On the split path (a small append written on the loop, its fsync run apart), counts the log durable as
+    soon as the fsync is asked for, before it returned: the replica answers for entries a power cut can still
+    take away. (Seeds that do not give replicas that path run this replica unchanged.)"""
+
+    async def _write_then_sync(self, data, timestamp_ms):  # type: ignore[no-untyped-def]
+        self._write(data, timestamp_ms)
+        pending = self.log.begin_flush()
+        if pending is None or pending.fd is None or self._syncer is None:
+            return
+        fsync = self._syncer.fdatasync(self.log.fs, pending.fd)
+        self._end_flush(pending, None)  # the mutation: before the fsync's outcome is known
+        await fsync
+
+
 MUTANTS: dict[str, type[ObservedReplica]] = {
     "answer-before-fsync": AnswerBeforeFsync,
     "release-before-fsync": ReleaseBeforeFsync,
     "trust-cache-after-failed-fsync": TrustCacheAfterFailedFsync,
+    "synced-before-fsync-returns": SyncedBeforeFsyncReturns,
 }

@@ -1,0 +1,144 @@
+"""A replica whose small appends are written on the event loop and fsynced apart (Replica._write_then_sync, the
+broker's native fsync threads): it acknowledges nothing before that fsync returned, a failed one stops it as a
+failed pool fsync does, and with the real threads a group commits and keeps every entry.
+
+Three production Replicas on one event loop (the harness of test_replica_quiescence)."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from logbroker.raft.types import Role
+from logbroker.storage import fsync_threads
+from logbroker.storage.files import OS_FILES, FileSystem
+from logbroker.storage.log import PartitionLog
+from tests.cluster.test_replica_quiescence import GROUP, Network, open_replicas, until, write_one
+
+
+class HeldSyncer:
+    """Fsyncs that wait until the test lets them run (then really run, on the loop), counted per descriptor."""
+
+    def __init__(self) -> None:
+        self.held: list[tuple[int, asyncio.Future[None]]] = []
+        self.failing = False
+
+    @staticmethod
+    def supports(fs: FileSystem) -> bool:
+        return fs is OS_FILES
+
+    def fdatasync(self, fs: FileSystem, fd: int) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.held.append((fd, future))
+        return future
+
+    def release(self) -> int:
+        released = 0
+        for fd, future in self.held:
+            if future.done():
+                continue
+            if self.failing:
+                future.set_exception(OSError(errno.EIO, "fdatasync failed: Input/output error"))
+            else:
+                OS_FILES.fsync(fd)
+                future.set_result(None)
+            released += 1
+        self.held.clear()
+        return released
+
+
+async def elected(tmp_path: Path, executor: ThreadPoolExecutor, syncer: object) -> tuple[Network, dict]:
+    network = Network()
+    replicas = open_replicas(tmp_path, network, executor, syncer=syncer)  # type: ignore[arg-type]
+    replicas[1].campaign_now()
+    await until(network, lambda: replicas[1].node.role is Role.LEADER, "node 1 to lead")
+    await until(network, lambda: all(r.node.leader_id == 1 for r in replicas.values()), "every replica's leader")
+    return network, replicas
+
+
+def test_nothing_is_acknowledged_before_the_split_fsync_returned(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        syncer = HeldSyncer()
+        with ThreadPoolExecutor(2) as executor:
+            network, replicas = await elected(tmp_path, executor, syncer)
+            try:
+                syncer.release()
+                first = write_one(replicas[1], b"first")  # the first flush of each log pays its directory's sync
+                await until(network, lambda: syncer.release() >= 0 and replicas[1].high_watermark > first.last_offset,
+                            "the first write to commit")
+                entry = write_one(replicas[1], b"held at the fsync")
+                durable = replicas[1].wait_durable(entry.last_offset)
+                committed = replicas[1].wait_committed(entry.last_offset)
+                await until(network, lambda: len(syncer.held) == 3, "every replica to ask for its fsync")
+                for _ in range(20):
+                    network.deliver()
+                    await asyncio.sleep(0.001)
+                assert not durable.done() and not committed.done()  # written everywhere, durable nowhere
+                assert all(r.durable_offset <= entry.last_offset for r in replicas.values())
+                assert syncer.release() == 3
+                await until(network, committed.done, "the write to commit once its fsyncs returned")
+                assert durable.done() and committed.exception() is None
+            finally:
+                for replica in replicas.values():
+                    replica.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_split_fsync_stops_the_replica_and_its_reopen_cuts_what_was_not_durable(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        syncer = HeldSyncer()
+        with ThreadPoolExecutor(2) as executor:
+            network, replicas = await elected(tmp_path, executor, syncer)
+            try:
+                first = write_one(replicas[1], b"durable")
+                await until(network, lambda: syncer.release() >= 0 and all(
+                    r.durable_offset > first.last_offset for r in replicas.values()), "the first write on every disk")
+                entry = write_one(replicas[1], b"its fsync fails")
+                await until(network, lambda: len(syncer.held) == 3, "every replica to ask for its fsync")
+                syncer.failing = True
+                syncer.release()
+                await until(network, lambda: all(r.closed for r in replicas.values()), "every replica to stop")
+                for replica in replicas.values():
+                    assert replica.damaged_from == entry.base_offset, (replica.node_id, replica.damaged_from)
+                    assert "fdatasync failed" in str(replica.failure)
+                    assert replica.log.log_end_offset == entry.base_offset  # cut at once (forget_unsynced)
+            finally:
+                for replica in replicas.values():
+                    replica.close()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.skipif(fsync_threads._NativeThreads is None,
+                    reason="the native fsync threads were not built (no C compiler at install)")
+def test_a_group_on_the_native_fsync_threads_commits_and_keeps_every_entry(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        syncer = fsync_threads.FsyncThreads.start(2)
+        assert syncer is not None
+        with ThreadPoolExecutor(2) as executor:
+            network, replicas = await elected(tmp_path, executor, syncer)
+            try:
+                entries = []
+                for i in range(50):
+                    entries.append(write_one(replicas[1], f"record {i}".encode()))
+                    if i % 7 == 0:  # some alone, some sharing a Ready
+                        await until(network, lambda: replicas[1].high_watermark > entries[-1].last_offset,
+                                    f"record {i} to commit")
+                last = entries[-1].last_offset
+                await until(network, lambda: all(r.durable_offset > last for r in replicas.values()),
+                            "every record on every disk")
+            finally:
+                for replica in replicas.values():
+                    replica.close()
+                syncer.close()
+        for node in (1, 2, 3):
+            reopened = PartitionLog.open(tmp_path / f"broker-{node}" / GROUP, replicas[1].log.config, "calm", 0)
+            assert reopened.log_end_offset > last
+            reopened.close()
+
+    asyncio.run(scenario())
