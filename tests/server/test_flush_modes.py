@@ -4,24 +4,32 @@ from __future__ import annotations
 
 from logbroker_client import Admin, Producer
 
+from logbroker.storage.log import PendingFlush
 from tests.support.brokers import InProcessBroker, wait_until
 
 WRITES = 20
 
 
 def count_flushes(broker: InProcessBroker, topic: str) -> list[int]:
-    """Wrap the partition log's flush so the test can count fsyncs."""
+    """Wrap the partition log's flush (in the pool) and end_flush (the second half of a flush whose fsync ran in
+    the native fsync threads) so the test can count fsyncs."""
     assert broker.server is not None
     replica = broker.server.broker.replicas.replica(topic, 0)
     assert replica is not None
     calls = [0]
-    real_flush = replica.log.flush
+    log = replica.log
+    real_flush, real_end_flush = log.flush, log.end_flush
 
     def counted() -> int:
         calls[0] += 1
         return real_flush()
 
-    replica.log.flush = counted  # type: ignore[method-assign]
+    def counted_end(pending: PendingFlush, error: OSError | None) -> int:
+        calls[0] += 1
+        return real_end_flush(pending, error)
+
+    log.flush = counted  # type: ignore[method-assign]
+    log.end_flush = counted_end  # type: ignore[method-assign]
     return calls
 
 
