@@ -669,7 +669,7 @@ class Replica:
             await loop.run_in_executor(self._executor, self._write, entries_to_batches(chunk, timestamp_ms),
                                        timestamp_ms)
         data = entries_to_batches(chunks[-1], timestamp_ms)
-        if self._syncer is not None and state is None and len(chunks) == 1 and len(data) <= LOOP_WRITE_MAX_BYTES:
+        if self._writes_on_loop(data, entries[-1].last_offset, timestamp_ms, state, len(chunks)):
             await self._write_then_sync(data, timestamp_ms)
         else:
             await self._persist_queue.run(self._write_and_fsync, data, timestamp_ms, state)
@@ -692,6 +692,13 @@ class Replica:
             except StorageError:
                 self._forget_unsynced()  # sealing a full segment fsyncs it, and that may have failed
                 raise
+
+    def _writes_on_loop(self, data: bytearray, last_offset: int, timestamp_ms: int, state: ReplicaState | None,
+                        chunks: int) -> bool:
+        """Whether a Ready's append goes the split way (_write_then_sync): small, alone, no term or vote to save
+        with it, and no roll (which would seal, i.e. fsync, the active segment on the loop)."""
+        return (self._syncer is not None and state is None and chunks == 1 and len(data) <= LOOP_WRITE_MAX_BYTES
+                and not self.log.would_roll(len(data), last_offset, timestamp_ms))
 
     async def _write_then_sync(self, data: bytearray, timestamp_ms: int) -> None:
         """A small Ready's entries written here on the event loop (into the page cache: microseconds), then

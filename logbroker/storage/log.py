@@ -562,6 +562,11 @@ class PartitionLog:
         self._next_offset = next_offset  # last: a flusher thread must never see an offset before its bytes
         return AppendResult(first, next_offset - 1, max_timestamp, position)
 
+    def would_roll(self, size: int, last_offset: int, now_ms: int) -> bool:
+        """Whether an append of size bytes ending at last_offset rolls a new segment first: it would seal (fsync)
+        the active segment and create files, which Replica keeps off its event loop."""
+        return self._should_roll(self._segments[-1], size, last_offset, now_ms)
+
     def _should_roll(self, segment: LogSegment, size: int, last_offset: int, now_ms: int) -> bool:
         if segment.is_empty:
             return False

@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
 from logbroker.raft.types import Role
 from logbroker.storage import fsync_threads
+from logbroker.storage.config import LogConfig
 from logbroker.storage.files import OS_FILES, FileSystem
 from logbroker.storage.log import PartitionLog
+from logbroker.storage.segment import LogSegment
 from tests.cluster.test_replica_quiescence import GROUP, Network, open_replicas, until, write_one
 
 
@@ -142,3 +146,40 @@ def test_a_group_on_the_native_fsync_threads_commits_and_keeps_every_entry(tmp_p
             reopened.close()
 
     asyncio.run(scenario())
+
+
+def test_a_roll_never_seals_a_segment_on_the_event_loop(tmp_path: Path) -> None:
+    """Small segments, so that appends keep rolling: sealing the old segment fsyncs it, which must happen in the
+    flush pool, never on the loop where the split path writes."""
+    sealed_on: list[str] = []
+    appending = True  # close() seals the active segment on the caller's thread, as it always did: not counted
+    real_seal = LogSegment.seal
+
+    def recording_seal(self: LogSegment) -> None:
+        if appending:
+            sealed_on.append(threading.current_thread().name)
+        real_seal(self)
+
+    async def scenario() -> None:
+        nonlocal appending
+        syncer = HeldSyncer()
+        with ThreadPoolExecutor(2, thread_name_prefix="flush") as executor:
+            network = Network()
+            replicas = open_replicas(tmp_path, network, executor, LogConfig(segment_bytes=400),
+                                     syncer=syncer)  # type: ignore[arg-type]
+            try:
+                replicas[1].campaign_now()
+                await until(network, lambda: replicas[1].node.role is Role.LEADER, "node 1 to lead")
+                for i in range(30):
+                    entry = write_one(replicas[1], b"v" * 60 + str(i).encode())
+                    await until(network, lambda: syncer.release() >= 0 and all(
+                        r.durable_offset > entry.last_offset for r in replicas.values()), f"record {i} everywhere")
+            finally:
+                appending = False
+                for replica in replicas.values():
+                    replica.close()
+        assert all(len(r.log.segments) > 5 for r in replicas.values())
+
+    with mock.patch.object(LogSegment, "seal", recording_seal):
+        asyncio.run(scenario())
+    assert sealed_on and all(name.startswith("flush") for name in sealed_on), sorted(set(sealed_on))
