@@ -171,9 +171,9 @@ def test_a_roll_never_seals_a_segment_on_the_event_loop(tmp_path: Path) -> None:
                 replicas[1].campaign_now()
                 await until(network, lambda: replicas[1].node.role is Role.LEADER, "node 1 to lead")
                 for i in range(30):
-                    entry = write_one(replicas[1], b"v" * 60 + str(i).encode())
-                    await until(network, lambda: syncer.release() >= 0 and all(
-                        r.durable_offset > entry.last_offset for r in replicas.values()), f"record {i} everywhere")
+                    last = write_one(replicas[1], b"v" * 60 + str(i).encode()).last_offset
+                    await until(network, lambda last=last: syncer.release() >= 0 and all(  # type: ignore[misc]
+                        r.durable_offset > last for r in replicas.values()), f"record {i} everywhere")
             finally:
                 appending = False
                 for replica in replicas.values():
