@@ -716,7 +716,11 @@ class Replica:
         if pending.fd is not None:
             assert self._syncer is not None
             try:
-                await self._syncer.fdatasync(self.log.fs, pending.fd)
+                fsync = self._syncer.fdatasync(self.log.fs, pending.fd)
+            except OSError:  # not handed over (no descriptor left for its copy): the pool fsyncs the file itself
+                fsync = asyncio.get_running_loop().run_in_executor(self._executor, self.log.fs.fsync, pending.fd)
+            try:
+                await fsync
             except OSError as exc:
                 error = exc
         self._end_flush(pending, error)

@@ -166,7 +166,7 @@ def test_a_roll_never_seals_a_segment_on_the_event_loop(tmp_path: Path) -> None:
         with ThreadPoolExecutor(2, thread_name_prefix="flush") as executor:
             network = Network()
             replicas = open_replicas(tmp_path, network, executor, LogConfig(segment_bytes=400),
-                                     syncer=syncer)  # type: ignore[arg-type]
+                                     syncer=syncer)
             try:
                 replicas[1].campaign_now()
                 await until(network, lambda: replicas[1].node.role is Role.LEADER, "node 1 to lead")
@@ -183,3 +183,26 @@ def test_a_roll_never_seals_a_segment_on_the_event_loop(tmp_path: Path) -> None:
     with mock.patch.object(LogSegment, "seal", recording_seal):
         asyncio.run(scenario())
     assert sealed_on and all(name.startswith("flush") for name in sealed_on), sorted(set(sealed_on))
+
+
+class NoDescriptorLeft(HeldSyncer):
+    """The native threads' hand-over fails before any fsync ran (os.dup: EMFILE)."""
+
+    def fdatasync(self, fs: FileSystem, fd: int) -> asyncio.Future[None]:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+
+def test_an_fsync_that_cannot_be_handed_to_the_threads_runs_in_the_pool_and_is_no_failure(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        with ThreadPoolExecutor(2) as executor:
+            network, replicas = await elected(tmp_path, executor, NoDescriptorLeft())
+            try:
+                entry = write_one(replicas[1], b"fsynced by the pool instead")
+                await until(network, lambda: all(r.durable_offset > entry.last_offset for r in replicas.values()),
+                            "the write on every disk")
+                assert not any(r.closed for r in replicas.values())
+            finally:
+                for replica in replicas.values():
+                    replica.close()
+
+    asyncio.run(scenario())
