@@ -13,12 +13,12 @@ answers, and measures from when it was due to its answer, as `benchmarks.produce
 logbroker adds on top of these figures is its own code; what is below them no Python broker on this machine
 can reach.
 
-    python -m benchmarks.latency_floor [--records 10000] [--rate 2000] [--fsync thread|inline|off]
+    python -m benchmarks.latency_floor [--records 10000] [--rate 2000] [--fsync thread|native|inline|off]
 
---fsync thread runs each record's write and fdatasync as a job of asyncio's default thread pool (the broker,
-too, keeps them off its event loop, in a pool); inline runs them on the event loop; off writes without
-fdatasync. The JSON line gives latency_ms (from due)
-and the three servers' CPU as a percentage of one core over the run.
+--fsync thread runs each record's write and fdatasync as a job of asyncio's default thread pool; native writes
+on the event loop and hands the fdatasync to the broker's native fsync threads (logbroker.storage.fsync_threads,
+what the broker does with a small append); inline runs both on the event loop; off writes without fdatasync.
+The JSON line gives latency_ms (from due) and the three servers' CPU as a percentage of one core over the run.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import emit, free_port, percentiles_ms, rounded, run_main
+from logbroker.storage.files import OS_FILES
+from logbroker.storage.fsync_threads import FsyncThreads
 
 FRAME_HEADER = struct.Struct(">I")  # the frame's length, then the frame
 RECORD_ID = struct.Struct(">Q")
@@ -51,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--records", type=int, default=10_000)
     parser.add_argument("--rate", type=float, default=2000.0, help="records/s, each sent alone on its schedule")
     parser.add_argument("--record-size", type=int, default=100)
-    parser.add_argument("--fsync", choices=("thread", "inline", "off"), default="thread")
+    parser.add_argument("--fsync", choices=("thread", "native", "inline", "off"), default="thread")
     parser.add_argument("--warmup", type=int, default=200, help="records sent first and not measured")
     # A server process's own options (the tool starts them; not for the command line).
     parser.add_argument("--serve-port", type=int, help=argparse.SUPPRESS)
@@ -98,6 +100,14 @@ class Disk:
     def __init__(self, path: str, mode: str) -> None:
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self._mode = mode
+        self._threads: FsyncThreads | None = None
+
+    def _native_threads(self) -> FsyncThreads:
+        if self._threads is None:
+            self._threads = FsyncThreads.start(1)
+            if self._threads is None:
+                raise SystemExit("latency_floor --fsync native: the native fsync threads are not built")
+        return self._threads
 
     def _write(self, data: bytes) -> None:
         os.write(self._fd, data)
@@ -105,6 +115,10 @@ class Disk:
             os.fdatasync(self._fd)
 
     async def append(self, data: bytes) -> None:
+        if self._mode == "native":
+            os.write(self._fd, data)
+            await self._native_threads().fdatasync(OS_FILES, self._fd)
+            return
         if self._mode == "thread":
             await asyncio.get_running_loop().run_in_executor(None, self._write, data)
         else:

@@ -8,9 +8,11 @@ import json
 import pytest
 
 from benchmarks import latency_floor
+from logbroker.storage import fsync_threads
 
 
-@pytest.mark.parametrize("fsync", ["thread", "inline"])
+@pytest.mark.parametrize("fsync", ["thread", "inline", pytest.param("native", marks=pytest.mark.skipif(
+    fsync_threads._NativeThreads is None, reason="the native fsync threads were not built (no C compiler)"))])
 def test_every_record_is_answered_and_measured(fsync: str, capsys: pytest.CaptureFixture[str]) -> None:
     code = latency_floor.main(["--records", "300", "--warmup", "20", "--rate", "1000", "--fsync", fsync])
 
