@@ -696,9 +696,11 @@ class Replica:
     def _writes_on_loop(self, data: bytearray, last_offset: int, timestamp_ms: int, state: ReplicaState | None,
                         chunks: int) -> bool:
         """Whether a Ready's append goes the split way (_write_then_sync): small, alone, no term or vote to save
-        with it, and no roll (which would seal, i.e. fsync, the active segment on the loop)."""
+        with it, no roll (which would seal, i.e. fsync, the active segment on the loop), and flush="always". Under
+        flush="interval" dirty pages pile up between the timer's fsyncs, and the kernel throttles a writer once
+        they pass its dirty limits: that writer must not be the event loop."""
         return (self._syncer is not None and state is None and chunks == 1 and len(data) <= LOOP_WRITE_MAX_BYTES
-                and not self.log.would_roll(len(data), last_offset, timestamp_ms))
+                and self.log.config.flush == "always" and not self.log.would_roll(len(data), last_offset, timestamp_ms))
 
     async def _write_then_sync(self, data: bytearray, timestamp_ms: int) -> None:
         """A small Ready's entries written here on the event loop (into the page cache: microseconds), then
@@ -706,8 +708,6 @@ class Replica:
         three brokers of a replicated write half a core at 2,000 records/s (benchmarks.latency_floor), more than
         the fsyncs themselves; these threads take no GIL. Big writes still go to the pool (_append says why)."""
         self._write(data, timestamp_ms)
-        if self.log.config.flush != "always":
-            return  # durable once written, as _fsync says
         pending = self.log.begin_flush()
         if pending is None:  # the log owes a new partition's deferred syncs first: flush() in the pool does all
             await asyncio.get_running_loop().run_in_executor(self._executor, self._fsync, None)

@@ -206,3 +206,33 @@ def test_an_fsync_that_cannot_be_handed_to_the_threads_runs_in_the_pool_and_is_n
                     replica.close()
 
     asyncio.run(scenario())
+
+
+def test_flush_interval_appends_are_written_in_the_pool(tmp_path: Path) -> None:
+    """Dirty pages pile up between an interval topic's fsyncs, and the kernel throttles a writer past its dirty
+    limits: such appends stay off the event loop, whatever their size."""
+    written_on: list[str] = []
+    real_append = PartitionLog.append_replicated
+
+    def recording_append(self: PartitionLog, batches: bytes | bytearray, now_ms: int | None = None) -> object:
+        written_on.append(threading.current_thread().name)
+        return real_append(self, batches, now_ms)
+
+    async def scenario() -> None:
+        syncer = HeldSyncer()
+        with ThreadPoolExecutor(2, thread_name_prefix="flush") as executor:
+            network = Network()
+            replicas = open_replicas(tmp_path, network, executor, LogConfig(flush="interval"), syncer=syncer)
+            try:
+                replicas[1].campaign_now()
+                await until(network, lambda: replicas[1].node.role is Role.LEADER, "node 1 to lead")
+                last = write_one(replicas[1], b"interval").last_offset
+                await until(network, lambda: replicas[1].high_watermark > last, "the write to commit")
+            finally:
+                for replica in replicas.values():
+                    replica.close()
+        assert not syncer.held  # nothing was handed to the fsync threads either
+
+    with mock.patch.object(PartitionLog, "append_replicated", recording_append):
+        asyncio.run(scenario())
+    assert written_on and all(name.startswith("flush") for name in written_on), sorted(set(written_on))
