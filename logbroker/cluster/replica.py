@@ -718,12 +718,21 @@ class Replica:
             try:
                 fsync = self._syncer.fdatasync(self.log.fs, pending.fd)
             except OSError:  # not handed over (no descriptor left for its copy): the pool fsyncs the file itself
-                fsync = asyncio.get_running_loop().run_in_executor(self._executor, self.log.fs.fsync, pending.fd)
+                fsync = asyncio.get_running_loop().run_in_executor(self._executor, self._fsync_open_file, pending.fd)
             try:
                 await fsync
             except OSError as exc:
                 error = exc
         self._end_flush(pending, error)
+
+    def _fsync_open_file(self, fd: int) -> None:
+        """In the thread pool, under the lock close() takes: fsync the log's own descriptor only while the log is
+        open, so that a descriptor closed and reused meanwhile never gets another file's fsync (which would
+        consume that file's write-back error, reported once per open file)."""
+        with self._write_lock:
+            if self.closed:
+                raise ReplicaClosedError(f"{self.name}: replica closed before its fsync")
+            self.log.fs.fsync(fd)
 
     def _end_flush(self, pending: PendingFlush, error: OSError | None) -> None:
         try:

@@ -40,6 +40,7 @@ typedef struct {
     PyObject_HEAD
     pthread_mutex_t mutex;
     pthread_cond_t wake;
+    pthread_cond_t joined_cond; /* a second close() waits here for the first one's joins */
     Jobs pending;
     Jobs done;
     size_t pending_head; /* pending.items[pending_head:len] wait to be taken */
@@ -47,6 +48,7 @@ typedef struct {
     int thread_count;
     int event_fd;
     int stopping;
+    int joined; /* every thread joined (by the first caller of stop_threads) */
     int initialised;
 } FsyncThreads;
 
@@ -117,6 +119,7 @@ static int FsyncThreads_init(FsyncThreads *self, PyObject *args, PyObject *kwarg
     }
     pthread_mutex_init(&self->mutex, NULL);
     pthread_cond_init(&self->wake, NULL);
+    pthread_cond_init(&self->joined_cond, NULL);
     self->initialised = 1;
     for (int i = 0; i < threads; i++) {
         int failed = pthread_create(&self->threads[i], NULL, run_worker, self);
@@ -175,17 +178,29 @@ static PyObject *FsyncThreads_fileno(FsyncThreads *self, PyObject *unused) {
 }
 
 static void stop_threads(FsyncThreads *self) {
+    /* Only the first caller joins (joining a thread twice is undefined); any other waits until it has. */
     pthread_mutex_lock(&self->mutex);
+    int first = !self->stopping;
     self->stopping = 1;
     pthread_cond_broadcast(&self->wake);
+    if (!first) {
+        while (!self->joined) pthread_cond_wait(&self->joined_cond, &self->mutex);
+        pthread_mutex_unlock(&self->mutex);
+        return;
+    }
+    int count = self->thread_count;
     pthread_mutex_unlock(&self->mutex);
-    for (int i = 0; i < self->thread_count; i++) pthread_join(self->threads[i], NULL);
+    for (int i = 0; i < count; i++) pthread_join(self->threads[i], NULL);
+    pthread_mutex_lock(&self->mutex);
     self->thread_count = 0;
+    self->joined = 1;
+    pthread_cond_broadcast(&self->joined_cond);
+    pthread_mutex_unlock(&self->mutex);
 }
 
 static PyObject *FsyncThreads_close(FsyncThreads *self, PyObject *unused) {
     /* Lets the threads finish every job already submitted (each was promised an answer), then stops them. */
-    if (self->initialised && self->thread_count > 0) {
+    if (self->initialised) {
         Py_BEGIN_ALLOW_THREADS
         stop_threads(self);
         Py_END_ALLOW_THREADS
@@ -199,6 +214,7 @@ static void FsyncThreads_dealloc(FsyncThreads *self) {
         close(self->event_fd);
         pthread_mutex_destroy(&self->mutex);
         pthread_cond_destroy(&self->wake);
+        pthread_cond_destroy(&self->joined_cond);
         free(self->pending.items);
         free(self->done.items);
     }

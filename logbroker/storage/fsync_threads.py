@@ -66,7 +66,8 @@ class FsyncThreads:
         if self._loop is None:
             self._loop = loop
             loop.add_reader(self._native.fileno(), self._collect)  # type: ignore[attr-defined]
-        assert loop is self._loop, "FsyncThreads answers on one event loop"
+        if loop is not self._loop:  # its answers go to the first loop's reader: a waiter here would never hear
+            raise RuntimeError("FsyncThreads answers on the event loop that first used it, not on another")
         future: asyncio.Future[None] = loop.create_future()
         copy = os.dup(fd)
         self._next_token += 1
