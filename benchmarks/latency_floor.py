@@ -16,7 +16,7 @@ can reach.
     python -m benchmarks.latency_floor [--records 10000] [--rate 2000] [--fsync thread|native|inline|off]
 
 --fsync thread runs each record's write and fdatasync as a job of asyncio's default thread pool; native writes
-on the event loop and hands the fdatasync to the broker's native fsync threads (logbroker.storage.fsync_threads,
+on the event loop and hands the fdatasync to the broker's native fsync threads (logbroker.cluster.fsync_threads,
 what the broker does with a small append); inline runs both on the event loop; off writes without fdatasync.
 The JSON line gives latency_ms (from due) and the three servers' CPU as a percentage of one core over the run.
 """
@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import emit, free_port, percentiles_ms, rounded, run_main
+from logbroker.cluster.fsync_threads import FsyncThreads
 from logbroker.storage.files import OS_FILES
-from logbroker.storage.fsync_threads import FsyncThreads
 
 FRAME_HEADER = struct.Struct(">I")  # the frame's length, then the frame
 RECORD_ID = struct.Struct(">Q")

@@ -30,6 +30,7 @@ from typing import Protocol
 
 from logbroker_client import records as rec
 
+from logbroker.cluster.fsync_threads import Syncer
 from logbroker.cluster.persist_queue import PersistQueue
 from logbroker.cluster.producer_state import BatchIdentity, ProducerStateTable, rebuild_from_log
 from logbroker.cluster.raft_storage import (
@@ -45,7 +46,6 @@ from logbroker.raft.membership import Membership
 from logbroker.raft.node import RaftNode
 from logbroker.raft.types import Entry, EntryKind, Message, MessageType, RaftConfig, Ready, Role
 from logbroker.storage.errors import StorageError
-from logbroker.storage.fsync_threads import Syncer
 from logbroker.storage.log import PartitionLog, PendingFlush
 
 log = logging.getLogger("logbroker.replica")

@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
+from logbroker.cluster.fsync_threads import FsyncThreads
 from logbroker.cluster.liveness import Liveness
 from logbroker.cluster.metadata import ClusterState
 from logbroker.cluster.replica import Replica
@@ -42,7 +43,6 @@ from logbroker.server.quotas import Backpressure, DiskGuard, quotas_from
 from logbroker.server.replica_manager import ReplicaManager
 from logbroker.server.share_groups import ShareGroups
 from logbroker.server.topic_admin import TopicAdmin
-from logbroker.storage.fsync_threads import FsyncThreads
 
 log = logging.getLogger("logbroker.broker")
 

@@ -90,7 +90,7 @@ class BrokerConfig:
     leader_balance_interval_ms: int = DEFAULT_LEADER_BALANCE_INTERVAL_MS
     shutdown_grace_ms: int = DEFAULT_SHUTDOWN_GRACE_MS
     flush_threads: int = DEFAULT_FLUSH_THREADS
-    # Small appends' fsyncs in native threads (storage/fsync_threads.py) when the C extension was built; false:
+    # Small appends' fsyncs in native threads (cluster/fsync_threads.py) when the C extension was built; false:
     # every write and fsync in the Python flush pool, as brokers without the extension do.
     native_fsync: bool = True
     # The brokers of the cluster, node id -> HOST:PORT, this one included; empty means a cluster of one.

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from benchmarks import latency_floor
-from logbroker.storage import fsync_threads
+from logbroker.cluster import fsync_threads
 
 
 @pytest.mark.parametrize("fsync", ["thread", "inline", pytest.param("native", marks=pytest.mark.skipif(

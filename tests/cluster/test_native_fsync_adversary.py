@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from logbroker_client import records as rec
 
+from logbroker.cluster.fsync_threads import FsyncThreads
 from logbroker.cluster.raft_storage import ReplicaStateFile
 from logbroker.cluster.replica import Replica, ReplicaFailedError
 from logbroker.raft.membership import Membership
@@ -25,7 +26,6 @@ from logbroker.server.config import DEFAULT_RAFT_HEARTBEAT_TICKS
 from logbroker.storage.config import LogConfig
 from logbroker.storage.errors import StorageError
 from logbroker.storage.files import OS_FILES, FileSystem
-from logbroker.storage.fsync_threads import FsyncThreads
 from logbroker.storage.log import PartitionLog
 
 GROUP = "adv-0"

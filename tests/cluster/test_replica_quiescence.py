@@ -17,13 +17,13 @@ from typing import Any
 
 from logbroker_client import records as rec
 
+from logbroker.cluster.fsync_threads import Syncer
 from logbroker.cluster.raft_storage import ReplicaStateFile
 from logbroker.cluster.replica import Replica
 from logbroker.raft.membership import Membership
 from logbroker.raft.types import Entry, Message, MessageType, RaftConfig, Role
 from logbroker.server.config import DEFAULT_RAFT_HEARTBEAT_TICKS
 from logbroker.storage.config import LogConfig
-from logbroker.storage.fsync_threads import Syncer
 from logbroker.storage.log import PartitionLog
 
 GROUP = "calm-0"

@@ -15,8 +15,8 @@ from unittest import mock
 
 import pytest
 
+from logbroker.cluster import fsync_threads
 from logbroker.raft.types import Role
-from logbroker.storage import fsync_threads
 from logbroker.storage.config import LogConfig
 from logbroker.storage.files import OS_FILES, FileSystem
 from logbroker.storage.log import PartitionLog

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from logbroker.cluster.fsync_threads import FsyncThreads
 from logbroker.storage.files import OS_FILES
-from logbroker.storage.fsync_threads import FsyncThreads
 
 native_module = pytest.importorskip("logbroker.storage._fsyncthreads")
 Native = native_module.FsyncThreads
@@ -389,7 +389,7 @@ def test_wrapper_refuses_a_second_event_loop_under_python_dash_o() -> None:
     code = """
         import asyncio, tempfile
         from logbroker.storage.files import OS_FILES
-        from logbroker.storage.fsync_threads import FsyncThreads
+        from logbroker.cluster.fsync_threads import FsyncThreads
         syncer = FsyncThreads.start(1)
         f = tempfile.TemporaryFile()
         async def once():
@@ -414,7 +414,7 @@ def test_wrapper_out_of_descriptors_raises_emfile_and_leaks_no_waiter() -> None:
     code = """
         import asyncio, errno, os, resource, tempfile
         from logbroker.storage.files import OS_FILES
-        from logbroker.storage.fsync_threads import FsyncThreads
+        from logbroker.cluster.fsync_threads import FsyncThreads
         syncer = FsyncThreads.start(2)
         f = tempfile.TemporaryFile()
         async def main():

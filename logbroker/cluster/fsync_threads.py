@@ -1,5 +1,9 @@
 """fdatasync off the event loop, in native threads that never take the GIL (the C file says why they pay).
 
+The threads themselves are a storage primitive (logbroker/storage/_fsyncthreads.c: plain C, no event loop);
+this wrapper answers on asyncio, so it lives with the Raft runtime that awaits it, and storage stays free of
+I/O frameworks (DESIGN.md section 2).
+
     syncer = FsyncThreads.start(threads=4)   # None where the C extension was not built
     await syncer.fdatasync(fs, fd)           # raises OSError as os.fdatasync would
     syncer.close()

@@ -1,4 +1,4 @@
-"""The broker's native fsync threads (logbroker/storage/fsync_threads.py and its C extension), on real files."""
+"""The broker's native fsync threads (logbroker/cluster/fsync_threads.py and its C extension), on real files."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from logbroker.storage import fsync_threads
+from logbroker.cluster import fsync_threads
 from logbroker.storage.files import OS_FILES
 from tests.raft.runtime_sim.disk import SimDisk
 
