@@ -7,8 +7,10 @@ Three production Replicas on one event loop (the harness of test_replica_quiesce
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import threading
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from unittest import mock
@@ -16,6 +18,7 @@ from unittest import mock
 import pytest
 
 from logbroker.cluster import fsync_threads
+from logbroker.cluster.replica import Replica
 from logbroker.raft.types import Role
 from logbroker.storage.config import LogConfig
 from logbroker.storage.files import OS_FILES, FileSystem
@@ -55,40 +58,43 @@ class HeldSyncer:
         return released
 
 
-async def elected(tmp_path: Path, executor: ThreadPoolExecutor, syncer: object) -> tuple[Network, dict]:
-    network = Network()
-    replicas = open_replicas(tmp_path, network, executor, syncer=syncer)  # type: ignore[arg-type]
-    replicas[1].campaign_now()
-    await until(network, lambda: replicas[1].node.role is Role.LEADER, "node 1 to lead")
-    await until(network, lambda: all(r.node.leader_id == 1 for r in replicas.values()), "every replica's leader")
-    return network, replicas
+@contextlib.asynccontextmanager
+async def elected_group(tmp_path: Path, syncer: object) -> AsyncIterator[tuple[Network, dict[int, Replica]]]:
+    """Three replicas on the given syncer, node 1 elected and known to all; closed afterwards."""
+    with ThreadPoolExecutor(2) as executor:
+        network = Network()
+        replicas = open_replicas(tmp_path, network, executor, syncer=syncer)  # type: ignore[arg-type]
+        try:
+            replicas[1].campaign_now()
+            await until(network, lambda: replicas[1].node.role is Role.LEADER, "node 1 to lead")
+            await until(network, lambda: all(r.node.leader_id == 1 for r in replicas.values()),
+                        "every replica's leader")
+            yield network, replicas
+        finally:
+            for replica in replicas.values():
+                replica.close()
 
 
 def test_nothing_is_acknowledged_before_the_split_fsync_returned(tmp_path: Path) -> None:
     async def scenario() -> None:
         syncer = HeldSyncer()
-        with ThreadPoolExecutor(2) as executor:
-            network, replicas = await elected(tmp_path, executor, syncer)
-            try:
-                syncer.release()
-                first = write_one(replicas[1], b"first")  # the first flush of each log pays its directory's sync
-                await until(network, lambda: syncer.release() >= 0 and replicas[1].high_watermark > first.last_offset,
-                            "the first write to commit")
-                entry = write_one(replicas[1], b"held at the fsync")
-                durable = replicas[1].wait_durable(entry.last_offset)
-                committed = replicas[1].wait_committed(entry.last_offset)
-                await until(network, lambda: len(syncer.held) == 3, "every replica to ask for its fsync")
-                for _ in range(20):
-                    network.deliver()
-                    await asyncio.sleep(0.001)
-                assert not durable.done() and not committed.done()  # written everywhere, durable nowhere
-                assert all(r.durable_offset <= entry.last_offset for r in replicas.values())
-                assert syncer.release() == 3
-                await until(network, committed.done, "the write to commit once its fsyncs returned")
-                assert durable.done() and committed.exception() is None
-            finally:
-                for replica in replicas.values():
-                    replica.close()
+        async with elected_group(tmp_path, syncer) as (network, replicas):
+            syncer.release()
+            first = write_one(replicas[1], b"first")  # the first flush of each log pays its directory's sync
+            await until(network, lambda: syncer.release() >= 0 and replicas[1].high_watermark > first.last_offset,
+                        "the first write to commit")
+            entry = write_one(replicas[1], b"held at the fsync")
+            durable = replicas[1].wait_durable(entry.last_offset)
+            committed = replicas[1].wait_committed(entry.last_offset)
+            await until(network, lambda: len(syncer.held) == 3, "every replica to ask for its fsync")
+            for _ in range(20):
+                network.deliver()
+                await asyncio.sleep(0.001)
+            assert not durable.done() and not committed.done()  # written everywhere, durable nowhere
+            assert all(r.durable_offset <= entry.last_offset for r in replicas.values())
+            assert syncer.release() == 3
+            await until(network, committed.done, "the write to commit once its fsyncs returned")
+            assert durable.done() and committed.exception() is None
 
     asyncio.run(scenario())
 
@@ -96,24 +102,19 @@ def test_nothing_is_acknowledged_before_the_split_fsync_returned(tmp_path: Path)
 def test_a_failed_split_fsync_stops_the_replica_and_its_reopen_cuts_what_was_not_durable(tmp_path: Path) -> None:
     async def scenario() -> None:
         syncer = HeldSyncer()
-        with ThreadPoolExecutor(2) as executor:
-            network, replicas = await elected(tmp_path, executor, syncer)
-            try:
-                first = write_one(replicas[1], b"durable")
-                await until(network, lambda: syncer.release() >= 0 and all(
-                    r.durable_offset > first.last_offset for r in replicas.values()), "the first write on every disk")
-                entry = write_one(replicas[1], b"its fsync fails")
-                await until(network, lambda: len(syncer.held) == 3, "every replica to ask for its fsync")
-                syncer.failing = True
-                syncer.release()
-                await until(network, lambda: all(r.closed for r in replicas.values()), "every replica to stop")
-                for replica in replicas.values():
-                    assert replica.damaged_from == entry.base_offset, (replica.node_id, replica.damaged_from)
-                    assert "fdatasync failed" in str(replica.failure)
-                    assert replica.log.log_end_offset == entry.base_offset  # cut at once (forget_unsynced)
-            finally:
-                for replica in replicas.values():
-                    replica.close()
+        async with elected_group(tmp_path, syncer) as (network, replicas):
+            first = write_one(replicas[1], b"durable")
+            await until(network, lambda: syncer.release() >= 0 and all(
+                r.durable_offset > first.last_offset for r in replicas.values()), "the first write on every disk")
+            entry = write_one(replicas[1], b"its fsync fails")
+            await until(network, lambda: len(syncer.held) == 3, "every replica to ask for its fsync")
+            syncer.failing = True
+            syncer.release()
+            await until(network, lambda: all(r.closed for r in replicas.values()), "every replica to stop")
+            for replica in replicas.values():
+                assert replica.damaged_from == entry.base_offset, (replica.node_id, replica.damaged_from)
+                assert "fdatasync failed" in str(replica.failure)
+                assert replica.log.log_end_offset == entry.base_offset  # cut at once (forget_unsynced)
 
     asyncio.run(scenario())
 
@@ -124,9 +125,8 @@ def test_a_group_on_the_native_fsync_threads_commits_and_keeps_every_entry(tmp_p
     async def scenario() -> None:
         syncer = fsync_threads.FsyncThreads.start(2)
         assert syncer is not None
-        with ThreadPoolExecutor(2) as executor:
-            network, replicas = await elected(tmp_path, executor, syncer)
-            try:
+        try:
+            async with elected_group(tmp_path, syncer) as (network, replicas):
                 entries = []
                 for i in range(50):
                     entries.append(write_one(replicas[1], f"record {i}".encode()))
@@ -136,10 +136,8 @@ def test_a_group_on_the_native_fsync_threads_commits_and_keeps_every_entry(tmp_p
                 last = entries[-1].last_offset
                 await until(network, lambda: all(r.durable_offset > last for r in replicas.values()),
                             "every record on every disk")
-            finally:
-                for replica in replicas.values():
-                    replica.close()
-                syncer.close()
+        finally:
+            syncer.close()
         for node in (1, 2, 3):
             reopened = PartitionLog.open(tmp_path / f"broker-{node}" / GROUP, replicas[1].log.config, "calm", 0)
             assert reopened.log_end_offset > last
@@ -194,16 +192,11 @@ class NoDescriptorLeft(HeldSyncer):
 
 def test_an_fsync_that_cannot_be_handed_to_the_threads_runs_in_the_pool_and_is_no_failure(tmp_path: Path) -> None:
     async def scenario() -> None:
-        with ThreadPoolExecutor(2) as executor:
-            network, replicas = await elected(tmp_path, executor, NoDescriptorLeft())
-            try:
-                entry = write_one(replicas[1], b"fsynced by the pool instead")
-                await until(network, lambda: all(r.durable_offset > entry.last_offset for r in replicas.values()),
-                            "the write on every disk")
-                assert not any(r.closed for r in replicas.values())
-            finally:
-                for replica in replicas.values():
-                    replica.close()
+        async with elected_group(tmp_path, NoDescriptorLeft()) as (network, replicas):
+            entry = write_one(replicas[1], b"fsynced by the pool instead")
+            await until(network, lambda: all(r.durable_offset > entry.last_offset for r in replicas.values()),
+                        "the write on every disk")
+            assert not any(r.closed for r in replicas.values())
 
     asyncio.run(scenario())
 

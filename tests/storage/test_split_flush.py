@@ -27,6 +27,14 @@ def open_on(disk: SimDisk, **config: int) -> PartitionLog:
     return PartitionLog.open(DIRECTORY, LogConfig(**config), "orders", 3, fs=disk)
 
 
+def created_log(disk: SimDisk, **config: int) -> PartitionLog:
+    """A new partition's log whose files the broker's creation made durable (creation_made_durable), so its first
+    flush owes no directory fsync and may be split."""
+    log = open_on(disk, **config)
+    log.creation_made_durable()
+    return log
+
+
 def append_batches(log: PartitionLog, first_seed: int, count: int) -> None:
     for seed in range(first_seed, first_seed + count):
         log.append(bytearray(make_batch(2, seed=seed)), 1, T0)
@@ -47,8 +55,7 @@ def split_flush(log: PartitionLog, disk: SimDisk) -> int:
 
 def test_offsets_count_as_durable_only_once_the_fsync_run_elsewhere_returned() -> None:
     disk = new_disk()
-    log = open_on(disk)
-    log.creation_made_durable()  # as the broker's creation does; else the first flush owes the directory's fsync
+    log = created_log(disk)
     append_batches(log, 0, 3)
     observed: list[float] = []
     log.flush_observer = observed.append
@@ -64,8 +71,7 @@ def test_offsets_count_as_durable_only_once_the_fsync_run_elsewhere_returned() -
 
 def test_a_split_flush_with_nothing_unsynced_asks_for_no_fsync() -> None:
     disk = new_disk()
-    log = open_on(disk)
-    log.creation_made_durable()
+    log = created_log(disk)
     append_batches(log, 0, 1)
     assert split_flush(log, disk) == 2
     pending = log.begin_flush()
@@ -85,8 +91,7 @@ def test_a_new_partitions_deferred_syncs_send_the_flush_back_to_flush() -> None:
 @pytest.mark.parametrize("segment_bytes", [1 << 20, 200], ids=["one segment", "a segment per batch"])
 def test_a_failed_split_fsync_is_handled_as_a_failed_flush(segment_bytes: int) -> None:
     disk = new_disk()
-    log = open_on(disk, segment_bytes=segment_bytes)
-    log.creation_made_durable()
+    log = created_log(disk, segment_bytes=segment_bytes)
     append_batches(log, 0, 3)
     assert split_flush(log, disk) == 6
     append_batches(log, 3, 2)
@@ -108,8 +113,7 @@ def test_a_failed_split_fsync_writes_the_bytes_again_so_a_later_fsync_makes_them
     """Linux marks the pages a failed fsync could not write clean: without writing them again, the next fsync
     succeeds without them. The replica cuts the log anyway; this is the segment's half (LogSegment._redirty)."""
     disk = new_disk()
-    log = open_on(disk)
-    log.creation_made_durable()
+    log = created_log(disk)
     append_batches(log, 0, 2)
     disk.fsync_error_rate = 1.0
     with pytest.raises(StorageError):
@@ -123,8 +127,7 @@ def test_a_failed_split_fsync_writes_the_bytes_again_so_a_later_fsync_makes_them
 
 def test_a_log_closed_while_its_fsync_ran_refuses_to_count_it() -> None:
     disk = new_disk()
-    log = open_on(disk)
-    log.creation_made_durable()
+    log = created_log(disk)
     append_batches(log, 0, 1)
     pending = log.begin_flush()
     assert pending is not None and pending.fd is not None
