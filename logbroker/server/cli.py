@@ -13,6 +13,7 @@ from pathlib import Path
 from logbroker_client.cli import package_version
 
 from logbroker.server.config import BrokerConfigError, load_config, parse_client_quota, parse_peers
+from logbroker.server.malloc_tuning import fix_mmap_threshold
 
 DEV_BROKERS = 3
 DEV_BASE_PORT = 9092
@@ -53,6 +54,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"logbroker: {exc}", file=sys.stderr)
         return 2
     _install_event_loop_policy()
+    fix_mmap_threshold()
     try:
         asyncio.run(serve(config))
     except OSError as exc:

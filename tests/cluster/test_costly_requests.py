@@ -23,7 +23,11 @@ from tests.support.rss import peak_rss, rss_mb
 from tests.support.slowloris import slow_clients
 
 BATCH_VALUE_BYTES = 1_000_000
-RSS_LIMIT_MB = 300
+# Peak during the load, and what stays once it is over. Brokers fix malloc's mmap threshold
+# (logbroker/server/malloc_tuning.py): measured peaks 183-237 MiB, idle 71-72 MiB. With glibc's sliding
+# threshold the peaks reached 311 MiB, and 150-245 MiB stayed resident after the load.
+RSS_PEAK_LIMIT_MB = 280
+RSS_IDLE_LIMIT_MB = 150
 PRODUCE_TIMEOUT_S = 60.0
 IDLE_SETTLE_S = 2.0
 MEMORY_PARTITIONS = 16
@@ -98,8 +102,8 @@ def test_memory_is_bounded_by_configuration_not_by_data(cluster: BrokerCluster, 
     idle = {node: rss_mb(pid) for node, pid in cluster.pids().items()}
     peak = {node: rss.peak_mb[pid] for node, pid in cluster.pids().items()}
     print(f"broker RSS (MiB) peak {peak}, idle {idle}")
-    assert max(peak.values()) < RSS_LIMIT_MB, f"peak RSS {peak} MiB"
-    assert max(idle.values()) < RSS_LIMIT_MB, f"idle RSS {idle} MiB"
+    assert max(peak.values()) < RSS_PEAK_LIMIT_MB, f"peak RSS {peak} MiB"
+    assert max(idle.values()) < RSS_IDLE_LIMIT_MB, f"idle RSS {idle} MiB: freed request buffers stayed resident"
 
 
 def test_slow_clients_do_not_fail_a_producer(cluster: BrokerCluster) -> None:

@@ -160,7 +160,7 @@ class Blob:
 
 def test_a_jobs_data_is_let_go_once_it_has_run_while_the_rest_of_its_trip_runs() -> None:
     """A trip may carry 32 Readys of up to 4 MiB each: each one's data is freed when its own job has run, not when
-    the last job of the trip has (the memory-bound test holds a broker to 300 MiB under 16 busy partitions)."""
+    the last job of the trip has (the memory-bound test holds a broker to 280 MiB under 16 busy partitions)."""
     async def scenario() -> None:
         disk = Disk()
         later = threading.Event()
