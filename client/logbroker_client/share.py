@@ -230,22 +230,41 @@ class ShareConsumer(ShareSessionViews):
 
     def _wait_for_answer(self, timeout_s: float) -> None:
         """Until one request in flight is answered (and taken in), or timeout_s."""
+        if self._take_finished():
+            return
         if not self._session.in_flight:
             time.sleep(max(0.0, timeout_s))
             return
         try:
-            plan = self._finished.get(timeout=max(0.0, timeout_s))
+            first = self._finished.get(timeout=max(0.0, timeout_s))
         except queue.Empty:
             return
-        self._finish(plan)
+        self._take_finished(first)
 
-    def _take_finished(self) -> None:
+    def _take_finished(self, first: SharePlan | None = None) -> int:
+        """Take in every answered request, in the order the answers came; returns how many requests ended.
+
+        The queue only wakes the caller and keeps that order. What counts is the session: a request in flight
+        whose future is done has its answer. So a Ctrl-C (KeyboardInterrupt) that strikes after a request
+        left the queue, or before its future was made, loses nothing: the request is still in flight here,
+        and close() does not wait for an answer that was already in (or for a request never sent)."""
+        arrived = [] if first is None else [first]
         while True:
             try:
-                plan = self._finished.get_nowait()
+                arrived.append(self._finished.get_nowait())
             except queue.Empty:
-                return
-            self._finish(plan)
+                break
+        in_flight = self._session.in_flight
+        never_sent = [plan for plan in in_flight if plan.handle is None]
+        for plan in never_sent:  # interrupted between planning and sending (the caller's thread does both)
+            self._session.failed(plan)
+        answered = [*arrived, *(plan for plan in in_flight if plan.handle is not None and plan.handle.done())]
+        taken = len(never_sent)
+        for plan in dict.fromkeys(answered):
+            if plan in self._session.in_flight:  # not taken in already
+                taken += 1
+                self._finish(plan)
+        return taken
 
     def _finish(self, plan: SharePlan) -> None:
         try:
@@ -325,7 +344,8 @@ class ShareConsumer(ShareSessionViews):
         finally:
             self._closed = True
             for plan in self._session.in_flight:
-                plan.handle.cancel()
+                if plan.handle is not None:
+                    plan.handle.cancel()
             self._metadata.close()
 
     def _wait_for_fetches(self, timeout_s: float) -> None:

@@ -163,6 +163,49 @@ def test_close_releases_held_records_to_another_consumer_at_once(bootstrap: str)
             record.ack()
 
 
+def interrupt_once(consumer: ShareConsumer, method: str, monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Make the consumer's `method` raise KeyboardInterrupt (Ctrl-C) on its first call, before it does anything;
+    returns the arguments of that call."""
+    real = getattr(consumer, method)
+    struck: list[object] = []
+
+    def interrupted(*args: object) -> object:
+        if not struck:
+            struck.extend(args)
+            raise KeyboardInterrupt
+        return real(*args)
+    monkeypatch.setattr(consumer, method, interrupted)
+    return struck
+
+
+LONG_LOCK_MS = 60_000  # longer than any deadline here: records come back only by being given back
+
+
+@pytest.mark.parametrize("window", ["answer taken off the queue", "request never sent"])
+def test_ctrl_c_at_any_point_of_a_fetch_lets_close_give_everything_back_at_once(
+        bootstrap: str, window: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C can strike between taking a fetch's answer off the queue and taking it in (so the records it
+    acquired are held by no one), or between planning a request and sending it (so its answer never comes).
+    close() must still give back at once whatever the member holds, and wait for no answer it will not get."""
+    topic, group = f"interrupted-{window.split()[-1]}", f"interrupted-{window.split()[-1]}-workers"
+    values = queue(bootstrap, topic, 5)
+    set_lock(bootstrap, group, LONG_LOCK_MS)
+    first = worker(bootstrap, group, topic, request_timeout_ms=LONG_LOCK_MS)
+    struck = interrupt_once(first, "_finish" if window == "answer taken off the queue" else "_start", monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        poll_until(first, lambda got: False, "Ctrl-C")
+    assert struck, "the interrupted step never ran"
+    started = time.monotonic()
+    first.close()
+    assert time.monotonic() - started < DEADLINE_S, "close() waited for an answer it already had or never asked for"
+    with worker(bootstrap, group, topic) as second:
+        again = poll_until(second, lambda got: len(got) == len(values), "the records the interrupted member held")
+        assert sorted(r.value for r in again) == sorted(values)
+        for record in again:
+            record.ack()
+        second.commit()
+
+
 def test_a_crashed_workers_jobs_come_back_to_another_after_the_lock_timeout(bootstrap: str) -> None:
     queue(bootstrap, "renders", 5)
     set_lock(bootstrap, "renderers")
