@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +28,7 @@ import pytest
 
 from tests.docs import readme_doc as doc
 from tests.support.brokers import REPO_ROOT, wait_until
+from tests.support.dev_ports import free_dev_base_port
 
 README = REPO_ROOT / "README.md"
 VENV_BIN = Path(sys.executable).parent
@@ -40,24 +39,6 @@ STOP_TIMEOUT_S = 20.0
 RETRY_INTERVAL_S = 0.25
 NOT_RUN_COMMANDS = re.compile(r"^\s*(make\b|docker\b)")  # see the module docstring
 CLEAN_INTERRUPT_EXITS = (0, 130)  # 130: the shell's code for a command ended by Ctrl-C
-
-
-def free_base_port(count: int = 3) -> int:
-    """A base port with `count` consecutive free ports, and the same at +100 (Kafka) and +200 (metrics):
-    `logbroker dev` puts broker n on base + n - 1 and its Kafka and metrics listeners at those offsets."""
-    for _ in range(100):
-        base = random.randint(20_000, 60_000)
-        sockets = [socket.socket() for _ in range(3 * count)]
-        try:
-            for s, port in zip(sockets, [base + off + n for off in (0, 100, 200) for n in range(count)], strict=True):
-                s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-        return base
-    raise AssertionError(f"no base port with {count} free ports at +0, +100 and +200")
 
 
 @dataclass
@@ -291,7 +272,7 @@ class Runner:
 
 @pytest.fixture
 def dev_cluster(tmp_path: Path) -> Iterator[DevCluster]:
-    cluster = DevCluster(tmp_path / "data", free_base_port())
+    cluster = DevCluster(tmp_path / "data", free_dev_base_port())
     try:
         cluster.start()
         yield cluster

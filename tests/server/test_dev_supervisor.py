@@ -4,7 +4,6 @@ others keep serving, the dead one is started again and serves, and Ctrl-C stops 
 from __future__ import annotations
 
 import os
-import random
 import re
 import signal
 import socket
@@ -20,36 +19,12 @@ import grpc
 import pytest
 from logbroker_client import Admin, Producer
 from logbroker_client.connection import Connection
-from logbroker_client.data_wire import DEFAULT_DATA_PORT_OFFSET
 from logbroker_client.proto import logbroker_pb2 as pb
 
-from logbroker.server.config import DEFAULT_RAFT_PORT_OFFSET
-from logbroker.server.dev import KAFKA_PORT_OFFSET, METRICS_PORT_OFFSET
-from tests.support.brokers import LOWEST_TEST_PORT, REPO_ROOT, ephemeral_port_low, wait_until
+from tests.support.brokers import REPO_ROOT, wait_until
+from tests.support.dev_ports import free_dev_base_port
 
 START_TIMEOUT_S = 60.0
-
-
-def consecutive_free_ports(count: int) -> int:
-    """A base port with `count` free ports from it on (dev brokers listen on consecutive ports), and the same at
-    each of the other listeners' offsets (Kafka, metrics, Raft, data), all below the kernel's range for outgoing
-    connections: a client's socket took a dev broker's data port there between this check and the bind."""
-    offsets = (0, KAFKA_PORT_OFFSET, METRICS_PORT_OFFSET, DEFAULT_RAFT_PORT_OFFSET, DEFAULT_DATA_PORT_OFFSET)
-    for _ in range(100):
-        base = random.randint(LOWEST_TEST_PORT, ephemeral_port_low() - max(offsets) - count)
-        try:
-            sockets = []
-            for port in [p + offset for offset in offsets for p in range(base, base + count)]:
-                s = socket.socket()
-                sockets.append(s)
-                s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-        return base
-    raise AssertionError(f"no {count} consecutive free ports found")
 
 
 class Lines:
@@ -106,7 +81,7 @@ def pid_gone(pid: int) -> bool:
 
 
 def test_dev_reports_a_killed_broker_keeps_serving_and_restarts_it(tmp_path: Path) -> None:
-    base = consecutive_free_ports(3)
+    base = free_dev_base_port(3)
     addresses = {n: f"127.0.0.1:{base + n - 1}" for n in (1, 2, 3)}
     data_dir = tmp_path / "data"
     proc = subprocess.Popen(
@@ -168,7 +143,7 @@ def test_dev_reports_a_killed_broker_keeps_serving_and_restarts_it(tmp_path: Pat
 
 @pytest.mark.slow  # ~6 s (restarts paced at 3 a minute); the default suite keeps the restart test above
 def test_dev_gives_up_on_a_broker_that_keeps_dying_and_says_why(tmp_path: Path) -> None:
-    base = consecutive_free_ports(1)
+    base = free_dev_base_port(1)
     with socket.socket() as squatter:  # the broker's port is taken: it fails at every start
         squatter.bind(("127.0.0.1", base))
         squatter.listen()
