@@ -51,6 +51,9 @@ class FsyncThreads:
         self._waiting: dict[int, asyncio.Future[None]] = {}
         self._next_token = 0
         self._loop: asyncio.AbstractEventLoop | None = None
+        # fsyncs the threads finished, and how many of those failed (the broker's metrics read both)
+        self.completed = 0
+        self.failed = 0
 
     @classmethod
     def start(cls, threads: int) -> FsyncThreads | None:
@@ -85,6 +88,8 @@ class FsyncThreads:
 
     def _collect(self) -> None:
         for token, code in self._native.completed():  # type: ignore[attr-defined]
+            self.completed += 1
+            self.failed += bool(code)
             future = self._waiting.pop(token)
             if future.done():
                 continue  # its waiter went away (a replica closed); the fsync ran all the same

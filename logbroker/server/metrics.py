@@ -275,6 +275,23 @@ class BrokerStateCollector:
         for labels, count in sorted(m.request_errors.items()):
             errors.add_metric(list(labels), count)
         yield errors
+        yield from self._native_fsyncs(self.metrics.broker)
+
+    @staticmethod
+    def _native_fsyncs(broker: Broker) -> Iterator[Metric]:
+        """Whether small appends are fsynced by the native threads (0 threads: not built, or native_fsync is off,
+        and every fsync runs in the Python thread pool), and how many they ran."""
+        threads = broker.fsync_threads
+        running = GaugeMetricFamily(f"{PREFIX}native_fsync_threads", "Native threads that fsync small appends "
+                                    "(0: not built at install, or native_fsync = false; the thread pool does it all)")
+        running.add_metric([], broker.config.flush_threads if threads is not None else 0)
+        yield running
+        done = CounterMetricFamily(f"{PREFIX}native_fsyncs", "fsyncs of small appends run by the native threads, by "
+                                   "result (a failed one takes its replica out until it is reopened)",
+                                   labels=["result"])
+        done.add_metric(["ok"], threads.completed - threads.failed if threads is not None else 0)
+        done.add_metric(["failed"], threads.failed if threads is not None else 0)
+        yield done
 
     def _partitions(self, broker: Broker) -> Iterator[Metric]:
         gauges = {name: _family(GaugeMetricFamily, name, doc, PARTITION) for name, doc in (

@@ -29,9 +29,10 @@ def _show_logs_on_failure(request: pytest.FixtureRequest, cluster: BrokerCluster
 
 def _cluster(request: pytest.FixtureRequest, tmp_path: Path, proxied: bool,
              disk_bytes: int | None = None, raft_tick_ms: int = RAFT_TICK_MS, size: int = 3,
-             broker_config: dict[str, int | str | bool] | None = None) -> Iterator[BrokerCluster]:
+             broker_config: dict[str, int | str | bool] | None = None,
+             metrics: bool = False) -> Iterator[BrokerCluster]:
     cluster = BrokerCluster(tmp_path / "cluster", size=size, raft_tick_ms=raft_tick_ms, proxied=proxied,
-                            broker_config=broker_config)
+                            broker_config=broker_config, metrics=metrics)
     failed_before = request.session.testsfailed
     try:
         if disk_bytes is not None:  # each broker's data directory on a size-limited file system of its own
@@ -55,6 +56,12 @@ def _cluster(request: pytest.FixtureRequest, tmp_path: Path, proxied: bool,
 @pytest.fixture
 def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BrokerCluster]:
     yield from _cluster(request, tmp_path, proxied=False)
+
+
+@pytest.fixture
+def metered_cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BrokerCluster]:
+    """Like `cluster`, each broker serving its Prometheus metrics: a test asks a broker what it did."""
+    yield from _cluster(request, tmp_path, proxied=False, metrics=True)
 
 
 @pytest.fixture
@@ -82,4 +89,4 @@ def disk_cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Bro
     problem = mount_problem()
     if problem is not None:
         pytest.skip(f"disk-full test skipped: {problem}")
-    yield from _cluster(request, tmp_path, proxied=False, disk_bytes=DISK_BYTES)
+    yield from _cluster(request, tmp_path, proxied=False, disk_bytes=DISK_BYTES, metrics=True)

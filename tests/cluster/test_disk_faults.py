@@ -13,6 +13,7 @@ from tests.cluster.test_failover import check_everything
 from tests.support.brokers import wait_until
 from tests.support.checker import AckLog, ProducerLoad
 from tests.support.cluster import BrokerCluster
+from tests.support.metrics_scrape import native_fsyncs
 
 TOPIC = "filling"
 ACKED_BEFORE = 1000
@@ -35,6 +36,8 @@ def test_a_leader_whose_disk_fills_gives_up_leadership_until_it_can_write(disk_c
     cluster = disk_cluster
     load, acks = start_load(cluster)
     full = cluster.leader_of(TOPIC, 0)
+    # The disk fills under appends written on the event loop and fsynced by the native threads.
+    assert native_fsyncs(cluster, full) > 0, f"broker {full}'s native fsync threads ran no fsync"
     cluster.disks[full].fill()
     at_fill = acks.count()
     new_leader = cluster.leader_of(TOPIC, 0, exclude=(full,), timeout_s=TAKEOVER_TIMEOUT_S)
@@ -56,6 +59,7 @@ def test_a_follower_whose_disk_filled_catches_up_once_space_is_freed(disk_cluste
     load, acks = start_load(cluster)
     leader = cluster.leader_of(TOPIC, 0)
     full = next(n for n in sorted(cluster.brokers) if n != leader)
+    assert native_fsyncs(cluster, full) > 0, f"broker {full}'s native fsync threads ran no fsync"
     cluster.disks[full].fill()
     at_fill = acks.count()
     load.wait_acked(at_fill + ACKED_DURING, 60, f"while follower {full}'s disk is full")

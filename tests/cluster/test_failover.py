@@ -26,6 +26,7 @@ from logbroker.storage.filenames import partition_dir_name
 from tests.support.brokers import wait_until
 from tests.support.checker import AckLog, ProducerLoad, assert_clean, make_value, read_log
 from tests.support.cluster import BrokerCluster
+from tests.support.metrics_scrape import native_fsyncs
 
 TOPIC = "orders"
 PARTITIONS = 3
@@ -62,12 +63,15 @@ def check_everything(cluster: BrokerCluster, acks: AckLog, partitions: int = PAR
 # ----------------------------------------------------------------------------------------- 1. SIGKILL
 
 
-def test_sigkill_of_the_leader_under_load_loses_nothing(cluster: BrokerCluster) -> None:
+def test_sigkill_of_the_leader_under_load_loses_nothing(metered_cluster: BrokerCluster) -> None:
+    cluster = metered_cluster
     create_topic(cluster)
     acks = AckLog()
     load = ProducerLoad(cluster.bootstrap, TOPIC, PARTITIONS, acks).start()
     load.wait_acked(3000, 30, "before the kill")
     leader = cluster.leader_of(TOPIC, 0)
+    # The kill strikes appends written on the event loop and fsynced by the native threads, not only the pool's.
+    assert native_fsyncs(cluster, leader) > 0, f"broker {leader}'s native fsync threads ran no fsync"
     survivors = [node for node in cluster.brokers if node != leader]
     at_kill = acks.count()
     killed_ms = time.time() * 1000

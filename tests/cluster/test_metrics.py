@@ -6,7 +6,6 @@ alert rules and the Grafana dashboard use appears in a real scrape (a rename can
 from __future__ import annotations
 
 import re
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,10 +15,10 @@ from logbroker_client import Admin, Consumer, Producer, ShareConsumer, TopicPart
 from logbroker_client.connection import Connection
 from logbroker_client.proto import logbroker_pb2 as pb
 from logbroker_client.types import OffsetAndMetadata
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.brokers import wait_until
 from tests.support.cluster import BrokerCluster
+from tests.support.metrics_scrape import Samples, scrape, value
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ALERTS = REPO_ROOT / "deploy" / "prometheus" / "alerts.yml"
@@ -27,25 +26,6 @@ DASHBOARD = REPO_ROOT / "deploy" / "grafana" / "logbroker-dashboard.json"
 TOPIC = "metered"
 N = 300
 DEADLINE_S = 20.0
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def scrape(url: str) -> Samples:
-    with urllib.request.urlopen(url, timeout=5) as answer:
-        assert answer.status == 200
-        assert answer.headers["Content-Type"].startswith("text/plain")
-        text = answer.read().decode()
-    samples: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
-
-
-def value(samples: Samples, name: str, **labels: object) -> float | None:
-    return samples.get((name, tuple(sorted((k, str(v)) for k, v in labels.items()))))
-
 
 def names_used(text: str) -> set[str]:
     return set(re.findall(r"\blogbroker_[a-z_]+\b", text))

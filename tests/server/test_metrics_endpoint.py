@@ -74,6 +74,30 @@ def test_metrics_are_served_on_get_and_follow_produce_and_fetch(metered: InProce
         assert head.status == 200 and head.read() == b""
 
 
+@pytest.mark.parametrize("native_fsync", [True, False], ids=["native threads", "thread pool only"])
+def test_the_native_fsync_threads_are_counted_and_shown_off_when_turned_off(tmp_path: Path,
+                                                                           native_fsync: bool) -> None:
+    broker = InProcessBroker(tmp_path / "data", metrics_listen=f"127.0.0.1:{free_port()}", native_fsync=native_fsync)
+    broker.start()
+    try:
+        with Admin(broker.address) as admin:
+            admin.create_topic("synced", partitions=1, replication_factor=1)
+        with Producer(broker.address, linger_ms=0) as producer:
+            for i in range(20):  # one at a time: each is a small append of its own, fsynced before its answer
+                producer.send("synced", value=b"%d" % i).result(timeout=10)
+        scraped = samples(broker)
+    finally:
+        broker.stop()
+    threads = scraped[("logbroker_native_fsync_threads", frozenset())]
+    ran = scraped[("logbroker_native_fsyncs_total", frozenset({("result", "ok")}))]
+    assert scraped[("logbroker_native_fsyncs_total", frozenset({("result", "failed")}))] == 0
+    if native_fsync:
+        assert threads == broker.config.flush_threads
+        assert ran >= 20, f"{ran} native fsyncs for 20 records appended one at a time"
+    else:
+        assert (threads, ran) == (0, 0)
+
+
 def test_a_request_refused_as_a_whole_is_counted_by_its_status(metered: InProcessBroker) -> None:
     twice = pb.FetchPartition(topic="any", partition=0, fetch_offset=0)
     conn = Connection(metered.address)
